@@ -1,0 +1,196 @@
+//! The HTTP error of the API, mapped to RFC 9457 problem details in one place.
+//!
+//! Error policy: handlers return [`ApiError`]; typed errors from lower layers convert into it
+//! with `From`. Every variant has exactly one status and one stable snake_case `code`
+//! ([`ApiError::status_code`], [`ApiError::code`]). An [`ApiError::Internal`] is logged with its
+//! cause and answered as a bare 500: no SQL, no stack, no internal names ever reach a client.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+tokio::task_local! {
+    /// The current request's id, set by [`crate::startup`]'s middleware so problem bodies
+    /// can carry it without every handler passing it along.
+    pub static REQUEST_ID: String;
+}
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    #[error("unauthenticated")]
+    Unauthorized { code: &'static str, detail: String },
+    #[error("forbidden")]
+    Forbidden { code: &'static str, detail: String },
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {detail}")]
+    Conflict { code: &'static str, detail: String },
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("validation failed")]
+    Validation {
+        code: &'static str,
+        errors: Vec<FieldError>,
+    },
+    #[error("account locked")]
+    Locked { retry_after_secs: u64 },
+    #[error("rate limited")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("dependency unavailable: {0}")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Locked { .. } => StatusCode::LOCKED,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "malformed_request",
+            ApiError::Unauthorized { code, .. }
+            | ApiError::Forbidden { code, .. }
+            | ApiError::Conflict { code, .. } => code,
+            ApiError::NotFound => "not_found",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Validation { code, .. } => code,
+            ApiError::Locked { .. } => "account_locked",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            ApiError::BadRequest(detail) => detail.clone(),
+            ApiError::Unauthorized { detail, .. }
+            | ApiError::Forbidden { detail, .. }
+            | ApiError::Conflict { detail, .. } => detail.clone(),
+            ApiError::NotFound => "The resource does not exist.".to_owned(),
+            ApiError::PayloadTooLarge => "The request body exceeds 64 KiB.".to_owned(),
+            ApiError::UnsupportedMediaType => "Send the body as application/json.".to_owned(),
+            ApiError::Validation { .. } => "The request has invalid fields.".to_owned(),
+            ApiError::Locked { .. } => {
+                "Too many failed attempts; the account is locked for a while.".to_owned()
+            }
+            ApiError::RateLimited { .. } => "Too many requests; slow down.".to_owned(),
+            ApiError::Unavailable(what) => {
+                format!("A dependency is unavailable ({what}); retry shortly.")
+            }
+            ApiError::Internal(_) => {
+                "Something went wrong on our side; it has been logged.".to_owned()
+            }
+        }
+    }
+
+    /// A validation error about one field.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ApiError::Validation {
+            code: "validation_failed",
+            errors: vec![FieldError::new(field, message)],
+        }
+    }
+}
+
+/// The problem-details body.
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub code: &'static str,
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(error = format!("{cause:#}"), "internal error");
+        }
+        let status = self.status_code();
+        let problem = Problem {
+            kind: format!("urn:cryptovault:problem:{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.detail(),
+            code: self.code(),
+            request_id: REQUEST_ID.try_with(Clone::clone).ok(),
+            errors: match &self {
+                ApiError::Validation { errors, .. } => errors.clone(),
+                _ => Vec::new(),
+            },
+        };
+        let mut response = (status, Json(problem)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        let retry_after = match &self {
+            ApiError::Locked { retry_after_secs } | ApiError::RateLimited { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
+            ApiError::Unavailable(_) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+/// Database errors are internal unless a caller maps them first (e.g. a unique violation).
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+                tracing::warn!(error = %err, "postgres unavailable");
+                ApiError::Unavailable("database")
+            }
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}

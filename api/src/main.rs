@@ -1,0 +1,58 @@
+//! `vault-api [serve|migrate]`: reads the configuration and runs the API or a one-shot tool.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vault_core::{Role, Settings, db, shutdown, telemetry};
+
+/// CryptoVault REST API.
+#[derive(Debug, Parser)]
+#[command(name = "vault-api", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API on API_ADDR (the default).
+    Serve,
+    /// Apply pending database migrations (safe to run concurrently and repeatedly).
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve().await,
+        Command::Migrate => migrate().await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "vault-api failed");
+            eprintln!("vault-api: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let settings = Settings::load_or_exit(Role::Api);
+    telemetry::init_tracing(&settings);
+    tracing::info!(config = ?settings.redacted(), "starting vault-api");
+    let shutdown = shutdown::install();
+    let app = vault_api::Application::build(settings, shutdown).await?;
+    app.run().await
+}
+
+async fn migrate() -> anyhow::Result<()> {
+    let settings = Settings::load_or_exit(Role::Tool);
+    telemetry::init_tracing(&settings);
+    let pool = db::connect(&settings.database_url, 2).await?;
+    db::migrate(&pool).await?;
+    tracing::info!("migrations applied");
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,826 @@
+//! The environment contract of `API.md`, parsed into typed settings.
+//!
+//! Every process reads the same variable names (a `.env` file in the working directory is
+//! honoured, real environment variables win). Values are read with `figment` from the
+//! environment and deserialized into typed fields one variable at a time, so that *every*
+//! problem is reported, not only the first: [`Settings::load`] returns either complete settings
+//! or a list of [`ConfigErrors`], one line per variable, and `main` exits with code 2.
+//!
+//! Rules:
+//! - every variable that is set is validated by every process (they share one `.env`, so a typo
+//!   is caught by whichever process starts first); a role only *requires* what it needs
+//!   (`JWT_SECRET` for the API);
+//! - secrets ([`Secret`], the password inside [`DatabaseUrl`]) are never printed: not in
+//!   `Debug`, not in error lines, not in the effective-configuration log line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::Env;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use sqlx::postgres::PgConnectOptions;
+
+/// Which process is loading settings: decides what is required and the default `OPS_ADDR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    /// `vault-api migrate` and other one-shot tools: only the database is needed.
+    Tool,
+    Engine,
+    Prices,
+    Audit,
+    Notify,
+}
+
+impl Role {
+    /// The name used in logs, metrics and the NATS connection name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Tool => "tool",
+            Role::Engine => "engine",
+            Role::Prices => "worker-prices",
+            Role::Audit => "worker-audit",
+            Role::Notify => "worker-notify",
+        }
+    }
+
+    fn default_ops_addr(self) -> SocketAddr {
+        let port = match self {
+            Role::Api | Role::Tool => 8080,
+            Role::Engine => 9100,
+            Role::Prices => 9101,
+            Role::Audit => 9102,
+            Role::Notify => 9103,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+}
+
+/// `APP_ENV`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppEnv {
+    Development,
+    Production,
+}
+
+/// `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// A value that must never be printed. `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that uses it. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// `DATABASE_URL`: a valid Postgres URL. Displays with the password masked.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    raw: Secret,
+    options: PgConnectOptions,
+}
+
+impl DatabaseUrl {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        const EXPECTED: &str = "expected postgres://user[:password]@host[:port]/database";
+        if !(raw.starts_with("postgres://") || raw.starts_with("postgresql://")) {
+            return Err(EXPECTED.to_owned());
+        }
+        // sqlx's own parser decides validity; its error may quote the URL (and so the
+        // password), so it is replaced by our message.
+        let options = PgConnectOptions::from_str(raw).map_err(|_| EXPECTED.to_owned())?;
+        Ok(DatabaseUrl {
+            raw: Secret::new(raw),
+            options,
+        })
+    }
+
+    pub fn connect_options(&self) -> PgConnectOptions {
+        self.options.clone()
+    }
+
+    /// The URL for handing to another process (never for logging).
+    pub fn expose(&self) -> &str {
+        self.raw.expose()
+    }
+
+    /// The database name, or `None` when the URL names none.
+    pub fn database(&self) -> Option<&str> {
+        self.options.get_database()
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "postgres://{}:[redacted]@{}:{}/{}",
+            self.options.get_username(),
+            self.options.get_host(),
+            self.options.get_port(),
+            self.options.get_database().unwrap_or("")
+        )
+    }
+}
+
+/// `PRICE_SOURCE`: where the prices worker takes its ticks from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriceSource {
+    /// Seeded geometric Brownian motion per market.
+    Sim,
+    /// Replay a CSV file of `timestamp,symbol,price`.
+    Replay(String),
+    /// The public Coinbase ticker WebSocket feed.
+    Coinbase,
+    /// No ticks at all.
+    None,
+}
+
+impl FromStr for PriceSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sim" => Ok(PriceSource::Sim),
+            "coinbase" => Ok(PriceSource::Coinbase),
+            "none" => Ok(PriceSource::None),
+            _ => match s.strip_prefix("replay:") {
+                Some(path) if !path.is_empty() => Ok(PriceSource::Replay(path.to_owned())),
+                _ => Err(format!(
+                    "unknown price source {s:?}; expected sim, replay:<csv path>, coinbase or none"
+                )),
+            },
+        }
+    }
+}
+
+/// `ENGINE_PARTITIONS`: the ORDERS partitions an engine owns, e.g. `0-15` or `3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// How many partitions the ORDERS stream is split into (`API.md`: hash of user id mod 16).
+pub const PARTITIONS: u16 = 16;
+
+impl PartitionRange {
+    pub fn all() -> Self {
+        PartitionRange {
+            first: 0,
+            last: PARTITIONS - 1,
+        }
+    }
+    pub fn iter(self) -> impl Iterator<Item = u16> {
+        self.first..=self.last
+    }
+}
+
+impl FromStr for PartitionRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "expected a partition or range within 0-{}, e.g. 0-15, got {s:?}",
+                PARTITIONS - 1
+            )
+        };
+        let (first, last) = match s.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u16>(), b.trim().parse::<u16>()),
+            None => (s.trim().parse::<u16>(), s.trim().parse::<u16>()),
+        };
+        match (first, last) {
+            (Ok(first), Ok(last)) if first <= last && last < PARTITIONS => {
+                Ok(PartitionRange { first, last })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// `CORS_ORIGINS`: the allowed browser origins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CorsOrigins(pub Vec<String>);
+
+impl CorsOrigins {
+    pub fn allows_any(&self) -> bool {
+        self.0.iter().any(|o| o == "*")
+    }
+}
+
+impl FromStr for CorsOrigins {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut origins = Vec::new();
+        for origin in s.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && origin
+                        .split("://")
+                        .nth(1)
+                        .is_some_and(|host| !host.is_empty() && !host.contains('/')));
+            if !valid {
+                return Err(format!(
+                    "{origin:?} is not an origin; expected a comma list like https://app.example.com,http://localhost:3000"
+                ));
+            }
+            origins.push(origin.to_owned());
+        }
+        Ok(CorsOrigins(origins))
+    }
+}
+
+/// The typed settings of one process. Fields a role does not use still hold their defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub role: Role,
+    pub app_env: AppEnv,
+    pub database_url: DatabaseUrl,
+    /// Comma-separated NATS server URLs.
+    pub nats_url: String,
+    /// `None` outside the API; the API refuses to start without it.
+    pub jwt_secret: Option<Secret>,
+    pub api_addr: SocketAddr,
+    /// Where the ops endpoints listen. For the API it is `API_ADDR`.
+    pub ops_addr: SocketAddr,
+    pub cors_origins: CorsOrigins,
+    pub log_format: LogFormat,
+    /// The `RUST_LOG` filter, validated.
+    pub log_filter: String,
+    pub engine_partitions: PartitionRange,
+    pub price_source: PriceSource,
+    pub max_price_age: Duration,
+    pub webhook_allow_private: bool,
+    pub smtp_url: Option<Secret>,
+    pub sentry_dsn: Option<Secret>,
+    /// Per user or API key, requests per second; 0 turns the limit off.
+    pub rate_limit_user_per_sec: u32,
+    /// Per client IP on unauthenticated routes, requests per second; 0 turns it off.
+    pub rate_limit_ip_per_sec: u32,
+    /// Login attempts per email per minute; 0 turns it off.
+    pub rate_limit_login_per_min: u32,
+}
+
+/// Every problem found while loading settings, one per variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, line) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "configuration error: {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Shortest accepted `JWT_SECRET`, in bytes (HS256 wants a key at least as long as its hash).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+impl Settings {
+    /// Loads `.env` (if present) and the environment, then parses the settings of `role`.
+    pub fn load(role: Role) -> Result<Settings, ConfigErrors> {
+        // A missing .env is normal; a malformed one is a configuration error like any other.
+        let dotenv_problem = match dotenvy::dotenv() {
+            Ok(_) => None,
+            Err(e) if e.not_found() => None,
+            Err(e) => Some(format!(".env: cannot be read: {e}")),
+        };
+        let mut result = Self::from_figment(role, &Figment::from(Env::raw()));
+        if let Some(problem) = dotenv_problem {
+            match &mut result {
+                Ok(_) => result = Err(ConfigErrors(vec![problem])),
+                Err(errors) => errors.0.insert(0, problem),
+            }
+        }
+        result
+    }
+
+    /// [`Settings::load`], or print one line per problem to stderr and exit with code 2.
+    pub fn load_or_exit(role: Role) -> Settings {
+        match Self::load(role) {
+            Ok(settings) => settings,
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!(
+                    "{}: refusing to start with an invalid configuration",
+                    role.as_str()
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// Parses settings from any figment (tests pass their own instead of the process env).
+    pub fn from_figment(role: Role, figment: &Figment) -> Result<Settings, ConfigErrors> {
+        let mut r = Reader {
+            figment,
+            problems: Vec::new(),
+        };
+
+        let app_env = r
+            .parsed("APP_ENV", "development or production")
+            .unwrap_or(AppEnv::Development);
+        let database_url = r.with("DATABASE_URL", DatabaseUrl::parse);
+        let nats_url = r
+            .with("NATS_URL", |s| {
+                let ok = s.split(',').all(|u| {
+                    let u = u.trim();
+                    ["nats://", "tls://", "ws://", "wss://"]
+                        .iter()
+                        .any(|p| u.strip_prefix(p).is_some_and(|h| !h.is_empty()))
+                });
+                if ok {
+                    Ok(s.to_owned())
+                } else {
+                    Err("expected nats://host:port (comma-separated for a cluster)".to_owned())
+                }
+            })
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        let jwt_secret = r.secret("JWT_SECRET", |s| {
+            if s.len() < MIN_JWT_SECRET_BYTES {
+                Err(format!(
+                    "must be at least {MIN_JWT_SECRET_BYTES} bytes (it is shorter)"
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        let api_addr =
+            r.from_str::<SocketAddr>("API_ADDR", "expected host:port, e.g. 127.0.0.1:8080");
+        let ops_addr =
+            r.from_str::<SocketAddr>("OPS_ADDR", "expected host:port, e.g. 127.0.0.1:9100");
+        let cors_origins = r
+            .with("CORS_ORIGINS", CorsOrigins::from_str)
+            .unwrap_or_default();
+        let log_format = r.parsed("LOG_FORMAT", "json or pretty");
+        let log_filter = r
+            .with("RUST_LOG", |s| {
+                tracing_subscriber::EnvFilter::try_new(s)
+                    .map(|_| s.to_owned())
+                    .map_err(|e| format!("not a valid filter ({e}); e.g. info,vault_api=debug"))
+            })
+            .unwrap_or_else(|| "info".to_owned());
+        let engine_partitions = r
+            .with("ENGINE_PARTITIONS", PartitionRange::from_str)
+            .unwrap_or_else(PartitionRange::all);
+        let price_source = r
+            .with("PRICE_SOURCE", PriceSource::from_str)
+            .unwrap_or(PriceSource::Sim);
+        let max_price_age = r
+            .with("MAX_PRICE_AGE", |s| {
+                let secs = s.strip_suffix('s').unwrap_or(s);
+                match secs.parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+                    _ => Err(format!(
+                        "expected a positive number of seconds, e.g. 30 or 30s, got {s:?}"
+                    )),
+                }
+            })
+            .unwrap_or(Duration::from_secs(30));
+        let webhook_allow_private = r
+            .parsed("WEBHOOK_ALLOW_PRIVATE", "true or false")
+            .unwrap_or(false);
+        let smtp_url = r.secret("SMTP_URL", |s| {
+            if s.starts_with("smtp://") || s.starts_with("smtps://") {
+                Ok(())
+            } else {
+                Err("expected smtp://[user:password@]host[:port] or smtps://…".to_owned())
+            }
+        });
+        let sentry_dsn = r.secret("SENTRY_DSN", |s| {
+            if s.starts_with("https://") || s.starts_with("http://") {
+                Ok(())
+            } else {
+                Err("expected a Sentry DSN URL (https://key@host/project)".to_owned())
+            }
+        });
+        let rate_limit_user_per_sec = r
+            .parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off")
+            .unwrap_or(20);
+        let rate_limit_ip_per_sec = r
+            .parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off")
+            .unwrap_or(50);
+        let rate_limit_login_per_min = r
+            .parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off")
+            .unwrap_or(10);
+
+        if role == Role::Api && jwt_secret.is_none() && !r.mentions("JWT_SECRET") {
+            r.problems.push(format!(
+                "JWT_SECRET: required by the API (at least {MIN_JWT_SECRET_BYTES} bytes)"
+            ));
+        }
+        if database_url.is_none() && !r.mentions("DATABASE_URL") {
+            r.problems.push(
+                "DATABASE_URL: required (postgres://user[:password]@host[:port]/database)"
+                    .to_owned(),
+            );
+        }
+        if app_env == AppEnv::Production && cors_origins.allows_any() {
+            r.problems.push(
+                "CORS_ORIGINS: \"*\" is refused when APP_ENV=production; list the origins"
+                    .to_owned(),
+            );
+        }
+
+        let problems = r.problems;
+        match database_url {
+            Some(database_url) if problems.is_empty() => Ok(Settings {
+                role,
+                app_env,
+                database_url,
+                nats_url,
+                jwt_secret,
+                api_addr: api_addr.unwrap_or_else(|| Role::Api.default_ops_addr()),
+                ops_addr: if role == Role::Api {
+                    api_addr.unwrap_or_else(|| Role::Api.default_ops_addr())
+                } else {
+                    ops_addr.unwrap_or_else(|| role.default_ops_addr())
+                },
+                cors_origins,
+                log_format: log_format.unwrap_or(match app_env {
+                    AppEnv::Production => LogFormat::Json,
+                    AppEnv::Development => LogFormat::Pretty,
+                }),
+                log_filter,
+                engine_partitions,
+                price_source,
+                max_price_age,
+                webhook_allow_private,
+                smtp_url,
+                sentry_dsn,
+                rate_limit_user_per_sec,
+                rate_limit_ip_per_sec,
+                rate_limit_login_per_min,
+            }),
+            _ => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// The effective configuration as name → value, secrets redacted: what start-up logs.
+    pub fn redacted(&self) -> BTreeMap<&'static str, String> {
+        let secret =
+            |s: &Option<Secret>| if s.is_some() { "[redacted]" } else { "(unset)" }.to_owned();
+        BTreeMap::from([
+            ("APP_ENV", format!("{:?}", self.app_env).to_lowercase()),
+            ("DATABASE_URL", format!("{:?}", self.database_url)),
+            ("NATS_URL", self.nats_url.clone()),
+            ("JWT_SECRET", secret(&self.jwt_secret)),
+            ("API_ADDR", self.api_addr.to_string()),
+            ("OPS_ADDR", self.ops_addr.to_string()),
+            ("CORS_ORIGINS", self.cors_origins.0.join(",")),
+            (
+                "LOG_FORMAT",
+                format!("{:?}", self.log_format).to_lowercase(),
+            ),
+            ("RUST_LOG", self.log_filter.clone()),
+            (
+                "ENGINE_PARTITIONS",
+                format!(
+                    "{}-{}",
+                    self.engine_partitions.first, self.engine_partitions.last
+                ),
+            ),
+            (
+                "PRICE_SOURCE",
+                format!("{:?}", self.price_source).to_lowercase(),
+            ),
+            (
+                "MAX_PRICE_AGE",
+                format!("{}s", self.max_price_age.as_secs()),
+            ),
+            (
+                "WEBHOOK_ALLOW_PRIVATE",
+                self.webhook_allow_private.to_string(),
+            ),
+            ("SMTP_URL", secret(&self.smtp_url)),
+            ("SENTRY_DSN", secret(&self.sentry_dsn)),
+            (
+                "RATE_LIMIT_USER_PER_SEC",
+                self.rate_limit_user_per_sec.to_string(),
+            ),
+            (
+                "RATE_LIMIT_IP_PER_SEC",
+                self.rate_limit_ip_per_sec.to_string(),
+            ),
+            (
+                "RATE_LIMIT_LOGIN_PER_MIN",
+                self.rate_limit_login_per_min.to_string(),
+            ),
+        ])
+    }
+}
+
+/// Reads one variable at a time from the figment and collects problems instead of stopping.
+struct Reader<'a> {
+    figment: &'a Figment,
+    problems: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn key(name: &str) -> String {
+        name.to_ascii_lowercase()
+    }
+
+    /// Whether the variable is set at all (an empty value counts as unset).
+    fn mentions(&self, name: &str) -> bool {
+        self.raw(name).is_some()
+    }
+
+    /// The value as text, whatever figment guessed its type to be; `None` when unset or empty.
+    fn raw(&self, name: &str) -> Option<String> {
+        let value = self.figment.find_value(&Self::key(name)).ok()?;
+        let text = match value.deserialize::<Scalar>() {
+            Ok(Scalar(text)) => text,
+            // Arrays or tables: figment parsed brackets; hand back the value's JSON-ish text.
+            Err(_) => format!("{value:?}"),
+        };
+        if text.trim().is_empty() {
+            None
+        } else {
+            Some(text)
+        }
+    }
+
+    /// A value deserialized with serde (numbers, booleans, lowercase enums). The offending value
+    /// is quoted in the error: use only for non-secret variables.
+    fn parsed<T: DeserializeOwned>(&mut self, name: &str, expected: &str) -> Option<T> {
+        self.raw(name)?;
+        match self.figment.extract_inner_lossy::<T>(&Self::key(name)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let got = self.raw(name).unwrap_or_default();
+                self.problems.push(format!(
+                    "{name}: expected {expected}, got {got:?} ({})",
+                    e.kind
+                ));
+                None
+            }
+        }
+    }
+
+    /// A value parsed with `FromStr` and a fixed message (non-secret variables).
+    fn from_str<T: FromStr>(&mut self, name: &str, expected: &str) -> Option<T> {
+        self.with(name, |s| {
+            s.parse::<T>().map_err(|_| format!("{expected}, got {s:?}"))
+        })
+    }
+
+    /// A value parsed by `parse`, whose error message must not contain a secret.
+    fn with<T>(&mut self, name: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        let raw = self.raw(name)?;
+        match parse(raw.trim()) {
+            Ok(v) => Some(v),
+            Err(msg) => {
+                self.problems.push(format!("{name}: {msg}"));
+                None
+            }
+        }
+    }
+
+    /// A secret: validated by `check`, whose message must not quote the value.
+    fn secret(
+        &mut self,
+        name: &str,
+        check: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Option<Secret> {
+        let raw = self.raw(name)?;
+        match check(&raw) {
+            Ok(()) => Some(Secret::new(raw)),
+            Err(msg) => {
+                self.problems.push(format!("{name}: {msg}"));
+                None
+            }
+        }
+    }
+}
+
+/// Accepts any scalar figment produced (it reads `123` as a number, `true` as a bool) as text.
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a scalar")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_char<E>(self, v: char) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "an-api-secret-of-at-least-32-bytes!!";
+
+    fn load_env(role: Role, vars: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in vars {
+                jail.set_env(k, v);
+            }
+            out = Some(Settings::from_figment(role, &Figment::from(Env::raw())));
+            Ok(())
+        });
+        out.expect("the jail ran")
+    }
+
+    const DB: &str = "postgres://vault:hunter2@127.0.0.1:5432/vault";
+
+    #[test]
+    fn api_settings_with_defaults_load() {
+        let s =
+            load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET)]).expect("valid");
+        assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.ops_addr, s.api_addr);
+        assert_eq!(s.rate_limit_user_per_sec, 20);
+        assert_eq!(s.engine_partitions, PartitionRange::all());
+        assert_eq!(s.price_source, PriceSource::Sim);
+        assert_eq!(s.max_price_age, Duration::from_secs(30));
+        assert_eq!(s.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn every_problem_is_reported_once_per_variable() {
+        let err = load_env(
+            Role::Api,
+            &[
+                ("DATABASE_URL", "mysql://nope"),
+                ("PRICE_SOURCE", "bloomberg"),
+                ("RATE_LIMIT_IP_PER_SEC", "fast"),
+                ("ENGINE_PARTITIONS", "3-99"),
+            ],
+        )
+        .expect_err("invalid");
+        let names: Vec<&str> = err
+            .0
+            .iter()
+            .map(|l| l.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "DATABASE_URL",
+                "JWT_SECRET",
+                "ENGINE_PARTITIONS",
+                "PRICE_SOURCE",
+                "RATE_LIMIT_IP_PER_SEC"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_refused_without_echoing_it() {
+        let err = load_env(
+            Role::Api,
+            &[("DATABASE_URL", DB), ("JWT_SECRET", "short-secret-value")],
+        )
+        .expect_err("short");
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].starts_with("JWT_SECRET: must be at least 32 bytes"));
+        assert!(!err.to_string().contains("short-secret-value"));
+    }
+
+    #[test]
+    fn a_numeric_jwt_secret_is_read_as_text() {
+        let digits = "123456789012345678901234567890123456";
+        let s =
+            load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", digits)]).expect("valid");
+        assert_eq!(s.jwt_secret.expect("set").expose(), digits);
+    }
+
+    #[test]
+    fn the_engine_does_not_require_a_jwt_secret() {
+        let s = load_env(Role::Engine, &[("DATABASE_URL", DB)]).expect("valid");
+        assert!(s.jwt_secret.is_none());
+        assert_eq!(s.ops_addr.port(), 9100);
+    }
+
+    #[test]
+    fn a_malformed_database_url_never_echoes_its_password() {
+        let err = load_env(
+            Role::Engine,
+            &[("DATABASE_URL", "postgres://u:hunter2@host:notaport/db")],
+        )
+        .expect_err("bad");
+        assert!(err.0[0].starts_with("DATABASE_URL:"), "{err}");
+        assert!(!err.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn redacted_settings_hide_every_secret() {
+        let s = load_env(
+            Role::Notify,
+            &[
+                ("DATABASE_URL", DB),
+                ("JWT_SECRET", SECRET),
+                ("SMTP_URL", "smtp://mailer:mailpass@127.0.0.1:2525"),
+                ("SENTRY_DSN", "https://sentrykey@sentry.example/1"),
+            ],
+        )
+        .expect("valid");
+        let text = format!("{:?} {:?}", s.redacted(), s);
+        for secret in [SECRET, "hunter2", "mailpass", "sentrykey"] {
+            assert!(!text.contains(secret), "{secret} leaked in {text}");
+        }
+    }
+
+    #[test]
+    fn wildcard_cors_is_refused_in_production() {
+        let err = load_env(
+            Role::Api,
+            &[
+                ("DATABASE_URL", DB),
+                ("JWT_SECRET", SECRET),
+                ("APP_ENV", "production"),
+                ("CORS_ORIGINS", "*"),
+            ],
+        )
+        .expect_err("refused");
+        assert!(err.0[0].starts_with("CORS_ORIGINS:"));
+    }
+
+    #[test]
+    fn price_sources_and_partitions_parse() {
+        assert_eq!(
+            "replay:ticks.csv".parse::<PriceSource>(),
+            Ok(PriceSource::Replay("ticks.csv".into()))
+        );
+        assert!("replay:".parse::<PriceSource>().is_err());
+        assert_eq!(
+            "4".parse::<PartitionRange>(),
+            Ok(PartitionRange { first: 4, last: 4 })
+        );
+        assert_eq!(
+            "0-7".parse::<PartitionRange>(),
+            Ok(PartitionRange { first: 0, last: 7 })
+        );
+        assert!("7-0".parse::<PartitionRange>().is_err());
+        assert!("0-16".parse::<PartitionRange>().is_err());
+        let s = load_env(
+            Role::Engine,
+            &[("DATABASE_URL", DB), ("ENGINE_PARTITIONS", "4")],
+        )
+        .expect("valid");
+        assert_eq!(s.engine_partitions, PartitionRange { first: 4, last: 4 });
+    }
+}

@@ -1,0 +1,299 @@
+//! The connection to NATS and JetStream: connect, declare, publish, check readiness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use async_nats::{HeaderMap, jetstream::publish::PublishAck};
+use tokio::time::sleep;
+use vault_core::ops::Check;
+
+use crate::consumers::ConsumerSpec;
+use crate::message::{BusMessage, MessageContext, encode};
+use crate::streams::{self, StreamSpec};
+use crate::{BusError, MSG_ID_HEADER, REQUEST_ID_HEADER};
+
+/// What declaring a stream or consumer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnsureOutcome {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// A NATS client and its JetStream context. Cheap to clone; reconnects on its own.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    replicas: usize,
+}
+
+/// How many times start-up tries to reach NATS before giving up (about a minute in all).
+pub const CONNECT_ATTEMPTS: u32 = 12;
+
+impl Bus {
+    /// Connects to `url` (comma-separated for a cluster), retrying at start with backoff.
+    /// After that the client reconnects by itself, forever, and logs each change.
+    pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        let client = loop {
+            let options = async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(3))
+                .max_reconnects(None)
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("nats connected"),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("nats disconnected; reconnecting")
+                        }
+                        other => tracing::info!(event = %other, "nats event"),
+                    }
+                });
+            let addrs: Vec<&str> = url.split(',').map(str::trim).collect();
+            match async_nats::connect_with_options(addrs.as_slice(), options).await {
+                Ok(client) => break client,
+                Err(err) if attempt < CONNECT_ATTEMPTS => {
+                    tracing::warn!(error = %err, attempt, retry_in = ?delay, "nats not reachable yet");
+                    sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                    attempt += 1;
+                }
+                Err(err) => {
+                    return Err(BusError::Connect {
+                        url: url.to_owned(),
+                        reason: err.to_string(),
+                    });
+                }
+            }
+        };
+        let js = jetstream::new(client.clone());
+        Ok(Bus {
+            client,
+            js,
+            replicas: 1,
+        })
+    }
+
+    /// Streams declared from now on get `replicas` copies (3 on a cluster).
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Publishes `msg` on its subject with `Nats-Msg-Id` and `X-Request-Id`, and waits for the
+    /// JetStream ack: when this returns `Ok`, the message is durably stored (or was a
+    /// duplicate of one that is: see [`PublishAck::duplicate`]).
+    pub async fn publish<M: BusMessage>(
+        &self,
+        msg: &M,
+        ctx: &MessageContext,
+    ) -> Result<PublishAck, BusError> {
+        let ack = self.start_publish(msg, ctx).await?;
+        let subject = msg.subject();
+        ack.await.map_err(|e| BusError::Publish {
+            subject,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Sends `msg` and returns the pending ack without awaiting it, for callers that keep a
+    /// bounded window of acks in flight. Every returned future must be awaited: each holds an
+    /// in-flight slot in the client.
+    pub async fn start_publish<M: BusMessage>(
+        &self,
+        msg: &M,
+        ctx: &MessageContext,
+    ) -> Result<PublishAckFuture, BusError> {
+        let subject = msg.subject();
+        let payload = encode(msg)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
+        if let Some(request_id) = &ctx.request_id {
+            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+        }
+        self.js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| BusError::Publish {
+                subject,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Creates each declared stream that is missing and updates one whose managed settings
+    /// differ; leaves a matching stream untouched (its messages and state included).
+    pub async fn ensure_streams(&self) -> Result<Vec<(&'static str, EnsureOutcome)>, BusError> {
+        let mut outcomes = Vec::with_capacity(streams::ALL.len());
+        for spec in streams::ALL {
+            let outcome = self.ensure_stream(&spec).await?;
+            if outcome != EnsureOutcome::Unchanged {
+                tracing::info!(stream = spec.name, ?outcome, "declared stream");
+            }
+            outcomes.push((spec.name, outcome));
+        }
+        Ok(outcomes)
+    }
+
+    async fn ensure_stream(&self, spec: &StreamSpec) -> Result<EnsureOutcome, BusError> {
+        let err = |reason: String| BusError::Stream {
+            stream: spec.name.to_owned(),
+            reason,
+        };
+        match self.js.get_stream(spec.name).await {
+            Ok(stream) => {
+                if spec.matches(&stream.cached_info().config, self.replicas) {
+                    Ok(EnsureOutcome::Unchanged)
+                } else {
+                    self.js
+                        .update_stream(spec.config(self.replicas))
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    Ok(EnsureOutcome::Updated)
+                }
+            }
+            Err(e) if is_not_found(&e.kind()) => {
+                self.js
+                    .create_stream(spec.config(self.replicas))
+                    .await
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(EnsureOutcome::Created)
+            }
+            Err(e) => Err(err(e.to_string())),
+        }
+    }
+
+    /// Creates or updates the given durable consumers; a matching one is left untouched.
+    pub async fn ensure_consumers(
+        &self,
+        specs: &[ConsumerSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
+        let mut outcomes = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let err = |reason: String| BusError::Consumer {
+                stream: spec.stream.to_owned(),
+                consumer: spec.durable.clone(),
+                reason,
+            };
+            let stream = self
+                .js
+                .get_stream_no_info(spec.stream)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let outcome = match stream.consumer_info(&spec.durable).await {
+                Ok(info) if spec.matches(&info.config) => EnsureOutcome::Unchanged,
+                Ok(_) => {
+                    stream
+                        .update_consumer(spec.config())
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    EnsureOutcome::Updated
+                }
+                Err(e) if consumer_missing(&e.kind()) => {
+                    stream
+                        .create_consumer(spec.config())
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    EnsureOutcome::Created
+                }
+                Err(e) => return Err(err(e.to_string())),
+            };
+            if outcome != EnsureOutcome::Unchanged {
+                tracing::info!(stream = spec.stream, consumer = %spec.durable, ?outcome, "declared consumer");
+            }
+            outcomes.push((spec.durable.clone(), outcome));
+        }
+        Ok(outcomes)
+    }
+
+    /// A readiness check: connected, every stream present, every given consumer present.
+    /// A stream or consumer found missing (an operator deleted it, a server lost its store) is
+    /// declared again; the check fails this round and passes the next.
+    pub fn readiness_check(&self, consumers: Vec<ConsumerSpec>) -> Check {
+        let bus = self.clone();
+        let consumers = Arc::new(consumers);
+        Arc::new(move || {
+            let bus = bus.clone();
+            let consumers = consumers.clone();
+            Box::pin(async move { bus.check(&consumers).await })
+        })
+    }
+
+    async fn check(&self, consumers: &[ConsumerSpec]) -> Result<(), String> {
+        if self.client.connection_state() != State::Connected {
+            return Err("nats: not connected".to_owned());
+        }
+        let mut missing = Vec::new();
+        for spec in streams::ALL {
+            match self.js.get_stream(spec.name).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e.kind()) => missing.push(format!("stream {}", spec.name)),
+                Err(e) => return Err(format!("nats: stream {}: {e}", spec.name)),
+            }
+        }
+        if missing.is_empty() {
+            for spec in consumers {
+                let stream = self
+                    .js
+                    .get_stream_no_info(spec.stream)
+                    .await
+                    .map_err(|e| format!("nats: {e}"))?;
+                match stream.consumer_info(&spec.durable).await {
+                    Ok(_) => {}
+                    Err(e) if consumer_missing(&e.kind()) => {
+                        missing.push(format!("consumer {}/{}", spec.stream, spec.durable));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "nats: consumer {}/{}: {e}",
+                            spec.stream, spec.durable
+                        ));
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            ?missing,
+            "declared JetStream objects are missing; declaring them again"
+        );
+        let redeclared = match self.ensure_streams().await {
+            Ok(_) => self.ensure_consumers(consumers).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        Err(match redeclared {
+            Ok(()) => format!("nats: {} missing (declared again)", missing.join(", ")),
+            Err(e) => format!(
+                "nats: {} missing and could not be declared: {e}",
+                missing.join(", ")
+            ),
+        })
+    }
+}
+
+fn is_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
+    matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+fn consumer_missing(kind: &jetstream::context::ConsumerInfoErrorKind) -> bool {
+    use jetstream::context::ConsumerInfoErrorKind as K;
+    match kind {
+        K::NotFound => true,
+        K::JetStream(e) => e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND,
+        _ => false,
+    }
+}

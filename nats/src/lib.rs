@@ -1,0 +1,28 @@
+//! vault-bus: the backbone contract between CryptoVault processes.
+//!
+//! Everything about NATS JetStream is declared here and only here: the streams and their
+//! configuration ([`streams`]), the subjects and the ORDERS partitioning ([`subjects`]), the
+//! durable consumers of each process ([`consumers`]) and the typed messages with their schema
+//! versions ([`message`]). Publishing always sets `Nats-Msg-Id` (JetStream's dedupe key) and
+//! `X-Request-Id`, and awaits the JetStream ack ([`Bus::publish`]).
+//!
+//! No other crate spells a subject or a stream name.
+
+pub mod consumers;
+pub mod message;
+pub mod process;
+pub mod streams;
+pub mod subjects;
+
+mod bus;
+mod error;
+
+pub use bus::{Bus, EnsureOutcome};
+pub use error::BusError;
+pub use message::{BusMessage, MessageContext};
+pub use process::Process;
+
+/// The JetStream header with the per-message dedupe id.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// The header that carries the originating request's id through the backbone.
+pub const REQUEST_ID_HEADER: &str = "X-Request-Id";

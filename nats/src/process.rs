@@ -1,0 +1,81 @@
+//! Start-up and shutdown shared by every process that owns consumers (engine and workers).
+//!
+//! [`Process::start`] connects Postgres and NATS (bounded retries), declares the streams and the
+//! process's consumers, registers the readiness checks and starts the ops server on `OPS_ADDR`.
+//! [`Process::finish`] is the other half: after the role's own loops have drained, it waits for
+//! the ops server and closes the pool and the NATS connection (flushing what is buffered).
+
+use std::net::SocketAddr;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vault_core::ops::{self, Readiness};
+use vault_core::{Settings, db, http, telemetry};
+
+use crate::Bus;
+use crate::consumers::ConsumerSpec;
+
+/// A running process's shared parts.
+#[derive(Debug)]
+pub struct Process {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub readiness: Readiness,
+    pub shutdown: CancellationToken,
+    /// Where the ops server listens (useful when `OPS_ADDR` asked for port 0).
+    pub ops_addr: SocketAddr,
+    ops_server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Process {
+    pub async fn start(
+        settings: Settings,
+        consumers: Vec<ConsumerSpec>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Process> {
+        telemetry::record_build_info(&settings);
+        telemetry::spawn_upkeep(shutdown.clone());
+        let listener = TcpListener::bind(settings.ops_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on OPS_ADDR {}: {e}", settings.ops_addr))?;
+        let ops_addr = listener.local_addr()?;
+
+        let pool = db::connect(&settings.database_url, 10).await?;
+        let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?;
+        bus.ensure_streams().await?;
+        bus.ensure_consumers(&consumers).await?;
+
+        let readiness = Readiness::new();
+        readiness.add("postgres", db::readiness_check(pool.clone()));
+        readiness.add("nats", bus.readiness_check(consumers));
+        readiness.refresh().await;
+        readiness.spawn_refresher(shutdown.clone());
+
+        let app = http::observe(ops::router(readiness.clone()));
+        let ops_server = tokio::spawn(http::serve(listener, app, shutdown.clone()));
+        Ok(Process {
+            settings,
+            pool,
+            bus,
+            readiness,
+            shutdown,
+            ops_addr,
+            ops_server,
+        })
+    }
+
+    /// Call after the role's loops returned (they return on shutdown).
+    pub async fn finish(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.ops_server.await??;
+        if let Err(e) = self.bus.client().flush().await {
+            tracing::warn!(error = %e, "could not flush NATS on shutdown");
+        }
+        self.pool.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! Subjects and the ORDERS partitioning — the only place subject strings are spelled.
+//!
+//! - `orders.<partition>.<user_id>`: commands, partition = [`partition_of`] (0..16);
+//! - `events.<type>.<user_id>`: engine results (`order.accepted`, …), type may contain dots;
+//! - `auth.<type>`: authentication events;
+//! - `prices.<SYMBOL>`: price ticks.
+
+use uuid::Uuid;
+use vault_core::config::PARTITIONS;
+
+/// The ORDERS partition of a user: FNV-1a (64-bit) of the UUID's 16 bytes, mod 16.
+///
+/// Stable forever: changing it would move users between engines with commands in flight, which
+/// breaks the one-actor-per-user invariant. It is pinned by a test.
+pub fn partition_of(user_id: Uuid) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in user_id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(PARTITIONS)) as u16
+}
+
+pub fn order_command(user_id: Uuid) -> String {
+    format!("orders.{}.{}", partition_of(user_id), user_id)
+}
+
+/// The filter that selects one ORDERS partition.
+pub fn orders_partition_filter(partition: u16) -> String {
+    format!("orders.{partition}.*")
+}
+
+pub fn event(kind: &str, user_id: Uuid) -> String {
+    format!("events.{kind}.{user_id}")
+}
+
+pub fn auth(kind: &str) -> String {
+    format!("auth.{kind}")
+}
+
+pub fn price(symbol: &str) -> String {
+    format!("prices.{symbol}")
+}
+
+pub const ORDERS_ALL: &str = "orders.*.*";
+pub const EVENTS_ALL: &str = "events.>";
+pub const AUTH_ALL: &str = "auth.>";
+pub const PRICES_ALL: &str = "prices.*";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitioning_is_pinned() {
+        // If this changes, every deployed user moves partition: never change it.
+        let id = Uuid::parse_str("0190f5a8-7b7e-7c3e-9a2b-3f4d5e6f7a8b").expect("valid uuid");
+        assert_eq!(partition_of(id), partition_of(id));
+        assert_eq!(partition_of(Uuid::nil()), 13);
+        assert!(order_command(id).starts_with(&format!("orders.{}.", partition_of(id))));
+    }
+
+    #[test]
+    fn partitions_spread_users_evenly() {
+        let mut counts = [0u32; PARTITIONS as usize];
+        for _ in 0..16_000 {
+            counts[partition_of(Uuid::now_v7()) as usize] += 1;
+        }
+        // 1000 expected per partition; a fair hash stays well within ±25%.
+        assert!(
+            counts.iter().all(|c| (750..=1250).contains(c)),
+            "{counts:?}"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! vault-workers: the three worker roles, one per process (`vault-worker prices|audit|notify`).
+//!
+//! - `prices`: ingests ticks from the configured `PRICE_SOURCE` and publishes them on PRICES;
+//! - `audit`: consumes ORDERS, EVENTS and AUTH into the hash-chained audit log;
+//! - `notify`: consumes EVENTS and AUTH and delivers in-app, WebSocket, webhook and email.
+//!
+//! Each role has its own durable consumers, so each scales and fails alone. This module is the
+//! shared process shell (configuration, connections, consumers, ops server, shutdown); the
+//! roles' processing loops are built on top of it.
+
+use tokio_util::sync::CancellationToken;
+use vault_bus::Process;
+use vault_bus::consumers::{self, ConsumerSpec};
+use vault_core::{Role, Settings};
+
+/// Which worker this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerRole {
+    Prices,
+    Audit,
+    Notify,
+}
+
+impl WorkerRole {
+    pub fn role(self) -> Role {
+        match self {
+            WorkerRole::Prices => Role::Prices,
+            WorkerRole::Audit => Role::Audit,
+            WorkerRole::Notify => Role::Notify,
+        }
+    }
+
+    /// The durable consumers this role reads from (the prices worker only publishes).
+    pub fn consumers(self) -> Vec<ConsumerSpec> {
+        match self {
+            WorkerRole::Prices => Vec::new(),
+            WorkerRole::Audit => consumers::audit(),
+            WorkerRole::Notify => consumers::notify(),
+        }
+    }
+}
+
+/// Runs one worker role until `shutdown` fires, then drains and returns.
+pub async fn run(
+    role: WorkerRole,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let process = Process::start(settings, role.consumers(), shutdown.clone()).await?;
+    tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
+    shutdown.cancelled().await;
+    process.finish().await
+}
