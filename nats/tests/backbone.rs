@@ -1,0 +1,138 @@
+//! The backbone contract against a real nats-server: declarations are idempotent, publishes
+//! carry their dedupe id and request id, readiness notices and heals missing objects.
+
+use async_nats::jetstream::stream::StorageType;
+use chrono::Utc;
+use futures::StreamExt;
+use uuid::Uuid;
+use vault_bus::message::{AuthEvent, AuthEventKind};
+use vault_bus::{Bus, EnsureOutcome, MessageContext, consumers, streams};
+use vault_testkit::NatsServer;
+
+fn auth_event(id: Uuid) -> AuthEvent {
+    AuthEvent {
+        id,
+        kind: AuthEventKind::Signup,
+        user_id: Some(Uuid::now_v7()),
+        request_id: Some("req-42".into()),
+        ip: Some("127.0.0.1".into()),
+        at: Utc::now(),
+        data: serde_json::json!({}),
+    }
+}
+
+#[tokio::test]
+async fn declaring_the_streams_twice_changes_nothing() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+
+    let first = bus.ensure_streams().await.expect("declares");
+    assert_eq!(first.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["ORDERS", "EVENTS", "AUTH", "PRICES"]);
+    assert!(first.iter().all(|(_, o)| *o == EnsureOutcome::Created), "{first:?}");
+
+    let js = bus.jetstream();
+    let mut created = Vec::new();
+    for spec in streams::ALL {
+        let mut stream = js.get_stream(spec.name).await.expect("stream exists");
+        let info = stream.info().await.expect("info");
+        assert_eq!(info.config.subjects, spec.subjects);
+        assert_eq!(info.config.storage, StorageType::File);
+        assert_eq!(info.config.max_age, spec.max_age);
+        assert_eq!(info.config.duplicate_window, spec.duplicate_window);
+        assert_eq!(info.config.num_replicas, 1);
+        created.push(info.created);
+    }
+    bus.publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("published");
+
+    let second = bus.ensure_streams().await.expect("declares again");
+    assert!(second.iter().all(|(_, o)| *o == EnsureOutcome::Unchanged), "{second:?}");
+    for (spec, created) in streams::ALL.iter().zip(created) {
+        let mut stream = js.get_stream(spec.name).await.expect("stream exists");
+        let info = stream.info().await.expect("info");
+        assert_eq!(info.created, created, "{} was recreated", spec.name);
+    }
+    let mut auth = js.get_stream("AUTH").await.expect("AUTH");
+    assert_eq!(auth.info().await.expect("info").state.messages, 1, "the second start must keep messages");
+}
+
+#[tokio::test]
+async fn a_drifted_stream_is_put_back_to_its_declaration() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+
+    let mut drifted = streams::PRICES.config(1);
+    drifted.max_age = std::time::Duration::from_secs(3600);
+    bus.jetstream().update_stream(drifted).await.expect("operator changes the stream");
+
+    let outcomes = bus.ensure_streams().await.expect("declares again");
+    assert!(outcomes.contains(&("PRICES", EnsureOutcome::Updated)), "{outcomes:?}");
+    let mut prices = bus.jetstream().get_stream("PRICES").await.expect("PRICES");
+    assert_eq!(prices.info().await.expect("info").config.max_age, streams::PRICES.max_age);
+}
+
+#[tokio::test]
+async fn a_publish_carries_its_ids_and_a_duplicate_is_stored_once() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+
+    let event = auth_event(Uuid::now_v7());
+    let ctx = MessageContext { request_id: Some("req-42".into()) };
+    let first = bus.publish(&event, &ctx).await.expect("ack");
+    let again = bus.publish(&event, &ctx).await.expect("ack for the duplicate");
+    assert!(!first.duplicate);
+    assert!(again.duplicate, "JetStream must recognise the same Nats-Msg-Id");
+    assert_eq!(again.sequence, first.sequence);
+
+    let stream = bus.jetstream().get_stream("AUTH").await.expect("AUTH");
+    let stored = stream.get_raw_message(first.sequence).await.expect("stored message");
+    assert_eq!(stored.subject.as_str(), "auth.signup");
+    let headers = stored.headers;
+    assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some(event.id.to_string().as_str()));
+    assert_eq!(headers.get("X-Request-Id").map(|v| v.as_str()), Some("req-42"));
+    let decoded: AuthEvent = vault_bus::message::decode("auth.signup", &stored.payload).expect("decodes");
+    assert_eq!(decoded, event);
+}
+
+#[tokio::test]
+async fn consumers_are_declared_once_and_left_alone_after() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+
+    let all = consumers::all();
+    let first = bus.ensure_consumers(&all).await.expect("declares consumers");
+    assert_eq!(first.len(), 16 + 3 + 2);
+    assert!(first.iter().all(|(_, o)| *o == EnsureOutcome::Created), "{first:?}");
+    let second = bus.ensure_consumers(&all).await.expect("declares consumers again");
+    assert!(second.iter().all(|(_, o)| *o == EnsureOutcome::Unchanged), "{second:?}");
+
+    let orders = bus.jetstream().get_stream("ORDERS").await.expect("ORDERS");
+    let info = orders.consumer_info("engine-p07").await.expect("consumer exists");
+    assert_eq!(info.config.filter_subject, "orders.7.*");
+    assert_eq!(info.config.max_deliver, consumers::MAX_DELIVER);
+    let mut names: Vec<String> = orders.consumer_names().map(|n| n.expect("name")).collect().await;
+    names.sort();
+    assert_eq!(names.len(), 17, "16 engine partitions and the audit consumer: {names:?}");
+}
+
+#[tokio::test]
+async fn readiness_fails_while_a_stream_is_missing_and_heals_itself() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+    let audit = consumers::audit();
+    bus.ensure_consumers(&audit).await.expect("declares consumers");
+    let check = bus.readiness_check(audit);
+    assert_eq!(check().await, Ok(()));
+
+    bus.jetstream().delete_stream("AUTH").await.expect("operator deletes a stream");
+    let verdict = check().await.expect_err("a missing stream is not ready");
+    assert!(verdict.contains("stream AUTH"), "{verdict}");
+
+    // The failed check declared it again, consumers included: the next one passes.
+    assert_eq!(check().await, Ok(()));
+    let auth = bus.jetstream().get_stream("AUTH").await.expect("AUTH is back");
+    auth.consumer_info("audit-auth").await.expect("its consumer is back");
+}
