@@ -25,10 +25,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
+        FieldError { field: field.into(), message: message.into() }
     }
 }
 
@@ -49,10 +46,7 @@ pub enum ApiError {
     #[error("unsupported media type")]
     UnsupportedMediaType,
     #[error("validation failed")]
-    Validation {
-        code: &'static str,
-        errors: Vec<FieldError>,
-    },
+    Validation { code: &'static str, errors: Vec<FieldError> },
     #[error("account locked")]
     Locked { retry_after_secs: u64 },
     #[error("rate limited")]
@@ -108,25 +102,18 @@ impl ApiError {
             ApiError::PayloadTooLarge => "The request body exceeds 64 KiB.".to_owned(),
             ApiError::UnsupportedMediaType => "Send the body as application/json.".to_owned(),
             ApiError::Validation { .. } => "The request has invalid fields.".to_owned(),
-            ApiError::Locked { .. } => {
-                "Too many failed attempts; the account is locked for a while.".to_owned()
-            }
+            ApiError::Locked { .. } => "Too many failed attempts; the account is locked for a while.".to_owned(),
             ApiError::RateLimited { .. } => "Too many requests; slow down.".to_owned(),
             ApiError::Unavailable(what) => {
                 format!("A dependency is unavailable ({what}); retry shortly.")
             }
-            ApiError::Internal(_) => {
-                "Something went wrong on our side; it has been logged.".to_owned()
-            }
+            ApiError::Internal(_) => "Something went wrong on our side; it has been logged.".to_owned(),
         }
     }
 
     /// A validation error about one field.
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        ApiError::Validation {
-            code: "validation_failed",
-            errors: vec![FieldError::new(field, message)],
-        }
+        ApiError::Validation { code: "validation_failed", errors: vec![FieldError::new(field, message)] }
     }
 }
 
@@ -164,10 +151,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(problem)).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         let retry_after = match &self {
             ApiError::Locked { retry_after_secs } | ApiError::RateLimited { retry_after_secs } => {
                 Some(*retry_after_secs)

@@ -39,10 +39,7 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(
-        settings: Settings,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<Application> {
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
         telemetry::record_build_info(&settings);
         telemetry::spawn_upkeep(shutdown.clone());
         let listener = TcpListener::bind(settings.api_addr)
@@ -58,19 +55,9 @@ impl Application {
         readiness.add("nats", bus.readiness_check(Vec::new()));
         readiness.refresh().await;
 
-        let state = AppState {
-            settings: Arc::new(settings),
-            pool,
-            bus,
-        };
+        let state = AppState { settings: Arc::new(settings), pool, bus };
         let router = router(state.clone(), readiness.clone());
-        Ok(Application {
-            listener,
-            router,
-            readiness,
-            state,
-            shutdown,
-        })
+        Ok(Application { listener, router, readiness, state, shutdown })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -114,10 +114,7 @@ impl DatabaseUrl {
         // sqlx's own parser decides validity; its error may quote the URL (and so the
         // password), so it is replaced by our message.
         let options = PgConnectOptions::from_str(raw).map_err(|_| EXPECTED.to_owned())?;
-        Ok(DatabaseUrl {
-            raw: Secret::new(raw),
-            options,
-        })
+        Ok(DatabaseUrl { raw: Secret::new(raw), options })
     }
 
     pub fn connect_options(&self) -> PgConnectOptions {
@@ -170,9 +167,7 @@ impl FromStr for PriceSource {
             "none" => Ok(PriceSource::None),
             _ => match s.strip_prefix("replay:") {
                 Some(path) if !path.is_empty() => Ok(PriceSource::Replay(path.to_owned())),
-                _ => Err(format!(
-                    "unknown price source {s:?}; expected sim, replay:<csv path>, coinbase or none"
-                )),
+                _ => Err(format!("unknown price source {s:?}; expected sim, replay:<csv path>, coinbase or none")),
             },
         }
     }
@@ -190,10 +185,7 @@ pub const PARTITIONS: u16 = 16;
 
 impl PartitionRange {
     pub fn all() -> Self {
-        PartitionRange {
-            first: 0,
-            last: PARTITIONS - 1,
-        }
+        PartitionRange { first: 0, last: PARTITIONS - 1 }
     }
     pub fn iter(self) -> impl Iterator<Item = u16> {
         self.first..=self.last
@@ -203,20 +195,13 @@ impl PartitionRange {
 impl FromStr for PartitionRange {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "expected a partition or range within 0-{}, e.g. 0-15, got {s:?}",
-                PARTITIONS - 1
-            )
-        };
+        let bad = || format!("expected a partition or range within 0-{}, e.g. 0-15, got {s:?}", PARTITIONS - 1);
         let (first, last) = match s.split_once('-') {
             Some((a, b)) => (a.trim().parse::<u16>(), b.trim().parse::<u16>()),
             None => (s.trim().parse::<u16>(), s.trim().parse::<u16>()),
         };
         match (first, last) {
-            (Ok(first), Ok(last)) if first <= last && last < PARTITIONS => {
-                Ok(PartitionRange { first, last })
-            }
+            (Ok(first), Ok(last)) if first <= last && last < PARTITIONS => Ok(PartitionRange { first, last }),
             _ => Err(bad()),
         }
     }
@@ -240,10 +225,7 @@ impl FromStr for CorsOrigins {
             let valid = origin == "*"
                 || ((origin.starts_with("http://") || origin.starts_with("https://"))
                     && !origin.ends_with('/')
-                    && origin
-                        .split("://")
-                        .nth(1)
-                        .is_some_and(|host| !host.is_empty() && !host.contains('/')));
+                    && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/')));
             if !valid {
                 return Err(format!(
                     "{origin:?} is not an origin; expected a comma list like https://app.example.com,http://localhost:3000"
@@ -332,10 +314,7 @@ impl Settings {
             Ok(settings) => settings,
             Err(errors) => {
                 eprintln!("{errors}");
-                eprintln!(
-                    "{}: refusing to start with an invalid configuration",
-                    role.as_str()
-                );
+                eprintln!("{}: refusing to start with an invalid configuration", role.as_str());
                 std::process::exit(2);
             }
         }
@@ -343,14 +322,9 @@ impl Settings {
 
     /// Parses settings from any figment (tests pass their own instead of the process env).
     pub fn from_figment(role: Role, figment: &Figment) -> Result<Settings, ConfigErrors> {
-        let mut r = Reader {
-            figment,
-            problems: Vec::new(),
-        };
+        let mut r = Reader { figment, problems: Vec::new() };
 
-        let app_env = r
-            .parsed("APP_ENV", "development or production")
-            .unwrap_or(AppEnv::Development);
+        let app_env = r.parsed("APP_ENV", "development or production").unwrap_or(AppEnv::Development);
         let database_url = r.with("DATABASE_URL", DatabaseUrl::parse);
         let nats_url = r
             .with("NATS_URL", |s| {
@@ -369,20 +343,14 @@ impl Settings {
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
         let jwt_secret = r.secret("JWT_SECRET", |s| {
             if s.len() < MIN_JWT_SECRET_BYTES {
-                Err(format!(
-                    "must be at least {MIN_JWT_SECRET_BYTES} bytes (it is shorter)"
-                ))
+                Err(format!("must be at least {MIN_JWT_SECRET_BYTES} bytes (it is shorter)"))
             } else {
                 Ok(())
             }
         });
-        let api_addr =
-            r.from_str::<SocketAddr>("API_ADDR", "expected host:port, e.g. 127.0.0.1:8080");
-        let ops_addr =
-            r.from_str::<SocketAddr>("OPS_ADDR", "expected host:port, e.g. 127.0.0.1:9100");
-        let cors_origins = r
-            .with("CORS_ORIGINS", CorsOrigins::from_str)
-            .unwrap_or_default();
+        let api_addr = r.text::<SocketAddr>("API_ADDR", "expected host:port, e.g. 127.0.0.1:8080");
+        let ops_addr = r.text::<SocketAddr>("OPS_ADDR", "expected host:port, e.g. 127.0.0.1:9100");
+        let cors_origins = r.with("CORS_ORIGINS", CorsOrigins::from_str).unwrap_or_default();
         let log_format = r.parsed("LOG_FORMAT", "json or pretty");
         let log_filter = r
             .with("RUST_LOG", |s| {
@@ -391,26 +359,19 @@ impl Settings {
                     .map_err(|e| format!("not a valid filter ({e}); e.g. info,vault_api=debug"))
             })
             .unwrap_or_else(|| "info".to_owned());
-        let engine_partitions = r
-            .with("ENGINE_PARTITIONS", PartitionRange::from_str)
-            .unwrap_or_else(PartitionRange::all);
-        let price_source = r
-            .with("PRICE_SOURCE", PriceSource::from_str)
-            .unwrap_or(PriceSource::Sim);
+        let engine_partitions =
+            r.with("ENGINE_PARTITIONS", PartitionRange::from_str).unwrap_or_else(PartitionRange::all);
+        let price_source = r.with("PRICE_SOURCE", PriceSource::from_str).unwrap_or(PriceSource::Sim);
         let max_price_age = r
             .with("MAX_PRICE_AGE", |s| {
                 let secs = s.strip_suffix('s').unwrap_or(s);
                 match secs.parse::<u64>() {
                     Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-                    _ => Err(format!(
-                        "expected a positive number of seconds, e.g. 30 or 30s, got {s:?}"
-                    )),
+                    _ => Err(format!("expected a positive number of seconds, e.g. 30 or 30s, got {s:?}")),
                 }
             })
             .unwrap_or(Duration::from_secs(30));
-        let webhook_allow_private = r
-            .parsed("WEBHOOK_ALLOW_PRIVATE", "true or false")
-            .unwrap_or(false);
+        let webhook_allow_private = r.parsed("WEBHOOK_ALLOW_PRIVATE", "true or false").unwrap_or(false);
         let smtp_url = r.secret("SMTP_URL", |s| {
             if s.starts_with("smtp://") || s.starts_with("smtps://") {
                 Ok(())
@@ -425,35 +386,23 @@ impl Settings {
                 Err("expected a Sentry DSN URL (https://key@host/project)".to_owned())
             }
         });
-        let rate_limit_user_per_sec = r
-            .parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off")
-            .unwrap_or(20);
-        let rate_limit_ip_per_sec = r
-            .parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off")
-            .unwrap_or(50);
-        let rate_limit_login_per_min = r
-            .parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off")
-            .unwrap_or(10);
+        let rate_limit_user_per_sec = r.parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off").unwrap_or(20);
+        let rate_limit_ip_per_sec = r.parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off").unwrap_or(50);
+        let rate_limit_login_per_min = r.parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off").unwrap_or(10);
 
         if role == Role::Api && jwt_secret.is_none() && !r.mentions("JWT_SECRET") {
-            r.problems.push(format!(
-                "JWT_SECRET: required by the API (at least {MIN_JWT_SECRET_BYTES} bytes)"
-            ));
+            r.problems.push(format!("JWT_SECRET: required by the API (at least {MIN_JWT_SECRET_BYTES} bytes)"));
         }
         if database_url.is_none() && !r.mentions("DATABASE_URL") {
-            r.problems.push(
-                "DATABASE_URL: required (postgres://user[:password]@host[:port]/database)"
-                    .to_owned(),
-            );
+            r.problems.push("DATABASE_URL: required (postgres://user[:password]@host[:port]/database)".to_owned());
         }
         if app_env == AppEnv::Production && cors_origins.allows_any() {
-            r.problems.push(
-                "CORS_ORIGINS: \"*\" is refused when APP_ENV=production; list the origins"
-                    .to_owned(),
-            );
+            r.problems.push("CORS_ORIGINS: \"*\" is refused when APP_ENV=production; list the origins".to_owned());
         }
 
-        let problems = r.problems;
+        let mut problems = r.problems;
+        // One line per variable, in name order, whatever order they were read in.
+        problems.sort();
         match database_url {
             Some(database_url) if problems.is_empty() => Ok(Settings {
                 role,
@@ -489,8 +438,7 @@ impl Settings {
 
     /// The effective configuration as name → value, secrets redacted: what start-up logs.
     pub fn redacted(&self) -> BTreeMap<&'static str, String> {
-        let secret =
-            |s: &Option<Secret>| if s.is_some() { "[redacted]" } else { "(unset)" }.to_owned();
+        let secret = |s: &Option<Secret>| if s.is_some() { "[redacted]" } else { "(unset)" }.to_owned();
         BTreeMap::from([
             ("APP_ENV", format!("{:?}", self.app_env).to_lowercase()),
             ("DATABASE_URL", format!("{:?}", self.database_url)),
@@ -499,44 +447,17 @@ impl Settings {
             ("API_ADDR", self.api_addr.to_string()),
             ("OPS_ADDR", self.ops_addr.to_string()),
             ("CORS_ORIGINS", self.cors_origins.0.join(",")),
-            (
-                "LOG_FORMAT",
-                format!("{:?}", self.log_format).to_lowercase(),
-            ),
+            ("LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase()),
             ("RUST_LOG", self.log_filter.clone()),
-            (
-                "ENGINE_PARTITIONS",
-                format!(
-                    "{}-{}",
-                    self.engine_partitions.first, self.engine_partitions.last
-                ),
-            ),
-            (
-                "PRICE_SOURCE",
-                format!("{:?}", self.price_source).to_lowercase(),
-            ),
-            (
-                "MAX_PRICE_AGE",
-                format!("{}s", self.max_price_age.as_secs()),
-            ),
-            (
-                "WEBHOOK_ALLOW_PRIVATE",
-                self.webhook_allow_private.to_string(),
-            ),
+            ("ENGINE_PARTITIONS", format!("{}-{}", self.engine_partitions.first, self.engine_partitions.last)),
+            ("PRICE_SOURCE", format!("{:?}", self.price_source).to_lowercase()),
+            ("MAX_PRICE_AGE", format!("{}s", self.max_price_age.as_secs())),
+            ("WEBHOOK_ALLOW_PRIVATE", self.webhook_allow_private.to_string()),
             ("SMTP_URL", secret(&self.smtp_url)),
             ("SENTRY_DSN", secret(&self.sentry_dsn)),
-            (
-                "RATE_LIMIT_USER_PER_SEC",
-                self.rate_limit_user_per_sec.to_string(),
-            ),
-            (
-                "RATE_LIMIT_IP_PER_SEC",
-                self.rate_limit_ip_per_sec.to_string(),
-            ),
-            (
-                "RATE_LIMIT_LOGIN_PER_MIN",
-                self.rate_limit_login_per_min.to_string(),
-            ),
+            ("RATE_LIMIT_USER_PER_SEC", self.rate_limit_user_per_sec.to_string()),
+            ("RATE_LIMIT_IP_PER_SEC", self.rate_limit_ip_per_sec.to_string()),
+            ("RATE_LIMIT_LOGIN_PER_MIN", self.rate_limit_login_per_min.to_string()),
         ])
     }
 }
@@ -565,11 +486,7 @@ impl Reader<'_> {
             // Arrays or tables: figment parsed brackets; hand back the value's JSON-ish text.
             Err(_) => format!("{value:?}"),
         };
-        if text.trim().is_empty() {
-            None
-        } else {
-            Some(text)
-        }
+        if text.trim().is_empty() { None } else { Some(text) }
     }
 
     /// A value deserialized with serde (numbers, booleans, lowercase enums). The offending value
@@ -580,20 +497,15 @@ impl Reader<'_> {
             Ok(v) => Some(v),
             Err(e) => {
                 let got = self.raw(name).unwrap_or_default();
-                self.problems.push(format!(
-                    "{name}: expected {expected}, got {got:?} ({})",
-                    e.kind
-                ));
+                self.problems.push(format!("{name}: expected {expected}, got {got:?} ({})", e.kind));
                 None
             }
         }
     }
 
     /// A value parsed with `FromStr` and a fixed message (non-secret variables).
-    fn from_str<T: FromStr>(&mut self, name: &str, expected: &str) -> Option<T> {
-        self.with(name, |s| {
-            s.parse::<T>().map_err(|_| format!("{expected}, got {s:?}"))
-        })
+    fn text<T: FromStr>(&mut self, name: &str, expected: &str) -> Option<T> {
+        self.with(name, |s| s.parse::<T>().map_err(|_| format!("{expected}, got {s:?}")))
     }
 
     /// A value parsed by `parse`, whose error message must not contain a secret.
@@ -609,11 +521,7 @@ impl Reader<'_> {
     }
 
     /// A secret: validated by `check`, whose message must not quote the value.
-    fn secret(
-        &mut self,
-        name: &str,
-        check: impl FnOnce(&str) -> Result<(), String>,
-    ) -> Option<Secret> {
+    fn secret(&mut self, name: &str, check: impl FnOnce(&str) -> Result<(), String>) -> Option<Secret> {
         let raw = self.raw(name)?;
         match check(&raw) {
             Ok(()) => Some(Secret::new(raw)),
@@ -671,6 +579,7 @@ mod tests {
 
     const SECRET: &str = "an-api-secret-of-at-least-32-bytes!!";
 
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the closure's error type
     fn load_env(role: Role, vars: &[(&str, &str)]) -> Result<Settings, ConfigErrors> {
         let mut out = None;
         figment::Jail::expect_with(|jail| {
@@ -688,8 +597,7 @@ mod tests {
 
     #[test]
     fn api_settings_with_defaults_load() {
-        let s =
-            load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET)]).expect("valid");
+        let s = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET)]).expect("valid");
         assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.ops_addr, s.api_addr);
         assert_eq!(s.rate_limit_user_per_sec, 20);
@@ -711,30 +619,14 @@ mod tests {
             ],
         )
         .expect_err("invalid");
-        let names: Vec<&str> = err
-            .0
-            .iter()
-            .map(|l| l.split(':').next().unwrap_or(""))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "DATABASE_URL",
-                "JWT_SECRET",
-                "ENGINE_PARTITIONS",
-                "PRICE_SOURCE",
-                "RATE_LIMIT_IP_PER_SEC"
-            ]
-        );
+        let names: Vec<&str> = err.0.iter().map(|l| l.split(':').next().unwrap_or("")).collect();
+        assert_eq!(names, ["DATABASE_URL", "ENGINE_PARTITIONS", "JWT_SECRET", "PRICE_SOURCE", "RATE_LIMIT_IP_PER_SEC"]);
     }
 
     #[test]
     fn a_short_jwt_secret_is_refused_without_echoing_it() {
-        let err = load_env(
-            Role::Api,
-            &[("DATABASE_URL", DB), ("JWT_SECRET", "short-secret-value")],
-        )
-        .expect_err("short");
+        let err =
+            load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", "short-secret-value")]).expect_err("short");
         assert_eq!(err.0.len(), 1);
         assert!(err.0[0].starts_with("JWT_SECRET: must be at least 32 bytes"));
         assert!(!err.to_string().contains("short-secret-value"));
@@ -743,8 +635,7 @@ mod tests {
     #[test]
     fn a_numeric_jwt_secret_is_read_as_text() {
         let digits = "123456789012345678901234567890123456";
-        let s =
-            load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", digits)]).expect("valid");
+        let s = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", digits)]).expect("valid");
         assert_eq!(s.jwt_secret.expect("set").expose(), digits);
     }
 
@@ -757,11 +648,8 @@ mod tests {
 
     #[test]
     fn a_malformed_database_url_never_echoes_its_password() {
-        let err = load_env(
-            Role::Engine,
-            &[("DATABASE_URL", "postgres://u:hunter2@host:notaport/db")],
-        )
-        .expect_err("bad");
+        let err =
+            load_env(Role::Engine, &[("DATABASE_URL", "postgres://u:hunter2@host:notaport/db")]).expect_err("bad");
         assert!(err.0[0].starts_with("DATABASE_URL:"), "{err}");
         assert!(!err.to_string().contains("hunter2"));
     }
@@ -788,12 +676,7 @@ mod tests {
     fn wildcard_cors_is_refused_in_production() {
         let err = load_env(
             Role::Api,
-            &[
-                ("DATABASE_URL", DB),
-                ("JWT_SECRET", SECRET),
-                ("APP_ENV", "production"),
-                ("CORS_ORIGINS", "*"),
-            ],
+            &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET), ("APP_ENV", "production"), ("CORS_ORIGINS", "*")],
         )
         .expect_err("refused");
         assert!(err.0[0].starts_with("CORS_ORIGINS:"));
@@ -801,26 +684,13 @@ mod tests {
 
     #[test]
     fn price_sources_and_partitions_parse() {
-        assert_eq!(
-            "replay:ticks.csv".parse::<PriceSource>(),
-            Ok(PriceSource::Replay("ticks.csv".into()))
-        );
+        assert_eq!("replay:ticks.csv".parse::<PriceSource>(), Ok(PriceSource::Replay("ticks.csv".into())));
         assert!("replay:".parse::<PriceSource>().is_err());
-        assert_eq!(
-            "4".parse::<PartitionRange>(),
-            Ok(PartitionRange { first: 4, last: 4 })
-        );
-        assert_eq!(
-            "0-7".parse::<PartitionRange>(),
-            Ok(PartitionRange { first: 0, last: 7 })
-        );
+        assert_eq!("4".parse::<PartitionRange>(), Ok(PartitionRange { first: 4, last: 4 }));
+        assert_eq!("0-7".parse::<PartitionRange>(), Ok(PartitionRange { first: 0, last: 7 }));
         assert!("7-0".parse::<PartitionRange>().is_err());
         assert!("0-16".parse::<PartitionRange>().is_err());
-        let s = load_env(
-            Role::Engine,
-            &[("DATABASE_URL", DB), ("ENGINE_PARTITIONS", "4")],
-        )
-        .expect("valid");
+        let s = load_env(Role::Engine, &[("DATABASE_URL", DB), ("ENGINE_PARTITIONS", "4")]).expect("valid");
         assert_eq!(s.engine_partitions, PartitionRange { first: 4, last: 4 });
     }
 }

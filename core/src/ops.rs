@@ -44,9 +44,7 @@ struct Inner {
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Readiness")
-            .field("report", &self.report())
-            .finish()
+        f.debug_struct("Readiness").field("report", &self.report()).finish()
     }
 }
 
@@ -72,11 +70,7 @@ impl Readiness {
         Readiness {
             inner: Arc::new(Inner {
                 checks: RwLock::new(Vec::new()),
-                report: RwLock::new(Report {
-                    ready: false,
-                    draining: false,
-                    checks: BTreeMap::new(),
-                }),
+                report: RwLock::new(Report { ready: false, draining: false, checks: BTreeMap::new() }),
             }),
         }
     }
@@ -91,21 +85,13 @@ impl Readiness {
     }
 
     pub fn report(&self) -> Report {
-        self.inner
-            .report
-            .read()
-            .expect("readiness lock is never poisoned: no code panics holding it")
-            .clone()
+        self.inner.report.read().expect("readiness lock is never poisoned: no code panics holding it").clone()
     }
 
     /// Runs every check once (concurrently, each bounded by [`CHECK_TIMEOUT`]) and stores the verdict.
     pub async fn refresh(&self) -> Report {
-        let checks: Vec<(&'static str, Check)> = self
-            .inner
-            .checks
-            .read()
-            .expect("readiness lock is never poisoned: no code panics holding it")
-            .clone();
+        let checks: Vec<(&'static str, Check)> =
+            self.inner.checks.read().expect("readiness lock is never poisoned: no code panics holding it").clone();
         let results = futures::future::join_all(checks.iter().map(|(name, check)| {
             let check = check.clone();
             async move {
@@ -118,26 +104,18 @@ impl Readiness {
             }
         }))
         .await;
-        let mut report = self
-            .inner
-            .report
-            .write()
-            .expect("readiness lock is never poisoned: no code panics holding it");
-        report.checks.clear();
+        let mut report =
+            self.inner.report.write().expect("readiness lock is never poisoned: no code panics holding it");
         for (name, verdict) in results {
-            metrics::gauge!("vault_ready", "check" => name).set(if verdict.is_ok() {
-                1.0
-            } else {
-                0.0
-            });
-            if let Err(reason) = &verdict {
-                if report.ready || !report.checks.is_empty() {
-                    tracing::warn!(check = name, %reason, "not ready");
-                }
+            metrics::gauge!("vault_ready", "check" => name).set(if verdict.is_ok() { 1.0 } else { 0.0 });
+            let now = verdict.err().unwrap_or_else(|| "ok".to_owned());
+            // Log transitions only: a dependency down for an hour is one warning, not 3,600.
+            match report.checks.get(name) {
+                Some(before) if *before == now => {}
+                _ if now == "ok" => tracing::info!(check = name, "ready"),
+                _ => tracing::warn!(check = name, reason = %now, "not ready"),
             }
-            report
-                .checks
-                .insert(name, verdict.err().unwrap_or_else(|| "ok".to_owned()));
+            report.checks.insert(name, now);
         }
         report.ready = !report.draining && report.checks.values().all(|v| v == "ok");
         report.clone()
@@ -145,11 +123,8 @@ impl Readiness {
 
     /// Marks the process as draining: `/readyz` answers 503 from now on.
     pub fn set_draining(&self) {
-        let mut report = self
-            .inner
-            .report
-            .write()
-            .expect("readiness lock is never poisoned: no code panics holding it");
+        let mut report =
+            self.inner.report.write().expect("readiness lock is never poisoned: no code panics holding it");
         report.draining = true;
         report.ready = false;
     }
@@ -186,21 +161,11 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn readyz(State(readiness): State<Readiness>) -> Response {
     let report = readiness.report();
-    let status = if report.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(report)).into_response()
 }
 
 async fn metrics_text() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        crate::telemetry::metrics_handle().render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::telemetry::metrics_handle().render())
         .into_response()
 }

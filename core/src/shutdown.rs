@@ -24,10 +24,8 @@ pub fn install() -> CancellationToken {
 #[cfg(unix)]
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term =
-        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
-    let mut int =
-        signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on unix");
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on unix");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on unix");
     tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",

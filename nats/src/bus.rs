@@ -63,19 +63,12 @@ impl Bus {
                     attempt += 1;
                 }
                 Err(err) => {
-                    return Err(BusError::Connect {
-                        url: url.to_owned(),
-                        reason: err.to_string(),
-                    });
+                    return Err(BusError::Connect { url: url.to_owned(), reason: err.to_string() });
                 }
             }
         };
         let js = jetstream::new(client.clone());
-        Ok(Bus {
-            client,
-            js,
-            replicas: 1,
-        })
+        Ok(Bus { client, js, replicas: 1 })
     }
 
     /// Streams declared from now on get `replicas` copies (3 on a cluster).
@@ -95,17 +88,10 @@ impl Bus {
     /// Publishes `msg` on its subject with `Nats-Msg-Id` and `X-Request-Id`, and waits for the
     /// JetStream ack: when this returns `Ok`, the message is durably stored (or was a
     /// duplicate of one that is: see [`PublishAck::duplicate`]).
-    pub async fn publish<M: BusMessage>(
-        &self,
-        msg: &M,
-        ctx: &MessageContext,
-    ) -> Result<PublishAck, BusError> {
+    pub async fn publish<M: BusMessage>(&self, msg: &M, ctx: &MessageContext) -> Result<PublishAck, BusError> {
         let ack = self.start_publish(msg, ctx).await?;
         let subject = msg.subject();
-        ack.await.map_err(|e| BusError::Publish {
-            subject,
-            reason: e.to_string(),
-        })
+        ack.await.map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
 
     /// Sends `msg` and returns the pending ack without awaiting it, for callers that keep a
@@ -126,10 +112,7 @@ impl Bus {
         self.js
             .publish_with_headers(subject.clone(), headers, payload.into())
             .await
-            .map_err(|e| BusError::Publish {
-                subject,
-                reason: e.to_string(),
-            })
+            .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
 
     /// Creates each declared stream that is missing and updates one whose managed settings
@@ -147,27 +130,18 @@ impl Bus {
     }
 
     async fn ensure_stream(&self, spec: &StreamSpec) -> Result<EnsureOutcome, BusError> {
-        let err = |reason: String| BusError::Stream {
-            stream: spec.name.to_owned(),
-            reason,
-        };
+        let err = |reason: String| BusError::Stream { stream: spec.name.to_owned(), reason };
         match self.js.get_stream(spec.name).await {
             Ok(stream) => {
                 if spec.matches(&stream.cached_info().config, self.replicas) {
                     Ok(EnsureOutcome::Unchanged)
                 } else {
-                    self.js
-                        .update_stream(spec.config(self.replicas))
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
+                    self.js.update_stream(spec.config(self.replicas)).await.map_err(|e| err(e.to_string()))?;
                     Ok(EnsureOutcome::Updated)
                 }
             }
             Err(e) if is_not_found(&e.kind()) => {
-                self.js
-                    .create_stream(spec.config(self.replicas))
-                    .await
-                    .map_err(|e| err(e.to_string()))?;
+                self.js.create_stream(spec.config(self.replicas)).await.map_err(|e| err(e.to_string()))?;
                 Ok(EnsureOutcome::Created)
             }
             Err(e) => Err(err(e.to_string())),
@@ -175,10 +149,7 @@ impl Bus {
     }
 
     /// Creates or updates the given durable consumers; a matching one is left untouched.
-    pub async fn ensure_consumers(
-        &self,
-        specs: &[ConsumerSpec],
-    ) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
+    pub async fn ensure_consumers(&self, specs: &[ConsumerSpec]) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
         let mut outcomes = Vec::with_capacity(specs.len());
         for spec in specs {
             let err = |reason: String| BusError::Consumer {
@@ -186,25 +157,15 @@ impl Bus {
                 consumer: spec.durable.clone(),
                 reason,
             };
-            let stream = self
-                .js
-                .get_stream_no_info(spec.stream)
-                .await
-                .map_err(|e| err(e.to_string()))?;
+            let stream = self.js.get_stream_no_info(spec.stream).await.map_err(|e| err(e.to_string()))?;
             let outcome = match stream.consumer_info(&spec.durable).await {
                 Ok(info) if spec.matches(&info.config) => EnsureOutcome::Unchanged,
                 Ok(_) => {
-                    stream
-                        .update_consumer(spec.config())
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
+                    stream.update_consumer(spec.config()).await.map_err(|e| err(e.to_string()))?;
                     EnsureOutcome::Updated
                 }
                 Err(e) if consumer_missing(&e.kind()) => {
-                    stream
-                        .create_consumer(spec.config())
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
+                    stream.create_consumer(spec.config()).await.map_err(|e| err(e.to_string()))?;
                     EnsureOutcome::Created
                 }
                 Err(e) => return Err(err(e.to_string())),
@@ -244,21 +205,14 @@ impl Bus {
         }
         if missing.is_empty() {
             for spec in consumers {
-                let stream = self
-                    .js
-                    .get_stream_no_info(spec.stream)
-                    .await
-                    .map_err(|e| format!("nats: {e}"))?;
+                let stream = self.js.get_stream_no_info(spec.stream).await.map_err(|e| format!("nats: {e}"))?;
                 match stream.consumer_info(&spec.durable).await {
                     Ok(_) => {}
                     Err(e) if consumer_missing(&e.kind()) => {
                         missing.push(format!("consumer {}/{}", spec.stream, spec.durable));
                     }
                     Err(e) => {
-                        return Err(format!(
-                            "nats: consumer {}/{}: {e}",
-                            spec.stream, spec.durable
-                        ));
+                        return Err(format!("nats: consumer {}/{}: {e}", spec.stream, spec.durable));
                     }
                 }
             }
@@ -266,20 +220,14 @@ impl Bus {
         if missing.is_empty() {
             return Ok(());
         }
-        tracing::warn!(
-            ?missing,
-            "declared JetStream objects are missing; declaring them again"
-        );
+        tracing::warn!(?missing, "declared JetStream objects are missing; declaring them again");
         let redeclared = match self.ensure_streams().await {
             Ok(_) => self.ensure_consumers(consumers).await.map(|_| ()),
             Err(e) => Err(e),
         };
         Err(match redeclared {
             Ok(()) => format!("nats: {} missing (declared again)", missing.join(", ")),
-            Err(e) => format!(
-                "nats: {} missing and could not be declared: {e}",
-                missing.join(", ")
-            ),
+            Err(e) => format!("nats: {} missing and could not be declared: {e}", missing.join(", ")),
         })
     }
 }

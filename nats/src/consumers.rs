@@ -87,42 +87,17 @@ pub fn engine(partitions: PartitionRange) -> Vec<ConsumerSpec> {
 /// The audit worker's consumers: everything on ORDERS, EVENTS and AUTH.
 pub fn audit() -> Vec<ConsumerSpec> {
     vec![
-        ConsumerSpec::new(
-            streams::ORDERS.name,
-            "audit-orders",
-            subjects::ORDERS_ALL,
-            "Audit trail: commands",
-        ),
-        ConsumerSpec::new(
-            streams::EVENTS.name,
-            "audit-events",
-            subjects::EVENTS_ALL,
-            "Audit trail: engine events",
-        ),
-        ConsumerSpec::new(
-            streams::AUTH.name,
-            "audit-auth",
-            subjects::AUTH_ALL,
-            "Audit trail: auth events",
-        ),
+        ConsumerSpec::new(streams::ORDERS.name, "audit-orders", subjects::ORDERS_ALL, "Audit trail: commands"),
+        ConsumerSpec::new(streams::EVENTS.name, "audit-events", subjects::EVENTS_ALL, "Audit trail: engine events"),
+        ConsumerSpec::new(streams::AUTH.name, "audit-auth", subjects::AUTH_ALL, "Audit trail: auth events"),
     ]
 }
 
 /// The notifier's consumers: engine events and auth events.
 pub fn notify() -> Vec<ConsumerSpec> {
     vec![
-        ConsumerSpec::new(
-            streams::EVENTS.name,
-            "notify-events",
-            subjects::EVENTS_ALL,
-            "Notifications: engine events",
-        ),
-        ConsumerSpec::new(
-            streams::AUTH.name,
-            "notify-auth",
-            subjects::AUTH_ALL,
-            "Notifications: auth events",
-        ),
+        ConsumerSpec::new(streams::EVENTS.name, "notify-events", subjects::EVENTS_ALL, "Notifications: engine events"),
+        ConsumerSpec::new(streams::AUTH.name, "notify-auth", subjects::AUTH_ALL, "Notifications: auth events"),
     ]
 }
 
@@ -146,9 +121,6 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all.len());
         assert_eq!(engine(PartitionRange::all()).len(), 16);
-        assert_eq!(
-            engine("3-4".parse().expect("valid range"))[1].filter_subject,
-            "orders.4.*"
-        );
+        assert_eq!(engine("3-4".parse().expect("valid range"))[1].filter_subject, "orders.4.*");
     }
 }

@@ -11,11 +11,7 @@ pub enum BusError {
     #[error("JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error("JetStream consumer {stream}/{consumer}: {reason}")]
-    Consumer {
-        stream: String,
-        consumer: String,
-        reason: String,
-    },
+    Consumer { stream: String, consumer: String, reason: String },
     #[error("message on {subject} cannot be decoded: {reason}")]
     Decode { subject: String, reason: String },
     #[error("message cannot be encoded: {0}")]

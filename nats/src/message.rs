@@ -43,19 +43,13 @@ struct Incoming<M> {
 
 /// Serializes `msg` with its schema version.
 pub fn encode<M: BusMessage>(msg: &M) -> Result<Vec<u8>, BusError> {
-    serde_json::to_vec(&Outgoing {
-        v: M::VERSION,
-        body: msg,
-    })
-    .map_err(|e| BusError::Encode(e.to_string()))
+    serde_json::to_vec(&Outgoing { v: M::VERSION, body: msg }).map_err(|e| BusError::Encode(e.to_string()))
 }
 
 /// Parses a payload, refusing unknown schema versions.
 pub fn decode<M: BusMessage>(subject: &str, payload: &[u8]) -> Result<M, BusError> {
-    let incoming: Incoming<M> = serde_json::from_slice(payload).map_err(|e| BusError::Decode {
-        subject: subject.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let incoming: Incoming<M> = serde_json::from_slice(payload)
+        .map_err(|e| BusError::Decode { subject: subject.to_owned(), reason: e.to_string() })?;
     if incoming.v != M::VERSION {
         return Err(BusError::Decode {
             subject: subject.to_owned(),
@@ -148,10 +142,7 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
         assert_eq!(json["v"], 1);
         assert_eq!(json["kind"], "login.failed");
-        assert_eq!(
-            decode::<AuthEvent>("auth.login.failed", &bytes).expect("decodes"),
-            e
-        );
+        assert_eq!(decode::<AuthEvent>("auth.login.failed", &bytes).expect("decodes"), e);
         assert_eq!(e.subject(), "auth.login.failed");
     }
 

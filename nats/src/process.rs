@@ -56,15 +56,7 @@ impl Process {
 
         let app = http::observe(ops::router(readiness.clone()));
         let ops_server = tokio::spawn(http::serve(listener, app, shutdown.clone()));
-        Ok(Process {
-            settings,
-            pool,
-            bus,
-            readiness,
-            shutdown,
-            ops_addr,
-            ops_server,
-        })
+        Ok(Process { settings, pool, bus, readiness, shutdown, ops_addr, ops_server })
     }
 
     /// Call after the role's loops returned (they return on shutdown).

@@ -72,9 +72,6 @@ mod tests {
             counts[partition_of(Uuid::now_v7()) as usize] += 1;
         }
         // 1000 expected per partition; a fair hash stays well within ±25%.
-        assert!(
-            counts.iter().all(|c| (750..=1250).contains(c)),
-            "{counts:?}"
-        );
+        assert!(counts.iter().all(|c| (750..=1250).contains(c)), "{counts:?}");
     }
 }

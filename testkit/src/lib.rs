@@ -138,7 +138,8 @@ impl Drop for NatsServer {
 
 /// The admin URL tests create databases through.
 pub fn pg_admin_url() -> String {
-    std::env::var("VAULT_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("VAULT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// A fresh database, dropped when the value is dropped.
@@ -226,7 +227,8 @@ impl Proc {
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill runs");
+        let status =
+            Command::new("kill").args([&format!("-{name}"), &self.pid().to_string()]).status().expect("kill runs");
         assert!(status.success(), "kill -{name} {} failed", self.pid());
     }
 
@@ -253,10 +255,10 @@ impl Proc {
         let client = http_client();
         let start = Instant::now();
         loop {
-            if let Ok(resp) = client.get(&url).send().await {
-                if resp.status().as_u16() == status {
-                    return;
-                }
+            if let Ok(resp) = client.get(&url).send().await
+                && resp.status().as_u16() == status
+            {
+                return;
             }
             assert!(self.is_running(), "process exited while waiting for {url} → {status}; output:\n{}", self.output());
             assert!(
@@ -278,11 +280,7 @@ impl Drop for Proc {
 
 /// An HTTP client with short timeouts and no proxies (tests only talk to loopback).
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client builds")
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("an HTTP client builds")
 }
 
 /// Checks that `text` is valid Prometheus exposition format: comment lines are `# HELP` or
@@ -306,16 +304,18 @@ pub fn parse_prometheus(text: &str) -> Result<Vec<String>, String> {
         }
         let (name_and_labels, value) = match line.rfind('}') {
             Some(end) => (&line[..=end], line[end + 1..].trim()),
-            None => line.split_once(' ').map(|(n, v)| (n, v.trim())).ok_or_else(|| format!("sample without value: {line}"))?,
+            None => line
+                .split_once(' ')
+                .map(|(n, v)| (n, v.trim()))
+                .ok_or_else(|| format!("sample without value: {line}"))?,
         };
         let name = name_and_labels.split('{').next().unwrap_or_default();
         if !valid_metric_name(name) {
             return Err(format!("bad metric name: {line}"));
         }
-        if let Some(labels) = name_and_labels.strip_prefix(name) {
-            if !labels.is_empty() && !(labels.starts_with('{') && labels.ends_with('}')) {
-                return Err(format!("bad label set: {line}"));
-            }
+        let labels = &name_and_labels[name.len()..];
+        if !(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}'))) {
+            return Err(format!("bad label set: {line}"));
         }
         let value = value.split_whitespace().next().unwrap_or_default();
         if value.parse::<f64>().is_err() && !["+Inf", "-Inf", "NaN"].contains(&value) {
@@ -346,7 +346,13 @@ pub fn base_env(db: &TestDb, nats: &NatsServer) -> Vec<(&'static str, String)> {
 
 /// Runs `binary args…` with `envs` and checks the configuration contract: it exits with code 2
 /// before serving, prints a line naming `variable`, and never prints `must_not_print`.
-pub async fn assert_config_error(binary: &str, args: &[&str], envs: &[(&str, String)], variable: &str, must_not_print: &[&str]) {
+pub async fn assert_config_error(
+    binary: &str,
+    args: &[&str],
+    envs: &[(&str, String)],
+    variable: &str,
+    must_not_print: &[&str],
+) {
     let mut proc = Proc::spawn(binary, args, envs);
     let status = proc.wait_exit(Duration::from_secs(20)).await;
     let output = proc.output();
@@ -399,7 +405,8 @@ mod tests {
 
     #[test]
     fn the_prometheus_checker_accepts_good_text_and_rejects_bad() {
-        let good = "# HELP x_total Things\n# TYPE x_total counter\nx_total{a=\"b\"} 3\ny 1.5e3\nh_bucket{le=\"+Inf\"} 2\n";
+        let good =
+            "# HELP x_total Things\n# TYPE x_total counter\nx_total{a=\"b\"} 3\ny 1.5e3\nh_bucket{le=\"+Inf\"} 2\n";
         assert_eq!(parse_prometheus(good).expect("valid"), ["x_total", "y", "h_bucket"]);
         assert!(parse_prometheus("9bad 1\n").is_err());
         assert!(parse_prometheus("ok abc\n").is_err());

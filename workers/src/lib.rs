@@ -41,11 +41,7 @@ impl WorkerRole {
 }
 
 /// Runs one worker role until `shutdown` fires, then drains and returns.
-pub async fn run(
-    role: WorkerRole,
-    settings: Settings,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let process = Process::start(settings, role.consumers(), shutdown.clone()).await?;
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
     shutdown.cancelled().await;

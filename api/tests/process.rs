@@ -1,0 +1,157 @@
+//! The `vault-api` binary as operators run it: configuration errors, ops endpoints, readiness
+//! following NATS, migrations, graceful shutdown.
+
+use std::time::Duration;
+
+use vault_testkit::{
+    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, assert_config_error, assert_ops_endpoints, base_env,
+    free_port, http_client,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-api");
+
+fn env_without(envs: Vec<(&'static str, String)>, key: &str) -> Vec<(&'static str, String)> {
+    envs.into_iter().filter(|(k, _)| *k != key).collect()
+}
+
+fn env_with(mut envs: Vec<(&'static str, String)>, key: &'static str, value: &str) -> Vec<(&'static str, String)> {
+    envs.retain(|(k, _)| *k != key);
+    envs.push((key, value.to_owned()));
+    envs
+}
+
+/// Configuration is checked before any connection is made, so no servers are needed.
+fn offline_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", "postgres://vault:db-password-not-printed@127.0.0.1:1/vault".to_owned()),
+        ("NATS_URL", "nats://127.0.0.1:1".to_owned()),
+        ("JWT_SECRET", TEST_JWT_SECRET.to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn the_api_refuses_to_start_without_a_jwt_secret() {
+    assert_config_error(BIN, &["serve"], &env_without(offline_env(), "JWT_SECRET"), "JWT_SECRET", &[]).await;
+}
+
+#[tokio::test]
+async fn the_api_refuses_a_short_jwt_secret_without_printing_it() {
+    let short = "short-secret-do-not-print";
+    assert_config_error(BIN, &[], &env_with(offline_env(), "JWT_SECRET", short), "JWT_SECRET", &[short]).await;
+}
+
+#[tokio::test]
+async fn the_api_refuses_a_malformed_database_url_without_printing_it() {
+    let bad = "postgres://vault:pw-not-printed@127.0.0.1:notaport/vault";
+    assert_config_error(
+        BIN,
+        &["serve"],
+        &env_with(offline_env(), "DATABASE_URL", bad),
+        "DATABASE_URL",
+        &["pw-not-printed"],
+    )
+    .await;
+    assert_config_error(BIN, &["migrate"], &env_with(offline_env(), "DATABASE_URL", "mysql://x"), "DATABASE_URL", &[])
+        .await;
+}
+
+#[tokio::test]
+async fn the_api_refuses_an_unknown_price_source() {
+    let envs = env_with(offline_env(), "PRICE_SOURCE", "bloomberg");
+    assert_config_error(BIN, &["serve"], &envs, "PRICE_SOURCE", &[TEST_JWT_SECRET, "db-password-not-printed"]).await;
+}
+
+async fn migrated(db: &TestDb) {
+    let mut migrate = Proc::spawn(BIN, &["migrate"], &[("DATABASE_URL", db.url.clone())]);
+    let status = migrate.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "migrate failed:\n{}", migrate.output());
+}
+
+async fn start_api(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(db, nats);
+    envs.push(("API_ADDR", addr.clone()));
+    let mut api = Proc::spawn(BIN, &["serve"], &envs);
+    api.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    (api, addr)
+}
+
+#[tokio::test]
+async fn the_api_serves_health_readiness_and_metrics_and_tags_every_response() {
+    let (nats, db) = (NatsServer::start().await, TestDb::create().await);
+    migrated(&db).await;
+    let (api, addr) = start_api(&db, &nats).await;
+    assert_ops_endpoints(&addr).await;
+
+    let client = http_client();
+    let echoed =
+        client.get(format!("http://{addr}/health")).header("x-request-id", "my-trace-1").send().await.expect("health");
+    assert_eq!(echoed.headers()["x-request-id"], "my-trace-1");
+
+    let missing = client.get(format!("http://{addr}/api/v1/nothing-here")).send().await.expect("404");
+    assert_eq!(missing.status(), 404);
+    let generated = missing.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(generated.len(), 36, "a generated UUID: {generated}");
+    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    let problem: serde_json::Value = missing.json().await.expect("problem json");
+    assert_eq!(problem["status"], 404);
+    assert_eq!(problem["code"], "not_found");
+    assert_eq!(problem["request_id"], generated.as_str());
+
+    // The startup log shows the effective configuration, secrets redacted.
+    let output = api.output();
+    assert!(output.contains("effective") || output.contains("starting vault-api"), "{output}");
+    assert!(!output.contains(TEST_JWT_SECRET), "the JWT secret leaked into the log");
+}
+
+#[tokio::test]
+async fn readiness_follows_nats_down_and_back_without_a_restart() {
+    let (mut nats, db) = (NatsServer::start().await, TestDb::create().await);
+    migrated(&db).await;
+    let (mut api, addr) = start_api(&db, &nats).await;
+
+    nats.kill();
+    api.wait_http_status(&addr, "/readyz", 503, Duration::from_secs(15)).await;
+    let body: serde_json::Value =
+        http_client().get(format!("http://{addr}/readyz")).send().await.expect("readyz").json().await.expect("json");
+    assert_eq!(body["ready"], false);
+    assert_ne!(body["checks"]["nats"], "ok", "{body}");
+    assert_eq!(body["checks"]["postgres"], "ok", "{body}");
+    let health = http_client().get(format!("http://{addr}/health")).send().await.expect("health");
+    assert_eq!(health.status(), 200, "liveness must not depend on NATS");
+
+    nats.restart().await;
+    api.wait_http_status(&addr, "/readyz", 200, Duration::from_secs(30)).await;
+    assert!(api.is_running());
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_api_cleanly_with_exit_code_zero() {
+    let (nats, db) = (NatsServer::start().await, TestDb::create().await);
+    migrated(&db).await;
+    let (mut api, addr) = start_api(&db, &nats).await;
+    api.signal("TERM");
+    let status = api.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "output:\n{}", api.output());
+    assert!(http_client().get(format!("http://{addr}/health")).send().await.is_err(), "nothing listens after exit");
+}
+
+#[tokio::test]
+async fn migrations_are_safe_to_run_concurrently_and_repeatedly() {
+    let db = TestDb::create().await;
+    let mut runs: Vec<Proc> =
+        (0..3).map(|_| Proc::spawn(BIN, &["migrate"], &[("DATABASE_URL", db.url.clone())])).collect();
+    for run in &mut runs {
+        let status = run.wait_exit(Duration::from_secs(60)).await;
+        assert!(status.success(), "concurrent migrate failed:\n{}", run.output());
+    }
+    migrated(&db).await;
+    let pool = db.pool().await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&pool)
+        .await
+        .expect("migrations table");
+    let files =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations")).expect("migrations dir").count();
+    assert_eq!(applied, files as i64, "each migration applied exactly once");
+}

@@ -1,0 +1,95 @@
+//! The `vault-engine` binary as operators run it: configuration errors, ops endpoints, its
+//! consumers declared once, graceful shutdown.
+
+use std::time::Duration;
+
+use vault_testkit::{
+    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env, free_port,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+
+fn offline_env(key: &'static str, value: &str) -> Vec<(&'static str, String)> {
+    let mut envs = vec![
+        ("DATABASE_URL", "postgres://vault:db-password-not-printed@127.0.0.1:1/vault".to_owned()),
+        ("NATS_URL", "nats://127.0.0.1:1".to_owned()),
+    ];
+    envs.retain(|(k, _)| *k != key);
+    envs.push((key, value.to_owned()));
+    envs
+}
+
+#[tokio::test]
+async fn the_engine_refuses_bad_configuration_with_exit_code_two() {
+    assert_config_error(
+        BIN,
+        &[],
+        &offline_env("DATABASE_URL", "postgres://u:pw-hidden@h:port/db"),
+        "DATABASE_URL",
+        &["pw-hidden"],
+    )
+    .await;
+    assert_config_error(
+        BIN,
+        &[],
+        &offline_env("PRICE_SOURCE", "bloomberg"),
+        "PRICE_SOURCE",
+        &["db-password-not-printed"],
+    )
+    .await;
+    assert_config_error(
+        BIN,
+        &[],
+        &offline_env("JWT_SECRET", "too-short-to-sign"),
+        "JWT_SECRET",
+        &["too-short-to-sign"],
+    )
+    .await;
+    assert_config_error(BIN, &[], &offline_env("ENGINE_PARTITIONS", "0-99"), "ENGINE_PARTITIONS", &[]).await;
+}
+
+async fn start_engine(db: &TestDb, nats: &NatsServer, partitions: &str) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(db, nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    envs.push(("ENGINE_PARTITIONS", partitions.to_owned()));
+    let mut engine = Proc::spawn(BIN, &[], &envs);
+    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    (engine, addr)
+}
+
+async fn consumer_names(nats: &NatsServer) -> Vec<(String, String)> {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let orders = js.get_stream("ORDERS").await.expect("ORDERS exists");
+    let mut out = Vec::new();
+    for name in ["engine-p00", "engine-p01", "engine-p02", "engine-p03", "engine-p04", "engine-p15"] {
+        if let Ok(info) = orders.consumer_info(name).await {
+            out.push((name.to_owned(), info.created.to_string()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_engine_declares_its_partition_consumers_once_and_serves_ops() {
+    let (nats, db) = (NatsServer::start().await, TestDb::create().await);
+    let (mut engine, addr) = start_engine(&db, &nats, "0-3").await;
+    assert_ops_endpoints(&addr).await;
+    let first = consumer_names(&nats).await;
+    assert_eq!(
+        first.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["engine-p00", "engine-p01", "engine-p02", "engine-p03"],
+        "only the owned partitions get consumers"
+    );
+
+    engine.signal("TERM");
+    assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", engine.output());
+
+    // A second start finds everything declared and changes nothing.
+    let (mut again, _) = start_engine(&db, &nats, "0-3").await;
+    assert_eq!(consumer_names(&nats).await, first, "consumers were recreated");
+    again.signal("INT");
+    assert_eq!(again.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", again.output());
+    assert!(again.output().contains("\"stopped\""), "the engine logs its clean stop:\n{}", again.output());
+}
