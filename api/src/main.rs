@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
 
 async fn serve() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit(Role::Api);
-    telemetry::init_tracing(&settings);
+    let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), "starting vault-api");
     let shutdown = shutdown::install();
     let app = vault_api::Application::build(settings, shutdown).await?;
@@ -49,7 +49,7 @@ async fn serve() -> anyhow::Result<()> {
 
 async fn migrate() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit(Role::Tool);
-    telemetry::init_tracing(&settings);
+    let _telemetry = telemetry::init(&settings);
     let pool = db::connect(&settings.database_url, 2).await?;
     db::migrate(&pool).await?;
     tracing::info!("migrations applied");

@@ -85,3 +85,62 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A request in flight when shutdown starts is answered in full, and `serve` returns after.
+    #[tokio::test]
+    async fn shutdown_lets_an_in_flight_request_finish() {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let (e, r) = (entered.clone(), release.clone());
+        let app = Router::new().route(
+            "/slow",
+            get(move || async move {
+                e.notify_one();
+                r.notified().await;
+                "finished"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, observe(app), shutdown.clone()));
+
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /slow HTTP/1.1\r\nhost: test\r\n\r\n").await.expect("send");
+        entered.notified().await;
+
+        shutdown.cancel();
+        // New connections are refused once draining has begun.
+        let refused = async {
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), refused).await.expect("listener closes on shutdown");
+        assert!(!server.is_finished(), "the server waits for the in-flight request");
+
+        release.notify_one();
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut response))
+            .await
+            .expect("response within deadline")
+            .expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains("x-request-id"), "{response}");
+        assert!(response.ends_with("finished"), "{response}");
+        tokio::time::timeout(Duration::from_secs(5), server).await.expect("serve returns").expect("join").expect("ok");
+    }
+}

@@ -5,7 +5,7 @@ use vault_core::{Role, Settings, shutdown, telemetry};
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let settings = Settings::load_or_exit(Role::Engine);
-    telemetry::init_tracing(&settings);
+    let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), "starting vault-engine");
     let shutdown = shutdown::install();
     match vault_engine::run(settings, shutdown).await {

@@ -17,7 +17,7 @@ struct Cli {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let settings = Settings::load_or_exit(cli.role.role());
-    telemetry::init_tracing(&settings);
+    let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), role = ?cli.role, "starting vault-worker");
     let shutdown = shutdown::install();
     match vault_workers::run(cli.role, settings, shutdown).await {
