@@ -17,7 +17,7 @@ tokio::task_local! {
 }
 
 /// One invalid field of a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -117,10 +117,11 @@ impl ApiError {
     }
 }
 
-/// The problem-details body.
-#[derive(Debug, Serialize)]
+/// The problem-details body (RFC 9457).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(example = "urn:cryptovault:problem:validation_failed")]
     pub kind: String,
     pub title: &'static str,
     pub status: u16,

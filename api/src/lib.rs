@@ -2,9 +2,19 @@
 //!
 //! It authenticates, validates input into domain types, publishes commands and auth events to
 //! JetStream and answers reads from Postgres. It never changes a balance: only the engine does.
-//! [`startup`] builds and runs the server; [`error`] is the one HTTP error type.
+//! [`startup`] builds and runs the server and assembles the routes; [`error`] is the one HTTP
+//! error type; [`auth`] and [`admin`] hold the account routes; [`rate_limit`] and
+//! [`hardening`] protect every route; [`openapi`] documents them.
 
+pub mod admin;
+pub mod auth;
 pub mod error;
+pub mod events;
+pub mod hardening;
+pub mod json;
+pub mod openapi;
+pub mod pagination;
+pub mod rate_limit;
 pub mod startup;
 
 pub use startup::{AppState, Application};

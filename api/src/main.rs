@@ -19,6 +19,18 @@ enum Command {
     Serve,
     /// Apply pending database migrations (safe to run concurrently and repeatedly).
     Migrate,
+    /// Administration tasks.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Make E an admin: promote the existing user, or create E with a password read from stdin.
+    Create {
+        #[arg(long)]
+        email: String,
+    },
 }
 
 #[tokio::main]
@@ -27,6 +39,7 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve().await,
         Command::Migrate => migrate().await,
+        Command::Admin(AdminCommand::Create { email }) => admin_create(&email).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,5 +67,20 @@ async fn migrate() -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     tracing::info!("migrations applied");
     pool.close().await;
+    Ok(())
+}
+
+async fn admin_create(email: &str) -> anyhow::Result<()> {
+    let settings = Settings::load_or_exit(Role::Tool);
+    let _telemetry = telemetry::init(&settings);
+    let pool = db::connect(&settings.database_url, 2).await?;
+    let outcome = vault_api::admin::create_admin(&pool, email, || {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    })
+    .await;
+    pool.close().await;
+    println!("{}", outcome?);
     Ok(())
 }

@@ -6,20 +6,30 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::header;
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::RequestId;
 use vault_bus::Bus;
 use vault_core::ops::{self, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
+use crate::auth::password::Hasher;
+use crate::auth::tokens::JwtKeys;
 use crate::error::{ApiError, REQUEST_ID};
+use crate::events::AuthEvents;
+use crate::json::BODY_LIMIT;
+use crate::rate_limit::{self, RateLimits};
+use crate::{admin, auth, hardening, openapi};
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -27,7 +37,14 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
     pub bus: Bus,
+    pub hasher: Hasher,
+    pub jwt: JwtKeys,
+    pub limits: Arc<RateLimits>,
+    pub events: AuthEvents,
 }
+
+/// How long one request may take before it is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Application {
@@ -55,7 +72,21 @@ impl Application {
         readiness.add("nats", bus.readiness_check(Vec::new()));
         readiness.refresh().await;
 
-        let state = AppState { settings: Arc::new(settings), pool, bus };
+        let secret = settings.jwt_secret.as_ref().ok_or_else(|| anyhow::anyhow!("JWT_SECRET is required"))?;
+        let jwt = JwtKeys::new(secret.expose().as_bytes());
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
+        let limits = Arc::new(RateLimits::from_settings(&settings));
+        limits.clone().spawn_housekeeping(shutdown.clone());
+        spawn_housekeeping(pool.clone(), shutdown.clone());
+        let state = AppState {
+            settings: Arc::new(settings),
+            pool,
+            events: AuthEvents::new(bus.clone()),
+            bus,
+            hasher: Hasher::new(cores),
+            jwt,
+            limits,
+        };
         let router = router(state.clone(), readiness.clone());
         Ok(Application { listener, router, readiness, state, shutdown })
     }
@@ -77,15 +108,75 @@ impl Application {
     }
 }
 
-/// The whole HTTP surface: `/api/v1/...` plus the ops routes at the root.
+/// The whole HTTP surface: `/api/v1/...` plus the ops routes at the root, with the hardening of
+/// `API.md` on every route (outermost first): request id and metrics, security headers, CORS
+/// (preflights from unlisted origins refused), panics answered as a bare 500, a request
+/// timeout, and the 64 KiB body limit.
 pub fn router(state: AppState, readiness: Readiness) -> Router {
-    let api = Router::new().fallback(not_found).with_state(state);
+    let cors_origins = state.settings.cors_origins.clone();
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(admin::router())
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), rate_limit::limit))
+        .with_state(state);
     let app = Router::new()
         .nest("/api/v1", api)
         .merge(ops::router(readiness))
         .fallback(not_found)
-        .layer(middleware::from_fn(scope_request_id));
-    http::observe(app)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(middleware::from_fn(time_limit))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
+        }))
+        .layer(hardening::cors(&cors_origins))
+        .layer(middleware::from_fn_with_state(Arc::new(cors_origins), hardening::refuse_foreign_preflight));
+    http::observe(hardening::security_headers(app).layer(middleware::from_fn(scope_request_id)))
+}
+
+/// 413 before reading a body whose declared length is over the limit.
+async fn refuse_large_bodies(req: Request, next: Next) -> Response {
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    next.run(req).await
+}
+
+async fn time_limit(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!("request timed out after {REQUEST_TIMEOUT:?}");
+            ApiError::Unavailable("request timed out").into_response()
+        }
+    }
+}
+
+/// Deletes what can no longer matter: denylisted access tokens past their expiry, refresh
+/// tokens past theirs. Hourly, until shutdown.
+fn spawn_housekeeping(pool: PgPool, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let result = sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < now() - interval '1 minute'")
+                        .execute(&pool)
+                        .await
+                        .and(sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < now() - interval '1 day'").execute(&pool).await);
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "token housekeeping failed; will retry");
+                    }
+                }
+            }
+        }
+    });
 }
 
 async fn not_found() -> ApiError {

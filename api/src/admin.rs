@@ -1,0 +1,161 @@
+//! Administration: finding users, locking and unlocking accounts. Every route requires the
+//! `admin` role (403 otherwise); a lock also ends every session of the user at once.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::auth::caller::Caller;
+use crate::error::{ApiError, Problem};
+use crate::pagination::{ApiQuery, Page};
+use crate::startup::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/users", get(list_users))
+        .route("/admin/users/{id}/lock", post(lock_user))
+        .route("/admin/users/{id}/unlock", post(unlock_user))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UserFilter {
+    /// Case-insensitive substring of the email.
+    pub email: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AdminUser {
+    pub id: Uuid,
+    pub email: String,
+    pub name: Option<String>,
+    pub role: String,
+    pub totp_enabled: bool,
+    pub failed_logins: i32,
+    pub locked_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminUserList {
+    pub users: Vec<AdminUser>,
+    pub next_cursor: Option<String>,
+}
+
+/// Find users (newest first).
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin", security(("bearer" = [])), params(UserFilter),
+    responses((status = 200, body = AdminUserList), (status = 403, body = Problem)))]
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<UserFilter>,
+) -> Result<axum::Json<AdminUserList>, ApiError> {
+    caller.require_admin()?;
+    let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
+    let pattern =
+        filter.email.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    let mut users: Vec<AdminUser> = sqlx::query_as(
+        "SELECT id, email, name, role, totp_enabled, failed_logins, locked_until, created_at FROM users
+          WHERE ($1::TEXT IS NULL OR email ILIKE $1) AND ($2::UUID IS NULL OR id < $2)
+          ORDER BY id DESC LIMIT $3",
+    )
+    .bind(pattern)
+    .bind(page.before)
+    .bind(page.fetch_limit())
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = page.finish(&mut users, |u| u.id);
+    Ok(axum::Json(AdminUserList { users, next_cursor }))
+}
+
+/// Lock an account until unlocked (stored as the year 9999), and end its sessions. Its API keys
+/// stop working while the
+/// lock lasts (a lockout from failed logins does not touch keys: attackers could use it to
+/// stop a victim's trading bots).
+#[utoipa::path(post, path = "/api/v1/admin/users/{id}/lock", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn lock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let mut tx = state.pool.begin().await?;
+    let found = sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z', updated_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if found == 0 {
+        return Err(ApiError::NotFound);
+    }
+    sqlx::query(
+        "UPDATE token_families SET revoked_at = now(), revoked_why = 'admin_lock'
+          WHERE user_id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Unlock an account and reset its failure count.
+#[utoipa::path(post, path = "/api/v1/admin/users/{id}/unlock", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn unlock_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let found =
+        sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&state.pool)
+            .await?
+            .rows_affected();
+    if found == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+}
+
+/// `vault-api admin create --email E`: promotes E to admin, or creates E as an admin with the
+/// password `read_password` returns (read only when E does not exist). Returns what was done.
+pub async fn create_admin(
+    pool: &sqlx::PgPool,
+    email: &str,
+    read_password: impl FnOnce() -> std::io::Result<String>,
+) -> anyhow::Result<String> {
+    let email = crate::auth::parse_email(email).map_err(|e| anyhow::anyhow!("--email {}", e.message))?;
+    let promoted: Option<Uuid> = sqlx::query_scalar(
+        "UPDATE users SET role = 'admin', updated_at = now() WHERE lower(email) = lower($1) RETURNING id",
+    )
+    .bind(&email)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(id) = promoted {
+        tracing::info!(user_id = %id, "promoted to admin");
+        return Ok(format!("promoted {email} ({id}) to admin"));
+    }
+    let password = read_password()?;
+    crate::auth::password::check_policy(&password).map_err(|e| anyhow::anyhow!("password {e}"))?;
+    let hash = crate::auth::password::Hasher::new(1).hash(password).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO users (id, email, password_hash, role) VALUES ($1, $2, $3, 'admin')")
+        .bind(id)
+        .bind(&email)
+        .bind(&hash)
+        .execute(pool)
+        .await?;
+    tracing::info!(user_id = %id, "admin created");
+    Ok(format!("created admin {email} ({id})"))
+}

@@ -1,0 +1,677 @@
+//! Accounts and authentication: signup, login (with lockout and TOTP), refresh-token rotation,
+//! logout, `/me`, TOTP enrolment and API keys.
+//!
+//! Rules this module keeps (each has a test in `tests/auth.rs`):
+//! - unknown emails take the same path as wrong passwords (dummy hash) and get the same
+//!   `invalid_credentials` answer;
+//! - 5 consecutive failures (wrong password or wrong TOTP code) lock the account for 15 minutes;
+//!   a locked account answers 423 even to the right password; success resets the count;
+//! - a refresh token works once; presenting it again revokes its whole login family;
+//! - logout kills the access token (until it expires) and its family, across replicas and
+//!   restarts (the revocations live in Postgres);
+//! - API keys cannot manage credentials (`session_required`), and only carry their scopes.
+
+pub mod caller;
+pub mod password;
+pub mod tokens;
+mod totp;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+use vault_bus::message::AuthEventKind;
+
+use self::caller::{Caller, Scope};
+use crate::error::{ApiError, FieldError, Problem};
+use crate::events::RequestMeta;
+use crate::json::ApiJson;
+use crate::rate_limit;
+use crate::startup::AppState;
+
+/// Consecutive failures that lock an account.
+pub const LOCK_AFTER_FAILURES: i32 = 5;
+/// How long a lockout lasts.
+pub const LOCK_MINUTES: i64 = 15;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/auth/signup", post(signup))
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/logout", post(logout))
+        .route("/auth/totp/setup", post(totp_setup))
+        .route("/auth/totp/enable", post(totp_enable))
+        .route("/me", get(me))
+        .route("/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/api-keys/{id}", delete(revoke_api_key))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire types
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    /// A valid email address; unique, case-insensitively.
+    pub email: String,
+    /// 10 to 128 characters.
+    pub password: String,
+    pub name: Option<String>,
+}
+
+/// A user as the user sees themself.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub name: Option<String>,
+    /// `user` or `admin`.
+    pub role: String,
+    pub totp_enabled: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+    /// The current 6-digit code, required once 2FA is enabled.
+    pub totp_code: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenPair {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    pub refresh_token: String,
+    /// Seconds until the refresh token expires.
+    pub refresh_expires_in: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TotpSetup {
+    /// Base32 secret for manual entry.
+    pub secret: String,
+    /// `otpauth://totp/...` for QR codes.
+    pub otpauth_url: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TotpEnableRequest {
+    pub code: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    /// 1 to 64 characters.
+    pub name: String,
+    /// `["read"]` or `["read", "trade"]`.
+    pub scopes: Vec<Scope>,
+}
+
+/// A new API key: `key` is shown this once and never again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    pub id: Uuid,
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    pub key: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// The first characters of the key, to tell keys apart.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiKeyList {
+    pub api_keys: Vec<ApiKey>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+/// Trims and checks an email address; the stored form keeps the user's case.
+pub fn parse_email(raw: &str) -> Result<String, FieldError> {
+    let email = raw.trim();
+    let bad = || FieldError::new("email", "must be a valid email address");
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    let (local, domain) = email.rsplit_once('@').ok_or_else(bad)?;
+    let domain_ok = domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-');
+    if local.is_empty() || local.len() > 64 || local.contains('@') || !domain_ok {
+        return Err(bad());
+    }
+    Ok(email.to_owned())
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::Unauthorized { code: "invalid_credentials", detail: "The email or password is wrong.".to_owned() }
+}
+
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signup, login, refresh, logout
+
+/// Create an account.
+#[utoipa::path(post, path = "/api/v1/auth/signup", tag = "auth", request_body = SignupRequest,
+    responses((status = 201, body = User), (status = 409, description = "email_taken", body = Problem),
+              (status = 422, body = Problem)))]
+pub async fn signup(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<SignupRequest>,
+) -> Result<(StatusCode, axum::Json<User>), ApiError> {
+    let mut errors = Vec::new();
+    let email = parse_email(&body.email).map_err(|e| errors.push(e)).ok();
+    if let Err(message) = password::check_policy(&body.password) {
+        errors.push(FieldError::new("password", message));
+    }
+    let name = body.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
+    if name.as_ref().is_some_and(|n| n.chars().count() > 100 || n.chars().any(char::is_control)) {
+        errors.push(FieldError::new("name", "must be at most 100 printable characters"));
+    }
+    let Some(email) = email.filter(|_| errors.is_empty()) else {
+        return Err(ApiError::Validation { code: "validation_failed", errors });
+    };
+
+    let hash = state.hasher.hash(body.password).await?;
+    let user: User = sqlx::query_as(
+        "INSERT INTO users (id, email, name, password_hash) VALUES ($1, $2, $3, $4)
+         RETURNING id, email, name, role, totp_enabled, created_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(&email)
+    .bind(&name)
+    .bind(&hash)
+    .fetch_one(&state.pool)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            ApiError::Conflict { code: "email_taken", detail: "An account with this email exists.".to_owned() }
+        } else {
+            e.into()
+        }
+    })?;
+    state.events.emit(AuthEventKind::Signup, Some(user.id), &meta, serde_json::json!({}));
+    Ok((StatusCode::CREATED, axum::Json(user)))
+}
+
+#[derive(sqlx::FromRow)]
+struct LoginRow {
+    id: Uuid,
+    password_hash: String,
+    role: String,
+    totp_enabled: bool,
+    totp_secret: Option<String>,
+    email: String,
+    locked_until: Option<DateTime<Utc>>,
+}
+
+/// Log in with email and password (and a TOTP code once 2FA is on).
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = TokenPair),
+              (status = 401, description = "invalid_credentials, totp_required or totp_invalid", body = Problem),
+              (status = 423, description = "account_locked (Retry-After)", body = Problem),
+              (status = 429, body = Problem)))]
+pub async fn login(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let email_key = body.email.trim().to_lowercase();
+    let verdict = state.limits.check_login(&email_key)?;
+
+    let user: Option<LoginRow> = sqlx::query_as(
+        "SELECT id, password_hash, role, totp_enabled, totp_secret, email, locked_until
+           FROM users WHERE lower(email) = $1",
+    )
+    .bind(&email_key)
+    .fetch_optional(&state.pool)
+    .await?;
+
+    let now = Utc::now();
+    if let Some(locked_until) = user.as_ref().and_then(|u| u.locked_until).filter(|t| *t > now) {
+        let user_id = user.as_ref().map(|u| u.id);
+        state.events.emit(AuthEventKind::LoginFailed, user_id, &meta, serde_json::json!({"reason": "account_locked"}));
+        let secs = (locked_until - now).num_seconds().clamp(1, 86_400) as u64;
+        return Err(ApiError::Locked { retry_after_secs: secs });
+    }
+
+    let matches = state.hasher.verify(body.password, user.as_ref().map(|u| u.password_hash.clone())).await?;
+    let user = match user {
+        Some(user) if matches => user,
+        Some(user) => {
+            record_failure(&state, user.id, &meta, "invalid_credentials").await?;
+            return Err(invalid_credentials());
+        }
+        None => {
+            state.events.emit(AuthEventKind::LoginFailed, None, &meta, serde_json::json!({"reason": "unknown_email"}));
+            return Err(invalid_credentials());
+        }
+    };
+
+    let mut totp_step = None;
+    if user.totp_enabled {
+        let Some(code) = body.totp_code else {
+            return Err(ApiError::Unauthorized {
+                code: "totp_required",
+                detail: "This account has 2FA: send totp_code.".to_owned(),
+            });
+        };
+        let secret = user.totp_secret.as_deref().unwrap_or_default();
+        match totp::verify(secret, &user.email, &code, now) {
+            Some(step) => totp_step = Some(step),
+            None => {
+                record_failure(&state, user.id, &meta, "totp_invalid").await?;
+                return Err(totp_invalid());
+            }
+        }
+    }
+
+    let mut tx = state.pool.begin().await?;
+    let accepted = sqlx::query(
+        "UPDATE users SET failed_logins = 0, locked_until = NULL, updated_at = now(),
+                totp_last_step = COALESCE($2, totp_last_step)
+          WHERE id = $1 AND ($2::BIGINT IS NULL OR totp_last_step IS NULL OR totp_last_step < $2)",
+    )
+    .bind(user.id)
+    .bind(totp_step)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if accepted == 0 {
+        // The same TOTP code (time step) was already used: a replay.
+        drop(tx);
+        record_failure(&state, user.id, &meta, "totp_replayed").await?;
+        return Err(totp_invalid());
+    }
+    let family = Uuid::now_v7();
+    sqlx::query("INSERT INTO token_families (id, user_id) VALUES ($1, $2)")
+        .bind(family)
+        .bind(user.id)
+        .execute(&mut *tx)
+        .await?;
+    let refresh_token = insert_refresh_token(&mut tx, family, user.id, now).await?;
+    tx.commit().await?;
+
+    let (access_token, _) = state.jwt.issue(user.id, &user.role, family, now);
+    state.events.emit(AuthEventKind::LoginSucceeded, Some(user.id), &meta, serde_json::json!({"family": family}));
+    let mut response = axum::Json(token_pair(access_token, refresh_token)).into_response();
+    if let Some(v) = verdict {
+        rate_limit::set_headers(response.headers_mut(), &v);
+    }
+    Ok(response)
+}
+
+fn totp_invalid() -> ApiError {
+    ApiError::Unauthorized { code: "totp_invalid", detail: "The 2FA code is wrong or was already used.".to_owned() }
+}
+
+fn token_pair(access_token: String, refresh_token: String) -> TokenPair {
+    TokenPair {
+        access_token,
+        token_type: "Bearer",
+        expires_in: tokens::ACCESS_TTL_SECS,
+        refresh_token,
+        refresh_expires_in: tokens::REFRESH_TTL_SECS,
+    }
+}
+
+async fn insert_refresh_token(
+    tx: &mut sqlx::PgConnection,
+    family: Uuid,
+    user: Uuid,
+    now: DateTime<Utc>,
+) -> Result<String, ApiError> {
+    let token = tokens::new_refresh_token();
+    sqlx::query(
+        "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(family)
+    .bind(user)
+    .bind(tokens::hash_secret(&token))
+    .bind(now + Duration::seconds(tokens::REFRESH_TTL_SECS))
+    .execute(&mut *tx)
+    .await?;
+    Ok(token)
+}
+
+/// Counts a failed attempt; the 5th in a row locks the account for 15 minutes. A lock that
+/// has already expired starts the count afresh.
+async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason: &str) -> Result<(), ApiError> {
+    let (failures, locked): (i32, bool) = sqlx::query_as(
+        "UPDATE users SET
+            failed_logins = CASE WHEN locked_until IS NOT NULL AND locked_until <= now() THEN 1
+                                 ELSE failed_logins + 1 END,
+            locked_until = CASE
+                WHEN locked_until IS NOT NULL AND locked_until <= now() THEN NULL
+                WHEN failed_logins + 1 >= $2 THEN now() + make_interval(mins => $3)
+                ELSE locked_until END,
+            updated_at = now()
+          WHERE id = $1
+          RETURNING failed_logins, locked_until IS NOT NULL",
+    )
+    .bind(user)
+    .bind(LOCK_AFTER_FAILURES)
+    .bind(LOCK_MINUTES as i32)
+    .fetch_one(&state.pool)
+    .await?;
+    state.events.emit(
+        AuthEventKind::LoginFailed,
+        Some(user),
+        meta,
+        serde_json::json!({"reason": reason, "consecutive_failures": failures}),
+    );
+    if locked && failures == LOCK_AFTER_FAILURES {
+        tracing::warn!(user_id = %user, "account locked after {LOCK_AFTER_FAILURES} failed logins");
+        state.events.emit(AuthEventKind::Locked, Some(user), meta, serde_json::json!({"minutes": LOCK_MINUTES}));
+    }
+    Ok(())
+}
+
+/// Trade a refresh token for a new pair; the presented token dies.
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses((status = 200, body = TokenPair),
+              (status = 401, description = "invalid_refresh_token, refresh_token_expired or refresh_token_reused", body = Problem)))]
+pub async fn refresh(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> Result<axum::Json<TokenPair>, ApiError> {
+    let now = Utc::now();
+    let mut tx = state.pool.begin().await?;
+    #[allow(clippy::type_complexity)]
+    let row: Option<(Uuid, Uuid, Uuid, DateTime<Utc>, Option<DateTime<Utc>>, Option<DateTime<Utc>>, String)> =
+        sqlx::query_as(
+            "SELECT t.id, t.family_id, t.user_id, t.expires_at, t.used_at, f.revoked_at, u.role
+               FROM refresh_tokens t
+               JOIN token_families f ON f.id = t.family_id
+               JOIN users u ON u.id = t.user_id
+              WHERE t.token_hash = $1
+              FOR UPDATE OF t, f",
+        )
+        .bind(tokens::hash_secret(body.refresh_token.trim()))
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((token_id, family, user, expires_at, used_at, revoked_at, role)) = row else {
+        return Err(ApiError::Unauthorized {
+            code: "invalid_refresh_token",
+            detail: "The refresh token is not valid.".to_owned(),
+        });
+    };
+    if used_at.is_some() || revoked_at.is_some() {
+        sqlx::query(
+            "UPDATE token_families SET revoked_at = COALESCE(revoked_at, now()),
+                    revoked_why = COALESCE(revoked_why, 'refresh_token_reused') WHERE id = $1",
+        )
+        .bind(family)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
+        state.events.emit(AuthEventKind::RefreshTokenReused, Some(user), &meta, serde_json::json!({"family": family}));
+        return Err(ApiError::Unauthorized {
+            code: "refresh_token_reused",
+            detail: "This refresh token was already used; the session has been ended for safety.".to_owned(),
+        });
+    }
+    if expires_at <= now {
+        return Err(ApiError::Unauthorized {
+            code: "refresh_token_expired",
+            detail: "The refresh token has expired; log in again.".to_owned(),
+        });
+    }
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE id = $1").bind(token_id).execute(&mut *tx).await?;
+    let refresh_token = insert_refresh_token(&mut tx, family, user, now).await?;
+    tx.commit().await?;
+    let (access_token, _) = state.jwt.issue(user, &role, family, now);
+    Ok(axum::Json(token_pair(access_token, refresh_token)))
+}
+
+/// End the session: the access token and its whole login family stop working.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204), (status = 401, body = Problem), (status = 403, description = "session_required", body = Problem)))]
+pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Caller) -> Result<StatusCode, ApiError> {
+    let (jti, family, expires_at) = caller.require_session()?;
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(jti)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE token_families SET revoked_at = now(), revoked_why = 'logout' WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(family)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    state.events.emit(AuthEventKind::Logout, Some(caller.user_id), &meta, serde_json::json!({"family": family}));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller's account.
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = User), (status = 401, body = Problem)))]
+pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<User>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let user: User = sqlx::query_as("SELECT id, email, name, role, totp_enabled, created_at FROM users WHERE id = $1")
+        .bind(caller.user_id)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(axum::Json(user))
+}
+
+// ---------------------------------------------------------------------------------------------
+// TOTP
+
+/// Start 2FA enrolment: a new secret, active once confirmed with `/auth/totp/enable`.
+#[utoipa::path(post, path = "/api/v1/auth/totp/setup", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = TotpSetup), (status = 409, description = "totp_already_enabled", body = Problem)))]
+pub async fn totp_setup(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<TotpSetup>, ApiError> {
+    caller.require_session()?;
+    let (enabled, email): (bool, String) = sqlx::query_as("SELECT totp_enabled, email FROM users WHERE id = $1")
+        .bind(caller.user_id)
+        .fetch_one(&state.pool)
+        .await?;
+    if enabled {
+        return Err(ApiError::Conflict { code: "totp_already_enabled", detail: "2FA is already on.".to_owned() });
+    }
+    let setup = totp::generate(&email)?;
+    sqlx::query("UPDATE users SET totp_pending_secret = $2, updated_at = now() WHERE id = $1")
+        .bind(caller.user_id)
+        .bind(&setup.secret)
+        .execute(&state.pool)
+        .await?;
+    Ok(axum::Json(setup))
+}
+
+/// Confirm enrolment with a current code; from now on login needs `totp_code`.
+#[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth", security(("bearer" = [])),
+    request_body = TotpEnableRequest,
+    responses((status = 204), (status = 422, description = "totp_invalid", body = Problem)))]
+pub async fn totp_enable(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<TotpEnableRequest>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_session()?;
+    let (pending, email, enabled): (Option<String>, String, bool) =
+        sqlx::query_as("SELECT totp_pending_secret, email, totp_enabled FROM users WHERE id = $1")
+            .bind(caller.user_id)
+            .fetch_one(&state.pool)
+            .await?;
+    if enabled {
+        return Err(ApiError::Conflict { code: "totp_already_enabled", detail: "2FA is already on.".to_owned() });
+    }
+    let invalid = || ApiError::Validation {
+        code: "totp_invalid",
+        errors: vec![FieldError::new("code", "is not the current code of the secret from /auth/totp/setup")],
+    };
+    let pending = pending.ok_or_else(invalid)?;
+    let step = totp::verify(&pending, &email, &body.code, Utc::now()).ok_or_else(invalid)?;
+    sqlx::query(
+        "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL, totp_enabled = true,
+                totp_last_step = $2, updated_at = now()
+          WHERE id = $1 AND totp_pending_secret = $3",
+    )
+    .bind(caller.user_id)
+    .bind(step)
+    .bind(&pending)
+    .execute(&state.pool)
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys
+
+/// Create an API key. The key is in this answer only.
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "auth", security(("bearer" = [])),
+    request_body = CreateApiKeyRequest,
+    responses((status = 201, body = CreatedApiKey), (status = 403, description = "session_required", body = Problem),
+              (status = 422, body = Problem)))]
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateApiKeyRequest>,
+) -> Result<(StatusCode, axum::Json<CreatedApiKey>), ApiError> {
+    caller.require_session()?;
+    let mut errors = Vec::new();
+    let name = body.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        errors.push(FieldError::new("name", "must be 1 to 64 printable characters"));
+    }
+    let mut scopes = body.scopes.clone();
+    scopes.sort_by_key(|s| s.as_str());
+    scopes.dedup();
+    if scopes != [Scope::Read] && scopes != [Scope::Read, Scope::Trade] {
+        errors.push(FieldError::new("scopes", "must be [\"read\"] or [\"read\", \"trade\"]"));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation { code: "validation_failed", errors });
+    }
+    let key = tokens::new_api_key();
+    let id = Uuid::now_v7();
+    let prefix = tokens::api_key_prefix(&key);
+    let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING created_at",
+    )
+    .bind(id)
+    .bind(caller.user_id)
+    .bind(&name)
+    .bind(&prefix)
+    .bind(tokens::hash_secret(&key))
+    .bind(&scope_names)
+    .fetch_one(&state.pool)
+    .await?;
+    state.events.emit(
+        AuthEventKind::ApiKeyCreated,
+        Some(caller.user_id),
+        &meta,
+        serde_json::json!({"api_key_id": id, "scopes": scope_names}),
+    );
+    Ok((StatusCode::CREATED, axum::Json(CreatedApiKey { id, name, scopes, key, prefix, created_at })))
+}
+
+/// The caller's live API keys (never the keys themselves).
+#[utoipa::path(get, path = "/api/v1/api-keys", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = ApiKeyList)))]
+pub async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<ApiKeyList>, ApiError> {
+    caller.require_session()?;
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(Uuid, String, Vec<String>, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT id, name, scopes, prefix, created_at, last_used_at FROM api_keys
+          WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id DESC",
+    )
+    .bind(caller.user_id)
+    .fetch_all(&state.pool)
+    .await?;
+    let api_keys = rows
+        .into_iter()
+        .map(|(id, name, scopes, prefix, created_at, last_used_at)| ApiKey {
+            id,
+            name,
+            scopes,
+            prefix,
+            created_at,
+            last_used_at,
+        })
+        .collect();
+    Ok(axum::Json(ApiKeyList { api_keys }))
+}
+
+/// Revoke one of the caller's API keys; 404 for anyone else's.
+#[utoipa::path(delete, path = "/api/v1/api-keys/{id}", tag = "auth", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_session()?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let revoked =
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
+            .bind(id)
+            .bind(caller.user_id)
+            .execute(&state.pool)
+            .await?
+            .rows_affected();
+    if revoked == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_checked_and_trimmed() {
+        assert_eq!(parse_email("  Alice@Example.com ").expect("valid"), "Alice@Example.com");
+        for bad in
+            ["", "alice", "@example.com", "alice@", "alice@example", "a b@example.com", "a@b@example.com", "a@.com"]
+        {
+            assert!(parse_email(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Publishing auth events to the AUTH stream, and the request facts they carry.
+//!
+//! Events are published *after* the decision they report, on a spawned task: a slow or absent
+//! NATS can neither delay an answer nor change it (a refused login stays refused). A publish
+//! that fails is counted (`vault_auth_events_failed_total{kind}`) and logged with the event id,
+//! never silently dropped.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use chrono::Utc;
+use tower_http::request_id::RequestId;
+use uuid::Uuid;
+use vault_bus::message::{AuthEvent, AuthEventKind};
+use vault_bus::{Bus, MessageContext};
+
+/// How long one publish may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The request's id and the client's address, for events and logs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMeta {
+    pub request_id: Option<String>,
+    pub ip: Option<IpAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RequestMeta {
+            request_id: parts
+                .extensions
+                .get::<RequestId>()
+                .and_then(|id| id.header_value().to_str().ok())
+                .map(str::to_owned),
+            ip: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip()),
+        })
+    }
+}
+
+/// Emits auth events in the background.
+#[derive(Debug, Clone)]
+pub struct AuthEvents {
+    bus: Bus,
+}
+
+impl AuthEvents {
+    pub fn new(bus: Bus) -> Self {
+        AuthEvents { bus }
+    }
+
+    /// Publishes one event; returns at once. `data` must never hold a password, token or key.
+    pub fn emit(&self, kind: AuthEventKind, user_id: Option<Uuid>, meta: &RequestMeta, data: serde_json::Value) {
+        let event = AuthEvent {
+            id: Uuid::now_v7(),
+            kind,
+            user_id,
+            request_id: meta.request_id.clone(),
+            ip: meta.ip.map(|ip| ip.to_string()),
+            at: Utc::now(),
+            data,
+        };
+        let bus = self.bus.clone();
+        let ctx = MessageContext { request_id: meta.request_id.clone() };
+        tokio::spawn(async move {
+            let kind = event.kind.as_str();
+            match tokio::time::timeout(PUBLISH_TIMEOUT, bus.publish(&event, &ctx)).await {
+                Ok(Ok(_)) => metrics::counter!("vault_auth_events_published_total", "kind" => kind).increment(1),
+                Ok(Err(err)) => {
+                    metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
+                    tracing::error!(event_id = %event.id, kind, error = %err, "auth event not published");
+                }
+                Err(_) => {
+                    metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
+                    tracing::error!(event_id = %event.id, kind, "auth event not published within {PUBLISH_TIMEOUT:?}");
+                }
+            }
+        });
+    }
+}

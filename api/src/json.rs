@@ -1,0 +1,154 @@
+//! `ApiJson<T>`: the JSON body extractor with the error contract of `API.md`.
+//!
+//! - no or another `Content-Type` → 415 `unsupported_media_type`;
+//! - a body over the limit → 413 `payload_too_large`;
+//! - not JSON at all (syntax, invalid UTF-8, empty) → 400 `malformed_request`;
+//! - JSON of the wrong shape (unknown field, missing field, wrong type) → 422 with the path of
+//!   the offending field in `errors[].field`.
+//!
+//! Request types use `#[serde(deny_unknown_fields)]`; validation beyond shape happens when the
+//! DTO is converted into domain values.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, FieldError};
+
+/// The largest request body the API reads (`API.md`: 64 KiB).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest("The request body could not be read.".to_owned())
+            }
+        })?;
+        parse(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a JSON body with the error mapping above.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(value) => value,
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            return match inner.classify() {
+                serde_json::error::Category::Data => {
+                    let field = if path == "." { String::new() } else { path };
+                    Err(ApiError::Validation {
+                        code: "validation_failed",
+                        errors: vec![FieldError::new(field, data_message(&inner))],
+                    })
+                }
+                _ => Err(malformed(&inner)),
+            };
+        }
+    };
+    // Trailing garbage after the value is malformed JSON, not a second document.
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(value)
+}
+
+fn malformed(err: &serde_json::Error) -> ApiError {
+    ApiError::BadRequest(format!("The body is not valid JSON: {}", syntax_message(err)))
+}
+
+/// serde's message without the "at line 1 column 9" suffix (the path says where).
+fn data_message(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+fn syntax_message(err: &serde_json::Error) -> String {
+    match err.classify() {
+        serde_json::error::Category::Eof => "the body ended early".to_owned(),
+        _ => format!("error at line {} column {}", err.line(), err.column()),
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        email: String,
+        nested: Option<Nested>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Nested {
+        count: u32,
+    }
+
+    fn status(r: Result<Body, ApiError>) -> (u16, String) {
+        match r {
+            Ok(_) => (200, String::new()),
+            Err(e) => {
+                let field = match &e {
+                    ApiError::Validation { errors, .. } => errors[0].field.clone(),
+                    _ => String::new(),
+                };
+                (e.status_code().as_u16(), field)
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_are_422_with_the_field_and_syntax_errors_are_400() {
+        assert_eq!(status(parse(br#"{"email":"a@b.c"}"#)), (200, String::new()));
+        assert_eq!(status(parse(br#"{"email":"a@b.c","admin":true}"#)).0, 422);
+        assert_eq!(status(parse(br#"{"email":"a@b.c","nested":{"count":"x"}}"#)), (422, "nested.count".to_owned()));
+        assert_eq!(status(parse(br#"{}"#)).0, 422);
+        assert_eq!(status(parse(br#"{"email":"#)).0, 400);
+        assert_eq!(status(parse(b"\xff\xfe")).0, 400);
+        assert_eq!(status(parse(br#"{"email":"a@b.c"} {}"#)).0, 400);
+        assert_eq!(status(parse(b"")).0, 400);
+    }
+}

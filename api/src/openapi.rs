@@ -1,0 +1,142 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations (utoipa), served at
+//! `/api/v1/openapi.json`, and a docs page rendered from it at `/api/v1/docs`.
+//!
+//! The docs page is plain server-rendered HTML with no scripts and no external assets, so it
+//! works offline and under a strict Content-Security-Policy.
+
+use std::fmt::Write;
+use std::sync::OnceLock;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{admin, auth, error};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "CryptoVault API", version = "1", description = "Paper-trading crypto brokerage. Decimals are strings; errors are RFC 9457 problem details."),
+    paths(
+        auth::signup, auth::login, auth::refresh, auth::logout, auth::me, auth::totp_setup, auth::totp_enable,
+        auth::create_api_key, auth::list_api_keys, auth::revoke_api_key,
+        admin::list_users, admin::lock_user, admin::unlock_user,
+        health, readyz, metrics, openapi_json, docs,
+    ),
+    components(schemas(error::Problem, error::FieldError, auth::caller::Scope)),
+    modifiers(&Security),
+    tags((name = "auth", description = "Accounts, sessions, 2FA and API keys"),
+         (name = "admin", description = "Administration (role admin)"),
+         (name = "ops", description = "Health, readiness, metrics and this document")),
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+        components
+            .add_security_scheme("api_key", SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))));
+    }
+}
+
+fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes"))
+}
+
+/// Liveness: 200 while the process lives.
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "alive")))]
+#[allow(dead_code)]
+fn health() {}
+
+/// Readiness: 200 when Postgres and NATS work, else 503 naming what is down.
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200, description = "ready"), (status = 503, description = "a dependency is down")))]
+#[allow(dead_code)]
+fn readyz() {}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+#[allow(dead_code)]
+fn metrics() {}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "ops", responses((status = 200, description = "OpenAPI 3.1 JSON")))]
+pub async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], document()).into_response()
+}
+
+/// Human-readable API reference.
+#[utoipa::path(get, path = "/api/v1/docs", tag = "ops", responses((status = 200, description = "HTML", content_type = "text/html")))]
+pub async fn docs() -> Response {
+    static PAGE: OnceLock<String> = OnceLock::new();
+    let page = PAGE.get_or_init(|| render(document()));
+    let mut response = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], page.as_str()).into_response();
+    // Inline styles only; still no scripts, frames or external loads.
+    response.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    response
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Renders the document as one HTML page: every operation with its parameters, body and answers.
+fn render(json: &str) -> String {
+    let doc: serde_json::Value = serde_json::from_str(json).expect("our own document is JSON");
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>CryptoVault API</title><style>\
+         body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}\
+         code,.m{font-family:ui-monospace,monospace}.op{border-top:1px solid #ddd;padding:.6em 0}\
+         .m{display:inline-block;width:4.5em;font-weight:bold}.s{color:#555}</style></head><body>",
+    );
+    let _ = write!(
+        html,
+        "<h1>{}</h1><p>{}</p><p>Machine-readable: <a href=\"/api/v1/openapi.json\">openapi.json</a></p>",
+        escape(doc["info"]["title"].as_str().unwrap_or("API")),
+        escape(doc["info"]["description"].as_str().unwrap_or(""))
+    );
+    if let Some(paths) = doc["paths"].as_object() {
+        for (path, item) in paths {
+            for method in ["get", "post", "put", "patch", "delete"] {
+                let Some(op) = item.get(method) else { continue };
+                let _ = write!(
+                    html,
+                    "<div class=\"op\"><span class=\"m\">{}</span><code>{}</code> — {}",
+                    method.to_uppercase(),
+                    escape(path),
+                    escape(op["summary"].as_str().or(op["description"].as_str()).unwrap_or(""))
+                );
+                if let Some(body) = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].as_str() {
+                    let _ = write!(
+                        html,
+                        "<div class=\"s\">body: <code>{}</code></div>",
+                        escape(body.rsplit('/').next().unwrap_or(body))
+                    );
+                }
+                if let Some(params) = op["parameters"].as_array() {
+                    let names: Vec<String> = params.iter().filter_map(|p| p["name"].as_str()).map(escape).collect();
+                    let _ = write!(html, "<div class=\"s\">parameters: <code>{}</code></div>", names.join(", "));
+                }
+                if let Some(responses) = op["responses"].as_object() {
+                    let codes: Vec<String> = responses
+                        .iter()
+                        .map(|(code, r)| format!("{code} {}", escape(r["description"].as_str().unwrap_or(""))))
+                        .collect();
+                    let _ = write!(html, "<div class=\"s\">answers: {}</div>", codes.join(" · "));
+                }
+                html.push_str("</div>");
+            }
+        }
+    }
+    html.push_str("</body></html>");
+    html
+}

@@ -1,0 +1,426 @@
+//! Accounts and security against the real API over HTTP, with its own Postgres database and
+//! nats-server: signup, login, lockout, tokens, API keys, TOTP, roles, and the auth events.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Api, PASSWORD, problem};
+use vault_testkit::{TEST_JWT_SECRET, poll_until};
+
+/// The auth events on the AUTH stream, as (kind subject suffix, payload).
+async fn auth_events(api: &Api) -> Vec<(String, Value, Option<String>)> {
+    let client = async_nats::connect(api.nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("AUTH").await.expect("AUTH");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            let payload: Value = serde_json::from_slice(&msg.payload).expect("event json");
+            let request_id = msg.headers.get("X-Request-Id").map(|v| v.as_str().to_owned());
+            out.push((msg.subject.as_str().trim_start_matches("auth.").to_owned(), payload, request_id));
+        }
+    }
+    out
+}
+
+async fn wait_for_event(api: &Api, kind: &str) -> (Value, Option<String>) {
+    poll_until(Duration::from_secs(10), &format!("auth event {kind}"), || async {
+        auth_events(api).await.into_iter().find(|(k, _, _)| k == kind).map(|(_, v, r)| (v, r))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn signup_login_and_me_work_and_passwords_are_stored_as_argon2id() {
+    let api = Api::start().await;
+    let resp = api
+        .post("/auth/signup", None, json!({"email": "Alice@Example.com", "password": PASSWORD, "name": "Alice"}))
+        .await;
+    assert_eq!(resp.status(), 201);
+    let request_id = resp.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    let user: Value = resp.json().await.expect("json");
+    assert_eq!(user["email"], "Alice@Example.com");
+    assert_eq!(user["name"], "Alice");
+    assert_eq!(user["role"], "user");
+    assert_eq!(user["totp_enabled"], false);
+    assert!(user.get("password_hash").is_none() && user.get("password").is_none(), "{user}");
+
+    // Login is case-insensitive on the email.
+    let resp = api.login("alice@example.COM", PASSWORD).await;
+    assert_eq!(resp.status(), 200);
+    let tokens: Value = resp.json().await.expect("json");
+    assert_eq!(tokens["token_type"], "Bearer");
+    assert_eq!(tokens["expires_in"], 900);
+    assert_eq!(tokens["refresh_expires_in"], 30 * 24 * 3600);
+    let access = tokens["access_token"].as_str().expect("access");
+    let refresh = tokens["refresh_token"].as_str().expect("refresh");
+    assert!(refresh.len() >= 43, "a refresh token carries at least 256 bits");
+
+    let me: Value = api.get("/me", Some(access)).await.json().await.expect("json");
+    assert_eq!(me["id"], user["id"]);
+    assert_eq!(me["email"], "Alice@Example.com");
+
+    let pool = api.db.pool().await;
+    let stored: String = sqlx::query_scalar("SELECT password_hash FROM users").fetch_one(&pool).await.expect("row");
+    assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{stored}");
+    assert!(!stored.contains(PASSWORD));
+    let hashes: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT token_hash FROM refresh_tokens").fetch_all(&pool).await.expect("rows");
+    assert_eq!(hashes.len(), 1);
+    assert_ne!(hashes[0], refresh.as_bytes(), "refresh tokens are stored hashed");
+
+    // Both events reached the AUTH stream with the request id and the client IP.
+    let (signup, header_id) = wait_for_event(&api, "signup").await;
+    assert_eq!(signup["user_id"], user["id"]);
+    assert_eq!(signup["request_id"], request_id.as_str());
+    assert_eq!(header_id.as_deref(), Some(request_id.as_str()));
+    assert_eq!(signup["ip"], "127.0.0.1");
+    wait_for_event(&api, "login.succeeded").await;
+
+    api.assert_never_logged(&[PASSWORD, access, refresh, TEST_JWT_SECRET, &stored]);
+}
+
+#[tokio::test]
+async fn a_taken_email_a_weak_password_and_a_bad_email_are_refused() {
+    let api = Api::start().await;
+    api.signup("bob@example.com").await;
+    let dup = api.post("/auth/signup", None, json!({"email": "BOB@example.com", "password": PASSWORD})).await;
+    problem(dup, 409, "email_taken").await;
+
+    let weak = api.post("/auth/signup", None, json!({"email": "carol@example.com", "password": "short"})).await;
+    let body = problem(weak, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "password");
+    assert!(!body.to_string().contains("short\""), "the password is not echoed: {body}");
+
+    let long = api.post("/auth/signup", None, json!({"email": "carol@example.com", "password": "x".repeat(129)})).await;
+    problem(long, 422, "validation_failed").await;
+
+    let bad = api.post("/auth/signup", None, json!({"email": "not-an-email", "password": PASSWORD})).await;
+    let body = problem(bad, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "email");
+
+    let pool = api.db.pool().await;
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&pool).await.expect("count");
+    assert_eq!(users, 1, "refused signups change nothing");
+}
+
+#[tokio::test]
+async fn a_wrong_password_and_an_unknown_email_get_the_same_answer() {
+    let api = Api::start().await;
+    api.signup("dave@example.com").await;
+    let wrong = problem(api.login("dave@example.com", "wrong password!").await, 401, "invalid_credentials").await;
+    let unknown = problem(api.login("nobody@example.com", PASSWORD).await, 401, "invalid_credentials").await;
+    let strip = |mut v: Value| {
+        v["request_id"] = Value::Null;
+        v
+    };
+    assert_eq!(strip(wrong), strip(unknown), "the answers must not tell the cases apart");
+    let (failed, _) = wait_for_event(&api, "login.failed").await;
+    assert!(failed["data"]["reason"].is_string());
+    api.assert_never_logged(&["wrong password!", PASSWORD]);
+}
+
+#[tokio::test]
+async fn five_failures_lock_the_account_even_for_the_right_password_until_an_admin_unlocks() {
+    let api = Api::start().await;
+    let user = api.signup("erin@example.com").await;
+    for attempt in 1..=5 {
+        let resp = api.login("erin@example.com", &format!("wrong password {attempt}")).await;
+        problem(resp, 401, "invalid_credentials").await;
+    }
+    let locked = api.login("erin@example.com", PASSWORD).await;
+    let retry_after: u64 = locked.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((800..=900).contains(&retry_after), "about 15 minutes: {retry_after}");
+    problem(locked, 423, "account_locked").await;
+    let (event, _) = wait_for_event(&api, "locked").await;
+    assert_eq!(event["user_id"], user["id"]);
+
+    // An admin unlocks; the right password works again and resets the count.
+    let admin = api.user("root@example.com").await;
+    let user_token_before = api.user("frank@example.com").await;
+    let forbidden = api.get("/admin/users", Some(&user_token_before)).await;
+    problem(forbidden, 403, "forbidden").await;
+    api.promote("root@example.com").await;
+    let id = user["id"].as_str().expect("id");
+    let unlock = api.call(Method::POST, &format!("/admin/users/{id}/unlock"), Some(&admin), None).await;
+    assert_eq!(unlock.status(), 204);
+    assert_eq!(api.login("erin@example.com", PASSWORD).await.status(), 200);
+    let pool = api.db.pool().await;
+    let failures: i32 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = 'erin@example.com'")
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!(failures, 0);
+
+    // The admin listing finds her, and an admin lock ends her sessions at once.
+    let list: Value = api.get("/admin/users?email=ERIN", Some(&admin)).await.json().await.expect("json");
+    assert_eq!(list["users"].as_array().expect("array").len(), 1);
+    let erin = api.tokens("erin@example.com").await;
+    let erin_access = erin["access_token"].as_str().expect("access");
+    let lock = api.call(Method::POST, &format!("/admin/users/{id}/lock"), Some(&admin), None).await;
+    assert_eq!(lock.status(), 204);
+    problem(api.get("/me", Some(erin_access)).await, 401, "token_revoked").await;
+    problem(api.login("erin@example.com", PASSWORD).await, 423, "account_locked").await;
+    let missing =
+        api.call(Method::POST, &format!("/admin/users/{}/lock", uuid::Uuid::now_v7()), Some(&admin), None).await;
+    problem(missing, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn a_refresh_token_works_once_and_reuse_revokes_the_whole_family() {
+    let api = Api::start().await;
+    api.signup("gina@example.com").await;
+    let first = api.tokens("gina@example.com").await;
+    let refresh1 = first["refresh_token"].as_str().expect("refresh");
+
+    let resp = api.post("/auth/refresh", None, json!({"refresh_token": refresh1})).await;
+    assert_eq!(resp.status(), 200);
+    let second: Value = resp.json().await.expect("json");
+    let (access2, refresh2) =
+        (second["access_token"].as_str().expect("a"), second["refresh_token"].as_str().expect("r"));
+    assert_ne!(refresh2, refresh1);
+    assert_eq!(api.get("/me", Some(access2)).await.status(), 200);
+
+    // The rotated-out token again: reuse. The family dies, new tokens included.
+    let reused = api.post("/auth/refresh", None, json!({"refresh_token": refresh1})).await;
+    problem(reused, 401, "refresh_token_reused").await;
+    problem(api.post("/auth/refresh", None, json!({"refresh_token": refresh2})).await, 401, "refresh_token_reused")
+        .await;
+    problem(api.get("/me", Some(access2)).await, 401, "token_revoked").await;
+    wait_for_event(&api, "refresh_token_reused").await;
+
+    // Another login is a new family and works.
+    let other = api.tokens("gina@example.com").await;
+    assert_eq!(api.get("/me", Some(other["access_token"].as_str().expect("a"))).await.status(), 200);
+    problem(
+        api.post("/auth/refresh", None, json!({"refresh_token": "rt_made-up"})).await,
+        401,
+        "invalid_refresh_token",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn logout_kills_the_access_token_and_its_refresh_token_even_after_a_restart() {
+    let mut api = Api::start().await;
+    api.signup("hank@example.com").await;
+    let tokens = api.tokens("hank@example.com").await;
+    let (access, refresh) = (tokens["access_token"].as_str().expect("a"), tokens["refresh_token"].as_str().expect("r"));
+    let other = api.tokens("hank@example.com").await;
+    let other_access = other["access_token"].as_str().expect("a").to_owned();
+
+    let out = api.call(Method::POST, "/auth/logout", Some(access), None).await;
+    assert_eq!(out.status(), 204);
+    problem(api.get("/me", Some(access)).await, 401, "token_revoked").await;
+    problem(api.post("/auth/refresh", None, json!({"refresh_token": refresh})).await, 401, "refresh_token_reused")
+        .await;
+    assert_eq!(api.get("/me", Some(&other_access)).await.status(), 200, "other sessions live on");
+    wait_for_event(&api, "logout").await;
+
+    // Revocation lives in Postgres: a restarted API (or another replica) still refuses it.
+    api.proc.signal("TERM");
+    assert_eq!(api.proc.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    let addr = api.addr.clone();
+    let mut envs = vault_testkit::base_env(&api.db, &api.nats);
+    envs.push(("API_ADDR", addr.clone()));
+    let mut again = vault_testkit::Proc::spawn(support::BIN, &["serve"], &envs);
+    again.wait_http_status(&addr, "/readyz", 200, vault_testkit::READY_DEADLINE).await;
+    problem(api.get("/me", Some(access)).await, 401, "token_revoked").await;
+    assert_eq!(api.get("/me", Some(&other_access)).await.status(), 200);
+}
+
+fn forge(header: &Value, claims: &Value, key: &[u8]) -> String {
+    let h = URL_SAFE_NO_PAD.encode(header.to_string());
+    let c = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let mac = hmac_sha256(key, format!("{h}.{c}").as_bytes());
+    format!("{h}.{c}.{}", URL_SAFE_NO_PAD.encode(mac))
+}
+
+/// HMAC-SHA256 written out (RFC 2104), independent of the code under test.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let inner: Vec<u8> = block.iter().map(|b| b ^ 0x36).chain(message.iter().copied()).collect();
+    let inner_hash = Sha256::digest(&inner);
+    let outer: Vec<u8> = block.iter().map(|b| b ^ 0x5c).chain(inner_hash.iter().copied()).collect();
+    Sha256::digest(&outer).to_vec()
+}
+
+#[tokio::test]
+async fn forged_expired_and_foreign_tokens_are_refused() {
+    let api = Api::start().await;
+    let user = api.signup("ivan@example.com").await;
+    let tokens = api.tokens("ivan@example.com").await;
+    let access = tokens["access_token"].as_str().expect("a");
+    let real_claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(access.split('.').nth(1).expect("claims")).expect("b64"))
+            .expect("json");
+    assert_eq!(real_claims["sub"], user["id"]);
+
+    let hs256 = json!({"alg": "HS256", "typ": "JWT"});
+    let key = TEST_JWT_SECRET.as_bytes();
+    // Sanity: our independent signer makes a token the API accepts.
+    let same = forge(&hs256, &real_claims, key);
+    assert_eq!(api.get("/me", Some(&same)).await.status(), 200, "the forging helper is faithful");
+
+    let mut cases = Vec::new();
+    let none = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "JWT"}).to_string()),
+        URL_SAFE_NO_PAD.encode(real_claims.to_string())
+    );
+    cases.push(("alg none", none));
+    cases.push(("wrong key", forge(&hs256, &real_claims, b"another-secret-of-sufficient-length-000000")));
+    let mut admin = real_claims.clone();
+    admin["role"] = json!("admin");
+    let parts: Vec<&str> = access.split('.').collect();
+    cases.push(("tampered claims", format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(admin.to_string()), parts[2])));
+    let mut expired = real_claims.clone();
+    expired["iat"] = json!(real_claims["iat"].as_i64().expect("iat") - 7200);
+    expired["exp"] = json!(real_claims["iat"].as_i64().expect("iat") - 3600);
+    cases.push(("expired", forge(&hs256, &expired, key)));
+    let mut aud = real_claims.clone();
+    aud["aud"] = json!("another-service");
+    cases.push(("wrong aud", forge(&hs256, &aud, key)));
+    let mut iss = real_claims.clone();
+    iss["iss"] = json!("someone-else");
+    cases.push(("wrong iss", forge(&hs256, &iss, key)));
+    cases.push(("HS512", forge(&json!({"alg": "HS512", "typ": "JWT"}), &real_claims, key)));
+    cases.push(("garbage", "not.a.jwt".to_owned()));
+
+    for (case, token) in cases {
+        let resp = api.get("/me", Some(&token)).await;
+        assert_eq!(resp.status(), 401, "{case} must be refused");
+    }
+    problem(api.get("/me", None).await, 401, "unauthenticated").await;
+}
+
+#[tokio::test]
+async fn api_keys_are_shown_once_stored_hashed_scoped_and_revocable() {
+    let api = Api::start().await;
+    let access = api.user("judy@example.com").await;
+    let resp = api.post("/api-keys", Some(&access), json!({"name": "bot", "scopes": ["read"]})).await;
+    assert_eq!(resp.status(), 201);
+    let created: Value = resp.json().await.expect("json");
+    let key = created["key"].as_str().expect("key").to_owned();
+    assert!(key.starts_with("vk_"));
+    assert_eq!(created["scopes"], json!(["read"]));
+
+    let me: Value = api.get("/me", Some(&key)).await.json().await.expect("json");
+    assert_eq!(me["email"], "judy@example.com");
+
+    // A key cannot mint keys or end sessions.
+    problem(api.post("/api-keys", Some(&key), json!({"name": "x", "scopes": ["read"]})).await, 403, "session_required")
+        .await;
+    problem(api.call(Method::POST, "/auth/logout", Some(&key), None).await, 403, "session_required").await;
+
+    let list: Value = api.get("/api-keys", Some(&access)).await.json().await.expect("json");
+    let keys = list["api_keys"].as_array().expect("array");
+    assert_eq!(keys.len(), 1);
+    assert!(keys[0].get("key").is_none(), "the key is never shown again");
+    assert!(!list.to_string().contains(&key[10..]), "{list}");
+    assert!(keys[0]["last_used_at"].is_string(), "last use is recorded: {list}");
+
+    let bad_scopes = api.post("/api-keys", Some(&access), json!({"name": "x", "scopes": ["trade"]})).await;
+    problem(bad_scopes, 422, "validation_failed").await;
+    let unknown_scope = api.post("/api-keys", Some(&access), json!({"name": "x", "scopes": ["admin"]})).await;
+    problem(unknown_scope, 422, "validation_failed").await;
+
+    // Another user cannot see or revoke it.
+    let other = api.user("mallory@example.com").await;
+    let id = created["id"].as_str().expect("id");
+    problem(api.call(Method::DELETE, &format!("/api-keys/{id}"), Some(&other), None).await, 404, "not_found").await;
+    assert_eq!(api.get("/me", Some(&key)).await.status(), 200);
+
+    assert_eq!(api.call(Method::DELETE, &format!("/api-keys/{id}"), Some(&access), None).await.status(), 204);
+    problem(api.get("/me", Some(&key)).await, 401, "invalid_api_key").await;
+    problem(api.get("/me", Some("vk_made-up-key")).await, 401, "invalid_api_key").await;
+
+    let pool = api.db.pool().await;
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_one(&pool).await.expect("row");
+    assert_eq!(stored.len(), 32, "only a SHA-256 is stored");
+    wait_for_event(&api, "api_key.created").await;
+    api.assert_never_logged(&[&key]);
+}
+
+fn totp_code(secret: &str, offset_steps: i64) -> String {
+    let bytes = totp_rs::Secret::Encoded(secret.to_owned()).to_bytes().expect("base32");
+    let totp = totp_rs::TOTP::new_unchecked(totp_rs::Algorithm::SHA1, 6, 1, 30, bytes, None, String::new());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() as i64;
+    totp.generate((now + offset_steps * 30) as u64)
+}
+
+#[tokio::test]
+async fn totp_once_enabled_is_required_checked_and_never_accepted_twice() {
+    let api = Api::start().await;
+    let access = api.user("kate@example.com").await;
+    let setup: Value =
+        api.call(Method::POST, "/auth/totp/setup", Some(&access), None).await.json().await.expect("json");
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    assert!(setup["otpauth_url"].as_str().expect("url").starts_with("otpauth://totp/"));
+
+    let wrong = api.post("/auth/totp/enable", Some(&access), json!({"code": "000000"})).await;
+    if totp_code(&secret, 0) != "000000" {
+        problem(wrong, 422, "totp_invalid").await;
+    }
+    let enable = api.post("/auth/totp/enable", Some(&access), json!({"code": totp_code(&secret, 0)})).await;
+    assert_eq!(enable.status(), 204);
+    let me: Value = api.get("/me", Some(&access)).await.json().await.expect("json");
+    assert_eq!(me["totp_enabled"], true);
+
+    problem(api.login("kate@example.com", PASSWORD).await, 401, "totp_required").await;
+    let bad = api
+        .post("/auth/login", None, json!({"email": "kate@example.com", "password": PASSWORD, "totp_code": "12345x"}))
+        .await;
+    problem(bad, 401, "totp_invalid").await;
+
+    // The enabling code's step is spent; the next step's code logs in once, then is spent too.
+    let code = totp_code(&secret, 1);
+    let ok = api
+        .post("/auth/login", None, json!({"email": "kate@example.com", "password": PASSWORD, "totp_code": code}))
+        .await;
+    assert_eq!(ok.status(), 200);
+    let replay = api
+        .post("/auth/login", None, json!({"email": "kate@example.com", "password": PASSWORD, "totp_code": code}))
+        .await;
+    problem(replay, 401, "totp_invalid").await;
+    api.assert_never_logged(&[&secret]);
+}
+
+#[tokio::test]
+async fn the_admin_cli_creates_an_admin_reading_the_password_from_stdin() {
+    use std::io::Write;
+    let api = Api::start().await;
+    let mut child = std::process::Command::new(support::BIN)
+        .args(["admin", "create", "--email", "boss@example.com"])
+        .env_clear()
+        .env("DATABASE_URL", &api.db.url)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    child.stdin.take().expect("stdin").write_all(format!("{PASSWORD}\n").as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("exits");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("created admin boss@example.com"), "{text}");
+    assert!(!text.contains(PASSWORD));
+
+    let tokens = api.tokens("boss@example.com").await;
+    let me: Value = api.get("/me", Some(tokens["access_token"].as_str().expect("a"))).await.json().await.expect("json");
+    assert_eq!(me["role"], "admin");
+    let list = api.get("/admin/users", Some(tokens["access_token"].as_str().expect("a"))).await;
+    assert_eq!(list.status(), 200);
+}

@@ -1,0 +1,200 @@
+//! The conventions every route keeps: problem details, body limits, content types, security
+//! headers, CORS, rate limits, the OpenAPI document, and a graceful stop mid-request.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Api, PASSWORD, problem};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn malformed_oversized_and_non_json_bodies_get_clear_errors() {
+    let api = Api::start().await;
+    let url = api.url("/auth/signup");
+
+    let big = "x".repeat(65 * 1024);
+    let resp =
+        api.client.post(&url).header("content-type", "application/json").body(big.clone()).send().await.expect("sent");
+    problem(resp, 413, "payload_too_large").await;
+
+    let resp = api.client.post(&url).header("content-type", "text/plain").body("{}").send().await.expect("sent");
+    problem(resp, 415, "unsupported_media_type").await;
+    let resp = api.client.post(&url).body(r#"{"email":"a@b.co","password":"0123456789"}"#).send().await.expect("sent");
+    problem(resp, 415, "unsupported_media_type").await;
+
+    let resp = api
+        .client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"email\":")
+        .send()
+        .await
+        .expect("sent");
+    problem(resp, 400, "malformed_request").await;
+    let resp = api
+        .client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(vec![0xff, 0xfe, 0x00])
+        .send()
+        .await
+        .expect("sent");
+    problem(resp, 400, "malformed_request").await;
+
+    let unknown =
+        api.post("/auth/signup", None, json!({"email": "a@b.co", "password": PASSWORD, "role": "admin"})).await;
+    let body = problem(unknown, 422, "validation_failed").await;
+    assert!(body["errors"][0]["message"].as_str().expect("message").contains("unknown field"), "{body}");
+
+    let wrong_type = api.post("/auth/signup", None, json!({"email": 42, "password": PASSWORD})).await;
+    let body = problem(wrong_type, 422, "validation_failed").await;
+    assert_eq!(body["errors"][0]["field"], "email");
+
+    let pool = api.db.pool().await;
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users").fetch_one(&pool).await.expect("count");
+    assert_eq!(users, 0, "bad input changes nothing");
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let api = Api::start().await;
+    for (method, path) in [(Method::GET, "/health"), (Method::GET, "/api/v1/nowhere"), (Method::GET, "/api/v1/me")] {
+        let resp = api.client.request(method, format!("http://{}{path}", api.addr)).send().await.expect("answer");
+        let h = resp.headers();
+        assert!(h["strict-transport-security"].to_str().expect("ascii").starts_with("max-age="), "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert!(h["content-security-policy"].to_str().expect("ascii").starts_with("default-src 'none'"), "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_only_for_listed_origins() {
+    let api = Api::start_with(&[("CORS_ORIGINS", "https://app.example.com")]).await;
+    let preflight = |origin: &'static str| {
+        api.client
+            .request(Method::OPTIONS, api.url("/auth/login"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.expect("answer");
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], "https://app.example.com");
+
+    let refused = preflight("https://evil.example.net").await.expect("answer");
+    assert!(refused.headers().get("access-control-allow-origin").is_none());
+    problem(refused, 403, "cors_origin_refused").await;
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_headers_per_ip_and_per_login_email() {
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "1"), ("RATE_LIMIT_LOGIN_PER_MIN", "2")]).await;
+    // Burst is twice the rate: two requests pass, the third is refused.
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..3 {
+        let resp = api.post("/auth/refresh", None, json!({"refresh_token": "rt_nothing"})).await;
+        statuses.push(resp.status().as_u16());
+        assert_eq!(resp.headers()["x-ratelimit-limit"], "2");
+        assert!(resp.headers().contains_key("x-ratelimit-remaining"));
+        assert!(resp.headers().contains_key("x-ratelimit-reset"));
+        last = Some(resp);
+    }
+    assert_eq!(statuses, [401, 401, 429]);
+    let limited = last.expect("three answers");
+    assert!(limited.headers()["retry-after"].to_str().expect("ascii").parse::<u64>().expect("seconds") >= 1);
+    assert_eq!(limited.headers()["x-ratelimit-remaining"], "0");
+    problem(limited, 429, "rate_limited").await;
+}
+
+#[tokio::test]
+async fn logins_are_limited_per_email_whatever_the_ip_allows() {
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "0"), ("RATE_LIMIT_LOGIN_PER_MIN", "2")]).await;
+    api.signup("limited@example.com").await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(api.login("LIMITED@example.com", "wrong password").await.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 401, 429]);
+    let limited = api.login("limited@example.com", PASSWORD).await;
+    assert!(limited.headers().contains_key("retry-after"));
+    problem(limited, 429, "rate_limited").await;
+    // Another email is not affected.
+    assert_eq!(api.login("other@example.com", PASSWORD).await.status(), 401);
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_the_docs_page_renders_it() {
+    let api = Api::start().await;
+    let doc: Value = api.get("/openapi.json", None).await.json().await.expect("json");
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3.1"), "{}", doc["openapi"]);
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, method) in [
+        ("/api/v1/auth/signup", "post"),
+        ("/api/v1/auth/login", "post"),
+        ("/api/v1/auth/refresh", "post"),
+        ("/api/v1/auth/logout", "post"),
+        ("/api/v1/auth/totp/setup", "post"),
+        ("/api/v1/auth/totp/enable", "post"),
+        ("/api/v1/me", "get"),
+        ("/api/v1/api-keys", "post"),
+        ("/api/v1/api-keys", "get"),
+        ("/api/v1/api-keys/{id}", "delete"),
+        ("/api/v1/admin/users", "get"),
+        ("/api/v1/admin/users/{id}/lock", "post"),
+        ("/api/v1/admin/users/{id}/unlock", "post"),
+        ("/health", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} missing from the document");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+
+    let page = api.get("/docs", None).await;
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"].to_str().expect("ascii").starts_with("text/html"));
+    let html = page.text().await.expect("html");
+    assert!(html.contains("/api/v1/auth/login") && !html.contains("<script"), "docs page");
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
+    let mut api = Api::start().await;
+    api.signup("slow@example.com").await;
+    // A client that sends its login body slowly: the request is in flight when SIGTERM lands.
+    let body = json!({"email": "slow@example.com", "password": PASSWORD}).to_string();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut conn = tokio::net::TcpStream::connect(&api.addr).await.expect("connect");
+    let request = format!(
+        "POST /api/v1/auth/login HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.expect("send the first half");
+
+    api.proc.signal("TERM");
+    vault_testkit::poll_until(Duration::from_secs(10), "the API to start draining", || async {
+        api.proc.output().contains("shutdown requested").then_some(())
+    })
+    .await;
+    assert!(api.proc.is_running(), "the API waits for the request in flight");
+
+    conn.write_all(tail.as_bytes()).await.expect("send the rest");
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut response))
+        .await
+        .expect("an answer within the deadline")
+        .expect("read");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("access_token"), "{response}");
+
+    let status = api.proc.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", api.proc.output());
+}
