@@ -424,3 +424,27 @@ async fn the_admin_cli_creates_an_admin_reading_the_password_from_stdin() {
     let list = api.get("/admin/users", Some(tokens["access_token"].as_str().expect("a"))).await;
     assert_eq!(list.status(), 200);
 }
+
+#[tokio::test]
+async fn with_nats_down_logins_are_decided_as_usual_and_lost_events_are_counted() {
+    let mut api = Api::start().await;
+    api.signup("olga@example.com").await;
+    api.nats.kill();
+
+    problem(api.login("olga@example.com", "wrong password").await, 401, "invalid_credentials").await;
+    assert_eq!(api.login("olga@example.com", PASSWORD).await.status(), 200);
+
+    let metrics_url = format!("http://{}/metrics", api.addr);
+    let failed = poll_until(Duration::from_secs(30), "failed auth events to be counted", || async {
+        let text = api.client.get(&metrics_url).send().await.ok()?.text().await.ok()?;
+        let total: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("vault_auth_events_failed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (total >= 2.0).then_some(total)
+    })
+    .await;
+    assert!(failed >= 2.0);
+    assert!(api.proc.output().contains("auth event not published"), "the loss is logged");
+}
