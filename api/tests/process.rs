@@ -155,3 +155,23 @@ async fn migrations_are_safe_to_run_concurrently_and_repeatedly() {
         std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations")).expect("migrations dir").count();
     assert_eq!(applied, files as i64, "each migration applied exactly once");
 }
+
+#[tokio::test]
+async fn a_dotenv_file_is_honoured_and_the_real_environment_wins() {
+    let dotenv = "PRICE_SOURCE=bloomberg\nJWT_SECRET=short-from-dotenv\n";
+    // Only .env: both of its bad values are reported.
+    let mut proc =
+        Proc::spawn_with_files(BIN, &["serve"], &env_without(offline_env(), "JWT_SECRET"), &[(".env", dotenv)]);
+    assert_eq!(proc.wait_exit(Duration::from_secs(20)).await.code(), Some(2));
+    let output = proc.output();
+    assert!(output.contains("configuration error: PRICE_SOURCE:"), "{output}");
+    assert!(output.contains("configuration error: JWT_SECRET:"), "{output}");
+    assert!(!output.contains("short-from-dotenv"), "{output}");
+
+    // The environment's JWT_SECRET overrides the short one from .env: only PRICE_SOURCE is left.
+    let mut proc = Proc::spawn_with_files(BIN, &["serve"], &offline_env(), &[(".env", dotenv)]);
+    assert_eq!(proc.wait_exit(Duration::from_secs(20)).await.code(), Some(2));
+    let output = proc.output();
+    assert!(output.contains("configuration error: PRICE_SOURCE:"), "{output}");
+    assert!(!output.contains("configuration error: JWT_SECRET"), "{output}");
+}

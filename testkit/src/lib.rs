@@ -199,7 +199,16 @@ impl Proc {
     /// Starts `binary args…` in an empty working directory (so no stray `.env` is read) with
     /// `PATH` and `envs` only; stdout and stderr go to one captured file.
     pub fn spawn(binary: &str, args: &[&str], envs: &[(&str, String)]) -> Proc {
+        Proc::spawn_with_files(binary, args, envs, &[])
+    }
+
+    /// Like [`Proc::spawn`], with `files` (name, contents) written into the working directory
+    /// first (a `.env`, a CSV to replay…).
+    pub fn spawn_with_files(binary: &str, args: &[&str], envs: &[(&str, String)], files: &[(&str, &str)]) -> Proc {
         let dir = tempfile::tempdir().expect("a working directory");
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).expect("write a file for the process");
+        }
         let output = dir.path().join("output.log");
         let out = std::fs::File::create(&output).expect("output file");
         let err = out.try_clone().expect("output file handle");
