@@ -94,7 +94,13 @@ fn summary(name: &str, h: &Histogram<u64>, errors: u64, elapsed: Duration) -> St
 }
 
 /// Probes `GET /me` at `rate`/s until `stop`; returns the latency histogram and error count.
-async fn probe_me(http: reqwest::Client, url: String, token: String, rate: u64, stop: Arc<AtomicBool>) -> (Histogram<u64>, u64) {
+async fn probe_me(
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+) -> (Histogram<u64>, u64) {
     let hist = Arc::new(Mutex::new(new_histogram()));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
