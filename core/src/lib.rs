@@ -1,5 +1,7 @@
 //! vault-core: what every CryptoVault process shares.
 //!
+//! - [`domain`]: the value types of trading (assets, symbols, quantities, prices, markets) and
+//!   the rounding rules;
 //! - [`config`]: the environment contract of `API.md`, parsed into typed settings; a bad
 //!   setting stops the process before it serves (exit code 2, one line per problem).
 //! - [`telemetry`]: tracing (json or pretty) and the process-wide Prometheus registry.
@@ -14,6 +16,7 @@
 
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod http;
 pub mod ops;
 pub mod shutdown;

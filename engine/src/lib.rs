@@ -6,6 +6,8 @@
 //! ops server and graceful shutdown. The portfolio state machine, the actors and persistence
 //! are built on top of it.
 
+pub mod portfolio;
+
 use tokio_util::sync::CancellationToken;
 use vault_bus::{Process, consumers};
 use vault_core::Settings;

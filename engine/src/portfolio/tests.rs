@@ -1,0 +1,262 @@
+//! The rules of `Portfolio`, one by one, and its invariants over random command sequences.
+
+use chrono::{Duration, TimeZone};
+use proptest::prelude::*;
+use rust_decimal_macros::dec;
+
+use super::*;
+
+fn market(status: MarketStatus) -> Market {
+    Market {
+        symbol: Symbol::parse("BTC-USD").expect("valid"),
+        status,
+        price_increment: dec!(0.01),
+        quantity_increment: dec!(0.0001),
+        min_notional: dec!(1),
+        taker_fee_rate: dec!(0.001),
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).single().expect("valid time")
+}
+
+fn view(market: &Market, price: Option<Decimal>) -> MarketView<'_> {
+    MarketView {
+        market,
+        last_price: price.map(|p| (Positive::new(p).expect("positive"), now() - Duration::seconds(1))),
+        now: now(),
+        max_price_age: Duration::seconds(30),
+    }
+}
+
+fn pos(d: Decimal) -> Positive {
+    Positive::new(d).expect("positive")
+}
+
+fn usd() -> Asset {
+    Asset::usd()
+}
+
+fn btc() -> Asset {
+    Asset::parse("BTC").expect("valid")
+}
+
+fn funded(usd_amount: Decimal, btc_amount: Decimal) -> Portfolio {
+    let mut p = Portfolio::default();
+    for (asset, amount) in [(usd(), usd_amount), (btc(), btc_amount)] {
+        if amount > Decimal::ZERO {
+            p.execute(&Command::Deposit { deposit_id: Uuid::now_v7(), asset, amount: pos(amount) }, None)
+                .expect("deposit");
+        }
+    }
+    p
+}
+
+fn order(side: Side, order_type: OrderType, tif: TimeInForce, qty: Decimal, limit: Option<Decimal>) -> Command {
+    Command::Place(OrderRequest {
+        order_id: Uuid::now_v7(),
+        symbol: Symbol::parse("BTC-USD").expect("valid"),
+        side,
+        order_type,
+        time_in_force: tif,
+        quantity: pos(qty),
+        limit_price: limit.map(pos),
+    })
+}
+
+#[test]
+fn a_market_buy_fills_at_the_latest_price_and_pays_the_fee_in_the_quote_asset() {
+    let m = market(MarketStatus::Trading);
+    let mut p = funded(dec!(1000), dec!(0));
+    let events = p.execute(
+        &order(Side::Buy, OrderType::Market, TimeInForce::Ioc, dec!(0.01), None),
+        Some(&view(&m, Some(dec!(50000)))),
+    );
+    let events = events.expect("fills");
+    let Event::OrderFilled(fill) = &events[0] else { panic!("{events:?}") };
+    assert_eq!((fill.price.get(), fill.notional, fill.fee), (dec!(50000), dec!(500), dec!(0.5)));
+    assert_eq!(p.balance(&usd()).total, dec!(499.5));
+    assert_eq!(p.balance(&btc()).total, dec!(0.01));
+    assert_eq!(p.cost_basis[&btc()], dec!(500));
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn market_orders_are_refused_without_funds_price_or_an_open_market() {
+    let m = market(MarketStatus::Trading);
+    let p = funded(dec!(100), dec!(0.001));
+    let buy = order(Side::Buy, OrderType::Market, TimeInForce::Ioc, dec!(0.01), None);
+    let reason = |cmd: &Command, v: &MarketView<'_>| p.apply(cmd, Some(v)).expect_err("refused").reason;
+    assert_eq!(reason(&buy, &view(&m, Some(dec!(50000)))), RejectReason::InsufficientFunds);
+    assert_eq!(reason(&buy, &view(&m, None)), RejectReason::NoPrice);
+    let mut stale = view(&m, Some(dec!(50)));
+    stale.last_price = Some((pos(dec!(50)), now() - Duration::seconds(31)));
+    assert_eq!(reason(&buy, &stale), RejectReason::StalePrice);
+    let halted = market(MarketStatus::Halted);
+    assert_eq!(reason(&buy, &view(&halted, Some(dec!(50)))), RejectReason::MarketHalted);
+    let sell = order(Side::Sell, OrderType::Market, TimeInForce::Ioc, dec!(0.01), None);
+    assert_eq!(reason(&sell, &view(&m, Some(dec!(50000)))), RejectReason::InsufficientPosition);
+    // Exactly enough (notional + fee) is enough.
+    let exact = order(Side::Buy, OrderType::Market, TimeInForce::Ioc, dec!(0.001), None);
+    assert!(funded(dec!(50.05), dec!(0)).apply(&exact, Some(&view(&m, Some(dec!(50000))))).is_ok());
+    assert!(funded(dec!(50.04), dec!(0)).apply(&exact, Some(&view(&m, Some(dec!(50000))))).is_err());
+}
+
+#[test]
+fn a_resting_limit_buy_holds_funds_and_fills_at_the_crossing_ticks_price() {
+    let m = market(MarketStatus::Trading);
+    let mut p = funded(dec!(1000), dec!(0));
+    let cmd = order(Side::Buy, OrderType::Limit, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000)));
+    let Command::Place(req) = &cmd else { unreachable!() };
+    let events = p.execute(&cmd, Some(&view(&m, Some(dec!(50000))))).expect("accepted");
+    assert!(matches!(&events[0], Event::OrderAccepted(o) if o.hold == dec!(400.4)));
+    assert_eq!(p.balance(&usd()), Balance { total: dec!(1000), reserved: dec!(400.4) });
+
+    // A tick above the limit does nothing; one below fills at the tick's price.
+    let trigger = |price| Command::Trigger { order_id: req.order_id, price: pos(price) };
+    assert!(p.apply(&trigger(dec!(40000.01)), Some(&view(&m, None))).expect("ok").is_empty());
+    let events = p.execute(&trigger(dec!(39000)), Some(&view(&m, None))).expect("fills");
+    let Event::OrderFilled(fill) = &events[0] else { panic!("{events:?}") };
+    assert_eq!((fill.notional, fill.fee), (dec!(390), dec!(0.39)));
+    assert_eq!(p.balance(&usd()), Balance { total: dec!(609.61), reserved: dec!(0) });
+    assert_eq!(p.balance(&btc()).total, dec!(0.01));
+    assert!(p.open_orders.is_empty());
+    // A second trigger for the same order finds nothing to fill.
+    assert!(p.apply(&trigger(dec!(1)), Some(&view(&m, None))).expect("ok").is_empty());
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn marketable_limits_fill_at_once_and_unfillable_ioc_fok_expire() {
+    let m = market(MarketStatus::Trading);
+    let p = funded(dec!(1000), dec!(1));
+    let v = view(&m, Some(dec!(50000)));
+    let marketable = order(Side::Sell, OrderType::Limit, TimeInForce::Gtc, dec!(0.1), Some(dec!(49000)));
+    let events = p.apply(&marketable, Some(&v)).expect("fills");
+    assert!(matches!(&events[0], Event::OrderFilled(f) if f.price.get() == dec!(50000) && f.released.is_none()));
+    for tif in [TimeInForce::Ioc, TimeInForce::Fok] {
+        let far = order(Side::Sell, OrderType::Limit, tif, dec!(0.1), Some(dec!(60000)));
+        assert!(matches!(p.apply(&far, Some(&v)).expect("expires")[..], [Event::OrderExpired { .. }]));
+    }
+    // Unaffordable is rejected before anything expires.
+    let too_big = order(Side::Buy, OrderType::Limit, TimeInForce::Ioc, dec!(1), Some(dec!(40000)));
+    assert_eq!(p.apply(&too_big, Some(&v)).expect_err("refused").reason, RejectReason::InsufficientFunds);
+}
+
+#[test]
+fn cancel_and_cancel_all_release_holds_and_ignore_closed_orders() {
+    let m = market(MarketStatus::Trading);
+    let mut p = funded(dec!(1000), dec!(1));
+    let v = view(&m, Some(dec!(50000)));
+    let buy = order(Side::Buy, OrderType::Limit, TimeInForce::Gtc, dec!(0.001), Some(dec!(40000)));
+    let sell = order(Side::Sell, OrderType::Limit, TimeInForce::Gtc, dec!(0.5), Some(dec!(60000)));
+    p.execute(&buy, Some(&v)).expect("rests");
+    p.execute(&sell, Some(&v)).expect("rests");
+    assert_eq!(p.balance(&btc()).reserved, dec!(0.5));
+    let Command::Place(b) = &buy else { unreachable!() };
+    let events = p.execute(&Command::Cancel { order_id: b.order_id }, None).expect("cancels");
+    assert_eq!(events.len(), 1);
+    assert!(p.execute(&Command::Cancel { order_id: b.order_id }, None).expect("no-op").is_empty());
+    assert_eq!(p.execute(&Command::CancelAll { symbol: None }, None).expect("cancels").len(), 1);
+    assert_eq!(p.balance(&btc()), Balance { total: dec!(1), reserved: dec!(0) });
+    assert_eq!(p.balance(&usd()), Balance { total: dec!(1000), reserved: dec!(0) });
+    p.check_invariants().expect("invariants");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: whatever the commands, the invariants hold and money is conserved.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deposit(bool, u32),
+    Place(bool, u8, u8, u32, u32),
+    CancelNth(usize),
+    CancelAll,
+    Tick(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (any::<bool>(), 1u32..2_000_000).prop_map(|(usd, n)| Op::Deposit(usd, n)),
+        (any::<bool>(), 0u8..2, 0u8..3, 1u32..5_000, 1u32..200_000)
+            .prop_map(|(b, t, f, q, p)| Op::Place(b, t, f, q, p)),
+        (0usize..8).prop_map(Op::CancelNth),
+        Just(Op::CancelAll),
+        (1u32..200_000).prop_map(Op::Tick),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn invariants_hold_and_money_is_conserved_for_any_command_sequence(ops in prop::collection::vec(op(), 1..60)) {
+        let m = market(MarketStatus::Trading);
+        let mut p = Portfolio::default();
+        let mut price = dec!(50000);
+        // An independent model of the user's totals, built from what each event claims after
+        // checking the claim (notional = quantity × price, fee = notional × rate rounded up).
+        let (mut model_usd, mut model_btc) = (Decimal::ZERO, Decimal::ZERO);
+        for op in ops {
+            let v = MarketView { market: &m, last_price: Some((pos(price), now())), now: now(), max_price_age: Duration::seconds(30) };
+            let mut commands = Vec::new();
+            match op {
+                Op::Deposit(is_usd, n) => {
+                    let amount = Decimal::from(n) / dec!(100);
+                    let (asset, amount) = if is_usd { (usd(), amount) } else { (btc(), amount / dec!(1000)) };
+                    commands.push(Command::Deposit { deposit_id: Uuid::now_v7(), asset, amount: pos(amount) });
+                }
+                Op::Place(is_buy, kind, tif, q, limit) => {
+                    let side = if is_buy { Side::Buy } else { Side::Sell };
+                    let order_type = if kind == 0 { OrderType::Market } else { OrderType::Limit };
+                    let tif = [TimeInForce::Gtc, TimeInForce::Ioc, TimeInForce::Fok][tif as usize];
+                    let limit = (order_type == OrderType::Limit).then(|| Decimal::from(limit) / dec!(2));
+                    commands.push(order(side, order_type, tif, Decimal::from(q) / dec!(10000), limit));
+                }
+                Op::CancelNth(n) => {
+                    if let Some(id) = p.open_orders.keys().nth(n) {
+                        commands.push(Command::Cancel { order_id: *id });
+                    }
+                }
+                Op::CancelAll => commands.push(Command::CancelAll { symbol: None }),
+                Op::Tick(t) => {
+                    price = Decimal::from(t) / dec!(2);
+                    // What the engine's price book would find: every crossed resting order.
+                    for o in p.open_orders.values() {
+                        commands.push(Command::Trigger { order_id: o.id, price: pos(price) });
+                    }
+                }
+            }
+            for command in commands {
+                let v = MarketView { last_price: Some((pos(price), now())), ..v };
+                let before = p.clone();
+                match p.execute(&command, Some(&v)) {
+                    Ok(events) => {
+                        for e in &events {
+                            match e {
+                                Event::DepositCompleted { asset, amount, .. } if *asset == usd() => model_usd += *amount,
+                                Event::DepositCompleted { amount, .. } => model_btc += *amount,
+                                Event::OrderFilled(f) => {
+                                    prop_assert_eq!(f.notional, f.quantity.get() * f.price.get());
+                                    prop_assert_eq!(f.fee, vault_core::domain::round_up(f.notional * m.taker_fee_rate));
+                                    prop_assert!(f.fee >= f.notional * m.taker_fee_rate, "fees round up, never down");
+                                    match f.side {
+                                        Side::Buy => { model_usd -= f.notional + f.fee; model_btc += f.quantity.get(); }
+                                        Side::Sell => { model_usd += f.notional - f.fee; model_btc -= f.quantity.get(); }
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(_) => prop_assert_eq!(&p, &before, "a rejected command changes nothing"),
+                }
+                p.check_invariants().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(p.balance(&usd()).total, model_usd);
+                prop_assert_eq!(p.balance(&btc()).total, model_btc);
+            }
+        }
+        prop_assert!(p.cost_basis.values().all(|c| *c >= Decimal::ZERO));
+    }
+}
