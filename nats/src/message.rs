@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use vault_core::domain::{Asset, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce};
+
 use crate::{BusError, subjects};
 
 /// A message that travels on the backbone.
@@ -119,6 +121,128 @@ impl BusMessage for AuthEvent {
     }
 }
 
+/// A command for the engine, on `orders.<partition>.<user_id>` (stream ORDERS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCommand {
+    pub user_id: Uuid,
+    pub request_id: Option<String>,
+    /// When the API accepted it.
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub body: CommandBody,
+}
+
+/// The command itself; `type` on the wire is `order.place`, `order.cancel` or `deposit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum CommandBody {
+    #[serde(rename = "order.place")]
+    Place {
+        order_id: Uuid,
+        client_order_id: String,
+        symbol: Symbol,
+        side: Side,
+        order_type: OrderType,
+        time_in_force: TimeInForce,
+        quantity: Quantity,
+        limit_price: Option<Price>,
+    },
+    #[serde(rename = "order.cancel")]
+    Cancel { order_id: Uuid },
+    #[serde(rename = "deposit")]
+    Deposit { deposit_id: Uuid, client_deposit_id: String, asset: Asset, amount: Positive },
+}
+
+impl BusMessage for OrderCommand {
+    const VERSION: u16 = 1;
+    fn subject(&self) -> String {
+        subjects::order_command(self.user_id)
+    }
+    /// Dedupe ids: `<user>:<client_order_id>` for orders (as `API.md` requires), and ids of the
+    /// same shape for cancels and deposits. The engine uses it as the command's unique key.
+    fn msg_id(&self) -> String {
+        match &self.body {
+            CommandBody::Place { client_order_id, .. } => format!("{}:{client_order_id}", self.user_id),
+            CommandBody::Cancel { order_id } => format!("{}:cancel:{order_id}", self.user_id),
+            CommandBody::Deposit { client_deposit_id, .. } => format!("{}:deposit:{client_deposit_id}", self.user_id),
+        }
+    }
+}
+
+/// The kinds of engine events (`events.<kind>.<user_id>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "order.accepted")]
+    OrderAccepted,
+    #[serde(rename = "order.filled")]
+    OrderFilled,
+    #[serde(rename = "order.canceled")]
+    OrderCanceled,
+    #[serde(rename = "order.rejected")]
+    OrderRejected,
+    #[serde(rename = "order.expired")]
+    OrderExpired,
+    #[serde(rename = "deposit.completed")]
+    DepositCompleted,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::OrderAccepted => "order.accepted",
+            EventKind::OrderFilled => "order.filled",
+            EventKind::OrderCanceled => "order.canceled",
+            EventKind::OrderRejected => "order.rejected",
+            EventKind::OrderExpired => "order.expired",
+            EventKind::DepositCompleted => "deposit.completed",
+        }
+    }
+}
+
+/// An engine result, published from the outbox on `events.<kind>.<user_id>` (stream EVENTS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineEvent {
+    /// The outbox row's id; also the dedupe id, so a re-published event is stored once.
+    pub id: Uuid,
+    pub kind: EventKind,
+    pub user_id: Uuid,
+    pub request_id: Option<String>,
+    pub at: DateTime<Utc>,
+    /// The order (or deposit) object as the API shows it, after the change.
+    pub data: serde_json::Value,
+}
+
+impl BusMessage for EngineEvent {
+    const VERSION: u16 = 1;
+    fn subject(&self) -> String {
+        subjects::event(self.kind.as_str(), self.user_id)
+    }
+    fn msg_id(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+/// A price tick on `prices.<SYMBOL>` (stream PRICES): anything that publishes one moves the market.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceTick {
+    pub symbol: Symbol,
+    pub price: Price,
+    pub ts: DateTime<Utc>,
+    pub source: String,
+    /// Per source and symbol, increasing.
+    pub seq: u64,
+}
+
+impl BusMessage for PriceTick {
+    const VERSION: u16 = 1;
+    fn subject(&self) -> String {
+        subjects::price(&self.symbol.to_string())
+    }
+    fn msg_id(&self) -> String {
+        format!("{}:{}:{}", self.source, self.symbol, self.seq)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +268,42 @@ mod tests {
         assert_eq!(json["kind"], "login.failed");
         assert_eq!(decode::<AuthEvent>("auth.login.failed", &bytes).expect("decodes"), e);
         assert_eq!(e.subject(), "auth.login.failed");
+    }
+
+    #[test]
+    fn commands_and_ticks_have_the_wire_shape_of_the_contract() {
+        let user = Uuid::now_v7();
+        let cmd = OrderCommand {
+            user_id: user,
+            request_id: None,
+            at: Utc::now(),
+            body: CommandBody::Place {
+                order_id: Uuid::now_v7(),
+                client_order_id: "abc-1".into(),
+                symbol: Symbol::parse("BTC-USD").expect("valid"),
+                side: Side::Buy,
+                order_type: OrderType::Limit,
+                time_in_force: TimeInForce::Gtc,
+                quantity: Positive::new(rust_decimal::Decimal::new(15, 3)).expect("positive"),
+                limit_price: Some(Positive::new(rust_decimal::Decimal::new(5000000, 2)).expect("positive")),
+            },
+        };
+        let json: serde_json::Value = serde_json::from_slice(&encode(&cmd).expect("encodes")).expect("json");
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["type"], "order.place");
+        assert_eq!(json["quantity"], "0.015");
+        assert_eq!(json["limit_price"], "50000");
+        assert_eq!(cmd.msg_id(), format!("{user}:abc-1"));
+        assert!(cmd.subject().starts_with("orders."));
+        assert_eq!(decode::<OrderCommand>("orders.x", &encode(&cmd).expect("encodes")).expect("decodes"), cmd);
+
+        let tick: PriceTick = decode(
+            "prices.BTC-USD",
+            br#"{"v":1,"symbol":"BTC-USD","price":"50000.00","ts":"2026-11-22T12:00:00Z","source":"sim","seq":1}"#,
+        )
+        .expect("the API.md example decodes");
+        assert_eq!(tick.subject(), "prices.BTC-USD");
+        assert_eq!(tick.msg_id(), "sim:BTC-USD:1");
     }
 
     #[test]
