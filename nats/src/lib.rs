@@ -6,6 +6,8 @@
 //! versions ([`message`]). Publishing always sets `Nats-Msg-Id` (JetStream's dedupe key) and
 //! `X-Request-Id`, and awaits the JetStream ack ([`Bus::publish`]).
 //!
+//! [`views`] holds the order and deposit objects shared by API answers and event payloads.
+//!
 //! No other crate spells a subject or a stream name.
 
 pub mod consumers;
@@ -13,6 +15,7 @@ pub mod message;
 pub mod process;
 pub mod streams;
 pub mod subjects;
+pub mod views;
 
 mod bus;
 mod error;
