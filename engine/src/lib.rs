@@ -6,6 +6,7 @@
 //! ops server and graceful shutdown. The portfolio state machine, the actors and persistence
 //! are built on top of it.
 
+pub mod book;
 pub mod portfolio;
 
 use tokio_util::sync::CancellationToken;
