@@ -40,9 +40,11 @@ NATS_MONITOR_PORT=${VAULT_NATS_MONITOR_PORT:-8333}
 PG_ADMIN_URL=postgresql://postgres:postgres@127.0.0.1:5432/postgres
 DB_NAME=cryptovault
 API_ADDR=127.0.0.1:8080
+# Where cargo puts the release binaries (a CARGO_TARGET_DIR of the developer is honoured).
+BIN_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release
 
 # The application processes, in the order `down` stops them: command line (binary in
-# target/release, then arguments) and the address of its ops endpoints (/readyz, /metrics).
+# $BIN_DIR, then arguments) and the address of its ops endpoints (/readyz, /metrics).
 APPS=(api engine worker-prices worker-audit worker-notify)
 declare -A APP_CMD=(
   [api]="vault-api serve"
@@ -108,7 +110,7 @@ proc_bin() {
   if [ "$1" = nats ]; then
     printf '%s' "$NATS_BIN"
   else
-    printf '%s/target/release/%s' "$ROOT" "${APP_CMD[$1]%% *}"
+    printf '%s/%s' "$BIN_DIR" "${APP_CMD[$1]%% *}"
   fi
 }
 
@@ -120,12 +122,18 @@ read_pid() {
   return 0
 }
 
-# Succeeds when the process is running and is the one we started.
+# Succeeds when the process is running and is the one we started: NATS by its full path (so
+# never the system's nats-server), our binaries by name (so a later `down` with another
+# CARGO_TARGET_DIR still finds them).
 is_running() {
   local pid=$2 argv0
   [ -n "$pid" ] || return 1
   argv0=$(tr '\0' '\n' 2>/dev/null </proc/"$pid"/cmdline | head -n 1) || return 1
-  [ "$argv0" = "$(proc_bin "$1")" ]
+  if [ "$1" = nats ]; then
+    [ "$argv0" = "$NATS_BIN" ]
+  else
+    [ "${argv0##*/}" = "${APP_CMD[$1]%% *}" ]
+  fi
 }
 
 # The readiness URL of a process.
@@ -181,8 +189,17 @@ start_proc() {
     return 0
   fi
   nohup "$@" >>"$(log_file "$name")" 2>&1 </dev/null &
-  echo $! >"$(pid_file "$name")"
-  say "$name started (pid $!)"
+  pid=$!
+  echo "$pid" >"$(pid_file "$name")"
+  # Until the forked child has exec'd, its command line is still this script's: give it up to
+  # 5 s to become the binary, so the checks that follow do not take it for a dead process.
+  local i
+  for ((i = 0; i < 50; i++)); do
+    is_running "$name" "$pid" && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  say "$name started (pid $pid)"
 }
 
 # SIGTERM, up to 30 s to exit, then SIGKILL. Only ever signals a process `is_running` vouches for.
@@ -351,7 +368,7 @@ cmd_up() {
   write_stack_env
 
   say "applying migrations"
-  "$ROOT/target/release/vault-api" migrate >>"$(log_file migrate)" 2>&1 || {
+  "$BIN_DIR/vault-api" migrate >>"$(log_file migrate)" 2>&1 || {
     show_log_tail migrate
     die "migrations failed (see $(log_file migrate))"
   }
@@ -441,7 +458,9 @@ cmd_test() {
     run_step "tests (cargo test)" cargo test --workspace --no-fail-fast
   fi
   if [ ${#FAILED[@]} -gt 0 ]; then
-    die "failed after $(elapsed "$start"): ${FAILED[*]}"
+    local list
+    printf -v list '%s; ' "${FAILED[@]}"
+    die "failed after $(elapsed "$start"): ${list%; }"
   fi
   say "all checks passed in $(elapsed "$start")"
 }
