@@ -73,7 +73,7 @@ async fn consumer_names(nats: &NatsServer) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn the_engine_declares_its_partition_consumers_once_and_serves_ops() {
-    let (nats, db) = (NatsServer::start().await, TestDb::create().await);
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
     let (mut engine, addr) = start_engine(&db, &nats, "0-3").await;
     assert_ops_endpoints(&addr).await;
     let first = consumer_names(&nats).await;

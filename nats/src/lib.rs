@@ -12,6 +12,7 @@
 
 pub mod consumers;
 pub mod message;
+pub mod park;
 pub mod process;
 pub mod streams;
 pub mod subjects;

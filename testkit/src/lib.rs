@@ -163,6 +163,15 @@ impl TestDb {
         TestDb { url: format!("{base}/{name}"), name }
     }
 
+    /// Creates a database with every migration applied.
+    pub async fn migrated() -> TestDb {
+        let db = TestDb::create().await;
+        let pool = db.pool().await;
+        vault_core::db::migrate(&pool).await.expect("migrations apply");
+        pool.close().await;
+        db
+    }
+
     pub async fn pool(&self) -> PgPool {
         PgPool::connect(&self.url).await.expect("connect to the test database")
     }

@@ -1,0 +1,315 @@
+//! The actor layer: one [`PortfolioActor`] per user, spread over one arbiter (thread) per core.
+//!
+//! - A [`Shard`] lives on each arbiter and owns the actors of the users hashed to it: it starts
+//!   an actor on the first command for a user (loading its state from Postgres) and stops it
+//!   after [`IDLE`] without work — only when nothing for that user is in flight, so a stopped
+//!   actor never holds unapplied work.
+//! - A [`PortfolioActor`] handles one unit of work at a time (`AtomicResponse`: its mailbox waits
+//!   while a commit is in progress), so a user's commands are applied serially, in the order the
+//!   shard received them. A failed commit is retried in place (backoff) rather than skipped, so
+//!   order is never broken; a version conflict reloads the state first.
+//! - Each shard has its own Postgres pool, created lazily on its arbiter: connections stay on the
+//!   thread (and runtime) that uses them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vault_core::domain::{Market, Price, Symbol};
+
+use crate::book::{PriceBook, Resting};
+use crate::portfolio::{Event, MarketView};
+use crate::store::{self, Outcome, StoreError, UserState, Work};
+
+/// How long an actor may sit without work before it is stopped.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// Mailbox capacity of shards and actors: effectively unbounded (see [`Shard::start_on`]).
+const MAILBOX: usize = 1 << 20;
+/// How many times a version conflict reloads and retries before giving up on a unit of work.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Market rules and the latest price per symbol, shared by every shard.
+#[derive(Debug, Default)]
+pub struct Markets {
+    pub rules: HashMap<Symbol, Market>,
+    pub prices: HashMap<Symbol, (Price, DateTime<Utc>)>,
+}
+
+/// What every shard and actor shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub db: PgConnectOptions,
+    pub markets: RwLock<Markets>,
+    pub book: Mutex<PriceBook>,
+    /// Woken after every commit that wrote outbox rows.
+    pub outbox: Notify,
+    pub max_price_age: chrono::Duration,
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    fn market_for(&self, symbol: &Symbol) -> (Option<Market>, Option<(Price, DateTime<Utc>)>) {
+        let markets = self.markets.read().expect("markets lock is never poisoned: no code panics holding it");
+        (markets.rules.get(symbol).cloned(), markets.prices.get(symbol).copied())
+    }
+}
+
+/// Apply one unit of work for one user.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Outcome, StoreError>")]
+pub struct Route {
+    pub user_id: Uuid,
+    pub work: Work,
+}
+
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Outcome, StoreError>")]
+struct Apply(Work);
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Completed(Uuid);
+
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Stop;
+
+/// How many actors are alive (for metrics and tests).
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct ActorCount;
+
+struct Entry {
+    addr: Addr<PortfolioActor>,
+    in_flight: usize,
+    last_routed: Instant,
+}
+
+/// The actors of one arbiter.
+pub struct Shard {
+    shared: Arc<Shared>,
+    pool: PgPool,
+    actors: HashMap<Uuid, Entry>,
+    idle: Duration,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("actors", &self.actors.len()).finish()
+    }
+}
+
+impl Shard {
+    /// Starts a shard on `arbiter`.
+    pub fn start_on(arbiter: &ArbiterHandle, shared: Arc<Shared>, connections: u32, idle: Duration) -> Addr<Shard> {
+        Shard::start_in_arbiter(arbiter, move |ctx| {
+            // Never "full": senders rely on `send` enqueueing at once, which keeps per-user
+            // order; the consumers bound how much is in flight.
+            ctx.set_mailbox_capacity(MAILBOX);
+            let pool = PgPoolOptions::new()
+                .max_connections(connections)
+                .acquire_timeout(Duration::from_secs(3))
+                .connect_lazy_with(shared.db.clone());
+            Shard { shared, pool, actors: HashMap::new(), idle }
+        })
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.idle.min(Duration::from_secs(10)), |shard, _| {
+            let idle = shard.idle;
+            shard.actors.retain(|user, entry| {
+                let keep = entry.in_flight > 0 || entry.last_routed.elapsed() < idle;
+                if !keep {
+                    tracing::debug!(user_id = %user, "passivating idle portfolio actor");
+                    entry.addr.do_send(Stop);
+                }
+                keep
+            });
+        });
+    }
+}
+
+impl Handler<Route> for Shard {
+    type Result = ResponseFuture<Result<Outcome, StoreError>>;
+
+    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
+        let (shared, pool) = (self.shared.clone(), self.pool.clone());
+        let entry = self.actors.entry(msg.user_id).or_insert_with(|| Entry {
+            addr: PortfolioActor::create(|ctx| {
+                ctx.set_mailbox_capacity(MAILBOX);
+                PortfolioActor { user_id: msg.user_id, state: None, shared, pool }
+            }),
+            in_flight: 0,
+            last_routed: Instant::now(),
+        });
+        entry.in_flight += 1;
+        entry.last_routed = Instant::now();
+        let send = entry.addr.send(Apply(msg.work));
+        let me = ctx.address();
+        let user = msg.user_id;
+        Box::pin(async move {
+            let result = send.await;
+            me.do_send(Completed(user));
+            result.unwrap_or_else(|e| {
+                Err(StoreError::Corrupt { user, reason: format!("portfolio actor unavailable: {e}") })
+            })
+        })
+    }
+}
+
+impl Handler<Completed> for Shard {
+    type Result = ();
+    fn handle(&mut self, Completed(user): Completed, _: &mut Self::Context) {
+        if let Some(entry) = self.actors.get_mut(&user) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl Handler<ActorCount> for Shard {
+    type Result = usize;
+    fn handle(&mut self, _: ActorCount, _: &mut Self::Context) -> usize {
+        self.actors.len()
+    }
+}
+
+/// One user's portfolio, applied one unit of work at a time.
+#[derive(Debug)]
+pub struct PortfolioActor {
+    user_id: Uuid,
+    /// `None` until loaded, and again after a failure (reloaded before the next work).
+    state: Option<UserState>,
+    shared: Arc<Shared>,
+    pool: PgPool,
+}
+
+impl Actor for PortfolioActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Stop> for PortfolioActor {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Apply> for PortfolioActor {
+    type Result = AtomicResponse<Self, Result<Outcome, StoreError>>;
+
+    fn handle(&mut self, Apply(work): Apply, _: &mut Self::Context) -> Self::Result {
+        let (user, shared, pool, state) = (self.user_id, self.shared.clone(), self.pool.clone(), self.state.take());
+        let fut = async move { apply_with_retries(user, &shared, &pool, state, &work).await.map(|r| (r, work)) };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|result, actor, _| match result {
+            Ok(((outcome, next), work)) => {
+                actor.after_commit(&outcome, &next, &work);
+                actor.state = Some(next);
+                Ok(outcome)
+            }
+            Err(e) => {
+                actor.state = None;
+                Err(e)
+            }
+        })))
+    }
+}
+
+impl PortfolioActor {
+    /// Keeps the price book in step with the committed state, and wakes the outbox relay.
+    fn after_commit(&self, outcome: &Outcome, next: &UserState, work: &Work) {
+        let mut book = self.shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
+        if let Outcome::Applied { events, .. } = outcome {
+            for event in events {
+                match event {
+                    Event::OrderAccepted(o) => book.insert(
+                        &o.symbol,
+                        Resting { order_id: o.id, user_id: self.user_id, side: o.side, limit: o.limit_price.get() },
+                    ),
+                    Event::OrderFilled(f) => book.remove(f.order_id),
+                    Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
+                    _ => {}
+                }
+            }
+        }
+        // A trigger takes the order out of the book; if it is still open (the tick no longer
+        // crossed by the time it was applied, or the market is halted), put it back.
+        if let Work::Trigger { order_id, .. } = work
+            && let Some(o) = next.portfolio.open_orders.get(order_id)
+        {
+            book.insert(
+                &o.symbol,
+                Resting { order_id: o.id, user_id: self.user_id, side: o.side, limit: o.limit_price.get() },
+            );
+        }
+        drop(book);
+        if matches!(outcome, Outcome::Applied { .. }) {
+            self.shared.outbox.notify_one();
+        }
+    }
+}
+
+/// Loads (when needed) and commits, retrying version conflicts with a reload and database
+/// failures with backoff until they pass or shutdown starts.
+async fn apply_with_retries(
+    user: Uuid,
+    shared: &Shared,
+    pool: &PgPool,
+    mut state: Option<UserState>,
+    work: &Work,
+) -> Result<(Outcome, UserState), StoreError> {
+    let mut conflicts = 0;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let result = async {
+            let current = match state.take() {
+                Some(s) => s,
+                None => store::load(pool, user).await?,
+            };
+            let (market, price) = match work.symbol() {
+                Some(symbol) => shared.market_for(&symbol),
+                None => (None, None),
+            };
+            let view = market.as_ref().map(|m| MarketView {
+                market: m,
+                last_price: price,
+                now: Utc::now(),
+                max_price_age: shared.max_price_age,
+            });
+            let outcome = store::commit(pool, &current, work, view.as_ref(), Utc::now()).await;
+            if outcome.is_err() {
+                state = None;
+            }
+            outcome
+        }
+        .await;
+        match result {
+            Ok(done) => return Ok(done),
+            Err(StoreError::VersionConflict(_)) if conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                metrics::counter!("vault_engine_version_conflicts_total").increment(1);
+                tracing::warn!(user_id = %user, "version conflict; reloading and retrying");
+            }
+            Err(StoreError::Database(e)) if !shared.shutdown.is_cancelled() => {
+                metrics::counter!("vault_engine_commit_retries_total").increment(1);
+                tracing::warn!(user_id = %user, error = %e, retry_in = ?delay, "commit failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

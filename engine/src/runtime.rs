@@ -1,0 +1,374 @@
+//! The engine's moving parts around the actors, each a task that drains on shutdown:
+//!
+//! - one consumer loop per owned ORDERS partition ([`consume_partition`]): pulls commands,
+//!   routes each to its user's actor, acks only after the actor committed; a message that
+//!   cannot be decoded, or still fails on its last delivery, is parked and terminated;
+//! - the price feed ([`price_feed`]): an ordered consumer on PRICES starting at the last tick of
+//!   every market, keeping the latest price per symbol and triggering the resting orders a tick
+//!   crosses;
+//! - the outbox relay ([`relay_outbox`]): publishes committed events to EVENTS (dedupe id = the
+//!   outbox row id, so a crash between publish and mark re-publishes harmlessly);
+//! - the market rules refresher ([`refresh_markets`]): halts and resumes take effect within
+//!   seconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
+use vault_bus::message::{EngineEvent, OrderCommand, PriceTick, decode};
+use vault_bus::{Bus, MessageContext, park, streams, subjects};
+use vault_core::config::PartitionRange;
+use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
+
+use crate::actors::{Markets, Route, Shard, Shared};
+use crate::book::{PriceBook, Resting};
+use crate::store::{Outcome, StoreError, Work};
+
+/// Commands of one partition in flight at once (routed, not yet acked).
+const MAX_IN_FLIGHT: usize = 1024;
+/// Outbox rows published per round.
+const RELAY_BATCH: i64 = 256;
+
+/// Routes work to the shard that owns the user.
+#[derive(Debug, Clone)]
+pub struct Router {
+    shards: Arc<Vec<Addr<Shard>>>,
+}
+
+impl Router {
+    pub fn new(shards: Vec<Addr<Shard>>) -> Self {
+        Router { shards: Arc::new(shards) }
+    }
+
+    /// Enqueues the work at once (so calls in order stay in order) and returns its result.
+    pub fn route(&self, user_id: Uuid, work: Work) -> impl Future<Output = Result<Outcome, StoreError>> + use<> {
+        // Users spread over shards by the low bits of their id (random in v4 and v7 UUIDs).
+        let shard = (user_id.as_u128() % self.shards.len() as u128) as usize;
+        let request = self.shards[shard].send(Route { user_id, work });
+        async move {
+            request.await.unwrap_or_else(|e| {
+                Err(StoreError::Corrupt { user: user_id, reason: format!("shard unavailable: {e}") })
+            })
+        }
+    }
+
+    pub fn shards(&self) -> &[Addr<Shard>] {
+        &self.shards
+    }
+}
+
+/// Loads every market's rules.
+pub async fn load_markets(pool: &PgPool) -> Result<Vec<Market>, sqlx::Error> {
+    let rows: Vec<(String, String, Decimal, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT symbol, status, price_increment, quantity_increment, min_notional, taker_fee_rate FROM markets",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(symbol, status, price_increment, quantity_increment, min_notional, taker_fee_rate)| {
+            Some(Market {
+                symbol: Symbol::parse(&symbol).ok()?,
+                status: if status == "halted" { MarketStatus::Halted } else { MarketStatus::Trading },
+                price_increment,
+                quantity_increment,
+                min_notional,
+                taker_fee_rate,
+            })
+        })
+        .collect())
+}
+
+/// Reloads market rules every two seconds until shutdown.
+pub async fn refresh_markets(pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => match load_markets(&pool).await {
+                Ok(markets) => {
+                    let mut m = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
+                    m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
+                }
+                Err(e) => tracing::warn!(error = %e, "could not refresh market rules; keeping the last ones"),
+            },
+        }
+    }
+}
+
+/// The price book of the owned partitions, rebuilt from the open orders.
+pub async fn rebuild_book(pool: &PgPool, partitions: PartitionRange) -> Result<PriceBook, sqlx::Error> {
+    let rows: Vec<(Uuid, Uuid, String, String, Decimal)> = sqlx::query_as(
+        "SELECT id, user_id, symbol, side, limit_price FROM orders WHERE status = 'open' AND limit_price IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut book = PriceBook::default();
+    for (order_id, user_id, symbol, side, limit) in rows {
+        let p = subjects::partition_of(user_id);
+        if p < partitions.first || p > partitions.last {
+            continue;
+        }
+        let Ok(symbol) = Symbol::parse(&symbol) else { continue };
+        let side = if side == "buy" { Side::Buy } else { Side::Sell };
+        book.insert(&symbol, Resting { order_id, user_id, side, limit });
+    }
+    Ok(book)
+}
+
+/// Consumes one ORDERS partition until shutdown, then finishes (acks or leaves for redelivery)
+/// what is in flight.
+pub async fn consume_partition(
+    bus: Bus,
+    pool: PgPool,
+    router: Router,
+    spec: ConsumerSpec,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
+    let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+    let mut in_flight = FuturesUnordered::new();
+    let durable = spec.durable.as_str();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some((msg, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                settle(&pool, durable, msg, result).await;
+            }
+            next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
+                Some(Ok(msg)) => {
+                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
+                        Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
+                            let user = command.user_id;
+                            let done = router.route(user, Work::Command { command, stream_seq: seq });
+                            in_flight.push(async move { (msg, done.await) });
+                        }
+                        Ok(command) => {
+                            let reason = format!("command for user {} on the wrong subject", command.user_id);
+                            park_and_term(&pool, durable, &msg, &reason).await;
+                        }
+                        Err(e) => park_and_term(&pool, durable, &msg, &e.to_string()).await,
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(consumer = durable, error = %e, "pull failed; continuing");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => {
+                    tracing::warn!(consumer = durable, "message stream ended; re-subscribing");
+                    messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+                }
+            },
+        }
+    }
+    drop(messages);
+    while let Some((msg, result)) = in_flight.next().await {
+        settle(&pool, durable, msg, result).await;
+    }
+    tracing::info!(consumer = durable, "consumer drained");
+    Ok(())
+}
+
+async fn settle(
+    pool: &PgPool,
+    durable: &str,
+    msg: async_nats::jetstream::Message,
+    result: Result<Outcome, StoreError>,
+) {
+    match result {
+        Ok(outcome) => {
+            let label = match outcome {
+                Outcome::Applied { .. } => "applied",
+                Outcome::Void => "void",
+                Outcome::Duplicate => "duplicate",
+            };
+            metrics::counter!("vault_engine_commands_total", "outcome" => label).increment(1);
+            if let Err(e) = msg.ack().await {
+                // The commit stands; a redelivery will be recognised as a duplicate.
+                tracing::warn!(consumer = durable, error = %e, "ack failed after commit");
+            }
+        }
+        Err(e) => {
+            let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+            if delivered >= MAX_DELIVER {
+                park_and_term(pool, durable, &msg, &format!("failed on delivery {delivered}: {e}")).await;
+            } else {
+                tracing::warn!(consumer = durable, delivered, error = %e, "command failed; will be redelivered");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
+
+async fn park_and_term(pool: &PgPool, durable: &str, msg: &async_nats::jetstream::Message, reason: &str) {
+    match park::park(pool, streams::ORDERS.name, durable, msg, reason).await {
+        Ok(()) => {
+            let _ = msg.ack_with(AckKind::Term).await;
+        }
+        // Not parked, so not terminated either: it comes back and is parked then.
+        Err(e) => tracing::error!(consumer = durable, error = %e, reason, "could not park a message"),
+    }
+}
+
+/// Follows PRICES from the last tick of every market: keeps the latest price per symbol and
+/// sends a trigger to the owner of every resting order a tick crosses.
+pub async fn price_feed(
+    bus: Bus,
+    shared: Arc<Shared>,
+    router: Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::PRICES_ALL.to_owned(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = messages.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "price feed interrupted; continuing");
+                continue;
+            }
+            None => return Ok(()),
+        };
+        let tick = match decode::<PriceTick>(msg.subject.as_str(), &msg.payload) {
+            Ok(tick) => tick,
+            Err(e) => {
+                metrics::counter!("vault_engine_bad_ticks_total").increment(1);
+                tracing::warn!(error = %e, "ignoring an undecodable price tick");
+                continue;
+            }
+        };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        apply_tick(&shared, &router, tick, seq);
+    }
+}
+
+/// Records a tick (unless an older one arrives late) and triggers the orders it crosses.
+pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u64) {
+    {
+        let mut markets = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
+        let newer = markets.prices.get(&tick.symbol).is_none_or(|(_, at): &(Positive, DateTime<Utc>)| *at <= tick.ts);
+        if !newer {
+            return;
+        }
+        markets.prices.insert(tick.symbol.clone(), (tick.price, tick.ts));
+    }
+    let crossed = {
+        let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
+        book.crossed(&tick.symbol, tick.price.get())
+    };
+    for resting in crossed {
+        let work =
+            Work::Trigger { order_id: resting.order_id, symbol: tick.symbol.clone(), price: tick.price, tick_seq: seq };
+        let done = router.route(resting.user_id, work);
+        let (shared, symbol) = (shared.clone(), tick.symbol.clone());
+        actix::spawn(async move {
+            if let Err(e) = done.await {
+                // Not filled: back into the book for the next tick.
+                tracing::warn!(order_id = %resting.order_id, error = %e, "trigger failed; order stays resting");
+                shared
+                    .book
+                    .lock()
+                    .expect("book lock is never poisoned: no code panics holding it")
+                    .insert(&symbol, resting);
+            }
+        });
+    }
+}
+
+/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it).
+pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = shared.outbox.notified() => false,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        loop {
+            match relay_once(&bus, &pool).await {
+                Ok(0) => break,
+                Ok(n) => metrics::counter!("vault_outbox_published_total").increment(n as u64),
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay failed; retrying");
+                    break;
+                }
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+/// Publishes one batch; returns how many rows it marked published.
+async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+        "SELECT id, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(RELAY_BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut acks = Vec::with_capacity(rows.len());
+    for (id, payload) in &rows {
+        let event: EngineEvent = decode("outbox", payload.to_string().as_bytes())?;
+        let ctx = MessageContext { request_id: event.request_id.clone() };
+        acks.push((*id, bus.start_publish(&event, &ctx).await?));
+    }
+    let mut published = Vec::with_capacity(acks.len());
+    for (id, ack) in acks {
+        match ack.await {
+            Ok(_) => published.push(id),
+            Err(e) => tracing::warn!(outbox_id = %id, error = %e, "event not acknowledged; will retry"),
+        }
+    }
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)").bind(&published).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(published.len())
+}
+
+/// Wires everything for [`crate::run`].
+pub fn shared(
+    settings: &vault_core::Settings,
+    markets: Vec<Market>,
+    book: PriceBook,
+    shutdown: CancellationToken,
+) -> Arc<Shared> {
+    Arc::new(Shared {
+        db: settings.database_url.connect_options(),
+        markets: std::sync::RwLock::new(Markets {
+            rules: markets.into_iter().map(|m| (m.symbol.clone(), m)).collect(),
+            prices: Default::default(),
+        }),
+        book: std::sync::Mutex::new(book),
+        outbox: tokio::sync::Notify::new(),
+        max_price_age: chrono::Duration::from_std(settings.max_price_age).unwrap_or(chrono::Duration::seconds(30)),
+        shutdown,
+    })
+}

@@ -1,0 +1,428 @@
+//! The engine binary end to end: commands on ORDERS (as the API publishes them, with the API's
+//! intake rows), price ticks on PRICES, and what lands in Postgres and on EVENTS.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
+use vault_bus::{Bus, BusMessage, MessageContext};
+use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Stack {
+    nats: NatsServer,
+    db: TestDb,
+    pool: PgPool,
+    bus: Bus,
+    engine: Proc,
+    ops: String,
+    seq: u64,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+        let pool = db.pool().await;
+        let (engine, ops) = start_engine(&db, &nats).await;
+        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+        Stack { nats, db, pool, bus, engine, ops, seq: 0 }
+    }
+
+    async fn restart_engine(&mut self) {
+        self.engine.signal("TERM");
+        assert_eq!(self.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", self.engine.output());
+        let (engine, ops) = start_engine(&self.db, &self.nats).await;
+        self.engine = engine;
+        self.ops = ops;
+    }
+
+    async fn user(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
+            .bind(id)
+            .bind(format!("{id}@example.com"))
+            .execute(&self.pool)
+            .await
+            .expect("user");
+        id
+    }
+
+    async fn send(&self, user: Uuid, body: CommandBody) {
+        let command =
+            OrderCommand { user_id: user, request_id: Some(format!("req-{}", Uuid::now_v7())), at: Utc::now(), body };
+        self.bus
+            .publish(&command, &MessageContext { request_id: command.request_id.clone() })
+            .await
+            .expect("published");
+    }
+
+    /// What the API does for a deposit: the pending intake row, then the command.
+    async fn deposit(&self, user: Uuid, asset: &str, amount: Decimal) -> Uuid {
+        let id = Uuid::now_v7();
+        let client_id = format!("dep-{}", id.simple());
+        sqlx::query("INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(user)
+            .bind(&client_id)
+            .bind(asset)
+            .bind(amount)
+            .execute(&self.pool)
+            .await
+            .expect("intake row");
+        let body = CommandBody::Deposit {
+            deposit_id: id,
+            client_deposit_id: client_id,
+            asset: Asset::parse(asset).expect("asset"),
+            amount: Positive::new(amount).expect("positive"),
+        };
+        self.send(user, body).await;
+        self.wait_status("deposits", id, "completed").await;
+        id
+    }
+
+    /// What the API does for an order: the pending intake row, then the command.
+    async fn place(
+        &self,
+        user: Uuid,
+        side: Side,
+        tif: TimeInForce,
+        qty: Decimal,
+        limit: Option<Decimal>,
+    ) -> (Uuid, CommandBody) {
+        let id = Uuid::now_v7();
+        let order_type = if limit.is_some() { OrderType::Limit } else { OrderType::Market };
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
+             VALUES ($1, $2, $3, 'BTC-USD', $4, $5, $6, $7, $8, 'pending')",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(format!("c-{}", id.simple()))
+        .bind(if side == Side::Buy { "buy" } else { "sell" })
+        .bind(if limit.is_some() { "limit" } else { "market" })
+        .bind(match tif {
+            TimeInForce::Gtc => "gtc",
+            TimeInForce::Ioc => "ioc",
+            TimeInForce::Fok => "fok",
+        })
+        .bind(qty)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .expect("intake row");
+        let body = CommandBody::Place {
+            order_id: id,
+            client_order_id: format!("c-{}", id.simple()),
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side,
+            order_type,
+            time_in_force: tif,
+            quantity: Positive::new(qty).expect("positive"),
+            limit_price: limit.map(|l| Positive::new(l).expect("positive")),
+        };
+        self.send(user, body.clone()).await;
+        (id, body)
+    }
+
+    async fn tick(&mut self, price: Decimal) {
+        self.seq += 1;
+        let tick = PriceTick {
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            price: Positive::new(price).expect("positive"),
+            ts: Utc::now(),
+            source: "test".into(),
+            seq: self.seq,
+        };
+        self.bus.publish(&tick, &MessageContext::default()).await.expect("tick published");
+    }
+
+    async fn wait_status(&self, table: &str, id: Uuid, want: &str) {
+        let sql = format!("SELECT status FROM {table} WHERE id = $1");
+        poll_until(WAIT, &format!("{table} {id} to be {want}"), || async {
+            let status: Option<String> = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()?;
+            (status.as_deref() == Some(want)).then_some(())
+        })
+        .await;
+    }
+
+    async fn balance(&self, user: Uuid, asset: &str) -> (Decimal, Decimal) {
+        sqlx::query_as("SELECT total, reserved FROM balances WHERE user_id = $1 AND asset = $2")
+            .bind(user)
+            .bind(asset)
+            .fetch_optional(&self.pool)
+            .await
+            .expect("query")
+            .unwrap_or_default()
+    }
+
+    /// The money invariants of ARCHITECTURE.md over the whole database.
+    async fn assert_books_balance(&self) {
+        let unbalanced: Vec<(String, Decimal)> =
+            sqlx::query_as("SELECT asset, sum(amount) FROM ledger_entries GROUP BY asset HAVING sum(amount) <> 0")
+                .fetch_all(&self.pool)
+                .await
+                .expect("query");
+        assert!(unbalanced.is_empty(), "every asset sums to zero: {unbalanced:?}");
+        let drift: Vec<(Uuid, String, Decimal, Decimal)> = sqlx::query_as(
+            "SELECT b.user_id, b.asset, b.total, COALESCE(l.sum, 0) FROM balances b
+               LEFT JOIN (SELECT user_id, asset, sum(amount) AS sum FROM ledger_entries WHERE account = 'user'
+                           GROUP BY user_id, asset) l ON l.user_id = b.user_id AND l.asset = b.asset
+              WHERE b.total <> COALESCE(l.sum, 0)",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("query");
+        assert!(drift.is_empty(), "balances equal their ledger sums: {drift:?}");
+        let holds: Vec<(Uuid, String, Decimal, Decimal)> = sqlx::query_as(
+            "SELECT b.user_id, b.asset, b.reserved, COALESCE(h.sum, 0) FROM balances b
+               LEFT JOIN (SELECT user_id, hold_asset, sum(hold) AS sum FROM orders WHERE status = 'open'
+                           GROUP BY user_id, hold_asset) h ON h.user_id = b.user_id AND h.hold_asset = b.asset
+              WHERE b.reserved <> COALESCE(h.sum, 0) OR b.total - b.reserved < 0",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("query");
+        assert!(holds.is_empty(), "reserved equals open holds and nothing is negative: {holds:?}");
+    }
+
+    async fn events(&self) -> Vec<(String, Value)> {
+        let mut stream = self.bus.jetstream().get_stream("EVENTS").await.expect("EVENTS");
+        let last = stream.info().await.expect("info").state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push((m.subject.to_string(), serde_json::from_slice(&m.payload).expect("json")));
+            }
+        }
+        out
+    }
+}
+
+async fn start_engine(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(db, nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    let mut engine = Proc::spawn(BIN, &[], &envs);
+    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    (engine, addr)
+}
+
+#[tokio::test]
+async fn a_deposit_and_a_market_buy_move_money_through_the_double_entry_ledger() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(10000)).await;
+    assert_eq!(s.balance(user, "USD").await, (dec!(10000), dec!(0)));
+
+    s.tick(dec!(50000)).await;
+    let (order, _) = s.place(user, Side::Buy, TimeInForce::Ioc, dec!(0.1), None).await;
+    // The first order may race the first tick: a no_price rejection is a legitimate verdict,
+    // so wait for any terminal state and retry once if the tick had not arrived yet.
+    let status = poll_until(WAIT, "the order to be decided", || async {
+        let st: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_optional(&s.pool)
+            .await
+            .ok()?;
+        st.filter(|st| st != "pending")
+    })
+    .await;
+    let order = if status == "rejected" {
+        let (again, _) = s.place(user, Side::Buy, TimeInForce::Ioc, dec!(0.1), None).await;
+        s.wait_status("orders", again, "filled").await;
+        again
+    } else {
+        assert_eq!(status, "filled");
+        order
+    };
+
+    let (price, fee, filled): (Decimal, Decimal, Decimal) =
+        sqlx::query_as("SELECT average_fill_price, fee, filled_quantity FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_one(&s.pool)
+            .await
+            .expect("order");
+    assert_eq!((price, fee, filled), (dec!(50000), dec!(5), dec!(0.1)));
+    assert_eq!(s.balance(user, "USD").await, (dec!(4995), dec!(0)), "10000 − 5000 − 5 fee");
+    assert_eq!(s.balance(user, "BTC").await, (dec!(0.1), dec!(0)));
+    let fills: i64 = sqlx::query_scalar("SELECT count(*) FROM fills WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("n");
+    assert_eq!(fills, 1);
+    let fee_account: Decimal = sqlx::query_scalar("SELECT sum(amount) FROM ledger_entries WHERE account = 'fees'")
+        .fetch_one(&s.pool)
+        .await
+        .expect("fees");
+    assert_eq!(fee_account, dec!(5));
+    s.assert_books_balance().await;
+
+    // The results left through the outbox, with the order object as data.
+    let events = poll_until(WAIT, "order.filled on EVENTS", || async {
+        let events = s.events().await;
+        events.iter().any(|(subject, _)| subject == &format!("events.order.filled.{user}")).then_some(events)
+    })
+    .await;
+    let (_, filled_event) = events.iter().find(|(subj, _)| subj.starts_with("events.order.filled.")).expect("filled");
+    assert_eq!(filled_event["data"]["id"], order.to_string());
+    assert_eq!(filled_event["data"]["status"], "filled");
+    assert_eq!(filled_event["data"]["fills"].as_array().expect("fills").len(), 1);
+    assert!(events.iter().any(|(subj, _)| subj == &format!("events.deposit.completed.{user}")));
+}
+
+#[tokio::test]
+async fn a_resting_limit_order_holds_funds_fills_on_a_crossing_tick_and_cancel_releases_holds() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(1000)).await;
+    s.tick(dec!(50000)).await;
+
+    let (resting, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await;
+    s.wait_status("orders", resting, "open").await;
+    assert_eq!(s.balance(user, "USD").await, (dec!(1000), dec!(400.4)), "400 notional + 0.4 fee held");
+    let (other, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.001), Some(dec!(30000))).await;
+    s.wait_status("orders", other, "open").await;
+
+    // Above the limit nothing happens; at 39000 the first fills at the tick's price.
+    s.tick(dec!(45000)).await;
+    s.tick(dec!(39000)).await;
+    s.wait_status("orders", resting, "filled").await;
+    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+        .bind(resting)
+        .fetch_one(&s.pool)
+        .await
+        .expect("fill");
+    assert_eq!(price, dec!(39000));
+    assert_eq!(
+        s.balance(user, "USD").await,
+        (dec!(609.61), dec!(30.03)),
+        "1000 − 390 − 0.39; the other order still holds 30.03"
+    );
+
+    s.send(user, CommandBody::Cancel { order_id: other }).await;
+    s.wait_status("orders", other, "canceled").await;
+    assert_eq!(s.balance(user, "USD").await, (dec!(609.61), dec!(0)));
+    s.assert_books_balance().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_command_is_applied_once_and_a_withdrawn_one_not_at_all() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(100000)).await;
+    s.tick(dec!(50000)).await;
+    let (order, body) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.5), Some(dec!(60000))).await;
+    s.wait_status("orders", order, "filled").await;
+
+    // The same command again under another JetStream id (as a redelivery after a crash would
+    // arrive): the engine's own key recognises it.
+    let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+    let payload = vault_bus::message::encode(&command).expect("encodes");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "a-different-dedupe-id");
+    s.bus
+        .jetstream()
+        .publish_with_headers(command.subject(), headers, payload.into())
+        .await
+        .expect("send")
+        .await
+        .expect("ack");
+
+    // A command whose intake row the API withdrew (no row) changes nothing.
+    let ghost = CommandBody::Place {
+        order_id: Uuid::now_v7(),
+        client_order_id: "ghost".into(),
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        side: Side::Buy,
+        order_type: OrderType::Market,
+        time_in_force: TimeInForce::Ioc,
+        quantity: Positive::new(dec!(0.1)).expect("positive"),
+        limit_price: None,
+    };
+    s.send(user, ghost).await;
+
+    // Both are consumed (acked) without effect: wait until the consumer has nothing pending.
+    let js = s.bus.jetstream().clone();
+    poll_until(WAIT, "the partition consumer to drain", || async {
+        let stream = js.get_stream("ORDERS").await.ok()?;
+        let partition = vault_bus::subjects::partition_of(user);
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&format!("engine-p{partition:02}")).await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    let fills: i64 = sqlx::query_scalar("SELECT count(*) FROM fills WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&s.pool)
+        .await
+        .expect("n");
+    assert_eq!(fills, 1, "applied exactly once");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&s.pool)
+        .await
+        .expect("n");
+    assert_eq!(orders, 1, "the withdrawn command created nothing");
+    assert_eq!(s.balance(user, "BTC").await, (dec!(0.5), dec!(0)));
+    s.assert_books_balance().await;
+    let metrics = vault_testkit::http_client().get(format!("http://{}/metrics", s.ops)).send().await.expect("metrics");
+    let text = metrics.text().await.expect("text");
+    assert!(text.contains(r#"vault_engine_commands_total{outcome="duplicate"} 1"#), "{text}");
+    assert!(text.contains(r#"vault_engine_commands_total{outcome="void"} 1"#), "{text}");
+}
+
+#[tokio::test]
+async fn rejections_carry_their_reason_and_poison_messages_are_parked() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    let (no_price, _) = s.place(user, Side::Buy, TimeInForce::Ioc, dec!(1), None).await;
+    s.wait_status("orders", no_price, "rejected").await;
+    s.tick(dec!(50000)).await;
+    let (broke, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(1), Some(dec!(100))).await;
+    s.wait_status("orders", broke, "rejected").await;
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reject_reason FROM orders WHERE user_id = $1 ORDER BY id")
+        .bind(user)
+        .fetch_all(&s.pool)
+        .await
+        .expect("reasons");
+    assert_eq!(reasons, ["no_price", "insufficient_funds"]);
+
+    // Garbage on the user's subject is parked with its reason, and the consumer goes on.
+    let subject = vault_bus::subjects::order_command(user);
+    s.bus.jetstream().publish(subject, "{not json".into()).await.expect("send").await.expect("ack");
+    let reason: String = poll_until(WAIT, "the poison message to be parked", || async {
+        sqlx::query_scalar("SELECT reason FROM parked_messages").fetch_optional(&s.pool).await.ok().flatten()
+    })
+    .await;
+    assert!(reason.contains("cannot be decoded"), "{reason}");
+    s.deposit(user, "USD", dec!(5)).await;
+    let metrics = vault_testkit::http_client().get(format!("http://{}/metrics", s.ops)).send().await.expect("metrics");
+    assert!(metrics.text().await.expect("text").contains("vault_parked_messages_total"));
+}
+
+#[tokio::test]
+async fn resting_orders_survive_an_engine_restart() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "BTC", dec!(1)).await;
+    s.tick(dec!(50000)).await;
+    let (sell, _) = s.place(user, Side::Sell, TimeInForce::Gtc, dec!(0.2), Some(dec!(55000))).await;
+    s.wait_status("orders", sell, "open").await;
+
+    s.restart_engine().await;
+    s.tick(dec!(56000)).await;
+    s.wait_status("orders", sell, "filled").await;
+    assert_eq!(s.balance(user, "BTC").await, (dec!(0.8), dec!(0)));
+    assert_eq!(s.balance(user, "USD").await, (dec!(11188.8), dec!(0)), "0.2 × 56000 − 11.2 fee");
+    s.assert_books_balance().await;
+}
