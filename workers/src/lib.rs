@@ -8,6 +8,8 @@
 //! shared process shell (configuration, connections, consumers, ops server, shutdown); the
 //! roles' processing loops are built on top of it.
 
+pub mod prices;
+
 use tokio_util::sync::CancellationToken;
 use vault_bus::Process;
 use vault_bus::consumers::{self, ConsumerSpec};
@@ -44,6 +46,20 @@ impl WorkerRole {
 pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let process = Process::start(settings, role.consumers(), shutdown.clone()).await?;
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
-    shutdown.cancelled().await;
-    process.finish().await
+    let result = match role {
+        WorkerRole::Prices => {
+            prices::run(&process.settings.price_source, &process.pool, &process.bus, shutdown.clone()).await
+        }
+        // The audit and notify loops are built on this shell; until then they hold their
+        // consumers (so lag is visible) and stop cleanly.
+        WorkerRole::Audit | WorkerRole::Notify => {
+            shutdown.cancelled().await;
+            Ok(())
+        }
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "worker role failed");
+    }
+    let finished = process.finish().await;
+    result.and(finished)
 }
