@@ -210,7 +210,12 @@ impl Handler<Apply> for PortfolioActor {
 
     fn handle(&mut self, Apply(work): Apply, _: &mut Self::Context) -> Self::Result {
         let (user, shared, pool, state) = (self.user_id, self.shared.clone(), self.pool.clone(), self.state.take());
-        let fut = async move { apply_with_retries(user, &shared, &pool, state, &work).await.map(|r| (r, work)) };
+        let fut = async move {
+            let started = Instant::now();
+            let result = apply_with_retries(user, &shared, &pool, state, &work).await.map(|r| (r, work));
+            metrics::histogram!("vault_engine_apply_seconds").record(started.elapsed().as_secs_f64());
+            result
+        };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|result, actor, _| match result {
             Ok(((outcome, next), work)) => {
                 actor.after_commit(&outcome, &next, &work);

@@ -18,7 +18,7 @@ use actix::Addr;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use futures::stream::FuturesUnordered;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -153,6 +153,9 @@ pub async fn consume_partition(
                     match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
                         Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
                             let user = command.user_id;
+                            // From the API's acceptance to the engine picking it up: queue lag.
+                            let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
+                            metrics::histogram!("vault_engine_queue_wait_seconds").record(waited);
                             let done = router.route(user, Work::Command { command, stream_seq: seq });
                             in_flight.push(async move { (msg, done.await) });
                         }
@@ -299,9 +302,25 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     }
 }
 
-/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it).
+/// Published outbox rows are kept this long (for inspection), then deleted.
+const OUTBOX_RETENTION_HOURS: i32 = 24;
+
+/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it), and
+/// deletes published rows past their retention every ten minutes.
 pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut cleanup = tokio::time::interval(Duration::from_secs(600));
     loop {
+        if cleanup.tick().now_or_never().is_some() {
+            let deleted = sqlx::query(
+                "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
+            )
+            .bind(OUTBOX_RETENTION_HOURS)
+            .execute(&pool)
+            .await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, "outbox cleanup failed; will retry");
+            }
+        }
         let stop = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = shared.outbox.notified() => false,
