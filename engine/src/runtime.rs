@@ -18,8 +18,8 @@ use actix::Addr;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
 use chrono::{DateTime, Utc};
-use futures::{FutureExt, StreamExt};
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -311,12 +311,10 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
     let mut cleanup = tokio::time::interval(Duration::from_secs(600));
     loop {
         if cleanup.tick().now_or_never().is_some() {
-            let deleted = sqlx::query(
-                "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
-            )
-            .bind(OUTBOX_RETENTION_HOURS)
-            .execute(&pool)
-            .await;
+            let deleted = sqlx::query("DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)")
+                .bind(OUTBOX_RETENTION_HOURS)
+                .execute(&pool)
+                .await;
             if let Err(e) = deleted {
                 tracing::warn!(error = %e, "outbox cleanup failed; will retry");
             }

@@ -47,7 +47,8 @@ pub enum Work {
 }
 
 impl Work {
-    /// The unique key recorded in `applied_commands`.
+    /// The unique key recorded in `applied_commands`. A fill by trigger records one too, which
+    /// makes a second fill of the same order impossible even across engines.
     pub fn key(&self) -> String {
         match self {
             Work::Command { command, .. } => command.msg_id(),
@@ -156,6 +157,16 @@ pub async fn commit(
     now: DateTime<Utc>,
 ) -> Result<(Outcome, UserState), StoreError> {
     let user = state.user_id;
+    // A trigger that fills nothing (the order closed meanwhile, the tick no longer crosses, the
+    // market is halted) writes nothing: no version bump, no key, so a later tick still can.
+    if let Work::Trigger { order_id, price, .. } = work
+        && state
+            .portfolio
+            .apply(&Command::Trigger { order_id: *order_id, price: *price }, market)
+            .is_ok_and(|e| e.is_empty())
+    {
+        return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone()));
+    }
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, $3, $4)

@@ -1,0 +1,109 @@
+//! `store::commit` against a real Postgres, for what is hard to arrange through the binary.
+
+use chrono::Utc;
+use rust_decimal_macros::dec;
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand};
+use vault_core::domain::{Market, MarketStatus, OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_engine::portfolio::{Event, MarketView};
+use vault_engine::store::{self, Outcome, Work};
+use vault_testkit::TestDb;
+
+fn view(m: &Market, now: chrono::DateTime<Utc>) -> MarketView<'_> {
+    MarketView { market: m, last_price: None, now, max_price_age: chrono::Duration::seconds(30) }
+}
+
+#[tokio::test]
+async fn a_trigger_on_a_halted_market_writes_nothing_and_a_later_tick_still_fills() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let user = Uuid::now_v7();
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, 'h@example.com', '$argon2id$x')")
+        .bind(user)
+        .execute(&pool)
+        .await
+        .expect("user");
+    let symbol = Symbol::parse("BTC-USD").expect("symbol");
+    let mut market = Market {
+        symbol: symbol.clone(),
+        status: MarketStatus::Trading,
+        price_increment: dec!(0.01),
+        quantity_increment: dec!(0.00001),
+        min_notional: dec!(1),
+        taker_fee_rate: dec!(0.001),
+    };
+    let now = Utc::now();
+    let command = |body| Work::Command {
+        command: OrderCommand { user_id: user, request_id: None, at: now, body },
+        stream_seq: 1,
+    };
+
+    // Funds, then a resting buy at 40000.
+    let deposit = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, 'd1', 'USD', 1000)",
+    )
+    .bind(deposit)
+    .bind(user)
+    .execute(&pool)
+    .await
+    .expect("deposit row");
+    let state = store::load(&pool, user).await.expect("load");
+    let body = CommandBody::Deposit {
+        deposit_id: deposit,
+        client_deposit_id: "d1".into(),
+        asset: vault_core::domain::Asset::usd(),
+        amount: Positive::new(dec!(1000)).expect("positive"),
+    };
+    let (_, state) = store::commit(&pool, &state, &command(body), None, now).await.expect("deposit");
+    let order = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
+         VALUES ($1, $2, 'o1', 'BTC-USD', 'buy', 'limit', 'gtc', 0.01, 40000, 'pending')",
+    )
+    .bind(order)
+    .bind(user)
+    .execute(&pool)
+    .await
+    .expect("order row");
+    let place = CommandBody::Place {
+        order_id: order,
+        client_order_id: "o1".into(),
+        symbol: symbol.clone(),
+        side: Side::Buy,
+        order_type: OrderType::Limit,
+        time_in_force: TimeInForce::Gtc,
+        quantity: Positive::new(dec!(0.01)).expect("positive"),
+        limit_price: Some(Positive::new(dec!(40000)).expect("positive")),
+    };
+    let (outcome, state) =
+        store::commit(&pool, &state, &command(place), Some(&view(&market, now)), now).await.expect("place");
+    assert!(matches!(outcome, Outcome::Applied { ref events, .. } if matches!(events[..], [Event::OrderAccepted(_)])));
+
+    let trigger = Work::Trigger {
+        order_id: order,
+        symbol: symbol.clone(),
+        price: Positive::new(dec!(39000)).expect("positive"),
+        tick_seq: 9,
+    };
+    market.status = MarketStatus::Halted;
+    let (outcome, after_halt) =
+        store::commit(&pool, &state, &trigger, Some(&view(&market, now)), now).await.expect("trigger");
+    assert_eq!(outcome, Outcome::Applied { events: Vec::new(), rejected: None });
+    assert_eq!(after_halt, state, "nothing changed, not even the version");
+
+    market.status = MarketStatus::Trading;
+    let (outcome, filled) =
+        store::commit(&pool, &after_halt, &trigger, Some(&view(&market, now)), now).await.expect("trigger");
+    assert!(matches!(outcome, Outcome::Applied { ref events, .. } if matches!(events[..], [Event::OrderFilled(_)])));
+    assert_eq!(filled.version, state.version + 1);
+    // The same fill again (a duplicate trigger) is recognised by its key.
+    let (again, _) = store::commit(&pool, &state, &trigger, Some(&view(&market, now)), now).await.expect("trigger");
+    assert_eq!(again, Outcome::Duplicate);
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&pool)
+        .await
+        .expect("status");
+    assert_eq!(status, "filled");
+}
