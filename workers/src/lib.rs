@@ -8,6 +8,7 @@
 //! shared process shell (configuration, connections, consumers, ops server, shutdown); the
 //! roles' processing loops are built on top of it.
 
+pub mod audit;
 pub mod prices;
 
 use tokio_util::sync::CancellationToken;
@@ -50,9 +51,10 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
         WorkerRole::Prices => {
             prices::run(&process.settings.price_source, &process.pool, &process.bus, shutdown.clone()).await
         }
-        // The audit and notify loops are built on this shell; until then they hold their
-        // consumers (so lag is visible) and stop cleanly.
-        WorkerRole::Audit | WorkerRole::Notify => {
+        WorkerRole::Audit => audit::run(&process.bus, &process.pool, role.consumers(), shutdown.clone()).await,
+        // The notify loop is built on this shell; until then it holds its consumers (so lag is
+        // visible) and stops cleanly.
+        WorkerRole::Notify => {
             shutdown.cancelled().await;
             Ok(())
         }

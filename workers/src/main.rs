@@ -11,11 +11,27 @@ struct Cli {
     /// The role this process plays.
     #[arg(value_enum)]
     role: WorkerRole,
+    /// A one-shot task instead of the role's loop: `verify` (audit only) walks the audit chain
+    /// and exits non-zero naming the first row that does not verify.
+    #[arg(value_enum)]
+    task: Option<Task>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Task {
+    Verify,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Task::Verify) = cli.task {
+        if cli.role != WorkerRole::Audit {
+            eprintln!("vault-worker: `verify` is a task of the audit role only");
+            return std::process::ExitCode::from(2);
+        }
+        return verify_audit().await;
+    }
     let settings = Settings::load_or_exit(cli.role.role());
     let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), role = ?cli.role, "starting vault-worker");
@@ -24,6 +40,32 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "vault-worker failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn verify_audit() -> std::process::ExitCode {
+    let settings = Settings::load_or_exit(vault_core::Role::Tool);
+    let _telemetry = telemetry::init(&settings);
+    let result = async {
+        let pool = vault_core::db::connect(&settings.database_url, 2).await?;
+        let verdict = vault_workers::audit::verify(&pool).await?;
+        pool.close().await;
+        anyhow::Ok(verdict)
+    }
+    .await;
+    match result {
+        Ok(vault_workers::audit::Verdict::Intact { rows }) => {
+            println!("audit chain intact: {rows} rows verified");
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(vault_workers::audit::Verdict::Broken { id, reason }) => {
+            eprintln!("audit chain broken at row {id}: {reason}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vault-worker: cannot verify the audit chain: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

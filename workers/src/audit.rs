@@ -1,0 +1,384 @@
+//! `vault-worker audit`: the tamper-evident audit trail.
+//!
+//! Consumes ORDERS, EVENTS and AUTH (durable consumers `audit-orders`, `audit-events`,
+//! `audit-auth`) and appends one `audit_log` row per message, in batches (up to [`BATCH`]
+//! messages or [`LINGER`], whichever comes first), acking after the commit. Rows are idempotent
+//! per (stream, stream_seq): a redelivered message finds its row and is acked without a new one.
+//!
+//! Each row's `hash` is SHA-256 over the previous row's hash and the row's canonical content
+//! ([`canonical`]: JSON with keys sorted at every level, times in RFC 3339 with microseconds),
+//! so changing, removing or reordering any row breaks every hash after it. Writers serialize on
+//! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
+//! A message that cannot be decoded is parked and terminated, never half-recorded.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vault_bus::consumers::ConsumerSpec;
+use vault_bus::message::{AuthEvent, EngineEvent, OrderCommand, decode};
+use vault_bus::{Bus, REQUEST_ID_HEADER, park};
+
+/// Messages written per transaction at most.
+pub const BATCH: usize = 256;
+/// How long a partial batch waits for more messages.
+pub const LINGER: Duration = Duration::from_millis(50);
+/// The advisory lock that serializes chain writers.
+const CHAIN_LOCK: i64 = 0x00A0_D170_C4A1;
+/// The hash before the first row.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// One audit row before it is chained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub stream: String,
+    pub stream_seq: i64,
+    pub at: DateTime<Utc>,
+    pub actor_id: Option<Uuid>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub request_id: Option<String>,
+    pub data: Value,
+}
+
+/// Reads an audit entry from a message of `stream`.
+pub fn entry(
+    stream: &str,
+    stream_seq: u64,
+    subject: &str,
+    payload: &[u8],
+    header_request_id: Option<&str>,
+) -> Result<Entry, String> {
+    let data: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let (at, actor_id, action, subj, request_id) = match stream {
+        "ORDERS" => {
+            let c: OrderCommand = decode(subject, payload).map_err(|e| e.to_string())?;
+            let action = data["type"].as_str().unwrap_or("command").to_owned();
+            let id = ["order_id", "deposit_id"].iter().find_map(|k| data[*k].as_str()).map(str::to_owned);
+            (c.at, Some(c.user_id), action, id, c.request_id)
+        }
+        "EVENTS" => {
+            let e: EngineEvent = decode(subject, payload).map_err(|e| e.to_string())?;
+            (e.at, Some(e.user_id), e.kind.as_str().to_owned(), e.data["id"].as_str().map(str::to_owned), e.request_id)
+        }
+        "AUTH" => {
+            let e: AuthEvent = decode(subject, payload).map_err(|e| e.to_string())?;
+            (e.at, e.user_id, format!("auth.{}", e.kind.as_str()), e.user_id.map(|u| u.to_string()), e.request_id)
+        }
+        other => return Err(format!("not an audited stream: {other}")),
+    };
+    Ok(Entry {
+        stream: stream.to_owned(),
+        stream_seq: stream_seq as i64,
+        // Postgres keeps microseconds: hash exactly what is stored.
+        at: DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at),
+        actor_id,
+        action,
+        subject: subj,
+        request_id: request_id.or_else(|| header_request_id.map(str::to_owned)),
+        data,
+    })
+}
+
+/// The canonical bytes of an entry: JSON, keys sorted at every level, no whitespace.
+pub fn canonical(e: &Entry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let top = serde_json::json!({
+        "action": e.action,
+        "actor_id": e.actor_id,
+        "at": e.at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "data": e.data,
+        "request_id": e.request_id,
+        "stream": e.stream,
+        "stream_seq": e.stream_seq,
+        "subject": e.subject,
+    });
+    write_sorted(&top, &mut out);
+    out
+}
+
+fn write_sorted(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend(serde_json::to_vec(k).expect("a string serializes"));
+                out.push(b':');
+                write_sorted(&map[*k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_sorted(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend(serde_json::to_vec(scalar).expect("a scalar serializes")),
+    }
+}
+
+/// `sha256(prev || canonical(entry))`.
+pub fn chain_hash(prev: &[u8], e: &Entry) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(canonical(e));
+    h.finalize().to_vec()
+}
+
+/// Appends `entries` to the chain in one transaction; entries already recorded are skipped.
+/// Returns how many rows were written.
+pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
+    let streams: Vec<&str> = entries.iter().map(|e| e.stream.as_str()).collect();
+    let seqs: Vec<i64> = entries.iter().map(|e| e.stream_seq).collect();
+    let present: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT a.stream, a.stream_seq FROM audit_log a
+           JOIN UNNEST($1::TEXT[], $2::BIGINT[]) AS n(stream, seq) ON a.stream = n.stream AND a.stream_seq = n.seq",
+    )
+    .bind(&streams)
+    .bind(&seqs)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut prev: Vec<u8> = sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or_else(|| GENESIS.to_vec());
+    let mut written = 0;
+    let mut seen = std::collections::HashSet::new();
+    for e in entries {
+        let key = (e.stream.clone(), e.stream_seq);
+        if present.contains(&key) || !seen.insert(key) {
+            continue;
+        }
+        let hash = chain_hash(&prev, e);
+        sqlx::query(
+            "INSERT INTO audit_log (stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&e.stream)
+        .bind(e.stream_seq)
+        .bind(e.at)
+        .bind(e.actor_id)
+        .bind(&e.action)
+        .bind(&e.subject)
+        .bind(&e.request_id)
+        .bind(&e.data)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+        prev = hash;
+        written += 1;
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Runs the audit consumers until shutdown; finishes the batch in hand before returning.
+pub async fn run(
+    bus: &Bus,
+    pool: &PgPool,
+    specs: Vec<ConsumerSpec>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut inputs = Vec::new();
+    for spec in &specs {
+        let stream = bus.jetstream().get_stream(spec.stream).await?;
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let stream_name = spec.stream;
+        let durable = spec.durable.clone();
+        let messages = consumer.stream().max_messages_per_batch(BATCH).messages().await?;
+        inputs.push(messages.map(move |m| (stream_name, durable.clone(), m)).boxed());
+    }
+    let mut merged = futures::stream::select_all(inputs);
+    let mut batch: Vec<(Entry, Message)> = Vec::new();
+    loop {
+        let deadline = tokio::time::sleep(LINGER);
+        tokio::pin!(deadline);
+        // Gather a batch: until it is full, LINGER passes with something in hand, or shutdown.
+        let stop = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break true,
+                _ = &mut deadline, if !batch.is_empty() => break false,
+                next = merged.next() => match next {
+                    Some((stream, durable, Ok(msg))) => {
+                        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let header = msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER)).map(|v| v.as_str().to_owned());
+                        match entry(stream, seq, msg.subject.as_str(), &msg.payload, header.as_deref()) {
+                            Ok(e) => batch.push((e, msg)),
+                            Err(reason) => {
+                                if park::park(pool, stream, &durable, &msg, &reason).await.is_ok() {
+                                    let _ = msg.ack_with(AckKind::Term).await;
+                                }
+                            }
+                        }
+                        if batch.len() >= BATCH {
+                            break false;
+                        }
+                    }
+                    Some((_, durable, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
+                    None => break true,
+                },
+            }
+        };
+        if !batch.is_empty() {
+            flush(pool, &mut batch).await;
+        }
+        if stop {
+            tracing::info!("audit consumers drained");
+            return Ok(());
+        }
+    }
+}
+
+async fn flush(pool: &PgPool, batch: &mut Vec<(Entry, Message)>) {
+    let entries: Vec<Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
+    match append(pool, &entries).await {
+        Ok(written) => {
+            metrics::counter!("vault_audit_rows_total").increment(written as u64);
+            for (_, msg) in batch.drain(..) {
+                if let Err(e) = msg.ack().await {
+                    tracing::warn!(error = %e, "ack failed after the audit commit; the redelivery will be skipped");
+                }
+            }
+        }
+        Err(e) => {
+            metrics::counter!("vault_audit_write_failures_total").increment(1);
+            tracing::warn!(error = %e, rows = batch.len(), "audit batch not written; messages will be redelivered");
+            for (_, msg) in batch.drain(..) {
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
+
+/// The result of walking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Intact { rows: u64 },
+    Broken { id: i64, reason: String },
+}
+
+/// Walks the chain in id order and recomputes every hash.
+pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        stream: String,
+        stream_seq: i64,
+        at: DateTime<Utc>,
+        actor_id: Option<Uuid>,
+        action: String,
+        subject: Option<String>,
+        request_id: Option<String>,
+        data: Value,
+        prev_hash: Vec<u8>,
+        hash: Vec<u8>,
+    }
+    let mut prev = GENESIS.to_vec();
+    let mut after = 0i64;
+    let mut rows = 0u64;
+    loop {
+        let page: Vec<Row> = sqlx::query_as(
+            "SELECT id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash
+               FROM audit_log WHERE id > $1 ORDER BY id LIMIT 1000",
+        )
+        .bind(after)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = page.last() else { return Ok(Verdict::Intact { rows }) };
+        after = last.id;
+        for r in page {
+            if r.prev_hash != prev {
+                return Ok(Verdict::Broken {
+                    id: r.id,
+                    reason: "prev_hash is not the previous row's hash (a row was removed or reordered)".into(),
+                });
+            }
+            let e = Entry {
+                stream: r.stream,
+                stream_seq: r.stream_seq,
+                at: r.at,
+                actor_id: r.actor_id,
+                action: r.action,
+                subject: r.subject,
+                request_id: r.request_id,
+                data: r.data,
+            };
+            if chain_hash(&prev, &e) != r.hash {
+                return Ok(Verdict::Broken {
+                    id: r.id,
+                    reason: "content does not match its hash (the row was changed)".into(),
+                });
+            }
+            prev = r.hash;
+            rows += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        Entry {
+            stream: "AUTH".into(),
+            stream_seq: 7,
+            at: DateTime::from_timestamp_micros(1_790_000_000_123_456).expect("valid"),
+            actor_id: Some(Uuid::nil()),
+            action: "auth.signup".into(),
+            subject: None,
+            request_id: Some("r1".into()),
+            data: serde_json::json!({"z": 1, "a": {"y": [1, {"d": 2, "c": 3}], "b": "x"}}),
+        }
+    }
+
+    #[test]
+    fn the_canonical_form_sorts_keys_at_every_level_whatever_their_order() {
+        let e = sample();
+        let text = String::from_utf8(canonical(&e)).expect("utf8");
+        assert!(
+            text.starts_with(
+                r#"{"action":"auth.signup","actor_id":"00000000-0000-0000-0000-000000000000","at":"2026-09-21T"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#""data":{"a":{"b":"x","y":[1,{"c":3,"d":2}]},"z":1}"#), "{text}");
+        let mut reordered = e.clone();
+        reordered.data =
+            serde_json::from_str(r#"{"a": {"b": "x", "y": [1, {"c": 3, "d": 2}]}, "z": 1}"#).expect("json");
+        assert_eq!(canonical(&e), canonical(&reordered));
+    }
+
+    #[test]
+    fn every_field_is_covered_by_the_hash() {
+        let e = sample();
+        let h = chain_hash(&GENESIS, &e);
+        let mut changed = e.clone();
+        changed.stream_seq = 8;
+        assert_ne!(chain_hash(&GENESIS, &changed), h);
+        let mut changed = e.clone();
+        changed.data["z"] = 2.into();
+        assert_ne!(chain_hash(&GENESIS, &changed), h);
+        assert_ne!(chain_hash(&h, &e), h, "the previous hash is part of it");
+    }
+}
