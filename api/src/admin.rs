@@ -1,5 +1,6 @@
-//! Administration: finding users, locking and unlocking accounts. Every route requires the
-//! `admin` role (403 otherwise); a lock also ends every session of the user at once.
+//! Administration: finding users, locking and unlocking accounts, halting and resuming markets.
+//! Every route requires the `admin` role (403 otherwise); a lock also ends every session of the
+//! user at once.
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -20,6 +21,8 @@ pub fn router() -> Router<AppState> {
         .route("/admin/users", get(list_users))
         .route("/admin/users/{id}/lock", post(lock_user))
         .route("/admin/users/{id}/unlock", post(unlock_user))
+        .route("/admin/markets/{symbol}/halt", post(halt_market))
+        .route("/admin/markets/{symbol}/resume", post(resume_market))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -126,6 +129,55 @@ pub async fn unlock_user(
             .await?
             .rows_affected();
     if found == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+}
+
+/// Halt a market: from now on the engine rejects its orders `market_halted`. Idempotent.
+#[utoipa::path(post, path = "/api/v1/admin/markets/{symbol}/halt", tag = "admin", security(("bearer" = [])),
+    params(("symbol" = String, Path, example = "BTC-USD")),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn halt_market(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(symbol): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    set_market_status(&state, &caller, &symbol, "halted").await
+}
+
+/// Resume trading on a halted market. Idempotent.
+#[utoipa::path(post, path = "/api/v1/admin/markets/{symbol}/resume", tag = "admin", security(("bearer" = [])),
+    params(("symbol" = String, Path, example = "BTC-USD")),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn resume_market(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(symbol): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    set_market_status(&state, &caller, &symbol, "trading").await
+}
+
+/// Writes `markets.status` (one of the two things the API writes in the trading schema) and
+/// refreshes this replica's market cache at once; other replicas follow within their refresh.
+async fn set_market_status(
+    state: &AppState,
+    caller: &Caller,
+    symbol: &str,
+    status: &str,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let found = sqlx::query("UPDATE markets SET status = $2, updated_at = now() WHERE symbol = $1")
+        .bind(symbol)
+        .bind(status)
+        .execute(&state.pool)
+        .await?
+        .rows_affected();
+    if found == 0 {
+        return Err(ApiError::NotFound);
+    }
+    tracing::warn!(admin = %caller.user_id, symbol, status, "market status changed by an administrator");
+    if let Err(e) = state.markets.refresh(&state.pool).await {
+        tracing::warn!(error = %e, "market cache not refreshed; the periodic refresh will catch up");
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `vault-api admin create --email E`: promotes E to admin, or creates E as an admin with the

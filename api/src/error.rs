@@ -39,6 +39,10 @@ pub enum ApiError {
     Forbidden { code: &'static str, detail: String },
     #[error("not found")]
     NotFound,
+    /// 404 with a more specific code than `not_found` (e.g. `no_price`: the market exists, its
+    /// price does not yet).
+    #[error("absent: {detail}")]
+    Absent { code: &'static str, detail: String },
     #[error("conflict: {detail}")]
     Conflict { code: &'static str, detail: String },
     #[error("request body too large")]
@@ -63,7 +67,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::Absent { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -80,7 +84,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "malformed_request",
             ApiError::Unauthorized { code, .. }
             | ApiError::Forbidden { code, .. }
-            | ApiError::Conflict { code, .. } => code,
+            | ApiError::Conflict { code, .. }
+            | ApiError::Absent { code, .. } => code,
             ApiError::NotFound => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
@@ -97,7 +102,8 @@ impl ApiError {
             ApiError::BadRequest(detail) => detail.clone(),
             ApiError::Unauthorized { detail, .. }
             | ApiError::Forbidden { detail, .. }
-            | ApiError::Conflict { detail, .. } => detail.clone(),
+            | ApiError::Conflict { detail, .. }
+            | ApiError::Absent { detail, .. } => detail.clone(),
             ApiError::NotFound => "The resource does not exist.".to_owned(),
             ApiError::PayloadTooLarge => "The request body exceeds 64 KiB.".to_owned(),
             ApiError::UnsupportedMediaType => "Send the body as application/json.".to_owned(),

@@ -3,8 +3,9 @@
 //! It authenticates, validates input into domain types, publishes commands and auth events to
 //! JetStream and answers reads from Postgres. It never changes a balance: only the engine does.
 //! [`startup`] builds and runs the server and assembles the routes; [`error`] is the one HTTP
-//! error type; [`auth`] and [`admin`] hold the account routes; [`rate_limit`] and
-//! [`hardening`] protect every route; [`openapi`] documents them.
+//! error type; [`auth`] and [`admin`] hold the account routes; [`trading`] the markets, orders,
+//! deposits, portfolio and ledger, with [`prices`] keeping the latest price of every market in
+//! memory; [`rate_limit`] and [`hardening`] protect every route; [`openapi`] documents them.
 
 pub mod admin;
 pub mod auth;
@@ -14,7 +15,9 @@ pub mod hardening;
 pub mod json;
 pub mod openapi;
 pub mod pagination;
+pub mod prices;
 pub mod rate_limit;
 pub mod startup;
+pub mod trading;
 
 pub use startup::{AppState, Application};

@@ -28,8 +28,10 @@ use crate::auth::tokens::JwtKeys;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::events::AuthEvents;
 use crate::json::BODY_LIMIT;
+use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
-use crate::{admin, auth, hardening, openapi};
+use crate::trading::markets::MarketCache;
+use crate::{admin, auth, hardening, openapi, prices, trading};
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -41,6 +43,10 @@ pub struct AppState {
     pub jwt: JwtKeys,
     pub limits: Arc<RateLimits>,
     pub events: AuthEvents,
+    /// Every market's rules, cached (see [`MarketCache`]).
+    pub markets: MarketCache,
+    /// The latest price of every market, fed by the PRICES stream.
+    pub prices: PriceBook,
 }
 
 /// How long one request may take before it is answered 503.
@@ -78,6 +84,10 @@ impl Application {
         let limits = Arc::new(RateLimits::from_settings(&settings));
         limits.clone().spawn_housekeeping(shutdown.clone());
         spawn_housekeeping(pool.clone(), shutdown.clone());
+        let markets = MarketCache::load(&pool).await?;
+        markets.spawn_refresher(pool.clone(), shutdown.clone());
+        let price_book = PriceBook::new();
+        prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
         let state = AppState {
             settings: Arc::new(settings),
             pool,
@@ -86,6 +96,8 @@ impl Application {
             hasher: Hasher::new(cores),
             jwt,
             limits,
+            markets,
+            prices: price_book,
         };
         let router = router(state.clone(), readiness.clone());
         Ok(Application { listener, router, readiness, state, shutdown })
@@ -116,6 +128,7 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
     let cors_origins = state.settings.cors_origins.clone();
     let api = Router::new()
         .merge(auth::router())
+        .merge(trading::router())
         .merge(admin::router())
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
