@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::trading::markets;
-use crate::{admin, auth, error};
+use crate::trading::{account, markets};
+use crate::{admin, auth, error, trading};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -22,13 +22,16 @@ use crate::{admin, auth, error};
         auth::signup, auth::login, auth::refresh, auth::logout, auth::me, auth::totp_setup, auth::totp_enable,
         auth::create_api_key, auth::list_api_keys, auth::revoke_api_key,
         markets::list_markets, markets::ticker,
+        account::deposit, account::portfolio, account::ledger,
         admin::list_users, admin::lock_user, admin::unlock_user, admin::halt_market, admin::resume_market,
         health, readyz, metrics, openapi_json, docs,
     ),
-    components(schemas(error::Problem, error::FieldError, auth::caller::Scope)),
+    components(schemas(error::Problem, error::FieldError, auth::caller::Scope,
+        trading::DepositDoc)),
     modifiers(&Security),
     tags((name = "auth", description = "Accounts, sessions, 2FA and API keys"),
          (name = "markets", description = "Markets and their latest prices (public)"),
+         (name = "account", description = "Deposits, portfolio and ledger"),
          (name = "admin", description = "Administration (role admin)"),
          (name = "ops", description = "Health, readiness, metrics and this document")),
 )]

@@ -1,5 +1,8 @@
 //! The API side of trading against the real API over HTTP, with its own Postgres database and
-//! nats-server: markets and prices, admin halts.
+//! nats-server: markets and prices, deposits, admin halts.
+//!
+//! The engine does not run here. Where a test needs one of its decisions it writes the row
+//! directly, and says so.
 
 mod support;
 
@@ -8,11 +11,11 @@ use std::time::Duration;
 use chrono::Utc;
 use reqwest::{Method, Response};
 use rust_decimal::Decimal;
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::{Api, problem};
 use uuid::Uuid;
 use vault_bus::message::PriceTick;
-use vault_bus::{Bus, MessageContext};
+use vault_bus::{Bus, MessageContext, streams, subjects};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{Proc, READY_DEADLINE, base_env, free_port, poll_until};
 
@@ -24,6 +27,38 @@ async fn trader(api: &Api, email: &str) -> (String, Uuid) {
     let id = user["id"].as_str().and_then(|id| id.parse().ok()).expect("user id");
     let token = api.tokens(email).await["access_token"].as_str().expect("access token").to_owned();
     (token, id)
+}
+
+/// One message stored on a stream.
+#[derive(Debug)]
+struct Stored {
+    subject: String,
+    msg_id: Option<String>,
+    request_id: Option<String>,
+    payload: Value,
+}
+
+async fn stream_messages(api: &Api, stream: &str) -> Vec<Stored> {
+    let client = async_nats::connect(api.nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            out.push(Stored {
+                subject: msg.subject.to_string(),
+                msg_id: msg.headers.get(vault_bus::MSG_ID_HEADER).map(|v| v.as_str().to_owned()),
+                request_id: msg.headers.get(vault_bus::REQUEST_ID_HEADER).map(|v| v.as_str().to_owned()),
+                payload: serde_json::from_slice(&msg.payload).expect("json payload"),
+            });
+        }
+    }
+    out
+}
+
+async fn count(api: &Api, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&api.db.pool().await).await.expect("count")
 }
 
 async fn json_of(resp: Response, status: u16) -> Value {
@@ -104,6 +139,48 @@ async fn markets_list_the_seeded_markets_and_follow_price_ticks() {
     })
     .await;
     assert_eq!(ticker["symbol"], "BTC-USD");
+}
+
+#[tokio::test]
+async fn deposits_are_accepted_pending_idempotent_and_validated() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "ivy@example.com").await;
+    let body = json!({"asset": "USD", "amount": "1000.50", "client_deposit_id": "dep-1"});
+    let deposit = json_of(api.post("/account/deposits", Some(&token), body.clone()).await, 202).await;
+    assert_eq!(deposit["status"], "pending");
+    assert_eq!(deposit["asset"], "USD");
+    assert_eq!(deposit["amount"], "1000.5");
+    assert_eq!(deposit["client_deposit_id"], "dep-1");
+    let again = json_of(api.post("/account/deposits", Some(&token), body).await, 200).await;
+    assert_eq!(again["id"], deposit["id"]);
+    assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 1);
+
+    let stored = stream_messages(&api, streams::ORDERS.name).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].msg_id.as_deref(), Some(format!("{user}:deposit:dep-1").as_str()));
+    assert_eq!(stored[0].subject, subjects::order_command(user));
+    assert!(stored[0].request_id.is_some(), "the request id travels in the headers");
+    assert_eq!(stored[0].payload["type"], "deposit");
+    assert_eq!(stored[0].payload["deposit_id"], deposit["id"]);
+    assert_eq!(stored[0].payload["amount"], "1000.5");
+
+    let generated =
+        json_of(api.post("/account/deposits", Some(&token), json!({"asset": "BTC", "amount": 0.5})).await, 202).await;
+    assert!(generated["client_deposit_id"].as_str().is_some_and(|c| !c.is_empty()));
+
+    for (what, body, field) in [
+        ("over the maximum", json!({"asset": "USD", "amount": "1000000.01"}), "amount"),
+        ("negative", json!({"asset": "USD", "amount": "-5"}), "amount"),
+        ("zero", json!({"asset": "USD", "amount": "0"}), "amount"),
+        ("more than 8 decimals", json!({"asset": "USD", "amount": "1.000000001"}), "amount"),
+        ("not an asset of ours", json!({"asset": "EUR", "amount": "5"}), "asset"),
+        ("malformed asset", json!({"asset": "usd!", "amount": "5"}), "asset"),
+    ] {
+        let body = problem(api.post("/account/deposits", Some(&token), body).await, 422, "validation_failed").await;
+        assert_eq!(body["errors"][0]["field"], field, "{what}: {body}");
+    }
+    json_of(api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "1000000"})).await, 202).await;
+    assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 3);
 }
 
 #[tokio::test]

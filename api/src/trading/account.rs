@@ -1,0 +1,460 @@
+//! The account: paper-money deposits, the portfolio and the ledger.
+//!
+//! A deposit follows the intake protocol of [`super`] (pending row, `deposit` command, 202 after
+//! the ack); the engine credits it and marks it `completed`. The portfolio and the ledger are
+//! reads of what the engine wrote, marked to the latest prices this API knows.
+//!
+//! Decisions where `API.md` is silent (also in the README's API section):
+//! - deposits: `asset` is USD or the base asset of a market; `amount` has at most 8 decimals;
+//!   without `client_deposit_id` the deposit's own id is used;
+//! - portfolio rounding: `avg_cost` = cost_basis / quantity and `market_value` = quantity ×
+//!   price are rounded half-even to 8 decimals; `unrealized_pnl` = market_value − cost_basis; a
+//!   position without a known price has null `market_price`, `market_value` and
+//!   `unrealized_pnl`, and counts at its cost basis in `equity`;
+//! - ledger entry ids are strings (the ledger's own sequence, not UUIDs), and its cursors encode
+//!   that sequence.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand};
+use vault_bus::views::DepositView;
+use vault_core::domain::{Asset, MONEY_SCALE, Positive};
+
+use super::{DepositDoc, Intake, check_client_id, context, publish_intake};
+use crate::auth::caller::{Caller, Scope};
+use crate::error::{ApiError, FieldError, Problem};
+use crate::events::RequestMeta;
+use crate::json::ApiJson;
+use crate::pagination::{ApiQuery, Page};
+use crate::startup::AppState;
+
+/// The most one deposit may bring (paper money).
+pub const MAX_DEPOSIT: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/account/deposits", post(deposit))
+        .route("/portfolio", get(portfolio))
+        .route("/ledger", get(ledger))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deposits
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    /// `USD` or the base asset of a market (`BTC`, `ETH`…).
+    #[schema(example = "USD")]
+    pub asset: String,
+    /// More than 0, at most 1,000,000, at most 8 decimals.
+    #[schema(value_type = String, example = "10000")]
+    pub amount: Decimal,
+    /// 1..64 of `[A-Za-z0-9_-]`; the idempotency key.
+    pub client_deposit_id: Option<String>,
+}
+
+struct ValidDeposit {
+    asset: Asset,
+    amount: Positive,
+    client_deposit_id: Option<String>,
+}
+
+fn validate_deposit(req: DepositRequest, known_asset: impl Fn(&str) -> bool) -> Result<ValidDeposit, ApiError> {
+    let mut errors = Vec::new();
+    let asset = Asset::parse(&req.asset).ok().filter(|a| known_asset(a.as_str()));
+    if asset.is_none() {
+        errors.push(FieldError::new("asset", "must be USD or the base asset of a market"));
+    }
+    let amount = req.amount.normalize();
+    let amount = if amount > MAX_DEPOSIT {
+        errors.push(FieldError::new("amount", "must be at most 1000000"));
+        None
+    } else if amount.scale() > MONEY_SCALE {
+        errors.push(FieldError::new("amount", format!("must have at most {MONEY_SCALE} decimal places")));
+        None
+    } else {
+        Positive::new(amount).map_err(|e| errors.push(FieldError::new("amount", e))).ok()
+    };
+    if let Some(id) = &req.client_deposit_id
+        && let Err(e) = check_client_id("client_deposit_id", id)
+    {
+        errors.push(e);
+    }
+    match (asset, amount) {
+        (Some(asset), Some(amount)) if errors.is_empty() => {
+            Ok(ValidDeposit { asset, amount, client_deposit_id: req.client_deposit_id })
+        }
+        _ => Err(ApiError::Validation { code: "validation_failed", errors }),
+    }
+}
+
+const DEPOSIT_COLUMNS: &str = "id, asset, amount, status, client_deposit_id, created_at";
+
+/// Deposit paper money. 202 with the pending deposit once the command is on the ORDERS stream;
+/// 200 with the existing deposit for a `client_deposit_id` seen before.
+#[utoipa::path(post, path = "/api/v1/account/deposits", tag = "account", security(("bearer" = []), ("api_key" = [])),
+    request_body = DepositRequest,
+    responses((status = 202, description = "accepted, pending", body = DepositDoc),
+              (status = 200, description = "this client_deposit_id exists: the existing deposit", body = DepositDoc),
+              (status = 403, description = "insufficient_scope", body = Problem),
+              (status = 409, description = "client_id_unusable", body = Problem),
+              (status = 422, body = Problem),
+              (status = 503, description = "the queue is unavailable; nothing was deposited (Retry-After)", body = Problem)))]
+pub async fn deposit(
+    State(state): State<AppState>,
+    caller: Caller,
+    meta: RequestMeta,
+    ApiJson(body): ApiJson<DepositRequest>,
+) -> Result<(StatusCode, Json<DepositView>), ApiError> {
+    caller.require_scope(Scope::Trade)?;
+    let deposit = validate_deposit(body, |a| state.markets.is_known_asset(a))?;
+    let user = caller.user_id;
+    let (view, fresh) = insert_intake(&state.pool, user, &deposit, &meta).await?;
+    if view.status != "pending" {
+        return Ok((StatusCode::OK, Json(view)));
+    }
+    let command = OrderCommand {
+        user_id: user,
+        request_id: meta.request_id.clone(),
+        at: Utc::now(),
+        body: CommandBody::Deposit {
+            deposit_id: view.id,
+            client_deposit_id: view.client_deposit_id.clone(),
+            asset: Asset::parse(&view.asset)
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("deposit {}: {e}", view.id)))?,
+            amount: Positive::new(view.amount)
+                .map_err(|e| ApiError::Internal(anyhow::anyhow!("deposit {}: {e}", view.id)))?,
+        },
+    };
+    let pool = state.pool.clone();
+    let deposit_id = view.id;
+    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&pool, deposit_id))
+        .await?
+    {
+        Intake::Published => Ok((if fresh { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(view))),
+        Intake::Withdrawn(err) => Err(err),
+        Intake::Decided => {
+            let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::NotFound)?;
+            Ok((StatusCode::ACCEPTED, Json(current)))
+        }
+    }
+}
+
+async fn insert_intake(
+    pool: &PgPool,
+    user: Uuid,
+    deposit: &ValidDeposit,
+    meta: &RequestMeta,
+) -> Result<(DepositView, bool), ApiError> {
+    let sql = format!(
+        "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount, status, request_id)
+         VALUES ($1, $2, $3, $4, $5, 'pending', $6)
+         ON CONFLICT (user_id, client_deposit_id) DO NOTHING
+         RETURNING {DEPOSIT_COLUMNS}"
+    );
+    // A row found by conflict but withdrawn before it could be read is inserted again.
+    for _ in 0..3 {
+        let id = Uuid::now_v7();
+        let client_deposit_id = deposit.client_deposit_id.clone().unwrap_or_else(|| id.to_string());
+        let inserted: Option<DepositView> = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(user)
+            .bind(&client_deposit_id)
+            .bind(deposit.asset.as_str())
+            .bind(deposit.amount.get())
+            .bind(&meta.request_id)
+            .fetch_optional(pool)
+            .await?;
+        if let Some(view) = inserted {
+            return Ok((view, true));
+        }
+        let existing: Option<DepositView> = sqlx::query_as(&format!(
+            "SELECT {DEPOSIT_COLUMNS} FROM deposits WHERE user_id = $1 AND client_deposit_id = $2"
+        ))
+        .bind(user)
+        .bind(&client_deposit_id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(existing) = existing {
+            return Ok((existing, false));
+        }
+    }
+    Err(ApiError::Unavailable("deposit intake"))
+}
+
+async fn load(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Option<DepositView>, ApiError> {
+    Ok(sqlx::query_as(&format!("SELECT {DEPOSIT_COLUMNS} FROM deposits WHERE id = $1 AND user_id = $2"))
+        .bind(id)
+        .bind(user)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// Deletes the deposit's intake row if it is still pending; `true` when it did.
+async fn withdraw(pool: &PgPool, id: Uuid) -> Result<bool, ApiError> {
+    let deleted = sqlx::query("DELETE FROM deposits WHERE id = $1 AND status = 'pending'")
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    if deleted == 1 {
+        tracing::info!(deposit_id = %id, "intake row withdrawn: the command was not acknowledged");
+    }
+    Ok(deleted == 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portfolio
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cash {
+    /// Always `USD`.
+    pub asset: &'static str,
+    #[schema(value_type = String, example = "10000")]
+    pub total: Decimal,
+    /// total − reserved.
+    #[schema(value_type = String, example = "9000")]
+    pub available: Decimal,
+    /// Held by open buy orders.
+    #[schema(value_type = String, example = "1000")]
+    pub reserved: Decimal,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Position {
+    #[schema(example = "BTC")]
+    pub asset: String,
+    /// The asset's USD market; null if it has none.
+    #[schema(example = "BTC-USD")]
+    pub symbol: Option<String>,
+    #[schema(value_type = String, example = "0.015")]
+    pub quantity: Decimal,
+    #[schema(value_type = String, example = "0.015")]
+    pub available: Decimal,
+    /// Held by open sell orders.
+    #[schema(value_type = String, example = "0")]
+    pub reserved: Decimal,
+    /// cost_basis / quantity, 8 decimals.
+    #[schema(value_type = String, example = "64000")]
+    pub avg_cost: Decimal,
+    #[schema(value_type = Option<String>, example = "65000.00")]
+    pub market_price: Option<Decimal>,
+    #[schema(value_type = Option<String>, example = "975")]
+    pub market_value: Option<Decimal>,
+    #[schema(value_type = Option<String>, example = "15")]
+    pub unrealized_pnl: Option<Decimal>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Portfolio {
+    pub cash: Cash,
+    pub positions: Vec<Position>,
+    /// Cash total + Σ market value (cost basis for a position without a price).
+    #[schema(value_type = String, example = "10975")]
+    pub equity: Decimal,
+    pub as_of: DateTime<Utc>,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct BalanceRow {
+    asset: String,
+    total: Decimal,
+    reserved: Decimal,
+    cost_basis: Decimal,
+}
+
+fn round_money(d: Decimal) -> Decimal {
+    d.round_dp_with_strategy(MONEY_SCALE, RoundingStrategy::MidpointNearestEven).normalize()
+}
+
+/// The caller's cash and positions, marked to the latest prices.
+#[utoipa::path(get, path = "/api/v1/portfolio", tag = "account", security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = Portfolio)))]
+pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<Json<Portfolio>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let rows: Vec<BalanceRow> =
+        sqlx::query_as("SELECT asset, total, reserved, cost_basis FROM balances WHERE user_id = $1 ORDER BY asset")
+            .bind(caller.user_id)
+            .fetch_all(&state.pool)
+            .await?;
+    let as_of = Utc::now();
+    let mut cash = Cash { asset: "USD", total: Decimal::ZERO, available: Decimal::ZERO, reserved: Decimal::ZERO };
+    let mut positions = Vec::new();
+    for row in rows {
+        if row.asset == "USD" {
+            cash = Cash {
+                asset: "USD",
+                total: row.total.normalize(),
+                available: (row.total - row.reserved).normalize(),
+                reserved: row.reserved.normalize(),
+            };
+            continue;
+        }
+        if row.total <= Decimal::ZERO && row.reserved <= Decimal::ZERO {
+            continue;
+        }
+        let market = state.markets.usd_market_of(&row.asset);
+        let market_price = market.as_ref().and_then(|m| state.prices.get(&m.symbol)).map(|p| p.price);
+        let market_value = market_price.and_then(|p| row.total.checked_mul(p)).map(round_money);
+        positions.push(Position {
+            symbol: market.map(|m| m.symbol.to_string()),
+            quantity: row.total.normalize(),
+            available: (row.total - row.reserved).normalize(),
+            reserved: row.reserved.normalize(),
+            avg_cost: row.cost_basis.checked_div(row.total).map(round_money).unwrap_or_default(),
+            market_price: market_price.map(|p| p.normalize()),
+            unrealized_pnl: market_value.map(|v| (v - row.cost_basis).normalize()),
+            market_value,
+            asset: row.asset,
+        });
+    }
+    let marked: Decimal =
+        positions.iter().map(|p| p.market_value.unwrap_or_else(|| round_money(p.avg_cost * p.quantity))).sum();
+    let equity = (cash.total + marked).normalize();
+    Ok(Json(Portfolio { cash, positions, equity, as_of }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ledger
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct LedgerEntry {
+    /// The entry's position in the ledger (a string, like every id).
+    #[serde(serialize_with = "as_string")]
+    #[schema(value_type = String, example = "1042")]
+    pub id: i64,
+    #[schema(example = "USD")]
+    pub asset: String,
+    /// Signed: credits positive, debits negative.
+    #[schema(value_type = String, example = "-975.00")]
+    pub amount: Decimal,
+    /// The caller's balance of `asset` after this entry.
+    #[schema(value_type = String, example = "9025.00")]
+    pub balance_after: Decimal,
+    /// `deposit`, `trade` or `fee`.
+    pub kind: String,
+    pub order_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn as_string<S: serde::Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerPage {
+    pub entries: Vec<LedgerEntry>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LedgerFilter {
+    /// 1..500, default 100.
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// Ledger cursors: base64url of the last entry's id (8 bytes, big-endian), a different shape
+/// from the UUID cursors of other lists.
+fn encode_ledger_cursor(id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(id.to_be_bytes())
+}
+
+fn decode_ledger_cursor(cursor: &str) -> Option<i64> {
+    let bytes: [u8; 8] = URL_SAFE_NO_PAD.decode(cursor).ok()?.try_into().ok()?;
+    Some(i64::from_be_bytes(bytes))
+}
+
+/// The caller's ledger entries, newest first.
+#[utoipa::path(get, path = "/api/v1/ledger", tag = "account", security(("bearer" = []), ("api_key" = [])),
+    params(LedgerFilter), responses((status = 200, body = LedgerPage), (status = 422, body = Problem)))]
+pub async fn ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<LedgerFilter>,
+) -> Result<Json<LedgerPage>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let page = Page::parse(filter.limit, None)?;
+    let before = match filter.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => {
+            Some(decode_ledger_cursor(c).ok_or_else(|| ApiError::invalid("cursor", "is not a cursor from this API"))?)
+        }
+    };
+    let mut entries: Vec<LedgerEntry> = sqlx::query_as(
+        "SELECT id, asset, amount, balance_after, kind, order_id, created_at FROM ledger_entries
+          WHERE account = 'user' AND user_id = $1 AND ($2::BIGINT IS NULL OR id < $2)
+          ORDER BY id DESC LIMIT $3",
+    )
+    .bind(caller.user_id)
+    .bind(before)
+    .bind(page.fetch_limit())
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = if entries.len() as i64 > page.limit {
+        entries.truncate(page.limit as usize);
+        entries.last().map(|e| encode_ledger_cursor(e.id))
+    } else {
+        None
+    };
+    Ok(Json(LedgerPage { entries, next_cursor }))
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal_macros::dec;
+
+    use super::*;
+
+    fn check(json: serde_json::Value) -> Result<ValidDeposit, Vec<String>> {
+        let req: DepositRequest = serde_json::from_value(json).expect("a request");
+        validate_deposit(req, |a| ["USD", "BTC"].contains(&a)).map_err(|e| match e {
+            ApiError::Validation { errors, .. } => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("{other:?}"),
+        })
+    }
+
+    #[test]
+    fn deposits_are_positive_bounded_known_and_at_most_8_decimals() {
+        let ok = check(serde_json::json!({"asset": "USD", "amount": "1000000"})).expect("the maximum");
+        assert_eq!(ok.amount.get(), dec!(1000000));
+        assert!(check(serde_json::json!({"asset": "BTC", "amount": "0.00000001"})).is_ok());
+        assert_eq!(
+            check(serde_json::json!({"asset": "USD", "amount": "1000000.00000001"})).err(),
+            Some(vec!["amount".into()])
+        );
+        assert_eq!(
+            check(serde_json::json!({"asset": "USD", "amount": "0.000000001"})).err(),
+            Some(vec!["amount".into()])
+        );
+        assert_eq!(check(serde_json::json!({"asset": "USD", "amount": "-5"})).err(), Some(vec!["amount".into()]));
+        assert_eq!(check(serde_json::json!({"asset": "USD", "amount": "0"})).err(), Some(vec!["amount".into()]));
+        assert_eq!(check(serde_json::json!({"asset": "EUR", "amount": "5"})).err(), Some(vec!["asset".into()]));
+        assert_eq!(check(serde_json::json!({"asset": "usd", "amount": "5"})).err(), Some(vec!["asset".into()]));
+        assert_eq!(
+            check(serde_json::json!({"asset": "USD", "amount": "5", "client_deposit_id": "a b"})).err(),
+            Some(vec!["client_deposit_id".into()])
+        );
+    }
+
+    #[test]
+    fn ledger_cursors_round_trip_and_refuse_uuid_cursors() {
+        assert_eq!(decode_ledger_cursor(&encode_ledger_cursor(1042)), Some(1042));
+        assert_eq!(decode_ledger_cursor(&crate::pagination::encode_cursor(Uuid::now_v7())), None);
+        assert_eq!(decode_ledger_cursor("!!"), None);
+    }
+}
