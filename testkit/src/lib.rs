@@ -29,6 +29,23 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives inside the workspace").to_path_buf()
 }
 
+/// The path of another package's binary in this workspace (`vault-engine`, `vault-api`…), next
+/// to the running test in the target directory. `cargo test --workspace` and
+/// `cargo nextest run --workspace` build every binary first; a test run of one package alone may
+/// not, and then this panics saying so.
+pub fn workspace_binary(name: &str) -> String {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the whole workspace's tests (cargo nextest run --workspace) or cargo build --bins",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
 /// A free TCP port on loopback (bound and released; the window for a clash is tiny).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port is available").port()
