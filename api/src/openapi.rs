@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::trading::{account, markets};
+use crate::trading::{account, markets, orders};
 use crate::{admin, auth, error, trading};
 
 #[derive(Debug, OpenApi)]
@@ -23,14 +23,17 @@ use crate::{admin, auth, error, trading};
         auth::create_api_key, auth::list_api_keys, auth::revoke_api_key,
         markets::list_markets, markets::ticker,
         account::deposit, account::portfolio, account::ledger,
+        orders::place_order, orders::list_orders, orders::get_order, orders::get_order_by_client_id,
+        orders::cancel_order, orders::cancel_all, orders::list_fills,
         admin::list_users, admin::lock_user, admin::unlock_user, admin::halt_market, admin::resume_market,
         health, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(error::Problem, error::FieldError, auth::caller::Scope,
-        trading::DepositDoc)),
+        trading::OrderDoc, trading::FillDoc, trading::DepositDoc)),
     modifiers(&Security),
     tags((name = "auth", description = "Accounts, sessions, 2FA and API keys"),
          (name = "markets", description = "Markets and their latest prices (public)"),
+         (name = "orders", description = "Placing, reading and canceling orders; fills"),
          (name = "account", description = "Deposits, portfolio and ledger"),
          (name = "admin", description = "Administration (role admin)"),
          (name = "ops", description = "Health, readiness, metrics and this document")),

@@ -1,8 +1,8 @@
 //! The API side of trading against the real API over HTTP, with its own Postgres database and
-//! nats-server: markets and prices, deposits, admin halts.
+//! nats-server: markets and prices, deposits, placing and canceling orders, reads, admin halts.
 //!
 //! The engine does not run here. Where a test needs one of its decisions it writes the row
-//! directly, and says so.
+//! directly (or plays the engine on the bus), and says so.
 
 mod support;
 
@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use support::{Api, problem};
 use uuid::Uuid;
-use vault_bus::message::PriceTick;
+use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, PriceTick, decode};
 use vault_bus::{Bus, MessageContext, streams, subjects};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{Proc, READY_DEADLINE, base_env, free_port, poll_until};
@@ -27,6 +27,11 @@ async fn trader(api: &Api, email: &str) -> (String, Uuid) {
     let id = user["id"].as_str().and_then(|id| id.parse().ok()).expect("user id");
     let token = api.tokens(email).await["access_token"].as_str().expect("access token").to_owned();
     (token, id)
+}
+
+fn limit_order(client_order_id: &str) -> Value {
+    json!({"client_order_id": client_order_id, "symbol": "BTC-USD", "side": "buy", "type": "limit",
+           "quantity": "0.015", "limit_price": "50000.01"})
 }
 
 /// One message stored on a stream.
@@ -85,6 +90,302 @@ async fn wait_for_price(api: &Api, symbol: &str, price: &str) -> Value {
         (body["price"] == price).then_some(body)
     })
     .await
+}
+
+async fn read_only_key(api: &Api, token: &str) -> String {
+    let created =
+        json_of(api.post("/api-keys", Some(token), json!({"name": "reader", "scopes": ["read"]})).await, 201).await;
+    created["key"].as_str().expect("key").to_owned()
+}
+
+#[tokio::test]
+async fn a_placed_order_is_answered_202_only_once_it_is_on_the_orders_stream() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "ann@example.com").await;
+    let resp = api
+        .client
+        .post(api.url("/orders"))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-place-1")
+        .json(&limit_order("abc-1"))
+        .send()
+        .await
+        .expect("answer");
+    let order = json_of(resp, 202).await;
+    assert_eq!(order["status"], "pending");
+    assert_eq!(order["client_order_id"], "abc-1");
+    assert_eq!(order["symbol"], "BTC-USD");
+    assert_eq!(order["side"], "buy");
+    assert_eq!(order["type"], "limit");
+    assert_eq!(order["time_in_force"], "gtc", "the default for a limit order");
+    assert_eq!(order["quantity"], "0.015");
+    assert_eq!(order["limit_price"], "50000.01");
+    assert_eq!(order["filled_quantity"], "0");
+    assert_eq!(order["fee"], "0");
+    assert_eq!(order["fills"], json!([]));
+    let id: Uuid = order["id"].as_str().and_then(|s| s.parse().ok()).expect("order id");
+    assert_eq!(id.get_version_num(), 7, "order ids are UUIDv7");
+
+    // Answered 202, so the command is already stored: no waiting here.
+    let stored = stream_messages(&api, streams::ORDERS.name).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let msg = &stored[0];
+    assert_eq!(msg.subject, subjects::order_command(user));
+    assert!(msg.subject.starts_with(&format!("orders.{}.", subjects::partition_of(user))));
+    assert_eq!(msg.msg_id.as_deref(), Some(format!("{user}:abc-1").as_str()));
+    assert_eq!(msg.request_id.as_deref(), Some("req-place-1"));
+    let p = &msg.payload;
+    assert_eq!(p["v"], 1);
+    assert_eq!(p["type"], "order.place");
+    assert_eq!(p["user_id"], user.to_string());
+    assert_eq!(p["request_id"], "req-place-1");
+    assert_eq!(p["order_id"], id.to_string());
+    assert_eq!(p["client_order_id"], "abc-1");
+    assert_eq!((p["symbol"].as_str(), p["side"].as_str()), (Some("BTC-USD"), Some("buy")));
+    assert_eq!((p["order_type"].as_str(), p["time_in_force"].as_str()), (Some("limit"), Some("gtc")));
+    assert_eq!((p["quantity"].as_str(), p["limit_price"].as_str()), (Some("0.015"), Some("50000.01")));
+
+    let (status, request_id): (String, Option<String>) =
+        sqlx::query_as("SELECT status, request_id FROM orders WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(user)
+            .fetch_one(&api.db.pool().await)
+            .await
+            .expect("the pending intake row");
+    assert_eq!((status.as_str(), request_id.as_deref()), ("pending", Some("req-place-1")));
+
+    // It reads back the same, by id and by client id.
+    let by_id = json_of(api.get(&format!("/orders/{id}"), Some(&token)).await, 200).await;
+    assert_eq!(by_id, order);
+    let by_client = json_of(api.get("/orders/by-client-id/abc-1", Some(&token)).await, 200).await;
+    assert_eq!(by_client, order);
+
+    // Without a client id the API makes one, and a market order defaults to ioc.
+    let market = json!({"symbol": "ETH-USD", "side": "sell", "type": "market", "quantity": 0.5});
+    let placed = json_of(api.post("/orders", Some(&token), market).await, 202).await;
+    assert_eq!(placed["time_in_force"], "ioc");
+    assert_eq!(placed["limit_price"], Value::Null);
+    assert!(placed["client_order_id"].as_str().is_some_and(|c| !c.is_empty()), "{placed}");
+}
+
+#[tokio::test]
+async fn a_second_order_with_the_same_client_id_returns_the_first_and_places_nothing() {
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "bo@example.com").await;
+    let first = json_of(api.post("/orders", Some(&token), limit_order("same-1")).await, 202).await;
+    let again = json_of(api.post("/orders", Some(&token), limit_order("same-1")).await, 200).await;
+    assert_eq!(again["id"], first["id"]);
+    // Even with other terms: the client id is the identity of the order.
+    let mut other = limit_order("same-1");
+    other["quantity"] = json!("0.5");
+    let third = json_of(api.post("/orders", Some(&token), other).await, 200).await;
+    assert_eq!((third["id"].clone(), third["quantity"].clone()), (first["id"].clone(), json!("0.015")));
+
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 1);
+    // The pending row's command was re-published (healing a crash between insert and publish);
+    // JetStream dropped it as a duplicate.
+    assert_eq!(stream_messages(&api, streams::ORDERS.name).await.len(), 1);
+
+    // Once the engine decided (simulated: the row is set open directly), a retry just answers it.
+    sqlx::query("UPDATE orders SET status = 'open'").execute(&api.db.pool().await).await.expect("update");
+    let decided = json_of(api.post("/orders", Some(&token), limit_order("same-1")).await, 200).await;
+    assert_eq!(decided["status"], "open");
+    assert_eq!(stream_messages(&api, streams::ORDERS.name).await.len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_orders_are_422_naming_the_field_and_place_nothing() {
+    let api = Api::start_with(&[("RATE_LIMIT_USER_PER_SEC", "0")]).await;
+    let (token, _) = trader(&api, "cy@example.com").await;
+    publish_tick(&api, "BTC-USD", "50000", 1).await;
+    wait_for_price(&api, "BTC-USD", "50000").await;
+
+    let base = limit_order("bad-1");
+    let with = |changes: Value| {
+        let mut body = base.clone();
+        for (k, v) in changes.as_object().expect("object") {
+            if v.is_null() {
+                body.as_object_mut().expect("object").remove(k);
+            } else {
+                body[k] = v.clone();
+            }
+        }
+        body
+    };
+    let market = |quantity: &str| json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": quantity});
+    let cases = [
+        ("unknown symbol", with(json!({"symbol": "FOO-USD"})), "symbol"),
+        ("malformed symbol", with(json!({"symbol": "btc-usd"})), "symbol"),
+        ("quantity off increment", with(json!({"quantity": "0.000015"})), "quantity"),
+        ("zero quantity", with(json!({"quantity": "0"})), "quantity"),
+        ("negative quantity", with(json!({"quantity": "-1"})), "quantity"),
+        ("limit price off increment", with(json!({"limit_price": "50000.001"})), "limit_price"),
+        ("limit price missing", with(json!({"limit_price": null})), "limit_price"),
+        ("notional below the minimum", with(json!({"quantity": "0.00001"})), "quantity"),
+        ("limit price on a market order", with(json!({"type": "market", "time_in_force": "ioc"})), "limit_price"),
+        (
+            "gtc market order",
+            json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.01",
+                                    "time_in_force": "gtc"}),
+            "time_in_force",
+        ),
+        ("market notional below the minimum at the latest price", market("0.00001"), "quantity"),
+        ("client id with a space", with(json!({"client_order_id": "has space"})), "client_order_id"),
+        ("client id too long", with(json!({"client_order_id": "x".repeat(65)})), "client_order_id"),
+        ("unknown side", with(json!({"side": "hold"})), "side"),
+        ("unknown time in force", with(json!({"time_in_force": "day"})), "time_in_force"),
+        ("quantity not a decimal", with(json!({"quantity": "lots"})), "quantity"),
+        ("unknown field", with(json!({"leverage": "10"})), "leverage"),
+    ];
+    for (what, body, field) in cases {
+        let resp = api.post("/orders", Some(&token), body).await;
+        let problem = problem(resp, 422, "validation_failed").await;
+        let fields: Vec<&str> =
+            problem["errors"].as_array().expect("errors").iter().filter_map(|e| e["field"].as_str()).collect();
+        assert!(fields.contains(&field), "{what}: expected {field:?} in {problem}");
+    }
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 0, "no intake row");
+    assert!(stream_messages(&api, streams::ORDERS.name).await.is_empty(), "no command");
+}
+
+#[tokio::test]
+async fn with_nats_down_orders_and_deposits_are_refused_503_leaving_nothing_and_work_after_restart() {
+    let mut api = Api::start().await;
+    let (token, user) = trader(&api, "dee@example.com").await;
+    api.nats.kill();
+    api.proc.wait_http_status(&api.addr, "/readyz", 503, READY_DEADLINE).await;
+
+    let resp = api.post("/orders", Some(&token), limit_order("retry-me")).await;
+    assert!(resp.headers().get("retry-after").is_some(), "503 carries Retry-After");
+    problem(resp, 503, "service_unavailable").await;
+    let resp = api
+        .post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "100", "client_deposit_id": "d-1"}))
+        .await;
+    problem(resp, 503, "service_unavailable").await;
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 0, "the intake row was withdrawn");
+    assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 0, "the intake row was withdrawn");
+    problem(api.get("/orders/by-client-id/retry-me", Some(&token)).await, 404, "not_found").await;
+
+    api.nats.restart().await;
+    api.proc.wait_http_status(&api.addr, "/readyz", 200, READY_DEADLINE).await;
+    // The client retries with the same client id, as it should after a 503.
+    let order = json_of(api.post("/orders", Some(&token), limit_order("retry-me")).await, 202).await;
+    json_of(
+        api.post(
+            "/account/deposits",
+            Some(&token),
+            json!({"asset": "USD", "amount": "100", "client_deposit_id": "d-1"}),
+        )
+        .await,
+        202,
+    )
+    .await;
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 1);
+    let stored = stream_messages(&api, streams::ORDERS.name).await;
+    assert_eq!(stored.len(), 2, "nothing from the outage reached the stream: {stored:?}");
+    assert_eq!(stored[0].msg_id.as_deref(), Some(format!("{user}:retry-me").as_str()));
+    assert_eq!(stored[0].payload["order_id"], order["id"], "the stored command names the live row");
+}
+
+#[tokio::test]
+async fn a_read_only_api_key_cannot_trade_but_can_read() {
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "eve@example.com").await;
+    let order = json_of(api.post("/orders", Some(&token), limit_order("mine-1")).await, 202).await;
+    let key = read_only_key(&api, &token).await;
+
+    problem(api.post("/orders", Some(&key), limit_order("key-1")).await, 403, "insufficient_scope").await;
+    let id = order["id"].as_str().expect("id");
+    problem(api.call(Method::DELETE, &format!("/orders/{id}"), Some(&key), None).await, 403, "insufficient_scope")
+        .await;
+    problem(api.call(Method::DELETE, "/orders", Some(&key), None).await, 403, "insufficient_scope").await;
+    problem(
+        api.post("/account/deposits", Some(&key), json!({"asset": "USD", "amount": "10"})).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+
+    let list = json_of(api.get("/orders", Some(&key)).await, 200).await;
+    assert_eq!(list["orders"][0]["id"], order["id"]);
+    json_of(api.get(&format!("/orders/{id}"), Some(&key)).await, 200).await;
+    json_of(api.get("/portfolio", Some(&key)).await, 200).await;
+    json_of(api.get("/ledger", Some(&key)).await, 200).await;
+    json_of(api.get("/fills", Some(&key)).await, 200).await;
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 1);
+    assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 0);
+}
+
+#[tokio::test]
+async fn another_users_order_is_not_found_never_forbidden() {
+    let api = Api::start().await;
+    let (owner, _) = trader(&api, "fay@example.com").await;
+    let (other, _) = trader(&api, "gus@example.com").await;
+    let order = json_of(api.post("/orders", Some(&owner), limit_order("private-1")).await, 202).await;
+    let id = order["id"].as_str().expect("id");
+
+    problem(api.get(&format!("/orders/{id}"), Some(&other)).await, 404, "not_found").await;
+    problem(api.get("/orders/by-client-id/private-1", Some(&other)).await, 404, "not_found").await;
+    problem(api.call(Method::DELETE, &format!("/orders/{id}"), Some(&other), None).await, 404, "not_found").await;
+    problem(api.get("/orders/not-a-uuid", Some(&other)).await, 404, "not_found").await;
+    let list = json_of(api.get("/orders", Some(&other)).await, 200).await;
+    assert_eq!(list["orders"], json!([]));
+    let canceled = json_of(api.call(Method::DELETE, "/orders", Some(&other), None).await, 202).await;
+    assert_eq!(canceled["canceled"], 0, "a cancel-all touches only the caller's orders");
+    // The other user could also not take over the client id: it is per user.
+    json_of(api.post("/orders", Some(&other), limit_order("private-1")).await, 202).await;
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 2);
+}
+
+#[tokio::test]
+async fn canceling_publishes_a_cancel_and_a_closed_order_cannot_be_canceled() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "hal@example.com").await;
+    let done = json_of(api.post("/orders", Some(&token), limit_order("done-1")).await, 202).await;
+    let live = json_of(api.post("/orders", Some(&token), limit_order("live-1")).await, 202).await;
+    let mut eth = limit_order("live-2");
+    eth["symbol"] = json!("ETH-USD");
+    json_of(api.post("/orders", Some(&token), eth).await, 202).await;
+    // Test setup standing in for the engine's decision: the first order filled.
+    sqlx::query("UPDATE orders SET status = 'filled', filled_quantity = quantity WHERE id = $1")
+        .bind(done["id"].as_str().and_then(|s| s.parse::<Uuid>().ok()))
+        .execute(&api.db.pool().await)
+        .await
+        .expect("update");
+
+    let done_id = done["id"].as_str().expect("id");
+    let body = problem(
+        api.call(Method::DELETE, &format!("/orders/{done_id}"), Some(&token), None).await,
+        409,
+        "order_not_cancelable",
+    )
+    .await;
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("filled")), "{body}");
+
+    let live_id = live["id"].as_str().expect("id");
+    let resp = api.call(Method::DELETE, &format!("/orders/{live_id}"), Some(&token), None).await;
+    let answered = json_of(resp, 202).await;
+    assert_eq!(answered["id"], live["id"]);
+    assert_eq!(answered["status"], "pending", "the engine has not decided yet");
+    let stored = stream_messages(&api, streams::ORDERS.name).await;
+    let cancel = stored.last().expect("a cancel");
+    assert_eq!(cancel.payload["type"], "order.cancel");
+    assert_eq!(cancel.payload["order_id"], live["id"]);
+    assert_eq!(cancel.msg_id.as_deref(), Some(format!("{user}:cancel:{live_id}").as_str()));
+
+    // Cancel-all of one market: only BTC-USD's pending or open orders (the filled one is not).
+    let canceled = json_of(api.call(Method::DELETE, "/orders?symbol=BTC-USD", Some(&token), None).await, 202).await;
+    assert_eq!(canceled["canceled"], 1);
+    let canceled = json_of(api.call(Method::DELETE, "/orders", Some(&token), None).await, 202).await;
+    assert_eq!(canceled["canceled"], 2);
+    problem(api.call(Method::DELETE, "/orders?symbol=NOPE-USD", Some(&token), None).await, 422, "validation_failed")
+        .await;
+    let cancels = stream_messages(&api, streams::ORDERS.name)
+        .await
+        .into_iter()
+        .filter(|m| m.payload["type"] == "order.cancel")
+        .count();
+    assert_eq!(cancels, 2, "one cancel per order: repeated cancels are the same message (dedupe)");
 }
 
 #[tokio::test]
@@ -199,10 +500,273 @@ async fn admins_halt_and_resume_markets_and_users_cannot() {
     let resp = api.call(Method::POST, "/admin/markets/SOL-USD/halt", Some(&admin), None).await;
     assert_eq!(resp.status(), 204);
     assert_eq!(status_of(json_of(api.get("/markets", None).await, 200).await), "halted");
+    // Orders on a halted market are still accepted by the API: the engine rejects them.
+    let mut sol = limit_order("halted-1");
+    sol["symbol"] = json!("SOL-USD");
+    sol["quantity"] = json!("1");
+    sol["limit_price"] = json!("150");
+    json_of(api.post("/orders", Some(&user), sol).await, 202).await;
+
     problem(api.call(Method::POST, "/admin/markets/SOL-USD/resume", Some(&user), None).await, 403, "forbidden").await;
     let resp = api.call(Method::POST, "/admin/markets/SOL-USD/resume", Some(&admin), None).await;
     assert_eq!(resp.status(), 204);
     assert_eq!(status_of(json_of(api.get("/markets", None).await, 200).await), "trading");
+}
+
+#[tokio::test]
+async fn orders_page_newest_first_with_a_cursor_until_null() {
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "lea@example.com").await;
+    let mut placed = Vec::new();
+    for i in 0..5 {
+        let order = json_of(api.post("/orders", Some(&token), limit_order(&format!("page-{i}"))).await, 202).await;
+        placed.push(order["id"].as_str().expect("id").to_owned());
+    }
+    placed.reverse();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/orders?limit=2&cursor={c}"),
+            None => "/orders?limit=2".to_owned(),
+        };
+        let page = json_of(api.get(&path, Some(&token)).await, 200).await;
+        pages += 1;
+        let orders = page["orders"].as_array().expect("orders");
+        assert!(orders.len() <= 2);
+        seen.extend(orders.iter().map(|o| o["id"].as_str().expect("id").to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => {
+                assert_eq!(page["next_cursor"], Value::Null);
+                break;
+            }
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, placed, "newest first, each once");
+
+    let open = json_of(api.get("/orders?status=open&symbol=BTC-USD", Some(&token)).await, 200).await;
+    assert_eq!(open["orders"].as_array().map(Vec::len), Some(5), "pending orders are open");
+    let closed = json_of(api.get("/orders?status=closed", Some(&token)).await, 200).await;
+    assert_eq!(closed["orders"], json!([]));
+    problem(api.get("/orders?status=sideways", Some(&token)).await, 422, "validation_failed").await;
+    problem(api.get("/orders?limit=501", Some(&token)).await, 422, "validation_failed").await;
+}
+
+/// Plays the engine for one user: every `order.place` command is accepted (row set `open`, as
+/// the engine would) and an `order.accepted` event is published.
+fn fake_engine(api: &Api) -> tokio::task::JoinHandle<()> {
+    let (url, db_url) = (api.nats.url(), api.db.url.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = tokio::spawn(async move {
+        use futures::StreamExt;
+        let bus = Bus::connect(&url, "fake-engine").await.expect("bus");
+        let pool = sqlx::PgPool::connect(&db_url).await.expect("db");
+        let mut commands = bus.client().subscribe(subjects::ORDERS_ALL).await.expect("subscribe");
+        bus.client().flush().await.expect("flush");
+        ready_tx.send(()).expect("ready");
+        while let Some(msg) = commands.next().await {
+            let command: OrderCommand = decode(msg.subject.as_str(), &msg.payload).expect("command");
+            let CommandBody::Place { order_id, .. } = command.body else { continue };
+            sqlx::query("UPDATE orders SET status = 'open', updated_at = now() WHERE id = $1")
+                .bind(order_id)
+                .execute(&pool)
+                .await
+                .expect("accept");
+            let data: Value = sqlx::query_scalar("SELECT to_jsonb(o) FROM orders o WHERE id = $1")
+                .bind(order_id)
+                .fetch_one(&pool)
+                .await
+                .expect("order json");
+            let event = EngineEvent {
+                id: Uuid::now_v7(),
+                kind: EventKind::OrderAccepted,
+                user_id: command.user_id,
+                request_id: command.request_id,
+                at: Utc::now(),
+                data,
+            };
+            bus.publish(&event, &MessageContext::default()).await.expect("event published");
+        }
+    });
+    ready_rx.recv_timeout(DEADLINE).expect("the fake engine subscribed");
+    handle
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_wait_answers_201_with_the_engines_verdict_or_202_when_it_does_not_come() {
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "max@example.com").await;
+
+    // No engine: after the wait the order is still pending, so 202.
+    let started = std::time::Instant::now();
+    let resp = api
+        .client
+        .post(api.url("/orders"))
+        .bearer_auth(&token)
+        .header("prefer", "wait=1")
+        .json(&limit_order("w-1"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.headers().get("preference-applied").and_then(|v| v.to_str().ok()), Some("wait=1"));
+    let pending = json_of(resp, 202).await;
+    assert_eq!(pending["status"], "pending");
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited");
+
+    let engine = fake_engine(&api);
+    let resp = api
+        .client
+        .post(api.url("/orders"))
+        .bearer_auth(&token)
+        .header("prefer", "wait=60")
+        .json(&limit_order("w-2"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(
+        resp.headers().get("preference-applied").and_then(|v| v.to_str().ok()),
+        Some("wait=10"),
+        "capped at 10 s"
+    );
+    let decided = json_of(resp, 201).await;
+    assert_eq!(decided["status"], "open", "the latest state, read after the verdict");
+    assert_eq!(decided["client_order_id"], "w-2");
+    engine.abort();
+}
+
+#[tokio::test]
+async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_latest_price() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "ned@example.com").await;
+    let (other, _) = trader(&api, "oli@example.com").await;
+    let empty = json_of(api.get("/portfolio", Some(&token)).await, 200).await;
+    assert_eq!(empty["cash"], json!({"asset": "USD", "total": "0", "available": "0", "reserved": "0"}));
+    assert_eq!((empty["positions"].clone(), empty["equity"].clone()), (json!([]), json!("0")));
+
+    let order = json_of(api.post("/orders", Some(&token), limit_order("filled-1")).await, 202).await;
+    let order_id: Uuid = order["id"].as_str().and_then(|s| s.parse().ok()).expect("id");
+    // Test setup standing in for the engine: a deposit, a fill of 0.5 BTC at 60000 and their
+    // ledger entries (user side only; the house side is irrelevant to these reads).
+    let pool = api.db.pool().await;
+    for sql in [
+        "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'USD', 1000.00, 100, 0)",
+        "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'BTC', 0.5, 0, 30000)",
+        "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'ETH', 0, 0, 0)",
+    ] {
+        sqlx::query(sql).bind(user).execute(&pool).await.expect("balance");
+    }
+    for (asset, amount, after, kind, with_order) in [
+        ("USD", "31000", "31000", "deposit", false),
+        ("BTC", "0.5", "0.5", "trade", true),
+        ("USD", "-30000", "1000", "trade", true),
+    ] {
+        sqlx::query(
+            "INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id)
+             VALUES ($1, 'user', $2, $3, $4::NUMERIC, $5::NUMERIC, $6, $7)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user)
+        .bind(asset)
+        .bind(amount)
+        .bind(after)
+        .bind(kind)
+        .bind(with_order.then_some(order_id))
+        .execute(&pool)
+        .await
+        .expect("ledger entry");
+    }
+    sqlx::query(
+        "INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee) VALUES ($1, $2, $3, 'BTC-USD', 'buy', 60000, 0.5, 30)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(order_id)
+    .bind(user)
+    .execute(&pool)
+    .await
+    .expect("fill");
+
+    // Without a price the position counts at its cost.
+    let unpriced = json_of(api.get("/portfolio", Some(&token)).await, 200).await;
+    assert_eq!(unpriced["positions"][0]["market_price"], Value::Null);
+    assert_eq!(unpriced["equity"], "31000");
+
+    publish_tick(&api, "BTC-USD", "65000", 1).await;
+    wait_for_price(&api, "BTC-USD", "65000").await;
+    let portfolio = json_of(api.get("/portfolio", Some(&token)).await, 200).await;
+    assert_eq!(portfolio["cash"], json!({"asset": "USD", "total": "1000", "available": "900", "reserved": "100"}));
+    assert_eq!(
+        portfolio["positions"],
+        json!([{"asset": "BTC", "symbol": "BTC-USD", "quantity": "0.5", "available": "0.5", "reserved": "0",
+                "avg_cost": "60000", "market_price": "65000", "market_value": "32500", "unrealized_pnl": "2500"}]),
+        "the empty ETH balance is not a position"
+    );
+    assert_eq!(portfolio["equity"], "33500");
+    assert!(portfolio["as_of"].is_string());
+
+    let first = json_of(api.get("/ledger?limit=2", Some(&token)).await, 200).await;
+    let entries = first["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 2);
+    assert_eq!((entries[0]["asset"].as_str(), entries[0]["amount"].as_str()), (Some("USD"), Some("-30000")));
+    assert_eq!(entries[0]["balance_after"], "1000");
+    assert_eq!(entries[0]["order_id"], order["id"]);
+    assert!(entries[0]["id"].is_string(), "ledger ids are strings");
+    let cursor = first["next_cursor"].as_str().expect("a next page");
+    let second = json_of(api.get(&format!("/ledger?limit=2&cursor={cursor}"), Some(&token)).await, 200).await;
+    assert_eq!(second["entries"].as_array().map(Vec::len), Some(1));
+    assert_eq!(second["entries"][0]["kind"], "deposit");
+    assert_eq!(second["entries"][0]["order_id"], Value::Null);
+    assert_eq!(second["next_cursor"], Value::Null);
+    problem(api.get("/ledger?cursor=nonsense", Some(&token)).await, 422, "validation_failed").await;
+
+    let fills = json_of(api.get("/fills?symbol=BTC-USD", Some(&token)).await, 200).await;
+    assert_eq!(fills["fills"][0]["order_id"], order["id"]);
+    assert_eq!((fills["fills"][0]["price"].as_str(), fills["fills"][0]["fee"].as_str()), (Some("60000"), Some("30")));
+    assert_eq!(fills["next_cursor"], Value::Null);
+    let with_fills = json_of(api.get(&format!("/orders/{order_id}"), Some(&token)).await, 200).await;
+    assert_eq!(with_fills["fills"][0]["quantity"], "0.5");
+    let listed = json_of(api.get("/orders", Some(&token)).await, 200).await;
+    assert_eq!(listed["orders"][0]["fills"][0]["liquidity"], "taker");
+
+    // None of it is visible to someone else.
+    let theirs = json_of(api.get("/portfolio", Some(&other)).await, 200).await;
+    assert_eq!(theirs["equity"], "0");
+    assert_eq!(json_of(api.get("/ledger", Some(&other)).await, 200).await["entries"], json!([]));
+    assert_eq!(json_of(api.get("/fills", Some(&other)).await, 200).await["fills"], json!([]));
+}
+
+#[tokio::test]
+async fn a_client_id_whose_refused_attempt_reached_the_stream_later_is_answered_409_not_left_pending() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "pia@example.com").await;
+    // Simulates an attempt that was answered 503 and withdrawn, but whose command reached the
+    // stream afterwards: it names an order row that no longer exists.
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("bus");
+    let stale = OrderCommand {
+        user_id: user,
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Place {
+            order_id: Uuid::now_v7(),
+            client_order_id: "late-1".to_owned(),
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: vault_core::domain::Side::Buy,
+            order_type: vault_core::domain::OrderType::Limit,
+            time_in_force: vault_core::domain::TimeInForce::Gtc,
+            quantity: Positive::new(Decimal::new(15, 3)).expect("positive"),
+            limit_price: Some(Positive::new(Decimal::new(5_000_001, 2)).expect("positive")),
+        },
+    };
+    bus.publish(&stale, &MessageContext::default()).await.expect("published");
+
+    let body = problem(api.post("/orders", Some(&token), limit_order("late-1")).await, 409, "client_id_unusable").await;
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("new client id")), "{body}");
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 0, "no order left pending forever");
+    // Another client id works.
+    json_of(api.post("/orders", Some(&token), limit_order("late-2")).await, 202).await;
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! the ack); the engine credits it and marks it `completed`. The portfolio and the ledger are
 //! reads of what the engine wrote, marked to the latest prices this API knows.
 //!
-//! Decisions where `API.md` is silent (also in the README's API section):
+//! Decisions where `API.md` is silent:
 //! - deposits: `asset` is USD or the base asset of a market; `amount` has at most 8 decimals;
 //!   without `client_deposit_id` the deposit's own id is used;
 //! - portfolio rounding: `avg_cost` = cost_basis / quantity and `market_value` = quantity ×

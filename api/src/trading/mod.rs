@@ -1,4 +1,4 @@
-//! The API side of trading: markets and prices, deposits, portfolio, ledger (orders to come).
+//! The API side of trading: markets and prices, deposits, orders, fills, portfolio, ledger.
 //!
 //! What the API may do here (see `migrations/0003_trading.sql`): validate requests into domain
 //! values, write the *intake* row of an order or deposit (status `pending`), publish the command
@@ -21,6 +21,7 @@
 
 pub mod account;
 pub mod markets;
+pub mod orders;
 
 use async_nats::connection::State as ConnectionState;
 use async_nats::jetstream::publish::PublishAck;
@@ -36,7 +37,7 @@ use crate::error::{ApiError, FieldError};
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().merge(markets::router()).merge(account::router())
+    Router::new().merge(markets::router()).merge(orders::router()).merge(account::router())
 }
 
 /// Publishes a command and waits for the JetStream ack.
@@ -113,12 +114,65 @@ pub(crate) fn context(request_id: &Option<String>) -> MessageContext {
     MessageContext { request_id: request_id.clone() }
 }
 
+/// A 404 for a path id that is not a UUID (the same answer as an unknown id).
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::NotFound)
+}
+
 // ---------------------------------------------------------------------------------------------
 // OpenAPI shapes of the shared views
 //
-// The deposit object is a `vault_bus::views` type (shared with the engine's
+// The order, fill and deposit objects are `vault_bus::views` types (shared with the engine's
 // events), which know nothing of OpenAPI. These mirror them for the document only; a test below
 // keeps their field names identical.
+
+/// An execution of an order.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Fill)]
+pub struct FillDoc {
+    pub id: Uuid,
+    #[schema(value_type = String, example = "65000.00")]
+    pub price: String,
+    #[schema(value_type = String, example = "0.015")]
+    pub quantity: String,
+    #[schema(value_type = String, example = "0.975")]
+    pub fee: String,
+    /// Always `taker`.
+    pub liquidity: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An order. States: `pending` (accepted by the API) → `open` (accepted by the engine, resting)
+/// → `filled` | `canceled` | `expired`; or `pending` → `rejected` with `reject_reason`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Order)]
+pub struct OrderDoc {
+    pub id: Uuid,
+    pub client_order_id: String,
+    #[schema(example = "BTC-USD")]
+    pub symbol: String,
+    /// `buy` or `sell`.
+    pub side: String,
+    /// `market` or `limit`.
+    #[serde(rename = "type")]
+    pub order_type: String,
+    /// `gtc`, `ioc` or `fok`.
+    pub time_in_force: String,
+    #[schema(example = "0.015")]
+    pub quantity: String,
+    #[schema(example = "65000.00")]
+    pub limit_price: Option<String>,
+    /// `pending`, `open`, `filled`, `canceled`, `expired` or `rejected`.
+    pub status: String,
+    pub filled_quantity: String,
+    pub average_fill_price: Option<String>,
+    pub fee: String,
+    /// `insufficient_funds`, `insufficient_position`, `market_halted`, `stale_price`, `no_price`.
+    pub reject_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub fills: Vec<FillDoc>,
+}
 
 /// A deposit of paper money: `pending` until the engine credits it (`completed`).
 #[derive(Debug, Serialize, ToSchema)]
@@ -139,7 +193,7 @@ pub struct DepositDoc {
 mod tests {
     use rust_decimal::Decimal;
     use serde_json::Value;
-    use vault_bus::views::DepositView;
+    use vault_bus::views::{DepositView, FillView, OrderView};
 
     use super::*;
 
@@ -150,8 +204,68 @@ mod tests {
     }
 
     #[test]
-    fn the_documented_shape_has_the_fields_of_the_shared_view() {
+    fn the_documented_shapes_have_the_fields_of_the_shared_views() {
         let now = Utc::now();
+        let fill = FillView {
+            id: Uuid::nil(),
+            price: Decimal::ONE,
+            quantity: Decimal::ONE,
+            fee: Decimal::ZERO,
+            liquidity: "taker".into(),
+            created_at: now,
+        };
+        let fill_doc = FillDoc {
+            id: Uuid::nil(),
+            price: "1".into(),
+            quantity: "1".into(),
+            fee: "0".into(),
+            liquidity: "taker".into(),
+            created_at: now,
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&fill).expect("json")),
+            keys(serde_json::to_value(&fill_doc).expect("json"))
+        );
+        let order = OrderView {
+            id: Uuid::nil(),
+            client_order_id: "c".into(),
+            symbol: "BTC-USD".into(),
+            side: "buy".into(),
+            order_type: "limit".into(),
+            time_in_force: "gtc".into(),
+            quantity: Decimal::ONE,
+            limit_price: None,
+            status: "pending".into(),
+            filled_quantity: Decimal::ZERO,
+            average_fill_price: None,
+            fee: Decimal::ZERO,
+            reject_reason: None,
+            created_at: now,
+            updated_at: now,
+            fills: vec![],
+        };
+        let order_doc = OrderDoc {
+            id: Uuid::nil(),
+            client_order_id: "c".into(),
+            symbol: "BTC-USD".into(),
+            side: "buy".into(),
+            order_type: "limit".into(),
+            time_in_force: "gtc".into(),
+            quantity: "1".into(),
+            limit_price: None,
+            status: "pending".into(),
+            filled_quantity: "0".into(),
+            average_fill_price: None,
+            fee: "0".into(),
+            reject_reason: None,
+            created_at: now,
+            updated_at: now,
+            fills: vec![],
+        };
+        assert_eq!(
+            keys(serde_json::to_value(&order).expect("json")),
+            keys(serde_json::to_value(&order_doc).expect("json"))
+        );
         let deposit = DepositView {
             id: Uuid::nil(),
             asset: "USD".into(),
