@@ -155,7 +155,11 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     let declared =
         req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
-        return ApiError::PayloadTooLarge.into_response();
+        // The unread body is still on the wire: close the connection rather than let the client
+        // reuse it (and have its next request read as the rest of this one).
+        let mut response = ApiError::PayloadTooLarge.into_response();
+        response.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        return response;
     }
     next.run(req).await
 }
