@@ -133,6 +133,7 @@ impl Actor for Shard {
                 if !keep {
                     tracing::debug!(user_id = %user, "passivating idle portfolio actor");
                     entry.addr.do_send(Stop);
+                    metrics::gauge!("vault_engine_actors").decrement(1.0);
                 }
                 keep
             });
@@ -145,15 +146,20 @@ impl Handler<Route> for Shard {
 
     fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
         let (shared, pool) = (self.shared.clone(), self.pool.clone());
-        let entry = self.actors.entry(msg.user_id).or_insert_with(|| Entry {
-            addr: PortfolioActor::create(|ctx| {
-                ctx.set_mailbox_capacity(MAILBOX);
-                PortfolioActor { user_id: msg.user_id, state: None, shared, pool }
-            }),
-            in_flight: 0,
-            last_routed: Instant::now(),
+        let entry = self.actors.entry(msg.user_id).or_insert_with(|| {
+            metrics::gauge!("vault_engine_actors").increment(1.0);
+            Entry {
+                addr: PortfolioActor::create(|ctx| {
+                    ctx.set_mailbox_capacity(MAILBOX);
+                    PortfolioActor { user_id: msg.user_id, state: None, shared, pool }
+                }),
+                in_flight: 0,
+                last_routed: Instant::now(),
+            }
         });
         entry.in_flight += 1;
+        // Work routed and not yet finished, over all actors: the engine's mailbox depth.
+        metrics::gauge!("vault_engine_mailbox_depth").increment(1.0);
         entry.last_routed = Instant::now();
         let send = entry.addr.send(Apply(msg.work));
         let me = ctx.address();
@@ -174,6 +180,7 @@ impl Handler<Completed> for Shard {
         if let Some(entry) = self.actors.get_mut(&user) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
+        metrics::gauge!("vault_engine_mailbox_depth").decrement(1.0);
     }
 }
 
@@ -218,6 +225,11 @@ impl Handler<Apply> for PortfolioActor {
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|result, actor, _| match result {
             Ok(((outcome, next), work)) => {
+                if let Work::Command { command, .. } = &work {
+                    // From the API's publish to the engine's commit.
+                    let secs = (Utc::now() - command.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    metrics::histogram!("vault_engine_end_to_end_seconds").record(secs);
+                }
                 actor.after_commit(&outcome, &next, &work);
                 actor.state = Some(next);
                 Ok(outcome)
@@ -291,7 +303,9 @@ async fn apply_with_retries(
                 now: Utc::now(),
                 max_price_age: shared.max_price_age,
             });
+            let started = Instant::now();
             let outcome = store::commit(pool, &current, work, view.as_ref(), Utc::now()).await;
+            metrics::histogram!("vault_engine_commit_seconds").record(started.elapsed().as_secs_f64());
             if outcome.is_err() {
                 state = None;
             }

@@ -178,6 +178,68 @@ pub enum Event {
     },
 }
 
+/// One double-entry posting of an event: `user_amount` on the user's account and its opposite
+/// on the `counter` account (`house` for trades and deposits, `fees` for fees), so every
+/// posting sums to zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posting {
+    pub asset: Asset,
+    pub user_amount: Decimal,
+    pub counter: &'static str,
+    /// `deposit`, `trade` or `fee`: the ledger entry's kind.
+    pub kind: &'static str,
+    pub order_id: Option<Uuid>,
+}
+
+impl Event {
+    /// The ledger postings of this event (events that move no money have none).
+    pub fn postings(&self) -> Vec<Posting> {
+        let p = |asset: &Asset, amount: Decimal, counter, kind, order_id| Posting {
+            asset: asset.clone(),
+            user_amount: amount,
+            counter,
+            kind,
+            order_id,
+        };
+        match self {
+            Event::DepositCompleted { asset, amount, .. } => vec![p(asset, *amount, "house", "deposit", None)],
+            Event::OrderFilled(Fill { order_id, symbol, side, quantity, notional, fee, .. }) => {
+                let (base, quote, id) = (symbol.base(), symbol.quote(), Some(*order_id));
+                let mut out = match side {
+                    Side::Buy => {
+                        vec![p(quote, -*notional, "house", "trade", id), p(base, quantity.get(), "house", "trade", id)]
+                    }
+                    Side::Sell => {
+                        vec![p(base, -quantity.get(), "house", "trade", id), p(quote, *notional, "house", "trade", id)]
+                    }
+                };
+                if !fee.is_zero() {
+                    out.push(p(quote, -*fee, "fees", "fee", id));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The order this event closes, if it closes one.
+    pub fn closes(&self) -> Option<Uuid> {
+        match self {
+            Event::OrderFilled(f) => Some(f.order_id),
+            Event::OrderCanceled { order_id, .. } | Event::OrderExpired { order_id } => Some(*order_id),
+            _ => None,
+        }
+    }
+
+    /// The order this event concerns, if any.
+    pub fn order_id(&self) -> Option<Uuid> {
+        match self {
+            Event::OrderAccepted(o) => Some(o.id),
+            other => other.closes(),
+        }
+    }
+}
+
 /// One user's portfolio.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Portfolio {

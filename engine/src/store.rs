@@ -24,7 +24,7 @@ use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, enco
 use vault_bus::views::{self, DepositView};
 use vault_core::domain::{Asset, Positive, Side, Symbol};
 
-use crate::portfolio::{Balance, Command, Event, Fill, MarketView, OpenOrder, OrderRequest, Portfolio, Reject};
+use crate::portfolio::{Balance, Command, Event, MarketView, OpenOrder, OrderRequest, Portfolio, Reject};
 
 /// What can go wrong persisting; every variant leaves the database unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -279,44 +279,6 @@ async fn to_command(
     }
 }
 
-/// One double-entry posting: a user entry and its counter-entry.
-struct Posting {
-    asset: Asset,
-    user_amount: Decimal,
-    counter: &'static str,
-    kind: &'static str,
-    order_id: Option<Uuid>,
-}
-
-fn postings(event: &Event) -> Vec<Posting> {
-    let p = |asset: &Asset, amount: Decimal, counter, kind, order_id| Posting {
-        asset: asset.clone(),
-        user_amount: amount,
-        counter,
-        kind,
-        order_id,
-    };
-    match event {
-        Event::DepositCompleted { asset, amount, .. } => vec![p(asset, *amount, "house", "deposit", None)],
-        Event::OrderFilled(Fill { order_id, symbol, side, quantity, notional, fee, .. }) => {
-            let (base, quote, id) = (symbol.base(), symbol.quote(), Some(*order_id));
-            let mut out = match side {
-                Side::Buy => {
-                    vec![p(quote, -*notional, "house", "trade", id), p(base, quantity.get(), "house", "trade", id)]
-                }
-                Side::Sell => {
-                    vec![p(base, -quantity.get(), "house", "trade", id), p(quote, *notional, "house", "trade", id)]
-                }
-            };
-            if !fee.is_zero() {
-                out.push(p(quote, -*fee, "fees", "fee", id));
-            }
-            out
-        }
-        _ => Vec::new(),
-    }
-}
-
 async fn write_events(
     tx: &mut Transaction<'_, Postgres>,
     before: &Portfolio,
@@ -394,7 +356,7 @@ async fn write_events(
             }
         }
         let tx_id = Uuid::now_v7();
-        for posting in postings(event) {
+        for posting in event.postings() {
             let balance = running.entry(posting.asset.clone()).or_default();
             balance.total += posting.user_amount;
             sqlx::query(

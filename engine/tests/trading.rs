@@ -277,6 +277,27 @@ async fn a_deposit_and_a_market_buy_move_money_through_the_double_entry_ledger()
     assert_eq!(filled_event["data"]["status"], "filled");
     assert_eq!(filled_event["data"]["fills"].as_array().expect("fills").len(), 1);
     assert!(events.iter().any(|(subj, _)| subj == &format!("events.deposit.completed.{user}")));
+
+    let text = vault_testkit::http_client()
+        .get(format!("http://{}/metrics", s.ops))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "vault_engine_commands_total{outcome=\"applied\"}",
+        "vault_engine_apply_seconds_bucket",
+        "vault_engine_commit_seconds_bucket",
+        "vault_engine_end_to_end_seconds_bucket",
+        "vault_engine_queue_wait_seconds_bucket",
+        "vault_engine_actors",
+        "vault_engine_mailbox_depth",
+        "vault_outbox_published_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The rules of `Portfolio`, one by one, and its invariants over random command sequences.
 
+use std::collections::BTreeMap;
+
 use chrono::{Duration, TimeZone};
 use proptest::prelude::*;
 use rust_decimal_macros::dec;
@@ -195,11 +197,12 @@ proptest! {
         let m = market(MarketStatus::Trading);
         let mut p = Portfolio::default();
         let mut price = dec!(50000);
-        // An independent model of the user's totals, built from what each event claims after
-        // checking the claim (notional = quantity × price, fee = notional × rate rounded up).
-        let (mut model_usd, mut model_btc) = (Decimal::ZERO, Decimal::ZERO);
+        // The double-entry ledger the events imply: (account, asset) → sum.
+        let mut ledger: BTreeMap<(&'static str, Asset), Decimal> = BTreeMap::new();
+        // Orders that reached a terminal state, and every command already applied.
+        let mut closed: std::collections::BTreeSet<Uuid> = Default::default();
+        let mut applied: Vec<Command> = Vec::new();
         for op in ops {
-            let v = MarketView { market: &m, last_price: Some((pos(price), now())), now: now(), max_price_age: Duration::seconds(30) };
             let mut commands = Vec::new();
             match op {
                 Op::Deposit(is_usd, n) => {
@@ -228,33 +231,46 @@ proptest! {
                     }
                 }
             }
+            // Now and then, a command that was already applied comes again (a redelivery of a
+            // cancel or a trigger): it must change nothing.
+            if let Some(old) = applied.iter().rev().find(|c| matches!(c, Command::Cancel { .. } | Command::Trigger { .. })) {
+                commands.push(old.clone());
+            }
             for command in commands {
-                let v = MarketView { last_price: Some((pos(price), now())), ..v };
+                let v = MarketView { market: &m, last_price: Some((pos(price), now())), now: now(), max_price_age: Duration::seconds(30) };
                 let before = p.clone();
                 match p.execute(&command, Some(&v)) {
                     Ok(events) => {
                         for e in &events {
-                            match e {
-                                Event::DepositCompleted { asset, amount, .. } if *asset == usd() => model_usd += *amount,
-                                Event::DepositCompleted { amount, .. } => model_btc += *amount,
-                                Event::OrderFilled(f) => {
-                                    prop_assert_eq!(f.notional, f.quantity.get() * f.price.get());
-                                    prop_assert_eq!(f.fee, vault_core::domain::round_up(f.notional * m.taker_fee_rate));
-                                    prop_assert!(f.fee >= f.notional * m.taker_fee_rate, "fees round up, never down");
-                                    match f.side {
-                                        Side::Buy => { model_usd -= f.notional + f.fee; model_btc += f.quantity.get(); }
-                                        Side::Sell => { model_usd += f.notional - f.fee; model_btc -= f.quantity.get(); }
-                                    }
-                                }
-                                _ => {}
+                            if let Some(id) = e.order_id() {
+                                prop_assert!(!closed.contains(&id), "a terminal order changed: {e:?}");
                             }
+                            if let Some(id) = e.closes() {
+                                closed.insert(id);
+                            }
+                            if let Event::OrderFilled(f) = e {
+                                prop_assert_eq!(f.notional, f.quantity.get() * f.price.get());
+                                prop_assert_eq!(f.fee, vault_core::domain::round_up(f.notional * m.taker_fee_rate));
+                                prop_assert!(f.fee >= f.notional * m.taker_fee_rate, "fees round up, never down");
+                            }
+                            for posting in e.postings() {
+                                *ledger.entry(("user", posting.asset.clone())).or_default() += posting.user_amount;
+                                *ledger.entry((posting.counter, posting.asset.clone())).or_default() -= posting.user_amount;
+                            }
+                        }
+                        if !events.is_empty() {
+                            applied.push(command.clone());
                         }
                     }
                     Err(_) => prop_assert_eq!(&p, &before, "a rejected command changes nothing"),
                 }
                 p.check_invariants().map_err(TestCaseError::fail)?;
-                prop_assert_eq!(p.balance(&usd()).total, model_usd);
-                prop_assert_eq!(p.balance(&btc()).total, model_btc);
+                for asset in [usd(), btc()] {
+                    let user = ledger.get(&("user", asset.clone())).copied().unwrap_or_default();
+                    prop_assert_eq!(p.balance(&asset).total, user, "balance = sum of the user's ledger entries");
+                    let all: Decimal = ledger.iter().filter(|((_, a), _)| *a == asset).map(|(_, v)| *v).sum();
+                    prop_assert_eq!(all, Decimal::ZERO, "every asset sums to zero across user, house and fees");
+                }
             }
         }
         prop_assert!(p.cost_basis.values().all(|c| *c >= Decimal::ZERO));
