@@ -25,7 +25,11 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Stack {
-        let api = Api::start().await;
+        Stack::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[(&'static str, &str)]) -> Stack {
+        let api = Api::start_with(extra).await;
         let addr = format!("127.0.0.1:{}", free_port());
         let mut envs = base_env(&api.db, &api.nats);
         envs.push(("OPS_ADDR", addr.clone()));
@@ -36,11 +40,15 @@ impl Stack {
     }
 
     async fn tick(&mut self, symbol: &str, price: rust_decimal::Decimal) {
+        self.tick_at(symbol, price, Utc::now()).await;
+    }
+
+    async fn tick_at(&mut self, symbol: &str, price: rust_decimal::Decimal, ts: chrono::DateTime<Utc>) {
         self.seq += 1;
         let tick = PriceTick {
             symbol: Symbol::parse(symbol).expect("symbol"),
             price: Positive::new(price).expect("positive"),
-            ts: Utc::now(),
+            ts,
             source: "e2e".into(),
             seq: self.seq,
         };
@@ -220,4 +228,89 @@ async fn a_halted_market_rejects_orders_with_a_reason() {
     })
     .await;
     assert_eq!(rejected["status"], "rejected");
+}
+
+async fn place_and_wait(s: &Stack, token: &str, body: Value) -> Value {
+    let resp = s
+        .api
+        .client
+        .post(s.api.url("/orders"))
+        .bearer_auth(token)
+        .header("prefer", "wait=10")
+        .json(&body)
+        .send()
+        .await
+        .expect("answer");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    resp.json().await.expect("order json")
+}
+
+#[tokio::test]
+async fn forty_concurrent_buys_against_cash_for_twenty_fill_exactly_twenty() {
+    let mut s = Stack::start_with(&[("RATE_LIMIT_USER_PER_SEC", "0")]).await;
+    let token = s.api.user("racer@example.com").await;
+    // 20 × (0.01 × 50000 + 0.5 fee) = 10010.
+    s.fund(&token, "10010").await;
+    s.tick("BTC-USD", "50000".parse().expect("decimal")).await;
+    s.wait_ticker("BTC-USD", "50000").await;
+
+    let orders = futures::future::join_all((0..40).map(|_| {
+        place_and_wait(&s, &token, json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.01"}))
+    }))
+    .await;
+    // Every order gets its verdict (poll those the wait did not cover).
+    let mut filled = 0;
+    let mut refused = 0;
+    for order in orders {
+        let id = order["id"].as_str().expect("id").to_owned();
+        let decided = poll_until(WAIT, "a verdict", || async {
+            let o = s.order(&token, &id).await;
+            (o["status"] != "pending").then_some(o)
+        })
+        .await;
+        match (decided["status"].as_str(), decided["reject_reason"].as_str()) {
+            (Some("filled"), _) => filled += 1,
+            (Some("rejected"), Some("insufficient_funds")) => refused += 1,
+            other => panic!("unexpected verdict {other:?}: {decided}"),
+        }
+    }
+    assert_eq!((filled, refused), (20, 20));
+    let p: Value = s.api.get("/portfolio", Some(&token)).await.json().await.expect("json");
+    assert_eq!(dec(&p["cash"]["total"]), "0".parse().expect("d"), "{p}");
+}
+
+#[tokio::test]
+async fn every_rejection_reason_reaches_the_client_and_pnl_follows_the_ticks() {
+    let mut s = Stack::start().await;
+    let token = s.api.user("reasons@example.com").await;
+    s.fund(&token, "10000").await;
+    s.tick("BTC-USD", "50000".parse().expect("decimal")).await;
+    s.tick_at("ADA-USD", "0.45".parse().expect("decimal"), Utc::now() - chrono::Duration::seconds(120)).await;
+    s.wait_ticker("BTC-USD", "50000").await;
+    s.wait_ticker("ADA-USD", "0.45").await;
+
+    let cases = [
+        (json!({"symbol": "BTC-USD", "side": "sell", "type": "market", "quantity": "0.1"}), "insufficient_position"),
+        (json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "1"}), "insufficient_funds"),
+        (json!({"symbol": "LINK-USD", "side": "buy", "type": "market", "quantity": "1"}), "no_price"),
+        (json!({"symbol": "ADA-USD", "side": "buy", "type": "market", "quantity": "10"}), "stale_price"),
+    ];
+    for (body, reason) in cases {
+        let order = place_and_wait(&s, &token, body).await;
+        assert_eq!(order["status"], "rejected", "{order}");
+        assert_eq!(order["reject_reason"], reason, "{order}");
+    }
+
+    let bought =
+        place_and_wait(&s, &token, json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.1"}))
+            .await;
+    assert_eq!(bought["status"], "filled");
+    s.tick("BTC-USD", "55000".parse().expect("decimal")).await;
+    s.wait_ticker("BTC-USD", "55000").await;
+    let p: Value = s.api.get("/portfolio", Some(&token)).await.json().await.expect("json");
+    let btc = p["positions"].as_array().expect("positions").iter().find(|x| x["asset"] == "BTC").expect("BTC").clone();
+    assert_eq!(dec(&btc["market_price"]), "55000".parse().expect("d"), "{p}");
+    assert_eq!(dec(&btc["market_value"]), "5500".parse().expect("d"));
+    assert_eq!(dec(&btc["unrealized_pnl"]), "500".parse().expect("d"));
+    assert_eq!(dec(&p["equity"]), "10495".parse().expect("d"), "4995 cash + 5500");
 }
