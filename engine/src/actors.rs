@@ -8,8 +8,9 @@
 //!   while a commit is in progress), so a user's commands are applied serially, in the order the
 //!   shard received them. A failed commit is retried in place (backoff) rather than skipped, so
 //!   order is never broken; a version conflict reloads the state first.
-//! - Each shard has its own Postgres pool, created lazily on its arbiter: connections stay on the
-//!   thread (and runtime) that uses them.
+//! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
+//!   connections stay on the thread and runtime that uses them). The actors are generic over the
+//!   [`Store`], so the actor layer can be benchmarked without I/O.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,8 +18,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -26,7 +26,7 @@ use vault_core::domain::{Market, Price, Symbol};
 
 use crate::book::{PriceBook, Resting};
 use crate::portfolio::{Event, MarketView};
-use crate::store::{self, Outcome, StoreError, UserState, Work};
+use crate::store::{Outcome, Store, StoreError, UserState, Work};
 
 /// How long an actor may sit without work before it is stopped.
 pub const IDLE: Duration = Duration::from_secs(60);
@@ -86,43 +86,44 @@ struct Stop;
 #[rtype(result = "usize")]
 pub struct ActorCount;
 
-struct Entry {
-    addr: Addr<PortfolioActor>,
+struct Entry<S: Store> {
+    addr: Addr<PortfolioActor<S>>,
     in_flight: usize,
     last_routed: Instant,
 }
 
 /// The actors of one arbiter.
-pub struct Shard {
+pub struct Shard<S: Store> {
     shared: Arc<Shared>,
-    pool: PgPool,
-    actors: HashMap<Uuid, Entry>,
+    store: S,
+    actors: HashMap<Uuid, Entry<S>>,
     idle: Duration,
 }
 
-impl std::fmt::Debug for Shard {
+impl<S: Store> std::fmt::Debug for Shard<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard").field("actors", &self.actors.len()).finish()
     }
 }
 
-impl Shard {
-    /// Starts a shard on `arbiter`.
-    pub fn start_on(arbiter: &ArbiterHandle, shared: Arc<Shared>, connections: u32, idle: Duration) -> Addr<Shard> {
+impl<S: Store> Shard<S> {
+    /// Starts a shard on `arbiter`; `make_store` runs there.
+    pub fn start_on(
+        arbiter: &ArbiterHandle,
+        shared: Arc<Shared>,
+        make_store: impl FnOnce() -> S + Send + 'static,
+        idle: Duration,
+    ) -> Addr<Shard<S>> {
         Shard::start_in_arbiter(arbiter, move |ctx| {
             // Never "full": senders rely on `send` enqueueing at once, which keeps per-user
             // order; the consumers bound how much is in flight.
             ctx.set_mailbox_capacity(MAILBOX);
-            let pool = PgPoolOptions::new()
-                .max_connections(connections)
-                .acquire_timeout(Duration::from_secs(3))
-                .connect_lazy_with(shared.db.clone());
-            Shard { shared, pool, actors: HashMap::new(), idle }
+            Shard { shared, store: make_store(), actors: HashMap::new(), idle }
         })
     }
 }
 
-impl Actor for Shard {
+impl<S: Store> Actor for Shard<S> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
@@ -141,17 +142,17 @@ impl Actor for Shard {
     }
 }
 
-impl Handler<Route> for Shard {
+impl<S: Store> Handler<Route> for Shard<S> {
     type Result = ResponseFuture<Result<Outcome, StoreError>>;
 
     fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
-        let (shared, pool) = (self.shared.clone(), self.pool.clone());
+        let (shared, store) = (self.shared.clone(), self.store.clone());
         let entry = self.actors.entry(msg.user_id).or_insert_with(|| {
             metrics::gauge!("vault_engine_actors").increment(1.0);
             Entry {
                 addr: PortfolioActor::create(|ctx| {
                     ctx.set_mailbox_capacity(MAILBOX);
-                    PortfolioActor { user_id: msg.user_id, state: None, shared, pool }
+                    PortfolioActor { user_id: msg.user_id, state: None, shared, store }
                 }),
                 in_flight: 0,
                 last_routed: Instant::now(),
@@ -174,7 +175,7 @@ impl Handler<Route> for Shard {
     }
 }
 
-impl Handler<Completed> for Shard {
+impl<S: Store> Handler<Completed> for Shard<S> {
     type Result = ();
     fn handle(&mut self, Completed(user): Completed, _: &mut Self::Context) {
         if let Some(entry) = self.actors.get_mut(&user) {
@@ -184,7 +185,7 @@ impl Handler<Completed> for Shard {
     }
 }
 
-impl Handler<ActorCount> for Shard {
+impl<S: Store> Handler<ActorCount> for Shard<S> {
     type Result = usize;
     fn handle(&mut self, _: ActorCount, _: &mut Self::Context) -> usize {
         self.actors.len()
@@ -193,33 +194,33 @@ impl Handler<ActorCount> for Shard {
 
 /// One user's portfolio, applied one unit of work at a time.
 #[derive(Debug)]
-pub struct PortfolioActor {
+pub struct PortfolioActor<S: Store> {
     user_id: Uuid,
     /// `None` until loaded, and again after a failure (reloaded before the next work).
     state: Option<UserState>,
     shared: Arc<Shared>,
-    pool: PgPool,
+    store: S,
 }
 
-impl Actor for PortfolioActor {
+impl<S: Store> Actor for PortfolioActor<S> {
     type Context = Context<Self>;
 }
 
-impl Handler<Stop> for PortfolioActor {
+impl<S: Store> Handler<Stop> for PortfolioActor<S> {
     type Result = ();
     fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
         ctx.stop();
     }
 }
 
-impl Handler<Apply> for PortfolioActor {
+impl<S: Store> Handler<Apply> for PortfolioActor<S> {
     type Result = AtomicResponse<Self, Result<Outcome, StoreError>>;
 
     fn handle(&mut self, Apply(work): Apply, _: &mut Self::Context) -> Self::Result {
-        let (user, shared, pool, state) = (self.user_id, self.shared.clone(), self.pool.clone(), self.state.take());
+        let (user, shared, store, state) = (self.user_id, self.shared.clone(), self.store.clone(), self.state.take());
         let fut = async move {
             let started = Instant::now();
-            let result = apply_with_retries(user, &shared, &pool, state, &work).await.map(|r| (r, work));
+            let result = apply_with_retries(user, &shared, &store, state, &work).await.map(|r| (r, work));
             metrics::histogram!("vault_engine_apply_seconds").record(started.elapsed().as_secs_f64());
             result
         };
@@ -242,7 +243,7 @@ impl Handler<Apply> for PortfolioActor {
     }
 }
 
-impl PortfolioActor {
+impl<S: Store> PortfolioActor<S> {
     /// Keeps the price book in step with the committed state, and wakes the outbox relay.
     fn after_commit(&self, outcome: &Outcome, next: &UserState, work: &Work) {
         let mut book = self.shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
@@ -278,10 +279,10 @@ impl PortfolioActor {
 
 /// Loads (when needed) and commits, retrying version conflicts with a reload and database
 /// failures with backoff until they pass or shutdown starts.
-async fn apply_with_retries(
+async fn apply_with_retries<S: Store>(
     user: Uuid,
     shared: &Shared,
-    pool: &PgPool,
+    store: &S,
     mut state: Option<UserState>,
     work: &Work,
 ) -> Result<(Outcome, UserState), StoreError> {
@@ -291,7 +292,7 @@ async fn apply_with_retries(
         let result = async {
             let current = match state.take() {
                 Some(s) => s,
-                None => store::load(pool, user).await?,
+                None => store.load(user).await?,
             };
             let (market, price) = match work.symbol() {
                 Some(symbol) => shared.market_for(&symbol),
@@ -304,7 +305,7 @@ async fn apply_with_retries(
                 max_price_age: shared.max_price_age,
             });
             let started = Instant::now();
-            let outcome = store::commit(pool, &current, work, view.as_ref(), Utc::now()).await;
+            let outcome = store.commit(&current, work, view.as_ref(), Utc::now()).await;
             metrics::histogram!("vault_engine_commit_seconds").record(started.elapsed().as_secs_f64());
             if outcome.is_err() {
                 state = None;

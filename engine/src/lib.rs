@@ -23,6 +23,7 @@ use vault_core::Settings;
 
 use crate::actors::{IDLE, Shard};
 use crate::runtime::Router;
+use crate::store::PgStore;
 
 /// Runs the engine until `shutdown` fires, then drains and returns. Must run inside an actix
 /// `System` (the binary's `main` provides one).
@@ -40,8 +41,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
     let connections = (16 / cores as u32).max(4);
-    let router =
-        Router::new(arbiters.iter().map(|a| Shard::start_on(&a.handle(), shared.clone(), connections, IDLE)).collect());
+    let router = Router::new(
+        arbiters
+            .iter()
+            .map(|a| {
+                let db = shared.db.clone();
+                Shard::start_on(&a.handle(), shared.clone(), move || PgStore::lazy(db, connections), IDLE).recipient()
+            })
+            .collect(),
+    );
 
     let mut tasks = Vec::new();
     let background = vec![

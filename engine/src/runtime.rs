@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
+use actix::Recipient;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
 use chrono::{DateTime, Utc};
@@ -30,7 +30,7 @@ use vault_bus::{Bus, MessageContext, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 
-use crate::actors::{Markets, Route, Shard, Shared};
+use crate::actors::{Markets, Route, Shared};
 use crate::book::{PriceBook, Resting};
 use crate::store::{Outcome, StoreError, Work};
 
@@ -42,11 +42,11 @@ const RELAY_BATCH: i64 = 256;
 /// Routes work to the shard that owns the user.
 #[derive(Debug, Clone)]
 pub struct Router {
-    shards: Arc<Vec<Addr<Shard>>>,
+    shards: Arc<Vec<Recipient<Route>>>,
 }
 
 impl Router {
-    pub fn new(shards: Vec<Addr<Shard>>) -> Self {
+    pub fn new(shards: Vec<Recipient<Route>>) -> Self {
         Router { shards: Arc::new(shards) }
     }
 
@@ -60,10 +60,6 @@ impl Router {
                 Err(StoreError::Corrupt { user: user_id, reason: format!("shard unavailable: {e}") })
             })
         }
-    }
-
-    pub fn shards(&self) -> &[Addr<Shard>] {
-        &self.shards
     }
 }
 

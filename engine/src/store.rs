@@ -102,6 +102,105 @@ pub enum Outcome {
     Duplicate,
 }
 
+/// Where portfolios are loaded from and committed to. [`PgStore`] is the real one; the actors
+/// are generic over it so the actor layer can be measured alone ([`MemoryStore`]).
+pub trait Store: Clone + Send + Sync + Unpin + 'static {
+    fn load(&self, user_id: Uuid) -> impl Future<Output = Result<UserState, StoreError>> + Send;
+    fn commit(
+        &self,
+        state: &UserState,
+        work: &Work,
+        market: Option<&MarketView<'_>>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(Outcome, UserState), StoreError>> + Send;
+}
+
+/// The Postgres store: [`load`] and [`commit`] over a pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pub pool: PgPool,
+}
+
+impl PgStore {
+    /// A store whose pool connects on first use, on the runtime that uses it (each arbiter has
+    /// its own, so connections stay on their thread).
+    pub fn lazy(options: sqlx::postgres::PgConnectOptions, connections: u32) -> Self {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(std::time::Duration::from_secs(3))
+            .connect_lazy_with(options);
+        PgStore { pool }
+    }
+}
+
+impl Store for PgStore {
+    fn load(&self, user_id: Uuid) -> impl Future<Output = Result<UserState, StoreError>> + Send {
+        load(&self.pool, user_id)
+    }
+
+    fn commit(
+        &self,
+        state: &UserState,
+        work: &Work,
+        market: Option<&MarketView<'_>>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(Outcome, UserState), StoreError>> + Send {
+        commit(&self.pool, state, work, market, now)
+    }
+}
+
+/// A store that keeps nothing: every user starts empty and a commit only applies the events to
+/// the state. For measuring the actor layer without I/O — never a persistence.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore;
+
+impl Store for MemoryStore {
+    async fn load(&self, user_id: Uuid) -> Result<UserState, StoreError> {
+        Ok(UserState { user_id, version: 0, portfolio: Portfolio::default() })
+    }
+
+    async fn commit(
+        &self,
+        state: &UserState,
+        work: &Work,
+        market: Option<&MarketView<'_>>,
+        _now: DateTime<Utc>,
+    ) -> Result<(Outcome, UserState), StoreError> {
+        let command = match work {
+            Work::Trigger { order_id, price, .. } => Command::Trigger { order_id: *order_id, price: *price },
+            Work::Command { command, .. } => match &command.body {
+                CommandBody::Place {
+                    order_id, symbol, side, order_type, time_in_force, quantity, limit_price, ..
+                } => Command::Place(OrderRequest {
+                    order_id: *order_id,
+                    symbol: symbol.clone(),
+                    side: *side,
+                    order_type: *order_type,
+                    time_in_force: *time_in_force,
+                    quantity: *quantity,
+                    limit_price: *limit_price,
+                }),
+                CommandBody::Cancel { order_id } => Command::Cancel { order_id: *order_id },
+                CommandBody::Deposit { deposit_id, asset, amount, .. } => {
+                    Command::Deposit { deposit_id: *deposit_id, asset: asset.clone(), amount: *amount }
+                }
+            },
+        };
+        let mut next = state.clone();
+        next.version += 1;
+        let outcome = match state.portfolio.apply(&command, market) {
+            Ok(events) => {
+                for e in &events {
+                    next.portfolio.evolve(e);
+                }
+                Outcome::Applied { events, rejected: None }
+            }
+            Err(reject) => Outcome::Applied { events: Vec::new(), rejected: Some(reject) },
+        };
+        Ok((outcome, next))
+    }
+}
+
 /// Loads a user's balances, open orders and version (version 0 for a new user).
 pub async fn load(pool: &PgPool, user_id: Uuid) -> Result<UserState, StoreError> {
     let mut conn = pool.acquire().await?;

@@ -13,7 +13,7 @@ use vault_core::domain::{Asset, Positive};
 use vault_engine::actors::{ActorCount, Shard};
 use vault_engine::book::PriceBook;
 use vault_engine::runtime::{self, Router};
-use vault_engine::store::{Outcome, Work};
+use vault_engine::store::{Outcome, PgStore, Work};
 use vault_testkit::{TestDb, poll_until};
 
 fn settings(db: &TestDb) -> vault_core::Settings {
@@ -69,8 +69,10 @@ async fn idle_actors_are_passivated_and_come_back_with_their_state() {
     let settings = settings(&db);
     let shared = runtime::shared(&settings, Vec::new(), PriceBook::default(), CancellationToken::new());
     let arbiter = Arbiter::new();
-    let shard = Shard::start_on(&arbiter.handle(), shared, 4, Duration::from_millis(300));
-    let router = Router::new(vec![shard.clone()]);
+    let options = settings.database_url.connect_options();
+    let shard =
+        Shard::start_on(&arbiter.handle(), shared, move || PgStore::lazy(options, 4), Duration::from_millis(300));
+    let router = Router::new(vec![shard.clone().recipient()]);
 
     let (user, work) = user_with_deposits(&db, 3).await;
     // Routed back to back without awaiting: applied in order, each once.
