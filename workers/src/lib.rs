@@ -2,13 +2,15 @@
 //!
 //! - `prices`: ingests ticks from the configured `PRICE_SOURCE` and publishes them on PRICES;
 //! - `audit`: consumes ORDERS, EVENTS and AUTH into the hash-chained audit log;
-//! - `notify`: consumes EVENTS and AUTH and delivers in-app, WebSocket, webhook and email.
+//! - `notify`: consumes EVENTS and AUTH into in-app notifications, webhook deliveries and emails,
+//!   and delivers the webhooks and emails (the API pushes in-app ones over its WebSocket).
 //!
 //! Each role has its own durable consumers, so each scales and fails alone. This module is the
 //! shared process shell (configuration, connections, consumers, ops server, shutdown); the
 //! roles' processing loops are built on top of it.
 
 pub mod audit;
+pub mod notify;
 pub mod prices;
 
 use tokio_util::sync::CancellationToken;
@@ -52,11 +54,8 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
             prices::run(&process.settings.price_source, &process.pool, &process.bus, shutdown.clone()).await
         }
         WorkerRole::Audit => audit::run(&process.bus, &process.pool, role.consumers(), shutdown.clone()).await,
-        // The notify loop is built on this shell; until then it holds its consumers (so lag is
-        // visible) and stops cleanly.
         WorkerRole::Notify => {
-            shutdown.cancelled().await;
-            Ok(())
+            notify::run(&process.bus, &process.pool, &process.settings, role.consumers(), shutdown.clone()).await
         }
     };
     if let Err(e) = &result {

@@ -1,0 +1,290 @@
+//! The email sender: the loop that sends `email_outbox` rows.
+//!
+//! Rows are claimed like webhook deliveries (due `pending` rows, `FOR UPDATE SKIP LOCKED`, the
+//! lease pushed into `next_attempt_at` in the same statement), so a crash delays an email and
+//! never loses it; an email may, rarely, go out twice (sent, then the process died before
+//! recording it), never zero times.
+//!
+//! Transport ([`Mailer`]):
+//! - `SMTP_URL` unset: the email is "sent" by writing one log line — id, the recipient's
+//!   domain only (addresses are personal data), subject — and marked `sent`; the body stays in
+//!   the row. This is the development mode of `API.md`.
+//! - `SMTP_URL=smtp://[user:password@]host[:port][?tls=required|opportunistic][&from=…]` or
+//!   `smtps://…`: SMTP through lettre (rustls). `from` (URL-encoded mailbox, e.g.
+//!   `CryptoVault%20%3Cno-reply%40example.com%3E`) sets the sender, default [`DEFAULT_FROM`].
+//!   A permanent SMTP refusal (5xx) or an unusable address fails the row at once; anything else
+//!   is retried with backoff (base ×3, ±20 % jitter) up to [`EmailConfig::max_attempts`].
+//!
+//! The SMTP URL is a secret: it is never logged, and an error that would quote it is replaced.
+//!
+//! Shutdown: the email in hand is finished (bounded by the SMTP timeout), the rest of the claimed
+//! batch is released at once (their `next_attempt_at` set back to now) and the loop returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use rand::Rng;
+use reqwest::Url;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vault_core::config::Secret;
+
+use super::webhook::backoff;
+
+/// The sender when `SMTP_URL` has no `from`.
+pub const DEFAULT_FROM: &str = "CryptoVault <no-reply@cryptovault.local>";
+
+/// How the email loop behaves; [`EmailConfig::new`] gives the production values.
+#[derive(Debug, Clone)]
+pub struct EmailConfig {
+    /// `SMTP_URL`; `None` writes emails to the log.
+    pub smtp_url: Option<Secret>,
+    pub max_attempts: i32,
+    pub backoff_base: Duration,
+    /// Rows claimed at once.
+    pub batch: usize,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    /// One SMTP conversation at most.
+    pub smtp_timeout: Duration,
+}
+
+impl EmailConfig {
+    pub fn new(smtp_url: Option<Secret>) -> Self {
+        EmailConfig {
+            smtp_url,
+            max_attempts: 6,
+            backoff_base: Duration::from_secs(60),
+            batch: 32,
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            smtp_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where emails go.
+#[derive(Debug)]
+pub enum Mailer {
+    Log,
+    Smtp { transport: AsyncSmtpTransport<Tokio1Executor>, from: Mailbox },
+}
+
+/// Why sending failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// Retrying cannot help (a 5xx answer, an invalid address).
+    Permanent(String),
+    Transient(String),
+}
+
+impl Mailer {
+    pub fn new(smtp_url: Option<&Secret>, timeout: Duration) -> anyhow::Result<Mailer> {
+        let Some(secret) = smtp_url else { return Ok(Mailer::Log) };
+        let raw = secret.expose();
+        // Never echo the URL (it carries the password), not even inside a library's message.
+        let scrub = |message: String| {
+            let parsed = Url::parse(raw).ok();
+            let password = parsed.as_ref().and_then(|u| u.password()).filter(|p| !p.is_empty());
+            if message.contains(raw) || password.is_some_and(|p| message.contains(p)) {
+                "(details withheld: they quote SMTP_URL)".to_owned()
+            } else {
+                message
+            }
+        };
+        let url = Url::parse(raw).map_err(|e| anyhow::anyhow!("SMTP_URL does not parse: {}", scrub(e.to_string())))?;
+        let from = match url.query_pairs().find(|(k, _)| k == "from") {
+            Some((_, from)) => {
+                from.parse::<Mailbox>().map_err(|e| anyhow::anyhow!("SMTP_URL from= is not a mailbox: {e}"))?
+            }
+            None => DEFAULT_FROM.parse().expect("the default sender is a valid mailbox"),
+        };
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(raw)
+            .map_err(|e| anyhow::anyhow!("SMTP_URL cannot be used: {}", scrub(e.to_string())))?
+            .timeout(Some(timeout))
+            .build();
+        Ok(Mailer::Smtp { transport, from })
+    }
+
+    /// Sends one email.
+    pub async fn send(&self, email: &Email) -> Result<(), SendError> {
+        match self {
+            Mailer::Log => {
+                let domain = email.to_address.rsplit_once('@').map(|(_, d)| d).unwrap_or("?");
+                tracing::info!(
+                    email = %email.id,
+                    to_domain = domain,
+                    subject = %email.subject,
+                    "email (SMTP_URL unset, written to the log instead of sent)"
+                );
+                Ok(())
+            }
+            Mailer::Smtp { transport, from } => {
+                let to: Mailbox = email
+                    .to_address
+                    .parse()
+                    .map_err(|e| SendError::Permanent(format!("the recipient is not a valid address: {e}")))?;
+                let message = Message::builder()
+                    .from(from.clone())
+                    .to(to)
+                    .subject(email.subject.clone())
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(email.body.clone())
+                    .map_err(|e| SendError::Permanent(format!("the email cannot be built: {e}")))?;
+                transport.send(message).await.map(|_| ()).map_err(|e| {
+                    if e.is_permanent() {
+                        SendError::Permanent(e.to_string())
+                    } else {
+                        SendError::Transient(e.to_string())
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// A claimed email.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Email {
+    pub id: Uuid,
+    pub to_address: String,
+    pub subject: String,
+    pub body: String,
+    pub attempts: i32,
+}
+
+async fn claim(pool: &PgPool, config: &EmailConfig) -> Result<Vec<Email>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM email_outbox
+              WHERE status = 'pending' AND next_attempt_at <= now()
+              ORDER BY next_attempt_at
+              LIMIT $1
+              FOR UPDATE SKIP LOCKED
+         )
+         UPDATE email_outbox e SET next_attempt_at = now() + make_interval(secs => $2)
+           FROM due WHERE e.id = due.id
+      RETURNING e.id, e.to_address, e.subject, e.body, e.attempts",
+    )
+    .bind(config.batch as i64)
+    .bind(config.lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+async fn record(
+    pool: &PgPool,
+    config: &EmailConfig,
+    email: &Email,
+    result: &Result<(), SendError>,
+) -> Result<(), sqlx::Error> {
+    let attempts = email.attempts + 1;
+    let (status, error, wait) = match result {
+        Ok(()) => ("sent", None, None),
+        Err(SendError::Permanent(e)) => ("failed", Some(e), None),
+        Err(SendError::Transient(e)) if attempts >= config.max_attempts => ("failed", Some(e), None),
+        Err(SendError::Transient(e)) => {
+            let jitter = rand::rng().random_range(-1.0..=1.0);
+            ("pending", Some(e), Some(backoff(config.backoff_base, attempts as u32, jitter)))
+        }
+    };
+    sqlx::query(
+        "UPDATE email_outbox
+            SET status = $2, attempts = $3, last_error = $4,
+                next_attempt_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $5) ELSE next_attempt_at END,
+                sent_at = CASE WHEN $2 = 'sent' THEN now() END
+          WHERE id = $1 AND status = 'pending' AND attempts = $6",
+    )
+    .bind(email.id)
+    .bind(status)
+    .bind(attempts)
+    .bind(error.map(|e| e.chars().take(500).collect::<String>()))
+    .bind(wait.unwrap_or_default().as_secs_f64())
+    .bind(email.attempts)
+    .execute(pool)
+    .await?;
+    let outcome = if status == "pending" { "retry" } else { status };
+    metrics::counter!("vault_emails_total", "outcome" => outcome).increment(1);
+    if let Err(e) = result {
+        tracing::warn!(email = %email.id, attempts, outcome, error = ?e, "email not sent");
+    }
+    Ok(())
+}
+
+/// Gives claimed but unattempted rows back at once (on shutdown).
+async fn release(pool: &PgPool, ids: &[Uuid]) {
+    if ids.is_empty() {
+        return;
+    }
+    let result =
+        sqlx::query("UPDATE email_outbox SET next_attempt_at = now() WHERE id = ANY($1) AND status = 'pending'")
+            .bind(ids)
+            .execute(pool)
+            .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, emails = ids.len(), "cannot release claimed emails; their lease brings them back");
+    }
+}
+
+/// Runs the email loop until `shutdown`; `wake` is notified when new rows were written.
+pub async fn run_emails(
+    pool: PgPool,
+    config: EmailConfig,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mailer = Mailer::new(config.smtp_url.as_ref(), config.smtp_timeout)?;
+    'outer: loop {
+        let batch = match claim(&pool, &config).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim emails; retrying");
+                Vec::new()
+            }
+        };
+        if batch.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(config.poll_interval) => {}
+            }
+            continue;
+        }
+        for (i, email) in batch.iter().enumerate() {
+            if shutdown.is_cancelled() {
+                release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>()).await;
+                break 'outer;
+            }
+            let result = mailer.send(email).await;
+            if let Err(e) = record(&pool, &config, email, &result).await {
+                tracing::warn!(email = %email.id, error = %e, "cannot record an email attempt; its lease brings it back");
+            }
+        }
+    }
+    tracing::info!("email sender drained");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The SMTP pool spawns on the runtime it is built in.
+    #[tokio::test]
+    async fn an_smtp_url_is_accepted_and_never_quoted_in_errors() {
+        let ok = Secret::new("smtp://user:hunter2@127.0.0.1:2525?from=Vault%20%3Cops%40example.com%3E");
+        match Mailer::new(Some(&ok), Duration::from_secs(1)).expect("usable") {
+            Mailer::Smtp { from, .. } => assert_eq!(from.email.to_string(), "ops@example.com"),
+            Mailer::Log => panic!("SMTP expected"),
+        }
+        let bad = Secret::new("smtp://user:hunter2@127.0.0.1:2525?tls=sometimes");
+        let err = Mailer::new(Some(&bad), Duration::from_secs(1)).expect_err("refused").to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(matches!(Mailer::new(None, Duration::from_secs(1)), Ok(Mailer::Log)));
+    }
+}

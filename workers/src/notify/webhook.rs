@@ -1,0 +1,556 @@
+//! Webhook delivery: the loop that POSTs `webhook_deliveries` rows to their endpoints.
+//!
+//! **Claiming.** The loop takes due `pending` rows with `FOR UPDATE SKIP LOCKED` and, in the
+//! same statement, pushes their `next_attempt_at` forward by [`DeliveryConfig::lease`] before
+//! the row lock is released. So several notify processes never attempt the same row at once,
+//! and a row whose process died mid-attempt becomes due again when its lease runs out: a crash
+//! delays a delivery, never loses it. Attempts, errors and the schedule are columns, so they
+//! survive restarts.
+//!
+//! **Isolation.** Each claimed row is attempted on its own task holding one permit of a
+//! semaphore ([`DeliveryConfig::concurrency`]); the loop claims only as many rows as there are
+//! free permits. A slow or hanging receiver holds one permit for at most the request timeout;
+//! every other delivery goes on.
+//!
+//! **Outcome.** 2xx → `delivered`. A network error, timeout or any other status (redirects are
+//! not followed) → `attempts + 1` and the next attempt after [`backoff`] (base ×3 per attempt,
+//! capped, ±20 % jitter), or `failed` after [`DeliveryConfig::max_attempts`]. Delivery is at
+//! least once: if the outcome cannot be recorded, the lease brings the row back and the receiver
+//! may see the same payload `id` twice (receivers dedupe by it, as with any webhook provider).
+//!
+//! **Destinations.** Before each attempt the URL's host is resolved and, unless
+//! `WEBHOOK_ALLOW_PRIVATE=true`, the row is marked `failed` without any request when any address
+//! is not public ([`refusal`]: private, loopback, link-local, unspecified, unique-local, CGNAT,
+//! multicast, reserved, and the IPv4 forms embedded in IPv6). The HTTP client resolves through
+//! the same rule ([`GuardedResolver`]), so a name that re-resolves to a private address between
+//! the check and the connection (DNS rebinding) is refused too. Proxies from the environment
+//! are ignored, since they would connect on our behalf to an address we did not check.
+//!
+//! **Signing.** `Vault-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
+//! over the exact bytes sent ([`signature`]).
+//!
+//! **Shutdown.** On the signal the loop stops claiming, lets attempts in flight finish for up to
+//! [`DeliveryConfig::drain`], then abandons the rest; their leases bring them back later.
+//!
+//! Logs name the delivery, webhook and host, never the full URL (users put tokens in query
+//! strings) and never the secret.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use reqwest::Url;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use serde_json::Value;
+use sha2::Sha256;
+use sqlx::PgPool;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The signature header's name.
+pub const SIGNATURE_HEADER: &str = "Vault-Signature";
+/// The longest wait between two attempts (before jitter).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
+/// Jitter: each wait is drawn uniformly within ±this fraction of the nominal delay.
+pub const JITTER: f64 = 0.2;
+/// `last_error` is cut to this many characters.
+const MAX_ERROR_LEN: usize = 500;
+
+/// How the delivery loop behaves; [`DeliveryConfig::new`] gives the production values.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// The wait after the first failed attempt; each later one is 3× the previous.
+    pub backoff_base: Duration,
+    /// Failed attempts after which a delivery is `failed`.
+    pub max_attempts: i32,
+    /// Attempts in flight at once.
+    pub concurrency: usize,
+    /// The whole request, connection included.
+    pub request_timeout: Duration,
+    /// How far a claim pushes `next_attempt_at`; longer than any attempt can take.
+    pub lease: Duration,
+    /// How often the loop looks for due rows when nothing wakes it.
+    pub poll_interval: Duration,
+    /// `WEBHOOK_ALLOW_PRIVATE`: deliver to private and loopback addresses (development, tests).
+    pub allow_private: bool,
+    /// How long shutdown waits for attempts in flight.
+    pub drain: Duration,
+}
+
+impl DeliveryConfig {
+    pub fn new(allow_private: bool) -> Self {
+        DeliveryConfig {
+            backoff_base: Duration::from_secs(30),
+            max_attempts: 8,
+            concurrency: 32,
+            request_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(1),
+            allow_private,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The wait after `failed_attempts` failures (1 for the first): `base × 3^(n−1)`, capped at
+/// [`MAX_BACKOFF`], then scaled by `1 + JITTER × jitter` where `jitter` is in `[-1, 1]`.
+/// With the production base of 30 s the nominal waits are 30 s, 1.5 min, 4.5 min, 13.5 min,
+/// 40.5 min, 2 h 1.5 min and 6 h: eight attempts over about nine hours.
+pub fn backoff(base: Duration, failed_attempts: u32, jitter: f64) -> Duration {
+    let exponent = failed_attempts.saturating_sub(1).min(30);
+    let nominal = base.saturating_mul(3u32.saturating_pow(exponent)).min(MAX_BACKOFF);
+    nominal.mul_f64(1.0 + JITTER * jitter.clamp(-1.0, 1.0))
+}
+
+/// The `Vault-Signature` value for `body` sent at unix time `t`.
+pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Why an address may not receive webhooks, or `None` when it is a public unicast address.
+pub fn refusal(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => refusal_v4(v4),
+        IpAddr::V6(v6) => {
+            // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) reach an IPv4 host.
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return refusal_v4(v4);
+            }
+            let s = v6.segments();
+            if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return refusal_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("unique-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if v6.segments()[..6] == [0, 0, 0, 0, 0, 0] {
+                // IPv4-compatible (::a.b.c.d), deprecated and never a real public destination.
+                Some("reserved")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_unspecified() || a == 0 {
+        Some("unspecified")
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("shared (CGNAT)")
+    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
+        Some("multicast or reserved")
+    } else {
+        None
+    }
+}
+
+/// Resolves `host:port` and refuses it, naming the first address that is not allowed.
+async fn check_destination(url: &Url, allow_private: bool) -> Result<(), Attempt> {
+    let host = url.host_str().ok_or_else(|| Attempt::Refused("the URL has no host".into()))?;
+    let port = url.port_or_known_default().ok_or_else(|| Attempt::Refused("the URL has no port".into()))?;
+    if allow_private {
+        return Ok(());
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<IpAddr> = match bare.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => match tokio::net::lookup_host((bare, port)).await {
+            Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+            // Resolution can fail for a while (DNS trouble): that is a failed attempt, retried.
+            Err(e) => return Err(Attempt::Retry { status: None, error: format!("cannot resolve {host}: {e}") }),
+        },
+    };
+    match addrs.iter().find_map(|ip| refusal(*ip).map(|why| (ip, why))) {
+        Some((ip, why)) => Err(Attempt::Refused(format!(
+            "refused: {host} resolves to {ip} ({why}); set WEBHOOK_ALLOW_PRIVATE=true to allow"
+        ))),
+        None if addrs.is_empty() => {
+            Err(Attempt::Retry { status: None, error: format!("cannot resolve {host}: no addresses") })
+        }
+        None => Ok(()),
+    }
+}
+
+/// The error the HTTP client's resolver returns for a refused address.
+#[derive(Debug)]
+struct RefusedAddress(String);
+
+impl std::fmt::Display for RefusedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RefusedAddress {}
+
+/// The HTTP client's DNS resolver: the system resolver, then the [`refusal`] rule on every
+/// address, so the addresses connected to are the addresses checked.
+#[derive(Debug)]
+pub struct GuardedResolver {
+    allow_private: bool,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !allow_private && let Some((ip, why)) = addrs.iter().find_map(|a| refusal(a.ip()).map(|w| (a.ip(), w))) {
+                let refused = RefusedAddress(format!("refused: {host} resolves to {ip} ({why})"));
+                return Err(Box::new(refused) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Whether `err` (anywhere in its chain) is a refusal by [`GuardedResolver`].
+fn refused_by_resolver(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(refused) = e.downcast_ref::<RefusedAddress>() {
+            return Some(refused.0.clone());
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The webhook HTTP client: no redirects, no proxies, the guarded resolver, a whole-request
+/// timeout.
+pub fn client(config: &DeliveryConfig) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(config.request_timeout)
+        .connect_timeout(config.request_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("CryptoVault-Webhooks/", env!("CARGO_PKG_VERSION")))
+        .dns_resolver(Arc::new(GuardedResolver { allow_private: config.allow_private }))
+        .build()
+}
+
+/// A claimed delivery with what its attempt needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Claimed {
+    id: Uuid,
+    webhook_id: Uuid,
+    payload: Value,
+    attempts: i32,
+    url: String,
+    secret: String,
+    deleted: bool,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+enum Attempt {
+    Delivered {
+        status: u16,
+    },
+    Retry {
+        status: Option<u16>,
+        error: String,
+    },
+    /// No request was (or will ever be) made: the row fails at once.
+    Refused(String),
+}
+
+/// Claims up to `limit` due deliveries and leases them.
+async fn claim(pool: &PgPool, limit: usize, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH due AS (
+             SELECT id FROM webhook_deliveries
+              WHERE status = 'pending' AND next_attempt_at <= now()
+              ORDER BY next_attempt_at
+              LIMIT $1
+              FOR UPDATE SKIP LOCKED
+         )
+         UPDATE webhook_deliveries d
+            SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
+           FROM due, webhooks w
+          WHERE d.id = due.id AND w.id = d.webhook_id
+      RETURNING d.id, d.webhook_id, d.payload, d.attempts, w.url, w.secret, w.deleted_at IS NOT NULL AS deleted",
+    )
+    .bind(limit as i64)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Makes one attempt: checks the destination, signs and POSTs.
+async fn attempt(client: &reqwest::Client, config: &DeliveryConfig, row: &Claimed) -> Attempt {
+    if row.deleted {
+        return Attempt::Refused("the webhook was deleted".into());
+    }
+    let url = match Url::parse(&row.url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+        Ok(_) => return Attempt::Refused("only http and https URLs are delivered to".into()),
+        Err(e) => return Attempt::Refused(format!("invalid URL: {e}")),
+    };
+    if let Err(refused_or_retry) = check_destination(&url, config.allow_private).await {
+        return refused_or_retry;
+    }
+    let body = match serde_json::to_vec(&row.payload) {
+        Ok(body) => body,
+        Err(e) => return Attempt::Refused(format!("payload does not serialize: {e}")),
+    };
+    let t = chrono::Utc::now().timestamp();
+    let started = Instant::now();
+    let result = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(SIGNATURE_HEADER, signature(&row.secret, t, &body))
+        .body(body)
+        .send()
+        .await;
+    metrics::histogram!("vault_webhook_delivery_seconds").record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(response) if response.status().is_success() => Attempt::Delivered { status: response.status().as_u16() },
+        Ok(response) => {
+            let status = response.status();
+            Attempt::Retry { status: Some(status.as_u16()), error: format!("HTTP {status}") }
+        }
+        Err(e) => {
+            if let Some(refused) = refused_by_resolver(&e) {
+                return Attempt::Refused(refused);
+            }
+            let e = e.without_url();
+            let error = if e.is_timeout() {
+                format!("timed out after {:?}", config.request_timeout)
+            } else {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    text.push_str(": ");
+                    text.push_str(&s.to_string());
+                    source = s.source();
+                }
+                text
+            };
+            Attempt::Retry { status: None, error }
+        }
+    }
+}
+
+/// Records an attempt's outcome, unless another process has recorded one for this attempt
+/// since (its lease ran out and it was claimed again).
+async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: &Attempt) -> Result<(), sqlx::Error> {
+    let (status, attempts, code, error, wait): (&str, i32, Option<u16>, Option<&str>, Option<Duration>) = match outcome
+    {
+        Attempt::Delivered { status } => ("delivered", row.attempts + 1, Some(*status), None, None),
+        Attempt::Retry { status, error } => {
+            let attempts = row.attempts + 1;
+            if attempts >= config.max_attempts {
+                ("failed", attempts, *status, Some(error), None)
+            } else {
+                let jitter = rand::rng().random_range(-1.0..=1.0);
+                let wait = backoff(config.backoff_base, attempts as u32, jitter);
+                ("pending", attempts, *status, Some(error), Some(wait))
+            }
+        }
+        Attempt::Refused(reason) => ("failed", row.attempts, None, Some(reason), None),
+    };
+    let error = error.map(|e| e.chars().take(MAX_ERROR_LEN).collect::<String>());
+    sqlx::query(
+        "UPDATE webhook_deliveries
+            SET status = $2, attempts = $3, last_status_code = $4, last_error = $5,
+                next_attempt_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $6) END,
+                updated_at = now()
+          WHERE id = $1 AND status = 'pending' AND attempts = $7",
+    )
+    .bind(row.id)
+    .bind(status)
+    .bind(attempts)
+    .bind(code.map(i32::from))
+    .bind(error)
+    .bind(wait.unwrap_or_default().as_secs_f64())
+    .bind(row.attempts)
+    .execute(pool)
+    .await?;
+    let outcome_label = match status {
+        "pending" => "retry",
+        other => other,
+    };
+    metrics::counter!("vault_webhook_deliveries_total", "outcome" => outcome_label).increment(1);
+    let host = Url::parse(&row.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    match outcome {
+        Attempt::Delivered { status } => {
+            tracing::debug!(delivery = %row.id, webhook = %row.webhook_id, host, status, attempts, "webhook delivered")
+        }
+        Attempt::Retry { error, .. } => {
+            tracing::info!(delivery = %row.id, webhook = %row.webhook_id, host, attempts, outcome = outcome_label, error = %error, "webhook attempt failed")
+        }
+        Attempt::Refused(reason) => {
+            tracing::warn!(delivery = %row.id, webhook = %row.webhook_id, host, reason = %reason, "webhook delivery refused")
+        }
+    }
+    Ok(())
+}
+
+/// Runs the delivery loop until `shutdown`; `wake` is notified when new rows were written, so
+/// they go out without waiting for the next poll.
+pub async fn run_deliveries(
+    pool: PgPool,
+    config: DeliveryConfig,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = client(&config)?;
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut in_flight = JoinSet::new();
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        // Wait for room before claiming, so nothing claimed waits for a permit.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit?,
+        };
+        let room = 1 + permits.available_permits();
+        let rows = match claim(&pool, room, config.lease).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying");
+                Vec::new()
+            }
+        };
+        if rows.is_empty() {
+            drop(first);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(config.poll_interval) => {}
+            }
+            continue;
+        }
+        let mut first = Some(first);
+        for row in rows {
+            // Only this loop takes permits, so the ones counted above are still free.
+            let permit = match first.take() {
+                Some(p) => p,
+                None => permits.clone().acquire_owned().await?,
+            };
+            let (pool, client, config) = (pool.clone(), client.clone(), config.clone());
+            in_flight.spawn(async move {
+                let outcome = attempt(&client, &config, &row).await;
+                if let Err(e) = record(&pool, &config, &row, &outcome).await {
+                    tracing::warn!(delivery = %row.id, error = %e, "cannot record a webhook attempt; its lease will bring it back");
+                }
+                drop(permit);
+            });
+        }
+    }
+    let drained = tokio::time::timeout(config.drain, async { while in_flight.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            abandoned = in_flight.len(),
+            "webhook attempts still running at the drain deadline; their leases bring them back"
+        );
+        in_flight.shutdown().await;
+    }
+    tracing::info!("webhook deliveries drained");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_triples_from_the_base_up_to_the_cap_within_the_jitter() {
+        let base = Duration::from_secs(30);
+        let nominal: Vec<u64> = (1..=8).map(|n| backoff(base, n, 0.0).as_secs()).collect();
+        assert_eq!(nominal, [30, 90, 270, 810, 2430, 7290, 21600, 21600]);
+        assert_eq!(backoff(base, 2, 1.0), Duration::from_secs(108));
+        assert_eq!(backoff(base, 2, -1.0), Duration::from_secs(72));
+        assert_eq!(backoff(base, 200, 0.0), MAX_BACKOFF, "no overflow for absurd counts");
+        let total: u64 = nominal[..7].iter().sum();
+        assert!(total > 8 * 3600, "seven waits before the eighth attempt span hours: {total}s");
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_time_dot_body_in_hex() {
+        // Computed independently: `printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac whsec_test`.
+        let sig = signature("whsec_test", 1_700_000_000, br#"{"a":1}"#);
+        assert_eq!(sig, "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789");
+        assert_ne!(sig, signature("whsec_other", 1_700_000_000, br#"{"a":1}"#));
+        assert_ne!(sig, signature("whsec_test", 1_700_000_001, br#"{"a":1}"#));
+    }
+
+    #[test]
+    fn private_loopback_link_local_and_unique_local_addresses_are_refused() {
+        for (ip, why) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("192.168.1.1", "private"),
+            ("169.254.169.254", "link-local"),
+            ("0.0.0.0", "unspecified"),
+            ("100.64.0.1", "shared (CGNAT)"),
+            ("255.255.255.255", "multicast or reserved"),
+            ("::1", "loopback"),
+            ("::", "unspecified"),
+            ("fe80::1", "link-local"),
+            ("fc00::1", "unique-local"),
+            ("fd12:3456::1", "unique-local"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("::ffff:10.0.0.1", "private"),
+            ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("ff02::1", "multicast"),
+        ] {
+            assert_eq!(refusal(ip.parse().expect("ip")), Some(why), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "::ffff:8.8.8.8"] {
+            assert_eq!(refusal(ip.parse().expect("ip")), None, "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_literal_or_resolved_private_destination_is_refused_unless_allowed() {
+        for url in ["http://127.0.0.1:9/x", "http://[::1]:9/x", "http://localhost:9/x"] {
+            let url = Url::parse(url).expect("url");
+            match check_destination(&url, false).await {
+                Err(Attempt::Refused(reason)) => assert!(reason.contains("loopback"), "{reason}"),
+                other => panic!("{url}: {other:?}"),
+            }
+            assert_eq!(check_destination(&url, true).await, Ok(()));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_itself_refuses_a_name_that_resolves_privately() {
+        // As if the name had re-resolved after the check: the resolver is the last line.
+        let client = client(&DeliveryConfig::new(false)).expect("client");
+        let err = client.post("http://localhost:9/x").send().await.expect_err("refused");
+        let reason = refused_by_resolver(&err).expect("recognised as a refusal");
+        assert!(reason.contains("localhost resolves to"), "{reason}");
+    }
+}
