@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::auth::caller::Caller;
 use crate::error::{ApiError, Problem};
-use crate::pagination::{ApiQuery, Page};
+use crate::pagination::{ApiQuery, Page, SeqPage};
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -21,6 +21,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin/users", get(list_users))
         .route("/admin/users/{id}/lock", post(lock_user))
         .route("/admin/users/{id}/unlock", post(unlock_user))
+        .route("/admin/audit", get(audit))
         .route("/admin/markets/{symbol}/halt", post(halt_market))
         .route("/admin/markets/{symbol}/resume", post(resume_market))
 }
@@ -210,4 +211,82 @@ pub async fn create_admin(
         .await?;
     tracing::info!(user_id = %id, "admin created");
     Ok(format!("created admin {email} ({id})"))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditFilter {
+    /// Entries whose actor is this user.
+    pub user_id: Option<Uuid>,
+    /// Exact action, e.g. `order.place`, `order.filled`, `auth.login.failed`.
+    pub action: Option<String>,
+    /// From this time (inclusive, RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Until this time (exclusive, RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// 1..500, default 100.
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// One audit-log row as operators read it.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AuditEntry {
+    /// The log's sequence (a string, like the ledger's ids).
+    #[serde(serialize_with = "as_string")]
+    #[schema(value_type = String)]
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub actor_id: Option<Uuid>,
+    pub action: String,
+    pub subject: Option<String>,
+    pub request_id: Option<String>,
+    pub data: serde_json::Value,
+    /// Hex SHA-256 chaining this row to the one before (see `vault-worker audit verify`).
+    pub hash: String,
+}
+
+fn as_string<S: serde::Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    pub next_cursor: Option<String>,
+}
+
+/// Read the audit trail (newest first).
+#[utoipa::path(get, path = "/api/v1/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditFilter),
+    responses((status = 200, body = AuditPage), (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<AuditFilter>,
+) -> Result<axum::Json<AuditPage>, ApiError> {
+    caller.require_admin()?;
+    let page = SeqPage::parse(filter.limit, filter.cursor.as_deref())?;
+    if let (Some(from), Some(to)) = (filter.from, filter.to)
+        && from >= to
+    {
+        return Err(ApiError::invalid("from", "must be before `to`"));
+    }
+    let mut entries: Vec<AuditEntry> = sqlx::query_as(
+        "SELECT id, at, actor_id, action, subject, request_id, data, encode(hash, 'hex') AS hash FROM audit_log
+          WHERE ($1::UUID IS NULL OR actor_id = $1) AND ($2::TEXT IS NULL OR action = $2)
+            AND ($3::TIMESTAMPTZ IS NULL OR at >= $3) AND ($4::TIMESTAMPTZ IS NULL OR at < $4)
+            AND ($5::BIGINT IS NULL OR id < $5)
+          ORDER BY id DESC LIMIT $6",
+    )
+    .bind(filter.user_id)
+    .bind(filter.action)
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(page.before)
+    .bind(page.fetch_limit())
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = page.finish(&mut entries, |e| e.id);
+    Ok(axum::Json(AuditPage { entries, next_cursor }))
 }

@@ -314,3 +314,59 @@ async fn every_rejection_reason_reaches_the_client_and_pnl_follows_the_ticks() {
     assert_eq!(dec(&btc["unrealized_pnl"]), "500".parse().expect("d"));
     assert_eq!(dec(&p["equity"]), "10495".parse().expect("d"), "4995 cash + 5500");
 }
+
+#[tokio::test]
+async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
+    let s = Stack::start().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(&s.api.db, &s.api.nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    let mut auditor = Proc::spawn(&workspace_binary("vault-worker"), &["audit"], &envs);
+    auditor.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+
+    let admin = s.api.user("auditor@example.com").await;
+    s.api.promote("auditor@example.com").await;
+    let user = s.api.user("audited@example.com").await;
+    let me: Value = s.api.get("/me", Some(&user)).await.json().await.expect("json");
+    s.fund(&user, "100").await;
+
+    let signups = poll_until(WAIT, "both signups in the audit trail", || async {
+        let page: Value = s.api.get("/admin/audit?action=auth.signup", Some(&admin)).await.json().await.ok()?;
+        (page["entries"].as_array()?.len() == 2).then_some(page)
+    })
+    .await;
+    let entry = &signups["entries"][0];
+    assert_eq!(entry["action"], "auth.signup");
+    assert_eq!(entry["actor_id"], me["id"], "newest first: the second signup");
+    assert_eq!(entry["hash"].as_str().expect("hash").len(), 64);
+    assert!(entry["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+
+    let theirs: Value = poll_until(WAIT, "the user's deposit in the trail", || async {
+        let page: Value =
+            s.api.get(&format!("/admin/audit?user_id={}", me["id"].as_str()?), Some(&admin)).await.json().await.ok()?;
+        let actions: Vec<String> =
+            page["entries"].as_array()?.iter().filter_map(|e| e["action"].as_str().map(str::to_owned)).collect();
+        (actions.contains(&"deposit".to_owned()) && actions.contains(&"deposit.completed".to_owned())).then_some(page)
+    })
+    .await;
+    assert!(theirs["entries"].as_array().expect("entries").iter().all(|e| e["actor_id"] == me["id"]));
+
+    let first: Value = s.api.get("/admin/audit?limit=1", Some(&admin)).await.json().await.expect("json");
+    let cursor = first["next_cursor"].as_str().expect("a next page").to_owned();
+    let second: Value =
+        s.api.get(&format!("/admin/audit?limit=1&cursor={cursor}"), Some(&admin)).await.json().await.expect("json");
+    assert!(
+        second["entries"][0]["id"].as_str().expect("id").parse::<i64>().expect("number")
+            < first["entries"][0]["id"].as_str().expect("id").parse::<i64>().expect("number")
+    );
+
+    problem(s.api.get("/admin/audit", Some(&user)).await, 403, "forbidden").await;
+    problem(
+        s.api.get("/admin/audit?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", Some(&admin)).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    auditor.signal("TERM");
+    assert_eq!(auditor.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+}

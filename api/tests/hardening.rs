@@ -149,6 +149,7 @@ async fn the_openapi_document_lists_every_route_and_the_docs_page_renders_it() {
         ("/api/v1/admin/users", "get"),
         ("/api/v1/admin/users/{id}/lock", "post"),
         ("/api/v1/admin/users/{id}/unlock", "post"),
+        ("/api/v1/admin/audit", "get"),
         ("/api/v1/admin/markets/{symbol}/halt", "post"),
         ("/api/v1/admin/markets/{symbol}/resume", "post"),
         ("/api/v1/markets", "get"),

@@ -19,8 +19,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
@@ -36,7 +34,7 @@ use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
-use crate::pagination::{ApiQuery, Page};
+use crate::pagination::{ApiQuery, SeqPage};
 use crate::startup::AppState;
 
 /// The most one deposit may bring (paper money).
@@ -368,17 +366,6 @@ pub struct LedgerFilter {
     pub cursor: Option<String>,
 }
 
-/// Ledger cursors: base64url of the last entry's id (8 bytes, big-endian), a different shape
-/// from the UUID cursors of other lists.
-fn encode_ledger_cursor(id: i64) -> String {
-    URL_SAFE_NO_PAD.encode(id.to_be_bytes())
-}
-
-fn decode_ledger_cursor(cursor: &str) -> Option<i64> {
-    let bytes: [u8; 8] = URL_SAFE_NO_PAD.decode(cursor).ok()?.try_into().ok()?;
-    Some(i64::from_be_bytes(bytes))
-}
-
 /// The caller's ledger entries, newest first.
 #[utoipa::path(get, path = "/api/v1/ledger", tag = "account", security(("bearer" = []), ("api_key" = [])),
     params(LedgerFilter), responses((status = 200, body = LedgerPage), (status = 422, body = Problem)))]
@@ -388,29 +375,18 @@ pub async fn ledger(
     ApiQuery(filter): ApiQuery<LedgerFilter>,
 ) -> Result<Json<LedgerPage>, ApiError> {
     caller.require_scope(Scope::Read)?;
-    let page = Page::parse(filter.limit, None)?;
-    let before = match filter.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => {
-            Some(decode_ledger_cursor(c).ok_or_else(|| ApiError::invalid("cursor", "is not a cursor from this API"))?)
-        }
-    };
+    let page = SeqPage::parse(filter.limit, filter.cursor.as_deref())?;
     let mut entries: Vec<LedgerEntry> = sqlx::query_as(
         "SELECT id, asset, amount, balance_after, kind, order_id, created_at FROM ledger_entries
           WHERE account = 'user' AND user_id = $1 AND ($2::BIGINT IS NULL OR id < $2)
           ORDER BY id DESC LIMIT $3",
     )
     .bind(caller.user_id)
-    .bind(before)
+    .bind(page.before)
     .bind(page.fetch_limit())
     .fetch_all(&state.pool)
     .await?;
-    let next_cursor = if entries.len() as i64 > page.limit {
-        entries.truncate(page.limit as usize);
-        entries.last().map(|e| encode_ledger_cursor(e.id))
-    } else {
-        None
-    };
+    let next_cursor = page.finish(&mut entries, |e| e.id);
     Ok(Json(LedgerPage { entries, next_cursor }))
 }
 
@@ -449,12 +425,5 @@ mod tests {
             check(serde_json::json!({"asset": "USD", "amount": "5", "client_deposit_id": "a b"})).err(),
             Some(vec!["client_deposit_id".into()])
         );
-    }
-
-    #[test]
-    fn ledger_cursors_round_trip_and_refuse_uuid_cursors() {
-        assert_eq!(decode_ledger_cursor(&encode_ledger_cursor(1042)), Some(1042));
-        assert_eq!(decode_ledger_cursor(&crate::pagination::encode_cursor(Uuid::now_v7())), None);
-        assert_eq!(decode_ledger_cursor("!!"), None);
     }
 }
