@@ -1,13 +1,22 @@
 //! `vault-worker prices`: price ingestion. Sources sit behind [`PriceSource`]; the worker
-//! publishes every tick on `prices.<SYMBOL>` (dedupe id `<source>:<symbol>:<seq>`) and keeps
-//! `vault_price_age_seconds{symbol}` current.
+//! checks every tick ([`Validator`]), publishes the accepted ones on `prices.<SYMBOL>` (dedupe id
+//! `<source>:<symbol>:<seq>`), keeps `vault_price_age_seconds{symbol}` current and folds them
+//! into one-minute candles ([`Candles`], table `candles`).
 //!
 //! Sources (`PRICE_SOURCE`): `sim` — a seeded random walk per market approximating geometric
 //! Brownian motion, computed in exact decimals (no floats anywhere in the pipeline): each step's
 //! log-return is an Irwin–Hall sum of uniform integers (close to normal), applied as
-//! `price × (1 + r + r²/2)` and rounded half-even to the market's price increment; `none` —
-//! nothing. `replay:<csv>` and `coinbase` are declared in the configuration and not built yet:
-//! the worker refuses to start with them rather than pretend.
+//! `price × (1 + r + r²/2)` and rounded half-even to the market's price increment;
+//! `replay:<csv>` — a recorded file replayed at its own pace ([`Replay`]); `none` — nothing.
+//! `coinbase` is declared in the configuration and not built: the worker refuses to start with
+//! it rather than pretend.
+//!
+//! What this worker may not do: publish a tick the validator refused, or stop on its own while
+//! the process should run (an exhausted source leaves the worker idle until shutdown).
+
+mod candles;
+mod replay;
+mod validate;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,6 +31,10 @@ use vault_bus::message::{PriceTick, decode};
 use vault_bus::{Bus, MessageContext, streams, subjects};
 use vault_core::config::PriceSource as Configured;
 use vault_core::domain::{Positive, Symbol};
+
+pub use self::candles::{Candle, Candles, FLUSH_EVERY, minute_of};
+pub use self::replay::{Recorded, Replay};
+pub use self::validate::{MAX_JUMP, Rejection, Validator};
 
 /// One tick from a source, before it gets its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,23 +146,43 @@ pub async fn run(source: &Configured, pool: &PgPool, bus: &Bus, shutdown: Cancel
             let markets = sim_markets(pool, bus).await?;
             let seed = Utc::now().timestamp_micros() as u64;
             tracing::info!(markets = markets.len(), seed, "simulating prices");
-            publish_from(Sim::new(markets, seed, Duration::from_millis(500)), bus, shutdown).await
+            publish_from(Sim::new(markets, seed, Duration::from_millis(500)), bus, pool, shutdown).await
         }
-        Configured::Replay(_) | Configured::Coinbase => {
-            anyhow::bail!("PRICE_SOURCE {source:?} is not available in this version; use sim or none")
+        Configured::Replay(path) => {
+            let replay = Replay::load(path)?;
+            tracing::info!(path, ticks = replay.remaining(), "replaying recorded prices");
+            publish_from(replay, bus, pool, shutdown).await
+        }
+        Configured::Coinbase => {
+            anyhow::bail!("PRICE_SOURCE=coinbase is not available in this version; use sim, replay:<csv> or none")
         }
     }
 }
 
-/// Publishes every quote of `source` with a per-symbol sequence continuing the stream's.
-pub async fn publish_from(mut source: impl PriceSource, bus: &Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Publishes every quote of `source` the [`Validator`] accepts, with a per-symbol sequence
+/// continuing the stream's, and folds the acknowledged ones into one-minute candles.
+///
+/// Runs until `shutdown`; an exhausted source leaves it idle (still reporting price ages) rather
+/// than ending the process. Draining: the batch being published is awaited to its acks (at most
+/// one batch of ticks in flight), then the pending candles are written once more.
+pub async fn publish_from(
+    mut source: impl PriceSource,
+    bus: &Bus,
+    pool: &PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
     let mut seqs: HashMap<Symbol, u64> = HashMap::new();
     let mut last_at: HashMap<Symbol, DateTime<Utc>> = HashMap::new();
+    let mut validator = Validator::default();
+    let mut candles = Candles::default();
+    let mut exhausted = false;
     let mut age = tokio::time::interval(Duration::from_secs(1));
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break,
             _ = age.tick() => {
                 let now = Utc::now();
                 for (symbol, at) in &last_at {
@@ -158,11 +191,25 @@ pub async fn publish_from(mut source: impl PriceSource, bus: &Bus, shutdown: Can
                 }
                 continue;
             }
-            batch = source.next_batch() => batch,
+            _ = flush.tick() => {
+                write_candles(&mut candles, pool).await;
+                continue;
+            }
+            batch = source.next_batch(), if !exhausted => batch,
         };
-        let Some(batch) = batch else { return Ok(()) };
+        let Some(batch) = batch else {
+            tracing::info!(source = source.name(), "the price source is exhausted; idle until shutdown");
+            exhausted = true;
+            continue;
+        };
         let mut acks = Vec::with_capacity(batch.len());
         for quote in batch {
+            if let Err(reason) = validator.check(&quote) {
+                metrics::counter!("vault_price_ticks_rejected_total", "symbol" => quote.symbol.to_string(), "reason" => reason.as_str())
+                    .increment(1);
+                tracing::warn!(symbol = %quote.symbol, price = %quote.price, ts = %quote.ts, reason = reason.as_str(), source = source.name(), "tick refused");
+                continue;
+            }
             let seq = match seqs.get(&quote.symbol) {
                 Some(seq) => seq + 1,
                 None => last_tick(&stream, &quote.symbol).await.map(|t| t.seq + 1).unwrap_or(1),
@@ -175,17 +222,32 @@ pub async fn publish_from(mut source: impl PriceSource, bus: &Bus, shutdown: Can
                 source: source.name().to_owned(),
                 seq,
             };
-            acks.push((quote.symbol, quote.ts, bus.start_publish(&tick, &MessageContext::default()).await?));
+            acks.push((quote, bus.start_publish(&tick, &MessageContext::default()).await?));
         }
-        for (symbol, ts, ack) in acks {
+        for (quote, ack) in acks {
             match ack.await {
                 Ok(_) => {
-                    metrics::counter!("vault_price_ticks_published_total", "symbol" => symbol.to_string()).increment(1);
-                    last_at.insert(symbol, ts);
+                    metrics::counter!("vault_price_ticks_published_total", "symbol" => quote.symbol.to_string())
+                        .increment(1);
+                    candles.add(&quote.symbol, quote.price.get(), quote.ts);
+                    last_at.insert(quote.symbol, quote.ts);
                 }
-                Err(e) => tracing::warn!(%symbol, error = %e, "tick not acknowledged"),
+                Err(e) => tracing::warn!(symbol = %quote.symbol, error = %e, "tick not acknowledged"),
             }
         }
+    }
+    write_candles(&mut candles, pool).await;
+    if !candles.is_empty() {
+        tracing::error!("candles of the last ticks could not be written before shutdown");
+    }
+    Ok(())
+}
+
+/// One flush; a failure is counted and logged, and the candles stay pending for the next one.
+async fn write_candles(candles: &mut Candles, pool: &PgPool) {
+    if let Err(e) = candles.flush(pool).await {
+        metrics::counter!("vault_candle_flush_failures_total").increment(1);
+        tracing::warn!(error = %e, "candles not written; retrying with the next flush");
     }
 }
 

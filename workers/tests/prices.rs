@@ -1,8 +1,12 @@
-//! The prices worker with the simulated source against real NATS and Postgres: every seeded
-//! market gets ticks in the contract's shape, and a restart continues each market's sequence.
+//! The prices worker against real NATS and Postgres: with the simulated source every seeded
+//! market gets ticks in the contract's shape and a restart continues each market's sequence;
+//! with the replay source a recorded file is validated, played, refused where it jumps, and
+//! folded into one-minute candles.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use vault_bus::message::{PriceTick, decode};
 use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
 
@@ -64,4 +68,108 @@ async fn the_simulated_source_ticks_every_market_and_continues_after_a_restart()
     assert_eq!(after.seq, before.seq + 1, "the sequence continues, so no tick is dropped as a duplicate");
     again.signal("TERM");
     assert_eq!(again.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+}
+
+/// BTC-USD ticks within half a second; the fifth jumps more than 20 % and must be refused.
+const RECORDING: &str = "timestamp,symbol,price
+2026-01-02T03:04:05.000Z,BTC-USD,65000.00
+2026-01-02T03:04:05.100Z,BTC-USD,65100.50
+2026-01-02T03:04:05.100Z,ETH-USD,3200
+
+2026-01-02T03:04:05.200Z,BTC-USD,64900.25
+2026-01-02T03:04:05.250Z,BTC-USD,99000
+2026-01-02T03:04:05.300Z,BTC-USD,65050.75
+";
+
+type CandleRow = (DateTime<Utc>, Decimal, Decimal, Decimal, Decimal, Decimal);
+
+#[tokio::test]
+async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_into_a_minute_candle() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(&db, &nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    envs.push(("PRICE_SOURCE", "replay:ticks.csv".to_owned()));
+    let started = Utc::now();
+    let mut worker = Proc::spawn_with_files(BIN, &["prices"], &envs, &[("ticks.csv", RECORDING)]);
+    worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+
+    let btc = poll_until(Duration::from_secs(15), "the last BTC tick", || async {
+        last_tick(&nats, "BTC-USD").await.filter(|t| t.seq == 4)
+    })
+    .await;
+    assert_eq!(btc.source, "replay");
+    assert_eq!(btc.price.get().to_string(), "65050.75", "the jump to 99000 was never published");
+    assert!(btc.ts >= started, "stamped when published, not with the recorded 2026-01-02: {}", btc.ts);
+    let eth = last_tick(&nats, "ETH-USD").await.expect("an ETH tick");
+    assert_eq!((eth.seq, eth.price.get().to_string()), (1, "3200".to_owned()));
+
+    let pool = db.pool().await;
+    // The replay takes 0.3 s, so the ticks may straddle a minute boundary: fold the rows (open
+    // of the first, close of the last) and check the fold, and that each row is one minute.
+    let rows: Vec<CandleRow> = poll_until(Duration::from_secs(10), "the BTC candle with 4 ticks", || async {
+        let rows: Vec<CandleRow> = sqlx::query_as(
+            "SELECT start, open, high, low, close, volume FROM candles WHERE symbol = 'BTC-USD' ORDER BY start",
+        )
+        .fetch_all(&pool)
+        .await
+        .ok()?;
+        (rows.iter().map(|r| r.5).sum::<Decimal>() == Decimal::from(4)).then_some(rows)
+    })
+    .await;
+    assert!(rows.len() <= 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row.0.timestamp() % 60, 0, "a candle starts on a minute: {row:?}");
+        assert_eq!(row.0.timestamp_subsec_nanos(), 0);
+        assert!(row.0 >= started - chrono::TimeDelta::minutes(1) && row.0 <= Utc::now(), "the publish minute");
+    }
+    let first = rows.first().expect("a row");
+    let last = rows.last().expect("a row");
+    let high = rows.iter().map(|r| r.2).max().expect("a row");
+    let low = rows.iter().map(|r| r.3).min().expect("a row");
+    let ohlc = [first.1, high, low, last.4].map(|d| d.normalize().to_string());
+    assert_eq!(ohlc, ["65000", "65100.5", "64900.25", "65050.75"]);
+    let eth: (Decimal, Decimal) = sqlx::query_as("SELECT close, volume FROM candles WHERE symbol = 'ETH-USD'")
+        .fetch_one(&pool)
+        .await
+        .expect("the ETH candle");
+    assert_eq!((eth.0.normalize().to_string(), eth.1.to_string()), ("3200".to_owned(), "1".to_owned()));
+
+    let metrics = http_client().get(format!("http://{addr}/metrics")).send().await.expect("metrics");
+    let text = metrics.text().await.expect("text");
+    let rejected: Vec<&str> = text.lines().filter(|l| l.starts_with("vault_price_ticks_rejected_total{")).collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0].contains("symbol=\"BTC-USD\"")
+            && rejected[0].contains("reason=\"jump\"")
+            && rejected[0].ends_with(" 1"),
+        "{rejected:?}"
+    );
+    assert!(worker.output().contains("tick refused"), "the refusal is logged");
+
+    // The end of the file leaves the worker idle, not gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(worker.is_running(), "the worker exited at the end of the file:\n{}", worker.output());
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn a_malformed_replay_file_stops_the_worker_at_start_naming_the_line_and_publishes_nothing() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let mut envs = base_env(&db, &nats);
+    envs.push(("OPS_ADDR", format!("127.0.0.1:{}", free_port())));
+    envs.push(("PRICE_SOURCE", "replay:ticks.csv".to_owned()));
+    let file = "timestamp,symbol,price\n2026-01-02T03:04:05Z,BTC-USD,65000\n2026-01-02T03:04:06Z,BTC-USD,lots\n";
+    let mut worker = Proc::spawn_with_files(BIN, &["prices"], &envs, &[("ticks.csv", file)]);
+    let status = worker.wait_exit(Duration::from_secs(30)).await;
+    assert_ne!(status.code(), Some(0), "{}", worker.output());
+    let output = worker.output();
+    assert!(output.contains("replay file ticks.csv: line 3: price") && output.contains("is not a decimal"), "{output}");
+    assert!(last_tick(&nats, "BTC-USD").await.is_none(), "the valid first line was not published either");
+
+    let mut missing = Proc::spawn(BIN, &["prices"], &envs);
+    assert_ne!(missing.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    assert!(missing.output().contains("cannot read the replay file ticks.csv"), "{}", missing.output());
 }
