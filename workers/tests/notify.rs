@@ -1,0 +1,683 @@
+//! The notify worker against real NATS, Postgres and HTTP receivers: events become exactly one
+//! notification, signed webhook delivery and email each; failing receivers are retried, slow ones
+//! stall nobody, private destinations are refused; new-IP logins alert once; a kill -9 loses and
+//! doubles nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vault_bus::message::{AuthEvent, AuthEventKind, EngineEvent, EventKind, encode};
+use vault_bus::{Bus, BusMessage, MessageContext};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
+use vault_workers::notify::Wakers;
+use vault_workers::notify::webhook::{DeliveryConfig, run_deliveries};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
+const SECRET: &str = "whsec_0123456789abcdef0123456789abcdef";
+
+// ---------------------------------------------------------------------------------------------
+// A webhook receiver: POST /<name> records the call; `slow` takes 5 s, `flaky` answers 500 on
+// its first call, `broken` always 500, anything else 200.
+
+#[derive(Debug, Clone)]
+struct Hit {
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Receiver {
+    hits: Arc<Mutex<HashMap<String, Vec<Hit>>>>,
+    slow_finished: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    async fn start() -> (String, Receiver) {
+        let receiver = Receiver::default();
+        let app = axum::Router::new().route("/{name}", axum::routing::post(receive)).with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), receiver)
+    }
+
+    fn hits(&self, name: &str) -> Vec<Hit> {
+        self.hits.lock().expect("lock").get(name).cloned().unwrap_or_default()
+    }
+}
+
+async fn receive(State(r): State<Receiver>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let calls = {
+        let mut hits = r.hits.lock().expect("lock");
+        let list = hits.entry(name.clone()).or_default();
+        list.push(Hit { headers, body, at: Instant::now() });
+        list.len()
+    };
+    match name.as_str() {
+        "slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            r.slow_finished.fetch_add(1, Ordering::SeqCst);
+            StatusCode::OK
+        }
+        "flaky" if calls == 1 => StatusCode::INTERNAL_SERVER_ERROR,
+        "broken" => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::OK,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stack helpers
+
+struct Stack {
+    nats: NatsServer,
+    db: TestDb,
+    pool: PgPool,
+    bus: Bus,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+        let pool = db.pool().await;
+        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+        bus.ensure_streams().await.expect("streams");
+        Stack { nats, db, pool, bus }
+    }
+
+    /// Starts `vault-worker notify`; returns it with its ops address.
+    async fn worker(&self, allow_private: bool) -> (Proc, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut envs = base_env(&self.db, &self.nats);
+        envs.push(("OPS_ADDR", addr.clone()));
+        if allow_private {
+            envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
+        }
+        let mut worker = Proc::spawn(BIN, &["notify"], &envs);
+        worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+        (worker, addr)
+    }
+
+    async fn user(&self) -> (Uuid, String) {
+        let id = Uuid::now_v7();
+        let email = format!("u{}@example.com", id.simple());
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
+            .bind(id)
+            .bind(&email)
+            .execute(&self.pool)
+            .await
+            .expect("user");
+        (id, email)
+    }
+
+    async fn webhook(&self, user: Uuid, url: &str, events: &[&str]) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(user)
+            .bind(url)
+            .bind(events)
+            .bind(SECRET)
+            .execute(&self.pool)
+            .await
+            .expect("webhook");
+        id
+    }
+
+    async fn count(&self, sql: &str, id: Uuid) -> i64 {
+        sqlx::query_scalar(sql).bind(id).fetch_one(&self.pool).await.expect("count")
+    }
+
+    async fn delivery(&self, webhook: Uuid) -> Option<(String, i32, Option<i32>, Option<String>)> {
+        sqlx::query_as(
+            "SELECT status, attempts, last_status_code, last_error FROM webhook_deliveries WHERE webhook_id = $1",
+        )
+        .bind(webhook)
+        .fetch_optional(&self.pool)
+        .await
+        .expect("delivery")
+    }
+}
+
+fn order(status: &str) -> Value {
+    json!({
+        "id": Uuid::now_v7(), "client_order_id": "c1", "symbol": "BTC-USD", "side": "buy", "type": "market",
+        "time_in_force": "ioc", "quantity": "0.015", "limit_price": null, "status": status,
+        "filled_quantity": "0.015", "average_fill_price": "50000.00", "fee": "0.75", "reject_reason": null,
+        "created_at": "2026-11-22T12:00:00.000001Z", "updated_at": "2026-11-22T12:00:00.000002Z", "fills": []
+    })
+}
+
+fn engine_event(user: Uuid, kind: EventKind, data: Value) -> EngineEvent {
+    EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: Some("req-n".into()), at: Utc::now(), data }
+}
+
+fn auth_event(user: Uuid, kind: AuthEventKind, ip: &str) -> AuthEvent {
+    AuthEvent {
+        id: Uuid::now_v7(),
+        kind,
+        user_id: Some(user),
+        request_id: None,
+        ip: Some(ip.into()),
+        at: Utc::now(),
+        data: json!({"family": Uuid::now_v7(), "minutes": 15}),
+    }
+}
+
+async fn publish<M: BusMessage>(bus: &Bus, msg: &M) {
+    bus.publish(msg, &MessageContext::default()).await.expect("publish");
+}
+
+/// Publishes `msg` again without its dedupe id, so JetStream stores it as a new message: what a
+/// redelivery after a crash looks like to the consumer.
+async fn publish_duplicate<M: BusMessage>(bus: &Bus, msg: &M) {
+    let payload = encode(msg).expect("encodes");
+    bus.jetstream().publish(msg.subject(), payload.into()).await.expect("send").await.expect("ack");
+}
+
+async fn metric(addr: &str, line_prefix: &str) -> f64 {
+    let text =
+        http_client().get(format!("http://{addr}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_fill_becomes_one_notification_one_signed_delivery_and_one_email_and_a_duplicate_adds_nothing() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (_worker, ops) = stack.worker(true).await;
+    let (user, email) = stack.user().await;
+    let fills = stack.webhook(user, &format!("{base}/fills"), &["order.filled"]).await;
+    let deposits = stack.webhook(user, &format!("{base}/deposits"), &["deposit.completed"]).await;
+
+    let filled = engine_event(user, EventKind::OrderFilled, order("filled"));
+    publish(&stack.bus, &filled).await;
+    let hit = poll_until(Duration::from_secs(20), "the signed delivery", || async {
+        receiver.hits("fills").first().cloned()
+    })
+    .await;
+
+    // The signature, checked with an HMAC computed here.
+    let header = hit.headers.get("vault-signature").expect("signed").to_str().expect("ascii");
+    let (t, v1) = header
+        .split_once(',')
+        .and_then(|(t, v)| Some((t.strip_prefix("t=")?, v.strip_prefix("v1=")?)))
+        .expect("t=…,v1=…");
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&hit.body);
+    mac.verify_slice(&hex::decode(v1).expect("hex")).expect("the signature matches the body");
+    let t: i64 = t.parse().expect("unix seconds");
+    assert!((Utc::now().timestamp() - t).abs() < 60, "t is the send time");
+    assert_eq!(hit.headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/json"[..]));
+
+    let body: Value = serde_json::from_slice(&hit.body).expect("json body");
+    assert_eq!(body["id"], json!(filled.id));
+    assert_eq!(body["type"], "order.filled");
+    assert_eq!(body["data"], filled.data);
+    let created =
+        chrono::DateTime::parse_from_rfc3339(body["created_at"].as_str().expect("created_at")).expect("rfc3339");
+    assert_eq!(created.timestamp_micros(), filled.at.timestamp_micros());
+    assert_eq!(body.as_object().map(|o| o.len()), Some(4), "{body}");
+
+    poll_until(Duration::from_secs(10), "the delivery to be recorded", || async {
+        matches!(stack.delivery(fills).await, Some((s, 1, Some(200), None)) if s == "delivered").then_some(())
+    })
+    .await;
+    let (kind, title, data): (String, String, Value) =
+        sqlx::query_as("SELECT kind, title, data FROM notifications WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("one notification");
+    assert_eq!((kind.as_str(), title.as_str()), ("order.filled", "Order filled"));
+    assert_eq!(data, filled.data);
+    let to: String = sqlx::query_scalar("SELECT to_address FROM email_outbox WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("one email");
+    assert_eq!(to, email);
+    poll_until(Duration::from_secs(10), "the email to be sent (to the log)", || async {
+        (stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1 AND status = 'sent'", user).await == 1)
+            .then_some(())
+    })
+    .await;
+
+    // The same event again: once deduped by JetStream, once as a genuinely new message.
+    publish(&stack.bus, &filled).await;
+    publish_duplicate(&stack.bus, &filled).await;
+    // Then a later event on the same stream: once it is handled, the duplicate was too.
+    let deposit =
+        engine_event(user, EventKind::DepositCompleted, json!({"id": Uuid::now_v7(), "asset": "USD", "amount": "10"}));
+    publish(&stack.bus, &deposit).await;
+    poll_until(Duration::from_secs(20), "the later event's notification", || async {
+        (stack
+            .count("SELECT count(*) FROM notifications WHERE user_id = $1 AND kind = 'deposit.completed'", user)
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", user).await, 2);
+    assert_eq!(stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1", user).await, 1);
+    assert_eq!(stack.count("SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1", fills).await, 1);
+    assert_eq!(metric(&ops, "vault_notify_skipped_total{reason=\"redelivered\"}").await, 1.0);
+    poll_until(Duration::from_secs(10), "the deposit webhook", || async {
+        (receiver.hits("deposits").len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.hits("fills").len(), 1, "the fill was posted once");
+    assert_eq!(stack.delivery(deposits).await.map(|d| d.0), Some("delivered".to_owned()));
+    assert_eq!(metric(&ops, "vault_notifications_total{kind=\"order.filled\"}").await, 1.0);
+}
+
+/// Inserts a due delivery of a made-up event to `url` and returns its id.
+async fn pending_delivery(stack_pool: &PgPool, user: Uuid, url: &str) -> Uuid {
+    let webhook = Uuid::now_v7();
+    sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
+        .bind(webhook)
+        .bind(user)
+        .bind(url)
+        .bind(SECRET)
+        .execute(stack_pool)
+        .await
+        .expect("webhook");
+    let event = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
+         VALUES ($1, $2, $3, 'order.filled', $4, now())",
+    )
+    .bind(Uuid::now_v7())
+    .bind(webhook)
+    .bind(event)
+    .bind(json!({"id": event, "type": "order.filled", "created_at": Utc::now(), "data": {}}))
+    .execute(stack_pool)
+    .await
+    .expect("delivery");
+    webhook
+}
+
+#[tokio::test]
+async fn a_receiver_failing_once_is_retried_after_the_backoff_and_ends_delivered_with_two_attempts() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (user, _) = stack.user().await;
+    let flaky = pending_delivery(&stack.pool, user, &format!("{base}/flaky")).await;
+
+    let shutdown = CancellationToken::new();
+    let config = DeliveryConfig {
+        backoff_base: Duration::from_millis(50),
+        poll_interval: Duration::from_millis(10),
+        ..DeliveryConfig::new(true)
+    };
+    let wake = Wakers::default().deliveries;
+    let loop_ = tokio::spawn(run_deliveries(stack.pool.clone(), config, wake, shutdown.clone()));
+
+    poll_until(Duration::from_secs(20), "the flaky delivery to succeed", || async {
+        matches!(stack.delivery(flaky).await, Some((s, _, _, _)) if s == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(stack.delivery(flaky).await, Some(("delivered".to_owned(), 2, Some(200), None)));
+    let hits = receiver.hits("flaky");
+    assert_eq!(hits.len(), 2);
+    let gap = hits[1].at - hits[0].at;
+    assert!(gap >= Duration::from_millis(40), "the retry waited the backoff (50 ms −20 %): {gap:?}");
+    assert_eq!(hits[0].body, hits[1].body, "every attempt sends the same payload");
+
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+#[tokio::test]
+async fn a_receiver_that_keeps_failing_ends_failed_after_eight_attempts() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (user, _) = stack.user().await;
+    let broken = pending_delivery(&stack.pool, user, &format!("{base}/broken")).await;
+    let shutdown = CancellationToken::new();
+    // 1 ms × 3^n: the seven waits sum to about 1.1 s.
+    let config = DeliveryConfig {
+        backoff_base: Duration::from_millis(1),
+        poll_interval: Duration::from_millis(10),
+        ..DeliveryConfig::new(true)
+    };
+    let loop_ =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, Wakers::default().deliveries, shutdown.clone()));
+    poll_until(Duration::from_secs(30), "the delivery to fail for good", || async {
+        matches!(stack.delivery(broken).await, Some((s, _, _, _)) if s == "failed").then_some(())
+    })
+    .await;
+    assert_eq!(
+        stack.delivery(broken).await,
+        Some(("failed".to_owned(), 8, Some(500), Some("HTTP 500 Internal Server Error".to_owned())))
+    );
+    assert_eq!(receiver.hits("broken").len(), 8);
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+#[tokio::test]
+async fn a_webhook_resolving_to_loopback_is_never_called_and_fails_with_a_reason() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (_worker, _) = stack.worker(false).await;
+    let (user, _) = stack.user().await;
+    // `localhost` resolves to 127.0.0.1 (and maybe ::1); the receiver really listens there.
+    let url = base.replace("127.0.0.1", "localhost") + "/private";
+    let hook = stack.webhook(user, &url, &["order.filled"]).await;
+    publish(&stack.bus, &engine_event(user, EventKind::OrderFilled, order("filled"))).await;
+    let (status, attempts, code, error) = poll_until(Duration::from_secs(20), "the delivery to fail", || async {
+        stack.delivery(hook).await.filter(|d| d.0 != "pending")
+    })
+    .await;
+    assert_eq!((status.as_str(), attempts, code), ("failed", 0, None));
+    let error = error.expect("a reason");
+    assert!(error.contains("refused: localhost resolves to") && error.contains("loopback"), "{error}");
+    assert!(receiver.hits("private").is_empty(), "no request was made");
+    // The notification itself is unaffected.
+    assert_eq!(stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", user).await, 1);
+}
+
+#[tokio::test]
+async fn a_slow_receiver_does_not_delay_another_webhooks_delivery() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (_worker, _) = stack.worker(true).await;
+    let (user, _) = stack.user().await;
+    stack.webhook(user, &format!("{base}/slow"), &["order.accepted"]).await;
+    stack.webhook(user, &format!("{base}/fast"), &["order.filled"]).await;
+
+    publish(&stack.bus, &engine_event(user, EventKind::OrderAccepted, order("open"))).await;
+    poll_until(Duration::from_secs(20), "the slow receiver to be called", || async {
+        (!receiver.hits("slow").is_empty()).then_some(())
+    })
+    .await;
+    // While the slow receiver holds its request (5 s), another delivery goes through.
+    publish(&stack.bus, &engine_event(user, EventKind::OrderFilled, order("filled"))).await;
+    poll_until(Duration::from_secs(20), "the fast receiver to be called", || async {
+        (!receiver.hits("fast").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        receiver.slow_finished.load(Ordering::SeqCst),
+        0,
+        "the fast delivery arrived while the slow one was still waiting"
+    );
+    poll_until(Duration::from_secs(20), "the slow delivery to complete", || async {
+        (receiver.slow_finished.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_login_from_a_new_ip_notifies_and_emails_once_and_the_same_ip_again_does_not() {
+    let stack = Stack::start().await;
+    let (_worker, _) = stack.worker(true).await;
+    let (user, _) = stack.user().await;
+    let count_new_ip =
+        || stack.count("SELECT count(*) FROM notifications WHERE user_id = $1 AND kind = 'auth.login.new_ip'", user);
+
+    // The first login after signup is compared with nothing: recorded, not alerted.
+    publish(&stack.bus, &auth_event(user, AuthEventKind::LoginSucceeded, "198.51.100.1")).await;
+    poll_until(Duration::from_secs(20), "the first IP to be recorded", || async {
+        (stack.count("SELECT count(*) FROM known_login_ips WHERE user_id = $1", user).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count_new_ip().await, 0);
+
+    publish(&stack.bus, &auth_event(user, AuthEventKind::LoginSucceeded, "203.0.113.9")).await;
+    poll_until(Duration::from_secs(20), "the new-IP notification", || async {
+        (count_new_ip().await == 1).then_some(())
+    })
+    .await;
+    let (subject, body): (String, String) = sqlx::query_as("SELECT subject, body FROM email_outbox WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("one email");
+    assert_eq!(subject, "New sign-in to your CryptoVault account");
+    assert!(body.contains("203.0.113.9"), "{body}");
+
+    // The same IP again, then a lock on the same stream as a marker that it was handled.
+    publish(&stack.bus, &auth_event(user, AuthEventKind::LoginSucceeded, "203.0.113.9")).await;
+    publish(&stack.bus, &auth_event(user, AuthEventKind::Locked, "203.0.113.9")).await;
+    poll_until(Duration::from_secs(20), "the lock notification", || async {
+        (stack.count("SELECT count(*) FROM notifications WHERE user_id = $1 AND kind = 'auth.locked'", user).await == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(count_new_ip().await, 1, "a known IP alerts nobody");
+    let subjects: Vec<String> =
+        sqlx::query_scalar("SELECT subject FROM email_outbox WHERE user_id = $1 ORDER BY created_at, id")
+            .bind(user)
+            .fetch_all(&stack.pool)
+            .await
+            .expect("emails");
+    assert_eq!(subjects, ["New sign-in to your CryptoVault account", "Your CryptoVault account is locked"]);
+    assert_eq!(stack.count("SELECT count(*) FROM known_login_ips WHERE user_id = $1", user).await, 2);
+}
+
+#[tokio::test]
+async fn the_first_login_seen_is_new_only_for_a_user_who_logged_in_before() {
+    let stack = Stack::start().await;
+    let (_worker, _) = stack.worker(true).await;
+    let (fresh, _) = stack.user().await;
+    let (veteran, _) = stack.user().await;
+    // The veteran logged in yesterday, before the notifier knew any of their IPs.
+    sqlx::query("INSERT INTO token_families (id, user_id, created_at) VALUES ($1, $2, now() - interval '1 day')")
+        .bind(Uuid::now_v7())
+        .bind(veteran)
+        .execute(&stack.pool)
+        .await
+        .expect("family");
+    for user in [fresh, veteran] {
+        publish(&stack.bus, &auth_event(user, AuthEventKind::LoginSucceeded, "198.51.100.7")).await;
+    }
+    poll_until(Duration::from_secs(20), "both IPs to be recorded", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM known_login_ips").fetch_one(&stack.pool).await.ok()?;
+        (n == 2).then_some(())
+    })
+    .await;
+    let new_ip = "SELECT count(*) FROM notifications WHERE user_id = $1 AND kind = 'auth.login.new_ip'";
+    assert_eq!(stack.count(new_ip, fresh).await, 0);
+    assert_eq!(stack.count(new_ip, veteran).await, 1);
+}
+
+#[tokio::test]
+async fn every_event_has_exactly_one_notification_across_a_kill_9() {
+    let stack = Stack::start().await;
+    let (mut worker, _) = stack.worker(true).await;
+    let users = [stack.user().await.0, stack.user().await.0, stack.user().await.0];
+    let mut ids = Vec::new();
+    let publish_some = |n: usize| {
+        let bus = &stack.bus;
+        let users = &users;
+        async move {
+            let mut published = Vec::new();
+            for i in 0..n {
+                let kind = [EventKind::OrderFilled, EventKind::OrderCanceled, EventKind::DepositCompleted][i % 3];
+                let data = match kind {
+                    EventKind::DepositCompleted => json!({"id": Uuid::now_v7(), "asset": "USD", "amount": "10"}),
+                    _ => order("filled"),
+                };
+                let e = engine_event(users[i % users.len()], kind, data);
+                publish(bus, &e).await;
+                published.push(e.id);
+            }
+            published
+        }
+    };
+    let total = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM notifications").fetch_one(&stack.pool).await.expect("count")
+    };
+
+    ids.extend(publish_some(600).await);
+    poll_until(Duration::from_secs(30), "some notifications", || async { (total().await >= 30).then_some(()) }).await;
+    worker.signal("KILL");
+    worker.wait_exit(Duration::from_secs(10)).await;
+    let at_kill = total().await;
+    assert!(at_kill < 600, "the kill came mid-stream ({at_kill} of 600 written)");
+    ids.extend(publish_some(60).await);
+    let (mut worker, _) = stack.worker(true).await;
+    // Messages in flight at the kill come back after the 30 s ack wait.
+    poll_until(Duration::from_secs(90), "all 660 notifications", || async { (total().await >= 660).then_some(()) })
+        .await;
+    assert_eq!(total().await, 660, "nothing doubled");
+    let covered: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT event_id) FROM notifications WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("count");
+    assert_eq!(covered, 660, "every event has its notification");
+    let emails: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM email_outbox").fetch_one(&stack.pool).await.expect("count");
+    assert_eq!(emails, 220, "one email per fill");
+
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+}
+
+#[tokio::test]
+async fn a_message_that_does_not_decode_is_parked_and_the_rest_go_on() {
+    let stack = Stack::start().await;
+    let (_worker, _) = stack.worker(true).await;
+    let (user, _) = stack.user().await;
+    stack.bus.jetstream().publish("events.order.filled.x", "{broken".into()).await.expect("send").await.expect("ack");
+    publish(&stack.bus, &engine_event(user, EventKind::OrderFilled, order("filled"))).await;
+    poll_until(Duration::from_secs(20), "the good message's notification", || async {
+        (stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", user).await == 1).then_some(())
+    })
+    .await;
+    let parked: (String, String) =
+        sqlx::query_as("SELECT stream, consumer FROM parked_messages").fetch_one(&stack.pool).await.expect("parked");
+    assert_eq!(parked, ("EVENTS".to_owned(), "notify-events".to_owned()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal SMTP server: accepts everything except recipients containing "reject" (550), and
+// keeps each message's DATA.
+
+async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
+    let port = listener.local_addr().expect("addr").port();
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let kept = messages.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write.write_all(b"220 fake ESMTP\r\n").await.ok()?;
+                let mut data: Option<String> = None;
+                while let Some(line) = lines.next_line().await.ok()? {
+                    if let Some(body) = data.as_mut() {
+                        if line == "." {
+                            kept.lock().expect("lock").push(data.take().unwrap_or_default());
+                            write.write_all(b"250 queued\r\n").await.ok()?;
+                        } else {
+                            body.push_str(&line);
+                            body.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "RCPT" if line.contains("reject") => b"550 no such user\r\n",
+                        "DATA" => {
+                            data = Some(String::new());
+                            b"354 go on\r\n"
+                        }
+                        "QUIT" => {
+                            write.write_all(b"221 bye\r\n").await.ok()?;
+                            return Some(());
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    write.write_all(answer).await.ok()?;
+                }
+                Some(())
+            });
+        }
+    });
+    (port, messages)
+}
+
+#[tokio::test]
+async fn with_smtp_url_set_emails_go_out_over_smtp_and_a_permanent_refusal_fails_the_row() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    let mut ids = Vec::new();
+    for to in ["alice@example.com", "reject@example.com"] {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
+             VALUES ($1, $2, $3, $4, 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(Uuid::now_v7())
+        .bind(to)
+        .execute(&stack.pool)
+        .await
+        .expect("email row");
+        ids.push(id);
+    }
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!(
+            "smtp://127.0.0.1:{port}?from=Vault%20%3Cops%40example.com%3E"
+        ))))
+    };
+    let loop_ = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let pool = &stack.pool;
+    let status = |id: Uuid| async move {
+        sqlx::query_as::<_, (String, i32, Option<String>)>(
+            "SELECT status, attempts, last_error FROM email_outbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("row")
+    };
+    poll_until(Duration::from_secs(20), "both emails to be settled", || async {
+        (status(ids[0]).await.0 != "pending" && status(ids[1]).await.0 != "pending").then_some(())
+    })
+    .await;
+    assert_eq!(status(ids[0]).await, ("sent".to_owned(), 1, None));
+    let (state, attempts, error) = status(ids[1]).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1), "a 5xx is not retried");
+    assert!(error.is_some_and(|e| e.contains("550")), "the reason is kept");
+    let sent = messages.lock().expect("lock").clone();
+    assert_eq!(sent.len(), 1);
+    for expected in ["To: alice@example.com", "From: Vault <ops@example.com>", "Subject: Your BTC-USD buy order filled"]
+    {
+        assert!(sent[0].contains(expected), "{expected} in:\n{}", sent[0]);
+    }
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
