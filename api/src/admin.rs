@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
         .route("/admin/users/{id}/lock", post(lock_user))
         .route("/admin/users/{id}/unlock", post(unlock_user))
         .route("/admin/audit", get(audit))
+        .route("/admin/queues", get(queues))
         .route("/admin/markets/{symbol}/halt", post(halt_market))
         .route("/admin/markets/{symbol}/resume", post(resume_market))
 }
@@ -289,4 +290,18 @@ pub async fn audit(
     .await?;
     let next_cursor = page.finish(&mut entries, |e| e.id);
     Ok(axum::Json(AuditPage { entries, next_cursor }))
+}
+
+/// Every stream with its consumers' lag, read from JetStream now.
+#[utoipa::path(get, path = "/api/v1/admin/queues", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "{streams: [{name, messages, bytes, first_seq, last_seq, consumers: [{name, num_pending, num_ack_pending, num_redelivered, oldest_pending_age_seconds, last_active}]}]}"),
+              (status = 403, body = Problem), (status = 503, body = Problem)))]
+pub async fn queues(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    caller.require_admin()?;
+    let streams = vault_bus::lag::snapshot(&state.bus, None).await.map_err(|e| {
+        tracing::warn!(error = %e, "queue snapshot failed");
+        ApiError::Unavailable("nats")
+    })?;
+    vault_bus::lag::record(&streams);
+    Ok(axum::Json(serde_json::json!({ "streams": streams })))
 }

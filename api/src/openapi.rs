@@ -21,11 +21,11 @@ use crate::{admin, auth, error, trading};
     paths(
         auth::signup, auth::login, auth::refresh, auth::logout, auth::me, auth::totp_setup, auth::totp_enable,
         auth::create_api_key, auth::list_api_keys, auth::revoke_api_key,
-        markets::list_markets, markets::ticker,
+        markets::list_markets, markets::ticker, markets::candles,
         account::deposit, account::portfolio, account::ledger,
         orders::place_order, orders::list_orders, orders::get_order, orders::get_order_by_client_id,
         orders::cancel_order, orders::cancel_all, orders::list_fills,
-        admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::halt_market, admin::resume_market,
+        admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::queues, admin::halt_market, admin::resume_market,
         health, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(error::Problem, error::FieldError, auth::caller::Scope,

@@ -76,6 +76,8 @@ impl Application {
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));
         readiness.add("nats", bus.readiness_check(Vec::new()));
+        // The API reports the lag of every consumer, so it stays visible while one is down.
+        vault_bus::lag::spawn_reporter(bus.clone(), None, shutdown.clone());
         readiness.refresh().await;
 
         let secret = settings.jwt_secret.as_ref().ok_or_else(|| anyhow::anyhow!("JWT_SECRET is required"))?;

@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 struct Stack {
     api: Api,
-    _engine: Proc,
+    engine: Proc,
     bus: Bus,
     seq: u64,
 }
@@ -36,7 +36,7 @@ impl Stack {
         let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &envs);
         engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
         let bus = Bus::connect(&api.nats.url(), "e2e").await.expect("connects");
-        Stack { api, _engine: engine, bus, seq: 0 }
+        Stack { api, engine, bus, seq: 0 }
     }
 
     async fn tick(&mut self, symbol: &str, price: rust_decimal::Decimal) {
@@ -87,7 +87,7 @@ fn dec(v: &Value) -> rust_decimal::Decimal {
 }
 
 #[tokio::test]
-async fn an_order_placed_over_http_is_filled_by_the_engine_and_reads_back_everywhere() {
+async fn an_order_placed_over_http_is_filled_by_theengine_and_reads_back_everywhere() {
     let mut s = Stack::start().await;
     let token = s.api.user("trader@example.com").await;
     s.fund(&token, "10000").await;
@@ -369,4 +369,39 @@ async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
     .await;
     auditor.signal("TERM");
     assert_eq!(auditor.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn queue_lag_stays_visible_while_theengine_is_down() {
+    let mut s = Stack::start().await;
+    let admin = s.api.user("operator@example.com").await;
+    s.api.promote("operator@example.com").await;
+    let user = s.api.user("waiting@example.com").await;
+    s.fund(&user, "100").await;
+    s.engine.signal("TERM");
+    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+
+    let placed = s.api.post("/account/deposits", Some(&user), json!({"asset": "USD", "amount": "5"})).await;
+    assert_eq!(placed.status(), 202);
+    let me: Value = s.api.get("/me", Some(&user)).await.json().await.expect("json");
+    let partition = vault_bus::subjects::partition_of(me["id"].as_str().expect("id").parse().expect("uuid"));
+    let consumer = format!("engine-p{partition:02}");
+
+    let lag = poll_until(WAIT, "the waiting command to show as lag with an age", || async {
+        let q: Value = s.api.get("/admin/queues", Some(&admin)).await.json().await.ok()?;
+        let orders = q["streams"].as_array()?.iter().find(|st| st["name"] == "ORDERS")?.clone();
+        let c = orders["consumers"].as_array()?.iter().find(|c| c["name"] == consumer.as_str())?.clone();
+        (c["num_pending"].as_u64()? >= 1 && c["oldest_pending_age_seconds"].as_f64()? > 0.0).then_some(c)
+    })
+    .await;
+    assert!(lag["last_active"].is_string(), "{lag}");
+
+    let metric = format!("vault_queue_pending_messages{{stream=\"ORDERS\",consumer=\"{consumer}\"}} 1");
+    let metrics_url = format!("http://{}/metrics", s.api.addr);
+    poll_until(Duration::from_secs(15), "the lag gauges on the API's /metrics", || async {
+        let text = s.api.client.get(&metrics_url).send().await.ok()?.text().await.ok()?;
+        (text.contains(&metric) && text.contains("vault_queue_oldest_pending_age_seconds")).then_some(())
+    })
+    .await;
+    problem(s.api.get("/admin/queues", Some(&user)).await, 403, "forbidden").await;
 }

@@ -11,6 +11,7 @@
 //! No other crate spells a subject or a stream name.
 
 pub mod consumers;
+pub mod lag;
 pub mod message;
 pub mod park;
 pub mod process;

@@ -50,6 +50,9 @@ impl Process {
 
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));
+        if !consumers.is_empty() {
+            crate::lag::spawn_reporter(bus.clone(), Some(consumers.clone()), shutdown.clone());
+        }
         readiness.add("nats", bus.readiness_check(consumers));
         readiness.refresh().await;
         readiness.spawn_refresher(shutdown.clone());

@@ -1,0 +1,135 @@
+//! Queue lag: how far behind every consumer of every stream is.
+//!
+//! [`snapshot`] asks JetStream for each stream's state and each consumer's info, and finds the
+//! age of the oldest message a consumer has not acked yet (the first message at or after its
+//! ack floor that matches its filter). [`spawn_reporter`] refreshes the four gauges of `API.md`
+//! every [`EVERY`], so lag stays visible on `/metrics` while a consumer is down:
+//! `vault_queue_pending_messages`, `vault_queue_ack_pending_messages`,
+//! `vault_queue_redelivered_messages`, `vault_queue_oldest_pending_age_seconds`
+//! (labels `stream`, `consumer`). The API reports every consumer; each consumer process reports
+//! its own.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumers::ConsumerSpec;
+use crate::{Bus, BusError, streams};
+
+/// How often the gauges are refreshed.
+pub const EVERY: Duration = Duration::from_secs(5);
+
+/// One consumer's lag.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsumerLag {
+    pub name: String,
+    /// Messages not delivered yet.
+    pub num_pending: u64,
+    /// Delivered, not acked yet.
+    pub num_ack_pending: u64,
+    pub num_redelivered: u64,
+    /// Age of the oldest message not acked yet (0 when there is none).
+    pub oldest_pending_age_seconds: f64,
+    pub last_active: Option<DateTime<Utc>>,
+}
+
+/// One stream's state and its consumers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamLag {
+    pub name: String,
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub consumers: Vec<ConsumerLag>,
+}
+
+fn chrono_of(nanos: i128) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_nanos(i64::try_from(nanos).ok()?).into()
+}
+
+/// Lag of every declared stream's consumers; with `only`, just those consumers.
+pub async fn snapshot(bus: &Bus, only: Option<&[ConsumerSpec]>) -> Result<Vec<StreamLag>, BusError> {
+    let now = Utc::now();
+    let mut out = Vec::new();
+    for spec in streams::ALL {
+        let err = |e: String| BusError::Stream { stream: spec.name.to_owned(), reason: e };
+        let mut stream = bus.jetstream().get_stream(spec.name).await.map_err(|e| err(e.to_string()))?;
+        let state = stream.info().await.map_err(|e| err(e.to_string()))?.state.clone();
+        let mut consumers = Vec::new();
+        let mut infos = stream.consumers();
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(|e| err(e.to_string()))?;
+            if only.is_some_and(|only| !only.iter().any(|c| c.stream == spec.name && c.durable == info.name)) {
+                continue;
+            }
+            let unacked = info.num_pending + info.num_ack_pending as u64;
+            let oldest_pending_age_seconds = if unacked == 0 {
+                0.0
+            } else {
+                let filter = if info.config.filter_subject.is_empty() {
+                    ">".to_owned()
+                } else {
+                    info.config.filter_subject.clone()
+                };
+                match stream.direct_get_next_for_subject(filter, Some(info.ack_floor.stream_sequence + 1)).await {
+                    Ok(msg) => chrono_of(msg.time.unix_timestamp_nanos())
+                        .map(|at| (now - at).num_milliseconds().max(0) as f64 / 1000.0)
+                        .unwrap_or(0.0),
+                    Err(_) => 0.0,
+                }
+            };
+            consumers.push(ConsumerLag {
+                name: info.name.clone(),
+                num_pending: info.num_pending,
+                num_ack_pending: info.num_ack_pending as u64,
+                num_redelivered: info.num_redelivered as u64,
+                oldest_pending_age_seconds,
+                last_active: info.delivered.last_active.and_then(|t| chrono_of(t.unix_timestamp_nanos())),
+            });
+        }
+        consumers.sort_by(|a, b| a.name.cmp(&b.name));
+        out.push(StreamLag {
+            name: spec.name.to_owned(),
+            messages: state.messages,
+            bytes: state.bytes,
+            first_seq: state.first_sequence,
+            last_seq: state.last_sequence,
+            consumers,
+        });
+    }
+    Ok(out)
+}
+
+/// Sets the lag gauges from a snapshot.
+pub fn record(streams: &[StreamLag]) {
+    for s in streams {
+        for c in &s.consumers {
+            let labels = [("stream", s.name.clone()), ("consumer", c.name.clone())];
+            metrics::gauge!("vault_queue_pending_messages", &labels).set(c.num_pending as f64);
+            metrics::gauge!("vault_queue_ack_pending_messages", &labels).set(c.num_ack_pending as f64);
+            metrics::gauge!("vault_queue_redelivered_messages", &labels).set(c.num_redelivered as f64);
+            metrics::gauge!("vault_queue_oldest_pending_age_seconds", &labels).set(c.oldest_pending_age_seconds);
+        }
+    }
+}
+
+/// Refreshes the gauges every [`EVERY`] until shutdown; a failed round is logged and retried.
+pub fn spawn_reporter(bus: Bus, only: Option<Vec<ConsumerSpec>>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => match snapshot(&bus, only.as_deref()).await {
+                    Ok(streams) => record(&streams),
+                    Err(e) => tracing::debug!(error = %e, "queue lag not refreshed this round"),
+                },
+            }
+        }
+    });
+}
