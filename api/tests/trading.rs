@@ -783,3 +783,91 @@ async fn the_price_feed_follows_again_after_nats_restarts() {
     publish_tick(&api, "ETH-USD", "3100.5", 2).await;
     wait_for_price(&api, "ETH-USD", "3100.5").await;
 }
+
+#[tokio::test]
+async fn candles_aggregate_the_one_minute_rows_into_the_interval_oldest_first() {
+    let api = Api::start().await;
+    // Test setup: the prices worker writes these rows; it does not run here, so the test writes
+    // one-minute candles directly (03:02 has no tick, so no row), and one ETH row to show that
+    // other symbols stay out.
+    let pool = api.db.pool().await;
+    for (symbol, minute, open, high, low, close, volume) in [
+        ("BTC-USD", "03:00", "100", "110", "95", "105", "3"),
+        ("BTC-USD", "03:01", "105", "108", "101", "102", "2"),
+        ("BTC-USD", "03:03", "102", "120", "102", "119.5", "4"),
+        ("BTC-USD", "03:04", "119.5", "119.5", "90.25", "91", "5"),
+        ("BTC-USD", "03:05", "91", "93", "89", "92", "1"),
+        ("BTC-USD", "03:06", "92", "92.5", "91.5", "92.10", "2"),
+        ("ETH-USD", "03:01", "3000", "3000", "3000", "3000", "1"),
+    ] {
+        sqlx::query(
+            "INSERT INTO candles (symbol, start, open, high, low, close, volume, open_at, close_at)
+             VALUES ($1, $2::TIMESTAMPTZ, $3::NUMERIC, $4::NUMERIC, $5::NUMERIC, $6::NUMERIC, $7::NUMERIC,
+                     $2::TIMESTAMPTZ, $2::TIMESTAMPTZ + INTERVAL '59 seconds')",
+        )
+        .bind(symbol)
+        .bind(format!("2026-01-02T{minute}:00Z"))
+        .bind(open)
+        .bind(high)
+        .bind(low)
+        .bind(close)
+        .bind(volume)
+        .execute(&pool)
+        .await
+        .expect("a one-minute candle");
+    }
+    let candles = |query: &'static str| {
+        let api = &api;
+        async move { json_of(api.get(&format!("/markets/BTC-USD/candles?{query}"), None).await, 200).await }
+    };
+    let row = |start: &str, o: &str, h: &str, l: &str, c: &str, v: &str| json!({"start": start, "open": o, "high": h, "low": l, "close": c, "volume": v});
+
+    let minutes = candles("start=2026-01-02T03:00:00Z&end=2026-01-02T03:10:00Z").await;
+    assert_eq!(
+        minutes,
+        json!({"candles": [
+            row("2026-01-02T03:00:00Z", "100", "110", "95", "105", "3"),
+            row("2026-01-02T03:01:00Z", "105", "108", "101", "102", "2"),
+            row("2026-01-02T03:03:00Z", "102", "120", "102", "119.5", "4"),
+            row("2026-01-02T03:04:00Z", "119.5", "119.5", "90.25", "91", "5"),
+            row("2026-01-02T03:05:00Z", "91", "93", "89", "92", "1"),
+            row("2026-01-02T03:06:00Z", "92", "92.5", "91.5", "92.1", "2"),
+        ]}),
+        "1m is the rows themselves, oldest first, decimals as strings"
+    );
+    let five = candles("interval=5m&start=2026-01-02T03:00:00Z&end=2026-01-02T03:10:00Z").await;
+    assert_eq!(
+        five,
+        json!({"candles": [
+            row("2026-01-02T03:00:00Z", "100", "120", "90.25", "91", "14"),
+            row("2026-01-02T03:05:00Z", "91", "93", "89", "92.1", "3"),
+        ]}),
+        "open of the first minute, close of the last, max high, min low, summed volume"
+    );
+    // A start inside an interval is rounded down to it; `end` is exclusive.
+    let hour = candles("interval=1h&start=2026-01-02T03:00:30Z&end=2026-01-02T03:06:00.000001Z").await;
+    assert_eq!(hour, json!({"candles": [row("2026-01-02T03:00:00Z", "100", "120", "89", "92.1", "17")]}));
+    let upto = candles("interval=5m&start=2026-01-02T03:00:00Z&end=2026-01-02T03:06:00Z").await;
+    assert_eq!(upto["candles"][1], row("2026-01-02T03:05:00Z", "91", "93", "89", "92", "1"));
+    // Defaults: 1m, the last 100 minutes until now, which hold none of these old rows.
+    assert_eq!(candles("").await, json!({"candles": []}));
+
+    problem(api.get("/markets/FOO-USD/candles", None).await, 404, "not_found").await;
+    let bad = problem(api.get("/markets/BTC-USD/candles?interval=2m", None).await, 422, "validation_failed").await;
+    assert_eq!(bad["errors"][0]["field"], "interval", "{bad}");
+    let path = "/markets/BTC-USD/candles?start=2026-01-02T03:00:00Z&end=2026-01-02T03:00:00Z";
+    let bad = problem(api.get(path, None).await, 422, "validation_failed").await;
+    assert_eq!(bad["errors"][0]["field"], "start", "{bad}");
+    let path = "/markets/BTC-USD/candles?interval=1m&start=2026-01-01T00:00:00Z&end=2026-01-02T00:00:00Z";
+    let bad = problem(api.get(path, None).await, 422, "validation_failed").await;
+    assert!(bad["errors"][0]["message"].as_str().is_some_and(|m| m.contains("1000")), "{bad}");
+    let path = "/markets/BTC-USD/candles?interval=1d&start=2026-01-01T00:00:00Z&end=2026-01-03T00:00:00Z";
+    let days = json_of(api.get(path, None).await, 200).await;
+    assert_eq!(
+        days,
+        json!({"candles": [row("2026-01-02T00:00:00Z", "100", "120", "89", "92.1", "17")]}),
+        "days start at 00:00 UTC"
+    );
+    problem(api.get("/markets/BTC-USD/candles?start=yesterday", None).await, 422, "validation_failed").await;
+    problem(api.get("/markets/BTC-USD/candles?limit=5", None).await, 422, "validation_failed").await;
+}

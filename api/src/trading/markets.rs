@@ -1,4 +1,5 @@
-//! Markets and their latest prices: `GET /markets` and `GET /markets/{symbol}/ticker`.
+//! Markets and their prices: `GET /markets`, `GET /markets/{symbol}/ticker` and
+//! `GET /markets/{symbol}/candles`.
 //!
 //! The markets are cached in memory ([`MarketCache`]): read from Postgres at start, again every
 //! [`REFRESH`] and at once after an admin halts or resumes one on this replica (another replica
@@ -18,20 +19,24 @@ use axum::extract::{Path, State};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use vault_core::domain::{Market, MarketStatus, Symbol};
 
 use crate::error::{ApiError, Problem};
+use crate::pagination::ApiQuery;
 use crate::startup::AppState;
 
 /// How often the cache is read again from the database.
 pub const REFRESH: Duration = Duration::from_secs(5);
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/markets", get(list_markets)).route("/markets/{symbol}/ticker", get(ticker))
+    Router::new()
+        .route("/markets", get(list_markets))
+        .route("/markets/{symbol}/ticker", get(ticker))
+        .route("/markets/{symbol}/candles", get(candles))
 }
 
 /// Every market's rules, by symbol. Cheap to clone (shared).
@@ -240,4 +245,189 @@ pub async fn ticker(State(state): State<AppState>, Path(symbol): Path<String>) -
         .get(&symbol)
         .ok_or_else(|| ApiError::Absent { code: "no_price", detail: format!("{symbol} has no price yet.") })?;
     Ok(Json(Ticker { symbol: symbol.to_string(), price: latest.price, ts: latest.ts, source: latest.source }))
+}
+
+/// The most candles one answer may hold.
+pub const MAX_CANDLES: i64 = 1000;
+/// How many intervals a request without `start` covers.
+pub const DEFAULT_CANDLES: i32 = 100;
+
+/// A candle interval: its length in seconds. Buckets are aligned on the Unix epoch (so `1d`
+/// candles start at 00:00 UTC).
+fn interval_seconds(interval: &str) -> Option<i64> {
+    match interval {
+        "1m" => Some(60),
+        "5m" => Some(300),
+        "1h" => Some(3600),
+        "1d" => Some(86_400),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CandleQuery {
+    /// `1m` (default), `5m`, `1h` or `1d`.
+    pub interval: Option<String>,
+    /// From this time (RFC 3339; rounded down to the start of its interval). Default: `end`
+    /// minus 100 intervals.
+    pub start: Option<DateTime<Utc>>,
+    /// Until this time (exclusive, RFC 3339). Default: now.
+    pub end: Option<DateTime<Utc>>,
+}
+
+/// One candle. `volume` is the number of price ticks in it: ticks carry no traded size.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct CandleView {
+    /// The first instant of the interval.
+    pub start: DateTime<Utc>,
+    #[schema(value_type = String, example = "65000.00")]
+    pub open: Decimal,
+    #[schema(value_type = String, example = "65120.50")]
+    pub high: Decimal,
+    #[schema(value_type = String, example = "64980.10")]
+    pub low: Decimal,
+    #[schema(value_type = String, example = "65100.00")]
+    pub close: Decimal,
+    #[schema(value_type = String, example = "120")]
+    pub volume: Decimal,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CandleList {
+    pub candles: Vec<CandleView>,
+}
+
+/// The validated range of a candle request: `[start, end)` with `start` on an interval
+/// boundary, covering at most [`MAX_CANDLES`] intervals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CandleRange {
+    seconds: i64,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+}
+
+fn candle_range(query: &CandleQuery, now: DateTime<Utc>) -> Result<CandleRange, ApiError> {
+    let name = query.interval.as_deref().unwrap_or("1m");
+    let seconds = interval_seconds(name).ok_or_else(|| ApiError::invalid("interval", "must be 1m, 5m, 1h or 1d"))?;
+    // Postgres and chrono agree on every instant in this range; beyond it a date is a mistake.
+    let min = DateTime::UNIX_EPOCH;
+    let max = DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31T23:59:59Z is a valid time");
+    let in_range = |t: DateTime<Utc>| t >= min && t <= max;
+    let end = query.end.unwrap_or(now);
+    if !in_range(end) {
+        return Err(ApiError::invalid("end", "must be between 1970 and 9999"));
+    }
+    let start = match query.start {
+        Some(start) => start,
+        None => end - chrono::TimeDelta::seconds(seconds * i64::from(DEFAULT_CANDLES)),
+    };
+    if !in_range(start) && query.start.is_some() {
+        return Err(ApiError::invalid("start", "must be between 1970 and 9999"));
+    }
+    let start = start.max(min);
+    if start >= end {
+        return Err(ApiError::invalid("start", "must be before `end`"));
+    }
+    let aligned = start.timestamp() - start.timestamp().rem_euclid(seconds);
+    let start = DateTime::from_timestamp(aligned, 0).unwrap_or(min);
+    let span = (end - start).num_seconds();
+    let count = span / seconds + i64::from(span % seconds != 0 || (end - start).subsec_nanos() != 0);
+    if count > MAX_CANDLES {
+        return Err(ApiError::invalid(
+            "start",
+            format!("the range holds {count} {name} candles; at most {MAX_CANDLES} per request"),
+        ));
+    }
+    Ok(CandleRange { seconds, start, end })
+}
+
+/// OHLC candles of a market, oldest first (public). Each covers `[start, start + interval)`;
+/// the last one may still be forming. Intervals without a tick have no candle.
+#[utoipa::path(get, path = "/api/v1/markets/{symbol}/candles", tag = "markets",
+    params(("symbol" = String, Path, example = "BTC-USD"), CandleQuery),
+    responses((status = 200, body = CandleList), (status = 404, description = "unknown symbol", body = Problem),
+        (status = 422, description = "bad interval, start not before end, or more than 1000 candles", body = Problem)))]
+pub async fn candles(
+    State(state): State<AppState>,
+    Path(symbol): Path<String>,
+    ApiQuery(query): ApiQuery<CandleQuery>,
+) -> Result<Json<CandleList>, ApiError> {
+    let symbol = Symbol::parse(&symbol).map_err(|_| ApiError::NotFound)?;
+    state.markets.get(&symbol).ok_or(ApiError::NotFound)?;
+    let range = candle_range(&query, Utc::now())?;
+    // The open of the first minute and the close of the last one of each bucket.
+    let mut candles: Vec<CandleView> = sqlx::query_as(
+        "SELECT date_bin($2 * INTERVAL '1 second', start, TIMESTAMPTZ 'epoch') AS start,
+                (array_agg(open ORDER BY start))[1] AS open, max(high) AS high, min(low) AS low,
+                (array_agg(close ORDER BY start DESC))[1] AS close, sum(volume) AS volume
+           FROM candles
+          WHERE symbol = $1 AND start >= $3 AND start < $4
+          GROUP BY 1 ORDER BY 1",
+    )
+    .bind(symbol.to_string())
+    .bind(range.seconds)
+    .bind(range.start)
+    .bind(range.end)
+    .fetch_all(&state.pool)
+    .await?;
+    for c in &mut candles {
+        (c.open, c.high, c.low, c.close, c.volume) =
+            (c.open.normalize(), c.high.normalize(), c.low.normalize(), c.close.normalize(), c.volume.normalize());
+    }
+    Ok(Json(CandleList { candles }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().expect("time")
+    }
+
+    fn query(interval: Option<&str>, start: Option<&str>, end: Option<&str>) -> CandleQuery {
+        CandleQuery { interval: interval.map(Into::into), start: start.map(at), end: end.map(at) }
+    }
+
+    fn refused(q: CandleQuery) -> String {
+        match candle_range(&q, at("2026-01-02T03:04:05Z")) {
+            Err(ApiError::Validation { errors, .. }) => errors[0].field.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_is_the_last_100_minutes_until_now() {
+        let r = candle_range(&query(None, None, None), at("2026-01-02T03:04:05Z")).expect("valid");
+        assert_eq!(r, CandleRange { seconds: 60, start: at("2026-01-02T01:24:00Z"), end: at("2026-01-02T03:04:05Z") });
+    }
+
+    #[test]
+    fn start_is_rounded_down_to_its_interval_and_days_start_at_midnight_utc() {
+        let r = candle_range(
+            &query(Some("5m"), Some("2026-01-02T03:07:30+01:00"), Some("2026-01-02T04:00:00Z")),
+            Utc::now(),
+        )
+        .expect("valid");
+        assert_eq!((r.seconds, r.start), (300, at("2026-01-02T02:05:00Z")));
+        let r =
+            candle_range(&query(Some("1d"), Some("2026-01-02T23:00:00Z"), Some("2026-01-05T00:00:00Z")), Utc::now())
+                .expect("valid");
+        assert_eq!(r.start, at("2026-01-02T00:00:00Z"));
+    }
+
+    #[test]
+    fn at_most_1000_candles_and_start_before_end() {
+        assert!(
+            candle_range(&query(Some("1m"), Some("2026-01-01T00:00:00Z"), Some("2026-01-01T16:40:00Z")), Utc::now())
+                .is_ok()
+        );
+        assert_eq!(refused(query(Some("1m"), Some("2026-01-01T00:00:00Z"), Some("2026-01-01T16:40:00.001Z"))), "start");
+        assert_eq!(refused(query(Some("1h"), Some("2026-01-01T00:00:00Z"), Some("2026-01-01T00:00:00Z"))), "start");
+        assert_eq!(refused(query(Some("1h"), Some("2026-01-02T00:00:00Z"), Some("2026-01-01T00:00:00Z"))), "start");
+        assert_eq!(refused(query(Some("2m"), None, None)), "interval");
+        assert_eq!(refused(query(Some("1d"), Some("1960-01-01T00:00:00Z"), None)), "start");
+    }
 }
