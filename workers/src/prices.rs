@@ -48,7 +48,8 @@ pub struct Quote {
 pub trait PriceSource: Send {
     /// The source name written in every tick.
     fn name(&self) -> &'static str;
-    /// The next batch of quotes, or `None` when the source is exhausted.
+    /// The next batch of quotes, or `None` when the source is exhausted. Must be cancel-safe:
+    /// the worker drops the future whenever one of its timers fires first, and calls it again.
     fn next_batch(&mut self) -> impl Future<Output = Option<Vec<Quote>>> + Send;
 }
 

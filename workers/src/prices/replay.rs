@@ -63,13 +63,16 @@ pub struct Replay {
     next: Option<Recorded>,
     /// The recorded time of the previous batch, to wait the gap to the next one.
     previous: Option<DateTime<Utc>>,
+    /// When the next batch is due, once its wait has begun: a wait interrupted by cancellation
+    /// resumes towards the same instant instead of starting the gap again.
+    due: Option<tokio::time::Instant>,
 }
 
 impl Replay {
     pub fn new(ticks: Vec<Recorded>) -> Replay {
         let mut ticks = ticks.into_iter();
         let next = ticks.next();
-        Replay { ticks, next, previous: None }
+        Replay { ticks, next, previous: None, due: None }
     }
 
     /// Reads and checks `path` (relative to the working directory).
@@ -90,16 +93,19 @@ impl PriceSource for Replay {
         "replay"
     }
 
+    /// Cancel-safe: the only await is the wait, before anything is taken from the file.
     async fn next_batch(&mut self) -> Option<Vec<Quote>> {
-        let first = self.next.take()?;
+        let at = self.next.as_ref()?.at;
         if let Some(previous) = self.previous {
             // A negative gap (a timestamp going back) is played at once.
-            let gap = (first.at - previous).to_std().unwrap_or(Duration::ZERO);
-            tokio::time::sleep(gap).await;
+            let gap = (at - previous).to_std().unwrap_or(Duration::ZERO);
+            let due = *self.due.get_or_insert_with(|| tokio::time::Instant::now() + gap);
+            tokio::time::sleep_until(due).await;
         }
+        self.due = None;
+        let first = self.next.take()?;
         self.previous = Some(first.at);
         let now = Utc::now();
-        let at = first.at;
         let mut batch = vec![Quote { symbol: first.symbol, price: first.price, ts: now }];
         for tick in self.ticks.by_ref() {
             if tick.at != at {
@@ -161,5 +167,22 @@ mod tests {
         assert!(second[0].ts - first[0].ts >= chrono::TimeDelta::milliseconds(300));
         assert_eq!(replay.remaining(), 0);
         assert_eq!(replay.next_batch().await, None, "exhausted at the end of the file");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_wait_loses_no_tick_and_does_not_start_the_gap_again() {
+        let text = "2026-01-02T03:04:05Z,BTC-USD,1\n2026-01-02T03:04:05.4Z,BTC-USD,2\n";
+        let mut replay = Replay::new(parse(text).expect("valid"));
+        replay.next_batch().await.expect("the first batch");
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            // The worker drops `next_batch` whenever one of its timers fires first.
+            let interrupted = tokio::time::timeout(Duration::from_millis(50), replay.next_batch()).await;
+            assert!(interrupted.is_err(), "not due yet");
+        }
+        let second = replay.next_batch().await.expect("the second tick survived");
+        assert_eq!(second[0].price.get(), dec!(2));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_millis(600), "{waited:?}");
     }
 }
