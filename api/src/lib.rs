@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod hardening;
 pub mod json;
+pub mod notifications;
 pub mod openapi;
 pub mod pagination;
 pub mod prices;

@@ -13,7 +13,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::trading::{account, markets, orders};
-use crate::{admin, auth, error, trading};
+use crate::{admin, auth, error, notifications, trading};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -25,7 +25,9 @@ use crate::{admin, auth, error, trading};
         account::deposit, account::portfolio, account::ledger,
         orders::place_order, orders::list_orders, orders::get_order, orders::get_order_by_client_id,
         orders::cancel_order, orders::cancel_all, orders::list_fills,
-        admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::queues, admin::halt_market, admin::resume_market,
+        admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::queues,
+        notifications::list_notifications, notifications::mark_read, notifications::create_webhook,
+        notifications::list_webhooks, notifications::delete_webhook, notifications::list_deliveries, admin::halt_market, admin::resume_market,
         health, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(error::Problem, error::FieldError, auth::caller::Scope,
@@ -35,6 +37,7 @@ use crate::{admin, auth, error, trading};
          (name = "markets", description = "Markets and their latest prices (public)"),
          (name = "orders", description = "Placing, reading and canceling orders; fills"),
          (name = "account", description = "Deposits, portfolio and ledger"),
+         (name = "notifications", description = "In-app notifications and webhooks"),
          (name = "admin", description = "Administration (role admin)"),
          (name = "ops", description = "Health, readiness, metrics and this document")),
 )]

@@ -31,7 +31,7 @@ use crate::json::BODY_LIMIT;
 use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
 use crate::trading::markets::MarketCache;
-use crate::{admin, auth, hardening, openapi, prices, trading};
+use crate::{admin, auth, hardening, notifications, openapi, prices, trading};
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -132,6 +132,7 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
         .merge(auth::router())
         .merge(trading::router())
         .merge(admin::router())
+        .merge(notifications::router())
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .fallback(not_found)

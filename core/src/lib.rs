@@ -9,6 +9,7 @@
 //!   [`http::serve`], which drains in-flight requests on shutdown.
 //! - [`ops`]: `/health`, `/readyz` and `/metrics`, with readiness computed in the background.
 //! - [`db`]: the Postgres pool (bounded retries at start) and the embedded migrations.
+//! - [`net`]: which addresses outbound requests (webhooks) may reach;
 //! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token every task watches.
 //!
 //! This crate holds no business logic and never talks to NATS: the backbone lives in
@@ -18,6 +19,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod net;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;

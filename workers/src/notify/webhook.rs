@@ -35,7 +35,7 @@
 //! Logs name the delivery, webhook and host, never the full URL (users put tokens in query
 //! strings) and never the secret.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,61 +115,8 @@ pub fn signature(secret: &str, t: i64, body: &[u8]) -> String {
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Why an address may not receive webhooks, or `None` when it is a public unicast address.
-pub fn refusal(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => refusal_v4(v4),
-        IpAddr::V6(v6) => {
-            // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) reach an IPv4 host.
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return refusal_v4(v4);
-            }
-            let s = v6.segments();
-            if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                let [a, b] = s[6].to_be_bytes();
-                let [c, d] = s[7].to_be_bytes();
-                return refusal_v4(Ipv4Addr::new(a, b, c, d));
-            }
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if s[0] & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if s[0] & 0xffc0 == 0xfec0 {
-                Some("site-local")
-            } else if s[0] & 0xfe00 == 0xfc00 {
-                Some("unique-local")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else if v6.segments()[..6] == [0, 0, 0, 0, 0, 0] {
-                // IPv4-compatible (::a.b.c.d), deprecated and never a real public destination.
-                Some("reserved")
-            } else {
-                None
-            }
-        }
-    }
-}
-
-fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
-    if ip.is_loopback() {
-        Some("loopback")
-    } else if ip.is_private() {
-        Some("private")
-    } else if ip.is_link_local() {
-        Some("link-local")
-    } else if ip.is_unspecified() || a == 0 {
-        Some("unspecified")
-    } else if a == 100 && (64..128).contains(&b) {
-        Some("shared (CGNAT)")
-    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
-        Some("multicast or reserved")
-    } else {
-        None
-    }
-}
+/// Why an address may not receive webhooks (shared with the API's registration check).
+pub use vault_core::net::refusal;
 
 /// Resolves `host:port` and refuses it, naming the first address that is not allowed.
 async fn check_destination(url: &Url, allow_private: bool) -> Result<(), Attempt> {

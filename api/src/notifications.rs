@@ -1,0 +1,293 @@
+//! In-app notifications and webhook registrations: the API side of what `vault-worker notify`
+//! writes (`notifications`, `webhooks`, `webhook_deliveries`, see migration 0005).
+//!
+//! Webhook URLs must be http(s) and resolve only to public addresses (the same rule the
+//! delivery worker applies again before every attempt, against DNS rebinding), unless
+//! `WEBHOOK_ALLOW_PRIVATE=true`. The signing secret (256 random bits, hex) is shown once, at
+//! registration. Every route acts only on the caller's own rows: anyone else's id is a 404.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::auth::caller::{Caller, Scope};
+use crate::error::{ApiError, FieldError, Problem};
+use crate::json::ApiJson;
+use crate::pagination::{ApiQuery, Page};
+use crate::startup::AppState;
+
+/// The event types a webhook may subscribe to (`API.md`).
+pub const EVENT_TYPES: [&str; 8] = [
+    "order.accepted",
+    "order.filled",
+    "order.canceled",
+    "order.rejected",
+    "order.expired",
+    "deposit.completed",
+    "auth.login",
+    "auth.locked",
+];
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/notifications", get(list_notifications))
+        .route("/notifications/{id}/read", post(mark_read))
+        .route("/webhooks", post(create_webhook).get(list_webhooks))
+        .route("/webhooks/{id}", delete(delete_webhook))
+        .route("/webhooks/{id}/deliveries", get(list_deliveries))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct NotificationFilter {
+    /// Only unread ones.
+    pub unread: Option<bool>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Notification {
+    pub id: Uuid,
+    pub kind: String,
+    pub title: String,
+    pub body: String,
+    pub data: serde_json::Value,
+    pub read_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotificationPage {
+    pub notifications: Vec<Notification>,
+    pub next_cursor: Option<String>,
+}
+
+/// The caller's notifications, newest first.
+#[utoipa::path(get, path = "/api/v1/notifications", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
+    params(NotificationFilter), responses((status = 200, body = NotificationPage), (status = 422, body = Problem)))]
+pub async fn list_notifications(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(filter): ApiQuery<NotificationFilter>,
+) -> Result<axum::Json<NotificationPage>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
+    let mut notifications: Vec<Notification> = sqlx::query_as(
+        "SELECT id, kind, title, body, data, read_at, created_at FROM notifications
+          WHERE user_id = $1 AND (NOT $2 OR read_at IS NULL) AND ($3::UUID IS NULL OR id < $3)
+          ORDER BY id DESC LIMIT $4",
+    )
+    .bind(caller.user_id)
+    .bind(filter.unread.unwrap_or(false))
+    .bind(page.before)
+    .bind(page.fetch_limit())
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = page.finish(&mut notifications, |n| n.id);
+    Ok(axum::Json(NotificationPage { notifications, next_cursor }))
+}
+
+/// Mark one of the caller's notifications read (idempotent).
+#[utoipa::path(post, path = "/api/v1/notifications/{id}/read", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
+pub async fn mark_read(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let found =
+        sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, now()) WHERE id = $1 AND user_id = $2")
+            .bind(id)
+            .bind(caller.user_id)
+            .execute(&state.pool)
+            .await?
+            .rows_affected();
+    if found == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhookRequest {
+    /// http(s) URL resolving to public addresses.
+    pub url: String,
+    /// A non-empty subset of the event types.
+    pub events: Vec<String>,
+}
+
+/// A new webhook: `secret` signs every delivery and is shown this once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedWebhook {
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub secret: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Webhook {
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookList {
+    pub webhooks: Vec<Webhook>,
+}
+
+/// Checks the URL's shape and that every address it resolves to may receive webhooks.
+async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError> {
+    let bad = |m: &str| FieldError::new("url", m);
+    let raw = raw.trim();
+    let uri: axum::http::Uri = raw.parse().map_err(|_| bad("must be an absolute http(s) URL"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    if !matches!(scheme, "http" | "https") || raw.len() > 2048 {
+        return Err(bad("must be an http(s) URL of at most 2048 characters"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("must name a host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not carry credentials"));
+    }
+    let host = authority.host().trim_matches(['[', ']']).to_owned();
+    let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    if !allow_private {
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::net::lookup_host((host.as_str(), port)).await.map_err(|_| bad("does not resolve"))?.collect();
+        if addrs.is_empty() {
+            return Err(bad("does not resolve"));
+        }
+        if let Some(reason) = addrs.iter().find_map(|a| vault_core::net::refusal(a.ip())) {
+            return Err(bad(&format!("resolves to a {reason} address, which may not receive webhooks")));
+        }
+    }
+    Ok(uri.to_string())
+}
+
+/// Register a webhook.
+#[utoipa::path(post, path = "/api/v1/webhooks", tag = "notifications", security(("bearer" = [])),
+    request_body = CreateWebhookRequest,
+    responses((status = 201, body = CreatedWebhook), (status = 422, body = Problem)))]
+pub async fn create_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateWebhookRequest>,
+) -> Result<(StatusCode, axum::Json<CreatedWebhook>), ApiError> {
+    caller.require_scope(Scope::Trade)?;
+    let mut errors = Vec::new();
+    let mut events = body.events.clone();
+    events.sort();
+    events.dedup();
+    if events.is_empty() || events.iter().any(|e| !EVENT_TYPES.contains(&e.as_str())) {
+        errors.push(FieldError::new("events", format!("must be a non-empty subset of {}", EVENT_TYPES.join(", "))));
+    }
+    let url = check_url(&body.url, state.settings.webhook_allow_private).await.map_err(|e| errors.push(e)).ok();
+    let Some(url) = url.filter(|_| errors.is_empty()) else {
+        return Err(ApiError::Validation { code: "validation_failed", errors });
+    };
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let id = Uuid::now_v7();
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+    )
+    .bind(id)
+    .bind(caller.user_id)
+    .bind(&url)
+    .bind(&events)
+    .bind(&secret)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(CreatedWebhook { id, url, events, secret, created_at })))
+}
+
+/// The caller's webhooks (never their secrets).
+#[utoipa::path(get, path = "/api/v1/webhooks", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
+    responses((status = 200, body = WebhookList)))]
+pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<WebhookList>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let webhooks: Vec<Webhook> = sqlx::query_as(
+        "SELECT id, url, events, created_at FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id DESC",
+    )
+    .bind(caller.user_id)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(axum::Json(WebhookList { webhooks }))
+}
+
+/// Delete one of the caller's webhooks; its pending deliveries end failed.
+#[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "notifications", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
+pub async fn delete_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_scope(Scope::Trade)?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let found =
+        sqlx::query("UPDATE webhooks SET deleted_at = now() WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL")
+            .bind(id)
+            .bind(caller.user_id)
+            .execute(&state.pool)
+            .await?
+            .rows_affected();
+    if found == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Delivery {
+    pub id: Uuid,
+    /// The event type.
+    #[sqlx(rename = "event_type")]
+    pub event: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: i32,
+    pub last_status_code: Option<i32>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryList {
+    pub deliveries: Vec<Delivery>,
+}
+
+/// The latest deliveries (at most 100) of one of the caller's webhooks.
+#[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
+    params(("id" = Uuid, Path)), responses((status = 200, body = DeliveryList), (status = 404, body = Problem)))]
+pub async fn list_deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<axum::Json<DeliveryList>, ApiError> {
+    caller.require_scope(Scope::Read)?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let mine: Option<Uuid> = sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(caller.user_id)
+        .fetch_optional(&state.pool)
+        .await?;
+    mine.ok_or(ApiError::NotFound)?;
+    let deliveries: Vec<Delivery> = sqlx::query_as(
+        "SELECT id, event_type, status, attempts, last_status_code,
+                CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at
+           FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC LIMIT 100",
+    )
+    .bind(id)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(axum::Json(DeliveryList { deliveries }))
+}

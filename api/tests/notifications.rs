@@ -1,0 +1,122 @@
+//! Webhook registration and notifications over HTTP (the rows the notify worker fills are set up
+//! directly in the database where a test needs them: that simulates the worker).
+
+mod support;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use support::{Api, problem};
+use uuid::Uuid;
+
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused_and_bad_events_named() {
+    let api = Api::start().await;
+    let token = api.user("hooks@example.com").await;
+    for url in ["http://127.0.0.1:9/hook", "http://10.1.2.3/x", "http://[::1]/x", "http://localhost/x"] {
+        let resp = api.post("/webhooks", Some(&token), json!({"url": url, "events": ["order.filled"]})).await;
+        let body = problem(resp, 422, "validation_failed").await;
+        assert_eq!(body["errors"][0]["field"], "url", "{url}: {body}");
+    }
+    for url in ["ftp://example.com/x", "not a url", "http://user:pw@example.com/x"] {
+        let resp = api.post("/webhooks", Some(&token), json!({"url": url, "events": ["order.filled"]})).await;
+        problem(resp, 422, "validation_failed").await;
+    }
+    let resp = api
+        .post("/webhooks", Some(&token), json!({"url": "http://127.0.0.1:9/hook", "events": ["order.exploded"]}))
+        .await;
+    let body = problem(resp, 422, "validation_failed").await;
+    assert!(body["errors"].as_array().expect("errors").iter().any(|e| e["field"] == "events"), "{body}");
+    let pool = api.db.pool().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhooks").fetch_one(&pool).await.expect("count");
+    assert_eq!(n, 0, "refused registrations store nothing");
+}
+
+#[tokio::test]
+async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it() {
+    let api = Api::start_with(&[("WEBHOOK_ALLOW_PRIVATE", "true")]).await;
+    let token = api.user("owner@example.com").await;
+    let resp = api
+        .post(
+            "/webhooks",
+            Some(&token),
+            json!({"url": "http://127.0.0.1:9/hook", "events": ["order.filled", "auth.login"]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    let hook: Value = resp.json().await.expect("json");
+    let secret = hook["secret"].as_str().expect("secret").to_owned();
+    assert_eq!(secret.len(), 64);
+    let id = hook["id"].as_str().expect("id").to_owned();
+
+    let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");
+    assert_eq!(list["webhooks"].as_array().expect("list").len(), 1);
+    assert!(!list.to_string().contains(&secret), "the secret is shown once");
+
+    let other = api.user("nosy@example.com").await;
+    problem(api.get(&format!("/webhooks/{id}/deliveries"), Some(&other)).await, 404, "not_found").await;
+    problem(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(&other), None).await, 404, "not_found").await;
+    let deliveries: Value =
+        api.get(&format!("/webhooks/{id}/deliveries"), Some(&token)).await.json().await.expect("json");
+    assert_eq!(deliveries["deliveries"], json!([]));
+
+    // A read-only key cannot register webhooks.
+    let key: Value = api
+        .post("/api-keys", Some(&token), json!({"name": "ro", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = key["key"].as_str().expect("key");
+    problem(
+        api.post("/webhooks", Some(key), json!({"url": "http://127.0.0.1:9/h", "events": ["order.filled"]})).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
+
+    assert_eq!(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(&token), None).await.status(), 204);
+    let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");
+    assert_eq!(list["webhooks"], json!([]));
+}
+
+#[tokio::test]
+async fn notifications_list_unread_first_and_mark_read_only_ones_own() {
+    let api = Api::start().await;
+    let token = api.user("reader@example.com").await;
+    let me: Value = api.get("/me", Some(&token)).await.json().await.expect("json");
+    let user: Uuid = me["id"].as_str().expect("id").parse().expect("uuid");
+    let pool = api.db.pool().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO notifications (id, user_id, event_id, kind, title, body) VALUES ($1, $2, $3, 'order.filled', $4, 'b')")
+            .bind(id)
+            .bind(user)
+            .bind(Uuid::now_v7())
+            .bind(format!("n{i}"))
+            .execute(&pool)
+            .await
+            .expect("row");
+        ids.push(id);
+    }
+    let other = api.user("other-reader@example.com").await;
+    problem(
+        api.call(Method::POST, &format!("/notifications/{}/read", ids[0]), Some(&other), None).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        api.call(Method::POST, &format!("/notifications/{}/read", ids[0]), Some(&token), None).await.status(),
+        204
+    );
+
+    let unread: Value = api.get("/notifications?unread=true", Some(&token)).await.json().await.expect("json");
+    let titles: Vec<&str> =
+        unread["notifications"].as_array().expect("list").iter().filter_map(|n| n["title"].as_str()).collect();
+    assert_eq!(titles, ["n2", "n1"], "newest first, the read one left out");
+    let all: Value = api.get("/notifications?limit=2", Some(&token)).await.json().await.expect("json");
+    assert!(all["next_cursor"].is_string());
+    let theirs: Value = api.get("/notifications", Some(&other)).await.json().await.expect("json");
+    assert_eq!(theirs["notifications"], json!([]));
+}

@@ -1,0 +1,61 @@
+//! Network address rules shared by the processes that call out (webhook deliveries) and the
+//! API that registers their destinations: an outbound request must never reach the platform's
+//! own network (SSRF), so only public unicast addresses are allowed.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Why an address may not receive webhooks, or `None` when it is a public unicast address.
+pub fn refusal(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => refusal_v4(v4),
+        IpAddr::V6(v6) => {
+            // IPv4-mapped (::ffff:a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) reach an IPv4 host.
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return refusal_v4(v4);
+            }
+            let s = v6.segments();
+            if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return refusal_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("unique-local")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else if v6.segments()[..6] == [0, 0, 0, 0, 0, 0] {
+                // IPv4-compatible (::a.b.c.d), deprecated and never a real public destination.
+                Some("reserved")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_unspecified() || a == 0 {
+        Some("unspecified")
+    } else if a == 100 && (64..128).contains(&b) {
+        Some("shared (CGNAT)")
+    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
+        Some("multicast or reserved")
+    } else {
+        None
+    }
+}
