@@ -405,3 +405,79 @@ async fn queue_lag_stays_visible_while_theengine_is_down() {
     .await;
     problem(s.api.get("/admin/queues", Some(&user)).await, 403, "forbidden").await;
 }
+
+#[tokio::test]
+async fn a_fill_reaches_the_user_as_a_notification_and_a_signed_webhook() {
+    use std::sync::{Arc, Mutex};
+    let mut s = Stack::start_with(&[("WEBHOOK_ALLOW_PRIVATE", "true")]).await;
+    // The notify worker, and a receiver that records what it is sent.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(&s.api.db, &s.api.nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
+    let mut notifier = Proc::spawn(&workspace_binary("vault-worker"), &["notify"], &envs);
+    notifier.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let signature = headers.get("vault-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                sink.lock().expect("lock").push((signature, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook_url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let token = s.api.user("notified@example.com").await;
+    let hook: Value = s
+        .api
+        .post("/webhooks", Some(&token), json!({"url": hook_url, "events": ["order.filled"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let secret = hook["secret"].as_str().expect("secret").to_owned();
+    s.fund(&token, "1000").await;
+    s.tick("BTC-USD", "50000".parse().expect("decimal")).await;
+    s.wait_ticker("BTC-USD", "50000").await;
+    let order =
+        place_and_wait(&s, &token, json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.01"}))
+            .await;
+    assert_eq!(order["status"], "filled");
+
+    let note = poll_until(WAIT, "the fill notification", || async {
+        let page: Value = s.api.get("/notifications?unread=true", Some(&token)).await.json().await.ok()?;
+        page["notifications"].as_array()?.iter().find(|n| n["kind"] == "order.filled").cloned()
+    })
+    .await;
+    assert_eq!(note["data"]["id"], order["id"]);
+
+    let (signature, body) =
+        poll_until(WAIT, "the webhook delivery", || async { received.lock().expect("lock").first().cloned() }).await;
+    let payload: Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(payload["type"], "order.filled");
+    assert_eq!(payload["data"]["id"], order["id"]);
+    // Vault-Signature: t=<unix>,v1=<hex hmac_sha256(secret, "<t>.<body>")>, checked independently.
+    let (t, v1) = signature.split_once(",v1=").expect("t=…,v1=…");
+    let t = t.strip_prefix("t=").expect("t=");
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{t}.{body}").as_bytes());
+    let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(v1, expected, "the signature verifies");
+
+    let id = hook["id"].as_str().expect("id");
+    poll_until(WAIT, "the delivery to be recorded as delivered", || async {
+        let d: Value = s.api.get(&format!("/webhooks/{id}/deliveries"), Some(&token)).await.json().await.ok()?;
+        (d["deliveries"][0]["status"] == "delivered" && d["deliveries"][0]["last_status_code"] == 200).then_some(())
+    })
+    .await;
+    notifier.signal("TERM");
+    assert_eq!(notifier.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", notifier.output());
+}
