@@ -10,6 +10,7 @@
 //!
 //! No other crate spells a subject or a stream name.
 
+pub mod batch;
 pub mod consumers;
 pub mod lag;
 pub mod message;

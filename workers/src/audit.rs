@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures::StreamExt;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use vault_bus::batch::{self, Delivered};
 use vault_bus::consumers::ConsumerSpec;
 use vault_bus::message::{AuthEvent, EngineEvent, OrderCommand, decode};
-use vault_bus::{Bus, REQUEST_ID_HEADER, park};
+use vault_bus::{Bus, REQUEST_ID_HEADER};
 
 /// Messages written per transaction at most.
 pub const BATCH: usize = 256;
@@ -198,64 +198,23 @@ pub async fn run(
     specs: Vec<ConsumerSpec>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut inputs = Vec::new();
-    for spec in &specs {
-        let stream = bus.jetstream().get_stream(spec.stream).await?;
-        let consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let stream_name = spec.stream;
-        let durable = spec.durable.clone();
-        let messages = consumer.stream().max_messages_per_batch(BATCH).messages().await?;
-        inputs.push(messages.map(move |m| (stream_name, durable.clone(), m)).boxed());
-    }
-    let mut merged = futures::stream::select_all(inputs);
-    let mut batch: Vec<(Entry, Message)> = Vec::new();
-    loop {
-        let deadline = tokio::time::sleep(LINGER);
-        tokio::pin!(deadline);
-        // Gather a batch: until it is full, LINGER passes with something in hand, or shutdown.
-        let stop = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break true,
-                _ = &mut deadline, if !batch.is_empty() => break false,
-                next = merged.next() => match next {
-                    Some((stream, durable, Ok(msg))) => {
-                        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                        let header = msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER)).map(|v| v.as_str().to_owned());
-                        match entry(stream, seq, msg.subject.as_str(), &msg.payload, header.as_deref()) {
-                            Ok(e) => batch.push((e, msg)),
-                            Err(reason) => {
-                                if park::park(pool, stream, &durable, &msg, &reason).await.is_ok() {
-                                    let _ = msg.ack_with(AckKind::Term).await;
-                                }
-                            }
-                        }
-                        if batch.len() >= BATCH {
-                            break false;
-                        }
-                    }
-                    Some((_, durable, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
-                    None => break true,
-                },
-            }
-        };
-        if !batch.is_empty() {
-            flush(pool, &mut batch).await;
-        }
-        if stop {
-            tracing::info!("audit consumers drained");
-            return Ok(());
-        }
-    }
+    let decode = |stream: &'static str, msg: &Message| {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let header = msg.headers.as_ref().and_then(|h| h.get(REQUEST_ID_HEADER)).map(|v| v.as_str().to_owned());
+        entry(stream, seq, msg.subject.as_str(), &msg.payload, header.as_deref())
+    };
+    batch::consume(bus, pool, &specs, BATCH, LINGER, shutdown, decode, |b| flush(pool, b)).await?;
+    tracing::info!("audit consumers drained");
+    Ok(())
 }
 
-async fn flush(pool: &PgPool, batch: &mut Vec<(Entry, Message)>) {
-    let entries: Vec<Entry> = batch.iter().map(|(e, _)| e.clone()).collect();
+async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
+    let entries: Vec<Entry> = batch.iter().map(|d| d.value.clone()).collect();
     match append(pool, &entries).await {
         Ok(written) => {
             metrics::counter!("vault_audit_rows_total").increment(written as u64);
-            for (_, msg) in batch.drain(..) {
-                if let Err(e) = msg.ack().await {
+            for d in batch {
+                if let Err(e) = d.msg.ack().await {
                     tracing::warn!(error = %e, "ack failed after the audit commit; the redelivery will be skipped");
                 }
             }
@@ -263,8 +222,8 @@ async fn flush(pool: &PgPool, batch: &mut Vec<(Entry, Message)>) {
         Err(e) => {
             metrics::counter!("vault_audit_write_failures_total").increment(1);
             tracing::warn!(error = %e, rows = batch.len(), "audit batch not written; messages will be redelivered");
-            for (_, msg) in batch.drain(..) {
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            for d in batch {
+                let _ = d.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
             }
         }
     }

@@ -26,10 +26,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use futures::StreamExt;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use vault_bus::batch::{self, Delivered};
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{AuthEvent, EngineEvent, decode};
 use vault_bus::{Bus, park, streams};
@@ -238,12 +238,7 @@ pub async fn prune_processed(pool: PgPool, shutdown: CancellationToken) -> anyho
 }
 
 /// A decoded message in hand.
-struct Pending {
-    source: Source,
-    msg: Message,
-    stream: &'static str,
-    durable: String,
-}
+type Pending = Delivered<Source>;
 
 /// Runs the consumers until shutdown; finishes the batch in hand before returning.
 pub async fn run_consumers(
@@ -253,52 +248,10 @@ pub async fn run_consumers(
     wake: Wakers,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut inputs = Vec::new();
-    for spec in &specs {
-        let stream = bus.jetstream().get_stream(spec.stream).await?;
-        let consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let stream_name = spec.stream;
-        let durable = spec.durable.clone();
-        let messages = consumer.stream().max_messages_per_batch(BATCH).messages().await?;
-        inputs.push(messages.map(move |m| (stream_name, durable.clone(), m)).boxed());
-    }
-    let mut merged = futures::stream::select_all(inputs);
-    let mut batch: Vec<Pending> = Vec::new();
-    loop {
-        let deadline = tokio::time::sleep(LINGER);
-        tokio::pin!(deadline);
-        let stop = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break true,
-                _ = &mut deadline, if !batch.is_empty() => break false,
-                next = merged.next() => match next {
-                    Some((stream, durable, Ok(msg))) => {
-                        match decode_source(stream, msg.subject.as_str(), &msg.payload) {
-                            Ok(source) => batch.push(Pending { source, msg, stream, durable }),
-                            Err(reason) => {
-                                if park::park(pool, stream, &durable, &msg, &reason).await.is_ok() {
-                                    let _ = msg.ack_with(AckKind::Term).await;
-                                }
-                            }
-                        }
-                        if batch.len() >= BATCH {
-                            break false;
-                        }
-                    }
-                    Some((_, durable, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
-                    None => break true,
-                },
-            }
-        };
-        if !batch.is_empty() {
-            flush(pool, &wake, &mut batch).await;
-        }
-        if stop {
-            tracing::info!("notify consumers drained");
-            return Ok(());
-        }
-    }
+    let decode = |stream: &'static str, msg: &Message| decode_source(stream, msg.subject.as_str(), &msg.payload);
+    batch::consume(bus, pool, &specs, BATCH, LINGER, shutdown, decode, |b| flush(pool, &wake, b)).await?;
+    tracing::info!("notify consumers drained");
+    Ok(())
 }
 
 fn count(written: &Written, wake: &Wakers) {
@@ -323,12 +276,12 @@ fn count(written: &Written, wake: &Wakers) {
     }
 }
 
-async fn flush(pool: &PgPool, wake: &Wakers, batch: &mut Vec<Pending>) {
-    let sources: Vec<&Source> = batch.iter().map(|p| &p.source).collect();
+async fn flush(pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
+    let sources: Vec<&Source> = batch.iter().map(|p| &p.value).collect();
     match apply(pool, &sources).await {
         Ok(written) => {
             count(&written, wake);
-            for p in batch.drain(..) {
+            for p in batch {
                 if let Err(e) = p.msg.ack().await {
                     tracing::warn!(error = %e, "ack failed after the notify commit; the redelivery will be skipped");
                 }
@@ -336,8 +289,8 @@ async fn flush(pool: &PgPool, wake: &Wakers, batch: &mut Vec<Pending>) {
         }
         Err(e) => {
             tracing::warn!(error = %e, messages = batch.len(), "notify batch not written; retrying its messages one by one");
-            for p in batch.drain(..) {
-                match apply(pool, &[&p.source]).await {
+            for p in batch {
+                match apply(pool, &[&p.value]).await {
                     Ok(written) => {
                         count(&written, wake);
                         let _ = p.msg.ack().await;
@@ -360,6 +313,6 @@ async fn give_back(pool: &PgPool, p: Pending, error: &str) {
             return;
         }
     }
-    tracing::warn!(error, event = %p.source.event_id(), delivered, "notify message not written; it will be redelivered");
+    tracing::warn!(error, event = %p.value.event_id(), delivered, "notify message not written; it will be redelivered");
     let _ = p.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
 }
