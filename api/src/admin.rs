@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::auth::caller::Caller;
 use crate::error::{ApiError, Problem};
 use crate::pagination::{ApiQuery, Page, SeqPage};
+use crate::path::ResourceId;
 use crate::startup::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -81,18 +82,16 @@ pub async fn list_users(
 }
 
 /// Lock an account until unlocked (stored as the year 9999), and end its sessions. Its API keys
-/// stop working while the
-/// lock lasts (a lockout from failed logins does not touch keys: attackers could use it to
-/// stop a victim's trading bots).
+/// stop working while the lock lasts (a lockout from failed logins does not touch keys:
+/// attackers could use it to stop a victim's trading bots).
 #[utoipa::path(post, path = "/api/v1/admin/users/{id}/lock", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn lock_user(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let mut tx = state.pool.begin().await?;
     let found = sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z', updated_at = now() WHERE id = $1")
         .bind(id)
@@ -120,10 +119,9 @@ pub async fn lock_user(
 pub async fn unlock_user(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let found =
         sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = now() WHERE id = $1")
             .bind(id)

@@ -16,6 +16,7 @@ pub mod json;
 pub mod notifications;
 pub mod openapi;
 pub mod pagination;
+pub mod path;
 pub mod prices;
 pub mod rate_limit;
 pub mod startup;

@@ -7,7 +7,7 @@
 //! registration. Every route acts only on the caller's own rows: anyone else's id is a 404.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use chrono::{DateTime, Utc};
@@ -20,6 +20,7 @@ use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::json::ApiJson;
 use crate::pagination::{ApiQuery, Page};
+use crate::path::ResourceId;
 use crate::startup::AppState;
 
 /// The event types a webhook may subscribe to (`API.md`).
@@ -101,10 +102,9 @@ pub async fn list_notifications(
 pub async fn mark_read(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     caller.require_scope(Scope::Read)?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let found =
         sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, now()) WHERE id = $1 AND user_id = $2")
             .bind(id)
@@ -233,10 +233,9 @@ pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Res
 pub async fn delete_webhook(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     caller.require_scope(Scope::Trade)?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let found =
         sqlx::query("UPDATE webhooks SET deleted_at = now() WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL")
             .bind(id)
@@ -271,10 +270,9 @@ pub struct DeliveryList {
 pub async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<axum::Json<DeliveryList>, ApiError> {
     caller.require_scope(Scope::Read)?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let mine: Option<Uuid> = sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2")
         .bind(id)
         .bind(caller.user_id)

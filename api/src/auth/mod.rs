@@ -17,7 +17,7 @@ pub mod tokens;
 mod totp;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -31,6 +31,7 @@ use self::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
+use crate::path::ResourceId;
 use crate::rate_limit;
 use crate::startup::AppState;
 
@@ -647,10 +648,9 @@ pub async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> Res
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     caller.require_session()?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
     let revoked =
         sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
             .bind(id)

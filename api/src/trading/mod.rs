@@ -114,11 +114,6 @@ pub(crate) fn context(request_id: &Option<String>) -> MessageContext {
     MessageContext { request_id: request_id.clone() }
 }
 
-/// A 404 for a path id that is not a UUID (the same answer as an unknown id).
-pub(crate) fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::NotFound)
-}
-
 // ---------------------------------------------------------------------------------------------
 // OpenAPI shapes of the shared views
 //

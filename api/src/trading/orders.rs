@@ -38,12 +38,13 @@ use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
 use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce};
 
-use super::{Intake, OrderDoc, check_client_id, context, parse_id, publish_command, publish_intake};
+use super::{Intake, OrderDoc, check_client_id, context, publish_command, publish_intake};
 use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
 use crate::pagination::{ApiQuery, Page};
+use crate::path::ResourceId;
 use crate::startup::AppState;
 
 /// The longest `Prefer: wait` honoured, in seconds.
@@ -518,10 +519,9 @@ pub async fn list_orders(
 pub async fn get_order(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<Json<OrderView>, ApiError> {
     caller.require_scope(Scope::Read)?;
-    let id = parse_id(&id)?;
     load(&state.pool, caller.user_id, id).await?.map(Json).ok_or(ApiError::NotFound)
 }
 
@@ -565,10 +565,9 @@ pub async fn cancel_order(
     State(state): State<AppState>,
     caller: Caller,
     meta: RequestMeta,
-    Path(id): Path<String>,
+    ResourceId(id): ResourceId,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
     caller.require_scope(Scope::Trade)?;
-    let id = parse_id(&id)?;
     let order = load(&state.pool, caller.user_id, id).await?.ok_or(ApiError::NotFound)?;
     if is_terminal(&order.status) {
         return Err(ApiError::Conflict {
