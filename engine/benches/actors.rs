@@ -37,7 +37,6 @@ fn shared() -> Arc<Shared> {
     };
     let price = (Positive::new(Decimal::from(50_000)).expect("positive"), Utc::now() + chrono::Duration::hours(1));
     Arc::new(Shared {
-        db: sqlx::postgres::PgConnectOptions::new(),
         markets: RwLock::new(Markets { rules: [(symbol.clone(), market)].into(), prices: [(symbol, price)].into() }),
         book: Mutex::new(PriceBook::default()),
         outbox: Notify::new(),

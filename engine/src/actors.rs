@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use sqlx::postgres::PgConnectOptions;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -45,7 +44,6 @@ pub struct Markets {
 /// What every shard and actor shares.
 #[derive(Debug)]
 pub struct Shared {
-    pub db: PgConnectOptions,
     pub markets: RwLock<Markets>,
     pub book: Mutex<PriceBook>,
     /// Woken after every commit that wrote outbox rows.

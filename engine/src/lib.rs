@@ -45,7 +45,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         arbiters
             .iter()
             .map(|a| {
-                let db = shared.db.clone();
+                let db = process.settings.database_url.connect_options();
                 Shard::start_on(&a.handle(), shared.clone(), move || PgStore::lazy(db, connections), IDLE).recipient()
             })
             .collect(),

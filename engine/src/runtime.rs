@@ -374,7 +374,6 @@ pub fn shared(
     shutdown: CancellationToken,
 ) -> Arc<Shared> {
     Arc::new(Shared {
-        db: settings.database_url.connect_options(),
         markets: std::sync::RwLock::new(Markets {
             rules: markets.into_iter().map(|m| (m.symbol.clone(), m)).collect(),
             prices: Default::default(),

@@ -74,6 +74,30 @@ impl Work {
         }
     }
 
+    /// The portfolio command this work asks for.
+    pub fn command(&self) -> Command {
+        match self {
+            Work::Trigger { order_id, price, .. } => Command::Trigger { order_id: *order_id, price: *price },
+            Work::Command { command, .. } => match &command.body {
+                CommandBody::Place {
+                    order_id, symbol, side, order_type, time_in_force, quantity, limit_price, ..
+                } => Command::Place(OrderRequest {
+                    order_id: *order_id,
+                    symbol: symbol.clone(),
+                    side: *side,
+                    order_type: *order_type,
+                    time_in_force: *time_in_force,
+                    quantity: *quantity,
+                    limit_price: *limit_price,
+                }),
+                CommandBody::Cancel { order_id } => Command::Cancel { order_id: *order_id },
+                CommandBody::Deposit { deposit_id, asset, amount, .. } => {
+                    Command::Deposit { deposit_id: *deposit_id, asset: asset.clone(), amount: *amount }
+                }
+            },
+        }
+    }
+
     fn request_id(&self) -> Option<String> {
         match self {
             Work::Command { command, .. } => command.request_id.clone(),
@@ -166,26 +190,7 @@ impl Store for MemoryStore {
         market: Option<&MarketView<'_>>,
         _now: DateTime<Utc>,
     ) -> Result<(Outcome, UserState), StoreError> {
-        let command = match work {
-            Work::Trigger { order_id, price, .. } => Command::Trigger { order_id: *order_id, price: *price },
-            Work::Command { command, .. } => match &command.body {
-                CommandBody::Place {
-                    order_id, symbol, side, order_type, time_in_force, quantity, limit_price, ..
-                } => Command::Place(OrderRequest {
-                    order_id: *order_id,
-                    symbol: symbol.clone(),
-                    side: *side,
-                    order_type: *order_type,
-                    time_in_force: *time_in_force,
-                    quantity: *quantity,
-                    limit_price: *limit_price,
-                }),
-                CommandBody::Cancel { order_id } => Command::Cancel { order_id: *order_id },
-                CommandBody::Deposit { deposit_id, asset, amount, .. } => {
-                    Command::Deposit { deposit_id: *deposit_id, asset: asset.clone(), amount: *amount }
-                }
-            },
-        };
+        let command = work.command();
         let mut next = state.clone();
         next.version += 1;
         let outcome = match state.portfolio.apply(&command, market) {
@@ -331,51 +336,33 @@ pub async fn commit(
     Ok((outcome, next))
 }
 
-/// Turns the work into a portfolio command, checking the intake row of places and deposits.
-/// `None`: the command is void.
+/// Turns the work into a portfolio command; `None` when it is a place or deposit whose intake
+/// row is gone or no longer pending (the command is void).
 async fn to_command(
     tx: &mut Transaction<'_, Postgres>,
     user: Uuid,
     work: &Work,
 ) -> Result<Option<Command>, StoreError> {
-    match work {
-        Work::Trigger { order_id, price, .. } => Ok(Some(Command::Trigger { order_id: *order_id, price: *price })),
+    let intake = match work {
         Work::Command { command, .. } => match &command.body {
-            CommandBody::Place { order_id, symbol, side, order_type, time_in_force, quantity, limit_price, .. } => {
-                let pending: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 AND user_id = $2 FOR UPDATE")
-                        .bind(order_id)
-                        .bind(user)
-                        .fetch_optional(&mut **tx)
-                        .await?;
-                if pending.as_deref() != Some("pending") {
-                    return Ok(None);
-                }
-                Ok(Some(Command::Place(OrderRequest {
-                    order_id: *order_id,
-                    symbol: symbol.clone(),
-                    side: *side,
-                    order_type: *order_type,
-                    time_in_force: *time_in_force,
-                    quantity: *quantity,
-                    limit_price: *limit_price,
-                })))
-            }
-            CommandBody::Cancel { order_id } => Ok(Some(Command::Cancel { order_id: *order_id })),
-            CommandBody::Deposit { deposit_id, asset, amount, .. } => {
-                let pending: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM deposits WHERE id = $1 AND user_id = $2 FOR UPDATE")
-                        .bind(deposit_id)
-                        .bind(user)
-                        .fetch_optional(&mut **tx)
-                        .await?;
-                if pending.as_deref() != Some("pending") {
-                    return Ok(None);
-                }
-                Ok(Some(Command::Deposit { deposit_id: *deposit_id, asset: asset.clone(), amount: *amount }))
-            }
+            CommandBody::Place { order_id, .. } => Some(("orders", *order_id)),
+            CommandBody::Deposit { deposit_id, .. } => Some(("deposits", *deposit_id)),
+            CommandBody::Cancel { .. } => None,
         },
+        Work::Trigger { .. } => None,
+    };
+    if let Some((table, id)) = intake {
+        let status: Option<String> =
+            sqlx::query_scalar(&format!("SELECT status FROM {table} WHERE id = $1 AND user_id = $2 FOR UPDATE"))
+                .bind(id)
+                .bind(user)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if status.as_deref() != Some("pending") {
+            return Ok(None);
+        }
     }
+    Ok(Some(work.command()))
 }
 
 async fn write_events(
