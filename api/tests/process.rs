@@ -22,11 +22,7 @@ fn env_with(mut envs: Vec<(&'static str, String)>, key: &'static str, value: &st
 
 /// Configuration is checked before any connection is made, so no servers are needed.
 fn offline_env() -> Vec<(&'static str, String)> {
-    vec![
-        ("DATABASE_URL", "postgres://vault:db-password-not-printed@127.0.0.1:1/vault".to_owned()),
-        ("NATS_URL", "nats://127.0.0.1:1".to_owned()),
-        ("JWT_SECRET", TEST_JWT_SECRET.to_owned()),
-    ]
+    vault_testkit::offline_env("JWT_SECRET", TEST_JWT_SECRET)
 }
 
 #[tokio::test]

@@ -5,19 +5,10 @@ use std::time::Duration;
 
 use vault_testkit::{
     NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env, free_port,
+    offline_env,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
-
-fn offline_env(key: &'static str, value: &str) -> Vec<(&'static str, String)> {
-    let mut envs = vec![
-        ("DATABASE_URL", "postgres://vault:db-password-not-printed@127.0.0.1:1/vault".to_owned()),
-        ("NATS_URL", "nats://127.0.0.1:1".to_owned()),
-    ];
-    envs.retain(|(k, _)| *k != key);
-    envs.push((key, value.to_owned()));
-    envs
-}
 
 #[tokio::test]
 async fn the_engine_refuses_bad_configuration_with_exit_code_two() {

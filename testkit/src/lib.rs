@@ -379,6 +379,19 @@ pub fn base_env(db: &TestDb, nats: &NatsServer) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// An environment pointing at servers that do not exist, with one variable overridden:
+/// configuration is checked before any connection is made, so these tests need no servers.
+/// The database password (`db-password-not-printed`) must never appear in output.
+pub fn offline_env(key: &'static str, value: &str) -> Vec<(&'static str, String)> {
+    let mut envs = vec![
+        ("DATABASE_URL", "postgres://vault:db-password-not-printed@127.0.0.1:1/vault".to_owned()),
+        ("NATS_URL", "nats://127.0.0.1:1".to_owned()),
+    ];
+    envs.retain(|(k, _)| *k != key);
+    envs.push((key, value.to_owned()));
+    envs
+}
+
 /// Runs `binary args…` with `envs` and checks the configuration contract: it exits with code 2
 /// before serving, prints a line naming `variable`, and never prints `must_not_print`.
 pub async fn assert_config_error(
