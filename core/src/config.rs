@@ -173,6 +173,18 @@ impl FromStr for PriceSource {
     }
 }
 
+/// The public Coinbase Exchange market-data feed, the default of `COINBASE_WS_URL`.
+pub const COINBASE_WS_URL: &str = "wss://ws-feed.exchange.coinbase.com";
+
+/// `COINBASE_WS_URL`: a `ws://` or `wss://` URL with a host (tests point it at a local feed).
+fn websocket_url(s: &str) -> Result<String, String> {
+    let expected = || format!("expected a ws:// or wss:// URL, e.g. {COINBASE_WS_URL}, got {s:?}");
+    let uri = s.parse::<axum::http::Uri>().map_err(|_| expected())?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("ws" | "wss"));
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    if scheme_ok && host_ok { Ok(s.to_owned()) } else { Err(expected()) }
+}
+
 /// `ENGINE_PARTITIONS`: the ORDERS partitions an engine owns, e.g. `0-15` or `3`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionRange {
@@ -256,6 +268,8 @@ pub struct Settings {
     pub log_filter: String,
     pub engine_partitions: PartitionRange,
     pub price_source: PriceSource,
+    /// Where the `coinbase` price source connects.
+    pub coinbase_ws_url: String,
     pub max_price_age: Duration,
     pub webhook_allow_private: bool,
     pub smtp_url: Option<Secret>,
@@ -362,6 +376,7 @@ impl Settings {
         let engine_partitions =
             r.with("ENGINE_PARTITIONS", PartitionRange::from_str).unwrap_or_else(PartitionRange::all);
         let price_source = r.with("PRICE_SOURCE", PriceSource::from_str).unwrap_or(PriceSource::Sim);
+        let coinbase_ws_url = r.with("COINBASE_WS_URL", websocket_url).unwrap_or_else(|| COINBASE_WS_URL.to_owned());
         let max_price_age = r
             .with("MAX_PRICE_AGE", |s| {
                 let secs = s.strip_suffix('s').unwrap_or(s);
@@ -424,6 +439,7 @@ impl Settings {
                 log_filter,
                 engine_partitions,
                 price_source,
+                coinbase_ws_url,
                 max_price_age,
                 webhook_allow_private,
                 smtp_url,
@@ -451,6 +467,7 @@ impl Settings {
             ("RUST_LOG", self.log_filter.clone()),
             ("ENGINE_PARTITIONS", format!("{}-{}", self.engine_partitions.first, self.engine_partitions.last)),
             ("PRICE_SOURCE", format!("{:?}", self.price_source).to_lowercase()),
+            ("COINBASE_WS_URL", self.coinbase_ws_url.clone()),
             ("MAX_PRICE_AGE", format!("{}s", self.max_price_age.as_secs())),
             ("WEBHOOK_ALLOW_PRIVATE", self.webhook_allow_private.to_string()),
             ("SMTP_URL", secret(&self.smtp_url)),
@@ -692,5 +709,20 @@ mod tests {
         assert!("0-16".parse::<PartitionRange>().is_err());
         let s = load_env(Role::Engine, &[("DATABASE_URL", DB), ("ENGINE_PARTITIONS", "4")]).expect("valid");
         assert_eq!(s.engine_partitions, PartitionRange { first: 4, last: 4 });
+    }
+
+    #[test]
+    fn the_coinbase_feed_url_defaults_to_coinbase_and_must_be_a_websocket_url() {
+        let s = load_env(Role::Prices, &[("DATABASE_URL", DB)]).expect("valid");
+        assert_eq!(s.coinbase_ws_url, "wss://ws-feed.exchange.coinbase.com");
+        for url in ["ws://127.0.0.1:9000", "wss://feed.example/path?x=1"] {
+            let s = load_env(Role::Prices, &[("DATABASE_URL", DB), ("COINBASE_WS_URL", url)]).expect(url);
+            assert_eq!(s.coinbase_ws_url, url);
+        }
+        for url in ["https://ws-feed.exchange.coinbase.com", "ws://", "ws-feed.exchange.coinbase.com", "wss://a b"] {
+            let err = load_env(Role::Prices, &[("DATABASE_URL", DB), ("COINBASE_WS_URL", url)]).expect_err(url);
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(err.0[0].starts_with("COINBASE_WS_URL: expected a ws:// or wss:// URL"), "{url}: {err}");
+        }
     }
 }
