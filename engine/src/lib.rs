@@ -8,11 +8,13 @@
 //! - [`book`]: resting limit orders per symbol, for price triggers;
 //! - [`store`]: loading a user and committing one unit of work in one transaction;
 //! - [`actors`]: shards (one arbiter per core) and portfolio actors;
-//! - [`runtime`]: the consumers, the price feed, the outbox relay.
+//! - [`runtime`]: the consumers, the price feed, the outbox relay;
+//! - [`reconcile`]: `vault-engine reconcile`, the invariants checked over the whole database.
 
 pub mod actors;
 pub mod book;
 pub mod portfolio;
+pub mod reconcile;
 pub mod runtime;
 pub mod store;
 
