@@ -1,15 +1,25 @@
-//! `vault-loadgen`: drives a running CryptoVault API over real HTTP and reports throughput and
-//! latency percentiles. Speed is measured here, never asserted in tests.
+//! `vault-loadgen`: drives a running CryptoVault stack over real HTTP and reports throughput
+//! and latency percentiles, each stage against the physical limit measured in the same run.
+//! Speed is measured here, never asserted in tests.
 //!
 //! Scenarios:
+//! - `orders` ([`orders`]): N funded users, then an open-loop mix of market buys, resting limit
+//!   buys and cancels at a target rate (or flat out); POST and end-to-end latency, the engine's
+//!   commit rate, and the limits of [`limits`] (trivial axum handler, raw JetStream
+//!   publish-with-ack, raw Postgres writes of one order).
+//! - `reads`: `GET /portfolio` flat out, against a trivial GET handler.
 //! - `login-storm`: measures `GET /me` latency while idle, then again while `--concurrency`
 //!   clients log in as fast as they can (argon2id on every login), and reports login throughput
-//!   and the ratio of `/me` p99 under the storm to its idle value. Run the API with rate limits
-//!   off (`RATE_LIMIT_IP_PER_SEC=0 RATE_LIMIT_LOGIN_PER_MIN=0 RATE_LIMIT_USER_PER_SEC=0`), or
-//!   the limiter is what gets measured.
+//!   and the ratio of `/me` p99 under the storm to its idle value.
 //!
-//! Latencies are recorded in microseconds in HDR histograms; the `/me` probe is open-loop at a
-//! fixed rate so a slow server cannot hide its slowness by slowing the probe down.
+//! Run the API with rate limits off (`RATE_LIMIT_IP_PER_SEC=0 RATE_LIMIT_LOGIN_PER_MIN=0
+//! RATE_LIMIT_USER_PER_SEC=0`), or the limiter is what gets measured. Latencies are recorded in
+//! microseconds in HDR histograms; open-loop probes measure from the scheduled send time so a
+//! slow server cannot hide its slowness by slowing the generator down.
+
+mod limits;
+mod orders;
+mod report;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,8 +27,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::Mutex;
+
+use crate::orders::{client, signup_and_login};
+use crate::report::{ms, new_histogram, summary};
 
 #[derive(Debug, Parser)]
 #[command(name = "vault-loadgen", version, about = "Load generator for the CryptoVault API")]
@@ -32,6 +45,49 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Orders end to end: an open-loop mix at a target rate, with the limits side by side.
+    Orders {
+        /// Users to create and fund (1,000,000 USD each).
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// Orders per second (open loop); 0 = flat out from `--max-inflight` closed loops.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Relative weights of market buys, resting limit buys and cancels.
+        #[arg(long, default_value = "market=70,limit=20,cancel=10")]
+        mix: orders::Mix,
+        /// Fraction of orders sent with `Prefer: wait=10` (their 201 gives end-to-end latency).
+        #[arg(long, default_value_t = 0.05)]
+        wait_fraction: f64,
+        /// Requests in flight at most; above it, scheduled requests are counted as shed.
+        #[arg(long, default_value_t = 2048)]
+        max_inflight: usize,
+        /// Postgres of the stack: commit rate, drain, and the storage limit.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// NATS of the stack: the backbone limit.
+        #[arg(long, env = "NATS_URL")]
+        nats_url: Option<String>,
+        /// Skip measuring the limits.
+        #[arg(long)]
+        no_limits: bool,
+        /// Seconds for each limit.
+        #[arg(long, default_value_t = 5)]
+        limit_duration: u64,
+        /// Workers for each limit.
+        #[arg(long, default_value_t = 64)]
+        limit_concurrency: usize,
+    },
+    /// `GET /portfolio` throughput against a trivial GET handler.
+    Reads {
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
     /// Login throughput, and `GET /me` latency idle versus during a login storm.
     LoginStorm {
         /// Concurrent login loops.
@@ -44,54 +100,58 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         probe_rate: u64,
     },
+    /// The trivial handlers the HTTP floor is measured on (started by the other scenarios).
+    #[command(hide = true)]
+    TrivialServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: String,
+    },
 }
-
-const PASSWORD: &str = "loadgen password 0123456789";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
+        Scenario::Orders {
+            users,
+            rate,
+            duration,
+            mix,
+            wait_fraction,
+            max_inflight,
+            database_url,
+            nats_url,
+            no_limits,
+            limit_duration,
+            limit_concurrency,
+        } => {
+            orders::run(orders::Args {
+                api: cli.url,
+                users,
+                rate,
+                duration: Duration::from_secs(duration),
+                mix,
+                wait_fraction,
+                max_inflight,
+                database_url,
+                nats_url,
+                limits: !no_limits,
+                limit_duration: Duration::from_secs(limit_duration),
+                limit_concurrency,
+            })
+            .await
+        }
+        Scenario::Reads { concurrency, duration } => {
+            orders::reads(&cli.url, concurrency, Duration::from_secs(duration)).await
+        }
         Scenario::LoginStorm { concurrency, duration, probe_rate } => {
             login_storm(&cli.url, concurrency, Duration::from_secs(duration), probe_rate).await
         }
+        Scenario::TrivialServer { addr } => limits::trivial_server(&addr).await,
     }
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(256).build().expect("client builds")
-}
-
-async fn signup_and_login(http: &reqwest::Client, api: &str, email: &str) -> anyhow::Result<String> {
-    let body = json!({"email": email, "password": PASSWORD});
-    let resp = http.post(format!("{api}/auth/signup")).json(&body).send().await?;
-    anyhow::ensure!(resp.status().as_u16() == 201, "signup answered {}", resp.status());
-    let resp = http.post(format!("{api}/auth/login")).json(&body).send().await?;
-    anyhow::ensure!(resp.status().is_success(), "login answered {}", resp.status());
-    let tokens: Value = resp.json().await?;
-    Ok(tokens["access_token"].as_str().unwrap_or_default().to_owned())
-}
-
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds are valid")
-}
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
-}
-
-fn summary(name: &str, h: &Histogram<u64>, errors: u64, elapsed: Duration) -> String {
-    format!(
-        "{name:<22} n={:<7} rate={:>8.1}/s p50={:>7.2}ms p90={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms max={:>7.2}ms errors={errors}",
-        h.len(),
-        h.len() as f64 / elapsed.as_secs_f64(),
-        ms(h, 0.50),
-        ms(h, 0.90),
-        ms(h, 0.99),
-        ms(h, 0.999),
-        h.max() as f64 / 1000.0,
-    )
-}
+const PASSWORD: &str = "loadgen password 0123456789";
 
 /// Probes `GET /me` at `rate`/s until `stop`; returns the latency histogram and error count.
 async fn probe_me(
