@@ -414,6 +414,32 @@ pub async fn assert_config_error(
     }
 }
 
+/// Runs `vault-engine reconcile --json <args…>` (`engine_binary`: the engine's path, e.g.
+/// `env!("CARGO_BIN_EXE_vault-engine")` or [`workspace_binary`]) against `db` with `DATABASE_URL`
+/// as its only setting. Returns the exit code and the JSON report; panics with the output when
+/// there is no report.
+pub async fn run_reconcile(engine_binary: &str, db: &TestDb, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["reconcile", "--json"];
+    all.extend_from_slice(args);
+    let mut proc = Proc::spawn(engine_binary, &all, &[("DATABASE_URL", db.url.clone())]);
+    let status = proc.wait_exit(Duration::from_secs(60)).await;
+    let output = proc.output();
+    let report = serde_json::from_str(output.trim())
+        .unwrap_or_else(|e| panic!("reconcile printed no JSON report ({e}), exit {status}; output:\n{output}"));
+    (status.code().unwrap_or(-1), report)
+}
+
+/// Runs `vault-engine reconcile` against `db` and panics with its violations unless every
+/// invariant holds: the end of every test that leaves a database behind an engine.
+pub async fn assert_reconciled(engine_binary: &str, db: &TestDb) {
+    let (code, report) = run_reconcile(engine_binary, db, &[]).await;
+    assert!(
+        code == 0 && report["clean"] == true,
+        "reconcile found violations (exit {code}):\n{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+}
+
 /// Checks `/health`, `/readyz` and `/metrics` of a process whose ops server is at `addr`.
 pub async fn assert_ops_endpoints(addr: &str) {
     let client = http_client();
