@@ -21,7 +21,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 use vault_bus::BusMessage;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, encode};
-use vault_bus::views::{self, DepositView};
+use vault_bus::views::{DepositView, FillView, ORDER_COLUMNS, OrderView};
 use vault_core::domain::{Asset, Positive, Side, Symbol};
 
 use crate::portfolio::{Balance, Command, Event, MarketView, OpenOrder, OrderRequest, Portfolio, Reject};
@@ -253,6 +253,13 @@ pub async fn load(pool: &PgPool, user_id: Uuid) -> Result<UserState, StoreError>
 }
 
 /// Commits one unit of work; see the module docs for the steps.
+///
+/// Round trips are what a commit costs (each statement is a network round trip and a parse,
+/// plan and execute in Postgres), so the steps are folded into as few statements as keep them
+/// readable: `BEGIN`; one statement for steps 1–3 ([`claim`]); one per event for the order or
+/// deposit row, returning the row as clients see it (so the outbox needs no read-back); one for
+/// all ledger postings, balances and outbox rows ([`finish`]); `COMMIT`. A market buy is five
+/// round trips.
 pub async fn commit(
     pool: &PgPool,
     state: &UserState,
@@ -272,44 +279,19 @@ pub async fn commit(
         return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone()));
     }
     let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, $3, $4)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(user)
-    .bind(work.key())
-    .bind(work.seq())
-    .bind(state.version + 1)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if fresh == 0 {
-        return Ok((Outcome::Duplicate, state.clone()));
-    }
-    let cas = if state.version == 0 {
-        sqlx::query("INSERT INTO portfolios (user_id, version) VALUES ($1, 1) ON CONFLICT DO NOTHING")
-            .bind(user)
-            .execute(&mut *tx)
-            .await?
-    } else {
-        sqlx::query(
-            "UPDATE portfolios SET version = version + 1, updated_at = now() WHERE user_id = $1 AND version = $2",
-        )
-        .bind(user)
-        .bind(state.version)
-        .execute(&mut *tx)
-        .await?
-    };
-    if cas.rows_affected() == 0 {
-        return Err(StoreError::VersionConflict(user));
-    }
+    let claimed = claim(&mut tx, state, work).await?;
     let mut next = state.clone();
-    next.version += 1;
-
-    let Some(command) = to_command(&mut tx, user, work).await? else {
-        tx.commit().await?;
-        return Ok((Outcome::Void, next));
-    };
+    match claimed {
+        Claim::Duplicate => return Ok((Outcome::Duplicate, state.clone())),
+        Claim::Conflict => return Err(StoreError::VersionConflict(user)),
+        Claim::Void => {
+            next.version += 1;
+            tx.commit().await?;
+            return Ok((Outcome::Void, next));
+        }
+        Claim::Go => next.version += 1,
+    }
+    let command = work.command();
     let outcome = match state.portfolio.apply(&command, market) {
         Ok(events) => {
             for event in &events {
@@ -319,15 +301,21 @@ pub async fn commit(
             Outcome::Applied { events, rejected: None }
         }
         Err(reject) => {
+            let mut outbox = Outbox::default();
             if let Command::Place(order) = &command {
-                sqlx::query("UPDATE orders SET status = 'rejected', reject_reason = $2, updated_at = $3 WHERE id = $1")
+                let sql = format!(
+                    "UPDATE orders SET status = 'rejected', reject_reason = $2, updated_at = $3 WHERE id = $1
+                     RETURNING {ORDER_COLUMNS}"
+                );
+                let view: OrderView = sqlx::query_as(&sql)
                     .bind(order.order_id)
                     .bind(reject.reason.as_str())
                     .bind(now)
-                    .execute(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await?;
-                outbox_order(&mut tx, user, order.order_id, EventKind::OrderRejected, work, now).await?;
+                outbox.push(user, EventKind::OrderRejected, &view, work, now)?;
             }
+            finish(&mut tx, user, &Postings::default(), &BalanceRows::default(), &outbox, now).await?;
             Outcome::Applied { events: Vec::new(), rejected: Some(reject) }
         }
     };
@@ -336,13 +324,22 @@ pub async fn commit(
     Ok((outcome, next))
 }
 
-/// Turns the work into a portfolio command; `None` when it is a place or deposit whose intake
-/// row is gone or no longer pending (the command is void).
-async fn to_command(
-    tx: &mut Transaction<'_, Postgres>,
-    user: Uuid,
-    work: &Work,
-) -> Result<Option<Command>, StoreError> {
+/// What [`claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// Key recorded, version bumped, intake row (if any) pending and locked: go on.
+    Go,
+    /// Key recorded, version bumped, but the intake row is gone or no longer pending.
+    Void,
+    /// The key was recorded before: a redelivery.
+    Duplicate,
+    /// The version moved: another writer.
+    Conflict,
+}
+
+/// Steps 1–3 of the module docs in one statement: record the key, compare-and-set the version
+/// (creating the `portfolios` row at version 1 for a new user), lock the intake row.
+async fn claim(tx: &mut Transaction<'_, Postgres>, state: &UserState, work: &Work) -> Result<Claim, StoreError> {
     let intake = match work {
         Work::Command { command, .. } => match &command.body {
             CommandBody::Place { order_id, .. } => Some(("orders", *order_id)),
@@ -351,20 +348,90 @@ async fn to_command(
         },
         Work::Trigger { .. } => None,
     };
-    if let Some((table, id)) = intake {
-        let status: Option<String> =
-            sqlx::query_scalar(&format!("SELECT status FROM {table} WHERE id = $1 AND user_id = $2 FOR UPDATE"))
-                .bind(id)
-                .bind(user)
-                .fetch_optional(&mut **tx)
-                .await?;
-        if status.as_deref() != Some("pending") {
-            return Ok(None);
-        }
-    }
-    Ok(Some(work.command()))
+    let intake_sql = match intake {
+        Some((table, _)) => format!("(SELECT status FROM {table} WHERE id = $5 AND user_id = $1 FOR UPDATE)"),
+        None => "'pending'".to_owned(),
+    };
+    let sql = format!(
+        "WITH cmd AS (
+             INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, $3, $4 + 1)
+             ON CONFLICT DO NOTHING RETURNING 1
+         ), cas AS (
+             INSERT INTO portfolios (user_id, version) SELECT $1, $4 + 1 WHERE EXISTS (SELECT 1 FROM cmd)
+             ON CONFLICT (user_id) DO UPDATE SET version = portfolios.version + 1, updated_at = now()
+                 WHERE portfolios.version = $4
+             RETURNING 1
+         )
+         SELECT EXISTS (SELECT 1 FROM cmd), EXISTS (SELECT 1 FROM cas), {intake_sql}"
+    );
+    let (fresh, swapped, status): (bool, bool, Option<String>) = sqlx::query_as(&sql)
+        .bind(state.user_id)
+        .bind(work.key())
+        .bind(work.seq())
+        .bind(state.version)
+        .bind(intake.map(|(_, id)| id))
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(match (fresh, swapped, status.as_deref()) {
+        (false, _, _) => Claim::Duplicate,
+        (true, false, _) => Claim::Conflict,
+        (true, true, Some("pending")) => Claim::Go,
+        (true, true, _) => Claim::Void,
+    })
 }
 
+/// Ledger postings of one commit, column by column (bound as arrays).
+#[derive(Debug, Default)]
+struct Postings {
+    tx_id: Vec<Uuid>,
+    asset: Vec<String>,
+    amount: Vec<Decimal>,
+    balance_after: Vec<Decimal>,
+    kind: Vec<&'static str>,
+    order_id: Vec<Option<Uuid>>,
+    counter: Vec<&'static str>,
+}
+
+/// New absolute balances of the assets a commit touched.
+#[derive(Debug, Default)]
+struct BalanceRows {
+    asset: Vec<String>,
+    total: Vec<Decimal>,
+    reserved: Vec<Decimal>,
+    cost_basis: Vec<Decimal>,
+}
+
+/// EVENTS messages of one commit, encoded.
+#[derive(Debug, Default)]
+struct Outbox {
+    id: Vec<Uuid>,
+    subject: Vec<String>,
+    payload: Vec<String>,
+    request_id: Option<String>,
+}
+
+impl Outbox {
+    fn push(
+        &mut self,
+        user: Uuid,
+        kind: EventKind,
+        data: &impl serde::Serialize,
+        work: &Work,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let corrupt = |e: String| StoreError::Corrupt { user, reason: e };
+        let data = serde_json::to_value(data).map_err(|e| corrupt(e.to_string()))?;
+        let event = EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: work.request_id(), at: now, data };
+        let payload = encode(&event).map_err(|e| corrupt(e.to_string()))?;
+        self.id.push(event.id);
+        self.subject.push(event.subject());
+        self.payload.push(String::from_utf8(payload).map_err(|e| corrupt(e.to_string()))?);
+        self.request_id = event.request_id;
+        Ok(())
+    }
+}
+
+/// Writes each event's order or deposit row, then postings, balances and outbox rows.
 async fn write_events(
     tx: &mut Transaction<'_, Postgres>,
     before: &Portfolio,
@@ -375,96 +442,123 @@ async fn write_events(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let conn: &mut PgConnection = tx;
+    let mut outbox = Outbox::default();
+    let mut postings = Postings::default();
     // Running balances for `balance_after`, starting from the state before the work.
     let mut running = before.balances.clone();
     for event in events {
+        // Orders fill completely, by exactly one fill that closes them (the execution model of
+        // `API.md`), so an order has no fills before the event that fills it: the order row
+        // returned by each update is the whole client view.
         match event {
             Event::DepositCompleted { deposit_id, .. } => {
-                sqlx::query("UPDATE deposits SET status = 'completed' WHERE id = $1")
-                    .bind(deposit_id)
-                    .execute(&mut *conn)
-                    .await?;
+                let view: DepositView = sqlx::query_as(
+                    "UPDATE deposits SET status = 'completed' WHERE id = $1
+                     RETURNING id, asset, amount, status, client_deposit_id, created_at",
+                )
+                .bind(deposit_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                outbox.push(user, EventKind::DepositCompleted, &view, work, now)?;
             }
             Event::OrderAccepted(order) => {
-                sqlx::query(
-                    "UPDATE orders SET status = 'open', hold_asset = $2, hold = $3, updated_at = $4 WHERE id = $1",
-                )
-                .bind(order.id)
-                .bind(order.hold_asset.as_str())
-                .bind(order.hold)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+                let sql = format!(
+                    "UPDATE orders SET status = 'open', hold_asset = $2, hold = $3, updated_at = $4 WHERE id = $1
+                     RETURNING {ORDER_COLUMNS}"
+                );
+                let view: OrderView = sqlx::query_as(&sql)
+                    .bind(order.id)
+                    .bind(order.hold_asset.as_str())
+                    .bind(order.hold)
+                    .bind(now)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                outbox.push(user, EventKind::OrderAccepted, &view, work, now)?;
             }
             Event::OrderFilled(fill) => {
-                sqlx::query(
-                    "UPDATE orders SET status = 'filled', filled_quantity = quantity, average_fill_price = $2, fee = $3,
-                            hold = 0, updated_at = $4 WHERE id = $1",
-                )
-                .bind(fill.order_id)
-                .bind(fill.price.get())
-                .bind(fill.fee)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(Uuid::now_v7())
-                .bind(fill.order_id)
-                .bind(user)
-                .bind(fill.symbol.to_string())
-                .bind(match fill.side {
-                    Side::Buy => "buy",
-                    Side::Sell => "sell",
-                })
-                .bind(fill.price.get())
-                .bind(fill.quantity.get())
-                .bind(fill.fee)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
+                #[derive(sqlx::FromRow)]
+                struct Filled {
+                    #[sqlx(flatten)]
+                    order: OrderView,
+                    fill_id: Uuid,
+                    fill_price: Decimal,
+                    fill_quantity: Decimal,
+                    fill_fee: Decimal,
+                    fill_liquidity: String,
+                    fill_created_at: DateTime<Utc>,
+                }
+                let columns = ORDER_COLUMNS.split(", ").map(|c| format!("o.{c}")).collect::<Vec<_>>().join(", ");
+                let sql = format!(
+                    "WITH o AS (
+                         UPDATE orders SET status = 'filled', filled_quantity = quantity, average_fill_price = $2,
+                                fee = $3, hold = 0, updated_at = $4
+                          WHERE id = $1
+                         RETURNING {ORDER_COLUMNS}
+                     ), f AS (
+                         INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, created_at)
+                         VALUES ($5, $1, $6, $7, $8, $2, $9, $3, $4)
+                         RETURNING id, price, quantity, fee, liquidity, created_at
+                     )
+                     SELECT {columns}, f.id AS fill_id, f.price AS fill_price, f.quantity AS fill_quantity,
+                            f.fee AS fill_fee, f.liquidity AS fill_liquidity, f.created_at AS fill_created_at
+                       FROM o, f"
+                );
+                let row: Filled = sqlx::query_as(&sql)
+                    .bind(fill.order_id)
+                    .bind(fill.price.get())
+                    .bind(fill.fee)
+                    .bind(now)
+                    .bind(Uuid::now_v7())
+                    .bind(user)
+                    .bind(fill.symbol.to_string())
+                    .bind(match fill.side {
+                        Side::Buy => "buy",
+                        Side::Sell => "sell",
+                    })
+                    .bind(fill.quantity.get())
+                    .fetch_one(&mut *conn)
+                    .await?;
+                let mut view = row.order;
+                view.fills = vec![FillView {
+                    id: row.fill_id,
+                    price: row.fill_price,
+                    quantity: row.fill_quantity,
+                    fee: row.fill_fee,
+                    liquidity: row.fill_liquidity,
+                    created_at: row.fill_created_at,
+                }];
+                outbox.push(user, EventKind::OrderFilled, &view, work, now)?;
             }
             Event::OrderCanceled { order_id, .. } => {
-                sqlx::query("UPDATE orders SET status = 'canceled', hold = 0, updated_at = $2 WHERE id = $1")
-                    .bind(order_id)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await?;
+                let sql = format!(
+                    "UPDATE orders SET status = 'canceled', hold = 0, updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}"
+                );
+                let view: OrderView = sqlx::query_as(&sql).bind(order_id).bind(now).fetch_one(&mut *conn).await?;
+                outbox.push(user, EventKind::OrderCanceled, &view, work, now)?;
             }
             Event::OrderExpired { order_id } => {
-                sqlx::query("UPDATE orders SET status = 'expired', updated_at = $2 WHERE id = $1")
-                    .bind(order_id)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await?;
+                let sql =
+                    format!("UPDATE orders SET status = 'expired', updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}");
+                let view: OrderView = sqlx::query_as(&sql).bind(order_id).bind(now).fetch_one(&mut *conn).await?;
+                outbox.push(user, EventKind::OrderExpired, &view, work, now)?;
             }
         }
         let tx_id = Uuid::now_v7();
         for posting in event.postings() {
             let balance = running.entry(posting.asset.clone()).or_default();
             balance.total += posting.user_amount;
-            sqlx::query(
-                "INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id, created_at)
-                 VALUES ($1, 'user', $2, $3, $4, $5, $6, $7, $9),
-                        ($1, $8, NULL, $3, -$4, NULL, $6, $7, $9)",
-            )
-            .bind(tx_id)
-            .bind(user)
-            .bind(posting.asset.as_str())
-            .bind(posting.user_amount)
-            .bind(balance.total)
-            .bind(posting.kind)
-            .bind(posting.order_id)
-            .bind(posting.counter)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
+            postings.tx_id.push(tx_id);
+            postings.asset.push(posting.asset.as_str().to_owned());
+            postings.amount.push(posting.user_amount);
+            postings.balance_after.push(balance.total);
+            postings.kind.push(posting.kind);
+            postings.order_id.push(posting.order_id);
+            postings.counter.push(posting.counter);
         }
     }
 
     // Balances of every asset the work touched, written as the new absolute values.
+    let mut balances = BalanceRows::default();
     let touched: BTreeSet<&Asset> = before.balances.keys().chain(after.balances.keys()).collect();
     for asset in touched {
         let (b, a) = (before.balances.get(asset), after.balances.get(asset));
@@ -476,82 +570,64 @@ async fn write_events(
         if running.get(asset).map(|r| r.total) != Some(a.total) {
             return Err(StoreError::Corrupt { user, reason: format!("{asset}: ledger and balance disagree") });
         }
-        sqlx::query(
-            "INSERT INTO balances (user_id, asset, total, reserved, cost_basis, updated_at) VALUES ($1, $2, $3, $4, $5, $6)
+        balances.asset.push(asset.as_str().to_owned());
+        balances.total.push(a.total);
+        balances.reserved.push(a.reserved);
+        balances.cost_basis.push(ca.copied().unwrap_or_default());
+    }
+    finish(conn, user, &postings, &balances, &outbox, now).await
+}
+
+/// One statement for the rest of a commit: every ledger posting (a user entry and its
+/// counter-entry each, in posting order), every touched balance, every outbox row.
+async fn finish(
+    conn: &mut PgConnection,
+    user: Uuid,
+    postings: &Postings,
+    balances: &BalanceRows,
+    outbox: &Outbox,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH ledger AS (
+             INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id, created_at)
+             SELECT p.tx_id, e.account, CASE WHEN e.side = 0 THEN $1::uuid END, p.asset,
+                    CASE WHEN e.side = 0 THEN p.amount ELSE -p.amount END,
+                    CASE WHEN e.side = 0 THEN p.balance_after END, p.kind, p.order_id, $2
+               FROM UNNEST($3::uuid[], $4::text[], $5::numeric[], $6::numeric[], $7::text[], $8::uuid[], $9::text[])
+                    WITH ORDINALITY AS p(tx_id, asset, amount, balance_after, kind, order_id, counter, n)
+              CROSS JOIN LATERAL (VALUES ('user', 0), (p.counter, 1)) AS e(account, side)
+              ORDER BY p.n, e.side
+         ), balance AS (
+             INSERT INTO balances (user_id, asset, total, reserved, cost_basis, updated_at)
+             SELECT $1, b.asset, b.total, b.reserved, b.cost_basis, $2
+               FROM UNNEST($10::text[], $11::numeric[], $12::numeric[], $13::numeric[]) AS b(asset, total, reserved, cost_basis)
              ON CONFLICT (user_id, asset) DO UPDATE
                 SET total = EXCLUDED.total, reserved = EXCLUDED.reserved, cost_basis = EXCLUDED.cost_basis,
-                    updated_at = EXCLUDED.updated_at",
-        )
-        .bind(user)
-        .bind(asset.as_str())
-        .bind(a.total)
-        .bind(a.reserved)
-        .bind(ca.copied().unwrap_or_default())
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
-
-    for event in events {
-        match event {
-            Event::DepositCompleted { deposit_id, .. } => {
-                let view: DepositView = sqlx::query_as(
-                    "SELECT id, asset, amount, status, client_deposit_id, created_at FROM deposits WHERE id = $1",
-                )
-                .bind(deposit_id)
-                .fetch_one(&mut *conn)
-                .await?;
-                let data =
-                    serde_json::to_value(&view).map_err(|e| StoreError::Corrupt { user, reason: e.to_string() })?;
-                outbox(conn, user, EventKind::DepositCompleted, data, work, now).await?;
-            }
-            Event::OrderAccepted(o) => outbox_order(conn, user, o.id, EventKind::OrderAccepted, work, now).await?,
-            Event::OrderFilled(f) => outbox_order(conn, user, f.order_id, EventKind::OrderFilled, work, now).await?,
-            Event::OrderCanceled { order_id, .. } => {
-                outbox_order(conn, user, *order_id, EventKind::OrderCanceled, work, now).await?
-            }
-            Event::OrderExpired { order_id } => {
-                outbox_order(conn, user, *order_id, EventKind::OrderExpired, work, now).await?
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn outbox_order(
-    conn: &mut PgConnection,
-    user: Uuid,
-    order_id: Uuid,
-    kind: EventKind,
-    work: &Work,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let view = views::load_order(conn, user, order_id)
-        .await?
-        .ok_or_else(|| StoreError::Corrupt { user, reason: format!("order {order_id} vanished") })?;
-    let data = serde_json::to_value(&view).map_err(|e| StoreError::Corrupt { user, reason: e.to_string() })?;
-    outbox(conn, user, kind, data, work, now).await
-}
-
-async fn outbox(
-    conn: &mut PgConnection,
-    user: Uuid,
-    kind: EventKind,
-    data: serde_json::Value,
-    work: &Work,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let event = EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: work.request_id(), at: now, data };
-    let payload = encode(&event).map_err(|e| StoreError::Corrupt { user, reason: e.to_string() })?;
-    let payload: serde_json::Value =
-        serde_json::from_slice(&payload).map_err(|e| StoreError::Corrupt { user, reason: e.to_string() })?;
-    sqlx::query("INSERT INTO outbox (id, subject, payload, request_id, created_at) VALUES ($1, $2, $3, $4, $5)")
-        .bind(event.id)
-        .bind(event.subject())
-        .bind(payload)
-        .bind(&event.request_id)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+                    updated_at = EXCLUDED.updated_at
+         )
+         INSERT INTO outbox (id, subject, payload, request_id, created_at)
+         SELECT o.id, o.subject, o.payload::jsonb, $16, $2
+           FROM UNNEST($14::uuid[], $15::text[], $17::text[]) AS o(id, subject, payload)",
+    )
+    .bind(user)
+    .bind(now)
+    .bind(&postings.tx_id)
+    .bind(&postings.asset)
+    .bind(&postings.amount)
+    .bind(&postings.balance_after)
+    .bind(&postings.kind)
+    .bind(&postings.order_id)
+    .bind(&postings.counter)
+    .bind(&balances.asset)
+    .bind(&balances.total)
+    .bind(&balances.reserved)
+    .bind(&balances.cost_basis)
+    .bind(&outbox.id)
+    .bind(&outbox.subject)
+    .bind(&outbox.request_id)
+    .bind(&outbox.payload)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
