@@ -421,7 +421,8 @@ impl Outbox {
     ) -> Result<(), StoreError> {
         let corrupt = |e: String| StoreError::Corrupt { user, reason: e };
         let data = serde_json::to_value(data).map_err(|e| corrupt(e.to_string()))?;
-        let event = EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: work.request_id(), at: now, data };
+        let event =
+            EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: work.request_id(), at: now, data };
         let payload = encode(&event).map_err(|e| corrupt(e.to_string()))?;
         self.id.push(event.id);
         self.subject.push(event.subject());
@@ -537,8 +538,9 @@ async fn write_events(
                 outbox.push(user, EventKind::OrderCanceled, &view, work, now)?;
             }
             Event::OrderExpired { order_id } => {
-                let sql =
-                    format!("UPDATE orders SET status = 'expired', updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}");
+                let sql = format!(
+                    "UPDATE orders SET status = 'expired', updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}"
+                );
                 let view: OrderView = sqlx::query_as(&sql).bind(order_id).bind(now).fetch_one(&mut *conn).await?;
                 outbox.push(user, EventKind::OrderExpired, &view, work, now)?;
             }
