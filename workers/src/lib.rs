@@ -50,9 +50,7 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
     let process = Process::start(settings, role.consumers(), shutdown.clone()).await?;
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
     let result = match role {
-        WorkerRole::Prices => {
-            prices::run(&process.settings.price_source, &process.pool, &process.bus, shutdown.clone()).await
-        }
+        WorkerRole::Prices => prices::run(&process.settings, &process.pool, &process.bus, shutdown.clone()).await,
         WorkerRole::Audit => audit::run(&process.bus, &process.pool, role.consumers(), shutdown.clone()).await,
         WorkerRole::Notify => {
             notify::run(&process.bus, &process.pool, &process.settings, role.consumers(), shutdown.clone()).await

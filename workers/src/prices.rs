@@ -7,14 +7,16 @@
 //! Brownian motion, computed in exact decimals (no floats anywhere in the pipeline): each step's
 //! log-return is an Irwin–Hall sum of uniform integers (close to normal), applied as
 //! `price × (1 + r + r²/2)` and rounded half-even to the market's price increment;
-//! `replay:<csv>` — a recorded file replayed at its own pace ([`Replay`]); `none` — nothing.
-//! `coinbase` is declared in the configuration and not built: the worker refuses to start with
-//! it rather than pretend.
+//! `replay:<csv>` — a recorded file replayed at its own pace ([`Replay`]); `coinbase` — the
+//! public Coinbase Exchange ticker feed over a WebSocket at `COINBASE_WS_URL` ([`Coinbase`]:
+//! exact decimal prices, reconnects with backoff, duplicates dropped by Coinbase's per-product
+//! sequence); `none` — nothing.
 //!
 //! What this worker may not do: publish a tick the validator refused, or stop on its own while
 //! the process should run (an exhausted source leaves the worker idle until shutdown).
 
 mod candles;
+mod coinbase;
 mod replay;
 mod validate;
 
@@ -29,10 +31,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use vault_bus::message::{PriceTick, decode};
 use vault_bus::{Bus, MessageContext, streams, subjects};
+use vault_core::Settings;
 use vault_core::config::PriceSource as Configured;
 use vault_core::domain::{Positive, Symbol};
 
 pub use self::candles::{Candle, Candles, FLUSH_EVERY, minute_of};
+pub use self::coinbase::{Coinbase, Frame, Listed, Options as CoinbaseOptions, Ticker, listed_markets, parse_frame};
 pub use self::replay::{Recorded, Replay};
 pub use self::validate::{MAX_JUMP, Rejection, Validator};
 
@@ -135,9 +139,9 @@ async fn last_tick(stream: &async_nats::jetstream::stream::Stream, symbol: &Symb
     decode::<PriceTick>(&subject, &msg.payload).ok()
 }
 
-/// Runs the configured source until shutdown.
-pub async fn run(source: &Configured, pool: &PgPool, bus: &Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
-    match source {
+/// Runs the configured source (`PRICE_SOURCE`) until shutdown.
+pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match &settings.price_source {
         Configured::None => {
             tracing::info!("PRICE_SOURCE=none: publishing nothing");
             shutdown.cancelled().await;
@@ -155,7 +159,14 @@ pub async fn run(source: &Configured, pool: &PgPool, bus: &Bus, shutdown: Cancel
             publish_from(replay, bus, pool, shutdown).await
         }
         Configured::Coinbase => {
-            anyhow::bail!("PRICE_SOURCE=coinbase is not available in this version; use sim, replay:<csv> or none")
+            let markets = listed_markets(pool).await?;
+            anyhow::ensure!(
+                !markets.is_empty(),
+                "PRICE_SOURCE=coinbase: the markets table is empty, nothing to subscribe to"
+            );
+            let url = &settings.coinbase_ws_url;
+            tracing::info!(url, markets = markets.len(), "streaming prices from the Coinbase feed");
+            publish_from(Coinbase::new(url.as_str(), markets, CoinbaseOptions::default()), bus, pool, shutdown).await
         }
     }
 }

@@ -26,6 +26,10 @@ pub enum Rejection {
     Jump,
     /// Stamped before the previous accepted tick.
     OutOfOrder,
+    /// Zero or negative. A [`Quote`] cannot hold such a price, so a source refuses it before
+    /// validation (the `coinbase` feed, whose prices arrive as text); the reason lives here so
+    /// the label names of `vault_price_ticks_rejected_total` are listed in one place.
+    NotPositive,
 }
 
 impl Rejection {
@@ -33,6 +37,7 @@ impl Rejection {
         match self {
             Rejection::Jump => "jump",
             Rejection::OutOfOrder => "out_of_order",
+            Rejection::NotPositive => "not_positive",
         }
     }
 }
