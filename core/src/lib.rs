@@ -4,7 +4,8 @@
 //!   the rounding rules;
 //! - [`config`]: the environment contract of `API.md`, parsed into typed settings; a bad
 //!   setting stops the process before it serves (exit code 2, one line per problem).
-//! - [`telemetry`]: tracing (json or pretty) and the process-wide Prometheus registry.
+//! - [`telemetry`]: tracing (json or pretty) and the process-wide Prometheus registry;
+//! - [`metric_names`]: every exported metric, described and registered at 0 per process role;
 //! - [`http`]: the layers every HTTP server here wears (request ids, tracing, metrics) and
 //!   [`http::serve`], which drains in-flight requests on shutdown.
 //! - [`ops`]: `/health`, `/readyz` and `/metrics`, with readiness computed in the background.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod metric_names;
 pub mod net;
 pub mod ops;
 pub mod shutdown;

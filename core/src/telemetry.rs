@@ -5,7 +5,9 @@
 //!   request can be found by its id.
 //! - Metrics: one Prometheus registry per process (`metrics` facade +
 //!   `metrics-exporter-prometheus`), rendered by the ops server's `/metrics`.
-//!   Latency metrics whose names end in `_seconds` are histograms with fixed buckets.
+//!   Latency metrics whose names end in `_seconds` are histograms with fixed buckets. Every
+//!   metric is described in [`crate::metric_names`]; [`init`] registers the role's series at 0
+//!   there, so alerts see them before the first event.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -74,6 +76,7 @@ pub fn init(settings: &Settings) -> Telemetry {
     if result.is_err() {
         tracing::debug!("tracing subscriber already installed");
     }
+    crate::metric_names::register(settings.role);
     Telemetry { _sentry: sentry }
 }
 
@@ -146,7 +149,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (several apps in one test process):
             // then this handle renders an empty registry, which is harmless there.
             let _ = metrics::set_global_recorder(recorder);
-            describe();
+            crate::metric_names::describe_all();
             handle
         })
         .clone()
@@ -166,22 +169,11 @@ pub fn spawn_upkeep(shutdown: CancellationToken) {
     });
 }
 
-fn describe() {
-    metrics::describe_counter!("http_requests_total", "HTTP requests by method, route and status");
-    metrics::describe_histogram!(
-        "http_request_duration_seconds",
-        metrics::Unit::Seconds,
-        "HTTP request latency by method and route"
-    );
-    metrics::describe_gauge!("vault_ready", "1 when the named readiness check passes, else 0");
-    metrics::describe_gauge!("vault_build_info", "Always 1; labels carry the process role and version");
-}
-
 /// Records the process identity as a metric so dashboards can tell processes apart.
 pub fn record_build_info(settings: &Settings) {
     metrics_handle();
     metrics::gauge!(
-        "vault_build_info",
+        crate::metric_names::BUILD_INFO,
         "role" => settings.role.as_str(),
         "version" => env!("CARGO_PKG_VERSION")
     )

@@ -2,7 +2,9 @@
 //!
 //! - one consumer loop per owned ORDERS partition ([`consume_partition`]): pulls commands,
 //!   routes each to its user's actor, acks only after the actor committed; a message that
-//!   cannot be decoded, or still fails on its last delivery, is parked and terminated;
+//!   cannot be decoded, or still fails on its last delivery, is parked and terminated. Every
+//!   settled message is counted with its latency from the pull (`vault_messages_processed_total`,
+//!   `vault_message_processing_seconds`), so the processing rate can be set against the lag;
 //! - the price feed ([`price_feed`]): an ordered consumer on PRICES starting at the last tick of
 //!   every market, keeping the latest price per symbol and triggering the resting orders a tick
 //!   crosses;
@@ -12,7 +14,7 @@
 //!   seconds.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Recipient;
 use async_nats::jetstream::AckKind;
@@ -29,6 +31,7 @@ use vault_bus::message::{EngineEvent, OrderCommand, PriceTick, decode};
 use vault_bus::{Bus, MessageContext, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
+use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
 
 use crate::actors::{Markets, Route, Shared};
 use crate::book::{PriceBook, Resting};
@@ -136,30 +139,33 @@ pub async fn consume_partition(
     let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
     let mut in_flight = FuturesUnordered::new();
     let durable = spec.durable.as_str();
+    let metrics = ConsumerMetrics::new(streams::ORDERS.name, durable);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            Some((msg, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                settle(&pool, durable, msg, result).await;
+            Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let outcome = settle(&pool, durable, msg, result).await;
+                metrics.record(outcome, received);
             }
             next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
                 Some(Ok(msg)) => {
+                    let received = Instant::now();
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                     match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
                         Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
                             let user = command.user_id;
                             // From the API's acceptance to the engine picking it up: queue lag.
                             let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
-                            metrics::histogram!("vault_engine_queue_wait_seconds").record(waited);
+                            metrics::histogram!(names::ENGINE_QUEUE_WAIT).record(waited);
                             let done = router.route(user, Work::Command { command, stream_seq: seq });
-                            in_flight.push(async move { (msg, done.await) });
+                            in_flight.push(async move { (msg, received, done.await) });
                         }
                         Ok(command) => {
                             let reason = format!("command for user {} on the wrong subject", command.user_id);
-                            park_and_term(&pool, durable, &msg, &reason).await;
+                            metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
                         }
-                        Err(e) => park_and_term(&pool, durable, &msg, &e.to_string()).await,
+                        Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
                     }
                 }
                 Some(Err(e)) => {
@@ -174,19 +180,21 @@ pub async fn consume_partition(
         }
     }
     drop(messages);
-    while let Some((msg, result)) = in_flight.next().await {
-        settle(&pool, durable, msg, result).await;
+    while let Some((msg, received, result)) = in_flight.next().await {
+        let outcome = settle(&pool, durable, msg, result).await;
+        metrics.record(outcome, received);
     }
     tracing::info!(consumer = durable, "consumer drained");
     Ok(())
 }
 
+/// Acks a committed command, or gives a failed one back (parked on its last delivery).
 async fn settle(
     pool: &PgPool,
     durable: &str,
     msg: async_nats::jetstream::Message,
     result: Result<Outcome, StoreError>,
-) {
+) -> Settled {
     match result {
         Ok(outcome) => {
             let label = match outcome {
@@ -194,31 +202,38 @@ async fn settle(
                 Outcome::Void => "void",
                 Outcome::Duplicate => "duplicate",
             };
-            metrics::counter!("vault_engine_commands_total", "outcome" => label).increment(1);
+            metrics::counter!(names::ENGINE_COMMANDS, "outcome" => label).increment(1);
             if let Err(e) = msg.ack().await {
                 // The commit stands; a redelivery will be recognised as a duplicate.
                 tracing::warn!(consumer = durable, error = %e, "ack failed after commit");
             }
+            Settled::Ok
         }
         Err(e) => {
             let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
             if delivered >= MAX_DELIVER {
-                park_and_term(pool, durable, &msg, &format!("failed on delivery {delivered}: {e}")).await;
+                park_and_term(pool, durable, &msg, &format!("failed on delivery {delivered}: {e}")).await
             } else {
                 tracing::warn!(consumer = durable, delivered, error = %e, "command failed; will be redelivered");
                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                Settled::Retry
             }
         }
     }
 }
 
-async fn park_and_term(pool: &PgPool, durable: &str, msg: &async_nats::jetstream::Message, reason: &str) {
+/// Parks and terminates `msg`; [`Settled::Retry`] when it could not be parked.
+async fn park_and_term(pool: &PgPool, durable: &str, msg: &async_nats::jetstream::Message, reason: &str) -> Settled {
     match park::park(pool, streams::ORDERS.name, durable, msg, reason).await {
         Ok(()) => {
             let _ = msg.ack_with(AckKind::Term).await;
+            Settled::Parked
         }
         // Not parked, so not terminated either: it comes back and is parked then.
-        Err(e) => tracing::error!(consumer = durable, error = %e, reason, "could not park a message"),
+        Err(e) => {
+            tracing::error!(consumer = durable, error = %e, reason, "could not park a message");
+            Settled::Retry
+        }
     }
 }
 

@@ -6,8 +6,9 @@
 //! every [`EVERY`], so lag stays visible on `/metrics` while a consumer is down:
 //! `vault_queue_pending_messages`, `vault_queue_ack_pending_messages`,
 //! `vault_queue_redelivered_messages`, `vault_queue_oldest_pending_age_seconds`
-//! (labels `stream`, `consumer`). The API reports every consumer; each consumer process reports
-//! its own.
+//! (labels `stream`, `consumer`), and `vault_stream_last_sequence{stream}`, whose rate is the
+//! stream's arrival rate (compare it with the consumers' `vault_messages_processed_total`).
+//! The API reports every consumer; each consumer process reports its own.
 
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use vault_core::metric_names as names;
 
 use crate::consumers::ConsumerSpec;
 use crate::{Bus, BusError, streams};
@@ -107,12 +109,13 @@ pub async fn snapshot(bus: &Bus, only: Option<&[ConsumerSpec]>) -> Result<Vec<St
 /// Sets the lag gauges from a snapshot.
 pub fn record(streams: &[StreamLag]) {
     for s in streams {
+        metrics::gauge!(names::STREAM_LAST_SEQUENCE, "stream" => s.name.clone()).set(s.last_seq as f64);
         for c in &s.consumers {
             let labels = [("stream", s.name.clone()), ("consumer", c.name.clone())];
-            metrics::gauge!("vault_queue_pending_messages", &labels).set(c.num_pending as f64);
-            metrics::gauge!("vault_queue_ack_pending_messages", &labels).set(c.num_ack_pending as f64);
-            metrics::gauge!("vault_queue_redelivered_messages", &labels).set(c.num_redelivered as f64);
-            metrics::gauge!("vault_queue_oldest_pending_age_seconds", &labels).set(c.oldest_pending_age_seconds);
+            metrics::gauge!(names::QUEUE_PENDING, &labels).set(c.num_pending as f64);
+            metrics::gauge!(names::QUEUE_ACK_PENDING, &labels).set(c.num_ack_pending as f64);
+            metrics::gauge!(names::QUEUE_REDELIVERED, &labels).set(c.num_redelivered as f64);
+            metrics::gauge!(names::QUEUE_OLDEST_PENDING_AGE, &labels).set(c.oldest_pending_age_seconds);
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Start-up and shutdown shared by every process that owns consumers (engine and workers).
 //!
 //! [`Process::start`] connects Postgres and NATS (bounded retries), declares the streams and the
-//! process's consumers, registers the readiness checks and starts the ops server on `OPS_ADDR`.
+//! process's consumers (registering their processing metrics at 0), registers the readiness
+//! checks and starts the ops server on `OPS_ADDR`.
 //! [`Process::finish`] is the other half: after the role's own loops have drained, it waits for
 //! the ops server and closes the pool and the NATS connection (flushing what is buffered).
 
@@ -11,6 +12,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use vault_core::metric_names::ConsumerMetrics;
 use vault_core::ops::{self, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
@@ -47,6 +49,11 @@ impl Process {
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?;
         bus.ensure_streams().await?;
         bus.ensure_consumers(&consumers).await?;
+        // Processing rate, latency and parked counts exist at 0 before the first message, so
+        // "processed nothing while lag grows" and "parked anything" alerts work from the start.
+        for spec in &consumers {
+            ConsumerMetrics::new(spec.stream, &spec.durable);
+        }
 
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));

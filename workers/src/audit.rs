@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -213,17 +213,15 @@ async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
     match append(pool, &entries).await {
         Ok(written) => {
             metrics::counter!("vault_audit_rows_total").increment(written as u64);
-            for d in batch {
-                if let Err(e) = d.msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed after the audit commit; the redelivery will be skipped");
-                }
+            for d in &batch {
+                d.ack().await;
             }
         }
         Err(e) => {
             metrics::counter!("vault_audit_write_failures_total").increment(1);
             tracing::warn!(error = %e, rows = batch.len(), "audit batch not written; messages will be redelivered");
-            for d in batch {
-                let _ = d.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            for d in &batch {
+                d.retry(Duration::from_secs(1)).await;
             }
         }
     }

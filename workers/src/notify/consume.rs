@@ -25,14 +25,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::batch::{self, Delivered};
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{AuthEvent, EngineEvent, decode};
-use vault_bus::{Bus, park, streams};
+use vault_bus::{Bus, streams};
 
 use super::Wakers;
 use super::plan::{self, Source};
@@ -281,10 +281,8 @@ async fn flush(pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
     match apply(pool, &sources).await {
         Ok(written) => {
             count(&written, wake);
-            for p in batch {
-                if let Err(e) = p.msg.ack().await {
-                    tracing::warn!(error = %e, "ack failed after the notify commit; the redelivery will be skipped");
-                }
+            for p in &batch {
+                p.ack().await;
             }
         }
         Err(e) => {
@@ -293,7 +291,7 @@ async fn flush(pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
                 match apply(pool, &[&p.value]).await {
                     Ok(written) => {
                         count(&written, wake);
-                        let _ = p.msg.ack().await;
+                        p.ack().await;
                     }
                     Err(e) => give_back(pool, p, &e.to_string()).await,
                 }
@@ -308,11 +306,10 @@ async fn give_back(pool: &PgPool, p: Pending, error: &str) {
     let delivered = p.msg.info().map(|i| i.delivered).unwrap_or(1);
     if delivered >= MAX_DELIVER {
         let reason = format!("not written after {delivered} deliveries: {error}");
-        if park::park(pool, p.stream, &p.durable, &p.msg, &reason).await.is_ok() {
-            let _ = p.msg.ack_with(AckKind::Term).await;
+        if p.park(pool, &reason).await {
             return;
         }
     }
     tracing::warn!(error, event = %p.value.event_id(), delivered, "notify message not written; it will be redelivered");
-    let _ = p.msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+    p.retry(Duration::from_secs(1)).await;
 }
