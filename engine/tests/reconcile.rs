@@ -1,0 +1,570 @@
+//! `vault-engine reconcile` as operators run it: a database left by a real trading run (the
+//! engine binary, a real nats-server, commands and ticks as the API and the prices worker send
+//! them) reconciles clean; then each kind of corruption, injected with SQL behind the engine's
+//! back, makes it exit 1 naming exactly the checks that must fail.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
+use vault_bus::{Bus, MessageContext};
+use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_testkit::{
+    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, base_env, free_port, offline_env, poll_until,
+    run_reconcile,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// What a trading run left behind, and the ids the corruptions aim at.
+struct Traded {
+    db: TestDb,
+    pool: PgPool,
+    /// The user with deposits, fills, resting orders on both sides and a cancel.
+    trader: Uuid,
+    /// A market buy filled at once.
+    market_buy: Uuid,
+    /// A resting buy whose fee needs rounding up: 0.00123 × 40000.37 = 49.2004551, fee
+    /// 0.0492004551 → 0.04920046, hold 49.24965556 USD.
+    resting_buy: Uuid,
+    /// An IOC limit buy that could not fill and expired.
+    expired: Uuid,
+}
+
+/// A real engine and nats-server; commands published the way the API publishes them.
+struct Session {
+    nats: NatsServer,
+    pool: PgPool,
+    bus: Bus,
+    engine: Proc,
+    tick_seq: u64,
+}
+
+impl Session {
+    async fn user(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
+            .bind(id)
+            .bind(format!("{id}@example.com"))
+            .execute(&self.pool)
+            .await
+            .expect("user");
+        id
+    }
+
+    async fn send(&self, user: Uuid, body: CommandBody) {
+        let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+        self.bus.publish(&command, &MessageContext::default()).await.expect("published");
+    }
+
+    /// The intake row, then the command; waits for the engine's verdict.
+    async fn deposit(&self, user: Uuid, asset: &str, amount: Decimal) {
+        let id = Uuid::now_v7();
+        let client_id = format!("dep-{}", id.simple());
+        sqlx::query("INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id)
+            .bind(user)
+            .bind(&client_id)
+            .bind(asset)
+            .bind(amount)
+            .execute(&self.pool)
+            .await
+            .expect("intake row");
+        let amount = Positive::new(amount).expect("positive");
+        let asset = Asset::parse(asset).expect("asset");
+        self.send(user, CommandBody::Deposit { deposit_id: id, client_deposit_id: client_id, asset, amount }).await;
+        self.wait_for("deposits", id, |s| s == "completed").await;
+    }
+
+    /// The intake row, then the command; returns the order id and the engine's verdict.
+    async fn place(
+        &self,
+        user: Uuid,
+        side: Side,
+        tif: TimeInForce,
+        quantity: Decimal,
+        limit: Option<Decimal>,
+    ) -> (Uuid, String) {
+        let id = Uuid::now_v7();
+        let client_id = format!("c-{}", id.simple());
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
+             VALUES ($1, $2, $3, 'BTC-USD', $4, $5, $6, $7, $8, 'pending')",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(&client_id)
+        .bind(if side == Side::Buy { "buy" } else { "sell" })
+        .bind(if limit.is_some() { "limit" } else { "market" })
+        .bind(match tif {
+            TimeInForce::Gtc => "gtc",
+            TimeInForce::Ioc => "ioc",
+            TimeInForce::Fok => "fok",
+        })
+        .bind(quantity)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .expect("intake row");
+        let body = CommandBody::Place {
+            order_id: id,
+            client_order_id: client_id,
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side,
+            order_type: if limit.is_some() { OrderType::Limit } else { OrderType::Market },
+            time_in_force: tif,
+            quantity: Positive::new(quantity).expect("positive"),
+            limit_price: limit.map(|l| Positive::new(l).expect("positive")),
+        };
+        self.send(user, body).await;
+        let status = self.wait_for("orders", id, |s| s != "pending").await;
+        (id, status)
+    }
+
+    async fn tick(&mut self, price: Decimal) {
+        self.tick_seq += 1;
+        let tick = PriceTick {
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            price: Positive::new(price).expect("positive"),
+            ts: Utc::now(),
+            source: "reconcile-test".into(),
+            seq: self.tick_seq,
+        };
+        self.bus.publish(&tick, &MessageContext::default()).await.expect("tick published");
+    }
+
+    async fn wait_for(&self, table: &str, id: Uuid, want: impl Fn(&str) -> bool) -> String {
+        let sql = format!("SELECT status FROM {table} WHERE id = $1");
+        poll_until(WAIT, &format!("{table} {id} to be decided"), || async {
+            let status: String = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()??;
+            want(&status).then_some(status)
+        })
+        .await
+    }
+}
+
+/// A trading run through the real engine, stopped cleanly afterwards: deposits, a market buy, a
+/// rejection, resting orders on both sides (one whose fee rounds up), a cancel, an IOC expiry and
+/// a fill by a crossing tick. With `keep_engine`, the engine is still running when it returns.
+async fn trade(keep_engine: bool) -> (Traded, Option<Session>) {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(&db, &nats);
+    envs.push(("OPS_ADDR", addr.clone()));
+    let mut engine = Proc::spawn(BIN, &[], &envs);
+    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    let mut s = Session { nats, pool: pool.clone(), bus, engine, tick_seq: 0 };
+
+    let trader = s.user().await;
+    s.deposit(trader, "USD", dec!(100000)).await;
+    s.tick(dec!(50000)).await;
+    // The first market order may reach the engine before the tick does (`no_price`): a
+    // legitimate rejection, which stays in the books; the next attempt fills.
+    let market_buy = poll_until(WAIT, "a market buy to fill", || async {
+        let (id, status) = s.place(trader, Side::Buy, TimeInForce::Ioc, dec!(0.1), None).await;
+        (status == "filled").then_some(id)
+    })
+    .await;
+    let (resting_buy, status) = s.place(trader, Side::Buy, TimeInForce::Gtc, dec!(0.00123), Some(dec!(40000.37))).await;
+    assert_eq!(status, "open");
+    let (resting_sell, status) = s.place(trader, Side::Sell, TimeInForce::Gtc, dec!(0.05), Some(dec!(60000))).await;
+    assert_eq!(status, "open");
+    let (to_cancel, status) = s.place(trader, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(41000))).await;
+    assert_eq!(status, "open");
+    s.send(trader, CommandBody::Cancel { order_id: to_cancel }).await;
+    s.wait_for("orders", to_cancel, |st| st == "canceled").await;
+    let (expired, status) = s.place(trader, Side::Buy, TimeInForce::Ioc, dec!(0.01), Some(dec!(30000))).await;
+    assert_eq!(status, "expired");
+    let (triggered, status) = s.place(trader, Side::Buy, TimeInForce::Gtc, dec!(0.03), Some(dec!(48000))).await;
+    assert_eq!(status, "open");
+    s.tick(dec!(47000)).await;
+    s.wait_for("orders", triggered, |st| st == "filled").await;
+
+    let poor = s.user().await;
+    s.deposit(poor, "USD", dec!(10)).await;
+    let (_, status) = s.place(poor, Side::Buy, TimeInForce::Ioc, dec!(1), None).await;
+    assert_eq!(status, "rejected");
+
+    let held: Decimal = sqlx::query_scalar("SELECT hold FROM orders WHERE id = $1")
+        .bind(resting_buy)
+        .fetch_one(&pool)
+        .await
+        .expect("hold");
+    assert_eq!(held, dec!(49.24965556), "the engine's hold, which reconcile recomputes");
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id IN ($1, $2) AND status = 'open'")
+        .bind(resting_buy)
+        .bind(resting_sell)
+        .fetch_one(&pool)
+        .await
+        .expect("open");
+    assert_eq!(open, 2, "two orders still rest, so reserved is not trivially zero");
+
+    let traded = Traded { db, pool, trader, market_buy, resting_buy, expired };
+    if keep_engine {
+        return (traded, Some(s));
+    }
+    s.engine.signal("TERM");
+    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+    drop(s.nats);
+    (traded, None)
+}
+
+async fn traded() -> Traded {
+    trade(false).await.0
+}
+
+/// Corrupts the database as an operator's hand-written SQL would (statements may be several).
+async fn execute(pool: &PgPool, sql: &str) {
+    sqlx::raw_sql(sql).execute(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The names of the checks that found violations.
+fn failing(report: &Value) -> BTreeSet<String> {
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["violations"].as_i64() != Some(0))
+        .map(|c| c["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// The listed violations of `check`, as `subject: detail` lines.
+fn listed(report: &Value, check: &str) -> Vec<String> {
+    report["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter(|v| v["check"] == check)
+        .map(|v| format!("{}: {}", v["subject"].as_str().unwrap_or(""), v["detail"].as_str().unwrap_or("")))
+        .collect()
+}
+
+/// Runs reconcile and asserts it exits 1 with exactly `expected` failing.
+async fn assert_fails(t: &Traded, args: &[&str], expected: &[&str]) -> Value {
+    let (code, report) = run_reconcile(BIN, &t.db, args).await;
+    let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
+    assert_eq!(code, 1, "reconcile must exit 1 on a violation:\n{pretty}");
+    assert_eq!(report["clean"], false, "{pretty}");
+    let want: BTreeSet<String> = expected.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(failing(&report), want, "the failing checks:\n{pretty}");
+    report
+}
+
+const CHECKS: [&str; 13] = [
+    "balances_match_ledger",
+    "ledger_running_balances",
+    "transactions_balance",
+    "assets_sum_to_zero",
+    "no_negative_balances",
+    "reserved_matches_holds",
+    "order_holds",
+    "order_fills",
+    "fills_match_ledger",
+    "deposits_match_ledger",
+    "command_versions",
+    "decisions_recorded",
+    "pending_explained",
+];
+
+#[tokio::test]
+async fn a_database_after_a_real_trading_run_reconciles_clean_with_every_check_listed() {
+    let (t, session) = trade(true).await;
+    let mut s = session.expect("the engine still runs");
+
+    // While the engine runs: one snapshot, so a live database reconciles too.
+    let (code, report) = run_reconcile(BIN, &t.db, &[]).await;
+    let pretty = serde_json::to_string_pretty(&report).unwrap_or_default();
+    assert_eq!(code, 0, "{pretty}");
+    assert_eq!(report["clean"], true, "{pretty}");
+    assert_eq!(report["violations_total"], 0, "{pretty}");
+    assert_eq!(report["pending_older_than_seconds"], 60, "{pretty}");
+    let names: Vec<&str> =
+        report["checks"].as_array().expect("checks").iter().map(|c| c["name"].as_str().expect("name")).collect();
+    assert_eq!(names, CHECKS, "every check, in order");
+    for check in report["checks"].as_array().expect("checks") {
+        let examined = check["examined"].as_i64().expect("examined");
+        // Nothing is pending after the run: that check has nothing to examine.
+        if check["name"] != "pending_explained" {
+            assert!(examined > 0, "{} examined nothing:\n{pretty}", check["name"]);
+        }
+    }
+
+    s.engine.signal("TERM");
+    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+
+    // The human-readable report: one line per check with its count, and the verdict.
+    let mut text = Proc::spawn(BIN, &["reconcile"], &[("DATABASE_URL", t.db.url.clone())]);
+    let status = text.wait_exit(Duration::from_secs(60)).await;
+    let output = text.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    for name in CHECKS {
+        assert!(output.lines().any(|l| l.trim_start().starts_with("ok") && l.contains(name)), "{name}:\n{output}");
+    }
+    assert!(output.lines().any(|l| l.contains("balances_match_ledger") && l.contains(" balances:")), "{output}");
+    assert!(output.trim_end().ends_with("clean: every invariant holds"), "{output}");
+}
+
+#[tokio::test]
+async fn a_changed_balance_is_named() {
+    let t = traded().await;
+    execute(
+        &t.pool,
+        &format!("UPDATE balances SET total = total + 1 WHERE user_id = '{}' AND asset = 'USD'", t.trader),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["balances_match_ledger"]).await;
+    let lines = listed(&report, "balances_match_ledger");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with(&format!("user {} USD: total ", t.trader)), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_deleted_posting_is_named() {
+    let t = traded().await;
+    // The user's fee posting of the market buy: its transaction no longer balances, USD no
+    // longer sums to zero, the balance and the later running balances disagree with the
+    // ledger, and the fill's fee is missing from it.
+    execute(
+        &t.pool,
+        &format!(
+            "DELETE FROM ledger_entries WHERE account = 'user' AND kind = 'fee' AND order_id = '{}'",
+            t.market_buy
+        ),
+    )
+    .await;
+    assert_fails(
+        &t,
+        &[],
+        &[
+            "assets_sum_to_zero",
+            "balances_match_ledger",
+            "fills_match_ledger",
+            "ledger_running_balances",
+            "transactions_balance",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_altered_posting_is_named() {
+    let t = traded().await;
+    // The house side of the trader's deposit: the user side is intact, so only the
+    // double-entry checks can see it.
+    execute(
+        &t.pool,
+        &format!(
+            "UPDATE ledger_entries SET amount = amount + 1
+              WHERE account = 'house' AND tx_id = (SELECT tx_id FROM ledger_entries
+                                                    WHERE user_id = '{}' AND kind = 'deposit')",
+            t.trader
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["assets_sum_to_zero", "transactions_balance"]).await;
+    let lines = listed(&report, "transactions_balance");
+    assert!(lines.len() == 1 && lines[0].contains("postings sum to 1 USD instead of zero"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn an_unbalanced_transaction_is_named() {
+    let t = traded().await;
+    // A transaction that credits the user 5 against 4 from the house, with the balance moved
+    // to match its ledger (what a buggy writer would do): the books no longer sum to zero, and
+    // no deposit explains the credit.
+    execute(
+        &t.pool,
+        &format!(
+            "WITH b AS (UPDATE balances SET total = total + 5 WHERE user_id = '{u}' AND asset = 'USD' RETURNING total),
+                  tx AS (SELECT gen_random_uuid() AS id)
+             INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind)
+             SELECT tx.id, 'user', '{u}'::uuid, 'USD', 5, b.total, 'deposit' FROM tx, b
+             UNION ALL SELECT tx.id, 'house', NULL, 'USD', -4, NULL, 'deposit' FROM tx",
+            u = t.trader
+        ),
+    )
+    .await;
+    assert_fails(&t, &[], &["assets_sum_to_zero", "deposits_match_ledger", "transactions_balance"]).await;
+}
+
+#[tokio::test]
+async fn reserved_not_matching_the_holds_of_open_orders_is_named() {
+    let t = traded().await;
+    execute(
+        &t.pool,
+        &format!("UPDATE balances SET reserved = reserved + 1 WHERE user_id = '{}' AND asset = 'USD'", t.trader),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["reserved_matches_holds"]).await;
+    let lines = listed(&report, "reserved_matches_holds");
+    assert!(lines.len() == 1 && lines[0].contains("open orders hold 49.24965556"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn an_order_holding_other_than_the_engine_reserves_is_named() {
+    let t = traded().await;
+    // One unit of the last place less than the fee rounded up, with reserved moved along so
+    // only the recomputation from the order itself can tell.
+    execute(
+        &t.pool,
+        &format!(
+            "WITH o AS (UPDATE orders SET hold = hold - 0.00000001 WHERE id = '{}' RETURNING user_id)
+             UPDATE balances b SET reserved = reserved - 0.00000001 FROM o WHERE b.user_id = o.user_id AND b.asset = 'USD'",
+            t.resting_buy
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["order_holds"]).await;
+    let lines = listed(&report, "order_holds");
+    assert_eq!(
+        lines,
+        [format!("order {}: holds 49.24965555 USD but the engine reserves 49.24965556 USD", t.resting_buy)]
+    );
+}
+
+#[tokio::test]
+async fn a_duplicated_fill_is_named() {
+    let t = traded().await;
+    execute(
+        &t.pool,
+        &format!(
+            "INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, liquidity, created_at)
+             SELECT gen_random_uuid(), order_id, user_id, symbol, side, price, quantity, fee, liquidity, created_at
+               FROM fills WHERE order_id = '{}'",
+            t.market_buy
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["fills_match_ledger", "order_fills"]).await;
+    let lines = listed(&report, "order_fills");
+    assert!(lines.len() == 1 && lines[0].contains("2 fills"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_stale_pending_order_or_deposit_is_named_and_a_young_one_is_not() {
+    let t = traded().await;
+    // Intake rows whose commands never reached the engine: an order and a deposit five minutes
+    // old, and an order just written (its command may well be on its way).
+    execute(
+        &t.pool,
+        &format!(
+            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, status, created_at)
+             VALUES (gen_random_uuid(), '{u}', 'stale-order', 'BTC-USD', 'buy', 'market', 'ioc', 0.01, 'pending',
+                     now() - interval '5 minutes'),
+                    (gen_random_uuid(), '{u}', 'young-order', 'BTC-USD', 'buy', 'market', 'ioc', 0.01, 'pending', now());
+             INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount, created_at)
+             VALUES (gen_random_uuid(), '{u}', 'stale-deposit', 'USD', 10, now() - interval '5 minutes')",
+            u = t.trader
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["pending_explained"]).await;
+    assert_eq!(report["violations_total"], 2);
+    let lines = listed(&report, "pending_explained");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("order ")) && lines.iter().any(|l| l.starts_with("deposit ")));
+    assert!(lines.iter().all(|l| l.contains("its command was never applied")), "{lines:?}");
+
+    // The listing is capped, the count is not.
+    let report = assert_fails(&t, &["--limit", "1"], &["pending_explained"]).await;
+    assert_eq!((report["violations_total"].as_i64(), listed(&report, "pending_explained").len()), (Some(2), 1));
+
+    // A bound beyond their age explains them all: still on their way.
+    let (code, report) = run_reconcile(BIN, &t.db, &["--pending-older-than", "10m"]).await;
+    assert_eq!((code, report["pending_older_than_seconds"].as_i64()), (0, Some(600)), "{report}");
+}
+
+#[tokio::test]
+async fn a_pending_order_whose_command_was_applied_is_named_whatever_its_age() {
+    let t = traded().await;
+    // The expired IOC order set back to pending: its command's key says the engine took it,
+    // so nothing will ever decide it again.
+    execute(&t.pool, &format!("UPDATE orders SET status = 'pending' WHERE id = '{}'", t.expired)).await;
+    let report = assert_fails(&t, &["--pending-older-than", "1h"], &["pending_explained"]).await;
+    let lines = listed(&report, "pending_explained");
+    assert!(lines.len() == 1 && lines[0].contains("it will never be decided"), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_command_version_recorded_twice_is_named() {
+    let t = traded().await;
+    // The last commit's key moved onto the version before it: two commands claim one version
+    // and the portfolio's version has no command.
+    execute(
+        &t.pool,
+        &format!(
+            "UPDATE applied_commands SET version = version - 1
+              WHERE user_id = '{u}' AND version = (SELECT version FROM portfolios WHERE user_id = '{u}')",
+            u = t.trader
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["command_versions"]).await;
+    let lines = listed(&report, "command_versions");
+    assert!(lines.len() == 1 && lines[0].starts_with(&format!("user {}: version ", t.trader)), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_decision_without_its_command_key_is_named() {
+    let t = traded().await;
+    // Without the key a redelivery of the expired order's command would be applied again.
+    execute(
+        &t.pool,
+        &format!(
+            "DELETE FROM applied_commands
+              WHERE command_id = (SELECT user_id || ':' || client_order_id FROM orders WHERE id = '{}')",
+            t.expired
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["command_versions", "decisions_recorded"]).await;
+    let lines = listed(&report, "decisions_recorded");
+    assert!(lines.len() == 1 && lines[0].starts_with(&format!("order {}: expired but", t.expired)), "{lines:?}");
+}
+
+#[tokio::test]
+async fn a_negative_available_balance_is_named_even_without_the_schema_check() {
+    let t = traded().await;
+    execute(&t.pool, "ALTER TABLE balances DROP CONSTRAINT balances_check").await;
+    execute(
+        &t.pool,
+        &format!("UPDATE balances SET reserved = total + 1 WHERE user_id = '{}' AND asset = 'BTC'", t.trader),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["no_negative_balances", "reserved_matches_holds"]).await;
+    let lines = listed(&report, "no_negative_balances");
+    assert_eq!(lines, [format!("user {} BTC: available -1 is negative", t.trader)]);
+}
+
+#[tokio::test]
+async fn reconcile_without_a_usable_database_gives_no_verdict_and_exit_2() {
+    // A malformed URL: the configuration contract (exit 2, the variable named, no password).
+    assert_config_error(
+        BIN,
+        &["reconcile"],
+        &offline_env("DATABASE_URL", "postgres://u:pw-hidden@h:port/db"),
+        "DATABASE_URL",
+        &["pw-hidden"],
+    )
+    .await;
+    // A well-formed URL nobody answers on: no verdict, and no password either.
+    let mut proc = Proc::spawn(BIN, &["reconcile", "--json"], &offline_env("NATS_URL", "nats://127.0.0.1:1"));
+    let status = proc.wait_exit(Duration::from_secs(30)).await;
+    let output = proc.output();
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("no verdict"), "{output}");
+    assert!(!output.contains("db-password-not-printed"), "{output}");
+    // Bad flags are configuration errors too.
+    let mut proc = Proc::spawn(BIN, &["reconcile", "--pending-older-than", "soon"], &[]);
+    assert_eq!(proc.wait_exit(Duration::from_secs(30)).await.code(), Some(2), "{}", proc.output());
+}
