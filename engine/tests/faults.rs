@@ -1,6 +1,7 @@
 //! Faults against the real engine binary: `kill -9` in the middle of a flood of commands, and a
 //! misconfigured second engine on the same partitions. After each: every command applied
-//! exactly once, nothing pending, the books balanced.
+//! exactly once, nothing pending, the books balanced — and `vault-engine reconcile` finds the
+//! database clean.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, poll_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 
@@ -234,6 +235,7 @@ async fn kill_9_in_the_middle_of_a_flood_loses_and_doubles_nothing() {
     assert_consistent(&pool, total).await;
     engine.signal("TERM");
     assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    assert_reconciled(BIN, &db).await;
 }
 
 #[tokio::test]
@@ -262,4 +264,5 @@ async fn a_misconfigured_second_engine_on_the_same_partitions_applies_nothing_tw
         engine.signal("TERM");
         assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", engine.output());
     }
+    assert_reconciled(BIN, &db).await;
 }
