@@ -257,6 +257,8 @@ pub struct Settings {
     pub database_url: DatabaseUrl,
     /// Comma-separated NATS server URLs.
     pub nats_url: String,
+    /// Copies JetStream keeps of every stream: 1 on a single server, 3 on a cluster.
+    pub nats_replicas: usize,
     /// `None` outside the API; the API refuses to start without it.
     pub jwt_secret: Option<Secret>,
     pub api_addr: SocketAddr,
@@ -355,6 +357,12 @@ impl Settings {
                 }
             })
             .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        let nats_replicas = r
+            .with("NATS_REPLICAS", |s| match s.parse::<usize>() {
+                Ok(n @ 1..=5) => Ok(n),
+                _ => Err(format!("expected 1 to 5 copies of each stream (3 on a 3-node cluster), got {s:?}")),
+            })
+            .unwrap_or(1);
         let jwt_secret = r.secret("JWT_SECRET", |s| {
             if s.len() < MIN_JWT_SECRET_BYTES {
                 Err(format!("must be at least {MIN_JWT_SECRET_BYTES} bytes (it is shorter)"))
@@ -424,6 +432,7 @@ impl Settings {
                 app_env,
                 database_url,
                 nats_url,
+                nats_replicas,
                 jwt_secret,
                 api_addr: api_addr.unwrap_or_else(|| Role::Api.default_ops_addr()),
                 ops_addr: if role == Role::Api {
@@ -459,6 +468,7 @@ impl Settings {
             ("APP_ENV", format!("{:?}", self.app_env).to_lowercase()),
             ("DATABASE_URL", format!("{:?}", self.database_url)),
             ("NATS_URL", self.nats_url.clone()),
+            ("NATS_REPLICAS", self.nats_replicas.to_string()),
             ("JWT_SECRET", secret(&self.jwt_secret)),
             ("API_ADDR", self.api_addr.to_string()),
             ("OPS_ADDR", self.ops_addr.to_string()),
@@ -715,6 +725,13 @@ mod tests {
     fn the_coinbase_feed_url_defaults_to_coinbase_and_must_be_a_websocket_url() {
         let s = load_env(Role::Prices, &[("DATABASE_URL", DB)]).expect("valid");
         assert_eq!(s.coinbase_ws_url, "wss://ws-feed.exchange.coinbase.com");
+        assert_eq!(s.nats_replicas, 1);
+        let s = load_env(Role::Prices, &[("DATABASE_URL", DB), ("NATS_REPLICAS", "3")]).expect("3 replicas");
+        assert_eq!(s.nats_replicas, 3);
+        for bad in ["0", "6", "three", "-1"] {
+            let err = load_env(Role::Prices, &[("DATABASE_URL", DB), ("NATS_REPLICAS", bad)]).expect_err(bad);
+            assert!(err.0[0].starts_with("NATS_REPLICAS: expected 1 to 5"), "{bad}: {err}");
+        }
         for url in ["ws://127.0.0.1:9000", "wss://feed.example/path?x=1"] {
             let s = load_env(Role::Prices, &[("DATABASE_URL", DB), ("COINBASE_WS_URL", url)]).expect(url);
             assert_eq!(s.coinbase_ws_url, url);

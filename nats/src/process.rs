@@ -46,7 +46,7 @@ impl Process {
         let ops_addr = listener.local_addr()?;
 
         let pool = db::connect(&settings.database_url, 10).await?;
-        let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?;
+        let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
         bus.ensure_consumers(&consumers).await?;
         // Processing rate, latency and parked counts exist at 0 before the first message, so
