@@ -358,7 +358,11 @@ impl Coinbase {
                 let detail = frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default();
                 self.lose("closed", &format!("the feed closed the connection {detail}"));
             }
-            None => self.lose("closed", "the connection ended"),
+            None
+            | Some(Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake),
+            )) => self.lose("closed", "the feed dropped the connection"),
             Some(Err(e)) => self.lose("error", &e.to_string()),
         }
     }
