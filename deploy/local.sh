@@ -413,9 +413,9 @@ cmd_up() {
     start_cluster
     STACK_NATS_URL=nats://127.0.0.1:4341,nats://127.0.0.1:4342,nats://127.0.0.1:4343
   else
-    # NATS with JetStream (deploy/nats/dev.conf) on our own ports, storing under .local/nats-data.
-    start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
-      -sd "$NATS_DATA"
+    # NATS with JetStream (deploy/nats/dev.conf) on our own ports. Its store_dir,
+    # .local/nats-data ($NATS_DATA), is relative to the project root, where this script runs.
+    start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT"
     wait_ready 20 nats
     STACK_NATS_URL=nats://127.0.0.1:$NATS_PORT
   fi
