@@ -115,6 +115,24 @@ impl Bus {
             .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
 
+    /// Publishes `msg` on core NATS, with the same headers as [`Bus::publish`]: no stream
+    /// stores it and nothing acknowledges it, so only subscribers connected at that moment get
+    /// it. For best-effort pushes whose durable copy lives elsewhere (see
+    /// [`crate::message::NotificationPush`]); `Ok` means handed to the client, not delivered.
+    pub async fn push<M: BusMessage>(&self, msg: &M, ctx: &MessageContext) -> Result<(), BusError> {
+        let subject = msg.subject();
+        let payload = encode(msg)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
+        if let Some(request_id) = &ctx.request_id {
+            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+        }
+        self.client
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+    }
+
     /// Creates each declared stream that is missing and updates one whose managed settings
     /// differ; leaves a matching stream untouched (its messages and state included).
     pub async fn ensure_streams(&self) -> Result<Vec<(&'static str, EnsureOutcome)>, BusError> {

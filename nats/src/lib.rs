@@ -4,7 +4,8 @@
 //! configuration ([`streams`]), the subjects and the ORDERS partitioning ([`subjects`]), the
 //! durable consumers of each process ([`consumers`]) and the typed messages with their schema
 //! versions ([`message`]). Publishing always sets `Nats-Msg-Id` (JetStream's dedupe key) and
-//! `X-Request-Id`, and awaits the JetStream ack ([`Bus::publish`]).
+//! `X-Request-Id`, and awaits the JetStream ack ([`Bus::publish`]); the one exception is a
+//! best-effort push on core NATS ([`Bus::push`]) whose durable copy lives in Postgres.
 //!
 //! [`views`] holds the order and deposit objects shared by API answers and event payloads.
 //!

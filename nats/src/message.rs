@@ -243,6 +243,37 @@ impl BusMessage for PriceTick {
     }
 }
 
+/// An in-app notification, pushed by the notify worker on `notifications.<user_id>` after the
+/// transaction that wrote it committed, for the API's WebSocket feed.
+///
+/// A best-effort push on core NATS: no stream stores it and nothing acknowledges it, so it
+/// reaches only the subscribers connected at that moment and is lost if NATS is down then. The
+/// durable copy is the `notifications` row (same `id`), read with `GET /notifications`; a
+/// client that reconnects catches up from there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotificationPush {
+    /// The `notifications` row's id.
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// `order.filled`, `auth.locked`, … (the row's `kind`).
+    pub kind: String,
+    pub title: String,
+    pub body: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl BusMessage for NotificationPush {
+    const VERSION: u16 = 1;
+    fn subject(&self) -> String {
+        subjects::notification(self.user_id)
+    }
+    fn msg_id(&self) -> String {
+        self.id.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +335,24 @@ mod tests {
         .expect("the API.md example decodes");
         assert_eq!(tick.subject(), "prices.BTC-USD");
         assert_eq!(tick.msg_id(), "sim:BTC-USD:1");
+    }
+
+    #[test]
+    fn a_notification_push_carries_its_version_and_goes_to_its_users_subject() {
+        let push = NotificationPush {
+            id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            kind: "order.filled".into(),
+            title: "Order filled".into(),
+            body: "Bought 0.1 BTC".into(),
+            data: serde_json::json!({"order_id": "x"}),
+            created_at: Utc::now(),
+        };
+        let bytes = encode(&push).expect("encodes");
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(json["v"], 1);
+        assert_eq!(push.subject(), format!("notifications.{}", push.user_id));
+        assert_eq!(decode::<NotificationPush>(&push.subject(), &bytes).expect("decodes"), push);
     }
 
     #[test]

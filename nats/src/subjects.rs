@@ -3,7 +3,9 @@
 //! - `orders.<partition>.<user_id>`: commands, partition = [`partition_of`] (0..16);
 //! - `events.<type>.<user_id>`: engine results (`order.accepted`, …), type may contain dots;
 //! - `auth.<type>`: authentication events;
-//! - `prices.<SYMBOL>`: price ticks.
+//! - `prices.<SYMBOL>`: price ticks;
+//! - `notifications.<user_id>`: in-app notifications pushed by the notify worker on core NATS
+//!   (no stream stores them: a best-effort push, the durable copy is the `notifications` table).
 
 use uuid::Uuid;
 use vault_core::config::PARTITIONS;
@@ -32,6 +34,16 @@ pub fn orders_partition_filter(partition: u16) -> String {
 
 pub fn event(kind: &str, user_id: Uuid) -> String {
     format!("events.{kind}.{user_id}")
+}
+
+/// Every `order.*` event of one user (`events.order.<what>.<user_id>`), for live feeds.
+pub fn order_events_of(user_id: Uuid) -> String {
+    format!("events.order.*.{user_id}")
+}
+
+/// The in-app notifications pushed for one user (core NATS, outside every stream).
+pub fn notification(user_id: Uuid) -> String {
+    format!("notifications.{user_id}")
 }
 
 pub fn auth(kind: &str) -> String {
@@ -63,6 +75,26 @@ mod tests {
         let other = Uuid::parse_str("6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f").expect("valid uuid");
         assert_eq!(partition_of(other), PINNED_OTHER);
         assert!(order_command(id).starts_with(&format!("orders.{}.", partition_of(id))));
+    }
+
+    #[test]
+    fn user_feeds_select_only_that_users_subjects_and_pushes_stay_outside_every_stream() {
+        let user = Uuid::now_v7();
+        assert_eq!(order_events_of(user), format!("events.order.*.{user}"));
+        // Every order event kind is `order.<one token>`, so the one-token wildcard covers them all.
+        use crate::message::EventKind::*;
+        for kind in [OrderAccepted, OrderFilled, OrderCanceled, OrderRejected, OrderExpired] {
+            let (first, rest) = kind.as_str().split_once('.').expect("order.<what>");
+            assert!(first == "order" && !rest.contains('.'), "{}", kind.as_str());
+        }
+        let push = notification(user);
+        assert_eq!(push, format!("notifications.{user}"));
+        for stream in crate::streams::ALL {
+            for filter in stream.subjects {
+                let prefix = filter.split('.').next().expect("a first token");
+                assert_ne!(prefix, "notifications", "{} would store the best-effort pushes", stream.name);
+            }
+        }
     }
 
     #[test]

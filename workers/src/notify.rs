@@ -17,7 +17,8 @@
 //! consumer's rows commit before its ack, and a delivery or email in flight comes back when its
 //! lease expires. This role never writes anything the API owns; the API reads these tables
 //! (GET /notifications, /webhooks, /webhooks/{id}/deliveries) and creates the webhooks.
-//! WebSocket pushes of notifications are the API's (it reads `notifications`).
+//! For the API's WebSocket, the consumer pushes each notification it inserted on
+//! `notifications.<user_id>` (core NATS) after the commit: a best-effort live copy of the row.
 //!
 //! Shutdown: the consumer stops pulling and commits the batch in hand; the delivery loop lets
 //! attempts in flight finish for up to 10 s; the email loop finishes the email in hand.

@@ -291,6 +291,52 @@ async fn a_fill_becomes_one_notification_one_signed_delivery_and_one_email_and_a
     assert_eq!(metric(&ops, "vault_notifications_total{kind=\"order.filled\"}").await, 1.0);
 }
 
+#[tokio::test]
+async fn a_new_notification_is_pushed_on_its_users_subject_once_committed_and_a_redelivery_pushes_nothing() {
+    use futures::StreamExt;
+    use vault_bus::message::{NotificationPush, decode};
+
+    let stack = Stack::start().await;
+    let (_worker, ops) = stack.worker(false).await;
+    let (user, _) = stack.user().await;
+    let mut pushes = stack.bus.client().subscribe(vault_bus::subjects::notification(user)).await.expect("subscribe");
+    stack.bus.client().flush().await.expect("the subscription reaches the server");
+    async fn next_push(pushes: &mut async_nats::Subscriber) -> NotificationPush {
+        let message = tokio::time::timeout(Duration::from_secs(20), pushes.next())
+            .await
+            .expect("a push within 20 s")
+            .expect("the subscription is open");
+        decode::<NotificationPush>(message.subject.as_str(), &message.payload).expect("a v1 notification push")
+    }
+
+    let filled = engine_event(user, EventKind::OrderFilled, order("filled"));
+    publish(&stack.bus, &filled).await;
+    let push = next_push(&mut pushes).await;
+    // Pushed after the commit: the row is there the moment the push is.
+    let (id, kind, title, body, data, created_at): (Uuid, String, String, String, Value, chrono::DateTime<Utc>) =
+        sqlx::query_as("SELECT id, kind, title, body, data, created_at FROM notifications WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("the notification row exists when its push arrives");
+    assert_eq!(
+        push,
+        NotificationPush { id, user_id: user, kind, title, body, data, created_at },
+        "the push is the row"
+    );
+    assert_eq!((push.kind.as_str(), &push.data), ("order.filled", &filled.data));
+
+    // The same event again as a new message (a redelivery): no row, so no push. The next push
+    // is the later event's.
+    publish_duplicate(&stack.bus, &filled).await;
+    let deposit =
+        engine_event(user, EventKind::DepositCompleted, json!({"id": Uuid::now_v7(), "asset": "USD", "amount": "10"}));
+    publish(&stack.bus, &deposit).await;
+    assert_eq!(next_push(&mut pushes).await.kind, "deposit.completed");
+    assert_eq!(metric(&ops, "vault_notify_skipped_total{reason=\"redelivered\"}").await, 1.0);
+    assert_eq!(metric(&ops, "vault_notification_pushes_total{outcome=\"sent\"}").await, 2.0);
+}
+
 /// Inserts a due delivery of a made-up event to `url` and returns its id.
 async fn pending_delivery(stack_pool: &PgPool, user: Uuid, url: &str) -> Uuid {
     let webhook = Uuid::now_v7();

@@ -22,6 +22,14 @@
 //!
 //! Events of a user who does not exist (any more) write nothing and are counted in
 //! `vault_notify_skipped_total{reason="unknown_user"}`.
+//!
+//! Live pushes: every notification row a batch *inserted* (not one a redelivery found already
+//! there) is published after the commit on `notifications.<user_id>` ([`NotificationPush`],
+//! core NATS), which the API's WebSocket relays to the user's open connections. It is a
+//! best-effort push — nobody acknowledges it, a crash between commit and push or NATS being down
+//! loses it — because the durable copy is the row itself (`GET /notifications`); it is never
+//! sent for an uncommitted row nor twice for one row. Counted in
+//! `vault_notification_pushes_total{outcome}`.
 
 use std::time::Duration;
 
@@ -31,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::batch::{self, Delivered};
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
-use vault_bus::message::{AuthEvent, EngineEvent, decode};
-use vault_bus::{Bus, streams};
+use vault_bus::message::{AuthEvent, EngineEvent, NotificationPush, decode};
+use vault_bus::{Bus, MessageContext, streams};
 
 use super::Wakers;
 use super::plan::{self, Source};
@@ -65,10 +73,12 @@ pub fn decode_source(stream: &str, subject: &str, payload: &[u8]) -> Result<Sour
 }
 
 /// What a committed transaction wrote.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Written {
     /// The kinds of the notifications written.
     pub notifications: Vec<&'static str>,
+    /// The notifications written, to push once the transaction has committed.
+    pub pushes: Vec<NotificationPush>,
     pub deliveries: usize,
     pub emails: usize,
     /// Events skipped because they had been handled before.
@@ -114,22 +124,32 @@ async fn apply_one(conn: &mut PgConnection, source: &Source, written: &mut Writt
     let Some(plan) = plan::plan(source, new_ip) else { return Ok(()) };
 
     if let Some(n) = &plan.notification {
-        let inserted = sqlx::query(
+        let id = Uuid::now_v7();
+        let inserted: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
             "INSERT INTO notifications (id, user_id, event_id, kind, title, body, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, event_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, event_id) DO NOTHING
+             RETURNING created_at",
         )
-        .bind(Uuid::now_v7())
+        .bind(id)
         .bind(user_id)
         .bind(event_id)
         .bind(n.kind)
         .bind(&n.title)
         .bind(&n.body)
         .bind(&n.data)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if inserted == 1 {
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(created_at) = inserted {
             written.notifications.push(n.kind);
+            written.pushes.push(NotificationPush {
+                id,
+                user_id,
+                kind: n.kind.to_owned(),
+                title: n.title.clone(),
+                body: n.body.clone(),
+                data: n.data.clone(),
+                created_at,
+            });
         }
     }
     if let Some(hook) = &plan.webhook {
@@ -249,7 +269,7 @@ pub async fn run_consumers(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let decode = |stream: &'static str, msg: &Message| decode_source(stream, msg.subject.as_str(), &msg.payload);
-    batch::consume(bus, pool, &specs, BATCH, LINGER, shutdown, decode, |b| flush(pool, &wake, b)).await?;
+    batch::consume(bus, pool, &specs, BATCH, LINGER, shutdown, decode, |b| flush(bus, pool, &wake, b)).await?;
     tracing::info!("notify consumers drained");
     Ok(())
 }
@@ -276,11 +296,26 @@ fn count(written: &Written, wake: &Wakers) {
     }
 }
 
-async fn flush(pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
+/// Pushes the committed notifications to live listeners (best effort, see the module docs).
+async fn push(bus: &Bus, written: &Written) {
+    for notification in &written.pushes {
+        let outcome = match bus.push(notification, &MessageContext::default()).await {
+            Ok(()) => "sent",
+            Err(e) => {
+                tracing::warn!(error = %e, notification = %notification.id, "notification push failed; it stays readable from GET /notifications");
+                "failed"
+            }
+        };
+        metrics::counter!("vault_notification_pushes_total", "outcome" => outcome).increment(1);
+    }
+}
+
+async fn flush(bus: &Bus, pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
     let sources: Vec<&Source> = batch.iter().map(|p| &p.value).collect();
     match apply(pool, &sources).await {
         Ok(written) => {
             count(&written, wake);
+            push(bus, &written).await;
             for p in &batch {
                 p.ack().await;
             }
@@ -291,6 +326,7 @@ async fn flush(pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
                 match apply(pool, &[&p.value]).await {
                     Ok(written) => {
                         count(&written, wake);
+                        push(bus, &written).await;
                         p.ack().await;
                     }
                     Err(e) => give_back(pool, p, &e.to_string()).await,
