@@ -13,21 +13,25 @@
 //! is refused and counted as `vault_price_ticks_rejected_total{reason="not_positive"}`. The tick
 //! is stamped with the exchange's trade time, never later than the local clock, so a skewed or
 //! broken timestamp cannot push a symbol's time ahead and make the validator refuse every later
-//! tick. A frame that cannot be parsed is logged and counted in
-//! `vault_price_source_parse_failures_total`, and the feed goes on.
+//! tick; `MAX_PRICE_AGE` thus measures the time since the market's last trade. A frame that
+//! cannot be parsed is logged and counted in `vault_price_source_parse_failures_total`, and the
+//! feed goes on.
 //!
 //! Duplicates: the feed may repeat frames around a reconnect. The rule, per product: a ticker is
 //! new when its `sequence` is above the highest one seen, or (a sequence reset on Coinbase's
 //! side) when its time is after that frame's time; otherwise it is a duplicate, dropped before
 //! validation and counted in `vault_price_source_duplicates_total`. What was seen survives
-//! reconnects (it lives in the source, not the connection).
+//! reconnects (it lives in the source, not the connection). A frame older than the last accepted
+//! tick that slips through (after a sequence reset) is still refused by the validator
+//! (`out_of_order`).
 //!
-//! Liveness: a connection that sends no text frame for [`Options::stall`] (heartbeats count) is
-//! dead; it, a closed or failed connection, or a failed attempt schedules the next attempt with
-//! exponential backoff and jitter (`backon`), which starts over once a connection has delivered
-//! frames for [`Options::healthy`]. Each is counted in
-//! `vault_price_source_reconnects_total{reason}`; `vault_price_source_connected` is 1 while a
-//! connection is open.
+//! Liveness: a connection that sends no text frame for [`Options::stall`] (heartbeats count;
+//! transport pings do not) is dead. A lost connection or a failed attempt is counted in
+//! `vault_price_source_reconnects_total{reason}` (`closed`, `error`, `stalled`, `refused` for an
+//! `error` frame, `connect_failed`) and the next attempt waits an exponential backoff with
+//! jitter (`backon`: 0.5 s doubling to 30 s, each plus up to 100 %), which starts over once a
+//! connection has delivered frames for [`Options::healthy`]. `vault_price_source_connected` is 1
+//! while a connection is open.
 //!
 //! Cancel safety (the worker drops `next_batch` whenever one of its timers fires): everything
 //! lives in the struct — the connection, the instant the next attempt is due, the instant of the
