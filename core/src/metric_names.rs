@@ -67,6 +67,10 @@ pub const PRICE_TICKS_PUBLISHED: &str = "vault_price_ticks_published_total";
 pub const PRICE_TICKS_REJECTED: &str = "vault_price_ticks_rejected_total";
 pub const CANDLE_FLUSHES: &str = "vault_candle_flushes_total";
 pub const CANDLE_FLUSH_FAILURES: &str = "vault_candle_flush_failures_total";
+pub const PRICE_SOURCE_RECONNECTS: &str = "vault_price_source_reconnects_total";
+pub const PRICE_SOURCE_PARSE_FAILURES: &str = "vault_price_source_parse_failures_total";
+pub const PRICE_SOURCE_DUPLICATES: &str = "vault_price_source_duplicates_total";
+pub const PRICE_SOURCE_CONNECTED: &str = "vault_price_source_connected";
 
 // -- Audit worker ------------------------------------------------------------------------------
 pub const AUDIT_ROWS: &str = "vault_audit_rows_total";
@@ -182,6 +186,11 @@ pub const CATALOG: &[Metric] = &[
     m(PRICE_TICKS_REJECTED, C, "Ticks refused by validation, by symbol and reason", PRICES, Dynamic),
     m(CANDLE_FLUSHES, C, "One-minute candle upserts written", PRICES, Plain),
     m(CANDLE_FLUSH_FAILURES, C, "One-minute candle upserts that failed (retried)", PRICES, Plain),
+    // A networked source's own series (`coinbase`): registered at 0 by the source when it starts.
+    m(PRICE_SOURCE_RECONNECTS, C, "Feed connections lost or attempts failed, by source and reason", PRICES, Dynamic),
+    m(PRICE_SOURCE_PARSE_FAILURES, C, "Feed frames that could not be parsed, by source", PRICES, Dynamic),
+    m(PRICE_SOURCE_DUPLICATES, C, "Feed frames dropped as already seen, by source", PRICES, Dynamic),
+    m(PRICE_SOURCE_CONNECTED, G, "1 while the source's feed connection is open, by source", PRICES, Dynamic),
     m(AUDIT_ROWS, C, "Rows appended to audit_log", AUDIT, Plain),
     m(AUDIT_WRITE_FAILURES, C, "Audit batches that could not be written (redelivered)", AUDIT, Plain),
     m(NOTIFICATIONS, C, "In-app notifications written, by kind", NOTIFY, Dynamic),

@@ -279,6 +279,7 @@ pub struct Coinbase {
 impl Coinbase {
     /// A source for `markets` at `url`; it connects on the first `next_batch`.
     pub fn new(url: impl Into<String>, markets: Vec<Listed>, options: Options) -> Coinbase {
+        register_metrics();
         Coinbase {
             url: url.into(),
             subscribe: subscribe_message(&markets),
@@ -447,6 +448,16 @@ impl PriceSource for Coinbase {
             self.step().await;
         }
     }
+}
+
+/// Creates this source's series at 0, so the first reconnect or bad frame shows in `increase()`.
+fn register_metrics() {
+    for reason in ["closed", "error", "stalled", "refused", "connect_failed"] {
+        metrics::counter!("vault_price_source_reconnects_total", "source" => SOURCE, "reason" => reason).absolute(0);
+    }
+    metrics::counter!("vault_price_source_parse_failures_total", "source" => SOURCE).absolute(0);
+    metrics::counter!("vault_price_source_duplicates_total", "source" => SOURCE).absolute(0);
+    metrics::gauge!("vault_price_source_connected", "source" => SOURCE).set(0.0);
 }
 
 fn new_backoff(options: &Options) -> ExponentialBackoff {
