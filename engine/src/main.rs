@@ -32,6 +32,10 @@ enum Command {
         /// How many violations to list per check (the count is always complete).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Also check that each user's commands were applied in stream order (fails wherever
+        /// two engines shared a partition, though no money invariant is broken then).
+        #[arg(long)]
+        stream_order: bool,
         /// Print the report as one JSON document instead of text.
         #[arg(long)]
         json: bool,
@@ -42,8 +46,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(),
-        Command::Reconcile { pending_older_than, limit, json } => {
-            reconcile(reconcile::Options { pending_older_than, limit }, json)
+        Command::Reconcile { pending_older_than, limit, stream_order, json } => {
+            reconcile(reconcile::Options { pending_older_than, limit, stream_order }, json)
         }
     }
 }

@@ -299,6 +299,14 @@ async fn a_database_after_a_real_trading_run_reconciles_clean_with_every_check_l
         }
     }
 
+    // One engine, no crash: every user's commands were applied in stream order too.
+    let (code, report) = run_reconcile(BIN, &t.db, &["--stream-order"]).await;
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(failing(&report), BTreeSet::new(), "{report}");
+    let last = &report["checks"].as_array().expect("checks")[CHECKS.len()];
+    assert_eq!(last["name"], "command_stream_order", "{report}");
+    assert!(last["examined"].as_i64() > Some(0), "{report}");
+
     s.engine.signal("TERM");
     assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
 
@@ -530,6 +538,29 @@ async fn a_decision_without_its_command_key_is_named() {
     let report = assert_fails(&t, &[], &["command_versions", "decisions_recorded"]).await;
     let lines = listed(&report, "decisions_recorded");
     assert!(lines.len() == 1 && lines[0].starts_with(&format!("order {}: expired but", t.expired)), "{lines:?}");
+}
+
+#[tokio::test]
+async fn commands_applied_out_of_stream_order_are_named_when_asked_for() {
+    let t = traded().await;
+    // The trader's first two commands (the deposit, then an order) swap stream positions.
+    execute(
+        &t.pool,
+        &format!(
+            "UPDATE applied_commands a SET stream_seq = b.stream_seq FROM applied_commands b
+              WHERE a.user_id = '{}' AND b.user_id = a.user_id AND a.version IN (1, 2) AND b.version = 3 - a.version",
+            t.trader
+        ),
+    )
+    .await;
+    let (code, report) = run_reconcile(BIN, &t.db, &[]).await;
+    assert_eq!(code, 0, "stream order is checked on request only: {report}");
+    let report = assert_fails(&t, &["--stream-order"], &["command_stream_order"]).await;
+    let lines = listed(&report, "command_stream_order");
+    assert!(
+        lines.len() == 1 && lines[0].contains("1 of ") && lines[0].ends_with("the first at version 2"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test]
