@@ -13,7 +13,8 @@
 //!   [`Store`], so the actor layer can be benchmarked without I/O.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -33,6 +34,25 @@ pub const IDLE: Duration = Duration::from_secs(60);
 const MAILBOX: usize = 1 << 20;
 /// How many times a version conflict reloads and retries before giving up on a unit of work.
 const CONFLICT_RETRIES: usize = 5;
+
+/// The metric handles of the hot path, looked up once: a `metrics::histogram!` call hashes the
+/// name and labels on every call, which was a visible share of a command's cost. Resolved on
+/// first use, which is after the process installed its recorder.
+struct Metrics {
+    actors: metrics::Gauge,
+    mailbox_depth: metrics::Gauge,
+    apply: metrics::Histogram,
+    commit: metrics::Histogram,
+    end_to_end: metrics::Histogram,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+    actors: metrics::gauge!("vault_engine_actors"),
+    mailbox_depth: metrics::gauge!("vault_engine_mailbox_depth"),
+    apply: metrics::histogram!("vault_engine_apply_seconds"),
+    commit: metrics::histogram!("vault_engine_commit_seconds"),
+    end_to_end: metrics::histogram!("vault_engine_end_to_end_seconds"),
+});
 
 /// Market rules and the latest price per symbol, shared by every shard.
 #[derive(Debug, Default)]
@@ -67,13 +87,13 @@ pub struct Route {
     pub work: Work,
 }
 
+/// One unit of work for an actor; the actor decrements `in_flight` when it is done with it.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Outcome, StoreError>")]
-struct Apply(Work);
-
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-struct Completed(Uuid);
+struct Apply {
+    work: Work,
+    in_flight: Arc<AtomicUsize>,
+}
 
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -86,7 +106,8 @@ pub struct ActorCount;
 
 struct Entry<S: Store> {
     addr: Addr<PortfolioActor<S>>,
-    in_flight: usize,
+    /// Work routed to the actor and not finished yet (the actor counts down: no message back).
+    in_flight: Arc<AtomicUsize>,
     last_routed: Instant,
 }
 
@@ -128,11 +149,11 @@ impl<S: Store> Actor for Shard<S> {
         ctx.run_interval(self.idle.min(Duration::from_secs(10)), |shard, _| {
             let idle = shard.idle;
             shard.actors.retain(|user, entry| {
-                let keep = entry.in_flight > 0 || entry.last_routed.elapsed() < idle;
+                let keep = entry.in_flight.load(Ordering::Acquire) > 0 || entry.last_routed.elapsed() < idle;
                 if !keep {
                     tracing::debug!(user_id = %user, "passivating idle portfolio actor");
                     entry.addr.do_send(Stop);
-                    metrics::gauge!("vault_engine_actors").decrement(1.0);
+                    METRICS.actors.decrement(1.0);
                 }
                 keep
             });
@@ -143,43 +164,34 @@ impl<S: Store> Actor for Shard<S> {
 impl<S: Store> Handler<Route> for Shard<S> {
     type Result = ResponseFuture<Result<Outcome, StoreError>>;
 
-    fn handle(&mut self, msg: Route, ctx: &mut Self::Context) -> Self::Result {
-        let (shared, store) = (self.shared.clone(), self.store.clone());
+    fn handle(&mut self, msg: Route, _: &mut Self::Context) -> Self::Result {
+        let (shared, store) = (&self.shared, &self.store);
         let entry = self.actors.entry(msg.user_id).or_insert_with(|| {
-            metrics::gauge!("vault_engine_actors").increment(1.0);
+            METRICS.actors.increment(1.0);
+            let (shared, store) = (shared.clone(), store.clone());
             Entry {
                 addr: PortfolioActor::create(|ctx| {
                     ctx.set_mailbox_capacity(MAILBOX);
                     PortfolioActor { user_id: msg.user_id, state: None, shared, store }
                 }),
-                in_flight: 0,
+                in_flight: Arc::new(AtomicUsize::new(0)),
                 last_routed: Instant::now(),
             }
         });
-        entry.in_flight += 1;
+        entry.in_flight.fetch_add(1, Ordering::AcqRel);
         // Work routed and not yet finished, over all actors: the engine's mailbox depth.
-        metrics::gauge!("vault_engine_mailbox_depth").increment(1.0);
+        METRICS.mailbox_depth.increment(1.0);
         entry.last_routed = Instant::now();
-        let send = entry.addr.send(Apply(msg.work));
-        let me = ctx.address();
-        let user = msg.user_id;
+        let send = entry.addr.send(Apply { work: msg.work, in_flight: entry.in_flight.clone() });
+        let (user, in_flight) = (msg.user_id, entry.in_flight.clone());
         Box::pin(async move {
-            let result = send.await;
-            me.do_send(Completed(user));
-            result.unwrap_or_else(|e| {
+            send.await.unwrap_or_else(|e| {
+                // The actor is gone without handling it: count it down here instead.
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+                METRICS.mailbox_depth.decrement(1.0);
                 Err(StoreError::Corrupt { user, reason: format!("portfolio actor unavailable: {e}") })
             })
         })
-    }
-}
-
-impl<S: Store> Handler<Completed> for Shard<S> {
-    type Result = ();
-    fn handle(&mut self, Completed(user): Completed, _: &mut Self::Context) {
-        if let Some(entry) = self.actors.get_mut(&user) {
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-        }
-        metrics::gauge!("vault_engine_mailbox_depth").decrement(1.0);
     }
 }
 
@@ -214,28 +226,32 @@ impl<S: Store> Handler<Stop> for PortfolioActor<S> {
 impl<S: Store> Handler<Apply> for PortfolioActor<S> {
     type Result = AtomicResponse<Self, Result<Outcome, StoreError>>;
 
-    fn handle(&mut self, Apply(work): Apply, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Apply { work, in_flight }: Apply, _: &mut Self::Context) -> Self::Result {
         let (user, shared, store, state) = (self.user_id, self.shared.clone(), self.store.clone(), self.state.take());
         let fut = async move {
             let started = Instant::now();
             let result = apply_with_retries(user, &shared, &store, state, &work).await.map(|r| (r, work));
-            metrics::histogram!("vault_engine_apply_seconds").record(started.elapsed().as_secs_f64());
+            METRICS.apply.record(started.elapsed().as_secs_f64());
             result
         };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|result, actor, _| match result {
-            Ok(((outcome, next), work)) => {
-                if let Work::Command { command, .. } = &work {
-                    // From the API's publish to the engine's commit.
-                    let secs = (Utc::now() - command.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                    metrics::histogram!("vault_engine_end_to_end_seconds").record(secs);
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |result, actor, _| {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            METRICS.mailbox_depth.decrement(1.0);
+            match result {
+                Ok(((outcome, next), work)) => {
+                    if let Work::Command { command, .. } = &work {
+                        // From the API's publish to the engine's commit.
+                        let secs = (Utc::now() - command.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                        METRICS.end_to_end.record(secs);
+                    }
+                    actor.after_commit(&outcome, &next, &work);
+                    actor.state = Some(next);
+                    Ok(outcome)
                 }
-                actor.after_commit(&outcome, &next, &work);
-                actor.state = Some(next);
-                Ok(outcome)
-            }
-            Err(e) => {
-                actor.state = None;
-                Err(e)
+                Err(e) => {
+                    actor.state = None;
+                    Err(e)
+                }
             }
         })))
     }
@@ -304,7 +320,7 @@ async fn apply_with_retries<S: Store>(
             });
             let started = Instant::now();
             let outcome = store.commit(&current, work, view.as_ref(), Utc::now()).await;
-            metrics::histogram!("vault_engine_commit_seconds").record(started.elapsed().as_secs_f64());
+            METRICS.commit.record(started.elapsed().as_secs_f64());
             if outcome.is_err() {
                 state = None;
             }
