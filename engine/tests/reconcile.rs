@@ -318,7 +318,7 @@ async fn a_database_after_a_real_trading_run_reconciles_clean_with_every_check_l
     for name in CHECKS {
         assert!(output.lines().any(|l| l.trim_start().starts_with("ok") && l.contains(name)), "{name}:\n{output}");
     }
-    assert!(output.lines().any(|l| l.contains("balances_match_ledger") && l.contains(" balances:")), "{output}");
+    assert!(output.lines().any(|l| l.contains("balances_match_ledger") && l.contains(" balances in ")), "{output}");
     assert!(output.trim_end().ends_with("clean: every invariant holds"), "{output}");
 }
 
