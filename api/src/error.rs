@@ -97,7 +97,8 @@ impl ApiError {
         }
     }
 
-    fn detail(&self) -> String {
+    /// The human-readable explanation a client is shown (never an internal cause).
+    pub fn detail(&self) -> String {
         match self {
             ApiError::BadRequest(detail) => detail.clone(),
             ApiError::Unauthorized { detail, .. }

@@ -5,7 +5,9 @@
 //! [`startup`] builds and runs the server and assembles the routes; [`error`] is the one HTTP
 //! error type; [`auth`] and [`admin`] hold the account routes; [`trading`] the markets, orders,
 //! deposits, portfolio and ledger, with [`prices`] keeping the latest price of every market in
-//! memory; [`rate_limit`] and [`hardening`] protect every route; [`openapi`] documents them.
+//! memory; [`ws`] is the WebSocket feed (prices, the user's orders and notifications, fanned
+//! out from NATS); [`rate_limit`] and [`hardening`] protect every route; [`openapi`] documents
+//! them.
 
 pub mod admin;
 pub mod auth;
@@ -21,5 +23,6 @@ pub mod prices;
 pub mod rate_limit;
 pub mod startup;
 pub mod trading;
+pub mod ws;
 
 pub use startup::{AppState, Application};

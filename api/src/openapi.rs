@@ -13,7 +13,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::trading::{account, markets, orders};
-use crate::{admin, auth, error, notifications, trading};
+use crate::{admin, auth, error, notifications, trading, ws};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -28,6 +28,7 @@ use crate::{admin, auth, error, notifications, trading};
         admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::queues,
         notifications::list_notifications, notifications::mark_read, notifications::create_webhook,
         notifications::list_webhooks, notifications::delete_webhook, notifications::list_deliveries, admin::halt_market, admin::resume_market,
+        ws::upgrade,
         health, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(error::Problem, error::FieldError, auth::caller::Scope,
@@ -38,6 +39,7 @@ use crate::{admin, auth, error, notifications, trading};
          (name = "orders", description = "Placing, reading and canceling orders; fills"),
          (name = "account", description = "Deposits, portfolio and ledger"),
          (name = "notifications", description = "In-app notifications and webhooks"),
+         (name = "streaming", description = "The WebSocket feed: prices, your orders and notifications, live"),
          (name = "admin", description = "Administration (role admin)"),
          (name = "ops", description = "Health, readiness, metrics and this document")),
 )]

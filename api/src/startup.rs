@@ -2,7 +2,8 @@
 //!
 //! [`Application::build`] binds first (so tests can ask for port 0 and read the real port),
 //! connects Postgres and NATS, declares the streams and assembles the router;
-//! [`Application::run`] serves until the shutdown token fires and drains in-flight requests.
+//! [`Application::run`] serves until the shutdown token fires, drains in-flight requests and
+//! lets open WebSockets close with 1001 (going away).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ use crate::json::BODY_LIMIT;
 use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
 use crate::trading::markets::MarketCache;
-use crate::{admin, auth, hardening, notifications, openapi, prices, trading};
+use crate::ws::{Gateway, WsConfig};
+use crate::{admin, auth, hardening, notifications, openapi, prices, trading, ws};
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
@@ -47,10 +49,16 @@ pub struct AppState {
     pub markets: MarketCache,
     /// The latest price of every market, fed by the PRICES stream.
     pub prices: PriceBook,
+    /// The WebSocket feed's hub and tunables (`/ws`).
+    pub ws: Gateway,
 }
 
 /// How long one request may take before it is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for open WebSockets to finish their close (each one is bounded by
+/// [`WsConfig::close_timeout`] already).
+pub const WS_DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Application {
@@ -63,6 +71,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
+        Application::build_with(settings, WsConfig::default(), shutdown).await
+    }
+
+    /// [`Application::build`] with the WebSocket tunables given (tests shorten the intervals).
+    pub async fn build_with(
+        settings: Settings,
+        ws_config: WsConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Application> {
         telemetry::record_build_info(&settings);
         telemetry::spawn_upkeep(shutdown.clone());
         let listener = TcpListener::bind(settings.api_addr)
@@ -93,6 +110,7 @@ impl Application {
         let state = AppState {
             settings: Arc::new(settings),
             pool,
+            ws: Gateway::new(&bus, ws_config, shutdown.clone()),
             events: AuthEvents::new(bus.clone()),
             bus,
             hasher: Hasher::new(cores),
@@ -113,6 +131,9 @@ impl Application {
     pub async fn run(self) -> anyhow::Result<()> {
         self.readiness.spawn_refresher(self.shutdown.clone());
         http::serve(self.listener, self.router, self.shutdown.clone()).await?;
+        // Upgraded connections are no longer the HTTP server's: they close themselves on the
+        // same token; wait for their close frames before the process goes.
+        self.state.ws.drain(WS_DRAIN).await;
         if let Err(e) = self.state.bus.client().flush().await {
             tracing::warn!(error = %e, "could not flush NATS on shutdown");
         }
@@ -133,6 +154,7 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
         .merge(trading::router())
         .merge(admin::router())
         .merge(notifications::router())
+        .merge(ws::router())
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .fallback(not_found)

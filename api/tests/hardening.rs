@@ -172,6 +172,7 @@ async fn the_openapi_document_lists_every_route_and_the_docs_page_renders_it() {
         ("/api/v1/orders/{id}", "delete"),
         ("/api/v1/orders/by-client-id/{client_order_id}", "get"),
         ("/api/v1/fills", "get"),
+        ("/api/v1/ws", "get"),
         ("/health", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),

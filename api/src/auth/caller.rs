@@ -5,6 +5,9 @@
 //! logout denylist, its login family not revoked. An API key must exist, not be revoked, and is
 //! limited to its scopes. Failures answer 401 with a stable code; a user never learns whether
 //! a token was well-formed but revoked or simply wrong beyond that code.
+//!
+//! Connections that authenticate without headers (the WebSocket's auth frame) use
+//! [`authenticate`] and, while they stay open, [`recheck`]: the same checks, one code path.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -95,6 +98,42 @@ fn unauthorized(code: &'static str, detail: &str) -> ApiError {
 #[derive(Debug, Clone)]
 pub struct VerifiedClaims(pub Claims);
 
+/// A credential that passed its cryptographic checks and can be checked against the database
+/// again later: a long-lived connection keeps it to notice a logout or a revoked key. It holds
+/// an API key only as its hash.
+#[derive(Debug, Clone)]
+pub enum Presented {
+    Session(Claims),
+    ApiKey { key_hash: Vec<u8> },
+}
+
+/// Authenticates a bare credential — an access JWT, or an API key (told apart by its `vk_`
+/// prefix) — exactly as the [`Caller`] extractor authenticates its headers.
+pub async fn authenticate(state: &AppState, credential: &str) -> Result<(Caller, Presented), ApiError> {
+    let credential = credential.trim();
+    let presented = if credential.starts_with(tokens::API_KEY_PREFIX) {
+        Presented::ApiKey { key_hash: tokens::hash_secret(credential) }
+    } else {
+        let claims = state
+            .jwt
+            .verify(credential)
+            .map_err(|_| unauthorized("invalid_token", "The access token is invalid or expired."))?;
+        Presented::Session(claims)
+    };
+    let caller = recheck(state, &presented).await?;
+    Ok((caller, presented))
+}
+
+/// Checks `presented` against the database: a session must not be logged out or revoked, an API
+/// key must exist, not be revoked and not belong to a user an administrator locked. The token's
+/// expiry is not looked at again (it was when it was presented).
+pub async fn recheck(state: &AppState, presented: &Presented) -> Result<Caller, ApiError> {
+    match presented {
+        Presented::Session(claims) => session_caller(state, claims.clone()).await,
+        Presented::ApiKey { key_hash } => api_key_caller(state, key_hash).await,
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -115,8 +154,11 @@ impl FromRequestParts<AppState> for Caller {
             };
             session_caller(state, claims).await?
         } else if let Some(value) = parts.headers.get("x-api-key") {
-            let key = value.to_str().map_err(|_| unauthorized("invalid_api_key", "The API key is invalid."))?;
-            api_key_caller(state, key.trim()).await?
+            let key = value.to_str().map_err(|_| unauthorized("invalid_api_key", "The API key is invalid."))?.trim();
+            if !key.starts_with(tokens::API_KEY_PREFIX) {
+                return Err(unauthorized("invalid_api_key", "The API key is invalid or revoked."));
+            }
+            api_key_caller(state, &tokens::hash_secret(key)).await?
         } else {
             return Err(unauthorized("unauthenticated", "Send Authorization: Bearer <token> or X-API-Key."));
         };
@@ -152,17 +194,14 @@ async fn session_caller(state: &AppState, claims: Claims) -> Result<Caller, ApiE
     }
 }
 
-async fn api_key_caller(state: &AppState, key: &str) -> Result<Caller, ApiError> {
-    if !key.starts_with(tokens::API_KEY_PREFIX) {
-        return Err(unauthorized("invalid_api_key", "The API key is invalid or revoked."));
-    }
+async fn api_key_caller(state: &AppState, key_hash: &[u8]) -> Result<Caller, ApiError> {
     let row: Option<(Uuid, Uuid, Vec<String>, String)> = sqlx::query_as(
         "SELECT k.id, k.user_id, k.scopes, u.role
            FROM api_keys k JOIN users u ON u.id = k.user_id
           WHERE k.key_hash = $1 AND k.revoked_at IS NULL
             AND (u.locked_until IS NULL OR u.locked_until < '9999-01-01T00:00:00Z')",
     )
-    .bind(tokens::hash_secret(key))
+    .bind(key_hash)
     .fetch_optional(&state.pool)
     .await?;
     let (id, user_id, scopes, role) =

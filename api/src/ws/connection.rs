@@ -1,0 +1,539 @@
+//! One WebSocket connection, from its first frame to its close.
+//!
+//! One task per connection runs [`Connection::run`]: the auth phase (one frame, bounded by
+//! `auth_timeout`), then a loop over the client's frames, the connection's data queue, the
+//! ping timer, the idle deadline, the credential re-check, the shutdown token and the hub's
+//! slow-consumer signal. Every write races the same stop conditions, so a client that stopped
+//! reading cannot hold the task in a blocked write past shutdown, its idle deadline or its
+//! queue filling up. Whatever ends the connection is an [`End`], which says which close code,
+//! reason and error frame the client gets; [`Connection::finish`] leaves the hub's topics and
+//! closes the socket within `close_timeout`.
+//!
+//! `seq` is assigned here, when a data frame is written, so it is gap-free by construction:
+//! frames dropped on the way (a channel unsubscribed while its frames were queued) never get a
+//! number, and a frame that could not be queued closes the connection instead of leaving a hole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use futures::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::hub::{Member, Topic};
+use super::protocol::{Channel, ClientFrame, DataFrame, MAX_CHANNELS_PER_FRAME, ServerFrame};
+use super::{Gateway, WsConfig};
+use crate::auth::caller::{self, Presented, Scope};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// Data frames written per flush at most (fewer syscalls when frames come in bursts).
+const WRITE_BATCH: usize = 64;
+
+/// How long a credential re-check may take before it is given up until the next round.
+const RECHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client closed, or went away without a close frame.
+    ClientClosed,
+    /// A write failed: the connection is gone, nothing more can be sent.
+    Broken,
+    Shutdown,
+    SlowConsumer,
+    Idle,
+    AuthTimeout,
+    /// A credential refused at auth or at a re-check, or a first frame that is not `auth`.
+    Refused {
+        code: &'static str,
+        detail: String,
+    },
+    Binary,
+    TooBig,
+    Protocol,
+    /// The credential could not be checked (database unavailable).
+    Unavailable,
+    Internal,
+}
+
+impl End {
+    fn from_api_error(err: ApiError) -> End {
+        match &err {
+            ApiError::Unauthorized { .. } | ApiError::Forbidden { .. } => {
+                End::Refused { code: err.code(), detail: err.detail() }
+            }
+            ApiError::Unavailable(_) => End::Unavailable,
+            ApiError::Internal(cause) => {
+                tracing::error!(error = format!("{cause:#}"), "WebSocket credential check failed");
+                End::Internal
+            }
+            _ => End::Internal,
+        }
+    }
+
+    /// A bounded label for metrics and logs.
+    fn label(&self) -> &'static str {
+        match self {
+            End::ClientClosed => "client_closed",
+            End::Broken => "broken",
+            End::Shutdown => "shutdown",
+            End::SlowConsumer => "slow_consumer",
+            End::Idle => "idle",
+            End::AuthTimeout => "auth_timeout",
+            End::Refused { .. } => "refused",
+            End::Binary => "binary_frame",
+            End::TooBig => "message_too_big",
+            End::Protocol => "protocol_error",
+            End::Unavailable => "unavailable",
+            End::Internal => "internal_error",
+        }
+    }
+
+    /// The close frame's code and reason; `None` when the connection is already gone.
+    fn close(&self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            End::ClientClosed | End::Broken => return None,
+            End::Shutdown => (close_code::AWAY, "going away"),
+            End::SlowConsumer => (close_code::POLICY, "slow consumer"),
+            End::Idle => (close_code::POLICY, "idle timeout"),
+            End::AuthTimeout => (close_code::POLICY, "auth_timeout"),
+            End::Refused { code, .. } => (close_code::POLICY, code),
+            End::Binary => (close_code::UNSUPPORTED, "binary frames are not accepted"),
+            End::TooBig => (close_code::SIZE, "message too big"),
+            End::Protocol => (close_code::PROTOCOL, "protocol error"),
+            End::Unavailable => (close_code::AGAIN, "service unavailable"),
+            End::Internal => (close_code::ERROR, "internal error"),
+        })
+    }
+
+    /// The error frame sent before the close, when the client can act on it.
+    fn error_frame(&self, config: &WsConfig) -> Option<(&'static str, String)> {
+        match self {
+            End::AuthTimeout => Some((
+                "auth_timeout",
+                format!(
+                    "No auth frame within {} s; send {{\"op\":\"auth\",\"token\":\"…\"}} first.",
+                    config.auth_timeout.as_secs_f64()
+                ),
+            )),
+            End::Refused { code, detail } => Some((code, detail.clone())),
+            End::Binary => Some(("binary_frame", "Only text frames (JSON) are accepted.".to_owned())),
+            End::TooBig => {
+                Some(("message_too_big", format!("Frames are limited to {} bytes.", config.max_message_bytes)))
+            }
+            End::Unavailable => {
+                Some(("service_unavailable", "The credential cannot be checked right now; retry shortly.".to_owned()))
+            }
+            End::Internal => {
+                Some(("internal_error", "Something went wrong on our side; it has been logged.".to_owned()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Keeps `vault_ws_connections` right even if the task unwinds.
+struct OpenGauge;
+
+impl OpenGauge {
+    fn new() -> OpenGauge {
+        metrics::gauge!("vault_ws_connections").increment(1.0);
+        OpenGauge
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("vault_ws_connections").decrement(1.0);
+    }
+}
+
+/// Data frames sent, by channel kind (handles looked up once per connection).
+struct SentCounters {
+    prices: metrics::Counter,
+    orders: metrics::Counter,
+    notifications: metrics::Counter,
+}
+
+impl SentCounters {
+    fn new() -> SentCounters {
+        SentCounters {
+            prices: metrics::counter!("vault_ws_frames_sent_total", "channel" => "prices"),
+            orders: metrics::counter!("vault_ws_frames_sent_total", "channel" => "orders"),
+            notifications: metrics::counter!("vault_ws_frames_sent_total", "channel" => "notifications"),
+        }
+    }
+
+    fn of(&self, channel: &Channel) -> &metrics::Counter {
+        match channel {
+            Channel::Prices(_) => &self.prices,
+            Channel::Orders => &self.orders,
+            Channel::Notifications => &self.notifications,
+        }
+    }
+}
+
+/// Serves one upgraded socket until it closes.
+pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String) {
+    let gateway = state.ws.clone();
+    let (member, queue) = gateway.hub.member(gateway.config.queue_capacity);
+    let span = tracing::info_span!(
+        "ws",
+        request_id = %request_id,
+        connection = member.id(),
+        user_id = tracing::field::Empty,
+    );
+    let connection = Connection {
+        socket,
+        config: gateway.config.clone(),
+        shutdown: gateway.shutdown.clone(),
+        gateway,
+        state,
+        member,
+        queue,
+        user: None,
+        channels: HashMap::new(),
+        seq: 0,
+        last_heard: Instant::now(),
+        sent: SentCounters::new(),
+    };
+    async move {
+        let _open = OpenGauge::new();
+        let mut connection = connection;
+        let end = connection.run().await;
+        connection.finish(end).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Connection {
+    socket: WebSocket,
+    state: AppState,
+    gateway: Gateway,
+    config: Arc<WsConfig>,
+    shutdown: CancellationToken,
+    member: Arc<Member>,
+    queue: mpsc::Receiver<Arc<DataFrame>>,
+    /// Who authenticated, and the credential to re-check; `None` until the auth frame passed.
+    user: Option<(Uuid, Presented)>,
+    /// The channels subscribed to, with the hub topic serving each.
+    channels: HashMap<Channel, Topic>,
+    /// The number of the last data frame written.
+    seq: u64,
+    /// When the client last sent anything.
+    last_heard: Instant,
+    sent: SentCounters,
+}
+
+impl Connection {
+    async fn run(&mut self) -> End {
+        if let Err(end) = self.authenticate().await {
+            return end;
+        }
+        self.stream().await
+    }
+
+    /// The auth phase: the first text frame must be a valid `auth` frame, before the deadline.
+    async fn authenticate(&mut self) -> Result<(), End> {
+        let deadline = Instant::now() + self.config.auth_timeout;
+        let text = loop {
+            let incoming = tokio::select! {
+                _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+                _ = sleep_until(deadline) => return Err(End::AuthTimeout),
+                incoming = self.socket.next() => incoming,
+            };
+            if let Some(text) = self.classify(incoming)? {
+                self.last_heard = Instant::now();
+                break text;
+            }
+        };
+        let Ok(ClientFrame::Auth { token }) = ClientFrame::parse(text.as_str()) else {
+            return Err(End::Refused {
+                code: "auth_required",
+                detail: "The first frame must be {\"op\":\"auth\",\"token\":\"<access JWT or API key>\"}.".to_owned(),
+            });
+        };
+        let checked = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+            // The client did its part in time; a database too slow to answer is ours.
+            _ = sleep_until(deadline) => return Err(End::Unavailable),
+            checked = caller::authenticate(&self.state, &token) => checked,
+        };
+        let (caller, presented) = checked.map_err(End::from_api_error)?;
+        caller.require_scope(Scope::Read).map_err(End::from_api_error)?;
+        tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
+        self.user = Some((caller.user_id, presented));
+        self.send_control(&ServerFrame::Authenticated { user_id: caller.user_id }).await
+    }
+
+    /// The authenticated phase, until something ends the connection.
+    async fn stream(&mut self) -> End {
+        let every = self.config.ping_interval;
+        let mut ping = interval_at(Instant::now() + every, every);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Connections opened together (after a deploy, say) spread their re-checks out.
+        let first_recheck = self.config.recheck_interval.mul_f64(rand::random_range(0.5..1.5));
+        let mut recheck = interval_at(Instant::now() + first_recheck, self.config.recheck_interval);
+        recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let idle = sleep_until(self.last_heard + self.config.idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            // Biased: stop conditions first, then the client and the timers, data last, so a
+            // busy feed can starve neither the client's frames nor the pings.
+            let step = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => Err(End::Shutdown),
+                _ = self.member.slow().cancelled() => Err(End::SlowConsumer),
+                _ = &mut idle => Err(End::Idle),
+                incoming = self.socket.next() => {
+                    self.last_heard = Instant::now();
+                    idle.as_mut().reset(self.last_heard + self.config.idle_timeout);
+                    match self.classify(incoming) {
+                        Ok(Some(text)) => self.on_text(text.as_str()).await,
+                        Ok(None) => Ok(()),
+                        Err(end) => Err(end),
+                    }
+                }
+                _ = ping.tick() => self.send_control(&ServerFrame::Ping).await,
+                _ = recheck.tick() => self.recheck().await,
+                Some(frame) = self.queue.recv() => self.forward(frame).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Sorts what the socket gave: a text frame to handle, a control frame to ignore (the
+    /// transport answers pings itself), or the end of the connection.
+    fn classify(&self, incoming: Option<Result<Message, axum::Error>>) -> Result<Option<Utf8Bytes>, End> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Err(End::ClientClosed),
+            Some(Ok(Message::Text(text))) if text.len() > self.config.max_message_bytes => Err(End::TooBig),
+            Some(Ok(Message::Text(text))) => Ok(Some(text)),
+            Some(Ok(Message::Binary(_))) => Err(End::Binary),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(None),
+            Some(Err(e)) => {
+                // The transport's own size cap (far above the limit) reports a capacity error.
+                let text = e.to_string();
+                tracing::debug!(error = text, "WebSocket read failed");
+                if text.contains("Space limit exceeded") { Err(End::TooBig) } else { Err(End::Protocol) }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+        match ClientFrame::parse(text) {
+            Err(detail) => self.send_error("malformed_frame", &detail, None).await,
+            Ok(ClientFrame::Auth { .. }) => {
+                let detail = "This connection is already authenticated; open another one for another credential.";
+                self.send_error("already_authenticated", detail, None).await
+            }
+            Ok(ClientFrame::Subscribe { channels }) => self.subscribe(channels).await,
+            Ok(ClientFrame::Unsubscribe { channels }) => self.unsubscribe(channels).await,
+            Ok(ClientFrame::Ping) => self.send_control(&ServerFrame::Pong).await,
+            Ok(ClientFrame::Pong) => Ok(()),
+        }
+    }
+
+    fn user_id(&self) -> Uuid {
+        self.user.as_ref().map(|(user, _)| *user).expect("frames are handled only after authentication")
+    }
+
+    /// Parses every name of a (un)subscribe frame, or says what is wrong with the first bad one.
+    fn parse_channels(&self, names: &[String]) -> Result<Vec<Channel>, (&'static str, String, Option<String>)> {
+        if names.is_empty() || names.len() > MAX_CHANNELS_PER_FRAME {
+            return Err((
+                "malformed_frame",
+                format!("\"channels\" must list 1 to {MAX_CHANNELS_PER_FRAME} channels."),
+                None,
+            ));
+        }
+        let markets = &self.state.markets;
+        let mut channels: Vec<Channel> = Vec::with_capacity(names.len());
+        for name in names {
+            let channel = Channel::parse(name, |symbol| markets.get(symbol).is_some())
+                .map_err(|e| (e.code(), e.detail(), Some(e.channel().to_owned())))?;
+            if !channels.contains(&channel) {
+                channels.push(channel);
+            }
+        }
+        Ok(channels)
+    }
+
+    /// Subscribes to every channel of the frame, or to none of them: an unknown name refuses
+    /// the whole frame, and a hub failure undoes what this frame had joined.
+    async fn subscribe(&mut self, names: Vec<String>) -> Result<(), End> {
+        let channels = match self.parse_channels(&names) {
+            Ok(channels) => channels,
+            Err((code, detail, channel)) => return self.send_error(code, &detail, channel.as_deref()).await,
+        };
+        let user = self.user_id();
+        let mut joined = Vec::new();
+        for channel in &channels {
+            if self.channels.contains_key(channel) {
+                continue;
+            }
+            let topic = Topic::of(channel, user);
+            let outcome = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    // The join may have added the member already; leaving is idempotent.
+                    self.gateway.hub.leave(&topic, self.member.id());
+                    return Err(End::Shutdown);
+                }
+                outcome = self.gateway.hub.join(&topic, &self.member) => outcome,
+            };
+            if outcome.is_err() {
+                for channel in joined {
+                    if let Some(topic) = self.channels.remove(&channel) {
+                        self.gateway.hub.leave(&topic, self.member.id());
+                    }
+                }
+                let detail = "The feed cannot subscribe right now; retry shortly.";
+                return self.send_error("service_unavailable", detail, None).await;
+            }
+            self.channels.insert(channel.clone(), topic);
+            joined.push(channel.clone());
+        }
+        let names: Vec<String> = channels.iter().map(Channel::name).collect();
+        tracing::debug!(channels = ?names, "subscribed");
+        self.send_control(&ServerFrame::Subscribed { channels: &names }).await
+    }
+
+    async fn unsubscribe(&mut self, names: Vec<String>) -> Result<(), End> {
+        let channels = match self.parse_channels(&names) {
+            Ok(channels) => channels,
+            Err((code, detail, channel)) => return self.send_error(code, &detail, channel.as_deref()).await,
+        };
+        for channel in &channels {
+            if let Some(topic) = self.channels.remove(channel) {
+                self.gateway.hub.leave(&topic, self.member.id());
+            }
+        }
+        let names: Vec<String> = channels.iter().map(Channel::name).collect();
+        self.send_control(&ServerFrame::Unsubscribed { channels: &names }).await
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), numbering each, then flushes.
+    async fn forward(&mut self, first: Arc<DataFrame>) -> Result<(), End> {
+        let mut next = Some(first);
+        let mut taken = 0;
+        let mut written = false;
+        while let Some(frame) = next {
+            taken += 1;
+            // Frames of a channel unsubscribed since they were queued are dropped unnumbered.
+            if self.channels.contains_key(&frame.channel) {
+                self.seq += 1;
+                self.write(Some(Message::text(frame.text(self.seq)))).await?;
+                self.sent.of(&frame.channel).increment(1);
+                written = true;
+            }
+            next = if taken < WRITE_BATCH { self.queue.try_recv().ok() } else { None };
+        }
+        if written {
+            self.write(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-checks the credential: a refusal ends the connection; a database that cannot answer
+    /// does not (the next round will tell).
+    async fn recheck(&mut self) -> Result<(), End> {
+        let Some((_, presented)) = &self.user else { return Ok(()) };
+        let checked = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+            checked = timeout(RECHECK_TIMEOUT, caller::recheck(&self.state, presented)) => checked,
+        };
+        match checked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e @ (ApiError::Unauthorized { .. } | ApiError::Forbidden { .. }))) => {
+                tracing::info!(code = e.code(), "credential no longer valid; closing the WebSocket");
+                Err(End::from_api_error(e))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "WebSocket credential re-check failed; keeping the connection until the next one");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!("WebSocket credential re-check timed out; keeping the connection until the next one");
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_control(&mut self, frame: &ServerFrame<'_>) -> Result<(), End> {
+        self.write(Some(Message::text(frame.to_text()))).await?;
+        self.write(None).await
+    }
+
+    async fn send_error(&mut self, code: &str, detail: &str, channel: Option<&str>) -> Result<(), End> {
+        self.send_control(&ServerFrame::Error { code, detail, channel }).await
+    }
+
+    /// Queues `message` on the socket (`None`: flushes it), unless the connection must stop
+    /// first: a client that does not read blocks the write, and must not block shutdown, its
+    /// idle deadline or its slow-consumer verdict.
+    async fn write(&mut self, message: Option<Message>) -> Result<(), End> {
+        let idle_at = self.last_heard + self.config.idle_timeout;
+        let socket = &mut self.socket;
+        let io = async move {
+            match message {
+                Some(message) => socket.feed(message).await,
+                None => socket.flush().await,
+            }
+        };
+        tokio::select! {
+            result = io => result.map_err(|e| {
+                tracing::debug!(error = %e, "WebSocket write failed");
+                End::Broken
+            }),
+            _ = self.shutdown.cancelled() => Err(End::Shutdown),
+            _ = self.member.slow().cancelled() => Err(End::SlowConsumer),
+            _ = sleep_until(idle_at) => Err(End::Idle),
+        }
+    }
+
+    /// Leaves every topic, counts the end, then sends the error frame and the close frame and
+    /// waits for the client's close, all within `close_timeout`.
+    async fn finish(mut self, end: End) {
+        for (_, topic) in self.channels.drain() {
+            self.gateway.hub.leave(&topic, self.member.id());
+        }
+        self.queue.close();
+        metrics::counter!("vault_ws_disconnects_total", "reason" => end.label()).increment(1);
+        if let End::SlowConsumer = end {
+            metrics::counter!("vault_ws_slow_clients_dropped_total").increment(1);
+            tracing::warn!(frames = self.seq, "WebSocket client too slow for its feed; closed");
+        } else {
+            tracing::info!(reason = end.label(), frames = self.seq, "WebSocket closed");
+        }
+        let error = end.error_frame(&self.config);
+        let socket = &mut self.socket;
+        let closing = async move {
+            let Some((code, reason)) = end.close() else {
+                // Completes the closing handshake a client started (a no-op on a dead socket).
+                return socket.close().await;
+            };
+            if let Some((code, detail)) = error {
+                let frame = ServerFrame::Error { code, detail: &detail, channel: None };
+                socket.send(Message::text(frame.to_text())).await?;
+            }
+            let reason = Utf8Bytes::from_static(reason);
+            socket.send(Message::Close(Some(CloseFrame { code, reason }))).await?;
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Close(_) = message {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let _ = timeout(self.config.close_timeout, closing).await;
+    }
+}

@@ -1,0 +1,189 @@
+//! `GET /api/v1/ws`: the live feed — prices, the user's own order events and in-app
+//! notifications — pushed over one WebSocket instead of polled over REST.
+//!
+//! Protocol (`API.md`, "Streaming"; the frames are in [`protocol`]):
+//! 1. the first client frame is `{"op":"auth","token":"<access JWT or API key>"}`, within
+//!    [`WsConfig::auth_timeout`]; it is checked by the same code as the REST credentials
+//!    ([`crate::auth::caller::authenticate`]), API keys need the `read` scope. Any failure is an
+//!    `error` frame and a close with 1008 (policy violation);
+//! 2. `{"op":"subscribe","channels":[…]}` / `unsubscribe`, answered `subscribed` /
+//!    `unsubscribed`; an unknown channel or market is an `error` frame, the socket stays open;
+//! 3. data frames `{"channel","seq","data"}`, `seq` counting 1, 2, 3… over every data frame of
+//!    the connection, without gaps; `{"op":"ping"}` every [`WsConfig::ping_interval`]; a client
+//!    that sends nothing (any frame counts, `{"op":"pong"}` included) for
+//!    [`WsConfig::idle_timeout`] is closed.
+//!
+//! Why it is built this way:
+//! - fan-out comes from NATS subjects (see [`hub`]), so any API replica can serve any user and
+//!   the API stays stateless: no sticky sessions, nothing to hand over when a replica stops;
+//! - every connection has a bounded queue; a client that cannot keep up is closed (1008, "slow
+//!   consumer") rather than buffered for without limit — one slow client must not cost the
+//!   process its memory nor delay anyone else. A closed client reconnects and resyncs over REST,
+//!   which is the truth anyway: the feed is at most once (core NATS, nothing is replayed);
+//! - a connection re-checks its credential every [`WsConfig::recheck_interval`], so a logout,
+//!   a revoked API key or an administrator's lock ends an open socket too, not just new
+//!   requests;
+//! - credentials travel in the first frame, not the URL (URLs end up in logs) nor cookies, so
+//!   a foreign web page cannot ride a user's session (no cross-site WebSocket hijacking);
+//! - memory per connection is kept small for many connections: 4 KiB client frames at most,
+//!   small read and write buffers, one task per connection.
+//!
+//! Shutdown: when the process's shutdown token fires every connection sends close 1001 (going
+//! away) and [`Gateway::drain`] waits, bounded, for those closes to go out.
+//!
+//! Metrics: `vault_ws_connections` (gauge), `vault_ws_frames_sent_total{channel}`,
+//! `vault_ws_slow_clients_dropped_total`, `vault_ws_disconnects_total{reason}`,
+//! `vault_ws_nats_subscriptions` (gauge), `vault_ws_undecodable_messages_total{channel}`.
+
+mod connection;
+pub mod hub;
+pub mod protocol;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use vault_bus::Bus;
+
+use self::hub::Hub;
+use crate::error::{ApiError, Problem, REQUEST_ID};
+use crate::startup::AppState;
+
+/// The tunables of the feed. Code sets them (tests shorten the intervals); the defaults are the
+/// contract's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsConfig {
+    /// How long a new connection may take to send its auth frame.
+    pub auth_timeout: Duration,
+    /// How often the server sends `{"op":"ping"}`.
+    pub ping_interval: Duration,
+    /// How long a client may stay silent before it is closed.
+    pub idle_timeout: Duration,
+    /// Data frames waiting for one connection at most; when full, the client is dropped.
+    pub queue_capacity: usize,
+    /// The largest client frame accepted, in bytes; larger ones close the connection (1009).
+    pub max_message_bytes: usize,
+    /// How often an open connection re-checks its credential (first check jittered).
+    pub recheck_interval: Duration,
+    /// How long a closing connection waits for its close frame to go out and be answered.
+    pub close_timeout: Duration,
+    /// Bytes written to the socket in one go at most (frames are batched up to this).
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            auth_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            queue_capacity: 512,
+            max_message_bytes: 4096,
+            recheck_interval: Duration::from_secs(60),
+            close_timeout: Duration::from_secs(2),
+            write_buffer_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// What the route needs beyond the rest of [`AppState`]: the hub, the tunables, and the
+/// connections still open (for the drain at shutdown). Cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    hub: Hub,
+    config: Arc<WsConfig>,
+    connections: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    pub fn new(bus: &Bus, config: WsConfig, shutdown: CancellationToken) -> Gateway {
+        Gateway {
+            hub: Hub::new(bus.client().clone(), shutdown.clone()),
+            config: Arc::new(config),
+            connections: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Waits until every connection has finished closing (they close themselves when the
+    /// shutdown token fires), for at most `grace`.
+    pub async fn drain(&self, grace: Duration) {
+        self.connections.close();
+        let open = self.connections.len();
+        if tokio::time::timeout(grace, self.connections.wait()).await.is_err() {
+            tracing::warn!(open = self.connections.len(), "WebSocket connections did not close within {grace:?}");
+        } else if open > 0 {
+            tracing::info!(closed = open, "WebSocket connections closed");
+        }
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws", get(upgrade))
+}
+
+/// The live feed (WebSocket).
+///
+/// Upgrade with `GET /api/v1/ws` (`Connection: Upgrade`, `Upgrade: websocket`); no credentials
+/// in the request. Then, in text frames:
+/// client → `{"op":"auth","token":"<access JWT or API key>"}` first (within 10 s), then
+/// `{"op":"subscribe","channels":["prices:BTC-USD","orders","notifications"]}` or
+/// `{"op":"unsubscribe","channels":[…]}`, `{"op":"pong"}`;
+/// server → `{"op":"authenticated","user_id"}`, `{"op":"subscribed","channels"}`,
+/// `{"op":"unsubscribed","channels"}`, `{"op":"ping"}` every 30 s,
+/// `{"op":"error","code","detail","channel"?}`, and data frames `{"channel","seq","data"}`
+/// with `seq` 1, 2, 3… per connection. `prices:<SYMBOL>` data is the ticker object,
+/// `orders` data `{id, type, created_at, data: <order>}` for `order.*` events, `notifications`
+/// data the notification object. Closes: 1008 bad or missing auth, silent for 90 s, slow
+/// consumer, revoked credential; 1003 binary frame; 1009 frame over 4 KiB; 1001 server
+/// shutdown; 1011/1013 server trouble.
+#[utoipa::path(get, path = "/api/v1/ws", tag = "streaming",
+    responses((status = 101, description = "Switching Protocols: the WebSocket feed starts"),
+              (status = 400, description = "not a WebSocket upgrade request", body = Problem),
+              (status = 429, body = Problem)))]
+pub async fn upgrade(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return ApiError::BadRequest(format!("This route needs a WebSocket upgrade ({rejection})."))
+                .into_response();
+        }
+    };
+    let gateway = state.ws.clone();
+    if gateway.shutdown.is_cancelled() {
+        return ApiError::Unavailable("shutting down").into_response();
+    }
+    let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
+    // Held by the connection until it has finished closing, so the drain can wait for it.
+    let open = gateway.connections.token();
+    let config = &gateway.config;
+    upgrade
+        // The transport refuses frames far above the limit without reading them into memory;
+        // the connection itself enforces the exact limit, so it can close with 1009.
+        .max_message_size(config.max_message_bytes * 4)
+        .max_frame_size(config.max_message_bytes * 4)
+        .read_buffer_size(config.max_message_bytes * 2)
+        // Writes wait for the socket once this much is buffered (the sink's backpressure), so
+        // the buffer stays near this size whatever the client does.
+        .write_buffer_size(config.write_buffer_bytes)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |socket| async move {
+            connection::serve(socket, state, request_id).await;
+            drop(open);
+        })
+}
