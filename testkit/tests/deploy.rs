@@ -317,6 +317,8 @@ fn kubernetes_workloads_probe_health_and_readyz_request_resources_and_take_secre
 
     let config = docs.iter().find(|(_, d)| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "vault-config");
     let config = config.expect("the ConfigMap vault-config").1["data"].as_object().expect("data").clone();
+    assert_eq!(config["NATS_REPLICAS"], "3", "vault-config: streams replicated on the three NATS nodes");
+    assert_eq!(config["NATS_URL"].as_str().map(|u| u.split(',').count()), Some(3), "vault-config: every NATS node");
     for key in config.keys() {
         assert!(config_names.contains(key), "vault-config: {key} is not read by the configuration");
         assert!(!SECRET_NAMES.contains(&key.as_str()), "vault-config: {key} is a secret");
@@ -412,6 +414,7 @@ fn compose_services_run_the_one_image_with_names_the_configuration_reads_and_che
             assert!(env.contains_key(required), "{name}: {required} missing");
         }
         assert_eq!(env["NATS_URL"].as_str().map(|u| u.split(',').count()), Some(3), "{name}: all three NATS nodes");
+        assert_eq!(env["NATS_REPLICAS"], "3", "{name}: streams replicated on the three nodes");
         if command == ["migrate"] {
             continue;
         }
