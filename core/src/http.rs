@@ -1,4 +1,4 @@
-//! What every HTTP server in CryptoVault wears, and how it stops.
+//! What every HTTP server in CryptoVault wears, how it defends itself, and how it stops.
 //!
 //! [`observe`] adds, outermost first: `X-Request-Id` (the client's, or a fresh UUID), echoed
 //! on the response; a tracing span per request carrying that id; and the
@@ -7,20 +7,61 @@
 //!
 //! [`serve`] binds nothing itself (callers bind, so tests can use port 0), stops accepting
 //! when the shutdown token fires and lets in-flight requests finish, bounded by a grace period.
+//!
+//! # Connection limits
+//!
+//! Every server here (the API and each process's ops endpoints) runs hyper's HTTP/1.1 server
+//! directly rather than through `axum::serve`, which exposes none of these knobs. The limits
+//! protect the process from clients that are slow, idle or large on purpose:
+//!
+//! - [`HEADER_READ_TIMEOUT`] (10 s): the request line and headers must arrive within it,
+//!   counted from the moment the server waits for a request: on a new connection and between
+//!   requests on a kept-alive one. A slowloris client (a header trickled a byte at a time) and a
+//!   connection that sends nothing are closed when it passes, without an answer. It is therefore
+//!   also the keep-alive idle timeout: a proxy in front must drop idle upstream connections
+//!   sooner than that, or it will now and then send a request into a connection being closed.
+//! - [`MAX_HEADER_BYTES`] (32 KiB): the request line and headers together; beyond it the answer
+//!   is 431 and the connection is closed. An access token is under 1 KiB; nginx allows 32 KiB by
+//!   default, Go 1 MB. hyper's read buffer is capped at [`MAX_BUF_BYTES`] (64 KiB, the 431 too
+//!   when a head is still incomplete there), so a connection holds at most that much unparsed
+//!   input; at most 100 header fields (hyper's default).
+//! - The connection cap: at most [`MAX_CONNECTIONS`] open at once, fewer when the file
+//!   descriptor limit is lower (the soft limit is first raised to the hard one; [`FD_RESERVE`]
+//!   descriptors stay free for Postgres, NATS, logs). A connection over the cap is closed at
+//!   once and counted (`vault_http_connections_refused_total`): a fast, visible refusal that a
+//!   load balancer retries elsewhere, instead of a backlog that times out silently. Open
+//!   connections are the `vault_http_connections` gauge.
+//! - An accept error (descriptors exhausted after all, say) pauses accepting for
+//!   [`ACCEPT_ERROR_PAUSE`] instead of spinning on the error or stopping the server.
+//!
+//! What a request may carry and how long it may take once its head has arrived is the
+//! application's business: the API limits bodies to 64 KiB, gives a body 10 s to arrive (408
+//! after that) and a whole request 30 s (its `json` and `startup` modules).
+//!
+//! WebSocket upgrades leave this server: an upgraded connection is no longer counted, drained or
+//! timed out here (the WebSocket gateway has its own ping and idle rules).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::HeaderName;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+
+use crate::metric_names as names;
 
 /// The header that carries a request's id across HTTP, NATS and logs.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,26 +104,171 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `app` on `listener` until `shutdown` fires, then drains: no new connections, idle
-/// keep-alive connections closed, in-flight requests finished (for at most [`SHUTDOWN_GRACE`]).
+/// How long a client has to send a request's line and headers, and how long a kept-alive
+/// connection may sit idle (see the module docs).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a request line and its headers may weigh; beyond it, 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// hyper's per-connection read and write buffer cap.
+pub const MAX_BUF_BYTES: usize = 64 * 1024;
+/// The most connections a server holds open at once (fewer if the fd limit says so).
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// File descriptors kept out of the connection cap for everything else the process opens.
+pub const FD_RESERVE: u64 = 256;
+/// How long accepting pauses after an accept error.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning per this interval while connections are being refused at the cap.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The connection cap of this process: [`MAX_CONNECTIONS`], or the file descriptor limit minus
+/// [`FD_RESERVE`] when that is lower. The first call raises the soft descriptor limit to the
+/// hard one (process-wide, so it happens once).
+pub fn connection_cap() -> usize {
+    static CAP: OnceLock<usize> = OnceLock::new();
+    *CAP.get_or_init(|| match raise_fd_limit() {
+        Some(limit) => {
+            usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(MAX_CONNECTIONS).clamp(1, MAX_CONNECTIONS)
+        }
+        None => MAX_CONNECTIONS,
+    })
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (Go's runtime does the same at start: the
+/// soft default of 1024 is a relic of `select`, which nothing here uses). Returns the soft limit
+/// in force afterwards; `None` means unlimited.
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // An unlimited hard limit is still bounded by the kernel's nr_open (2^20 by default).
+    const KERNEL_DEFAULT_NR_OPEN: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let target = limit.maximum.map_or(KERNEL_DEFAULT_NR_OPEN, |max| max.min(KERNEL_DEFAULT_NR_OPEN));
+    match limit.current {
+        Some(current) if current < target => {
+            match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum }) {
+                Ok(()) => Some(target),
+                Err(e) => {
+                    tracing::warn!(error = %e, current, target, "could not raise the open file limit");
+                    Some(current)
+                }
+            }
+        }
+        current => current,
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` fires, with the limits of the module docs, then
+/// drains: no new connections, idle keep-alive connections closed, in-flight requests finished
+/// (for at most [`SHUTDOWN_GRACE`]).
 pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, "listening");
-    let drain_started = shutdown.clone();
-    let server = std::future::IntoFuture::into_future(
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown.cancelled_owned()),
-    );
-    tokio::pin!(server);
+    let cap = connection_cap();
+    tracing::info!(addr = %local, max_connections = cap, "listening");
+    // A permit per open connection: the cap, and (all permits back) the end of the drain.
+    let permits = Arc::new(Semaphore::new(cap));
+    let refused = metrics::counter!(names::HTTP_CONNECTIONS_REFUSED);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_BUF_BYTES);
+    let mut last_refusal_warning: Option<Instant> = None;
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // The peer gave up between SYN and accept: nothing to do.
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    tracing::warn!(addr = %local, error = %e, pause = ?ACCEPT_ERROR_PAUSE, "accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                    }
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused.increment(1);
+            if last_refusal_warning.is_none_or(|at| at.elapsed() >= REFUSAL_WARN_EVERY) {
+                last_refusal_warning = Some(Instant::now());
+                tracing::warn!(addr = %local, max_connections = cap, "connection cap reached; closing new connections");
+            }
+            drop(stream);
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, remote, app.clone(), builder.clone(), shutdown.clone(), permit));
+    }
+    // Closing the listener refuses new connections while the open ones drain.
+    drop(listener);
     tokio::select! {
-        result = &mut server => result,
-        () = async {
-            drain_started.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
+        _ = permits.acquire_many(u32::try_from(cap).unwrap_or(u32::MAX)) => Ok(()),
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!(addr = %local, grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish within the grace period");
             Ok(())
         }
+    }
+}
+
+/// Errors of one half-open connection, not of the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Counts an open connection in `vault_http_connections` for as long as it lives.
+struct OpenConnection(metrics::Gauge);
+
+impl OpenConnection {
+    fn new() -> Self {
+        let gauge = metrics::gauge!(names::HTTP_CONNECTIONS);
+        gauge.increment(1.0);
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Serves one connection until the client leaves, a limit closes it, or shutdown (which lets
+/// the request in flight finish and then closes it).
+async fn serve_connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    app: Router,
+    builder: http1::Builder,
+    shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let _open = OpenConnection::new();
+    // Small answers go out at once rather than waiting for Nagle.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+        // What `into_make_service_with_connect_info` did: handlers read the peer with ConnectInfo.
+        req.extensions_mut().insert(ConnectInfo(remote));
+        app.clone().oneshot(req)
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // A header timeout, a 431, a client that vanished: the client's problem, not ours.
+        tracing::debug!(peer = %remote, error = %e, "connection ended with an error");
     }
 }
 

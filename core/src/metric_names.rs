@@ -25,6 +25,8 @@ use crate::config::Role;
 // -- Every process ---------------------------------------------------------------------------
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+pub const HTTP_CONNECTIONS: &str = "vault_http_connections";
+pub const HTTP_CONNECTIONS_REFUSED: &str = "vault_http_connections_refused_total";
 pub const READY: &str = "vault_ready";
 pub const BUILD_INFO: &str = "vault_build_info";
 
@@ -142,6 +144,14 @@ use Zero::{Dynamic, Each, Plain};
 pub const CATALOG: &[Metric] = &[
     m(HTTP_REQUESTS, C, "HTTP requests by method, route and status", SERVING, Dynamic),
     m(HTTP_REQUEST_DURATION, H, "HTTP request latency by method and route", SERVING, Dynamic),
+    m(HTTP_CONNECTIONS, G, "HTTP connections open (upgraded WebSockets excluded)", SERVING, Plain),
+    m(
+        HTTP_CONNECTIONS_REFUSED,
+        C,
+        "HTTP connections closed at once because the connection cap was reached",
+        SERVING,
+        Plain,
+    ),
     m(READY, G, "1 when the named readiness check passes, else 0", SERVING, Dynamic),
     m(BUILD_INFO, G, "Always 1; labels carry the process role and version", SERVING, Dynamic),
     m(QUEUE_PENDING, G, "Messages of the stream the consumer has not been delivered yet", LAG, Dynamic),
