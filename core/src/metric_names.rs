@@ -50,6 +50,31 @@ pub const PASSWORD_HASH_QUEUE_TIMEOUTS: &str = "vault_password_hash_queue_timeou
 pub const API_STALE_COMMANDS: &str = "vault_api_stale_commands_total";
 pub const API_PRICE_TICKS_UNDECODABLE: &str = "vault_api_price_ticks_undecodable_total";
 
+// -- API: the WebSocket feed ---------------------------------------------------------------------
+pub const WS_CONNECTIONS: &str = "vault_ws_connections";
+pub const WS_NATS_SUBSCRIPTIONS: &str = "vault_ws_nats_subscriptions";
+pub const WS_FRAMES_SENT: &str = "vault_ws_frames_sent_total";
+pub const WS_SLOW_CLIENTS_DROPPED: &str = "vault_ws_slow_clients_dropped_total";
+pub const WS_DISCONNECTS: &str = "vault_ws_disconnects_total";
+pub const WS_UNDECODABLE: &str = "vault_ws_undecodable_messages_total";
+/// The channel kinds of the WebSocket feed (`channel` label).
+pub const WS_CHANNELS: &[&str] = &["prices", "orders", "notifications"];
+/// Why a WebSocket connection ended (`reason` of [`WS_DISCONNECTS`]).
+pub const WS_DISCONNECT_REASONS: &[&str] = &[
+    "client_closed",
+    "broken",
+    "shutdown",
+    "slow_consumer",
+    "idle",
+    "auth_timeout",
+    "refused",
+    "binary_frame",
+    "message_too_big",
+    "protocol_error",
+    "unavailable",
+    "internal_error",
+];
+
 // -- Engine ------------------------------------------------------------------------------------
 pub const ENGINE_COMMANDS: &str = "vault_engine_commands_total";
 pub const ENGINE_APPLY: &str = "vault_engine_apply_seconds";
@@ -174,6 +199,24 @@ pub const CATALOG: &[Metric] = &[
     m(PASSWORD_HASH_QUEUE_TIMEOUTS, C, "Logins refused because password hashing was saturated", API, Plain),
     m(API_STALE_COMMANDS, C, "Retries refused because a withdrawn attempt holds the client order id", API, Plain),
     m(API_PRICE_TICKS_UNDECODABLE, C, "Price ticks the API could not decode", API, Plain),
+    m(WS_CONNECTIONS, G, "Open WebSocket connections", API, Plain),
+    m(WS_NATS_SUBSCRIPTIONS, G, "NATS subscriptions the WebSocket hub holds (one per market or user feed)", API, Plain),
+    m(
+        WS_FRAMES_SENT,
+        C,
+        "Data frames written to WebSocket clients, by channel kind",
+        API,
+        Each("channel", WS_CHANNELS),
+    ),
+    m(WS_SLOW_CLIENTS_DROPPED, C, "WebSocket connections closed because their queue was full", API, Plain),
+    m(WS_DISCONNECTS, C, "WebSocket connections closed, by reason", API, Each("reason", WS_DISCONNECT_REASONS)),
+    m(
+        WS_UNDECODABLE,
+        C,
+        "NATS messages the WebSocket hub could not turn into a frame",
+        API,
+        Each("channel", WS_CHANNELS),
+    ),
     m(
         ENGINE_COMMANDS,
         C,

@@ -537,3 +537,38 @@ impl Connection {
         let _ = timeout(self.config.close_timeout, closing).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_has_a_catalogued_reason_and_a_close_reason_that_fits_a_close_frame() {
+        let refused = End::Refused { code: "invalid_token", detail: "d".to_owned() };
+        let all = [
+            End::ClientClosed,
+            End::Broken,
+            End::Shutdown,
+            End::SlowConsumer,
+            End::Idle,
+            End::AuthTimeout,
+            refused,
+            End::Binary,
+            End::TooBig,
+            End::Protocol,
+            End::Unavailable,
+            End::Internal,
+        ];
+        let reasons = vault_core::metric_names::WS_DISCONNECT_REASONS;
+        assert_eq!(all.len(), reasons.len());
+        for end in &all {
+            assert!(reasons.contains(&end.label()), "{} is not in the catalog", end.label());
+            if let Some((code, reason)) = end.close() {
+                // RFC 6455: a close frame's reason is at most 123 bytes.
+                assert!(reason.len() <= 123 && (1000..5000).contains(&code), "{end:?}");
+            }
+        }
+        assert_eq!(End::Shutdown.close(), Some((1001, "going away")));
+        assert_eq!(End::SlowConsumer.close(), Some((1008, "slow consumer")));
+    }
+}

@@ -155,7 +155,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(client: async_nats::Client, shutdown: CancellationToken) -> Hub {
-        describe_metrics();
         Hub {
             inner: Arc::new(Inner {
                 client,
@@ -348,24 +347,6 @@ fn frame_of(topic: &Topic, channel: &Channel, subject: &str, payload: &[u8]) -> 
             None
         }
     }
-}
-
-fn describe_metrics() {
-    metrics::describe_gauge!("vault_ws_connections", "Open WebSocket connections");
-    metrics::describe_gauge!("vault_ws_nats_subscriptions", "NATS subscriptions the WebSocket hub holds (topics)");
-    metrics::describe_counter!(
-        "vault_ws_frames_sent_total",
-        "Data frames written to WebSocket clients, by channel kind"
-    );
-    metrics::describe_counter!(
-        "vault_ws_slow_clients_dropped_total",
-        "WebSocket connections closed because their queue was full"
-    );
-    metrics::describe_counter!("vault_ws_disconnects_total", "WebSocket connections closed, by reason");
-    metrics::describe_counter!(
-        "vault_ws_undecodable_messages_total",
-        "NATS messages the WebSocket hub could not turn into a frame"
-    );
 }
 
 #[cfg(test)]
