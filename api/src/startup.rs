@@ -87,7 +87,7 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("cannot listen on API_ADDR {}: {e}", settings.api_addr))?;
 
         let pool = db::connect(&settings.database_url, 20).await?;
-        let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?;
+        let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
 
         let readiness = Readiness::new();
@@ -99,7 +99,10 @@ impl Application {
 
         let secret = settings.jwt_secret.as_ref().ok_or_else(|| anyhow::anyhow!("JWT_SECRET is required"))?;
         let jwt = JwtKeys::new(secret.expose().as_bytes());
+        // Password hashing gets every core but one: the runtime keeps a core for everything
+        // else, so a login storm queues logins instead of slowing every other request.
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
+        let hashing_slots = cores.saturating_sub(1).max(1);
         let limits = Arc::new(RateLimits::from_settings(&settings));
         limits.clone().spawn_housekeeping(shutdown.clone());
         spawn_housekeeping(pool.clone(), shutdown.clone());
@@ -113,7 +116,7 @@ impl Application {
             ws: Gateway::new(&bus, ws_config, shutdown.clone()),
             events: AuthEvents::new(bus.clone()),
             bus,
-            hasher: Hasher::new(cores),
+            hasher: Hasher::new(hashing_slots),
             jwt,
             limits,
             markets,

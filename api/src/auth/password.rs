@@ -2,7 +2,8 @@
 //!
 //! Hashing costs ~20 MiB and tens of milliseconds of CPU, so it never runs on the async
 //! runtime: each hash runs on the blocking pool, and a semaphore bounds how many run at once
-//! (one per core), so a login storm queues here instead of starving every other request.
+//! (one per core but one, at least one: the API leaves a core to the runtime), so a login storm
+//! queues here instead of starving every other request.
 //! A request that cannot get a slot within [`QUEUE_TIMEOUT`] gets 503 rather than waiting forever.
 //!
 //! Unknown emails are verified against a dummy hash with the same parameters, so "no such user"
