@@ -709,3 +709,22 @@ async fn sigterm_closes_open_sockets_with_going_away_and_the_api_exits_zero() {
     let status = api.proc.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "exit status {status:?}:\n{}", api.proc.output());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_beyond_the_connection_limit_are_refused_until_a_connection_closes() {
+    let api = InProcess::start(short(|c| c.max_connections = 2)).await;
+    let token = api.user("crowd@example.com").await;
+    let first = Client::authed(&api.addr, &token).await;
+    let _second = Client::authed(&api.addr, &token).await;
+    match tokio_tungstenite::connect_async(ws_url(&api.addr)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("a third connection should be refused with 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert_eq!(api.metric("vault_ws_connections_refused_total").await, 1.0);
+    // A closed connection frees its place.
+    drop(first);
+    poll_until(WAIT, "the first connection's place to be free", || async {
+        tokio_tungstenite::connect_async(ws_url(&api.addr)).await.ok().map(|_| ())
+    })
+    .await;
+}

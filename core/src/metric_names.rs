@@ -52,6 +52,7 @@ pub const API_PRICE_TICKS_UNDECODABLE: &str = "vault_api_price_ticks_undecodable
 
 // -- API: the WebSocket feed ---------------------------------------------------------------------
 pub const WS_CONNECTIONS: &str = "vault_ws_connections";
+pub const WS_CONNECTIONS_REFUSED: &str = "vault_ws_connections_refused_total";
 pub const WS_NATS_SUBSCRIPTIONS: &str = "vault_ws_nats_subscriptions";
 pub const WS_FRAMES_SENT: &str = "vault_ws_frames_sent_total";
 pub const WS_SLOW_CLIENTS_DROPPED: &str = "vault_ws_slow_clients_dropped_total";
@@ -200,6 +201,7 @@ pub const CATALOG: &[Metric] = &[
     m(API_STALE_COMMANDS, C, "Retries refused because a withdrawn attempt holds the client order id", API, Plain),
     m(API_PRICE_TICKS_UNDECODABLE, C, "Price ticks the API could not decode", API, Plain),
     m(WS_CONNECTIONS, G, "Open WebSocket connections", API, Plain),
+    m(WS_CONNECTIONS_REFUSED, C, "WebSocket upgrades refused because the connection limit was reached", API, Plain),
     m(WS_NATS_SUBSCRIPTIONS, G, "NATS subscriptions the WebSocket hub holds (one per market or user feed)", API, Plain),
     m(
         WS_FRAMES_SENT,

@@ -33,6 +33,7 @@
 //!
 //! Metrics: `vault_ws_connections` (gauge), `vault_ws_frames_sent_total{channel}`,
 //! `vault_ws_slow_clients_dropped_total`, `vault_ws_disconnects_total{reason}`,
+//! `vault_ws_connections_refused_total` (over [`WsConfig::max_connections`]),
 //! `vault_ws_nats_subscriptions` (gauge), `vault_ws_undecodable_messages_total{channel}`.
 
 mod connection;
@@ -76,6 +77,9 @@ pub struct WsConfig {
     pub close_timeout: Duration,
     /// Bytes written to the socket in one go at most (frames are batched up to this).
     pub write_buffer_bytes: usize,
+    /// Open connections per process at most; upgrades beyond are answered 503. (The HTTP
+    /// server's connection cap does not count upgraded connections.)
+    pub max_connections: usize,
 }
 
 impl Default for WsConfig {
@@ -89,6 +93,7 @@ impl Default for WsConfig {
             recheck_interval: Duration::from_secs(60),
             close_timeout: Duration::from_secs(2),
             write_buffer_bytes: 16 * 1024,
+            max_connections: 10_000,
         }
     }
 }
@@ -152,7 +157,9 @@ pub fn router() -> Router<AppState> {
 #[utoipa::path(get, path = "/api/v1/ws", tag = "streaming",
     responses((status = 101, description = "Switching Protocols: the WebSocket feed starts"),
               (status = 400, description = "not a WebSocket upgrade request", body = Problem),
-              (status = 429, body = Problem)))]
+              (status = 429, body = Problem),
+              (status = 503, description = "the process's WebSocket connection limit is reached, or it is shutting down",
+               body = Problem)))]
 pub async fn upgrade(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -169,9 +176,15 @@ pub async fn upgrade(
         return ApiError::Unavailable("shutting down").into_response();
     }
     let request_id = REQUEST_ID.try_with(Clone::clone).unwrap_or_default();
-    // Held by the connection until it has finished closing, so the drain can wait for it.
+    // Held by the connection until it has finished closing, so the drain can wait for it; it
+    // counts the connection before the cap is checked, so concurrent upgrades cannot overshoot.
     let open = gateway.connections.token();
     let config = &gateway.config;
+    if gateway.connections.len() > config.max_connections {
+        metrics::counter!("vault_ws_connections_refused_total").increment(1);
+        tracing::warn!(max = config.max_connections, "WebSocket upgrade refused: connection limit reached");
+        return ApiError::Unavailable("WebSocket connection limit").into_response();
+    }
     upgrade
         // The transport refuses frames far above the limit without reading them into memory;
         // the connection itself enforces the exact limit, so it can close with 1009.
