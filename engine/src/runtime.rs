@@ -1,6 +1,8 @@
 //! The engine's moving parts around the actors, each a task that drains on shutdown:
 //!
-//! - one consumer loop per owned ORDERS partition ([`consume_partition`]): pulls commands,
+//! - one consumer loop per owned ORDERS partition ([`consume_partition`]): first rewinds its
+//!   consumer to the ack floor (what a crashed predecessor left un-acked is redelivered at once,
+//!   in stream order), then pulls commands,
 //!   routes each to its user's actor, acks only after the actor committed; a message that
 //!   cannot be decoded, or still fails on its last delivery, is parked and terminated. Every
 //!   settled message is counted with its latency from the pull (`vault_messages_processed_total`,
@@ -136,6 +138,15 @@ pub async fn consume_partition(
 ) -> anyhow::Result<()> {
     let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
     let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // What a crashed predecessor left un-acked comes back now and in stream order, not after
+    // the ack wait behind newer commands of the same users (invariant 1).
+    match bus.rewind_to_ack_floor(streams::ORDERS.name, &spec.durable).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(consumer = %spec.durable, outstanding = n, "rewound to the ack floor"),
+        Err(e) => {
+            tracing::warn!(consumer = %spec.durable, error = %e, "cannot rewind; un-acked commands return after the ack wait")
+        }
+    }
     let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
     let mut in_flight = FuturesUnordered::new();
     let durable = spec.durable.as_str();

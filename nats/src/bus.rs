@@ -196,6 +196,38 @@ impl Bus {
         Ok(outcomes)
     }
 
+    /// Rewinds the durable consumer `stream`/`consumer` to its ack floor when it has messages
+    /// delivered and not acknowledged, so they come back at once and in stream order, ahead of
+    /// anything newer. Returns how many were outstanding (0: nothing to rewind, nothing done).
+    ///
+    /// For a consumer a process owns alone (an engine's partition): what its previous run left
+    /// un-acked by crashing would otherwise come back only after the ack wait (30 s), and
+    /// *after* newer messages delivered meanwhile — out of stream order. Messages above the ack
+    /// floor that were acked come again too; the owner recognises them as duplicates. Delivery
+    /// counts start again, so a message that crashes its consumer every time is never parked by
+    /// [`crate::consumers::MAX_DELIVER`]: it shows as a process that keeps restarting.
+    ///
+    /// Uses `$JS.API.CONSUMER.RESET` (nats-server 2.14 or newer); an older server refuses it
+    /// and the caller goes on with the ack wait.
+    pub async fn rewind_to_ack_floor(&self, stream: &str, consumer: &str) -> Result<u64, BusError> {
+        let err =
+            |reason: String| BusError::Consumer { stream: stream.to_owned(), consumer: consumer.to_owned(), reason };
+        let handle = self.js.get_stream_no_info(stream).await.map_err(|e| err(e.to_string()))?;
+        let info = handle.consumer_info(consumer).await.map_err(|e| err(e.to_string()))?;
+        let outstanding = info.num_ack_pending as u64;
+        if outstanding == 0 {
+            return Ok(0);
+        }
+        // An empty request resets to the ack floor (ADR-60); the answer is the consumer's info.
+        let subject = format!("CONSUMER.RESET.{stream}.{consumer}");
+        let answer: jetstream::response::Response<serde_json::Value> =
+            self.js.request(subject, &serde_json::json!({})).await.map_err(|e| err(e.to_string()))?;
+        match answer {
+            jetstream::response::Response::Ok(_) => Ok(outstanding),
+            jetstream::response::Response::Err { error } => Err(err(format!("reset refused: {error}"))),
+        }
+    }
+
     /// A readiness check: connected, every stream present, every given consumer present.
     /// A stream or consumer found missing (an operator deleted it, a server lost its store) is
     /// declared again; the check fails this round and passes the next.
