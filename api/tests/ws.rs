@@ -728,3 +728,21 @@ async fn upgrades_beyond_the_connection_limit_are_refused_until_a_connection_clo
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_frames_is_closed_while_a_calm_one_is_not() {
+    let api = InProcess::start(short(|c| c.max_client_frames_per_sec = 5)).await;
+    let token = api.user("flood@example.com").await;
+    let mut calm = Client::authed(&api.addr, &token).await;
+    let mut flood = Client::authed(&api.addr, &token).await;
+    for _ in 0..12 {
+        flood.ws.send(Message::text(json!({"op": "ping"}).to_string())).await.expect("send");
+    }
+    let (close, errors) = flood.closed().await;
+    assert_eq!(close, Some((1008, "rate_limited".to_owned())), "errors: {errors:?}");
+    assert_eq!(errors.last().map(|e| e["code"].clone()), Some(json!("rate_limited")));
+    // Five frames a second is fine: the calm client's frames are all answered.
+    calm.send(json!({"op": "ping"})).await;
+    assert_eq!(calm.next_control().await, json!({"op": "pong"}));
+    calm.subscribe(&["orders"]).await;
+}

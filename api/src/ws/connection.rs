@@ -201,6 +201,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String
         channels: HashMap::new(),
         seq: 0,
         last_heard: Instant::now(),
+        inbound: (Instant::now(), 0),
         sent: SentCounters::new(),
     };
     async move {
@@ -229,6 +230,8 @@ struct Connection {
     seq: u64,
     /// When the client last sent anything.
     last_heard: Instant,
+    /// Frames received in the current one-second window, and when it began.
+    inbound: (Instant, u32),
     sent: SentCounters,
 }
 
@@ -295,6 +298,9 @@ impl Connection {
                 incoming = self.socket.next() => {
                     self.last_heard = Instant::now();
                     idle.as_mut().reset(self.last_heard + self.config.idle_timeout);
+                    if let Err(end) = self.count_inbound() {
+                        return end;
+                    }
                     match self.classify(incoming) {
                         Ok(Some(text)) => self.on_text(text.as_str()).await,
                         Ok(None) => Ok(()),
@@ -309,6 +315,24 @@ impl Connection {
                 return end;
             }
         }
+    }
+
+    /// Counts one client frame against [`WsConfig::max_client_frames_per_sec`].
+    fn count_inbound(&mut self) -> Result<(), End> {
+        let (since, count) = &mut self.inbound;
+        if self.last_heard.duration_since(*since) >= Duration::from_secs(1) {
+            *since = self.last_heard;
+            *count = 0;
+        }
+        *count += 1;
+        if *count > self.config.max_client_frames_per_sec {
+            let limit = self.config.max_client_frames_per_sec;
+            return Err(End::Refused {
+                code: "rate_limited",
+                detail: format!("More than {limit} frames in a second; slow down."),
+            });
+        }
+        Ok(())
     }
 
     /// Sorts what the socket gave: a text frame to handle, a control frame to ignore (the

@@ -26,7 +26,9 @@
 //! - credentials travel in the first frame, not the URL (URLs end up in logs) nor cookies, so
 //!   a foreign web page cannot ride a user's session (no cross-site WebSocket hijacking);
 //! - memory per connection is kept small for many connections: 4 KiB client frames at most,
-//!   small read and write buffers, one task per connection.
+//!   small read and write buffers, one task per connection; a process holds at most
+//!   [`WsConfig::max_connections`], and a client may send at most
+//!   [`WsConfig::max_client_frames_per_sec`].
 //!
 //! Shutdown: when the process's shutdown token fires every connection sends close 1001 (going
 //! away) and [`Gateway::drain`] waits, bounded, for those closes to go out.
@@ -80,6 +82,9 @@ pub struct WsConfig {
     /// Open connections per process at most; upgrades beyond are answered 503. (The HTTP
     /// server's connection cap does not count upgraded connections.)
     pub max_connections: usize,
+    /// Frames a client may send per second (each second counted on its own); more closes the
+    /// connection (1008 `rate_limited`), so no client can churn subscriptions or flood the task.
+    pub max_client_frames_per_sec: u32,
 }
 
 impl Default for WsConfig {
@@ -94,6 +99,7 @@ impl Default for WsConfig {
             close_timeout: Duration::from_secs(2),
             write_buffer_bytes: 16 * 1024,
             max_connections: 10_000,
+            max_client_frames_per_sec: 20,
         }
     }
 }
@@ -152,7 +158,7 @@ pub fn router() -> Router<AppState> {
 /// with `seq` 1, 2, 3… per connection. `prices:<SYMBOL>` data is the ticker object,
 /// `orders` data `{id, type, created_at, data: <order>}` for `order.*` events, `notifications`
 /// data the notification object. Closes: 1008 bad or missing auth, silent for 90 s, slow
-/// consumer, revoked credential; 1003 binary frame; 1009 frame over 4 KiB; 1001 server
+/// consumer, revoked credential, over 20 client frames a second; 1003 binary frame; 1009 frame over 4 KiB; 1001 server
 /// shutdown; 1011/1013 server trouble.
 #[utoipa::path(get, path = "/api/v1/ws", tag = "streaming",
     responses((status = 101, description = "Switching Protocols: the WebSocket feed starts"),
