@@ -102,15 +102,9 @@ impl Bus {
         msg: &M,
         ctx: &MessageContext,
     ) -> Result<PublishAckFuture, BusError> {
-        let subject = msg.subject();
-        let payload = encode(msg)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
-        if let Some(request_id) = &ctx.request_id {
-            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
-        }
+        let (subject, headers, payload) = outgoing(msg, ctx)?;
         self.js
-            .publish_with_headers(subject.clone(), headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
@@ -120,15 +114,9 @@ impl Bus {
     /// it. For best-effort pushes whose durable copy lives elsewhere (see
     /// [`crate::message::NotificationPush`]); `Ok` means handed to the client, not delivered.
     pub async fn push<M: BusMessage>(&self, msg: &M, ctx: &MessageContext) -> Result<(), BusError> {
-        let subject = msg.subject();
-        let payload = encode(msg)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
-        if let Some(request_id) = &ctx.request_id {
-            headers.insert(REQUEST_ID_HEADER, request_id.as_str());
-        }
+        let (subject, headers, payload) = outgoing(msg, ctx)?;
         self.client
-            .publish_with_headers(subject.clone(), headers, payload.into())
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
@@ -294,4 +282,16 @@ fn consumer_missing(kind: &jetstream::context::ConsumerInfoErrorKind) -> bool {
         K::JetStream(e) => e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND,
         _ => false,
     }
+}
+
+/// Subject, headers (`Nats-Msg-Id`, and `X-Request-Id` when known) and payload of `msg`: what
+/// every publish sends, to a stream or on core NATS.
+fn outgoing<M: BusMessage>(msg: &M, ctx: &MessageContext) -> Result<(String, HeaderMap, bytes::Bytes), BusError> {
+    let payload = encode(msg)?;
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
+    if let Some(request_id) = &ctx.request_id {
+        headers.insert(REQUEST_ID_HEADER, request_id.as_str());
+    }
+    Ok((msg.subject(), headers, payload.into()))
 }
