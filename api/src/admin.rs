@@ -3,7 +3,7 @@
 //! user at once.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -13,9 +13,10 @@ use uuid::Uuid;
 
 use crate::auth::caller::Caller;
 use crate::error::{ApiError, Problem};
-use crate::pagination::{ApiQuery, Page, SeqPage};
-use crate::path::ResourceId;
+use crate::pagination::{ApiQuery, Cursor, Page, SeqCursor, SeqPage};
+use crate::path::{PathText, ResourceId};
 use crate::startup::AppState;
+use crate::trading::MarketSymbol;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -30,10 +31,16 @@ pub fn router() -> Router<AppState> {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UserFilter {
-    /// Case-insensitive substring of the email.
+    /// Case-insensitive substring of the email (no NUL characters).
+    #[param(pattern = "^[^\\x00]*$")]
     pub email: Option<String>,
+    /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -65,6 +72,9 @@ pub async fn list_users(
 ) -> Result<axum::Json<AdminUserList>, ApiError> {
     caller.require_admin()?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
+    if filter.email.as_deref().is_some_and(|e| e.contains('\0')) {
+        return Err(ApiError::invalid("email", "must not contain NUL characters"));
+    }
     let pattern =
         filter.email.map(|e| format!("%{}%", e.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
     let mut users: Vec<AdminUser> = sqlx::query_as(
@@ -133,24 +143,24 @@ pub async fn unlock_user(
 
 /// Halt a market: from now on the engine rejects its orders `market_halted`. Idempotent.
 #[utoipa::path(post, path = "/api/v1/admin/markets/{symbol}/halt", tag = "admin", security(("bearer" = [])),
-    params(("symbol" = String, Path, example = "BTC-USD")),
+    params(("symbol" = MarketSymbol, Path, example = "BTC-USD")),
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn halt_market(
     State(state): State<AppState>,
     caller: Caller,
-    Path(symbol): Path<String>,
+    PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
     set_market_status(&state, &caller, &symbol, "halted").await
 }
 
 /// Resume trading on a halted market. Idempotent.
 #[utoipa::path(post, path = "/api/v1/admin/markets/{symbol}/resume", tag = "admin", security(("bearer" = [])),
-    params(("symbol" = String, Path, example = "BTC-USD")),
+    params(("symbol" = MarketSymbol, Path, example = "BTC-USD")),
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn resume_market(
     State(state): State<AppState>,
     caller: Caller,
-    Path(symbol): Path<String>,
+    PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
     set_market_status(&state, &caller, &symbol, "trading").await
 }
@@ -218,14 +228,18 @@ pub async fn create_admin(
 pub struct AuditFilter {
     /// Entries whose actor is this user.
     pub user_id: Option<Uuid>,
-    /// Exact action, e.g. `order.place`, `order.filled`, `auth.login.failed`.
+    /// Exact action, e.g. `order.place`, `order.filled`, `auth.login.failed` (no NUL characters).
+    #[param(pattern = "^[^\\x00]*$")]
     pub action: Option<String>,
     /// From this time (inclusive, RFC 3339).
     pub from: Option<DateTime<Utc>>,
     /// Until this time (exclusive, RFC 3339).
     pub to: Option<DateTime<Utc>>,
     /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<SeqCursor>)]
     pub cursor: Option<String>,
 }
 
@@ -270,6 +284,9 @@ pub async fn audit(
         && from >= to
     {
         return Err(ApiError::invalid("from", "must be before `to`"));
+    }
+    if filter.action.as_deref().is_some_and(|a| a.contains('\0')) {
+        return Err(ApiError::invalid("action", "must not contain NUL characters"));
     }
     let mut entries: Vec<AuditEntry> = sqlx::query_as(
         "SELECT id, at, actor_id, action, subject, request_id, data, encode(hash, 'hex') AS hash FROM audit_log

@@ -47,6 +47,9 @@ pub enum ApiError {
     Conflict { code: &'static str, detail: String },
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The body did not arrive within its time (`crate::json::BODY_TIMEOUT`).
+    #[error("request body timed out")]
+    RequestTimeout,
     #[error("unsupported media type")]
     UnsupportedMediaType,
     #[error("validation failed")]
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::NotFound | ApiError::Absent { .. } => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Locked { .. } => StatusCode::LOCKED,
@@ -88,6 +92,7 @@ impl ApiError {
             | ApiError::Absent { code, .. } => code,
             ApiError::NotFound => "not_found",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::Validation { code, .. } => code,
             ApiError::Locked { .. } => "account_locked",
@@ -107,6 +112,7 @@ impl ApiError {
             | ApiError::Absent { detail, .. } => detail.clone(),
             ApiError::NotFound => "The resource does not exist.".to_owned(),
             ApiError::PayloadTooLarge => "The request body exceeds 64 KiB.".to_owned(),
+            ApiError::RequestTimeout => "The request body did not arrive in time.".to_owned(),
             ApiError::UnsupportedMediaType => "Send the body as application/json.".to_owned(),
             ApiError::Validation { .. } => "The request has invalid fields.".to_owned(),
             ApiError::Locked { .. } => "Too many failed attempts; the account is locked for a while.".to_owned(),
@@ -170,17 +176,33 @@ impl IntoResponse for ApiError {
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if matches!(self, ApiError::RequestTimeout) {
+            // The rest of the body may still be on its way: the connection cannot carry another
+            // request (RFC 9110 §15.5.9).
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
 
 /// Database errors are internal unless a caller maps them first (e.g. a unique violation).
+///
+/// One class is the client's: text Postgres cannot store (a NUL character: SQLSTATE 22021).
+/// Handlers refuse it on the fields they know; this is the net under them, so a field someone
+/// forgets answers 422, not 500.
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         match err {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
                 tracing::warn!(error = %err, "postgres unavailable");
                 ApiError::Unavailable("database")
+            }
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("22021") => {
+                tracing::warn!(error = %db, "request text Postgres cannot store; refused");
+                ApiError::Validation {
+                    code: "validation_failed",
+                    errors: vec![FieldError::new("", "text must not contain NUL characters")],
+                }
             }
             other => ApiError::Internal(other.into()),
         }

@@ -2,12 +2,17 @@
 //!
 //! - no or another `Content-Type` → 415 `unsupported_media_type`;
 //! - a body over the limit → 413 `payload_too_large`;
+//! - a body that has not fully arrived [`BODY_TIMEOUT`] after its headers → 408
+//!   `request_timeout`, and the connection is closed (a client trickling its body a byte at a
+//!   time holds a connection and a task for at most that long);
 //! - not JSON at all (syntax, invalid UTF-8, empty) → 400 `malformed_request`;
 //! - JSON of the wrong shape (unknown field, missing field, wrong type) → 422 with the path of
 //!   the offending field in `errors[].field`.
 //!
 //! Request types use `#[serde(deny_unknown_fields)]`; validation beyond shape happens when the
 //! DTO is converted into domain values.
+
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -19,6 +24,10 @@ use crate::error::{ApiError, FieldError};
 
 /// The largest request body the API reads (`API.md`: 64 KiB).
 pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// How long a request body may take to arrive, in total. 64 KiB in 10 s is 6.4 KB/s: slower
+/// than any real client, fast enough to keep a slow-body attack cheap.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
@@ -44,7 +53,8 @@ where
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state));
+        let bytes = read.await.map_err(|_| ApiError::RequestTimeout)?.map_err(|rejection| {
             if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge
             } else {

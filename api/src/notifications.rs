@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::json::ApiJson;
-use crate::pagination::{ApiQuery, Page};
+use crate::pagination::{ApiQuery, Cursor, Page};
 use crate::path::ResourceId;
 use crate::startup::AppState;
 
@@ -50,7 +50,11 @@ pub fn router() -> Router<AppState> {
 pub struct NotificationFilter {
     /// Only unread ones.
     pub unread: Option<bool>,
+    /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -118,10 +122,34 @@ pub async fn mark_read(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhookRequest {
-    /// http(s) URL resolving to public addresses.
+    /// http(s) URL resolving to public addresses; at most 2048 characters, no whitespace.
+    #[schema(max_length = 2048, pattern = r"^https?://\S+$")]
     pub url: String,
-    /// A non-empty subset of the event types.
+    /// A non-empty subset of the event types (repeats are ignored).
+    #[schema(value_type = Vec<WebhookEventType>, min_items = 1)]
     pub events: Vec<String>,
+}
+
+/// An event type a webhook may subscribe to ([`EVENT_TYPES`]).
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // The document's enum; requests carry the strings.
+enum WebhookEventType {
+    #[schema(rename = "order.accepted")]
+    OrderAccepted,
+    #[schema(rename = "order.filled")]
+    OrderFilled,
+    #[schema(rename = "order.canceled")]
+    OrderCanceled,
+    #[schema(rename = "order.rejected")]
+    OrderRejected,
+    #[schema(rename = "order.expired")]
+    OrderExpired,
+    #[schema(rename = "deposit.completed")]
+    DepositCompleted,
+    #[schema(rename = "auth.login")]
+    AuthLogin,
+    #[schema(rename = "auth.locked")]
+    AuthLocked,
 }
 
 /// A new webhook: `secret` signs every delivery and is shown this once.
@@ -150,15 +178,24 @@ pub struct WebhookList {
 /// Checks the URL's shape and that every address it resolves to may receive webhooks.
 async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError> {
     let bad = |m: &str| FieldError::new("url", m);
-    let raw = raw.trim();
+    // Exactly what the document's pattern says: `http://` or `https://` as written, no
+    // whitespace anywhere (not trimmed: a URL with a stray space is a mistake to point out).
+    let shaped = (raw.starts_with("http://") || raw.starts_with("https://")) && !raw.chars().any(char::is_whitespace);
+    if !shaped || raw.chars().count() > 2048 {
+        return Err(bad("must be an http(s) URL of at most 2048 characters, without spaces"));
+    }
     let uri: axum::http::Uri = raw.parse().map_err(|_| bad("must be an absolute http(s) URL"))?;
     let scheme = uri.scheme_str().unwrap_or_default();
-    if !matches!(scheme, "http" | "https") || raw.len() > 2048 {
-        return Err(bad("must be an http(s) URL of at most 2048 characters"));
-    }
     let authority = uri.authority().ok_or_else(|| bad("must name a host"))?;
     if authority.as_str().contains('@') {
         return Err(bad("must not carry credentials"));
+    }
+    if authority.host().is_empty() {
+        return Err(bad("must name a host"));
+    }
+    // A port that is not a number from 0 to 65535 is refused, not replaced by the default.
+    if authority.port().is_some() && authority.port_u16().is_none() {
+        return Err(bad("has an invalid port"));
     }
     let host = authority.host().trim_matches(['[', ']']).to_owned();
     let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
@@ -172,7 +209,13 @@ async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError>
             return Err(bad(&format!("resolves to a {reason} address, which may not receive webhooks")));
         }
     }
-    Ok(uri.to_string())
+    // The URL is stored as the parser prints it, which can be longer than what was sent
+    // (`https://host` gains a `/`): the limit holds for the stored form too.
+    let url = uri.to_string();
+    if url.chars().count() > 2048 {
+        return Err(bad("must be an http(s) URL of at most 2048 characters, without spaces"));
+    }
+    Ok(url)
 }
 
 /// Register a webhook.

@@ -9,11 +9,14 @@ use std::sync::OnceLock;
 
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Content, ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::trading::{account, markets, orders};
-use crate::{admin, auth, error, notifications, trading, ws};
+use crate::{admin, auth, error, notifications, pagination, trading, ws};
 
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -32,8 +35,10 @@ use crate::{admin, auth, error, notifications, trading, ws};
         health, readyz, metrics, openapi_json, docs,
     ),
     components(schemas(error::Problem, error::FieldError, auth::caller::Scope,
-        trading::OrderDoc, trading::FillDoc, trading::DepositDoc)),
-    modifiers(&Security),
+        trading::OrderDoc, trading::FillDoc, trading::DepositDoc,
+        // Query parameter schemas (utoipa collects the schemas of bodies, not of parameters).
+        pagination::Cursor, pagination::SeqCursor, markets::CandleInterval)),
+    modifiers(&Security, &CommonResponses),
     tags((name = "auth", description = "Accounts, sessions, 2FA and API keys"),
          (name = "markets", description = "Markets and their latest prices (public)"),
          (name = "orders", description = "Placing, reading and canceling orders; fills"),
@@ -59,9 +64,110 @@ impl Modify for Security {
     }
 }
 
+/// The answers every operation of a kind can give, added to each so the document is complete
+/// (the schemathesis run in `tests/schemathesis.rs` fails on any undocumented status or content
+/// type), and problem bodies typed `application/problem+json` as they are sent:
+///
+/// - every `/api/v1` route: 429 `rate_limited` (every route is behind a limiter) and, except the
+///   static document routes, 503 `service_unavailable` (Postgres or NATS down);
+/// - routes with security: 401 (missing, invalid, expired or revoked credentials) and 403
+///   (an API key without the scope, or on a route that needs a session; not an admin);
+/// - routes with a body: 400, 408, 413, 415 and 422 (see `crate::json`);
+/// - routes with query parameters: 422 (unknown or malformed parameter).
+///
+/// An operation's own description of a status wins; only missing ones are added.
+struct CommonResponses;
+
+/// The media type of every error body (RFC 9457).
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let api = path.starts_with("/api/v1/");
+            let static_doc = path.ends_with("/openapi.json") || path.ends_with("/docs");
+            for op in
+                [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete].into_iter().flatten()
+            {
+                let responses = &mut op.responses.responses;
+                for response in responses.values_mut() {
+                    if let RefOr::T(response) = response {
+                        type_problem_bodies(response);
+                    }
+                }
+                let mut add = |status: &str, description: &str, retry_after: bool| {
+                    responses.entry(status.to_owned()).or_insert_with(|| problem(description, retry_after));
+                };
+                if api {
+                    add("429", "rate_limited: too many requests (Retry-After)", true);
+                    if !static_doc {
+                        add("503", "service_unavailable: Postgres or NATS is down (Retry-After)", true);
+                    }
+                }
+                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    add("401", "unauthenticated, invalid_token, token_revoked or invalid_api_key", false);
+                    add("403", "insufficient_scope or session_required (an API key), forbidden (not an admin)", false);
+                }
+                if op.request_body.is_some() {
+                    add("400", "malformed_request: the body is not JSON", false);
+                    add("408", "request_timeout: the body did not arrive within 10 s", false);
+                    add("413", "payload_too_large: the body is over 64 KiB", false);
+                    add("415", "unsupported_media_type: the body is not application/json", false);
+                    add("422", "validation_failed: errors[] names each invalid field", false);
+                }
+                let has_query = op.parameters.iter().flatten().any(|p| matches!(p.parameter_in, ParameterIn::Query));
+                if has_query {
+                    add("422", "validation_failed: an unknown or malformed query parameter", false);
+                }
+            }
+        }
+    }
+}
+
+/// Moves a `Problem` body from `application/json` to `application/problem+json`.
+fn type_problem_bodies(response: &mut utoipa::openapi::Response) {
+    let is_problem =
+        |content: &Content| matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location.ends_with("/Problem"));
+    if response.content.get("application/json").is_some_and(is_problem)
+        && let Some(content) = response.content.shift_remove("application/json")
+    {
+        response.content.insert(PROBLEM_JSON.to_owned(), content);
+    }
+}
+
+/// A problem-details answer.
+fn problem(description: &str, retry_after: bool) -> RefOr<utoipa::openapi::Response> {
+    let mut response = ResponseBuilder::new()
+        .description(description)
+        .content(PROBLEM_JSON, ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build());
+    if retry_after {
+        response = response.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1)))
+                .description(Some("Seconds to wait before trying again"))
+                .build(),
+        );
+    }
+    RefOr::T(response.build())
+}
+
 fn document() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes"))
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the OpenAPI document serializes");
+        refine(&mut doc);
+        serde_json::to_string_pretty(&doc).expect("the OpenAPI document serializes")
+    })
+}
+
+/// What utoipa's model of JSON Schema lacks, added to the generated document.
+fn refine(doc: &mut serde_json::Value) {
+    // `["read"]` or `["read", "trade"]`: whatever the order, "read" is in it (`contains`).
+    if let Some(scopes) = doc.pointer_mut("/components/schemas/CreateApiKeyRequest/properties/scopes") {
+        scopes["contains"] = serde_json::json!({"const": "read"});
+    }
 }
 
 /// Liveness: 200 while the process lives.

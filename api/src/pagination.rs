@@ -18,6 +18,46 @@ use crate::error::{ApiError, FieldError};
 pub const DEFAULT_LIMIT: i64 = 100;
 pub const MAX_LIMIT: i64 = 500;
 
+/// The shape of a UUID cursor, for the OpenAPI document: 16 bytes in unpadded base64url are 22
+/// characters whose last one carries 2 bits (so it is `A`, `Q`, `g` or `w`); empty means none.
+pub const CURSOR_PATTERN: &str = "^([A-Za-z0-9_-]{21}[AQgw])?$";
+
+/// The shape of a sequence cursor ([`SeqPage`]): 8 bytes are 11 characters, the last carrying 4
+/// bits.
+pub const SEQ_CURSOR_PATTERN: &str = "^([A-Za-z0-9_-]{10}[AEIMQUYcgkosw048])?$";
+
+/// The OpenAPI schema of a page cursor (`?cursor=`): the `next_cursor` of the previous page.
+#[derive(Debug)]
+pub struct Cursor;
+
+impl utoipa::PartialSchema for Cursor {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        cursor_schema(CURSOR_PATTERN)
+    }
+}
+
+impl utoipa::ToSchema for Cursor {}
+
+/// The OpenAPI schema of a cursor of a list keyed by a sequence (the ledger, the audit log).
+#[derive(Debug)]
+pub struct SeqCursor;
+
+impl utoipa::PartialSchema for SeqCursor {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        cursor_schema(SEQ_CURSOR_PATTERN)
+    }
+}
+
+impl utoipa::ToSchema for SeqCursor {}
+
+fn cursor_schema(pattern: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .description(Some("The `next_cursor` of the previous page (opaque); empty or absent for the first"))
+        .into()
+}
+
 /// Query parameters, deserialized; unknown or malformed ones are a 422.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiQuery<T>(pub T);

@@ -1,7 +1,9 @@
 //! What every HTTP server in CryptoVault wears, how it defends itself, and how it stops.
 //!
-//! [`observe`] adds, outermost first: `X-Request-Id` (the client's, or a fresh UUID), echoed
-//! on the response; a tracing span per request carrying that id; and the
+//! [`observe`] adds, outermost first: `X-Request-Id` (the client's if it is a usable id — at
+//! most [`MAX_REQUEST_ID`] characters of `[A-Za-z0-9._:/+=-]` — else a fresh UUID, so a client
+//! cannot put kilobytes of arbitrary text into every log line, NATS header and audit row of its
+//! request), echoed on the response; a tracing span per request carrying that id; and the
 //! `http_requests_total` / `http_request_duration_seconds` metrics labelled by the *matched
 //! route* (never the raw path, which would explode the label set).
 //!
@@ -69,10 +71,14 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// How long in-flight requests may take to finish once shutdown starts.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
+/// The longest client-chosen request id kept (a UUID is 36 characters).
+pub const MAX_REQUEST_ID: usize = 128;
+
 /// Wraps `router` in request ids, tracing and HTTP metrics.
 pub fn observe(router: Router) -> Router {
     router.layer(
         ServiceBuilder::new()
+            .layer(middleware::from_fn(drop_unusable_request_id))
             .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
             .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -88,6 +94,21 @@ pub fn observe(router: Router) -> Router {
             }))
             .layer(middleware::from_fn(record_metrics)),
     )
+}
+
+/// Whether a client's `X-Request-Id` may travel on (see the module docs).
+pub fn is_usable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._:/+=-".contains(b))
+}
+
+/// Removes a client's `X-Request-Id` that is not a usable id, so a fresh one replaces it.
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req.headers().get_all(&REQUEST_ID).iter().count() <= 1
+        && req.headers().get(&REQUEST_ID).is_none_or(|id| is_usable_request_id(id.as_bytes()));
+    if !usable {
+        req.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {
@@ -281,6 +302,33 @@ mod tests {
     use tokio::sync::Notify;
 
     use super::*;
+
+    #[test]
+    fn only_short_plain_request_ids_are_kept() {
+        for ok in ["req-1", "01a20259-40ca-75ff-846a-35624739b146", "trace:abc/def+x=y.z_1", &"a".repeat(128)] {
+            assert!(is_usable_request_id(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "has space", "quote\"", "<script>", "line\nbreak", "é", &"a".repeat(129)] {
+            assert!(!is_usable_request_id(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    /// A client's unusable request id is replaced by a fresh one; a usable one is echoed.
+    #[tokio::test]
+    async fn an_unusable_client_request_id_is_replaced() {
+        let app = observe(Router::new().route("/", get(|| async { "ok" })));
+        let call = |id: &'static str| {
+            let app = app.clone();
+            async move {
+                let req = Request::builder().uri("/").header("x-request-id", id).body(axum::body::Body::empty());
+                let resp = app.oneshot(req.expect("a request")).await.expect("infallible");
+                resp.headers()["x-request-id"].to_str().expect("ascii").to_owned()
+            }
+        };
+        assert_eq!(call("client-42").await, "client-42");
+        let replaced = call("<script>alert(1)</script>").await;
+        assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "{replaced}");
+    }
 
     /// A request in flight when shutdown starts is answered in full, and `serve` returns after.
     #[tokio::test]

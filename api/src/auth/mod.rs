@@ -60,9 +60,13 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct SignupRequest {
     /// A valid email address; unique, case-insensitively.
+    #[schema(format = Email, max_length = 254)]
     pub email: String,
     /// 10 to 128 characters.
+    #[schema(min_length = 10, max_length = 128)]
     pub password: String,
+    /// At most 100 characters, no control characters.
+    #[schema(max_length = 100, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
     pub name: Option<String>,
 }
 
@@ -116,15 +120,23 @@ pub struct TotpSetup {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TotpEnableRequest {
+    /// The current 6-digit code of the secret from `/auth/totp/setup`.
+    #[schema(pattern = "^[0-9]{6}$")]
     pub code: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKeyRequest {
-    /// 1 to 64 characters.
+    /// 1 to 64 characters, not only whitespace, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\s\\x00-\\x1f\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
-    /// `["read"]` or `["read", "trade"]`.
+    /// `["read"]` or `["read", "trade"]` (in any order; repeats are ignored).
+    #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
 }
 
@@ -202,8 +214,10 @@ pub async fn signup(
     if let Err(message) = password::check_policy(&body.password) {
         errors.push(FieldError::new("password", message));
     }
+    // The limit holds for the name as sent (the document says so), before trimming.
+    let too_long = body.name.as_ref().is_some_and(|n| n.chars().count() > 100);
     let name = body.name.map(|n| n.trim().to_owned()).filter(|n| !n.is_empty());
-    if name.as_ref().is_some_and(|n| n.chars().count() > 100 || n.chars().any(char::is_control)) {
+    if too_long || name.as_ref().is_some_and(|n| n.chars().any(char::is_control)) {
         errors.push(FieldError::new("name", "must be at most 100 printable characters"));
     }
     let Some(email) = email.filter(|_| errors.is_empty()) else {
@@ -257,13 +271,19 @@ pub async fn login(
     let email_key = body.email.trim().to_lowercase();
     let verdict = state.limits.check_login(&email_key)?;
 
-    let user: Option<LoginRow> = sqlx::query_as(
-        "SELECT id, password_hash, role, totp_enabled, totp_secret, email, locked_until
-           FROM users WHERE lower(email) = $1",
-    )
-    .bind(&email_key)
-    .fetch_optional(&state.pool)
-    .await?;
+    // No account has a NUL in its email (signup refuses control characters), and Postgres text
+    // cannot hold one: such an email is unknown without asking, and takes the same path.
+    let user: Option<LoginRow> = if email_key.contains('\0') {
+        None
+    } else {
+        sqlx::query_as(
+            "SELECT id, password_hash, role, totp_enabled, totp_secret, email, locked_until
+               FROM users WHERE lower(email) = $1",
+        )
+        .bind(&email_key)
+        .fetch_optional(&state.pool)
+        .await?
+    };
 
     let now = Utc::now();
     if let Some(locked_until) = user.as_ref().and_then(|u| u.locked_until).filter(|t| *t > now) {
@@ -577,8 +597,9 @@ pub async fn create_api_key(
 ) -> Result<(StatusCode, axum::Json<CreatedApiKey>), ApiError> {
     caller.require_session()?;
     let mut errors = Vec::new();
+    // The limit holds for the name as sent (the document says so), before trimming.
     let name = body.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+    if name.is_empty() || body.name.chars().count() > 64 || name.chars().any(char::is_control) {
         errors.push(FieldError::new("name", "must be 1 to 64 printable characters"));
     }
     let mut scopes = body.scopes.clone();

@@ -27,14 +27,14 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand};
 use vault_bus::views::DepositView;
-use vault_core::domain::{Asset, MONEY_SCALE, Positive};
+use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 
-use super::{DepositDoc, Intake, check_client_id, context, publish_intake};
+use super::{AssetCode, ClientId, DecimalInput, DepositDoc, Intake, check_client_id, context, publish_intake};
 use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
-use crate::pagination::{ApiQuery, SeqPage};
+use crate::pagination::{ApiQuery, SeqCursor, SeqPage};
 use crate::startup::AppState;
 
 /// The most one deposit may bring (paper money).
@@ -54,12 +54,13 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct DepositRequest {
     /// `USD` or the base asset of a market (`BTC`, `ETH`…).
-    #[schema(example = "USD")]
+    #[schema(value_type = AssetCode, example = "USD")]
     pub asset: String,
     /// More than 0, at most 1,000,000, at most 8 decimals.
-    #[schema(value_type = String, example = "10000")]
-    pub amount: Decimal,
+    #[schema(value_type = DecimalInput, example = "10000")]
+    pub amount: WireDecimal,
     /// 1..64 of `[A-Za-z0-9_-]`; the idempotency key.
+    #[schema(value_type = Option<ClientId>)]
     pub client_deposit_id: Option<String>,
 }
 
@@ -75,7 +76,7 @@ fn validate_deposit(req: DepositRequest, known_asset: impl Fn(&str) -> bool) -> 
     if asset.is_none() {
         errors.push(FieldError::new("asset", "must be USD or the base asset of a market"));
     }
-    let amount = req.amount.normalize();
+    let amount = req.amount.get().normalize();
     let amount = if amount > MAX_DEPOSIT {
         errors.push(FieldError::new("amount", "must be at most 1000000"));
         None
@@ -362,7 +363,10 @@ pub struct LedgerPage {
 #[into_params(parameter_in = Query)]
 pub struct LedgerFilter {
     /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<SeqCursor>)]
     pub cursor: Option<String>,
 }
 

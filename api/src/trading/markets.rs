@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -27,7 +27,9 @@ use vault_core::domain::{Market, MarketStatus, Symbol};
 
 use crate::error::{ApiError, Problem};
 use crate::pagination::ApiQuery;
+use crate::path::PathText;
 use crate::startup::AppState;
+use crate::trading::MarketSymbol;
 
 /// How often the cache is read again from the database.
 pub const REFRESH: Duration = Duration::from_secs(5);
@@ -235,9 +237,9 @@ pub async fn list_markets(State(state): State<AppState>) -> Json<MarketList> {
 
 /// The latest price of a market (public). 404 `not_found` for an unknown symbol, 404 `no_price`
 /// while the market has had no tick yet.
-#[utoipa::path(get, path = "/api/v1/markets/{symbol}/ticker", tag = "markets", params(("symbol" = String, Path, example = "BTC-USD")),
+#[utoipa::path(get, path = "/api/v1/markets/{symbol}/ticker", tag = "markets", params(("symbol" = MarketSymbol, Path, example = "BTC-USD")),
     responses((status = 200, body = Ticker), (status = 404, description = "not_found (unknown symbol) or no_price (no tick yet)", body = Problem)))]
-pub async fn ticker(State(state): State<AppState>, Path(symbol): Path<String>) -> Result<Json<Ticker>, ApiError> {
+pub async fn ticker(State(state): State<AppState>, PathText(symbol): PathText) -> Result<Json<Ticker>, ApiError> {
     let symbol = Symbol::parse(&symbol).map_err(|_| ApiError::NotFound)?;
     state.markets.get(&symbol).ok_or(ApiError::NotFound)?;
     let latest = state
@@ -264,11 +266,26 @@ fn interval_seconds(interval: &str) -> Option<i64> {
     }
 }
 
+/// A candle interval: `1m`, `5m`, `1h` or `1d`.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // The document's enum; requests carry the string (see `interval_seconds`).
+pub enum CandleInterval {
+    #[schema(rename = "1m")]
+    OneMinute,
+    #[schema(rename = "5m")]
+    FiveMinutes,
+    #[schema(rename = "1h")]
+    OneHour,
+    #[schema(rename = "1d")]
+    OneDay,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct CandleQuery {
     /// `1m` (default), `5m`, `1h` or `1d`.
+    #[param(value_type = Option<CandleInterval>)]
     pub interval: Option<String>,
     /// From this time (RFC 3339; rounded down to the start of its interval). Default: `end`
     /// minus 100 intervals.
@@ -346,12 +363,12 @@ fn candle_range(query: &CandleQuery, now: DateTime<Utc>) -> Result<CandleRange, 
 /// OHLC candles of a market, oldest first (public). Each covers `[start, start + interval)`;
 /// the last one may still be forming. Intervals without a tick have no candle.
 #[utoipa::path(get, path = "/api/v1/markets/{symbol}/candles", tag = "markets",
-    params(("symbol" = String, Path, example = "BTC-USD"), CandleQuery),
+    params(("symbol" = MarketSymbol, Path, example = "BTC-USD"), CandleQuery),
     responses((status = 200, body = CandleList), (status = 404, description = "unknown symbol", body = Problem),
         (status = 422, description = "bad interval, start not before end, or more than 1000 candles", body = Problem)))]
 pub async fn candles(
     State(state): State<AppState>,
-    Path(symbol): Path<String>,
+    PathText(symbol): PathText,
     ApiQuery(query): ApiQuery<CandleQuery>,
 ) -> Result<Json<CandleList>, ApiError> {
     let symbol = Symbol::parse(&symbol).map_err(|_| ApiError::NotFound)?;

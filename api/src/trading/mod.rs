@@ -121,6 +121,107 @@ pub(crate) fn context(request_id: &Option<String>) -> MessageContext {
 // events), which know nothing of OpenAPI. These mirror them for the document only; a test below
 // keeps their field names identical.
 
+/// The markets `migrations/0003_trading.sql` seeds (the list in `API.md`). The OpenAPI document
+/// names them as the values a symbol can take; the schemathesis test checks `GET /markets`
+/// answers exactly these, so a market added by a migration cannot be missing here unnoticed.
+pub const SEEDED_MARKETS: [&str; 10] =
+    ["BTC-USD", "ETH-USD", "SOL-USD", "XRP-USD", "ADA-USD", "DOGE-USD", "DOT-USD", "LTC-USD", "AVAX-USD", "LINK-USD"];
+
+/// The assets that can be deposited: USD and the base of every seeded market.
+pub const SEEDED_ASSETS: [&str; 11] = ["USD", "BTC", "ETH", "SOL", "XRP", "ADA", "DOGE", "DOT", "LTC", "AVAX", "LINK"];
+
+/// The syntax [`vault_core::domain::parse_decimal`] reads (at most 100 characters).
+pub const DECIMAL_PATTERN: &str = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$";
+
+/// A client-chosen id ([`check_client_id`]).
+pub const CLIENT_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+/// The OpenAPI schema of a client-chosen id: 1 to 64 of `[A-Za-z0-9_-]`.
+#[derive(Debug)]
+pub struct ClientId;
+
+impl utoipa::PartialSchema for ClientId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(CLIENT_ID_PATTERN))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ClientId {}
+
+/// Declares a unit type whose OpenAPI schema is a string enum (for domain enums of vault-core,
+/// which knows nothing of OpenAPI).
+macro_rules! string_enum_schema {
+    ($(#[$doc:meta])* $name:ident, $values:expr) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some($values))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+    };
+}
+
+string_enum_schema!(
+    /// A market symbol: one of the seeded markets.
+    MarketSymbol,
+    SEEDED_MARKETS
+);
+string_enum_schema!(
+    /// An asset that can be deposited.
+    AssetCode,
+    SEEDED_ASSETS
+);
+string_enum_schema!(
+    /// `buy` or `sell`.
+    OrderSide,
+    ["buy", "sell"]
+);
+string_enum_schema!(
+    /// `market` or `limit`.
+    OrderKind,
+    ["market", "limit"]
+);
+string_enum_schema!(
+    /// `gtc`, `ioc` or `fok`.
+    OrderTimeInForce,
+    ["gtc", "ioc", "fok"]
+);
+
+/// A decimal in a request: a string (preferred, `"0.015"`) or a JSON number. Whether its value
+/// suits the field (positive, a multiple of an increment, within a limit) is checked after.
+#[derive(Debug)]
+pub struct DecimalInput;
+
+impl utoipa::PartialSchema for DecimalInput {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(DECIMAL_PATTERN))
+                    .max_length(Some(vault_core::domain::MAX_DECIMAL_TEXT))
+                    .examples(["0.015"]),
+            )
+            .item(ObjectBuilder::new().schema_type(Type::Number))
+            .description(Some("A decimal: a string (preferred) or a JSON number"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for DecimalInput {}
+
 /// An execution of an order.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Fill)]

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,15 +36,18 @@ use uuid::Uuid;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, decode};
 use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
-use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce};
+use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce, WireDecimal};
 
-use super::{Intake, OrderDoc, check_client_id, context, publish_command, publish_intake};
+use super::{
+    ClientId, DecimalInput, Intake, MarketSymbol, OrderDoc, OrderKind, OrderSide, OrderTimeInForce, check_client_id,
+    context, publish_command, publish_intake,
+};
 use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
-use crate::pagination::{ApiQuery, Page};
-use crate::path::ResourceId;
+use crate::pagination::{ApiQuery, Cursor, Page};
+use crate::path::{PathText, ResourceId};
 use crate::startup::AppState;
 
 /// The longest `Prefer: wait` honoured, in seconds.
@@ -69,24 +72,25 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
     /// 1..64 of `[A-Za-z0-9_-]`, unique per user forever; the idempotency key.
+    #[schema(value_type = Option<ClientId>)]
     pub client_order_id: Option<String>,
-    #[schema(example = "BTC-USD")]
+    #[schema(value_type = MarketSymbol, example = "BTC-USD")]
     pub symbol: String,
     /// `buy` or `sell`.
-    #[schema(value_type = String, example = "buy")]
+    #[schema(value_type = OrderSide, example = "buy")]
     pub side: Side,
     /// `market` or `limit`.
     #[serde(rename = "type")]
-    #[schema(value_type = String, example = "limit")]
+    #[schema(value_type = OrderKind, example = "limit")]
     pub order_type: OrderType,
     /// In the base asset; a multiple of the market's `quantity_increment`.
-    #[schema(value_type = String, example = "0.015")]
-    pub quantity: Decimal,
+    #[schema(value_type = DecimalInput, example = "0.015")]
+    pub quantity: WireDecimal,
     /// Required for limit orders, forbidden for market orders; a multiple of `price_increment`.
-    #[schema(value_type = Option<String>, example = "65000.00")]
-    pub limit_price: Option<Decimal>,
+    #[schema(value_type = Option<DecimalInput>, example = "65000.00")]
+    pub limit_price: Option<WireDecimal>,
     /// `gtc` (default for limit), `ioc` (default for market) or `fok`; `gtc` is refused for market.
-    #[schema(value_type = Option<String>, example = "gtc")]
+    #[schema(value_type = Option<OrderTimeInForce>, example = "gtc")]
     pub time_in_force: Option<TimeInForce>,
 }
 
@@ -119,13 +123,13 @@ pub fn validate(
     if found.is_none() {
         errors.push(FieldError::new("symbol", format!("{:?} is not a market (e.g. BTC-USD)", req.symbol)));
     }
-    let quantity = Positive::new(req.quantity).map_err(|e| errors.push(FieldError::new("quantity", e))).ok();
+    let quantity = Positive::new(req.quantity.get()).map_err(|e| errors.push(FieldError::new("quantity", e))).ok();
     if let (Some(m), Some(q)) = (&found, quantity)
         && let Err(e) = m.check_quantity(q)
     {
         errors.push(FieldError::new("quantity", e));
     }
-    let limit_price = match (req.order_type, req.limit_price) {
+    let limit_price = match (req.order_type, req.limit_price.map(WireDecimal::get)) {
         (OrderType::Limit, None) => {
             errors.push(FieldError::new("limit_price", "is required for a limit order"));
             None
@@ -444,11 +448,16 @@ const CLOSED: &[&str] = &["filled", "canceled", "expired", "rejected"];
 #[into_params(parameter_in = Query)]
 pub struct OrderFilter {
     /// `open`, `closed` or `all` (default).
+    #[param(inline)]
     pub status: Option<StatusFilter>,
     /// Only this market's orders.
+    #[param(value_type = Option<MarketSymbol>)]
     pub symbol: Option<String>,
     /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -528,13 +537,17 @@ pub async fn get_order(
 /// One of the caller's orders by its `client_order_id`.
 #[utoipa::path(get, path = "/api/v1/orders/by-client-id/{client_order_id}", tag = "orders",
     security(("bearer" = []), ("api_key" = [])),
-    params(("client_order_id" = String, Path)), responses((status = 200, body = OrderDoc), (status = 404, body = Problem)))]
+    params(("client_order_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$")), responses((status = 200, body = OrderDoc), (status = 404, body = Problem)))]
 pub async fn get_order_by_client_id(
     State(state): State<AppState>,
     caller: Caller,
-    Path(client_order_id): Path<String>,
+    PathText(client_order_id): PathText,
 ) -> Result<Json<OrderView>, ApiError> {
     caller.require_scope(Scope::Read)?;
+    // An id no order can have (a NUL, say, which Postgres text cannot even hold) names nothing.
+    if check_client_id("client_order_id", &client_order_id).is_err() {
+        return Err(ApiError::NotFound);
+    }
     load_by_client_id(&state.pool, caller.user_id, &client_order_id).await?.map(Json).ok_or(ApiError::NotFound)
 }
 
@@ -584,6 +597,7 @@ pub async fn cancel_order(
 #[into_params(parameter_in = Query)]
 pub struct CancelFilter {
     /// Only this market's orders.
+    #[param(value_type = Option<MarketSymbol>)]
     pub symbol: Option<String>,
 }
 
@@ -663,9 +677,13 @@ pub struct FillList {
 #[into_params(parameter_in = Query)]
 pub struct FillFilter {
     /// Only this market's fills.
+    #[param(value_type = Option<MarketSymbol>)]
     pub symbol: Option<String>,
     /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
     pub cursor: Option<String>,
 }
 
