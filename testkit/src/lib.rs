@@ -4,6 +4,8 @@
 //! - [`NatsServer`]: a real `nats-server` (2.10+, the one `deploy/local.sh` installs; path in
 //!   `VAULT_NATS_SERVER`) per test, on a free loopback port with its own store directory, which
 //!   a test may kill and restart on the same port and store;
+//! - [`NatsCluster`]: three such servers forming one JetStream cluster on loopback, any node of
+//!   which a test may kill and restart on the same ports and store;
 //! - [`TestDb`]: a fresh Postgres database per test (created through `VAULT_TEST_PG_URL`,
 //!   migrated on request, dropped afterwards);
 //! - [`Proc`]: one of our binaries started with a clean environment, its output captured, and
@@ -147,6 +149,193 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A three-node JetStream cluster on loopback, owned by one test: what `deploy/local.sh up
+/// --cluster` and the compose file run, minus `sync_interval: always` (every write fsynced),
+/// which costs time and proves nothing a SIGKILL can break — the page cache survives a killed
+/// process, only a lost machine needs it.
+///
+/// Each node has its own client, route and monitoring port and its own store directory, kept
+/// across [`NatsCluster::kill`] and [`NatsCluster::restart`], so a restarted node rejoins with
+/// what it had and catches up from its peers. Readiness is read from the nodes' monitoring
+/// endpoints: `/healthz` (200 once the node's JetStream is up and its replicas are current) and
+/// `/jsz` (a meta leader elected, all three peers known).
+#[derive(Debug)]
+pub struct NatsCluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    client: u16,
+    route: u16,
+    monitor: u16,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Nodes in the cluster.
+    pub const SIZE: usize = 3;
+
+    /// Starts three nodes and waits until the cluster has a meta leader and every node serves
+    /// JetStream.
+    pub async fn start() -> NatsCluster {
+        let nodes = (0..Self::SIZE)
+            .map(|i| ClusterNode {
+                name: format!("n{i}"),
+                client: free_port(),
+                route: free_port(),
+                monitor: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut cluster = NatsCluster { dir: tempfile::tempdir().expect("a temp dir for the cluster's stores"), nodes };
+        for i in 0..Self::SIZE {
+            cluster.spawn(i);
+        }
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    fn config(&self, i: usize) -> String {
+        let node = &self.nodes[i];
+        let routes: Vec<String> = self.nodes.iter().map(|n| format!("nats-route://127.0.0.1:{}", n.route)).collect();
+        let store = self.dir.path().join(&node.name);
+        format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+             jetstream {{\n  store_dir: {store:?}\n}}\n\
+             cluster {{\n  name: vault-test\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+            name = node.name,
+            client = node.client,
+            monitor = node.monitor,
+            route = node.route,
+            store = store.to_string_lossy(),
+            routes = routes.join(", "),
+        )
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let conf = self.dir.path().join(format!("{}.conf", self.nodes[i].name));
+        std::fs::write(&conf, self.config(i)).expect("write a node's config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", self.nodes[i].name)))
+            .expect("a node's log file");
+        let child = Command::new(nats_server_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        self.nodes[i].child = Some(child);
+    }
+
+    /// Every node's client URL, comma-separated: what `NATS_URL` takes.
+    pub fn url(&self) -> String {
+        (0..Self::SIZE).map(|i| self.node_url(i)).collect::<Vec<_>>().join(",")
+    }
+
+    /// One node's client URL.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client)
+    }
+
+    /// One node's `server_name` (what JetStream reports as a leader or replica).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The index of the node called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Whether node `i` runs (not killed).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// Everything node `i` logged so far (for a failing test's message).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].name))).unwrap_or_default()
+    }
+
+    /// Kills node `i` with SIGKILL (a crash, not a clean stop) and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again on the same ports with the same store and waits until it is back
+    /// in the cluster with its replicas current.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_ready().await;
+    }
+
+    /// Waits until every running node answers `/healthz` with 200 and sees a meta leader with
+    /// all peers. Panics with the nodes' logs after [`READY_DEADLINE`].
+    pub async fn wait_ready(&self) {
+        let client = http_client();
+        let start = Instant::now();
+        loop {
+            let mut waiting = Vec::new();
+            for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.child.is_some()) {
+                if let Err(why) = node_ready(&client, node).await {
+                    waiting.push(format!("{}: {why}", self.nodes[i].name));
+                }
+            }
+            if waiting.is_empty() {
+                return;
+            }
+            if start.elapsed() > READY_DEADLINE {
+                let logs: Vec<String> =
+                    (0..Self::SIZE).map(|i| format!("--- {} ---\n{}", self.name(i), self.log(i))).collect();
+                panic!("the NATS cluster was not ready within {READY_DEADLINE:?}: {waiting:?}\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Whether one node is healthy and knows its meta leader; the reason when not.
+async fn node_ready(client: &reqwest::Client, node: &ClusterNode) -> Result<(), String> {
+    let base = format!("http://127.0.0.1:{}", node.monitor);
+    let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| e.to_string())?;
+    if !health.status().is_success() {
+        return Err(format!("/healthz {}", health.status()));
+    }
+    let jsz: serde_json::Value = client
+        .get(format!("{base}/jsz"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let meta = &jsz["meta_cluster"];
+    let leader = meta["leader"].as_str().unwrap_or_default();
+    let size = meta["cluster_size"].as_u64().unwrap_or_default();
+    if leader.is_empty() || size != NatsCluster::SIZE as u64 {
+        return Err(format!("meta leader {leader:?}, cluster size {size}"));
+    }
+    Ok(())
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..Self::SIZE {
+            self.kill(i);
+        }
     }
 }
 
@@ -369,9 +558,14 @@ fn valid_metric_name(name: &str) -> bool {
 
 /// The environment every process of a test stack gets.
 pub fn base_env(db: &TestDb, nats: &NatsServer) -> Vec<(&'static str, String)> {
+    base_env_for(db, &nats.url())
+}
+
+/// [`base_env`] for any `NATS_URL` (a [`NatsCluster::url`] list, say).
+pub fn base_env_for(db: &TestDb, nats_url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.url.clone()),
-        ("NATS_URL", nats.url()),
+        ("NATS_URL", nats_url.to_owned()),
         ("JWT_SECRET", TEST_JWT_SECRET.to_owned()),
         ("APP_ENV", "development".to_owned()),
         ("LOG_FORMAT", "json".to_owned()),
