@@ -9,7 +9,7 @@
 //!   `vault_message_processing_seconds`), so the processing rate can be set against the lag;
 //! - the price feed ([`price_feed`]): an ordered consumer on PRICES starting at the last tick of
 //!   every market, keeping the latest price per symbol and triggering the resting orders a tick
-//!   crosses;
+//!   crosses; opened again after the last tick seen when its consumer vanishes with a server;
 //! - the outbox relay ([`relay_outbox`]): publishes committed events to EVENTS (dedupe id = the
 //!   outbox row id, so a crash between publish and mark re-publishes harmlessly);
 //! - the market rules refresher ([`refresh_markets`]): halts and resumes take effect within
@@ -248,36 +248,80 @@ async fn park_and_term(pool: &PgPool, durable: &str, msg: &async_nats::jetstream
     }
 }
 
+/// The longest a pull of the price feed waits. The ordered consumer behind the feed is an
+/// in-memory, single-replica consumer on one server: a restarted server or a dead cluster node
+/// takes it along, and the client notices by missed idle heartbeats, which it sends at half this
+/// expiry. With the client's default (30 s expiry, 15 s heartbeat) the engine saw no price for
+/// about 17 s after a nats-server restart; with this it notices within seconds.
+const FEED_EXPIRES: Duration = Duration::from_secs(4);
+
+/// Opens the price feed: from the last tick of every market at start, or right after the last
+/// tick seen (`after`) when it is opened again, so no tick in between is skipped.
+async fn open_feed(bus: &Bus, after: Option<u64>) -> anyhow::Result<pull::Ordered> {
+    let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
+    let deliver_policy = match after {
+        Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+        None => DeliverPolicy::LastPerSubject,
+    };
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::PRICES_ALL.to_owned(),
+            deliver_policy,
+            max_expires: FEED_EXPIRES,
+            ..Default::default()
+        })
+        .await?;
+    Ok(consumer.messages().await?)
+}
+
 /// Follows PRICES from the last tick of every market: keeps the latest price per symbol and
-/// sends a trigger to the owner of every resting order a tick crosses.
+/// sends a trigger to the owner of every resting order a tick crosses. When the feed fails
+/// (its consumer vanished with a server), it is opened again after the last tick seen, every
+/// half second until NATS answers.
 pub async fn price_feed(
     bus: Bus,
     shared: Arc<Shared>,
     router: Router,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects::PRICES_ALL.to_owned(),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let mut messages = open_feed(&bus, None).await?;
+    let mut last_seq = None;
+    let mut connects = bus.connects();
+    let mut watch = tokio::time::interval(Duration::from_millis(500));
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            next = messages.next() => next,
+            next = messages.next() => next.map(|r| r.map_err(anyhow::Error::from)),
+            // A reconnect means a restarted server or another cluster node: the feed's consumer
+            // may be gone, and the client would notice only after two missed heartbeats.
+            _ = watch.tick() => {
+                if bus.connects() == connects {
+                    continue;
+                }
+                connects = bus.connects();
+                Some(Err(anyhow::anyhow!("reconnected to NATS")))
+            }
         };
         let msg = match next {
             Some(Ok(msg)) => msg,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "price feed interrupted; continuing");
+                tracing::warn!(error = %e, after = ?last_seq, "price feed interrupted; opening it again");
+                messages = loop {
+                    match open_feed(&bus, last_seq).await {
+                        Ok(messages) => break messages,
+                        Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot open the price feed yet"),
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                };
                 continue;
             }
             None => return Ok(()),
         };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        last_seq = Some(seq);
         let tick = match decode::<PriceTick>(msg.subject.as_str(), &msg.payload) {
             Ok(tick) => tick,
             Err(e) => {
@@ -286,7 +330,6 @@ pub async fn price_feed(
                 continue;
             }
         };
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         apply_tick(&shared, &router, tick, seq);
     }
 }
@@ -380,9 +423,13 @@ async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
         let ctx = MessageContext { request_id: event.request_id.clone() };
         acks.push((*id, bus.start_publish(&event, &ctx).await?));
     }
-    let mut published = Vec::with_capacity(acks.len());
-    for (id, ack) in acks {
-        match ack.await {
+    // Awaited together: an ack's timeout (the client's 5 s) starts when it is awaited, so
+    // awaiting them one by one after NATS went away mid-batch stalled the relay 5 s per event
+    // (a full batch: over twenty minutes).
+    let settled = futures::future::join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) })).await;
+    let mut published = Vec::with_capacity(settled.len());
+    for (id, result) in settled {
+        match result {
             Ok(_) => published.push(id),
             Err(e) => tracing::warn!(outbox_id = %id, error = %e, "event not acknowledged; will retry"),
         }

@@ -81,6 +81,13 @@ impl Bus {
         &self.client
     }
 
+    /// How many times the client connected so far (1 after start; each reconnect adds one): a
+    /// change tells a long-lived subscriber that what was in transit may be lost and that
+    /// server-side state held by one server (an ordered consumer) may be gone.
+    pub fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

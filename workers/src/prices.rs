@@ -236,8 +236,13 @@ pub async fn publish_from(
             };
             acks.push((quote, bus.start_publish(&tick, &MessageContext::default()).await?));
         }
-        for (quote, ack) in acks {
-            match ack.await {
+        // Awaited together: an ack's timeout (the client's 5 s) starts when it is awaited, so
+        // awaiting them one by one after NATS went away mid-round stopped the ticks for 5 s per
+        // market (about 50 s) and held a shutdown past its deadline.
+        let settled =
+            futures::future::join_all(acks.into_iter().map(|(quote, ack)| async move { (quote, ack.await) })).await;
+        for (quote, result) in settled {
+            match result {
                 Ok(_) => {
                     metrics::counter!("vault_price_ticks_published_total", "symbol" => quote.symbol.to_string())
                         .increment(1);
