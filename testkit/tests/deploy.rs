@@ -910,3 +910,33 @@ async fn the_cluster_template_forms_a_jetstream_cluster_that_keeps_r3_streams_wi
     })
     .await;
 }
+
+/// The dev config `./deploy/local.sh up` starts NATS with (its ports overridden on the command
+/// line as local.sh does; its relative store_dir lands in a scratch working directory) holds
+/// every stream the processes declare:
+/// a `max_file_store` below the streams' summed `max_bytes` makes JetStream refuse them.
+#[tokio::test]
+async fn the_dev_nats_config_holds_every_declared_stream() {
+    let store = tempfile::tempdir().expect("store dir");
+    let (port, monitor) = (free_port(), free_port());
+    let mut server = Command::new(nats_server_binary())
+        .arg("-c")
+        .arg(root().join("deploy/nats/dev.conf"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string()])
+        .current_dir(store.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let url = format!("nats://127.0.0.1:{port}");
+    let bus = poll_until(READY_DEADLINE, "the dev nats-server with JetStream", || async {
+        let bus = Bus::connect(&url, "deploy-test").await.ok()?;
+        bus.jetstream().query_account().await.ok().map(|_| bus)
+    })
+    .await;
+    let declared = bus.ensure_streams().await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let declared = declared.expect("every stream fits the dev config's JetStream limits");
+    assert_eq!(declared.len(), streams::ALL.len());
+}
