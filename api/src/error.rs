@@ -39,6 +39,9 @@ pub enum ApiError {
     Forbidden { code: &'static str, detail: String },
     #[error("not found")]
     NotFound,
+    /// The route exists, the method does not (`Allow` lists the ones that do).
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// 404 with a more specific code than `not_found` (e.g. `no_price`: the market exists, its
     /// price does not yet).
     #[error("absent: {detail}")]
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::Absent { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -91,6 +95,7 @@ impl ApiError {
             | ApiError::Conflict { code, .. }
             | ApiError::Absent { code, .. } => code,
             ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
@@ -111,6 +116,7 @@ impl ApiError {
             | ApiError::Conflict { detail, .. }
             | ApiError::Absent { detail, .. } => detail.clone(),
             ApiError::NotFound => "The resource does not exist.".to_owned(),
+            ApiError::MethodNotAllowed => "This route does not take this method; see Allow.".to_owned(),
             ApiError::PayloadTooLarge => "The request body exceeds 64 KiB.".to_owned(),
             ApiError::RequestTimeout => "The request body did not arrive in time.".to_owned(),
             ApiError::UnsupportedMediaType => "Send the body as application/json.".to_owned(),

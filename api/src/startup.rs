@@ -82,8 +82,7 @@ impl Application {
     ) -> anyhow::Result<Application> {
         telemetry::record_build_info(&settings);
         telemetry::spawn_upkeep(shutdown.clone());
-        let listener = TcpListener::bind(settings.api_addr)
-            .await
+        let listener = http::bind(settings.api_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on API_ADDR {}: {e}", settings.api_addr))?;
 
         let pool = db::connect(&settings.database_url, 20).await?;
@@ -161,12 +160,14 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/docs", get(openapi::docs))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit::limit))
         .with_state(state);
     let app = Router::new()
         .nest("/api/v1", api)
         .merge(ops::router(readiness))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn(time_limit))
@@ -226,6 +227,11 @@ fn spawn_housekeeping(pool: PgPool, shutdown: CancellationToken) {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// A problem body for 405 too (axum keeps its `Allow` header on the answer).
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// Makes the request id available to problem bodies built anywhere inside the request.

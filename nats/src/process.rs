@@ -9,7 +9,6 @@
 use std::net::SocketAddr;
 
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::ConsumerMetrics;
@@ -40,8 +39,7 @@ impl Process {
     ) -> anyhow::Result<Process> {
         telemetry::record_build_info(&settings);
         telemetry::spawn_upkeep(shutdown.clone());
-        let listener = TcpListener::bind(settings.ops_addr)
-            .await
+        let listener = http::bind(settings.ops_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on OPS_ADDR {}: {e}", settings.ops_addr))?;
         let ops_addr = listener.local_addr()?;
 
