@@ -5,19 +5,23 @@
 //! - a body that has not fully arrived [`BODY_TIMEOUT`] after its headers → 408
 //!   `request_timeout`, and the connection is closed (a client trickling its body a byte at a
 //!   time holds a connection and a task for at most that long);
-//! - not JSON at all (syntax, invalid UTF-8, empty) → 400 `malformed_request`;
-//! - JSON of the wrong shape (unknown field, missing field, wrong type) → 422 with the path of
-//!   the offending field in `errors[].field`.
+//! - not JSON at all (syntax, invalid UTF-8, empty, nested deeper than 128) → 400
+//!   `malformed_request`;
+//! - JSON of the wrong shape (not an object, unknown field, missing or repeated field, wrong
+//!   type) → 422 with the path of the offending field in `errors[].field`.
 //!
-//! Request types use `#[serde(deny_unknown_fields)]`; validation beyond shape happens when the
-//! DTO is converted into domain values.
+//! The extractor enforces [`BODY_LIMIT`] and [`BODY_TIMEOUT`] itself, so a route gets them
+//! whatever layers it sits under. A body is a JSON object: serde would also read a struct from
+//! an array of its fields in order (`["a@b.c", "pw"]`), which no client means to send. Request
+//! types use `#[serde(deny_unknown_fields)]`; validation beyond shape happens when the DTO is
+//! converted into domain values.
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, FieldError};
@@ -39,7 +43,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -53,36 +57,38 @@ where
         if !is_json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state));
-        let bytes = read.await.map_err(|_| ApiError::RequestTimeout)?.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest("The request body could not be read.".to_owned())
-            }
-        })?;
+        let limited = Limited::new(req.into_body(), BODY_LIMIT);
+        let read = tokio::time::timeout(BODY_TIMEOUT, limited.collect());
+        let bytes = match read.await.map_err(|_| ApiError::RequestTimeout)? {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(ApiError::PayloadTooLarge),
+            Err(_) => return Err(ApiError::BadRequest("The request body could not be read.".to_owned())),
+        };
         parse(&bytes).map(ApiJson)
     }
 }
 
 /// Parses a JSON body with the error mapping above.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    // Is it JSON at all (UTF-8, one document)? Only then is it a question of shape.
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::BadRequest("The body is not valid JSON: it is not UTF-8".to_owned()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| malformed(&e))?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid("", "the body must be a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
     let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => value,
         Err(err) => {
             let path = err.path().to_string();
             let inner = err.into_inner();
-            return match inner.classify() {
-                serde_json::error::Category::Data => {
-                    let field = if path == "." { String::new() } else { path };
-                    Err(ApiError::Validation {
-                        code: "validation_failed",
-                        errors: vec![FieldError::new(field, data_message(&inner))],
-                    })
-                }
-                _ => Err(malformed(&inner)),
-            };
+            // The document is valid JSON (checked above): whatever stopped serde is its shape.
+            let field = if path == "." { String::new() } else { path };
+            return Err(ApiError::Validation {
+                code: "validation_failed",
+                errors: vec![FieldError::new(field, data_message(&inner))],
+            });
         }
     };
     // Trailing garbage after the value is malformed JSON, not a second document.
@@ -160,5 +166,14 @@ mod tests {
         assert_eq!(status(parse(b"\xff\xfe")).0, 400);
         assert_eq!(status(parse(br#"{"email":"a@b.c"} {}"#)).0, 400);
         assert_eq!(status(parse(b"")).0, 400);
+        // JSON, but not an object; and an object with a field twice.
+        assert_eq!(status(parse(br#"["a@b.c", null]"#)).0, 422);
+        assert_eq!(status(parse(br#""a@b.c""#)).0, 422);
+        assert_eq!(status(parse(br#"{"email":"a@b.c","email":"x@y.z"}"#)).0, 422);
+        // Deep nesting is refused as a shape (serde_json stops at 128 levels), never a crash.
+        let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+        assert_eq!(status(parse(deep.as_bytes())).0, 422);
+        let deep = format!(r#"{{"email":{}1{}}}"#, r#"{"a":"#.repeat(20_000), "}".repeat(20_000));
+        assert_eq!(status(parse(deep.as_bytes())).0, 422);
     }
 }
