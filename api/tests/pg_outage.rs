@@ -1,0 +1,256 @@
+//! Postgres cut off for 20 s, without touching the shared server: the API and the engine reach
+//! Postgres through a TCP proxy this test controls. While it is cut, `/readyz` answers 503
+//! naming Postgres, the API refuses what needs the database with 503 and keeps answering what
+//! does not (health, tickers), and the engine stops acking: a command that arrives meanwhile
+//! stays on the stream. Once the proxy forwards again, everything heals without a restart, the
+//! waiting command is applied exactly once, and `vault-engine reconcile` finds the books clean.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use support::Api;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
+use vault_bus::{Bus, MessageContext};
+use vault_core::domain::{OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_testkit::{
+    NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, http_client, poll_until,
+    workspace_binary,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+const OUTAGE: Duration = Duration::from_secs(20);
+
+/// A TCP proxy to Postgres that can be cut: every open connection is dropped at once and new
+/// ones are closed as soon as they are accepted, until it is restored.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (cut2, open2) = (cut.clone(), open.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if cut2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                open2.lock().expect("lock").push(task.abort_handle());
+            }
+        })
+        .abort_handle();
+        Proxy { port, cut, open, accept }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for task in self.open.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// `url` with its host:port replaced by the proxy's.
+fn through(url: &str, port: u16) -> (String, String) {
+    let (scheme_auth, rest) = url.split_once('@').expect("a URL with credentials");
+    let (host_port, path) = rest.split_once('/').expect("a URL with a database");
+    (format!("{scheme_auth}@127.0.0.1:{port}/{path}"), host_port.to_owned())
+}
+
+async fn status(client: &reqwest::Client, url: &str) -> u16 {
+    client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_healed_without_a_restart() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (_, upstream) = through(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.port);
+
+    let api_addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env(&db, &nats);
+    envs.retain(|(k, _)| *k != "DATABASE_URL");
+    envs.push(("DATABASE_URL", proxied.clone()));
+    let mut engine_envs = envs.clone();
+    // The one price of this test must still be fresh when the order waiting out the outage is
+    // finally applied.
+    engine_envs.push(("MAX_PRICE_AGE", "300".to_owned()));
+    envs.push(("API_ADDR", api_addr.clone()));
+    let mut proc = Proc::spawn(support::BIN, &["serve"], &envs);
+    proc.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
+    let engine_ops = format!("127.0.0.1:{}", free_port());
+    engine_envs.push(("OPS_ADDR", engine_ops.clone()));
+    let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &engine_envs);
+    engine.wait_http_status(&engine_ops, "/readyz", 200, READY_DEADLINE).await;
+    let api = Api { proc, addr: api_addr.clone(), client: http_client(), db, nats };
+    let direct = api.db.pool().await;
+    let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");
+
+    // Before: a funded user with a price.
+    let email = format!("outage-{}@example.com", Uuid::now_v7().simple());
+    let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
+    let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
+    let tick = PriceTick {
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        price: Positive::new(50_000.into()).expect("positive"),
+        ts: Utc::now(),
+        source: "test".into(),
+        seq: 1,
+    };
+    bus.publish(&tick, &MessageContext::default()).await.expect("tick");
+    assert_eq!(
+        api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "10000"})).await.status(),
+        202
+    );
+    poll_until(WAIT, "the deposit to complete", || async {
+        let p: Value = api.get("/portfolio", Some(&token)).await.json().await.ok()?;
+        (p["cash"]["total"].as_str()? == "10000").then_some(())
+    })
+    .await;
+
+    // The outage.
+    let client = http_client();
+    proxy.cut();
+    let cut_at = Instant::now();
+    for addr in [&api_addr, &engine_ops] {
+        poll_until(WAIT, "/readyz to turn 503 naming postgres", || async {
+            let r = client.get(format!("http://{addr}/readyz")).send().await.ok()?;
+            let code = r.status().as_u16();
+            let body: Value = r.json().await.ok()?;
+            (code == 503 && body["checks"]["postgres"] != "ok").then_some(())
+        })
+        .await;
+    }
+    // What needs the database is refused with 503 (Retry-After), and changes nothing...
+    let refused = api
+        .post(
+            "/orders",
+            Some(&token),
+            json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.01"}),
+        )
+        .await;
+    assert_eq!(refused.status(), 503, "{:?}", refused.text().await);
+    // ...what does not is served as usual.
+    assert_eq!(status(&client, &format!("http://{api_addr}/health")).await, 200);
+    assert_eq!(status(&client, &api.url("/markets/BTC-USD/ticker")).await, 200);
+    assert_eq!(status(&client, &format!("http://{engine_ops}/health")).await, 200);
+
+    // A command that reaches the engine meanwhile (its intake row written directly, as an API
+    // replica that still reached Postgres would) cannot be committed, so it is not acked.
+    let order_id = Uuid::now_v7();
+    let client_id = format!("c-{}", order_id.simple());
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, status)
+         VALUES ($1, $2, $3, 'BTC-USD', 'buy', 'market', 'ioc', 0.01, 'pending')",
+    )
+    .bind(order_id)
+    .bind(user)
+    .bind(&client_id)
+    .execute(&direct)
+    .await
+    .expect("intake row");
+    let command = OrderCommand {
+        user_id: user,
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Place {
+            order_id,
+            client_order_id: client_id,
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: Side::Buy,
+            order_type: OrderType::Market,
+            time_in_force: TimeInForce::Ioc,
+            quantity: Positive::new("0.01".parse().expect("decimal")).expect("positive"),
+            limit_price: None,
+        },
+    };
+    bus.publish(&command, &MessageContext::default()).await.expect("published");
+    let status_of = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
+            .bind(order_id)
+            .fetch_one(&direct)
+            .await
+            .expect("status")
+    };
+    while cut_at.elapsed() < OUTAGE {
+        assert_eq!(status_of().await, "pending", "the engine decided an order while Postgres was cut");
+        assert!(engine.is_running(), "the engine died during the outage:\n{}", engine.output());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Healing, without restarting anything.
+    proxy.restore();
+    for addr in [&api_addr, &engine_ops] {
+        poll_until(WAIT, "/readyz to be 200 again", || async {
+            (status(&client, &format!("http://{addr}/readyz")).await == 200).then_some(())
+        })
+        .await;
+    }
+    poll_until(WAIT, "the order sent during the outage to be decided", || async {
+        (status_of().await == "filled").then_some(())
+    })
+    .await;
+    let fills: i64 = sqlx::query_scalar("SELECT count(*) FROM fills WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&direct)
+        .await
+        .expect("fills");
+    assert_eq!(fills, 1, "the waiting command must be applied exactly once");
+    let placed = api
+        .post(
+            "/orders",
+            Some(&token),
+            json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.01"}),
+        )
+        .await;
+    assert_eq!(placed.status(), 202, "the API takes orders again");
+    let placed: Value = placed.json().await.expect("order");
+    let id = placed["id"].as_str().expect("id").to_owned();
+    poll_until(WAIT, "the new order to be decided", || async {
+        let o: Value = api.get(&format!("/orders/{id}"), Some(&token)).await.json().await.ok()?;
+        (o["status"] == "filled").then_some(())
+    })
+    .await;
+    assert!(engine.is_running());
+    engine.signal("TERM");
+    assert!(engine.wait_exit(Duration::from_secs(30)).await.success(), "{}", engine.output());
+    assert_reconciled(&workspace_binary("vault-engine"), &api.db).await;
+    println!(
+        "postgres outage: {}s cut, 1 order waited on the stream and filled once, reconcile clean",
+        OUTAGE.as_secs()
+    );
+}
