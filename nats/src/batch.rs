@@ -56,13 +56,17 @@ impl<T> Delivered<T> {
     /// Parks the message (see [`park::park`]) and terminates it; `false` when it could not be
     /// parked, and then it is left to come back (after its ack wait) rather than lost.
     pub async fn park(&self, pool: &PgPool, reason: &str) -> bool {
-        if park::park(pool, self.stream, &self.durable, &self.msg, reason).await.is_ok() {
-            let _ = self.msg.ack_with(AckKind::Term).await;
-            self.metrics.record(Outcome::Parked, self.received);
-            true
-        } else {
-            self.metrics.record(Outcome::Retry, self.received);
-            false
+        match park::park(pool, self.stream, &self.durable, &self.msg, reason).await {
+            Ok(()) => {
+                let _ = self.msg.ack_with(AckKind::Term).await;
+                self.metrics.record(Outcome::Parked, self.received);
+                true
+            }
+            Err(e) => {
+                tracing::error!(consumer = %self.durable, error = %e, reason, "could not park a message; it comes back");
+                self.metrics.record(Outcome::Retry, self.received);
+                false
+            }
         }
     }
 }

@@ -2,6 +2,10 @@
 //! last delivery, is stored in `parked_messages` with the reason, counted
 //! (`vault_parked_messages_total{stream,consumer}`) and logged — never silently dropped.
 //! The caller then terminates the message (`AckKind::Term`) so JetStream stops redelivering it.
+//!
+//! Parking must work for exactly the messages nothing else can store: the payload is kept as
+//! bytes, and in the text columns (subject, reason, headers) a NUL character, which Postgres
+//! text and JSON cannot hold, is written as the six characters `\u0000`.
 
 use std::collections::BTreeMap;
 
@@ -15,8 +19,9 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
         .headers
         .iter()
         .flat_map(|h| h.iter())
-        .map(|(k, v)| (k.to_string(), v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",")))
+        .map(|(k, v)| (storable(k.as_ref()), storable(&v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(","))))
         .collect();
+    let (subject, reason) = (storable(msg.subject.as_str()), storable(reason));
     sqlx::query(
         "INSERT INTO parked_messages (stream, consumer, stream_seq, subject, reason, payload, headers)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
@@ -24,8 +29,8 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
     .bind(stream)
     .bind(consumer)
     .bind(seq)
-    .bind(msg.subject.as_str())
-    .bind(reason)
+    .bind(&subject)
+    .bind(&reason)
     .bind(msg.payload.as_ref())
     .bind(sqlx::types::Json(headers))
     .execute(pool)
@@ -34,4 +39,20 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
         .increment(1);
     tracing::error!(stream, consumer, stream_seq = seq, subject = %msg.subject, reason, "message parked");
     Ok(())
+}
+
+/// `text` with every NUL written as `\u0000`, so Postgres text and JSON accept it.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\\u0000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_written_out() {
+        assert_eq!(storable("a\0b"), "a\\u0000b");
+        assert_eq!(storable("plain"), "plain");
+    }
 }

@@ -10,6 +10,12 @@
 //! so changing, removing or reordering any row breaks every hash after it. Writers serialize on
 //! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
 //! A message that cannot be decoded is parked and terminated, never half-recorded.
+//!
+//! A message that decodes but that the table refuses (text Postgres cannot store, such as a
+//! NUL character anywhere in it: SQLSTATE class 22) fails its whole batch: the batch is then
+//! written one message at a time, so the others go on, and the refused one is parked at once
+//! (its content will never change). Any other failure gives the message back for redelivery,
+//! and on its last delivery parks it: nothing vanishes when JetStream stops redelivering.
 
 use std::time::Duration;
 
@@ -21,7 +27,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::batch::{self, Delivered};
-use vault_bus::consumers::ConsumerSpec;
+use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{AuthEvent, EngineEvent, OrderCommand, decode};
 use vault_bus::{Bus, REQUEST_ID_HEADER};
 
@@ -219,12 +225,40 @@ async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
         }
         Err(e) => {
             metrics::counter!("vault_audit_write_failures_total").increment(1);
-            tracing::warn!(error = %e, rows = batch.len(), "audit batch not written; messages will be redelivered");
+            tracing::warn!(error = %e, rows = batch.len(), "audit batch not written; writing its messages one by one");
+            // In stream order, so the chain keeps the order of the batch.
             for d in &batch {
-                d.retry(Duration::from_secs(1)).await;
+                match append(pool, std::slice::from_ref(&d.value)).await {
+                    Ok(written) => {
+                        metrics::counter!("vault_audit_rows_total").increment(written as u64);
+                        d.ack().await;
+                    }
+                    Err(e) if is_refused_content(&e) => {
+                        if !d.park(pool, &format!("the audit log cannot store it: {e}")).await {
+                            d.retry(Duration::from_secs(1)).await;
+                        }
+                    }
+                    Err(e) => give_back(pool, d, &e).await,
+                }
             }
         }
     }
+}
+
+/// Whether Postgres refused the row for its content (SQLSTATE class 22, data exception: a NUL
+/// in text or in JSON text, a value out of range), which no retry can change.
+fn is_refused_content(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
+}
+
+/// A message that could not be written: redelivered later, or parked on its last delivery.
+async fn give_back(pool: &PgPool, d: &Delivered<Entry>, error: &sqlx::Error) {
+    let delivered = d.msg.info().map(|i| i.delivered).unwrap_or(1);
+    if delivered >= MAX_DELIVER && d.park(pool, &format!("not written after {delivered} deliveries: {error}")).await {
+        return;
+    }
+    tracing::warn!(error = %error, delivered, "audit message not written; it will be redelivered");
+    d.retry(Duration::from_secs(1)).await;
 }
 
 /// The result of walking the chain.
