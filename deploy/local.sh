@@ -604,7 +604,8 @@ cmd_backup() {
 # soak
 
 # Drives a running stack (`up`) with vault-loadgen at a steady rate (half the capacity measured
-# with vault-loadgen, see BENCHMARKS.md) and samples every process's RSS and the total pending
+# with vault-loadgen, see BENCHMARKS.md; as many cancels as resting limit orders, so the open
+# orders the engine holds stay level and RSS growth means a leak, not more state) and samples every process's RSS and the total pending
 # messages over all consumers every 10 s. Passes when the generator saw no error, every RSS grew
 # less than 10% from the first minute to the end, and the backlog stayed bounded (drained at
 # the end). Samples and the generator's report are kept in .local/soak/.
@@ -630,7 +631,8 @@ cmd_soak() {
   mkdir -p "$report"
   say "soak: $rate orders/s for ${duration}s from $users users; samples in ${report#"$ROOT"/}/samples.tsv"
   "$BIN_DIR/vault-loadgen" --url "http://$API_ADDR" orders --users "$users" --rate "$rate" \
-    --duration "$duration" --no-limits --database-url "$DATABASE_URL" >"$report/loadgen.log" 2>&1 &
+    --duration "$duration" --mix market=70,limit=15,cancel=15 --no-limits --database-url "$DATABASE_URL" \
+    >"$report/loadgen.log" 2>&1 &
   lg=$!
   {
     printf 'elapsed'

@@ -1,6 +1,7 @@
 //! The actor layer in-process, without I/O: commands routed to per-user portfolio actors on one
 //! arbiter per core, with a store that keeps nothing (`MemoryStore`). Measures commands/s at
-//! 1k and 10k users with up to 4096 commands in flight (as the partition consumers keep them).
+//! 1k, 10k and 100k users with up to 4096 commands in flight (as the partition consumers keep
+//! them), and prints the process's resident memory once every user has a live, funded actor.
 //! Run: `cargo bench -p vault-engine --bench actors`.
 
 use std::sync::{Arc, Mutex, RwLock};
@@ -80,7 +81,7 @@ fn bench(c: &mut Criterion) {
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
     let mut group = c.benchmark_group("actor_layer");
     group.sample_size(10).measurement_time(Duration::from_secs(10)).throughput(Throughput::Elements(COMMANDS as u64));
-    for users in [1_000usize, 10_000] {
+    for users in [1_000usize, 10_000, 100_000] {
         let (router, arbiters, ids) = system.block_on(async {
             let shared = shared();
             let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
@@ -104,6 +105,7 @@ fn bench(c: &mut Criterion) {
             .await;
             (router, arbiters, ids)
         });
+        println!("actor_layer: {users} users loaded, process RSS {} MiB", rss_kib() / 1024);
         group.bench_function(format!("market_buys_{users}_users_{cores}_shards"), |b| {
             b.iter_custom(|iters| {
                 system.block_on(async {
@@ -120,6 +122,16 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// The resident set size of this process, from `/proc/self/status` (0 where there is none).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 criterion_group!(benches, bench);
