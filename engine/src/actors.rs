@@ -7,7 +7,9 @@
 //! - A [`PortfolioActor`] handles one unit of work at a time (`AtomicResponse`: its mailbox waits
 //!   while a commit is in progress), so a user's commands are applied serially, in the order the
 //!   shard received them. A failed commit is retried in place (backoff) rather than skipped, so
-//!   order is never broken; a version conflict reloads the state first.
+//!   order is never broken; a version conflict reloads the state first. The exception is work
+//!   Postgres refuses for its content (a NUL in a client id): it would fail forever, so it is
+//!   given back, to be parked on its last delivery, and the user's next commands go on.
 //! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
 //!   connections stay on the thread and runtime that uses them). The actors are generic over the
 //!   [`Store`], so the actor layer can be benchmarked without I/O.
@@ -291,8 +293,17 @@ impl<S: Store> PortfolioActor<S> {
     }
 }
 
+/// Whether Postgres refused the work for its content (SQLSTATE class 22, data exception: a NUL
+/// character in a client id, a value out of range): the same work fails the same way every time.
+fn is_permanent(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
+}
+
 /// Loads (when needed) and commits, retrying version conflicts with a reload and database
-/// failures with backoff until they pass or shutdown starts.
+/// failures with backoff until they pass or shutdown starts — except a failure of the work's
+/// own content ([`is_permanent`]), which no retry can pass: retried in place it would hold the
+/// user's later commands forever; returned, its message is redelivered and parked on its last
+/// delivery while the user's next commands go on.
 async fn apply_with_retries<S: Store>(
     user: Uuid,
     shared: &Shared,
@@ -333,6 +344,10 @@ async fn apply_with_retries<S: Store>(
                 conflicts += 1;
                 metrics::counter!("vault_engine_version_conflicts_total").increment(1);
                 tracing::warn!(user_id = %user, "version conflict; reloading and retrying");
+            }
+            Err(StoreError::Database(e)) if is_permanent(&e) => {
+                tracing::error!(user_id = %user, error = %e, "the work's content cannot be stored; giving it back");
+                return Err(StoreError::Database(e));
             }
             Err(StoreError::Database(e)) if !shared.shutdown.is_cancelled() => {
                 metrics::counter!("vault_engine_commit_retries_total").increment(1);

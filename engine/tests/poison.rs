@@ -1,0 +1,251 @@
+//! Poisoned messages on the engine's two streams, against the real `vault-engine` binary, real
+//! NATS and Postgres.
+//!
+//! - ORDERS (durable consumers, one per partition): bytes that do not decode, a command of an
+//!   unknown schema version, and a command that decodes but that Postgres refuses (a NUL in its
+//!   client id, which is part of the command's key) are each parked with their reason and
+//!   counted in `vault_parked_messages_total{stream="ORDERS",consumer="engine-pNN"}`; the same
+//!   user's next command is applied meanwhile.
+//! - PRICES (an ordered consumer, which acks nothing and so parks nothing, by design): a tick
+//!   that does not decode is skipped and counted in `vault_engine_bad_ticks_total`, and the
+//!   next good tick still moves the market and fills the resting order it crosses.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use sqlx::PgPool;
+use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand, PriceTick, encode};
+use vault_bus::{Bus, BusMessage, MessageContext, subjects};
+use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+/// A command Postgres refuses is given back and parked on its 10th delivery, a second apart.
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Stack {
+    _nats: NatsServer,
+    _db: TestDb,
+    pool: PgPool,
+    bus: Bus,
+    _engine: Proc,
+    ops: String,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+        let pool = db.pool().await;
+        let ops = format!("127.0.0.1:{}", free_port());
+        let mut envs = base_env(&db, &nats);
+        envs.push(("OPS_ADDR", ops.clone()));
+        let mut engine = Proc::spawn(BIN, &[], &envs);
+        engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
+        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+        Stack { _nats: nats, _db: db, pool, bus, _engine: engine, ops }
+    }
+
+    async fn user(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
+            .bind(id)
+            .bind(format!("{id}@example.com"))
+            .execute(&self.pool)
+            .await
+            .expect("user");
+        id
+    }
+
+    async fn send(&self, user: Uuid, body: CommandBody) {
+        let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+        self.bus.publish(&command, &MessageContext::default()).await.expect("published");
+    }
+
+    async fn raw(&self, subject: String, payload: Vec<u8>) {
+        self.bus.jetstream().publish(subject, payload.into()).await.expect("send").await.expect("ack");
+    }
+
+    /// What the API does for a deposit: the pending intake row, then the command.
+    async fn deposit(&self, user: Uuid, amount: Decimal) -> Uuid {
+        let id = Uuid::now_v7();
+        let client_id = format!("dep-{}", id.simple());
+        sqlx::query(
+            "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', $4)",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(&client_id)
+        .bind(amount)
+        .execute(&self.pool)
+        .await
+        .expect("intake row");
+        let body = CommandBody::Deposit {
+            deposit_id: id,
+            client_deposit_id: client_id,
+            asset: Asset::usd(),
+            amount: Positive::new(amount).expect("positive"),
+        };
+        self.send(user, body).await;
+        id
+    }
+
+    /// What the API does for a GTC buy limit order on BTC-USD.
+    async fn buy_limit(&self, user: Uuid, qty: Decimal, limit: Decimal) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
+             VALUES ($1, $2, $3, 'BTC-USD', 'buy', 'limit', 'gtc', $4, $5, 'pending')",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(format!("c-{}", id.simple()))
+        .bind(qty)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .expect("intake row");
+        let body = CommandBody::Place {
+            order_id: id,
+            client_order_id: format!("c-{}", id.simple()),
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: Side::Buy,
+            order_type: OrderType::Limit,
+            time_in_force: TimeInForce::Gtc,
+            quantity: Positive::new(qty).expect("positive"),
+            limit_price: Some(Positive::new(limit).expect("positive")),
+        };
+        self.send(user, body).await;
+        id
+    }
+
+    async fn wait_status(&self, table: &str, id: Uuid, want: &str, within: Duration) {
+        let sql = format!("SELECT status FROM {table} WHERE id = $1");
+        poll_until(within, &format!("{table} {id} to be {want}"), || async {
+            let status: Option<String> = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()?;
+            (status.as_deref() == Some(want)).then_some(())
+        })
+        .await;
+    }
+
+    /// The value of the first sample of /metrics whose line starts with `prefix` and contains
+    /// every one of `labels` (0 when there is none).
+    async fn metric(&self, prefix: &str, labels: &[&str]) -> f64 {
+        let text =
+            http_client().get(format!("http://{}/metrics", self.ops)).send().await.expect("metrics").text().await;
+        text.expect("text")
+            .lines()
+            .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+#[tokio::test]
+async fn poisoned_commands_are_parked_and_counted_and_the_users_next_command_applies() {
+    let s = Stack::start().await;
+    let user = s.user().await;
+    let consumer = format!("engine-p{:02}", subjects::partition_of(user));
+    let subject = subjects::order_command(user);
+
+    // Bytes that are not a command.
+    s.raw(subject.clone(), b"\xff{not a command".to_vec()).await;
+    // A command of a schema version this engine does not know.
+    let future = OrderCommand {
+        user_id: user,
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Cancel { order_id: Uuid::now_v7() },
+    };
+    let mut json: serde_json::Value = serde_json::from_slice(&encode(&future).expect("encodes")).expect("json");
+    json["v"] = 2.into();
+    s.raw(future.subject(), json.to_string().into_bytes()).await;
+    // A command that decodes, but whose key (user:deposit:client id) Postgres cannot store.
+    s.send(
+        user,
+        CommandBody::Deposit {
+            deposit_id: Uuid::now_v7(),
+            client_deposit_id: "nul\u{0}id".to_owned(),
+            asset: Asset::usd(),
+            amount: Positive::new(dec!(5)).expect("positive"),
+        },
+    )
+    .await;
+
+    // The user's next command does not wait for the poison to be dealt with.
+    let deposit = s.deposit(user, dec!(100)).await;
+    s.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
+
+    let reasons: Vec<String> = poll_until(WAIT, "three commands parked", || async {
+        let reasons: Vec<String> = sqlx::query_scalar(
+            "SELECT reason FROM parked_messages WHERE stream = 'ORDERS' AND consumer = $1 ORDER BY stream_seq",
+        )
+        .bind(&consumer)
+        .fetch_all(&s.pool)
+        .await
+        .ok()?;
+        (reasons.len() == 3).then_some(reasons)
+    })
+    .await;
+    assert!(reasons[0].contains("cannot be decoded"), "{reasons:?}");
+    assert!(reasons[1].contains("schema version 2"), "{reasons:?}");
+    assert!(reasons[2].contains("failed on delivery 10"), "{reasons:?}");
+    let counted =
+        s.metric("vault_parked_messages_total{", &["stream=\"ORDERS\"", &format!("consumer=\"{consumer}\"")]).await;
+    assert_eq!(counted, 3.0, "every parked command is counted");
+
+    // And after all of it, the user's commands still apply.
+    let later = s.deposit(user, dec!(1)).await;
+    s.wait_status("deposits", later, "completed", Duration::from_secs(20)).await;
+    let total: Decimal = sqlx::query_scalar("SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'")
+        .bind(user)
+        .fetch_one(&s.pool)
+        .await
+        .expect("balance");
+    assert_eq!(total, dec!(101), "only the good deposits moved money");
+}
+
+#[tokio::test]
+async fn a_poisoned_price_tick_is_skipped_and_counted_and_the_next_tick_still_fills() {
+    let s = Stack::start().await;
+    let user = s.user().await;
+    let deposit = s.deposit(user, dec!(1000)).await;
+    s.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
+    let order = s.buy_limit(user, dec!(0.01), dec!(40000)).await;
+    s.wait_status("orders", order, "open", Duration::from_secs(20)).await;
+
+    let subject = subjects::price("BTC-USD");
+    let good = |price: Decimal, seq: u64| PriceTick {
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        price: Positive::new(price).expect("positive"),
+        ts: Utc::now(),
+        source: "test".into(),
+        seq,
+    };
+    // Not a tick; a tick of another schema version; a tick with a negative price.
+    s.raw(subject.clone(), b"\x00garbage".to_vec()).await;
+    let mut future: serde_json::Value =
+        serde_json::from_slice(&encode(&good(dec!(39000), 1)).expect("encodes")).expect("json");
+    future["v"] = 2.into();
+    s.raw(subject.clone(), future.to_string().into_bytes()).await;
+    let mut negative = future.clone();
+    negative["v"] = 1.into();
+    negative["price"] = "-39000".into();
+    s.raw(subject.clone(), negative.to_string().into_bytes()).await;
+    poll_until(Duration::from_secs(20), "three bad ticks counted", || async {
+        (s.metric("vault_engine_bad_ticks_total", &[]).await == 3.0).then_some(())
+    })
+    .await;
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("status");
+    assert_eq!(status, "open", "no bad tick moved the market");
+
+    // The feed goes on: the next good tick crosses the resting order and fills it.
+    s.bus.publish(&good(dec!(39000), 2), &MessageContext::default()).await.expect("tick");
+    s.wait_status("orders", order, "filled", Duration::from_secs(20)).await;
+}
