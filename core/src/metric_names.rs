@@ -87,6 +87,7 @@ pub const ENGINE_MAILBOX_DEPTH: &str = "vault_engine_mailbox_depth";
 pub const ENGINE_VERSION_CONFLICTS: &str = "vault_engine_version_conflicts_total";
 pub const ENGINE_COMMIT_RETRIES: &str = "vault_engine_commit_retries_total";
 pub const ENGINE_BAD_TICKS: &str = "vault_engine_bad_ticks_total";
+pub const ENGINE_REWINDS: &str = "vault_engine_rewinds_total";
 pub const OUTBOX_PUBLISHED: &str = "vault_outbox_published_total";
 
 // -- Prices worker -----------------------------------------------------------------------------
@@ -235,6 +236,13 @@ pub const CATALOG: &[Metric] = &[
     m(ENGINE_VERSION_CONFLICTS, C, "Commits refused by the portfolio version check", ENGINE, Plain),
     m(ENGINE_COMMIT_RETRIES, C, "Failed commits retried in place", ENGINE, Plain),
     m(ENGINE_BAD_TICKS, C, "Price ticks the engine could not decode", ENGINE, Plain),
+    m(
+        ENGINE_REWINDS,
+        C,
+        "Partition consumers rewound to their ack floor because deliveries were lost in transit, by consumer",
+        ENGINE,
+        Dynamic,
+    ),
     m(OUTBOX_PUBLISHED, C, "Outbox rows published to EVENTS", ENGINE, Plain),
     m(PRICE_AGE, G, "Seconds since the last published tick of the symbol", PRICES, Dynamic),
     m(PRICE_TICKS_PUBLISHED, C, "Ticks published to PRICES, by symbol", PRICES, Dynamic),

@@ -1,8 +1,8 @@
 //! The engine's moving parts around the actors, each a task that drains on shutdown:
 //!
-//! - one consumer loop per owned ORDERS partition ([`consume_partition`]): first rewinds its
-//!   consumer to the ack floor (what a crashed predecessor left un-acked is redelivered at once,
-//!   in stream order), then pulls commands,
+//! - one consumer loop per owned ORDERS partition ([`consume_partition`]): rewinds its consumer
+//!   to the ack floor at start and after deliveries were lost in transit (so un-acked commands
+//!   come back at once and in stream order), pulls commands,
 //!   routes each to its user's actor, acks only after the actor committed; a message that
 //!   cannot be decoded, or still fails on its last delivery, is parked and terminated. Every
 //!   settled message is counted with its latency from the pull (`vault_messages_processed_total`,
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{EngineEvent, OrderCommand, PriceTick, decode};
-use vault_bus::{Bus, MessageContext, park, streams, subjects};
+use vault_bus::{Bus, MessageContext, Rewound, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
@@ -127,8 +127,50 @@ pub async fn rebuild_book(pool: &PgPool, partitions: PartitionRange) -> Result<P
     Ok(book)
 }
 
+/// How long one pull waits at most. A pull request is held by the server that leads the
+/// consumer; when that server dies (a cluster node) the request dies with it and the client
+/// only asks again when it expires: the client's default of 30 s stalled a partition that long.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// A gap in deliveries this soon after the last rewind is not rewound again (see
+/// [`consume_partition`]): only a second engine pulling the same partition makes gaps that
+/// often, and rewinding each would starve both.
+const REWIND_AT_MOST_EVERY: Duration = Duration::from_secs(10);
+
+/// After a rewind, messages delivered before it may still arrive (they were on their way, or
+/// filled a pull request made earlier); for this long those not carrying the expected delivery
+/// sequence are given back (nak) — the rewind delivers them again, in order.
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// Rewinds the partition's consumer to its ack floor (when anything is outstanding); returns
+/// the delivery sequence the next message must carry.
+async fn rewind(bus: &Bus, durable: &str) -> u64 {
+    match bus.rewind_to_ack_floor(streams::ORDERS.name, durable).await {
+        Ok(Rewound { outstanding: 0, next_delivery }) => next_delivery,
+        Ok(Rewound { outstanding, next_delivery }) => {
+            tracing::info!(consumer = durable, outstanding, "rewound to the ack floor");
+            next_delivery
+        }
+        Err(e) => {
+            tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked commands return after the ack wait");
+            0
+        }
+    }
+}
+
 /// Consumes one ORDERS partition until shutdown, then finishes (acks or leaves for redelivery)
 /// what is in flight.
+///
+/// Stream order per user (invariant 1) rests on deliveries arriving in order, and two faults
+/// break that: a crashed engine leaves messages un-acked that JetStream would redeliver only
+/// after the ack wait, behind newer ones; and messages in transit when a server dies (a
+/// restarted nats-server, the consumer's leader in a cluster) are lost, and the newer ones that
+/// follow reach us first. So the loop rewinds its consumer to the ack floor when it starts
+/// ([`Bus::rewind_to_ack_floor`]), and again whenever a message's delivery sequence is not the
+/// next one: that message and all after it are dropped un-acked and come back, in order, behind
+/// the lost ones, on the same message stream (a new one would leave the old one's pull requests
+/// on the server, and what they were sent would be lost again). Redelivered copies of what was
+/// already applied are recognised as duplicates.
 pub async fn consume_partition(
     bus: Bus,
     pool: PgPool,
@@ -138,16 +180,13 @@ pub async fn consume_partition(
 ) -> anyhow::Result<()> {
     let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
     let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    // What a crashed predecessor left un-acked comes back now and in stream order, not after
-    // the ack wait behind newer commands of the same users (invariant 1).
-    match bus.rewind_to_ack_floor(streams::ORDERS.name, &spec.durable).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(consumer = %spec.durable, outstanding = n, "rewound to the ack floor"),
-        Err(e) => {
-            tracing::warn!(consumer = %spec.durable, error = %e, "cannot rewind; un-acked commands return after the ack wait")
-        }
-    }
-    let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+    let mut next_delivery = rewind(&bus, &spec.durable).await;
+    let pull = || consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages();
+    let mut messages = pull().await?;
+    // The last rewind for a gap (the one at start happens before anything is pulled).
+    let (mut last_rewind, mut resync_until) = (None::<Instant>, None::<Instant>);
+    // Whether the out-of-sequence warning was logged since the last rewind (once is enough).
+    let mut warned = false;
     let mut in_flight = FuturesUnordered::new();
     let durable = spec.durable.as_str();
     let metrics = ConsumerMetrics::new(streams::ORDERS.name, durable);
@@ -162,6 +201,39 @@ pub async fn consume_partition(
             next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
                 Some(Ok(msg)) => {
                     let received = Instant::now();
+                    if let Ok(info) = msg.info() {
+                        let delivery = info.consumer_sequence;
+                        if delivery != next_delivery && next_delivery != 0 {
+                            if resync_until.is_some_and(|until| Instant::now() < until) {
+                                // Sent before the rewind (the rewind sends it again), or out of
+                                // order after it: either way, not now. Given back at once, so one
+                                // the rewind does not cover waits for no ack wait.
+                                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                                continue;
+                            }
+                            if last_rewind.is_none_or(|at| at.elapsed() >= REWIND_AT_MOST_EVERY) {
+                                tracing::warn!(
+                                    consumer = durable, expected = next_delivery, delivery,
+                                    "deliveries lost in transit; rewinding to the ack floor"
+                                );
+                                metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
+                                next_delivery = rewind(&bus, durable).await;
+                                last_rewind = Some(Instant::now());
+                                resync_until = Some(Instant::now() + RESYNC);
+                                warned = false;
+                                continue;
+                            }
+                            if !warned {
+                                tracing::warn!(
+                                    consumer = durable, expected = next_delivery, delivery,
+                                    "deliveries out of sequence again soon after a rewind: is a second engine pulling this partition?"
+                                );
+                                warned = true;
+                            }
+                        }
+                        resync_until = None;
+                        next_delivery = delivery + 1;
+                    }
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                     match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
                         Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
@@ -185,7 +257,9 @@ pub async fn consume_partition(
                 }
                 None => {
                     tracing::warn!(consumer = durable, "message stream ended; re-subscribing");
-                    messages = consumer.stream().max_messages_per_batch(256).messages().await?;
+                    next_delivery = rewind(&bus, durable).await;
+                    messages = pull().await?;
+                    (resync_until, warned) = (None, false);
                 }
             },
         }

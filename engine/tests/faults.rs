@@ -297,9 +297,11 @@ async fn kill_9_at_random_moments_of_a_flood_loses_doubles_and_reorders_nothing(
     let mid_flood = kills.iter().filter(|at| (**at as u64) < total).count();
     // Every engine but the first started after a kill; each logged what it rewound.
     let rewinds: Vec<u64> = killed.iter().skip(1).chain([&engine]).map(rewound).collect();
+    let gaps: usize =
+        killed.iter().chain([&engine]).map(|e| e.output().matches("deliveries lost in transit").count()).sum();
     println!(
         "engine kill -9 (seed {seed}): {users} users, {total} commands, {KILLS} kills at {kills:?} applied, \
-         {rewinds:?} un-acked rewound at each restart, all applied {caught_up:.1?} after the flood and the last restart, \
+         {rewinds:?} un-acked rewound at each restart, {gaps} rewinds for lost deliveries, all applied {caught_up:.1?} after the flood and the last restart, \
          {parked} parked, reconcile (with stream order): {} violations",
         report["violations_total"],
     );

@@ -22,6 +22,16 @@ pub enum EnsureOutcome {
     Unchanged,
 }
 
+/// What [`Bus::rewind_to_ack_floor`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewound {
+    /// Messages that were delivered and not acknowledged (0: nothing was rewound).
+    pub outstanding: u64,
+    /// The delivery (consumer) sequence the consumer's next message will carry: one that
+    /// carries another means deliveries were lost in between.
+    pub next_delivery: u64,
+}
+
 /// A NATS client and its JetStream context. Cheap to clone; reconnects on its own.
 #[derive(Clone, Debug)]
 pub struct Bus {
@@ -193,32 +203,39 @@ impl Bus {
 
     /// Rewinds the durable consumer `stream`/`consumer` to its ack floor when it has messages
     /// delivered and not acknowledged, so they come back at once and in stream order, ahead of
-    /// anything newer. Returns how many were outstanding (0: nothing to rewind, nothing done).
+    /// anything newer (nothing is done when nothing is outstanding).
     ///
     /// For a consumer a process owns alone (an engine's partition): what its previous run left
     /// un-acked by crashing would otherwise come back only after the ack wait (30 s), and
-    /// *after* newer messages delivered meanwhile — out of stream order. Messages above the ack
-    /// floor that were acked come again too; the owner recognises them as duplicates. Delivery
-    /// counts start again, so a message that crashes its consumer every time is never parked by
+    /// *after* newer messages delivered meanwhile — out of stream order; the same goes for
+    /// deliveries lost in transit when a server dies. Messages above the ack floor that were
+    /// acked come again too; the owner recognises them as duplicates. Delivery counts start
+    /// again, so a message that crashes its consumer every time is never parked by
     /// [`crate::consumers::MAX_DELIVER`]: it shows as a process that keeps restarting.
     ///
     /// Uses `$JS.API.CONSUMER.RESET` (nats-server 2.14 or newer); an older server refuses it
     /// and the caller goes on with the ack wait.
-    pub async fn rewind_to_ack_floor(&self, stream: &str, consumer: &str) -> Result<u64, BusError> {
+    pub async fn rewind_to_ack_floor(&self, stream: &str, consumer: &str) -> Result<Rewound, BusError> {
         let err =
             |reason: String| BusError::Consumer { stream: stream.to_owned(), consumer: consumer.to_owned(), reason };
         let handle = self.js.get_stream_no_info(stream).await.map_err(|e| err(e.to_string()))?;
         let info = handle.consumer_info(consumer).await.map_err(|e| err(e.to_string()))?;
         let outstanding = info.num_ack_pending as u64;
         if outstanding == 0 {
-            return Ok(0);
+            return Ok(Rewound { outstanding, next_delivery: info.delivered.consumer_sequence + 1 });
         }
-        // An empty request resets to the ack floor (ADR-60); the answer is the consumer's info.
+        // An empty request resets to the ack floor (ADR-60); the answer is the consumer's info as
+        // the reset left it, before anything was delivered again.
         let subject = format!("CONSUMER.RESET.{stream}.{consumer}");
         let answer: jetstream::response::Response<serde_json::Value> =
             self.js.request(subject, &serde_json::json!({})).await.map_err(|e| err(e.to_string()))?;
         match answer {
-            jetstream::response::Response::Ok(_) => Ok(outstanding),
+            jetstream::response::Response::Ok(reset) => {
+                let delivered = reset["delivered"]["consumer_seq"]
+                    .as_u64()
+                    .ok_or_else(|| err(format!("reset answered without a delivered sequence: {reset}")))?;
+                Ok(Rewound { outstanding, next_delivery: delivered + 1 })
+            }
             jetstream::response::Response::Err { error } => Err(err(format!("reset refused: {error}"))),
         }
     }
