@@ -67,6 +67,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the connection is looked at while following or waiting for it.
 const CONNECTION_POLL: Duration = Duration::from_millis(100);
 
+/// The longest a pull of the feed waits; the client's idle heartbeat is half of it. In a
+/// cluster the feed's consumer (in memory, one replica) lives on one node: when that node dies
+/// while our connection to another survives, only missed heartbeats tell, and with the
+/// client's default (15 s) the ticker stood still for about half a minute.
+const FEED_EXPIRES: Duration = Duration::from_secs(4);
+
 /// Follows PRICES until `shutdown` fires. Ticks of symbols that are not markets are ignored
 /// (they would only grow the map).
 ///
@@ -117,6 +123,7 @@ async fn follow(bus: &Bus, book: &PriceBook, markets: &MarketCache, backoff: &mu
         description: Some("vault-api: latest prices".to_owned()),
         filter_subject: subjects::PRICES_ALL.to_owned(),
         deliver_policy: DeliverPolicy::LastPerSubject,
+        max_expires: FEED_EXPIRES,
         ..Default::default()
     };
     let consumer = bus.jetstream().create_consumer_on_stream(config, streams::PRICES.name).await?;

@@ -160,8 +160,9 @@ impl Drop for NatsServer {
 /// Each node has its own client, route and monitoring port and its own store directory, kept
 /// across [`NatsCluster::kill`] and [`NatsCluster::restart`], so a restarted node rejoins with
 /// what it had and catches up from its peers. Readiness is read from the nodes' monitoring
-/// endpoints: `/healthz` (200 once the node's JetStream is up and its replicas are current) and
-/// `/jsz` (a meta leader elected, all three peers known).
+/// endpoints — `/healthz` (200 once the node's JetStream is up and its replicas are current) and
+/// `/jsz` (a meta leader elected, all three peers known) — and proved by placing a throwaway
+/// stream with a replica on every running node.
 #[derive(Debug)]
 pub struct NatsCluster {
     dir: tempfile::TempDir,
@@ -283,7 +284,8 @@ impl NatsCluster {
     }
 
     /// Waits until every running node answers `/healthz` with 200 and sees a meta leader with
-    /// all peers. Panics with the nodes' logs after [`READY_DEADLINE`].
+    /// all peers, and a stream with a replica on each running node can be placed. Panics with
+    /// the nodes' logs after [`READY_DEADLINE`].
     pub async fn wait_ready(&self) {
         let client = http_client();
         let start = Instant::now();
@@ -295,7 +297,10 @@ impl NatsCluster {
                 }
             }
             if waiting.is_empty() {
-                return;
+                match self.place_a_replicated_stream().await {
+                    Ok(()) => return,
+                    Err(why) => waiting.push(why),
+                }
             }
             if start.elapsed() > READY_DEADLINE {
                 let logs: Vec<String> =
@@ -304,6 +309,30 @@ impl NatsCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl NatsCluster {
+    /// Creates and deletes a throwaway stream with a replica on every running node: the meta
+    /// leader reports followers current before it counts them for placement ("no suitable
+    /// peers for placement, peer offline"), and a process declaring its streams then fails.
+    async fn place_a_replicated_stream(&self) -> Result<(), String> {
+        let running: Vec<String> = (0..Self::SIZE).filter(|&i| self.is_running(i)).map(|i| self.node_url(i)).collect();
+        let addrs: Vec<&str> = running.iter().map(String::as_str).collect();
+        let client = async_nats::connect(addrs.as_slice()).await.map_err(|e| format!("connect: {e}"))?;
+        let js = async_nats::jetstream::new(client);
+        let name = format!("TESTKIT_READY_{}", uuid::Uuid::new_v4().simple());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("testkit.ready.{name}")],
+            num_replicas: running.len(),
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("placing an R{} stream: {e}", running.len()))?;
+        js.delete_stream(&name).await.map_err(|e| format!("deleting the probe stream: {e}"))?;
+        Ok(())
     }
 }
 
