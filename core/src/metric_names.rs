@@ -81,6 +81,9 @@ pub const ENGINE_COMMANDS: &str = "vault_engine_commands_total";
 pub const ENGINE_APPLY: &str = "vault_engine_apply_seconds";
 pub const ENGINE_QUEUE_WAIT: &str = "vault_engine_queue_wait_seconds";
 pub const ENGINE_COMMIT: &str = "vault_engine_commit_seconds";
+pub const ENGINE_COMMIT_BATCHES: &str = "vault_engine_commit_batches_total";
+pub const ENGINE_COMMIT_BATCH_UNITS: &str = "vault_engine_commit_batch_units_total";
+pub const ENGINE_COMMIT_BATCHES_SPLIT: &str = "vault_engine_commit_batches_split_total";
 pub const ENGINE_END_TO_END: &str = "vault_engine_end_to_end_seconds";
 pub const ENGINE_ACTORS: &str = "vault_engine_actors";
 pub const ENGINE_MAILBOX_DEPTH: &str = "vault_engine_mailbox_depth";
@@ -235,6 +238,21 @@ pub const CATALOG: &[Metric] = &[
     m(ENGINE_MAILBOX_DEPTH, G, "Units of work routed to actors and not finished", ENGINE, Plain),
     m(ENGINE_VERSION_CONFLICTS, C, "Commits refused by the portfolio version check", ENGINE, Plain),
     m(ENGINE_COMMIT_RETRIES, C, "Failed commits retried in place", ENGINE, Plain),
+    m(ENGINE_COMMIT_BATCHES, C, "Postgres transactions of the group commit", ENGINE, Plain),
+    m(
+        ENGINE_COMMIT_BATCH_UNITS,
+        C,
+        "Units of work committed by the group commit; divided by the transactions, the batch size",
+        ENGINE,
+        Plain,
+    ),
+    m(
+        ENGINE_COMMIT_BATCHES_SPLIT,
+        C,
+        "Batches Postgres refused as a whole, then committed unit by unit",
+        ENGINE,
+        Plain,
+    ),
     m(ENGINE_BAD_TICKS, C, "Price ticks the engine could not decode", ENGINE, Plain),
     m(
         ENGINE_REWINDS,

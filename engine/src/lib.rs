@@ -13,6 +13,7 @@
 
 pub mod actors;
 pub mod book;
+pub mod group_commit;
 pub mod portfolio;
 pub mod reconcile;
 pub mod runtime;

@@ -12,18 +12,19 @@
 //!
 //! The caller acks the message only after this returns `Ok`, and evolves its in-memory state
 //! only then: memory never runs ahead of the database.
-
-use std::collections::BTreeSet;
+//!
+//! The engine's actors commit through [`PgStore`], which puts many users' units into one
+//! transaction ([`crate::group_commit`]): the same steps, as multi-row statements.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 use vault_bus::BusMessage;
-use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, encode};
-use vault_bus::views::{DepositView, FillView, ORDER_COLUMNS, OrderView};
+use vault_bus::message::{CommandBody, OrderCommand};
 use vault_core::domain::{Asset, Positive, Side, Symbol};
 
+use crate::group_commit::{self, Committer, Prepared};
 use crate::portfolio::{Balance, Command, Event, MarketView, OpenOrder, OrderRequest, Portfolio, Reject};
 
 /// What can go wrong persisting; every variant leaves the database unchanged.
@@ -97,13 +98,6 @@ impl Work {
             },
         }
     }
-
-    fn request_id(&self) -> Option<String> {
-        match self {
-            Work::Command { command, .. } => command.request_id.clone(),
-            Work::Trigger { .. } => None,
-        }
-    }
 }
 
 /// A user's state as the actor holds it.
@@ -143,17 +137,20 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pub pool: PgPool,
+    committer: Committer,
 }
 
 impl PgStore {
     /// A store whose pool connects on first use, on the runtime that uses it (each arbiter has
-    /// its own, so connections stay on their thread).
+    /// its own, so connections stay on their thread), with its group committer started on that
+    /// runtime: call it from the arbiter that will use the store.
     pub fn lazy(options: sqlx::postgres::PgConnectOptions, connections: u32) -> Self {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(std::time::Duration::from_secs(3))
             .connect_lazy_with(options);
-        PgStore { pool }
+        let committer = Committer::start(pool.clone());
+        PgStore { pool, committer }
     }
 }
 
@@ -169,7 +166,17 @@ impl Store for PgStore {
         market: Option<&MarketView<'_>>,
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<(Outcome, UserState), StoreError>> + Send {
-        commit(&self.pool, state, work, market, now)
+        let prepared = group_commit::prepare(state, work, market, now);
+        async move {
+            let unit = match prepared? {
+                Prepared::Unchanged => {
+                    return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone()));
+                }
+                Prepared::Ready(unit) => unit,
+            };
+            let (claim, unit) = self.committer.commit(unit).await?;
+            group_commit::settle(state, claim, *unit)
+        }
     }
 }
 
@@ -252,14 +259,8 @@ pub async fn load(pool: &PgPool, user_id: Uuid) -> Result<UserState, StoreError>
     Ok(UserState { user_id, version: version.unwrap_or(0), portfolio })
 }
 
-/// Commits one unit of work; see the module docs for the steps.
-///
-/// Round trips are what a commit costs (each statement is a network round trip and a parse,
-/// plan and execute in Postgres), so the steps are folded into as few statements as keep them
-/// readable: `BEGIN`; one statement for steps 1–3 ([`claim`]); one per event for the order or
-/// deposit row, returning the row as clients see it (so the outbox needs no read-back); one for
-/// all ledger postings, balances and outbox rows ([`finish`]); `COMMIT`. A market buy is five
-/// round trips.
+/// Commits one unit of work alone, in its own transaction (a batch of one; see the module docs
+/// for the steps). The engine's actors go through [`PgStore`], which batches.
 pub async fn commit(
     pool: &PgPool,
     state: &UserState,
@@ -267,369 +268,12 @@ pub async fn commit(
     market: Option<&MarketView<'_>>,
     now: DateTime<Utc>,
 ) -> Result<(Outcome, UserState), StoreError> {
-    let user = state.user_id;
-    // A trigger that fills nothing (the order closed meanwhile, the tick no longer crosses, the
-    // market is halted) writes nothing: no version bump, no key, so a later tick still can.
-    if let Work::Trigger { order_id, price, .. } = work
-        && state
-            .portfolio
-            .apply(&Command::Trigger { order_id: *order_id, price: *price }, market)
-            .is_ok_and(|e| e.is_empty())
-    {
-        return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone()));
-    }
-    let mut tx = pool.begin().await?;
-    let claimed = claim(&mut tx, state, work).await?;
-    let mut next = state.clone();
-    match claimed {
-        Claim::Duplicate => return Ok((Outcome::Duplicate, state.clone())),
-        Claim::Conflict => return Err(StoreError::VersionConflict(user)),
-        Claim::Void => {
-            next.version += 1;
-            tx.commit().await?;
-            return Ok((Outcome::Void, next));
-        }
-        Claim::Go => next.version += 1,
-    }
-    let command = work.command();
-    let outcome = match state.portfolio.apply(&command, market) {
-        Ok(events) => {
-            for event in &events {
-                next.portfolio.evolve(event);
-            }
-            write_events(&mut tx, &state.portfolio, &next.portfolio, user, &events, work, now).await?;
-            Outcome::Applied { events, rejected: None }
-        }
-        Err(reject) => {
-            let mut outbox = Outbox::default();
-            if let Command::Place(order) = &command {
-                let sql = format!(
-                    "UPDATE orders SET status = 'rejected', reject_reason = $2, updated_at = $3 WHERE id = $1
-                     RETURNING {ORDER_COLUMNS}"
-                );
-                let view: OrderView = sqlx::query_as(&sql)
-                    .bind(order.order_id)
-                    .bind(reject.reason.as_str())
-                    .bind(now)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                outbox.push(user, EventKind::OrderRejected, &view, work, now)?;
-            }
-            finish(&mut tx, user, &Postings::default(), &BalanceRows::default(), &outbox, now).await?;
-            Outcome::Applied { events: Vec::new(), rejected: Some(reject) }
-        }
+    let unit = match group_commit::prepare(state, work, market, now)? {
+        Prepared::Unchanged => return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone())),
+        Prepared::Ready(unit) => unit,
     };
-    next.portfolio.check_invariants().map_err(|reason| StoreError::Corrupt { user, reason })?;
-    tx.commit().await?;
-    Ok((outcome, next))
-}
-
-/// What [`claim`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// Key recorded, version bumped, intake row (if any) pending and locked: go on.
-    Go,
-    /// Key recorded, version bumped, but the intake row is gone or no longer pending.
-    Void,
-    /// The key was recorded before: a redelivery.
-    Duplicate,
-    /// The version moved: another writer.
-    Conflict,
-}
-
-/// Steps 1–3 of the module docs in one statement: record the key, compare-and-set the version
-/// (creating the `portfolios` row at version 1 for a new user), lock the intake row.
-async fn claim(tx: &mut Transaction<'_, Postgres>, state: &UserState, work: &Work) -> Result<Claim, StoreError> {
-    let intake = match work {
-        Work::Command { command, .. } => match &command.body {
-            CommandBody::Place { order_id, .. } => Some(("orders", *order_id)),
-            CommandBody::Deposit { deposit_id, .. } => Some(("deposits", *deposit_id)),
-            CommandBody::Cancel { .. } => None,
-        },
-        Work::Trigger { .. } => None,
-    };
-    let intake_sql = match intake {
-        Some((table, _)) => format!("(SELECT status FROM {table} WHERE id = $5 AND user_id = $1 FOR UPDATE)"),
-        None => "'pending'".to_owned(),
-    };
-    let sql = format!(
-        "WITH cmd AS (
-             INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, $3, $4 + 1)
-             ON CONFLICT DO NOTHING RETURNING 1
-         ), cas AS (
-             INSERT INTO portfolios (user_id, version) SELECT $1, $4 + 1 WHERE EXISTS (SELECT 1 FROM cmd)
-             ON CONFLICT (user_id) DO UPDATE SET version = portfolios.version + 1, updated_at = now()
-                 WHERE portfolios.version = $4
-             RETURNING 1
-         )
-         SELECT EXISTS (SELECT 1 FROM cmd), EXISTS (SELECT 1 FROM cas), {intake_sql}"
-    );
-    let (fresh, swapped, status): (bool, bool, Option<String>) = sqlx::query_as(&sql)
-        .bind(state.user_id)
-        .bind(work.key())
-        .bind(work.seq())
-        .bind(state.version)
-        .bind(intake.map(|(_, id)| id))
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok(match (fresh, swapped, status.as_deref()) {
-        (false, _, _) => Claim::Duplicate,
-        (true, false, _) => Claim::Conflict,
-        (true, true, Some("pending")) => Claim::Go,
-        (true, true, _) => Claim::Void,
-    })
-}
-
-/// Ledger postings of one commit, column by column (bound as arrays).
-#[derive(Debug, Default)]
-struct Postings {
-    tx_id: Vec<Uuid>,
-    asset: Vec<String>,
-    amount: Vec<Decimal>,
-    balance_after: Vec<Decimal>,
-    kind: Vec<&'static str>,
-    order_id: Vec<Option<Uuid>>,
-    counter: Vec<&'static str>,
-}
-
-/// New absolute balances of the assets a commit touched.
-#[derive(Debug, Default)]
-struct BalanceRows {
-    asset: Vec<String>,
-    total: Vec<Decimal>,
-    reserved: Vec<Decimal>,
-    cost_basis: Vec<Decimal>,
-}
-
-/// EVENTS messages of one commit, encoded.
-#[derive(Debug, Default)]
-struct Outbox {
-    id: Vec<Uuid>,
-    subject: Vec<String>,
-    payload: Vec<String>,
-    request_id: Option<String>,
-}
-
-impl Outbox {
-    fn push(
-        &mut self,
-        user: Uuid,
-        kind: EventKind,
-        data: &impl serde::Serialize,
-        work: &Work,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let corrupt = |e: String| StoreError::Corrupt { user, reason: e };
-        let data = serde_json::to_value(data).map_err(|e| corrupt(e.to_string()))?;
-        let event =
-            EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: work.request_id(), at: now, data };
-        let payload = encode(&event).map_err(|e| corrupt(e.to_string()))?;
-        self.id.push(event.id);
-        self.subject.push(event.subject());
-        self.payload.push(String::from_utf8(payload).map_err(|e| corrupt(e.to_string()))?);
-        self.request_id = event.request_id;
-        Ok(())
-    }
-}
-
-/// Writes each event's order or deposit row, then postings, balances and outbox rows.
-async fn write_events(
-    tx: &mut Transaction<'_, Postgres>,
-    before: &Portfolio,
-    after: &Portfolio,
-    user: Uuid,
-    events: &[Event],
-    work: &Work,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let conn: &mut PgConnection = tx;
-    let mut outbox = Outbox::default();
-    let mut postings = Postings::default();
-    // Running balances for `balance_after`, starting from the state before the work.
-    let mut running = before.balances.clone();
-    for event in events {
-        // Orders fill completely, by exactly one fill that closes them (the execution model of
-        // `API.md`), so an order has no fills before the event that fills it: the order row
-        // returned by each update is the whole client view.
-        match event {
-            Event::DepositCompleted { deposit_id, .. } => {
-                let view: DepositView = sqlx::query_as(
-                    "UPDATE deposits SET status = 'completed' WHERE id = $1
-                     RETURNING id, asset, amount, status, client_deposit_id, created_at",
-                )
-                .bind(deposit_id)
-                .fetch_one(&mut *conn)
-                .await?;
-                outbox.push(user, EventKind::DepositCompleted, &view, work, now)?;
-            }
-            Event::OrderAccepted(order) => {
-                let sql = format!(
-                    "UPDATE orders SET status = 'open', hold_asset = $2, hold = $3, updated_at = $4 WHERE id = $1
-                     RETURNING {ORDER_COLUMNS}"
-                );
-                let view: OrderView = sqlx::query_as(&sql)
-                    .bind(order.id)
-                    .bind(order.hold_asset.as_str())
-                    .bind(order.hold)
-                    .bind(now)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                outbox.push(user, EventKind::OrderAccepted, &view, work, now)?;
-            }
-            Event::OrderFilled(fill) => {
-                #[derive(sqlx::FromRow)]
-                struct Filled {
-                    #[sqlx(flatten)]
-                    order: OrderView,
-                    fill_id: Uuid,
-                    fill_price: Decimal,
-                    fill_quantity: Decimal,
-                    fill_fee: Decimal,
-                    fill_liquidity: String,
-                    fill_created_at: DateTime<Utc>,
-                }
-                let columns = ORDER_COLUMNS.split(", ").map(|c| format!("o.{c}")).collect::<Vec<_>>().join(", ");
-                let sql = format!(
-                    "WITH o AS (
-                         UPDATE orders SET status = 'filled', filled_quantity = quantity, average_fill_price = $2,
-                                fee = $3, hold = 0, updated_at = $4
-                          WHERE id = $1
-                         RETURNING {ORDER_COLUMNS}
-                     ), f AS (
-                         INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, created_at)
-                         VALUES ($5, $1, $6, $7, $8, $2, $9, $3, $4)
-                         RETURNING id, price, quantity, fee, liquidity, created_at
-                     )
-                     SELECT {columns}, f.id AS fill_id, f.price AS fill_price, f.quantity AS fill_quantity,
-                            f.fee AS fill_fee, f.liquidity AS fill_liquidity, f.created_at AS fill_created_at
-                       FROM o, f"
-                );
-                let row: Filled = sqlx::query_as(&sql)
-                    .bind(fill.order_id)
-                    .bind(fill.price.get())
-                    .bind(fill.fee)
-                    .bind(now)
-                    .bind(Uuid::now_v7())
-                    .bind(user)
-                    .bind(fill.symbol.to_string())
-                    .bind(match fill.side {
-                        Side::Buy => "buy",
-                        Side::Sell => "sell",
-                    })
-                    .bind(fill.quantity.get())
-                    .fetch_one(&mut *conn)
-                    .await?;
-                let mut view = row.order;
-                view.fills = vec![FillView {
-                    id: row.fill_id,
-                    price: row.fill_price,
-                    quantity: row.fill_quantity,
-                    fee: row.fill_fee,
-                    liquidity: row.fill_liquidity,
-                    created_at: row.fill_created_at,
-                }];
-                outbox.push(user, EventKind::OrderFilled, &view, work, now)?;
-            }
-            Event::OrderCanceled { order_id, .. } => {
-                let sql = format!(
-                    "UPDATE orders SET status = 'canceled', hold = 0, updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}"
-                );
-                let view: OrderView = sqlx::query_as(&sql).bind(order_id).bind(now).fetch_one(&mut *conn).await?;
-                outbox.push(user, EventKind::OrderCanceled, &view, work, now)?;
-            }
-            Event::OrderExpired { order_id } => {
-                let sql = format!(
-                    "UPDATE orders SET status = 'expired', updated_at = $2 WHERE id = $1 RETURNING {ORDER_COLUMNS}"
-                );
-                let view: OrderView = sqlx::query_as(&sql).bind(order_id).bind(now).fetch_one(&mut *conn).await?;
-                outbox.push(user, EventKind::OrderExpired, &view, work, now)?;
-            }
-        }
-        let tx_id = Uuid::now_v7();
-        for posting in event.postings() {
-            let balance = running.entry(posting.asset.clone()).or_default();
-            balance.total += posting.user_amount;
-            postings.tx_id.push(tx_id);
-            postings.asset.push(posting.asset.as_str().to_owned());
-            postings.amount.push(posting.user_amount);
-            postings.balance_after.push(balance.total);
-            postings.kind.push(posting.kind);
-            postings.order_id.push(posting.order_id);
-            postings.counter.push(posting.counter);
-        }
-    }
-
-    // Balances of every asset the work touched, written as the new absolute values.
-    let mut balances = BalanceRows::default();
-    let touched: BTreeSet<&Asset> = before.balances.keys().chain(after.balances.keys()).collect();
-    for asset in touched {
-        let (b, a) = (before.balances.get(asset), after.balances.get(asset));
-        let (cb, ca) = (before.cost_basis.get(asset), after.cost_basis.get(asset));
-        if b == a && cb == ca {
-            continue;
-        }
-        let a = a.copied().unwrap_or_default();
-        if running.get(asset).map(|r| r.total) != Some(a.total) {
-            return Err(StoreError::Corrupt { user, reason: format!("{asset}: ledger and balance disagree") });
-        }
-        balances.asset.push(asset.as_str().to_owned());
-        balances.total.push(a.total);
-        balances.reserved.push(a.reserved);
-        balances.cost_basis.push(ca.copied().unwrap_or_default());
-    }
-    finish(conn, user, &postings, &balances, &outbox, now).await
-}
-
-/// One statement for the rest of a commit: every ledger posting (a user entry and its
-/// counter-entry each, in posting order), every touched balance, every outbox row.
-async fn finish(
-    conn: &mut PgConnection,
-    user: Uuid,
-    postings: &Postings,
-    balances: &BalanceRows,
-    outbox: &Outbox,
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH ledger AS (
-             INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id, created_at)
-             SELECT p.tx_id, e.account, CASE WHEN e.side = 0 THEN $1::uuid END, p.asset,
-                    CASE WHEN e.side = 0 THEN p.amount ELSE -p.amount END,
-                    CASE WHEN e.side = 0 THEN p.balance_after END, p.kind, p.order_id, $2
-               FROM UNNEST($3::uuid[], $4::text[], $5::numeric[], $6::numeric[], $7::text[], $8::uuid[], $9::text[])
-                    WITH ORDINALITY AS p(tx_id, asset, amount, balance_after, kind, order_id, counter, n)
-              CROSS JOIN LATERAL (VALUES ('user', 0), (p.counter, 1)) AS e(account, side)
-              ORDER BY p.n, e.side
-         ), balance AS (
-             INSERT INTO balances (user_id, asset, total, reserved, cost_basis, updated_at)
-             SELECT $1, b.asset, b.total, b.reserved, b.cost_basis, $2
-               FROM UNNEST($10::text[], $11::numeric[], $12::numeric[], $13::numeric[]) AS b(asset, total, reserved, cost_basis)
-             ON CONFLICT (user_id, asset) DO UPDATE
-                SET total = EXCLUDED.total, reserved = EXCLUDED.reserved, cost_basis = EXCLUDED.cost_basis,
-                    updated_at = EXCLUDED.updated_at
-         )
-         INSERT INTO outbox (id, subject, payload, request_id, created_at)
-         SELECT o.id, o.subject, o.payload::jsonb, $16, $2
-           FROM UNNEST($14::uuid[], $15::text[], $17::text[]) AS o(id, subject, payload)",
-    )
-    .bind(user)
-    .bind(now)
-    .bind(&postings.tx_id)
-    .bind(&postings.asset)
-    .bind(&postings.amount)
-    .bind(&postings.balance_after)
-    .bind(&postings.kind)
-    .bind(&postings.order_id)
-    .bind(&postings.counter)
-    .bind(&balances.asset)
-    .bind(&balances.total)
-    .bind(&balances.reserved)
-    .bind(&balances.cost_basis)
-    .bind(&outbox.id)
-    .bind(&outbox.subject)
-    .bind(&outbox.request_id)
-    .bind(&outbox.payload)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let units = [unit];
+    let claims = group_commit::write(pool, &units).await?;
+    let [unit] = units;
+    group_commit::settle(state, claims[0], *unit)
 }

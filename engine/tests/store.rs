@@ -1,12 +1,13 @@
 //! `store::commit` against a real Postgres, for what is hard to arrange through the binary.
 
 use chrono::Utc;
+use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand};
 use vault_core::domain::{Market, MarketStatus, OrderType, Positive, Side, Symbol, TimeInForce};
 use vault_engine::portfolio::{Event, MarketView};
-use vault_engine::store::{self, Outcome, Work};
+use vault_engine::store::{self, Outcome, PgStore, Store, StoreError, Work};
 use vault_testkit::TestDb;
 
 fn view(m: &Market, now: chrono::DateTime<Utc>) -> MarketView<'_> {
@@ -106,4 +107,82 @@ async fn a_trigger_on_a_halted_market_writes_nothing_and_a_later_tick_still_fill
         .await
         .expect("status");
     assert_eq!(status, "filled");
+}
+
+/// One transaction carries many users' units, and a unit Postgres refuses (a NUL in its key)
+/// does not fail the others: the batch is rolled back and its units committed one by one.
+///
+/// The test runs on one thread: every commit below is queued before the committer's task first
+/// runs, so they all land in one batch.
+#[tokio::test(flavor = "current_thread")]
+async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
+    const USERS: usize = 20;
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().expect("url");
+    let pg = PgStore::lazy(options, 4);
+    let now = Utc::now();
+    let mut states = Vec::new();
+    let mut works = Vec::new();
+    for i in 0..=USERS {
+        let user = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$x')")
+            .bind(user)
+            .bind(format!("{user}@example.com"))
+            .execute(&pool)
+            .await
+            .expect("user");
+        let deposit = Uuid::now_v7();
+        // The last user's client id holds a NUL: no intake row can hold it, nor can the key.
+        let client_id = if i == USERS { "nul\u{0}id".to_owned() } else { format!("d{i}") };
+        if i < USERS {
+            sqlx::query(
+                "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 100)",
+            )
+            .bind(deposit)
+            .bind(user)
+            .bind(&client_id)
+            .execute(&pool)
+            .await
+            .expect("deposit row");
+        }
+        states.push(store::load(&pool, user).await.expect("load"));
+        let body = CommandBody::Deposit {
+            deposit_id: deposit,
+            client_deposit_id: client_id,
+            asset: vault_core::domain::Asset::usd(),
+            amount: Positive::new(dec!(100)).expect("positive"),
+        };
+        works.push(Work::Command {
+            command: OrderCommand { user_id: user, request_id: Some(format!("r{i}")), at: now, body },
+            stream_seq: i as u64 + 1,
+        });
+    }
+    let results =
+        futures::future::join_all(states.iter().zip(&works).map(|(state, work)| pg.commit(state, work, None, now)))
+            .await;
+    for (i, result) in results.iter().enumerate().take(USERS) {
+        let (outcome, next) = result.as_ref().unwrap_or_else(|e| panic!("user {i}: {e}"));
+        assert!(
+            matches!(outcome, Outcome::Applied { events, rejected: None } if matches!(events[..], [Event::DepositCompleted { .. }])),
+            "user {i}: {outcome:?}"
+        );
+        assert_eq!(next.version, 1);
+    }
+    match &results[USERS] {
+        Err(StoreError::Database(sqlx::Error::Database(e))) => {
+            assert!(e.code().is_some_and(|c| c.starts_with("22")), "a data exception: {e}")
+        }
+        other => panic!("the refused unit fails alone: {other:?}"),
+    }
+    let (completed, keys, outbox): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM deposits WHERE status = 'completed'),
+                (SELECT count(*) FROM applied_commands), (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert_eq!((completed, keys, outbox), (USERS as i64, USERS as i64, USERS as i64));
+    let total: Decimal = sqlx::query_scalar("SELECT sum(total) FROM balances").fetch_one(&pool).await.expect("sum");
+    assert_eq!(total, Decimal::from(100 * USERS as i64));
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
 use vault_bus::{Bus, BusMessage, MessageContext};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until, scrape_metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 const WAIT: Duration = Duration::from_secs(15);
@@ -446,4 +446,109 @@ async fn resting_orders_survive_an_engine_restart() {
     assert_eq!(s.balance(user, "BTC").await, (dec!(0.8), dec!(0)));
     assert_eq!(s.balance(user, "USD").await, (dec!(11188.8), dec!(0)), "0.2 × 56000 − 11.2 fee");
     s.assert_books_balance().await;
+}
+
+/// Group commit: commands of many users that are waiting together are committed together, and
+/// the result is exactly what committing them one by one gives — every deposit and fill once,
+/// the books balanced, each balance exact; a command Postgres refuses (a NUL in its key) does
+/// not take the others of its transaction down with it.
+#[tokio::test]
+async fn many_users_commands_commit_in_shared_transactions_with_exact_results() {
+    const USERS: usize = 120;
+    let mut s = Stack::start().await;
+    s.tick(dec!(50000)).await;
+    let mut users = Vec::new();
+    for _ in 0..USERS {
+        users.push(s.user().await);
+    }
+    // The engine is stopped while the commands arrive, so they wait together when it starts.
+    s.engine.signal("TERM");
+    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+    let mut deposits = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let id = Uuid::now_v7();
+        let client_id = format!("dep-{}", id.simple());
+        sqlx::query(
+            "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', $4)",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(&client_id)
+        .bind(Decimal::from(1000 + i as i64))
+        .execute(&s.pool)
+        .await
+        .expect("intake row");
+        let body = CommandBody::Deposit {
+            deposit_id: id,
+            client_deposit_id: client_id,
+            asset: Asset::usd(),
+            amount: Positive::new(Decimal::from(1000 + i as i64)).expect("positive"),
+        };
+        s.send(*user, body).await;
+        deposits.push(id);
+        if i == USERS / 2 {
+            // Decodes, but its key (user:deposit:client id) cannot be stored.
+            s.send(
+                users[0],
+                CommandBody::Deposit {
+                    deposit_id: Uuid::now_v7(),
+                    client_deposit_id: "nul\u{0}id".to_owned(),
+                    asset: Asset::usd(),
+                    amount: Positive::new(dec!(5)).expect("positive"),
+                },
+            )
+            .await;
+        }
+    }
+    let (engine, ops) = start_engine(&s.db, &s.nats).await;
+    (s.engine, s.ops) = (engine, ops);
+    for id in &deposits {
+        s.wait_status("deposits", *id, "completed").await;
+    }
+    // A price the restarted engine has seen, then one market buy per user, all sent at once.
+    s.tick(dec!(50000)).await;
+    poll_until(WAIT, "the engine to see the price", || async {
+        let (id, _) = s.place(users[1], Side::Buy, TimeInForce::Ioc, dec!(0.001), None).await;
+        let status = poll_until(WAIT, "the probe order decided", || async {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(id).fetch_one(&s.pool).await.ok()?;
+            (status != "pending").then_some(status)
+        })
+        .await;
+        (status == "filled").then_some(())
+    })
+    .await;
+    let mut orders = Vec::new();
+    for user in &users {
+        orders.push(s.place(*user, Side::Buy, TimeInForce::Ioc, dec!(0.01), None).await.0);
+    }
+    for id in &orders {
+        s.wait_status("orders", *id, "filled").await;
+    }
+
+    s.assert_books_balance().await;
+    for (i, user) in users.iter().enumerate() {
+        // 0.01 BTC at 50000 = 500 USD, plus the 0.1 % taker fee; users[1] bought 0.001 more.
+        let extra = if i == 1 { dec!(50.05) } else { dec!(0) };
+        let (usd, reserved) = s.balance(*user, "USD").await;
+        assert_eq!(usd, Decimal::from(1000 + i as i64) - dec!(500.5) - extra, "user {i}'s USD");
+        assert_eq!(reserved, dec!(0));
+    }
+    let fills: i64 = sqlx::query_scalar("SELECT count(*) FROM fills").fetch_one(&s.pool).await.expect("count");
+    assert_eq!(fills, USERS as i64 + 1, "one fill per order");
+    let events = s.events().await;
+    let completed = events.iter().filter(|(subject, _)| subject.starts_with("events.deposit.completed.")).count();
+    assert_eq!(completed, USERS, "one deposit.completed event per deposit: {:?}", &events[..3.min(events.len())]);
+
+    let batches = scrape_metric(&s.ops, "vault_engine_commit_batches_total", &[]).await;
+    let units = scrape_metric(&s.ops, "vault_engine_commit_batch_units_total", &[]).await;
+    let split = scrape_metric(&s.ops, "vault_engine_commit_batches_split_total", &[]).await;
+    println!("{units} units in {batches} transactions ({:.1} per transaction), {split} split", units / batches);
+    assert!(units >= (2 * USERS) as f64, "every command went through the group commit: {units}");
+    assert!(units > batches, "waiting commands shared transactions: {units} units in {batches}");
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE stream = 'ORDERS'")
+        .fetch_one(&s.pool)
+        .await
+        .expect("count");
+    assert!(parked <= 1, "only the refused command may be parked");
 }

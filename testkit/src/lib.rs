@@ -536,6 +536,17 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("an HTTP client builds")
 }
 
+/// The value of the first sample on `http://{ops}/metrics` whose line starts with `prefix` and
+/// contains every one of `labels` (0 when there is none).
+pub async fn scrape_metric(ops: &str, prefix: &str, labels: &[&str]) -> f64 {
+    let text = http_client().get(format!("http://{ops}/metrics")).send().await.expect("metrics").text().await;
+    text.expect("metrics text")
+        .lines()
+        .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Checks that `text` is valid Prometheus exposition format: comment lines are `# HELP` or
 /// `# TYPE`, every sample is `name{labels} value` with a legal name and a numeric value.
 /// Returns the metric names seen, or the first bad line.
