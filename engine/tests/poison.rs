@@ -10,136 +10,51 @@
 //!   that does not decode is skipped and counted in `vault_engine_bad_ticks_total`, and the
 //!   next good tick still moves the market and fills the resting order it crosses.
 
+mod common;
 use std::time::Duration;
 
 use chrono::Utc;
+use common::{Desk, start_engine};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
-use sqlx::PgPool;
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick, encode};
-use vault_bus::{Bus, BusMessage, MessageContext, subjects};
-use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
+use vault_bus::{BusMessage, MessageContext, subjects};
+use vault_core::domain::{Asset, Positive, Side, Symbol, TimeInForce};
+use vault_testkit::{NatsServer, Proc, TestDb, poll_until, scrape_metric};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 /// A command Postgres refuses is given back and parked on its 10th delivery, a second apart.
 const WAIT: Duration = Duration::from_secs(60);
 
 struct Stack {
     _nats: NatsServer,
     _db: TestDb,
-    pool: PgPool,
-    bus: Bus,
+    desk: Desk,
     _engine: Proc,
     ops: String,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Desk;
+    fn deref(&self) -> &Desk {
+        &self.desk
+    }
 }
 
 impl Stack {
     async fn start() -> Stack {
         let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-        let pool = db.pool().await;
-        let ops = format!("127.0.0.1:{}", free_port());
-        let mut envs = base_env(&db, &nats);
-        envs.push(("OPS_ADDR", ops.clone()));
-        let mut engine = Proc::spawn(BIN, &[], &envs);
-        engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
-        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-        Stack { _nats: nats, _db: db, pool, bus, _engine: engine, ops }
-    }
-
-    async fn user(&self) -> Uuid {
-        let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
-            .bind(id)
-            .bind(format!("{id}@example.com"))
-            .execute(&self.pool)
-            .await
-            .expect("user");
-        id
-    }
-
-    async fn send(&self, user: Uuid, body: CommandBody) {
-        let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
-        self.bus.publish(&command, &MessageContext::default()).await.expect("published");
+        let (engine, ops) = start_engine(&db, &nats, &[]).await;
+        let desk = Desk::connect(db.pool().await, &nats).await;
+        Stack { _nats: nats, _db: db, desk, _engine: engine, ops }
     }
 
     async fn raw(&self, subject: String, payload: Vec<u8>) {
         self.bus.jetstream().publish(subject, payload.into()).await.expect("send").await.expect("ack");
     }
 
-    /// What the API does for a deposit: the pending intake row, then the command.
-    async fn deposit(&self, user: Uuid, amount: Decimal) -> Uuid {
-        let id = Uuid::now_v7();
-        let client_id = format!("dep-{}", id.simple());
-        sqlx::query(
-            "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', $4)",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(&client_id)
-        .bind(amount)
-        .execute(&self.pool)
-        .await
-        .expect("intake row");
-        let body = CommandBody::Deposit {
-            deposit_id: id,
-            client_deposit_id: client_id,
-            asset: Asset::usd(),
-            amount: Positive::new(amount).expect("positive"),
-        };
-        self.send(user, body).await;
-        id
-    }
-
-    /// What the API does for a GTC buy limit order on BTC-USD.
-    async fn buy_limit(&self, user: Uuid, qty: Decimal, limit: Decimal) -> Uuid {
-        let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
-             VALUES ($1, $2, $3, 'BTC-USD', 'buy', 'limit', 'gtc', $4, $5, 'pending')",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(format!("c-{}", id.simple()))
-        .bind(qty)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .expect("intake row");
-        let body = CommandBody::Place {
-            order_id: id,
-            client_order_id: format!("c-{}", id.simple()),
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side: Side::Buy,
-            order_type: OrderType::Limit,
-            time_in_force: TimeInForce::Gtc,
-            quantity: Positive::new(qty).expect("positive"),
-            limit_price: Some(Positive::new(limit).expect("positive")),
-        };
-        self.send(user, body).await;
-        id
-    }
-
-    async fn wait_status(&self, table: &str, id: Uuid, want: &str, within: Duration) {
-        let sql = format!("SELECT status FROM {table} WHERE id = $1");
-        poll_until(within, &format!("{table} {id} to be {want}"), || async {
-            let status: Option<String> = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()?;
-            (status.as_deref() == Some(want)).then_some(())
-        })
-        .await;
-    }
-
-    /// The value of the first sample of /metrics whose line starts with `prefix` and contains
-    /// every one of `labels` (0 when there is none).
     async fn metric(&self, prefix: &str, labels: &[&str]) -> f64 {
-        let text =
-            http_client().get(format!("http://{}/metrics", self.ops)).send().await.expect("metrics").text().await;
-        text.expect("text")
-            .lines()
-            .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
-            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
+        scrape_metric(&self.ops, prefix, labels).await
     }
 }
 
@@ -175,7 +90,7 @@ async fn poisoned_commands_are_parked_and_counted_and_the_users_next_command_app
     .await;
 
     // The user's next command does not wait for the poison to be dealt with.
-    let deposit = s.deposit(user, dec!(100)).await;
+    let deposit = s.deposit(user, "USD", dec!(100)).await;
     s.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
 
     let reasons: Vec<String> = poll_until(WAIT, "three commands parked", || async {
@@ -197,7 +112,7 @@ async fn poisoned_commands_are_parked_and_counted_and_the_users_next_command_app
     assert_eq!(counted, 3.0, "every parked command is counted");
 
     // And after all of it, the user's commands still apply.
-    let later = s.deposit(user, dec!(1)).await;
+    let later = s.deposit(user, "USD", dec!(1)).await;
     s.wait_status("deposits", later, "completed", Duration::from_secs(20)).await;
     let total: Decimal = sqlx::query_scalar("SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'")
         .bind(user)
@@ -211,9 +126,9 @@ async fn poisoned_commands_are_parked_and_counted_and_the_users_next_command_app
 async fn a_poisoned_price_tick_is_skipped_and_counted_and_the_next_tick_still_fills() {
     let s = Stack::start().await;
     let user = s.user().await;
-    let deposit = s.deposit(user, dec!(1000)).await;
+    let deposit = s.deposit(user, "USD", dec!(1000)).await;
     s.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
-    let order = s.buy_limit(user, dec!(0.01), dec!(40000)).await;
+    let order = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await.0;
     s.wait_status("orders", order, "open", Duration::from_secs(20)).await;
 
     let subject = subjects::price("BTC-USD");

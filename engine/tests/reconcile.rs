@@ -3,24 +3,21 @@
 //! them) reconciles clean; then each kind of corruption, injected with SQL behind the engine's
 //! back, makes it exit 1 naming exactly the checks that must fail.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chrono::Utc;
+use common::{BIN, Desk, start_engine};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
-use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
-use vault_bus::{Bus, MessageContext};
-use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, base_env, free_port, offline_env, poll_until,
-    run_reconcile,
-};
+use vault_bus::message::CommandBody;
+use vault_core::domain::{Side, TimeInForce};
+use vault_testkit::{NatsServer, Proc, TestDb, assert_config_error, offline_env, poll_until, run_reconcile};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 const WAIT: Duration = Duration::from_secs(20);
 
 /// What a trading run left behind, and the ids the corruptions aim at.
@@ -41,45 +38,27 @@ struct Traded {
 /// A real engine and nats-server; commands published the way the API publishes them.
 struct Session {
     nats: NatsServer,
-    pool: PgPool,
-    bus: Bus,
+    desk: Desk,
     engine: Proc,
-    tick_seq: u64,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Desk;
+    fn deref(&self) -> &Desk {
+        &self.desk
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Desk {
+        &mut self.desk
+    }
 }
 
 impl Session {
-    async fn user(&self) -> Uuid {
-        let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
-            .bind(id)
-            .bind(format!("{id}@example.com"))
-            .execute(&self.pool)
-            .await
-            .expect("user");
-        id
-    }
-
-    async fn send(&self, user: Uuid, body: CommandBody) {
-        let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
-        self.bus.publish(&command, &MessageContext::default()).await.expect("published");
-    }
-
     /// The intake row, then the command; waits for the engine's verdict.
     async fn deposit(&self, user: Uuid, asset: &str, amount: Decimal) {
-        let id = Uuid::now_v7();
-        let client_id = format!("dep-{}", id.simple());
-        sqlx::query("INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(user)
-            .bind(&client_id)
-            .bind(asset)
-            .bind(amount)
-            .execute(&self.pool)
-            .await
-            .expect("intake row");
-        let amount = Positive::new(amount).expect("positive");
-        let asset = Asset::parse(asset).expect("asset");
-        self.send(user, CommandBody::Deposit { deposit_id: id, client_deposit_id: client_id, asset, amount }).await;
+        let id = self.desk.deposit(user, asset, amount).await;
         self.wait_for("deposits", id, |s| s == "completed").await;
     }
 
@@ -92,61 +71,12 @@ impl Session {
         quantity: Decimal,
         limit: Option<Decimal>,
     ) -> (Uuid, String) {
-        let id = Uuid::now_v7();
-        let client_id = format!("c-{}", id.simple());
-        sqlx::query(
-            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
-             VALUES ($1, $2, $3, 'BTC-USD', $4, $5, $6, $7, $8, 'pending')",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(&client_id)
-        .bind(if side == Side::Buy { "buy" } else { "sell" })
-        .bind(if limit.is_some() { "limit" } else { "market" })
-        .bind(match tif {
-            TimeInForce::Gtc => "gtc",
-            TimeInForce::Ioc => "ioc",
-            TimeInForce::Fok => "fok",
-        })
-        .bind(quantity)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .expect("intake row");
-        let body = CommandBody::Place {
-            order_id: id,
-            client_order_id: client_id,
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side,
-            order_type: if limit.is_some() { OrderType::Limit } else { OrderType::Market },
-            time_in_force: tif,
-            quantity: Positive::new(quantity).expect("positive"),
-            limit_price: limit.map(|l| Positive::new(l).expect("positive")),
-        };
-        self.send(user, body).await;
-        let status = self.wait_for("orders", id, |s| s != "pending").await;
-        (id, status)
-    }
-
-    async fn tick(&mut self, price: Decimal) {
-        self.tick_seq += 1;
-        let tick = PriceTick {
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            price: Positive::new(price).expect("positive"),
-            ts: Utc::now(),
-            source: "reconcile-test".into(),
-            seq: self.tick_seq,
-        };
-        self.bus.publish(&tick, &MessageContext::default()).await.expect("tick published");
+        let (id, _) = self.desk.place(user, side, tif, quantity, limit).await;
+        (id, self.decided(id, WAIT).await)
     }
 
     async fn wait_for(&self, table: &str, id: Uuid, want: impl Fn(&str) -> bool) -> String {
-        let sql = format!("SELECT status FROM {table} WHERE id = $1");
-        poll_until(WAIT, &format!("{table} {id} to be decided"), || async {
-            let status: String = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()??;
-            want(&status).then_some(status)
-        })
-        .await
+        self.desk.wait_for(table, id, WAIT, want).await
     }
 }
 
@@ -156,13 +86,9 @@ impl Session {
 async fn trade(keep_engine: bool) -> (Traded, Option<Session>) {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
     let pool = db.pool().await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(&db, &nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    let mut engine = Proc::spawn(BIN, &[], &envs);
-    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    let mut s = Session { nats, pool: pool.clone(), bus, engine, tick_seq: 0 };
+    let (engine, _) = start_engine(&db, &nats, &[]).await;
+    let desk = Desk::connect(pool.clone(), &nats).await;
+    let mut s = Session { nats, desk, engine };
 
     let trader = s.user().await;
     s.deposit(trader, "USD", dec!(100000)).await;

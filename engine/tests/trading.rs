@@ -1,156 +1,69 @@
 //! The engine binary end to end: commands on ORDERS (as the API publishes them, with the API's
 //! intake rows), price ticks on PRICES, and what lands in Postgres and on EVENTS.
 
+mod common;
+
 use std::time::Duration;
 
 use chrono::Utc;
+use common::{Desk, start_engine};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::Value;
-use sqlx::PgPool;
 use uuid::Uuid;
-use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
-use vault_bus::{Bus, BusMessage, MessageContext};
+use vault_bus::BusMessage;
+use vault_bus::message::{CommandBody, OrderCommand};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until, scrape_metric};
+use vault_testkit::{NatsServer, Proc, TestDb, poll_until, scrape_metric};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Stack {
     nats: NatsServer,
     db: TestDb,
-    pool: PgPool,
-    bus: Bus,
+    desk: Desk,
     engine: Proc,
     ops: String,
-    seq: u64,
+}
+
+impl std::ops::Deref for Stack {
+    type Target = Desk;
+    fn deref(&self) -> &Desk {
+        &self.desk
+    }
+}
+
+impl std::ops::DerefMut for Stack {
+    fn deref_mut(&mut self) -> &mut Desk {
+        &mut self.desk
+    }
 }
 
 impl Stack {
     async fn start() -> Stack {
         let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-        let pool = db.pool().await;
-        let (engine, ops) = start_engine(&db, &nats).await;
-        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-        Stack { nats, db, pool, bus, engine, ops, seq: 0 }
+        let (engine, ops) = start_engine(&db, &nats, &[]).await;
+        let desk = Desk::connect(db.pool().await, &nats).await;
+        Stack { nats, db, desk, engine, ops }
     }
 
     async fn restart_engine(&mut self) {
         self.engine.signal("TERM");
         assert_eq!(self.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", self.engine.output());
-        let (engine, ops) = start_engine(&self.db, &self.nats).await;
+        let (engine, ops) = start_engine(&self.db, &self.nats, &[]).await;
         self.engine = engine;
         self.ops = ops;
     }
 
-    async fn user(&self) -> Uuid {
-        let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
-            .bind(id)
-            .bind(format!("{id}@example.com"))
-            .execute(&self.pool)
-            .await
-            .expect("user");
-        id
-    }
-
-    async fn send(&self, user: Uuid, body: CommandBody) {
-        let command =
-            OrderCommand { user_id: user, request_id: Some(format!("req-{}", Uuid::now_v7())), at: Utc::now(), body };
-        self.bus
-            .publish(&command, &MessageContext { request_id: command.request_id.clone() })
-            .await
-            .expect("published");
-    }
-
-    /// What the API does for a deposit: the pending intake row, then the command.
+    /// A deposit as the API makes it, completed.
     async fn deposit(&self, user: Uuid, asset: &str, amount: Decimal) -> Uuid {
-        let id = Uuid::now_v7();
-        let client_id = format!("dep-{}", id.simple());
-        sqlx::query("INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(user)
-            .bind(&client_id)
-            .bind(asset)
-            .bind(amount)
-            .execute(&self.pool)
-            .await
-            .expect("intake row");
-        let body = CommandBody::Deposit {
-            deposit_id: id,
-            client_deposit_id: client_id,
-            asset: Asset::parse(asset).expect("asset"),
-            amount: Positive::new(amount).expect("positive"),
-        };
-        self.send(user, body).await;
+        let id = self.desk.deposit(user, asset, amount).await;
         self.wait_status("deposits", id, "completed").await;
         id
     }
 
-    /// What the API does for an order: the pending intake row, then the command.
-    async fn place(
-        &self,
-        user: Uuid,
-        side: Side,
-        tif: TimeInForce,
-        qty: Decimal,
-        limit: Option<Decimal>,
-    ) -> (Uuid, CommandBody) {
-        let id = Uuid::now_v7();
-        let order_type = if limit.is_some() { OrderType::Limit } else { OrderType::Market };
-        sqlx::query(
-            "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
-             VALUES ($1, $2, $3, 'BTC-USD', $4, $5, $6, $7, $8, 'pending')",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(format!("c-{}", id.simple()))
-        .bind(if side == Side::Buy { "buy" } else { "sell" })
-        .bind(if limit.is_some() { "limit" } else { "market" })
-        .bind(match tif {
-            TimeInForce::Gtc => "gtc",
-            TimeInForce::Ioc => "ioc",
-            TimeInForce::Fok => "fok",
-        })
-        .bind(qty)
-        .bind(limit)
-        .execute(&self.pool)
-        .await
-        .expect("intake row");
-        let body = CommandBody::Place {
-            order_id: id,
-            client_order_id: format!("c-{}", id.simple()),
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side,
-            order_type,
-            time_in_force: tif,
-            quantity: Positive::new(qty).expect("positive"),
-            limit_price: limit.map(|l| Positive::new(l).expect("positive")),
-        };
-        self.send(user, body.clone()).await;
-        (id, body)
-    }
-
-    async fn tick(&mut self, price: Decimal) {
-        self.seq += 1;
-        let tick = PriceTick {
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            price: Positive::new(price).expect("positive"),
-            ts: Utc::now(),
-            source: "test".into(),
-            seq: self.seq,
-        };
-        self.bus.publish(&tick, &MessageContext::default()).await.expect("tick published");
-    }
-
     async fn wait_status(&self, table: &str, id: Uuid, want: &str) {
-        let sql = format!("SELECT status FROM {table} WHERE id = $1");
-        poll_until(WAIT, &format!("{table} {id} to be {want}"), || async {
-            let status: Option<String> = sqlx::query_scalar(&sql).bind(id).fetch_optional(&self.pool).await.ok()?;
-            (status.as_deref() == Some(want)).then_some(())
-        })
-        .await;
+        self.desk.wait_status(table, id, want, WAIT).await;
     }
 
     async fn balance(&self, user: Uuid, asset: &str) -> (Decimal, Decimal) {
@@ -204,15 +117,6 @@ impl Stack {
         }
         out
     }
-}
-
-async fn start_engine(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    let mut engine = Proc::spawn(BIN, &[], &envs);
-    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
-    (engine, addr)
 }
 
 #[tokio::test]
@@ -466,24 +370,7 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
     assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
     let mut deposits = Vec::new();
     for (i, user) in users.iter().enumerate() {
-        let id = Uuid::now_v7();
-        let client_id = format!("dep-{}", id.simple());
-        sqlx::query(
-            "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', $4)",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(&client_id)
-        .bind(Decimal::from(1000 + i as i64))
-        .execute(&s.pool)
-        .await
-        .expect("intake row");
-        let body = CommandBody::Deposit {
-            deposit_id: id,
-            client_deposit_id: client_id,
-            asset: Asset::usd(),
-            amount: Positive::new(Decimal::from(1000 + i as i64)).expect("positive"),
-        };
+        let (id, body) = s.deposit_intake(*user, "USD", Decimal::from(1000 + i as i64)).await;
         s.send(*user, body).await;
         deposits.push(id);
         if i == USERS / 2 {
@@ -500,7 +387,7 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
             .await;
         }
     }
-    let (engine, ops) = start_engine(&s.db, &s.nats).await;
+    let (engine, ops) = start_engine(&s.db, &s.nats, &[]).await;
     (s.engine, s.ops) = (engine, ops);
     for id in &deposits {
         s.wait_status("deposits", *id, "completed").await;
@@ -509,13 +396,7 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
     s.tick(dec!(50000)).await;
     poll_until(WAIT, "the engine to see the price", || async {
         let (id, _) = s.place(users[1], Side::Buy, TimeInForce::Ioc, dec!(0.001), None).await;
-        let status = poll_until(WAIT, "the probe order decided", || async {
-            let status: String =
-                sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(id).fetch_one(&s.pool).await.ok()?;
-            (status != "pending").then_some(status)
-        })
-        .await;
-        (status == "filled").then_some(())
+        (s.decided(id, WAIT).await == "filled").then_some(())
     })
     .await;
     let mut orders = Vec::new();
