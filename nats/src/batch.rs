@@ -11,6 +11,12 @@
 //! `vault_message_processing_seconds{stream,consumer}`: from the pull to the settlement, linger
 //! and commit included). On shutdown it stops pulling and flushes the batch in hand before
 //! returning.
+//!
+//! Each consumer is rewound to its ack floor ([`Bus::rewind_to_ack_floor`]) when it starts, so
+//! what a crashed worker had pulled and not acked comes back at once rather than after the ack
+//! wait, and again when a message's delivery sequence skips ahead (messages lost in transit
+//! with a restarted server or a dead cluster node), at most every [`REWIND_AT_MOST_EVERY`].
+//! The workers' writes are idempotent, so the copies a rewind sends again are recognised.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,9 +27,55 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::{ConsumerMetrics, Outcome};
 
-use crate::Bus;
 use crate::consumers::ConsumerSpec;
 use crate::park;
+use crate::{Bus, Rewound};
+
+/// A gap in deliveries this soon after the consumer's last rewind is not rewound again: the
+/// rewind itself is still delivering, or a second process is pulling the same consumer.
+pub const REWIND_AT_MOST_EVERY: Duration = Duration::from_secs(10);
+
+/// Rewinds the consumer to its ack floor; returns the delivery sequence its next message must
+/// carry (0 when unknown: the server refused, and un-acked messages return after the ack wait).
+async fn rewind(bus: &Bus, stream: &str, durable: &str) -> u64 {
+    match bus.rewind_to_ack_floor(stream, durable).await {
+        Ok(Rewound { outstanding: 0, next_delivery }) => next_delivery,
+        Ok(Rewound { outstanding, next_delivery }) => {
+            tracing::info!(consumer = durable, outstanding, "rewound to the ack floor");
+            next_delivery
+        }
+        Err(e) => {
+            tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked messages return after the ack wait");
+            0
+        }
+    }
+}
+
+/// Where a consumer's deliveries stand.
+struct Sequence {
+    stream: &'static str,
+    durable: Arc<str>,
+    /// The delivery sequence the next message should carry (0: unknown).
+    next: u64,
+    rewound_at: Option<Instant>,
+}
+
+impl Sequence {
+    /// Notes a delivery; rewinds when deliveries before it were lost.
+    async fn deliver(&mut self, bus: &Bus, msg: &Message) {
+        let Ok(delivery) = msg.info().map(|i| i.consumer_sequence) else { return };
+        if self.next != 0
+            && delivery > self.next
+            && self.rewound_at.is_none_or(|at| at.elapsed() >= REWIND_AT_MOST_EVERY)
+        {
+            tracing::warn!(consumer = %self.durable, expected = self.next, delivery, "deliveries lost in transit; rewinding to the ack floor");
+            self.next = rewind(bus, self.stream, &self.durable).await;
+            self.rewound_at = Some(Instant::now());
+        } else {
+            self.next = self.next.max(delivery + 1);
+        }
+    }
+}
 
 /// A decoded message and where it came from. Settle it with [`ack`](Self::ack),
 /// [`retry`](Self::retry) or [`park`](Self::park), never on `msg` directly: those count it.
@@ -88,15 +140,17 @@ where
     F: FnMut(Vec<Delivered<T>>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut inputs = Vec::new();
-    for spec in specs {
+    let (mut inputs, mut sequences) = (Vec::new(), Vec::new());
+    for (index, spec) in specs.iter().enumerate() {
         let stream = bus.jetstream().get_stream(spec.stream).await?;
         let consumer: async_nats::jetstream::consumer::PullConsumer =
             stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
         let (stream_name, durable) = (spec.stream, Arc::<str>::from(spec.durable.as_str()));
+        let next = rewind(bus, spec.stream, &spec.durable).await;
+        sequences.push(Sequence { stream: stream_name, durable: durable.clone(), next, rewound_at: None });
         let metrics = Arc::new(ConsumerMetrics::new(spec.stream, &spec.durable));
         let messages = consumer.stream().max_messages_per_batch(max).messages().await?;
-        inputs.push(messages.map(move |m| (stream_name, durable.clone(), metrics.clone(), m)).boxed());
+        inputs.push(messages.map(move |m| (index, stream_name, durable.clone(), metrics.clone(), m)).boxed());
     }
     let mut merged = futures::stream::select_all(inputs);
     let mut batch: Vec<Delivered<T>> = Vec::new();
@@ -108,8 +162,9 @@ where
                 _ = shutdown.cancelled() => break true,
                 _ = &mut deadline, if !batch.is_empty() => break false,
                 next = merged.next() => match next {
-                    Some((stream, durable, metrics, Ok(msg))) => {
+                    Some((index, stream, durable, metrics, Ok(msg))) => {
                         let received = Instant::now();
+                        sequences[index].deliver(bus, &msg).await;
                         match decode(stream, &msg) {
                             Ok(value) => batch.push(Delivered { value, msg, stream, durable, received, metrics }),
                             Err(reason) => {
@@ -120,7 +175,7 @@ where
                             break false;
                         }
                     }
-                    Some((_, durable, _, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
+                    Some((_, _, durable, _, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
                     None => break true,
                 },
             }

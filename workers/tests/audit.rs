@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use sqlx::PgPool;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, EngineEvent, EventKind, OrderCommand};
@@ -209,4 +210,44 @@ async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
     let parked: (String, String) =
         sqlx::query_as("SELECT stream, consumer FROM parked_messages").fetch_one(&pool).await.expect("parked");
     assert_eq!(parked, ("AUTH".to_owned(), "audit-auth".to_owned()));
+}
+
+/// What a crashed worker had pulled and not acked comes back when the next one starts — its
+/// consumers rewind to their ack floor — not after the 30 s ack wait.
+#[tokio::test]
+async fn messages_a_dead_worker_held_come_back_at_once_when_the_next_starts() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    // The first worker declares the consumers and stops.
+    let mut worker = start(&db, &nats).await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+
+    publish_mix(&bus, Uuid::now_v7(), 30).await;
+    // A worker that pulls ten events and dies before acking them.
+    let stream = bus.jetstream().get_stream("EVENTS").await.expect("EVENTS");
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("audit-events").await.expect("audit-events");
+    let mut held = consumer.fetch().max_messages(10).messages().await.expect("fetch");
+    let mut pulled = 0;
+    while let Some(msg) = held.next().await {
+        msg.expect("message");
+        pulled += 1;
+    }
+    assert_eq!(pulled, 10);
+
+    let worker = start(&db, &nats).await;
+    // Well inside the 30 s ack wait.
+    poll_until(Duration::from_secs(20), "all 30 rows", || async { (rows(&pool).await >= 30).then_some(()) }).await;
+    assert_eq!(rows(&pool).await, 30, "nothing doubled");
+    let rewound: u64 = worker
+        .output()
+        .lines()
+        .filter(|l| l.contains("rewound to the ack floor"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["outstanding"].as_u64().or_else(|| v["outstanding"].as_u64()))
+        .sum();
+    assert_eq!(rewound, 10, "the ten held events were rewound: {}", worker.output());
 }
