@@ -29,7 +29,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
-use vault_bus::message::{EngineEvent, OrderCommand, PriceTick, decode};
+use vault_bus::message::{OrderCommand, PriceTick, decode};
 use vault_bus::{Bus, MessageContext, Rewound, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
@@ -480,11 +480,13 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
     }
 }
 
-/// Publishes one batch; returns how many rows it marked published.
+/// Publishes one batch; returns how many rows it marked published. Rows are published as the
+/// engine encoded them (their subject and payload), not decoded and encoded again.
 async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
-        "SELECT id, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    let rows: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT id, subject, payload::text, request_id FROM outbox WHERE published_at IS NULL
+          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(RELAY_BATCH)
     .fetch_all(&mut *tx)
@@ -493,10 +495,9 @@ async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
         return Ok(0);
     }
     let mut acks = Vec::with_capacity(rows.len());
-    for (id, payload) in &rows {
-        let event: EngineEvent = decode("outbox", payload.to_string().as_bytes())?;
-        let ctx = MessageContext { request_id: event.request_id.clone() };
-        acks.push((*id, bus.start_publish(&event, &ctx).await?));
+    for (id, subject, payload, request_id) in rows {
+        let ctx = MessageContext { request_id };
+        acks.push((id, bus.start_publish_encoded(subject, &id.to_string(), &ctx, payload.into()).await?));
     }
     // Awaited together: an ack's timeout (the client's 5 s) starts when it is awaited, so
     // awaiting them one by one after NATS went away mid-batch stalled the relay 5 s per event

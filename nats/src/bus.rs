@@ -126,6 +126,22 @@ impl Bus {
             .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
     }
 
+    /// [`Bus::start_publish`] for a message encoded earlier (the engine's outbox rows hold their
+    /// events encoded): the same subject, dedupe id and headers, without decoding and encoding
+    /// it again.
+    pub async fn start_publish_encoded(
+        &self,
+        subject: String,
+        msg_id: &str,
+        ctx: &MessageContext,
+        payload: bytes::Bytes,
+    ) -> Result<PublishAckFuture, BusError> {
+        self.js
+            .publish_with_headers(subject.clone(), headers(msg_id, ctx), payload)
+            .await
+            .map_err(|e| BusError::Publish { subject, reason: e.to_string() })
+    }
+
     /// Publishes `msg` on core NATS, with the same headers as [`Bus::publish`]: no stream
     /// stores it and nothing acknowledges it, so only subscribers connected at that moment get
     /// it. For best-effort pushes whose durable copy lives elsewhere (see
@@ -312,10 +328,15 @@ fn consumer_missing(kind: &jetstream::context::ConsumerInfoErrorKind) -> bool {
 /// every publish sends, to a stream or on core NATS.
 fn outgoing<M: BusMessage>(msg: &M, ctx: &MessageContext) -> Result<(String, HeaderMap, bytes::Bytes), BusError> {
     let payload = encode(msg)?;
+    Ok((msg.subject(), headers(&msg.msg_id(), ctx), payload.into()))
+}
+
+/// The headers every published message carries: the dedupe id, and the request id if any.
+fn headers(msg_id: &str, ctx: &MessageContext) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(MSG_ID_HEADER, msg.msg_id().as_str());
+    headers.insert(MSG_ID_HEADER, msg_id);
     if let Some(request_id) = &ctx.request_id {
         headers.insert(REQUEST_ID_HEADER, request_id.as_str());
     }
-    Ok((msg.subject(), headers, payload.into()))
+    headers
 }
