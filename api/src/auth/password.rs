@@ -1,15 +1,24 @@
 //! Password hashing with argon2id (OWASP parameters: m = 19456 KiB, t = 2, p = 1).
 //!
 //! Hashing costs ~20 MiB and tens of milliseconds of CPU, so it never runs on the async
-//! runtime: each hash runs on the blocking pool, and a semaphore bounds how many run at once
-//! (one per core but one, at least one: the API leaves a core to the runtime), so a login storm
-//! queues here instead of starving every other request.
-//! A request that cannot get a slot within [`QUEUE_TIMEOUT`] gets 503 rather than waiting forever.
+//! runtime: hashes run on a small pool of dedicated threads, one per slot, and a semaphore bounds
+//! how many are queued or running at once, so a login storm queues here instead of starving every
+//! other request. A request that cannot get a slot within [`QUEUE_TIMEOUT`] gets 503 rather than
+//! waiting forever.
+//!
+//! The hashing threads run at the lowest scheduling priority the OS gives without privileges
+//! (Linux: nice 19 on each thread), so whenever a request-serving thread (or Postgres, or NATS)
+//! wants a core it gets it at once and hashing takes what is left: a login storm slows logins,
+//! not trading. The hashing parameters are not touched. They are our own threads, not tokio's
+//! blocking pool, because a thread's niceness cannot be raised again without privileges and the
+//! blocking pool also runs other work.
 //!
 //! Unknown emails are verified against a dummy hash with the same parameters, so "no such user"
 //! takes the same path and time as "wrong password".
 
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
@@ -30,22 +39,40 @@ fn argon2() -> Argon2<'static> {
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
-/// Hashes and verifies passwords off the async runtime, a bounded number at a time.
+/// The niceness of the hashing threads: the lowest priority.
+pub const HASHING_NICE: i32 = 19;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Hashes and verifies passwords off the async runtime, a bounded number at a time, on
+/// low-priority threads of its own.
 #[derive(Debug, Clone)]
 pub struct Hasher {
     slots: Arc<Semaphore>,
+    /// Jobs for the hashing threads; they stop when the last `Hasher` clone is dropped.
+    jobs: Sender<Job>,
     dummy: Arc<String>,
 }
 
 impl Hasher {
-    /// `slots` hashes may run at once (use the number of cores).
+    /// `slots` hashes may run at once, each on its own thread.
     pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1);
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..slots {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || hashing_thread(&queue))
+                .expect("the OS lets the API start a few threads at start-up");
+        }
         let salt = SaltString::generate(&mut OsRng);
         let dummy = argon2()
             .hash_password(b"dummy password for unknown users", &salt)
             .expect("hashing a constant with a fresh salt cannot fail")
             .to_string();
-        Hasher { slots: Arc::new(Semaphore::new(slots.max(1))), dummy: Arc::new(dummy) }
+        Hasher { slots: Arc::new(Semaphore::new(slots)), jobs, dummy: Arc::new(dummy) }
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
@@ -56,12 +83,20 @@ impl Hasher {
                 ApiError::Unavailable("password hashing is saturated")
             })?
             .expect("the semaphore is never closed");
-        tokio::task::spawn_blocking(move || {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
             let _permit = permit;
-            work()
-        })
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("password hashing task failed: {e}")))
+            // A panicking hash is answered as an error; the thread lives on.
+            let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| ApiError::Internal(anyhow::anyhow!("the password hashing threads are gone")))?;
+        match result.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err(ApiError::Internal(anyhow::anyhow!("password hashing panicked"))),
+            Err(_) => Err(ApiError::Internal(anyhow::anyhow!("password hashing thread stopped"))),
+        }
     }
 
     /// The PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`) of `password`.
@@ -89,6 +124,38 @@ impl Hasher {
     }
 }
 
+/// One hashing thread: lowers its own priority, then runs jobs until every sender is gone.
+fn hashing_thread(queue: &Mutex<Receiver<Job>>) {
+    lower_priority();
+    loop {
+        // The lock is held only while waiting for the next job, never while hashing.
+        let job = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(poisoned) => poisoned.into_inner().recv(),
+        };
+        match job {
+            Ok(job) => job(),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sets the calling thread's niceness to [`HASHING_NICE`] (Linux applies `setpriority` with a
+/// thread id to that thread alone). Failing is logged, not fatal: hashing still works, only
+/// without the priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), HASHING_NICE) {
+        tracing::warn!(error = %e, "cannot lower the priority of a password hashing thread");
+    }
+}
+
+/// The niceness of the calling thread (tests).
+#[cfg(all(test, target_os = "linux"))]
+fn current_nice() -> i32 {
+    rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(0)
+}
+
 /// Checks the password policy; the message never contains the password.
 pub fn check_policy(password: &str) -> Result<(), String> {
     let chars = password.chars().count();
@@ -114,6 +181,15 @@ mod tests {
         assert!(hasher.verify("correct horse battery".into(), Some(hash.clone())).await.expect("verifies"));
         assert!(!hasher.verify("wrong horse battery".into(), Some(hash)).await.expect("verifies"));
         assert!(!hasher.verify("dummy password for unknown users".into(), None).await.expect("verifies"));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashing_runs_at_the_lowest_priority_and_the_caller_keeps_its_own() {
+        let before = current_nice();
+        let hasher = Hasher::new(1);
+        assert_eq!(hasher.run(current_nice).await.expect("runs"), HASHING_NICE);
+        assert_eq!(current_nice(), before, "the calling thread keeps its priority");
     }
 
     #[test]
