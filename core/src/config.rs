@@ -282,7 +282,12 @@ pub struct Settings {
     pub rate_limit_ip_per_sec: u32,
     /// Login attempts per email per minute; 0 turns it off.
     pub rate_limit_login_per_min: u32,
+    /// Connections of the API's Postgres pool (`DATABASE_POOL_SIZE`).
+    pub database_pool_size: u32,
 }
+
+/// The default of `DATABASE_POOL_SIZE`.
+pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 20;
 
 /// Every problem found while loading settings, one per variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +417,12 @@ impl Settings {
         let rate_limit_user_per_sec = r.parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off").unwrap_or(20);
         let rate_limit_ip_per_sec = r.parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off").unwrap_or(50);
         let rate_limit_login_per_min = r.parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off").unwrap_or(10);
+        let database_pool_size = r
+            .with("DATABASE_POOL_SIZE", |s| match s.parse::<u32>() {
+                Ok(n @ 1..=100) => Ok(n),
+                _ => Err(format!("expected 1 to 100 connections (Postgres allows 100 by default, shared), got {s:?}")),
+            })
+            .unwrap_or(DEFAULT_DATABASE_POOL_SIZE);
 
         if role == Role::Api && jwt_secret.is_none() && !r.mentions("JWT_SECRET") {
             r.problems.push(format!("JWT_SECRET: required by the API (at least {MIN_JWT_SECRET_BYTES} bytes)"));
@@ -456,6 +467,7 @@ impl Settings {
                 rate_limit_user_per_sec,
                 rate_limit_ip_per_sec,
                 rate_limit_login_per_min,
+                database_pool_size,
             }),
             _ => Err(ConfigErrors(problems)),
         }
@@ -485,6 +497,7 @@ impl Settings {
             ("RATE_LIMIT_USER_PER_SEC", self.rate_limit_user_per_sec.to_string()),
             ("RATE_LIMIT_IP_PER_SEC", self.rate_limit_ip_per_sec.to_string()),
             ("RATE_LIMIT_LOGIN_PER_MIN", self.rate_limit_login_per_min.to_string()),
+            ("DATABASE_POOL_SIZE", self.database_pool_size.to_string()),
         ])
     }
 }
@@ -632,6 +645,19 @@ mod tests {
         assert_eq!(s.price_source, PriceSource::Sim);
         assert_eq!(s.max_price_age, Duration::from_secs(30));
         assert_eq!(s.log_format, LogFormat::Pretty);
+        assert_eq!(s.database_pool_size, DEFAULT_DATABASE_POOL_SIZE);
+    }
+
+    #[test]
+    fn the_pool_size_is_1_to_100_connections() {
+        let s = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET), ("DATABASE_POOL_SIZE", "48")])
+            .expect("valid");
+        assert_eq!(s.database_pool_size, 48);
+        for bad in ["0", "101", "many", "-1"] {
+            let err = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET), ("DATABASE_POOL_SIZE", bad)])
+                .expect_err(bad);
+            assert!(err.0[0].starts_with("DATABASE_POOL_SIZE: expected 1 to 100"), "{bad}: {err}");
+        }
     }
 
     #[test]
