@@ -119,6 +119,7 @@ pub async fn lock_user(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -24,6 +24,7 @@ use vault_bus::Bus;
 use vault_core::ops::{self, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
+use crate::auth::credential_cache::{self, CredentialCache};
 use crate::auth::password::Hasher;
 use crate::auth::tokens::JwtKeys;
 use crate::error::{ApiError, REQUEST_ID};
@@ -35,14 +36,31 @@ use crate::trading::markets::MarketCache;
 use crate::ws::{Gateway, WsConfig};
 use crate::{admin, auth, hardening, notifications, openapi, prices, trading, ws};
 
-/// What every handler can reach.
+/// What every handler can reach: one shared [`Shared`] behind an `Arc`.
+///
+/// axum clones the state for every extractor and middleware of every request; cloning the
+/// fields themselves (a NATS client with its channels, JWT validation sets, pools) cost more
+/// CPU per `GET /portfolio` than its handler, so a clone is one reference count here.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+#[derive(Debug)]
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
     pub bus: Bus,
     pub hasher: Hasher,
     pub jwt: JwtKeys,
+    /// Recent positive credential checks (see [`CredentialCache`]).
+    pub credentials: CredentialCache,
     pub limits: Arc<RateLimits>,
     pub events: AuthEvents,
     /// Every market's rules, cached (see [`MarketCache`]).
@@ -85,7 +103,7 @@ impl Application {
         let listener = http::bind(settings.api_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on API_ADDR {}: {e}", settings.api_addr))?;
 
-        let pool = db::connect(&settings.database_url, 20).await?;
+        let pool = db::connect(&settings.database_url, settings.database_pool_size).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
 
@@ -107,9 +125,11 @@ impl Application {
         spawn_housekeeping(pool.clone(), shutdown.clone());
         let markets = MarketCache::load(&pool).await?;
         markets.spawn_refresher(pool.clone(), shutdown.clone());
+        let credentials = CredentialCache::default();
+        credential_cache::spawn_invalidator(&bus, credentials.clone(), shutdown.clone());
         let price_book = PriceBook::new();
         prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
             pool,
             ws: Gateway::new(&bus, ws_config, shutdown.clone()),
@@ -117,10 +137,11 @@ impl Application {
             bus,
             hasher: Hasher::new(hashing_slots),
             jwt,
+            credentials,
             limits,
             markets,
             prices: price_book,
-        };
+        }));
         let router = router(state.clone(), readiness.clone());
         Ok(Application { listener, router, readiness, state, shutdown })
     }

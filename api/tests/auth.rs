@@ -448,3 +448,123 @@ async fn with_nats_down_logins_are_decided_as_usual_and_lost_events_are_counted(
     assert!(failed >= 2.0);
     assert!(api.proc.output().contains("auth event not published"), "the loss is logged");
 }
+
+/// A second API process (a replica) on `api`'s database and nats-server; its address.
+async fn replica(api: &Api) -> (vault_testkit::Proc, String) {
+    let addr = format!("127.0.0.1:{}", vault_testkit::free_port());
+    let mut envs = vault_testkit::base_env(&api.db, &api.nats);
+    envs.push(("API_ADDR", addr.clone()));
+    let mut proc = vault_testkit::Proc::spawn(support::BIN, &["serve"], &envs);
+    proc.wait_http_status(&addr, "/readyz", 200, vault_testkit::READY_DEADLINE).await;
+    (proc, addr)
+}
+
+/// `GET /me` on the API at `addr` with `credential`: its status and problem code, if any.
+async fn me_at(api: &Api, addr: &str, credential: &str) -> (u16, Option<String>) {
+    let mut req = api.client.get(format!("http://{addr}/api/v1/me"));
+    req = if credential.starts_with("vk_") { req.header("x-api-key", credential) } else { req.bearer_auth(credential) };
+    let resp = req.send().await.expect("the API answers");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, body["code"].as_str().map(str::to_owned))
+}
+
+/// Polls `GET /me` on `addr` until it answers 401 with `code`: the documented bound is the
+/// credential cache's TTL (1 s); the deadline is generous so a loaded machine cannot fail it.
+async fn refused_within_the_bound(api: &Api, addr: &str, credential: &str, code: &str) {
+    poll_until(Duration::from_secs(15), &format!("{code} at {addr}"), || async {
+        let (status, got) = me_at(api, addr, credential).await;
+        (status == 401 && got.as_deref() == Some(code)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revocation_refuses_the_very_next_request_even_while_the_credential_is_cached() {
+    let api = Api::start().await;
+    let user = api.signup("olga@example.com").await;
+    let admin = api.user("root@example.com").await;
+    api.promote("root@example.com").await;
+    let here = api.addr.clone();
+
+    // Logout: the cached session is refused by the very next request; another session lives on.
+    let session = api.tokens("olga@example.com").await;
+    let access = session["access_token"].as_str().expect("access");
+    let other = api.tokens("olga@example.com").await["access_token"].as_str().expect("access").to_owned();
+    for _ in 0..3 {
+        assert_eq!(me_at(&api, &here, access).await.0, 200, "cached now");
+    }
+    assert_eq!(api.call(Method::POST, "/auth/logout", Some(access), None).await.status(), 204);
+    assert_eq!(me_at(&api, &here, access).await, (401, Some("token_revoked".to_owned())));
+    assert_eq!(me_at(&api, &here, &other).await.0, 200);
+
+    // Refresh-token reuse ends the family's cached access tokens at once.
+    let session = api.tokens("olga@example.com").await;
+    let refresh1 = session["refresh_token"].as_str().expect("refresh");
+    let rotated: Value =
+        api.post("/auth/refresh", None, json!({"refresh_token": refresh1})).await.json().await.expect("json");
+    let access2 = rotated["access_token"].as_str().expect("access");
+    assert_eq!(me_at(&api, &here, access2).await.0, 200, "cached now");
+    problem(api.post("/auth/refresh", None, json!({"refresh_token": refresh1})).await, 401, "refresh_token_reused")
+        .await;
+    assert_eq!(me_at(&api, &here, access2).await, (401, Some("token_revoked".to_owned())));
+
+    // A revoked API key is refused by the very next request.
+    let created: Value = api
+        .post("/api-keys", Some(&other), json!({"name": "bot", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let (key, key_id) = (created["key"].as_str().expect("key"), created["id"].as_str().expect("id"));
+    assert_eq!(me_at(&api, &here, key).await.0, 200, "cached now");
+    assert_eq!(api.call(Method::DELETE, &format!("/api-keys/{key_id}"), Some(&other), None).await.status(), 204);
+    assert_eq!(me_at(&api, &here, key).await, (401, Some("invalid_api_key".to_owned())));
+
+    // An admin lock refuses every cached session and key of the user at once.
+    let created: Value = api
+        .post("/api-keys", Some(&other), json!({"name": "bot2", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key");
+    assert_eq!(me_at(&api, &here, key).await.0, 200, "cached now");
+    assert_eq!(me_at(&api, &here, &other).await.0, 200, "cached now");
+    let id = user["id"].as_str().expect("id");
+    assert_eq!(api.call(Method::POST, &format!("/admin/users/{id}/lock"), Some(&admin), None).await.status(), 204);
+    assert_eq!(me_at(&api, &here, &other).await, (401, Some("token_revoked".to_owned())));
+    assert_eq!(me_at(&api, &here, key).await, (401, Some("invalid_api_key".to_owned())));
+}
+
+#[tokio::test]
+async fn a_revocation_in_one_api_process_reaches_another_that_cached_the_credential() {
+    let api = Api::start().await;
+    let (_replica, there) = replica(&api).await;
+    let user = api.signup("pia@example.com").await;
+    let admin = api.user("root@example.com").await;
+    api.promote("root@example.com").await;
+
+    // Logout here (published as auth.logout): the replica drops its cached session.
+    let access = api.tokens("pia@example.com").await["access_token"].as_str().expect("access").to_owned();
+    let other = api.tokens("pia@example.com").await["access_token"].as_str().expect("access").to_owned();
+    assert_eq!(me_at(&api, &there, &access).await.0, 200, "cached there");
+    assert_eq!(me_at(&api, &there, &other).await.0, 200, "cached there");
+    assert_eq!(api.call(Method::POST, "/auth/logout", Some(&access), None).await.status(), 204);
+    refused_within_the_bound(&api, &there, &access, "token_revoked").await;
+    assert_eq!(me_at(&api, &there, &other).await.0, 200, "the other session lives on");
+
+    // An admin lock here publishes nothing: the replica's cache entry runs out (TTL).
+    let created: Value = api
+        .post("/api-keys", Some(&other), json!({"name": "bot", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key").to_owned();
+    assert_eq!(me_at(&api, &there, &key).await.0, 200, "cached there");
+    let id = user["id"].as_str().expect("id");
+    assert_eq!(api.call(Method::POST, &format!("/admin/users/{id}/lock"), Some(&admin), None).await.status(), 204);
+    refused_within_the_bound(&api, &there, &other, "token_revoked").await;
+    refused_within_the_bound(&api, &there, &key, "invalid_api_key").await;
+}

@@ -8,6 +8,11 @@
 //!
 //! Connections that authenticate without headers (the WebSocket's auth frame) use
 //! [`authenticate`] and, while they stay open, [`recheck`]: the same checks, one code path.
+//!
+//! The database check's positive outcome is kept for up to a second in the process's
+//! [`CredentialCache`](super::credential_cache::CredentialCache), so most authenticated requests cost no round trip for their credential;
+//! a revocation in this process applies to the very next request, one in another process within
+//! that second (the cache's module docs say how).
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -168,6 +173,12 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 async fn session_caller(state: &AppState, claims: Claims) -> Result<Caller, ApiError> {
+    let cache = &state.credentials;
+    if let Some(caller) = cache.session(claims.jti, claims.sub, claims.fam) {
+        return Ok(caller);
+    }
+    // Taken before the query: a revocation committed while it runs keeps its answer out.
+    let ticket = cache.ticket();
     let row: Option<(String, bool, bool)> = sqlx::query_as(
         "SELECT u.role,
                 EXISTS (SELECT 1 FROM revoked_access_tokens r WHERE r.jti = $2),
@@ -180,21 +191,30 @@ async fn session_caller(state: &AppState, claims: Claims) -> Result<Caller, ApiE
     .fetch_optional(&state.pool)
     .await?;
     match row {
-        Some((role, false, false)) => Ok(Caller {
-            user_id: claims.sub,
-            role,
-            credential: Credential::Session {
-                jti: claims.jti,
-                family: claims.fam,
-                expires_at: DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now),
-            },
-        }),
+        Some((role, false, false)) => {
+            let caller = Caller {
+                user_id: claims.sub,
+                role,
+                credential: Credential::Session {
+                    jti: claims.jti,
+                    family: claims.fam,
+                    expires_at: DateTime::from_timestamp(claims.exp, 0).unwrap_or_else(Utc::now),
+                },
+            };
+            cache.put_session(ticket, claims.jti, &caller);
+            Ok(caller)
+        }
         Some(_) => Err(unauthorized("token_revoked", "The session has ended; log in again.")),
         None => Err(unauthorized("invalid_token", "The access token is invalid or expired.")),
     }
 }
 
 async fn api_key_caller(state: &AppState, key_hash: &[u8]) -> Result<Caller, ApiError> {
+    let cache = &state.credentials;
+    if let Some(caller) = cache.api_key(key_hash) {
+        return Ok(caller);
+    }
+    let ticket = cache.ticket();
     let row: Option<(Uuid, Uuid, Vec<String>, String)> = sqlx::query_as(
         "SELECT k.id, k.user_id, k.scopes, u.role
            FROM api_keys k JOIN users u ON u.id = k.user_id
@@ -206,7 +226,8 @@ async fn api_key_caller(state: &AppState, key_hash: &[u8]) -> Result<Caller, Api
     .await?;
     let (id, user_id, scopes, role) =
         row.ok_or_else(|| unauthorized("invalid_api_key", "The API key is invalid or revoked."))?;
-    // Last-used time at minute resolution: one write per key per minute, not one per request.
+    // Last-used time at minute resolution: one write per key per minute, not one per request
+    // (and only on a cache miss, at most once a second, is it even asked for).
     sqlx::query(
         "UPDATE api_keys SET last_used_at = now()
           WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
@@ -222,5 +243,7 @@ async fn api_key_caller(state: &AppState, key_hash: &[u8]) -> Result<Caller, Api
             _ => None,
         })
         .collect();
-    Ok(Caller { user_id, role, credential: Credential::ApiKey { id, scopes } })
+    let caller = Caller { user_id, role, credential: Credential::ApiKey { id, scopes } };
+    cache.put_api_key(ticket, key_hash, &caller);
+    Ok(caller)
 }

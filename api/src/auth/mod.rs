@@ -8,10 +8,12 @@
 //!   a locked account answers 423 even to the right password; success resets the count;
 //! - a refresh token works once; presenting it again revokes its whole login family;
 //! - logout kills the access token (until it expires) and its family, across replicas and
-//!   restarts (the revocations live in Postgres);
+//!   restarts (the revocations live in Postgres); a replica that cached the session notices
+//!   within the credential cache's TTL ([`credential_cache`]), this process at once;
 //! - API keys cannot manage credentials (`session_required`), and only carry their scopes.
 
 pub mod caller;
+pub mod credential_cache;
 pub mod password;
 pub mod tokens;
 mod totp;
@@ -465,6 +467,7 @@ pub async fn refresh(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        state.credentials.forget_family(family);
         tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
         state.events.emit(AuthEventKind::RefreshTokenReused, Some(user), &meta, serde_json::json!({"family": family}));
         return Err(ApiError::Unauthorized {
@@ -503,6 +506,7 @@ pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Ca
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    state.credentials.forget_family(family);
     state.events.emit(AuthEventKind::Logout, Some(caller.user_id), &meta, serde_json::json!({"family": family}));
     Ok(StatusCode::NO_CONTENT)
 }
@@ -679,7 +683,11 @@ pub async fn revoke_api_key(
             .execute(&state.pool)
             .await?
             .rows_affected();
-    if revoked == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+    if revoked == 0 {
+        return Err(ApiError::NotFound);
+    }
+    state.credentials.forget_api_key(id);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
