@@ -1,29 +1,46 @@
-//! The actor layer: one [`PortfolioActor`] per user, spread over one arbiter (thread) per core.
+//! The actor layer: one [`PortfolioActor`] per user, spread over one [`Shard`] per core, each on
+//! its own arbiter (thread).
 //!
-//! - A [`Shard`] lives on each arbiter and owns the actors of the users hashed to it: it starts
-//!   an actor on the first command for a user (loading its state from Postgres) and stops it
-//!   after [`IDLE`] without work — only when nothing for that user is in flight, so a stopped
-//!   actor never holds unapplied work.
-//! - A [`PortfolioActor`] handles one unit of work at a time (`AtomicResponse`: its mailbox waits
-//!   while a commit is in progress), so a user's commands are applied serially, in the order the
-//!   shard received them. A failed commit is retried in place (backoff) rather than skipped, so
-//!   order is never broken; a version conflict reloads the state first. The exception is work
-//!   Postgres refuses for its content (a NUL in a client id): it would fail forever, so it is
-//!   given back, to be parked on its last delivery, and the user's next commands go on.
+//! - The [`Router`](crate::runtime::Router) puts each unit of work on the queue of the shard that
+//!   owns the user ([`ShardQueue`]); the shard drains its queue in batches, so a burst of work
+//!   costs one wake-up of the shard's thread, not one message each. The result comes back on a
+//!   oneshot channel per unit.
+//! - A [`Shard`] holds its users' actors itself: an actor is the user's state and a queue of
+//!   work waiting behind the unit being applied, not a task of its own, so work reaches it
+//!   without a second mailbox hop. The shard creates an actor on the first work for a user
+//!   (its state is loaded from the store by that work) and drops it after [`IDLE`] without
+//!   work — only when nothing for that user is running or waiting, so a passivated actor never
+//!   holds unapplied work.
+//! - An actor applies one unit of work at a time: work routed while one is running waits in its
+//!   queue, so a user's commands are applied serially, in the order the shard received them.
+//!   Different users' units run concurrently. A unit runs as a future polled at once on the
+//!   shard's thread; a store that answers at once (`MemoryStore`) finishes it there, one that
+//!   waits for I/O (Postgres) parks it with the shard's other running units until it finishes.
+//! - A failed commit is retried in place (backoff) rather than skipped, so order is never
+//!   broken; a version conflict reloads the state first. The exception is work Postgres refuses
+//!   for its content (a NUL in a client id): it would fail forever, so it is given back, to be
+//!   parked on its last delivery, and the user's next commands go on.
 //! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
-//!   connections stay on the thread and runtime that uses them). The actors are generic over the
+//!   connections stay on the thread and runtime that uses them). Shards are generic over the
 //!   [`Store`], so the actor layer can be benchmarked without I/O.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::task::{self, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
+use futures::StreamExt;
+use futures::future::LocalBoxFuture;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use vault_bus::message::{CommandBody, OrderCommand};
 use vault_core::domain::{Market, Price, Symbol};
 
 use crate::book::{PriceBook, Resting};
@@ -32,10 +49,13 @@ use crate::store::{Outcome, Store, StoreError, UserState, Work};
 
 /// How long an actor may sit without work before it is stopped.
 pub const IDLE: Duration = Duration::from_secs(60);
-/// Mailbox capacity of shards and actors: effectively unbounded (see [`Shard::start_on`]).
-const MAILBOX: usize = 1 << 20;
 /// How many times a version conflict reloads and retries before giving up on a unit of work.
 const CONFLICT_RETRIES: usize = 5;
+/// Units taken from a queue at a time.
+const BATCH: usize = 256;
+/// Batches a shard handles in one turn before it lets its arbiter run other tasks (its idle
+/// timer, its mailbox) and comes straight back.
+const TURN: usize = 16;
 
 /// The metric handles of the hot path, looked up once: a `metrics::histogram!` call hashes the
 /// name and labels on every call, which was a visible share of a command's cost. Resolved on
@@ -63,12 +83,12 @@ pub struct Markets {
     pub prices: HashMap<Symbol, (Price, DateTime<Utc>)>,
 }
 
-/// What every shard and actor shares.
+/// What every shard shares.
 #[derive(Debug)]
 pub struct Shared {
     pub markets: RwLock<Markets>,
     pub book: Mutex<PriceBook>,
-    /// Woken after every commit that wrote outbox rows.
+    /// Woken after commits that wrote outbox rows (once per batch of them).
     pub outbox: Notify,
     pub max_price_age: chrono::Duration,
     pub shutdown: CancellationToken,
@@ -81,49 +101,122 @@ impl Shared {
     }
 }
 
-/// Apply one unit of work for one user.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Outcome, StoreError>")]
-pub struct Route {
-    pub user_id: Uuid,
-    pub work: Work,
-}
+/// What a unit of work's caller receives.
+pub type Applied = Result<Outcome, StoreError>;
 
-/// One unit of work for an actor; the actor decrements `in_flight` when it is done with it.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Outcome, StoreError>")]
-struct Apply {
+/// One unit of work on its way to its user's actor, with where its result goes.
+#[derive(Debug)]
+pub struct Routed {
+    user_id: Uuid,
     work: Work,
-    in_flight: Arc<AtomicUsize>,
+    reply: oneshot::Sender<Applied>,
 }
 
+/// The sending end of a shard's queue (held by the router).
+#[derive(Debug, Clone)]
+pub struct ShardQueue(mpsc::UnboundedSender<Routed>);
+
+impl ShardQueue {
+    /// Enqueues the work at once, so calls in order stay in order, and returns where its result
+    /// arrives. The receiver sees the channel closed if the shard is gone.
+    pub fn submit(&self, user_id: Uuid, work: Work) -> oneshot::Receiver<Applied> {
+        let (reply, result) = oneshot::channel();
+        // Refused only when the shard is gone: the reply sender is dropped with the unit, so
+        // the caller sees that on `result`.
+        let _ = self.0.send(Routed { user_id, work, reply });
+        result
+    }
+}
+
+/// Hands a shard the receiving end of a queue ([`queue`]); the shard drains it until every
+/// sender is dropped.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-struct Stop;
+pub struct Attach(mpsc::UnboundedReceiver<Routed>);
+
+/// A new shard queue: keep the [`ShardQueue`], send the [`Attach`] to the shard. Unbounded: the
+/// sender must enqueue at once to keep per-user order; the consumers bound what is in flight.
+pub fn queue() -> (ShardQueue, Attach) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (ShardQueue(tx), Attach(rx))
+}
 
 /// How many actors are alive (for metrics and tests).
 #[derive(Debug, Message)]
 #[rtype(result = "usize")]
 pub struct ActorCount;
 
-struct Entry<S: Store> {
-    addr: Addr<PortfolioActor<S>>,
-    /// Work routed to the actor and not finished yet (the actor counts down: no message back).
-    in_flight: Arc<AtomicUsize>,
+/// Hashes a user id by its random bits (v4 and v7 ids carry at least 62), several times
+/// cheaper than the default SipHash on the hot path. Its protection against chosen keys buys
+/// nothing here: user ids are made by the API, never chosen by a client.
+#[derive(Debug, Default)]
+struct UserIdHasher(u64);
+
+impl Hasher for UserIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ByUser<V> = HashMap<Uuid, V, BuildHasherDefault<UserIdHasher>>;
+
+/// One user's portfolio: applied one unit of work at a time, in the order routed.
+#[derive(Debug)]
+pub struct PortfolioActor {
+    /// `None` until loaded, while a unit runs (the unit holds it), and after a failure
+    /// (reloaded before the next work).
+    state: Option<UserState>,
+    /// Whether a unit of work is running.
+    busy: bool,
+    /// Work routed while a unit runs, applied in order after it.
+    waiting: VecDeque<Routed>,
     last_routed: Instant,
+}
+
+/// What a shard's running units need, shared by them without touching a reference count
+/// another thread also writes.
+struct Env<S> {
+    shared: Arc<Shared>,
+    store: S,
+}
+
+/// A unit of work that has run: the result, and what it needs to be answered.
+struct Finished {
+    routed: Routed,
+    result: Result<(Outcome, UserState), StoreError>,
 }
 
 /// The actors of one arbiter.
 pub struct Shard<S: Store> {
-    shared: Arc<Shared>,
-    store: S,
-    actors: HashMap<Uuid, Entry<S>>,
+    env: Rc<Env<S>>,
+    actors: ByUser<PortfolioActor>,
+    queues: Vec<mpsc::UnboundedReceiver<Routed>>,
+    /// Units that did not finish when first polled (waiting for I/O).
+    running: FuturesUnordered<LocalBoxFuture<'static, Finished>>,
+    /// Reused buffer for batches taken from a queue.
+    batch: Vec<Routed>,
+    /// Results of finished units not yet sent: sent together after each batch, so a caller
+    /// that went to sleep is woken once for them all rather than once each (a wake-up across
+    /// threads is a system call and a context switch, dearer than applying a command).
+    replies: Vec<(oneshot::Sender<Applied>, Applied)>,
+    /// Change of the mailbox depth gauge not yet recorded (recorded once per turn).
+    depth: i64,
+    /// Whether a commit in this turn wrote outbox rows (the relay is woken once per turn).
+    wrote_outbox: bool,
     idle: Duration,
 }
 
 impl<S: Store> std::fmt::Debug for Shard<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shard").field("actors", &self.actors.len()).finish()
+        f.debug_struct("Shard").field("actors", &self.actors.len()).field("running", &self.running.len()).finish()
     }
 }
 
@@ -135,12 +228,135 @@ impl<S: Store> Shard<S> {
         make_store: impl FnOnce() -> S + Send + 'static,
         idle: Duration,
     ) -> Addr<Shard<S>> {
-        Shard::start_in_arbiter(arbiter, move |ctx| {
-            // Never "full": senders rely on `send` enqueueing at once, which keeps per-user
-            // order; the consumers bound how much is in flight.
-            ctx.set_mailbox_capacity(MAILBOX);
-            Shard { shared, store: make_store(), actors: HashMap::new(), idle }
+        Shard::start_in_arbiter(arbiter, move |_| Shard {
+            env: Rc::new(Env { shared, store: make_store() }),
+            actors: ByUser::default(),
+            queues: Vec::new(),
+            running: FuturesUnordered::new(),
+            batch: Vec::with_capacity(BATCH),
+            replies: Vec::with_capacity(BATCH),
+            depth: 0,
+            wrote_outbox: false,
+            idle,
         })
+    }
+
+    /// Hands a routed unit to its user's actor: run at once when the actor is free, queued
+    /// behind the running unit otherwise.
+    fn dispatch(&mut self, routed: Routed, now: Instant, cx: &mut task::Context<'_>) {
+        self.depth += 1;
+        let actor = self.actors.entry(routed.user_id).or_insert_with(|| {
+            METRICS.actors.increment(1.0);
+            PortfolioActor { state: None, busy: false, waiting: VecDeque::new(), last_routed: now }
+        });
+        actor.last_routed = now;
+        if actor.busy {
+            actor.waiting.push_back(routed);
+        } else {
+            self.run(routed, cx);
+        }
+    }
+
+    /// Runs a unit for a free actor, and the actor's waiting units after it for as long as
+    /// each finishes at once.
+    fn run(&mut self, mut routed: Routed, cx: &mut task::Context<'_>) {
+        loop {
+            let actor = self.actors.get_mut(&routed.user_id).expect("work is only run for an actor that exists");
+            actor.busy = true;
+            let mut unit = Box::pin(apply(self.env.clone(), actor.state.take(), routed));
+            match unit.as_mut().poll(cx) {
+                Poll::Ready(finished) => match self.finish(finished) {
+                    Some(next) => routed = next,
+                    None => return,
+                },
+                Poll::Pending => {
+                    // Polled again by `running`, which wakes the shard when it can go on.
+                    self.running.push(unit);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Settles a finished unit: the actor keeps the new state (or drops it after a failure),
+    /// the caller gets the result. Returns the actor's next waiting unit.
+    fn finish(&mut self, Finished { routed, result }: Finished) -> Option<Routed> {
+        self.depth -= 1;
+        let actor = self.actors.get_mut(&routed.user_id).expect("an actor with a unit running is never passivated");
+        actor.busy = false;
+        let answer = match result {
+            Ok((outcome, next)) => {
+                if let Work::Command { command, .. } = &routed.work {
+                    // From the API's publish to the engine's commit.
+                    let secs = (Utc::now() - command.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    METRICS.end_to_end.record(secs);
+                }
+                self.wrote_outbox |= after_commit(&self.env.shared, routed.user_id, &outcome, &next, &routed.work);
+                actor.state = Some(next);
+                Ok(outcome)
+            }
+            Err(e) => {
+                actor.state = None;
+                Err(e)
+            }
+        };
+        self.replies.push((routed.reply, answer));
+        actor.waiting.pop_front()
+    }
+
+    fn send_replies(&mut self) {
+        for (reply, answer) in self.replies.drain(..) {
+            // The caller may have given up (shutdown); the commit stands either way.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// One turn: settles finished units and takes new work until there is none or the turn is
+    /// used up. Returns whether it stopped because the turn was used up.
+    fn turn(&mut self, cx: &mut task::Context<'_>) -> bool {
+        let mut used_up = true;
+        for _ in 0..TURN {
+            let mut progressed = false;
+            while let Poll::Ready(Some(finished)) = self.running.poll_next_unpin(cx) {
+                progressed = true;
+                if let Some(next) = self.finish(finished) {
+                    self.run(next, cx);
+                }
+            }
+            let now = Instant::now();
+            let mut i = 0;
+            while i < self.queues.len() {
+                let mut batch = std::mem::take(&mut self.batch);
+                match self.queues[i].poll_recv_many(cx, &mut batch, BATCH) {
+                    // Closed and empty: every router that could send here is gone.
+                    Poll::Ready(0) => {
+                        self.queues.swap_remove(i);
+                    }
+                    Poll::Ready(_) => {
+                        progressed = true;
+                        for routed in batch.drain(..) {
+                            self.dispatch(routed, now, cx);
+                        }
+                        i += 1;
+                    }
+                    Poll::Pending => i += 1,
+                }
+                self.batch = batch;
+            }
+            self.send_replies();
+            if !progressed {
+                used_up = false;
+                break;
+            }
+        }
+        if self.depth != 0 {
+            METRICS.mailbox_depth.increment(self.depth as f64);
+            self.depth = 0;
+        }
+        if std::mem::take(&mut self.wrote_outbox) {
+            self.env.shared.outbox.notify_one();
+        }
+        used_up
     }
 }
 
@@ -148,13 +364,13 @@ impl<S: Store> Actor for Shard<S> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.spawn(Drive);
         ctx.run_interval(self.idle.min(Duration::from_secs(10)), |shard, _| {
             let idle = shard.idle;
-            shard.actors.retain(|user, entry| {
-                let keep = entry.in_flight.load(Ordering::Acquire) > 0 || entry.last_routed.elapsed() < idle;
+            shard.actors.retain(|user, actor| {
+                let keep = actor.busy || !actor.waiting.is_empty() || actor.last_routed.elapsed() < idle;
                 if !keep {
                     tracing::debug!(user_id = %user, "passivating idle portfolio actor");
-                    entry.addr.do_send(Stop);
                     METRICS.actors.decrement(1.0);
                 }
                 keep
@@ -163,37 +379,33 @@ impl<S: Store> Actor for Shard<S> {
     }
 }
 
-impl<S: Store> Handler<Route> for Shard<S> {
-    type Result = ResponseFuture<Result<Outcome, StoreError>>;
+/// The shard's work loop, polled on its arbiter whenever a queue has work or a running unit
+/// can go on. Never finishes: the shard runs until its arbiter stops, and dropping it drops
+/// the running and waiting units, whose callers then see the shard gone.
+struct Drive;
 
-    fn handle(&mut self, msg: Route, _: &mut Self::Context) -> Self::Result {
-        let (shared, store) = (&self.shared, &self.store);
-        let entry = self.actors.entry(msg.user_id).or_insert_with(|| {
-            METRICS.actors.increment(1.0);
-            let (shared, store) = (shared.clone(), store.clone());
-            Entry {
-                addr: PortfolioActor::create(|ctx| {
-                    ctx.set_mailbox_capacity(MAILBOX);
-                    PortfolioActor { user_id: msg.user_id, state: None, shared, store }
-                }),
-                in_flight: Arc::new(AtomicUsize::new(0)),
-                last_routed: Instant::now(),
-            }
-        });
-        entry.in_flight.fetch_add(1, Ordering::AcqRel);
-        // Work routed and not yet finished, over all actors: the engine's mailbox depth.
-        METRICS.mailbox_depth.increment(1.0);
-        entry.last_routed = Instant::now();
-        let send = entry.addr.send(Apply { work: msg.work, in_flight: entry.in_flight.clone() });
-        let (user, in_flight) = (msg.user_id, entry.in_flight.clone());
-        Box::pin(async move {
-            send.await.unwrap_or_else(|e| {
-                // The actor is gone without handling it: count it down here instead.
-                in_flight.fetch_sub(1, Ordering::AcqRel);
-                METRICS.mailbox_depth.decrement(1.0);
-                Err(StoreError::Corrupt { user, reason: format!("portfolio actor unavailable: {e}") })
-            })
-        })
+impl<S: Store> ActorFuture<Shard<S>> for Drive {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        shard: &mut Shard<S>,
+        _: &mut Context<Shard<S>>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<()> {
+        if shard.turn(cx) {
+            // More may be waiting: let the arbiter's other tasks run, then come straight back.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
+}
+
+impl<S: Store> Handler<Attach> for Shard<S> {
+    type Result = ();
+    fn handle(&mut self, Attach(queue): Attach, _: &mut Self::Context) {
+        // The context polls `Drive` after its mailbox, so the new queue is drained at once.
+        self.queues.push(queue);
     }
 }
 
@@ -204,76 +416,37 @@ impl<S: Store> Handler<ActorCount> for Shard<S> {
     }
 }
 
-/// One user's portfolio, applied one unit of work at a time.
-#[derive(Debug)]
-pub struct PortfolioActor<S: Store> {
-    user_id: Uuid,
-    /// `None` until loaded, and again after a failure (reloaded before the next work).
-    state: Option<UserState>,
-    shared: Arc<Shared>,
-    store: S,
+/// Runs one unit of work for one user (a future polled on the shard's thread).
+async fn apply<S: Store>(env: Rc<Env<S>>, state: Option<UserState>, routed: Routed) -> Finished {
+    let started = Instant::now();
+    let result = apply_with_retries(routed.user_id, &env.shared, &env.store, state, &routed.work).await;
+    METRICS.apply.record(started.elapsed().as_secs_f64());
+    Finished { routed, result }
 }
 
-impl<S: Store> Actor for PortfolioActor<S> {
-    type Context = Context<Self>;
-}
-
-impl<S: Store> Handler<Stop> for PortfolioActor<S> {
-    type Result = ();
-    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
-        ctx.stop();
-    }
-}
-
-impl<S: Store> Handler<Apply> for PortfolioActor<S> {
-    type Result = AtomicResponse<Self, Result<Outcome, StoreError>>;
-
-    fn handle(&mut self, Apply { work, in_flight }: Apply, _: &mut Self::Context) -> Self::Result {
-        let (user, shared, store, state) = (self.user_id, self.shared.clone(), self.store.clone(), self.state.take());
-        let fut = async move {
-            let started = Instant::now();
-            let result = apply_with_retries(user, &shared, &store, state, &work).await.map(|r| (r, work));
-            METRICS.apply.record(started.elapsed().as_secs_f64());
-            result
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |result, actor, _| {
-            in_flight.fetch_sub(1, Ordering::AcqRel);
-            METRICS.mailbox_depth.decrement(1.0);
-            match result {
-                Ok(((outcome, next), work)) => {
-                    if let Work::Command { command, .. } = &work {
-                        // From the API's publish to the engine's commit.
-                        let secs = (Utc::now() - command.at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                        METRICS.end_to_end.record(secs);
-                    }
-                    actor.after_commit(&outcome, &next, &work);
-                    actor.state = Some(next);
-                    Ok(outcome)
-                }
-                Err(e) => {
-                    actor.state = None;
-                    Err(e)
-                }
-            }
-        })))
-    }
-}
-
-impl<S: Store> PortfolioActor<S> {
-    /// Keeps the price book in step with the committed state, and wakes the outbox relay.
-    fn after_commit(&self, outcome: &Outcome, next: &UserState, work: &Work) {
-        let mut book = self.shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
-        if let Outcome::Applied { events, .. } = outcome {
-            for event in events {
-                match event {
-                    Event::OrderAccepted(o) => book.insert(
-                        &o.symbol,
-                        Resting { order_id: o.id, user_id: self.user_id, side: o.side, limit: o.limit_price.get() },
-                    ),
-                    Event::OrderFilled(f) => book.remove(f.order_id),
-                    Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
-                    _ => {}
-                }
+/// Keeps the price book in step with the committed state; returns whether the commit wrote
+/// outbox rows (the relay is to be woken).
+fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserState, work: &Work) -> bool {
+    let events: &[Event] = match outcome {
+        Outcome::Applied { events, .. } => events,
+        _ => &[],
+    };
+    // Only resting orders are in the book: accepted ones go in, and a fill that released a
+    // hold or a cancel takes one out. A fill at once (no hold) never rested: no lock needed.
+    let touches_book = |e: &Event| match e {
+        Event::OrderAccepted(_) | Event::OrderCanceled { .. } => true,
+        Event::OrderFilled(f) => f.released.is_some(),
+        _ => false,
+    };
+    if events.iter().any(touches_book) || matches!(work, Work::Trigger { .. }) {
+        let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
+        for event in events {
+            match event {
+                Event::OrderAccepted(o) => book
+                    .insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() }),
+                Event::OrderFilled(f) if f.released.is_some() => book.remove(f.order_id),
+                Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
+                _ => {}
             }
         }
         // A trigger takes the order out of the book; if it is still open (the tick no longer
@@ -281,15 +454,18 @@ impl<S: Store> PortfolioActor<S> {
         if let Work::Trigger { order_id, .. } = work
             && let Some(o) = next.portfolio.open_orders.get(order_id)
         {
-            book.insert(
-                &o.symbol,
-                Resting { order_id: o.id, user_id: self.user_id, side: o.side, limit: o.limit_price.get() },
-            );
+            book.insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() });
         }
-        drop(book);
-        if matches!(outcome, Outcome::Applied { .. }) {
-            self.shared.outbox.notify_one();
-        }
+    }
+    matches!(outcome, Outcome::Applied { .. })
+}
+
+/// The symbol whose market view the work needs, if any (borrowed: no clone on the hot path).
+fn symbol_of(work: &Work) -> Option<&Symbol> {
+    match work {
+        Work::Command { command: OrderCommand { body: CommandBody::Place { symbol, .. }, .. }, .. } => Some(symbol),
+        Work::Trigger { symbol, .. } => Some(symbol),
+        Work::Command { .. } => None,
     }
 }
 
@@ -319,18 +495,19 @@ async fn apply_with_retries<S: Store>(
                 Some(s) => s,
                 None => store.load(user).await?,
             };
-            let (market, price) = match work.symbol() {
-                Some(symbol) => shared.market_for(&symbol),
+            let (market, price) = match symbol_of(work) {
+                Some(symbol) => shared.market_for(symbol),
                 None => (None, None),
             };
+            let now = Utc::now();
             let view = market.as_ref().map(|m| MarketView {
                 market: m,
                 last_price: price,
-                now: Utc::now(),
+                now,
                 max_price_age: shared.max_price_age,
             });
             let started = Instant::now();
-            let outcome = store.commit(&current, work, view.as_ref(), Utc::now()).await;
+            let outcome = store.commit(&current, work, view.as_ref(), now).await;
             METRICS.commit.record(started.elapsed().as_secs_f64());
             if outcome.is_err() {
                 state = None;
