@@ -32,6 +32,7 @@ use crate::events::AuthEvents;
 use crate::json::BODY_LIMIT;
 use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
+use crate::trading::intake::IntakeWriter;
 use crate::trading::markets::MarketCache;
 use crate::ws::{Gateway, WsConfig};
 use crate::{admin, auth, hardening, notifications, openapi, prices, trading, ws};
@@ -69,6 +70,8 @@ pub struct Shared {
     pub prices: PriceBook,
     /// The WebSocket feed's hub and tunables (`/ws`).
     pub ws: Gateway,
+    /// Order intake rows, inserted in batches (see [`IntakeWriter`]).
+    pub intake: IntakeWriter,
 }
 
 /// How long one request may take before it is answered 503.
@@ -131,6 +134,7 @@ impl Application {
         prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
+            intake: IntakeWriter::start(pool.clone()),
             pool,
             ws: Gateway::new(&bus, ws_config, shutdown.clone()),
             events: AuthEvents::new(bus.clone()),

@@ -871,3 +871,37 @@ async fn candles_aggregate_the_one_minute_rows_into_the_interval_oldest_first() 
     problem(api.get("/markets/BTC-USD/candles?start=yesterday", None).await, 422, "validation_failed").await;
     problem(api.get("/markets/BTC-USD/candles?limit=5", None).await, 422, "validation_failed").await;
 }
+
+/// Intake rows are inserted in batches: a burst of concurrent orders, each client id sent twice
+/// at once, still makes exactly one order per client id — one answer 202 and the other 200 with
+/// the same order — and one command each on the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_orders_with_repeated_client_ids_make_one_order_each() {
+    const IDS: usize = 20;
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "burst@example.com").await;
+    let requests = (0..IDS * 2).map(|i| {
+        let (api, token) = (&api, token.clone());
+        async move {
+            let resp = api.post("/orders", Some(&token), limit_order(&format!("burst-{}", i % IDS))).await;
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.expect("json");
+            (i % IDS, status, body["id"].as_str().expect("order id").to_owned())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    for id in 0..IDS {
+        let mine: Vec<&(usize, u16, String)> = answers.iter().filter(|(c, _, _)| *c == id).collect();
+        let mut statuses: Vec<u16> = mine.iter().map(|(_, s, _)| *s).collect();
+        statuses.sort();
+        assert_eq!(statuses, [200, 202], "client id burst-{id}: one new order, one repeat: {mine:?}");
+        assert_eq!(mine[0].2, mine[1].2, "both answers name the same order");
+    }
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, IDS as i64);
+    let commands: std::collections::BTreeSet<String> = stream_messages(&api, streams::ORDERS.name)
+        .await
+        .into_iter()
+        .map(|m| m.payload["order_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(commands.len(), IDS, "one command per order on the stream");
+}

@@ -38,6 +38,7 @@ use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
 use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce, WireDecimal};
 
+use super::intake::IntakeRow;
 use super::{
     ClientId, DecimalInput, Intake, MarketSymbol, OrderDoc, OrderKind, OrderSide, OrderTimeInForce, check_client_id,
     context, publish_command, publish_intake,
@@ -237,7 +238,7 @@ pub async fn place_order(
     let wait = prefer_wait(&headers);
     let order = validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price))?;
     let user = caller.user_id;
-    let (view, fresh) = insert_intake(&state.pool, user, &order, &meta).await?;
+    let (view, fresh) = insert_intake(&state, user, &order, &meta).await?;
     if view.status != "pending" {
         return Ok(answer(StatusCode::OK, view, None));
     }
@@ -268,42 +269,34 @@ pub async fn place_order(
     Ok(answer(status, current, Some(secs)))
 }
 
-/// Inserts the pending row, or finds the existing one with this client id. `true` when the row
-/// is new. A row found by conflict and withdrawn before it could be read (its request just
-/// failed) is inserted again.
+/// Inserts the pending row (in the next intake batch, see [`super::intake`]), or finds the
+/// existing one with this client id. `true` when the row is new. A row found by conflict and
+/// withdrawn before it could be read (its request just failed) is inserted again.
 async fn insert_intake(
-    pool: &PgPool,
+    state: &AppState,
     user: Uuid,
     order: &ValidOrder,
     meta: &RequestMeta,
 ) -> Result<(OrderView, bool), ApiError> {
-    let sql = format!(
-        "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price,
-                             status, request_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10)
-         ON CONFLICT (user_id, client_order_id) DO NOTHING
-         RETURNING {ORDER_COLUMNS}"
-    );
     for _ in 0..3 {
         let order_id = Uuid::now_v7();
         let client_order_id = order.client_order_id.clone().unwrap_or_else(|| order_id.to_string());
-        let inserted: Option<OrderView> = sqlx::query_as(&sql)
-            .bind(order_id)
-            .bind(user)
-            .bind(&client_order_id)
-            .bind(order.symbol.to_string())
-            .bind(wire(&order.side)?)
-            .bind(wire(&order.order_type)?)
-            .bind(wire(&order.time_in_force)?)
-            .bind(order.quantity.get())
-            .bind(order.limit_price.map(Positive::get))
-            .bind(&meta.request_id)
-            .fetch_optional(pool)
-            .await?;
-        if let Some(view) = inserted {
+        let row = IntakeRow {
+            id: order_id,
+            user_id: user,
+            client_order_id: client_order_id.clone(),
+            symbol: order.symbol.to_string(),
+            side: wire(&order.side)?,
+            order_type: wire(&order.order_type)?,
+            time_in_force: wire(&order.time_in_force)?,
+            quantity: order.quantity.get(),
+            limit_price: order.limit_price.map(Positive::get),
+            request_id: meta.request_id.clone(),
+        };
+        if let Some(view) = state.intake.insert(row).await? {
             return Ok((view, true));
         }
-        if let Some(existing) = load_by_client_id(pool, user, &client_order_id).await? {
+        if let Some(existing) = load_by_client_id(&state.pool, user, &client_order_id).await? {
             return Ok((existing, false));
         }
     }

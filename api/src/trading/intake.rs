@@ -1,0 +1,141 @@
+//! Order intake rows written in batches.
+//!
+//! Every accepted order starts as a pending row, committed before its command is published. One
+//! autocommit `INSERT` per order made each request wait for its own WAL flush, and under load
+//! the API's connections queued on Postgres's WAL lock (sampled: nine in ten active intake
+//! statements waiting on `WALWrite`/`WALSync`) long before the CPU ran out. So requests hand
+//! their rows to an [`IntakeWriter`]: while [`CONCURRENT_BATCHES`] statements are under way new
+//! rows queue, and the next statement inserts everything queued (up to [`MAX_BATCH`]) with one
+//! multi-row `INSERT … ON CONFLICT DO NOTHING` — one commit, one flush. At low load a batch is one
+//! row and goes at once (no timer).
+//!
+//! Each request still gets its own answer: its row as inserted, or `None` when its
+//! `(user, client_order_id)` was taken (by an earlier order, or by another row of the same
+//! batch), exactly as a single-row insert answered. A batch Postgres refuses is retried row by
+//! row, so one request's failure never becomes another's.
+
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+use vault_bus::views::{ORDER_COLUMNS, OrderView};
+
+/// Insert statements under way at once (the API's pool also serves every read).
+pub const CONCURRENT_BATCHES: usize = 4;
+/// Rows in one statement at most.
+pub const MAX_BATCH: usize = 256;
+
+/// One pending order row, as the API writes it.
+#[derive(Debug, Clone)]
+pub struct IntakeRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub client_order_id: String,
+    pub symbol: String,
+    pub side: String,
+    pub order_type: String,
+    pub time_in_force: String,
+    pub quantity: Decimal,
+    pub limit_price: Option<Decimal>,
+    pub request_id: Option<String>,
+}
+
+type Reply = Result<Option<OrderView>, sqlx::Error>;
+
+/// Queues intake rows for the next batch; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct IntakeWriter {
+    queue: mpsc::UnboundedSender<(IntakeRow, oneshot::Sender<Reply>)>,
+}
+
+impl IntakeWriter {
+    /// Starts the batching task on the current runtime.
+    pub fn start(pool: PgPool) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, rx));
+        IntakeWriter { queue }
+    }
+
+    /// Inserts the row in the next batch: `Some(row)` as inserted, `None` when its client order
+    /// id was taken.
+    pub async fn insert(&self, row: IntakeRow) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send((row, reply)).map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+async fn run(pool: PgPool, mut queue: mpsc::UnboundedReceiver<(IntakeRow, oneshot::Sender<Reply>)>) {
+    let slots = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
+    while let Some(first) = queue.recv().await {
+        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH
+            && let Ok(next) = queue.try_recv()
+        {
+            batch.push(next);
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let (rows, replies): (Vec<IntakeRow>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
+            match insert(&pool, &rows).await {
+                Ok(mut inserted) => {
+                    for (row, reply) in rows.iter().zip(replies) {
+                        let _ = reply.send(Ok(inserted.remove(&row.id)));
+                    }
+                }
+                Err(e) if rows.len() > 1 && matches!(e, sqlx::Error::Database(_)) => {
+                    tracing::warn!(rows = rows.len(), error = %e, "intake batch refused; inserting its rows one by one");
+                    for (row, reply) in rows.iter().zip(replies) {
+                        let result = insert(&pool, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
+                        let _ = reply.send(result);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let mut replies = replies.into_iter();
+                    if let Some(first) = replies.next() {
+                        let _ = first.send(Err(e));
+                    }
+                    for reply in replies {
+                        let _ = reply.send(Err(sqlx::Error::Protocol(format!("the intake batch failed: {message}"))));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// One multi-row insert; the rows it inserted, by id.
+async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<std::collections::HashMap<Uuid, OrderView>, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price,
+                             status, request_id)
+         SELECT r.id, r.user_id, r.client_order_id, r.symbol, r.side, r.type, r.time_in_force, r.quantity,
+                r.limit_price, 'pending', r.request_id
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                       $8::numeric[], $9::numeric[], $10::text[])
+                WITH ORDINALITY AS r(id, user_id, client_order_id, symbol, side, type, time_in_force, quantity,
+                                     limit_price, request_id, n)
+          ORDER BY r.n
+         ON CONFLICT (user_id, client_order_id) DO NOTHING
+         RETURNING {ORDER_COLUMNS}"
+    );
+    let inserted: Vec<OrderView> = sqlx::query_as(&sql)
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.client_order_id.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.symbol.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.side.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.order_type.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.time_in_force.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.quantity).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.limit_price).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.request_id.as_deref()).collect::<Vec<_>>())
+        .fetch_all(pool)
+        .await?;
+    Ok(inserted.into_iter().map(|v| (v.id, v)).collect())
+}
