@@ -5,12 +5,14 @@
 //!   handler can beat it on this machine.
 //! - **Backbone**: raw JetStream publish-with-ack of a real order command (the same bytes the API
 //!   publishes, with a `Nats-Msg-Id`), into a scratch file-backed stream like `ORDERS`.
-//! - **Storage**: the Postgres writes of one market buy, raw: the API's intake row, then the
-//!   transaction the engine runs to commit it (command key, version compare-and-set, intake-row
-//!   lock, order update, fill, three two-row ledger postings, two balance upserts, the order
-//!   read-back, one outbox row), into
-//!   scratch tables created `LIKE` the real ones (same columns, constraints and indexes; foreign
-//!   keys are not copied, so this limit is slightly optimistic).
+//! - **Storage**: the Postgres writes of market buys, raw, the way the engine's group commit
+//!   writes them: the API's intake rows, then one transaction per batch of orders (of as many
+//!   users) with multi-row statements — command keys, version compare-and-set and intake-row
+//!   locks in one; order updates with their fills in one; ledger postings (three two-row
+//!   postings per order), balances (two per order) and outbox rows in one. Measured with one
+//!   order per transaction too (what each order cost alone), into scratch tables created `LIKE`
+//!   the real ones (same columns, constraints and indexes; foreign keys are not copied, so this
+//!   limit is slightly optimistic). Its rate is in orders per second.
 //!
 //! Each limit is measured closed-loop, flat out, with `concurrency` workers for `duration`.
 
@@ -212,9 +214,15 @@ pub async fn jetstream_publish(
 const SCRATCH_TABLES: [&str; 7] =
     ["portfolios", "applied_commands", "balances", "orders", "fills", "ledger_entries", "outbox"];
 
-/// The storage limit: one market buy's intake row and engine commit, raw, per worker
-/// on its own user; scratch schema dropped afterwards.
-pub async fn postgres_commit(database_url: &str, concurrency: usize, duration: Duration) -> anyhow::Result<Limit> {
+/// The storage limit: market buys' intake rows and engine commits, raw, `batch` orders (of as
+/// many users) per transaction, per worker on its own users; scratch schema dropped afterwards.
+/// The rate is in orders per second.
+pub async fn postgres_commit(
+    database_url: &str,
+    concurrency: usize,
+    duration: Duration,
+    batch: usize,
+) -> anyhow::Result<Limit> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(concurrency as u32 + 1)
         .connect(database_url)
@@ -231,23 +239,27 @@ pub async fn postgres_commit(database_url: &str, concurrency: usize, duration: D
             .await
             .with_context(|| format!("creating the scratch copy of {t} (is the database migrated?)"))?;
         }
-        let users: Vec<Uuid> = (0..concurrency).map(|_| Uuid::new_v4()).collect();
-        for u in &users {
-            sqlx::query(&format!("INSERT INTO {schema}.portfolios (user_id, version) VALUES ($1, 1)"))
-                .bind(u)
-                .execute(&pool)
-                .await?;
-        }
+        let users: Vec<Vec<Uuid>> = (0..concurrency).map(|_| (0..batch).map(|_| Uuid::new_v4()).collect()).collect();
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.portfolios (user_id, version) SELECT u, 1 FROM UNNEST($1::uuid[]) AS u"
+        ))
+        .bind(users.iter().flatten().copied().collect::<Vec<_>>())
+        .execute(&pool)
+        .await?;
         let versions = Arc::new(users.iter().map(|_| AtomicU64::new(1)).collect::<Vec<_>>());
         let (pool2, schema2, users) = (pool.clone(), schema.clone(), Arc::new(users));
-        let limit = flat_out("limit: Postgres commit (1 buy)", concurrency, duration, move |i| {
+        let name =
+            format!("limit: Postgres commits ({batch} {} per transaction)", if batch == 1 { "buy" } else { "buys" });
+        let mut limit = flat_out(&name, concurrency, duration, move |i| {
             let (pool, schema, users, versions) = (pool2.clone(), schema2.clone(), users.clone(), versions.clone());
             async move {
                 let w = (i >> 40) as usize;
-                commit_one(&pool, &schema, users[w], &versions[w], i).await
+                commit_batch(&pool, &schema, &users[w], &versions[w], i).await
             }
         })
         .await;
+        limit.rate *= batch as f64;
+        limit.line.push_str(&format!(" = {:.0} orders/s", limit.rate));
         anyhow::Ok(limit)
     }
     .await;
@@ -256,111 +268,119 @@ pub async fn postgres_commit(database_url: &str, concurrency: usize, duration: D
     result
 }
 
-async fn commit_one(pool: &sqlx::PgPool, s: &str, user: Uuid, version: &AtomicU64, i: u64) -> anyhow::Result<()> {
+/// One market buy per user of `users`: the intake rows (one statement, as the API's batch would
+/// be), then the engine's transaction in three multi-row statements.
+async fn commit_batch(pool: &sqlx::PgPool, s: &str, users: &[Uuid], version: &AtomicU64, i: u64) -> anyhow::Result<()> {
     use rust_decimal::Decimal;
+    let n = users.len();
     let (price, qty, fee) = (Decimal::new(6_500_000, 2), Decimal::new(1, 4), Decimal::new(65, 4));
     let notional = price * qty;
-    let order = Uuid::now_v7();
-    // The intake row the API would have written (not part of the engine's commit).
+    let orders: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    let keys: Vec<String> = (0..n).map(|k| format!("lg-{i}-{k}")).collect();
     sqlx::query(&format!(
         "INSERT INTO {s}.orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, status)
-         VALUES ($1, $2, $3, 'BTC-USD', 'buy', 'market', 'ioc', $4, 'pending')"
+         SELECT o, u, k, 'BTC-USD', 'buy', 'market', 'ioc', $4, 'pending' FROM UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS x(o, u, k)"
     ))
-    .bind(order)
-    .bind(user)
-    .bind(format!("lg-{i}"))
+    .bind(&orders)
+    .bind(users)
+    .bind(&keys)
     .bind(qty)
     .execute(pool)
     .await?;
 
     let v = version.load(Ordering::Relaxed) as i64;
     let mut tx = pool.begin().await?;
-    sqlx::query(&format!(
-        "INSERT INTO {s}.applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+    let claimed: i64 = sqlx::query_scalar(&format!(
+        "WITH i AS (SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[]) AS i(user_id, key, order_id)),
+         cmd AS (INSERT INTO {s}.applied_commands (user_id, command_id, stream_seq, version)
+                 SELECT user_id, key, $4, $5 + 1 FROM i ON CONFLICT DO NOTHING RETURNING user_id),
+         cas AS (UPDATE {s}.portfolios p SET version = p.version + 1, updated_at = now()
+                   FROM cmd WHERE p.user_id = cmd.user_id AND p.version = $5 RETURNING p.user_id)
+         SELECT (SELECT count(*) FROM cas)
+                + 0 * (SELECT count(*) FROM (SELECT status FROM {s}.orders WHERE id IN (SELECT order_id FROM i) FOR UPDATE) l)"
     ))
-    .bind(user)
-    .bind(format!("{user}:lg-{i}"))
+    .bind(users)
+    .bind(&keys)
+    .bind(&orders)
     .bind(i as i64)
-    .bind(v + 1)
-    .execute(&mut *tx)
-    .await?;
-    let cas = sqlx::query(&format!(
-        "UPDATE {s}.portfolios SET version = version + 1, updated_at = now() WHERE user_id = $1 AND version = $2"
-    ))
-    .bind(user)
     .bind(v)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
-    anyhow::ensure!(cas.rows_affected() == 1, "version conflict");
-    let _: Option<String> =
-        sqlx::query_scalar(&format!("SELECT status FROM {s}.orders WHERE id = $1 AND user_id = $2 FOR UPDATE"))
-            .bind(order)
-            .bind(user)
-            .fetch_optional(&mut *tx)
-            .await?;
-    sqlx::query(&format!(
-        "UPDATE {s}.orders SET status = 'filled', filled_quantity = quantity, average_fill_price = $2, fee = $3,
-                hold = 0, updated_at = now() WHERE id = $1"
+    anyhow::ensure!(claimed == n as i64, "version conflict");
+    let fills: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    let filled: i64 = sqlx::query_scalar(&format!(
+        "WITH u AS (SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[]) AS u(order_id, fill_id, user_id)),
+         o AS (UPDATE {s}.orders SET status = 'filled', filled_quantity = quantity, average_fill_price = $4, fee = $5,
+                      hold = 0, updated_at = now() FROM u WHERE {s}.orders.id = u.order_id RETURNING {s}.orders.id),
+         f AS (INSERT INTO {s}.fills (id, order_id, user_id, symbol, side, price, quantity, fee)
+               SELECT fill_id, order_id, user_id, 'BTC-USD', 'buy', $4, $6, $5 FROM u RETURNING order_id)
+         SELECT count(*) FROM o JOIN f ON f.order_id = o.id"
     ))
-    .bind(order)
+    .bind(&orders)
+    .bind(&fills)
+    .bind(users)
     .bind(price)
     .bind(fee)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(&format!(
-        "INSERT INTO {s}.fills (id, order_id, user_id, symbol, side, price, quantity, fee) VALUES ($1, $2, $3, 'BTC-USD', 'buy', $4, $5, $6)"
-    ))
-    .bind(Uuid::now_v7())
-    .bind(order)
-    .bind(user)
-    .bind(price)
     .bind(qty)
-    .bind(fee)
+    .fetch_one(&mut *tx)
+    .await?;
+    anyhow::ensure!(filled == n as i64, "not every order filled");
+    // Three postings per order (trade USD, trade BTC, fee), each a user entry and its counter.
+    let (mut p_user, mut p_tx, mut p_asset, mut p_amount, mut p_counter, mut p_kind, mut p_order) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (user, order) in users.iter().zip(&orders) {
+        let tx_id = Uuid::now_v7();
+        for (asset, amount, counter, kind) in
+            [("USD", -notional, "house", "trade"), ("BTC", qty, "house", "trade"), ("USD", -fee, "fees", "fee")]
+        {
+            p_user.push(*user);
+            p_tx.push(tx_id);
+            p_asset.push(asset);
+            p_amount.push(amount);
+            p_counter.push(counter);
+            p_kind.push(kind);
+            p_order.push(*order);
+        }
+    }
+    let b_user: Vec<Uuid> = users.iter().flat_map(|u| [*u, *u]).collect();
+    let b_asset: Vec<&str> = users.iter().flat_map(|_| ["USD", "BTC"]).collect();
+    let b_total: Vec<Decimal> = users.iter().flat_map(|_| [Decimal::new(1_000_000, 0), qty]).collect();
+    let outbox: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    let subjects: Vec<String> = users.iter().map(|u| format!("events.order.filled.{u}")).collect();
+    let payload = serde_json::json!({"v": 1, "order": ORDER_BODY}).to_string();
+    sqlx::query(&format!(
+        "WITH ledger AS (
+             INSERT INTO {s}.ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id)
+             SELECT p.tx_id, e.account, CASE WHEN e.side = 0 THEN p.user_id END, p.asset,
+                    CASE WHEN e.side = 0 THEN p.amount ELSE -p.amount END, CASE WHEN e.side = 0 THEN 0 END,
+                    p.kind, p.order_id
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::numeric[], $5::text[], $6::text[], $7::uuid[])
+                    WITH ORDINALITY AS p(user_id, tx_id, asset, amount, counter, kind, order_id, n)
+              CROSS JOIN LATERAL (VALUES ('user', 0), (p.counter, 1)) AS e(account, side)
+              ORDER BY p.n, e.side
+         ), balance AS (
+             INSERT INTO {s}.balances (user_id, asset, total, reserved, cost_basis)
+             SELECT b.user_id, b.asset, b.total, 0, 0 FROM UNNEST($8::uuid[], $9::text[], $10::numeric[]) AS b(user_id, asset, total)
+             ON CONFLICT (user_id, asset) DO UPDATE SET total = EXCLUDED.total, updated_at = now()
+         )
+         INSERT INTO {s}.outbox (id, subject, payload)
+         SELECT o.id, o.subject, $13::jsonb FROM UNNEST($11::uuid[], $12::text[]) AS o(id, subject)"
+    ))
+    .bind(&p_user)
+    .bind(&p_tx)
+    .bind(&p_asset)
+    .bind(&p_amount)
+    .bind(&p_counter)
+    .bind(&p_kind)
+    .bind(&p_order)
+    .bind(&b_user)
+    .bind(&b_asset)
+    .bind(&b_total)
+    .bind(&outbox)
+    .bind(&subjects)
+    .bind(&payload)
     .execute(&mut *tx)
     .await?;
-    let tx_id = Uuid::now_v7();
-    for (asset, amount, counter, kind) in
-        [("USD", -notional, "house", "trade"), ("BTC", qty, "house", "trade"), ("USD", -fee, "fees", "fee")]
-    {
-        sqlx::query(&format!(
-            "INSERT INTO {s}.ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id)
-             VALUES ($1, 'user', $2, $3, $4, 0, $6, $7), ($1, $5, NULL, $3, -$4, NULL, $6, $7)"
-        ))
-        .bind(tx_id)
-        .bind(user)
-        .bind(asset)
-        .bind(amount)
-        .bind(counter)
-        .bind(kind)
-        .bind(order)
-        .execute(&mut *tx)
-        .await?;
-    }
-    for (asset, total) in [("USD", Decimal::new(1_000_000, 0)), ("BTC", qty)] {
-        sqlx::query(&format!(
-            "INSERT INTO {s}.balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, $2, $3, 0, 0)
-             ON CONFLICT (user_id, asset) DO UPDATE SET total = EXCLUDED.total, updated_at = now()"
-        ))
-        .bind(user)
-        .bind(asset)
-        .bind(total)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let _: (Uuid, String) = sqlx::query_as(&format!("SELECT id, status FROM {s}.orders WHERE id = $1"))
-        .bind(order)
-        .fetch_one(&mut *tx)
-        .await?;
-    let _: Vec<(Uuid,)> = sqlx::query_as(&format!("SELECT id FROM {s}.fills WHERE order_id = $1"))
-        .bind(order)
-        .fetch_all(&mut *tx)
-        .await?;
-    sqlx::query(&format!("INSERT INTO {s}.outbox (id, subject, payload) VALUES ($1, $2, $3)"))
-        .bind(Uuid::now_v7())
-        .bind(format!("events.order.filled.{user}"))
-        .bind(serde_json::json!({"v": 1, "order": ORDER_BODY}))
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     version.fetch_add(1, Ordering::Relaxed);
     Ok(())

@@ -514,9 +514,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             storage_and_backbone.push(("JetStream publish+ack".into(), backbone));
         }
         if let Some(url) = &args.database_url {
-            let storage = limits::postgres_commit(url, args.limit_concurrency, args.limit_duration).await?;
+            // What each order cost alone, then as the engine writes them: 64 orders per
+            // transaction from 8 workers (its 2 shards × 4 transactions under way).
+            let alone = limits::postgres_commit(url, args.limit_concurrency, args.limit_duration, 1).await?;
+            println!("{}", alone.line);
+            let storage = limits::postgres_commit(url, 8, args.limit_duration, 64).await?;
             println!("{}", storage.line);
-            storage_and_backbone.push(("the raw Postgres writes".into(), storage));
+            storage_and_backbone.push(("the raw Postgres writes in batches of 64".into(), storage));
         }
         if let (Some(committed), Some((name, l))) =
             (committed_rate, storage_and_backbone.iter().min_by(|a, b| a.1.rate.total_cmp(&b.1.rate)))
