@@ -5,6 +5,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use vault_core::{Role, Settings, db, shutdown, telemetry};
 
+/// mimalloc: every request allocates and frees small buffers on whichever worker thread runs it;
+/// glibc's per-thread arenas kept what 10,000 idle connections had used and grew from round to
+/// round (`api/tests/hostile.rs`), and malloc/free led the `GET /portfolio` profile.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CryptoVault REST API.
 #[derive(Debug, Parser)]
 #[command(name = "vault-api", version)]
