@@ -16,6 +16,7 @@
 //! This crate holds no business logic and never talks to NATS: the backbone lives in
 //! `vault-bus`, the trading rules in `vault-engine`.
 
+pub mod batching;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -23,16 +23,17 @@
 //! The decision itself ([`prepare`]) is pure and runs in the actor before the unit is queued.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use vault_bus::BusMessage;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, encode};
 use vault_bus::views::{DepositView, FillView, ORDER_COLUMNS, OrderView};
+use vault_core::batching;
 use vault_core::domain::{Asset, Side};
 use vault_core::metric_names as names;
 
@@ -260,7 +261,10 @@ impl Committer {
     /// Starts the batching task on the current runtime (the shard's arbiter).
     pub fn start(pool: PgPool) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, rx));
+        tokio::spawn(batching::run(rx, CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
+            let pool = pool.clone();
+            async move { commit_batch(&pool, batch).await }
+        }));
         Committer { queue }
     }
 
@@ -269,26 +273,6 @@ impl Committer {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Queued { unit, reply }).map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
-    }
-}
-
-/// Takes whatever is queued as the next batch whenever a transaction slot is free; ends when
-/// every [`Committer`] handle is dropped.
-async fn run(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Queued>) {
-    let slots = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
-    while let Some(first) = queue.recv().await {
-        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH
-            && let Ok(next) = queue.try_recv()
-        {
-            batch.push(next);
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            commit_batch(&pool, batch).await;
-            drop(slot);
-        });
     }
 }
 

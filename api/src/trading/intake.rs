@@ -14,13 +14,12 @@
 //! batch), exactly as a single-row insert answered. A batch Postgres refuses is retried row by
 //! row, so one request's failure never becomes another's.
 
-use std::sync::Arc;
-
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use vault_bus::views::{ORDER_COLUMNS, OrderView};
+use vault_core::batching;
 
 /// Insert statements under way at once (the API's pool also serves every read).
 pub const CONCURRENT_BATCHES: usize = 4;
@@ -54,7 +53,10 @@ impl IntakeWriter {
     /// Starts the batching task on the current runtime.
     pub fn start(pool: PgPool) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, rx));
+        tokio::spawn(batching::run(rx, CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
+            let pool = pool.clone();
+            async move { insert_batch(&pool, batch).await }
+        }));
         IntakeWriter { queue }
     }
 
@@ -67,45 +69,32 @@ impl IntakeWriter {
     }
 }
 
-async fn run(pool: PgPool, mut queue: mpsc::UnboundedReceiver<(IntakeRow, oneshot::Sender<Reply>)>) {
-    let slots = Arc::new(Semaphore::new(CONCURRENT_BATCHES));
-    while let Some(first) = queue.recv().await {
-        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH
-            && let Ok(next) = queue.try_recv()
-        {
-            batch.push(next);
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let (rows, replies): (Vec<IntakeRow>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
-            match insert(&pool, &rows).await {
-                Ok(mut inserted) => {
-                    for (row, reply) in rows.iter().zip(replies) {
-                        let _ = reply.send(Ok(inserted.remove(&row.id)));
-                    }
-                }
-                Err(e) if rows.len() > 1 && matches!(e, sqlx::Error::Database(_)) => {
-                    tracing::warn!(rows = rows.len(), error = %e, "intake batch refused; inserting its rows one by one");
-                    for (row, reply) in rows.iter().zip(replies) {
-                        let result = insert(&pool, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
-                        let _ = reply.send(result);
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    let mut replies = replies.into_iter();
-                    if let Some(first) = replies.next() {
-                        let _ = first.send(Err(e));
-                    }
-                    for reply in replies {
-                        let _ = reply.send(Err(sqlx::Error::Protocol(format!("the intake batch failed: {message}"))));
-                    }
-                }
+/// Inserts one batch and answers each of its requests.
+async fn insert_batch(pool: &PgPool, batch: Vec<(IntakeRow, oneshot::Sender<Reply>)>) {
+    let (rows, replies): (Vec<IntakeRow>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
+    match insert(pool, &rows).await {
+        Ok(mut inserted) => {
+            for (row, reply) in rows.iter().zip(replies) {
+                let _ = reply.send(Ok(inserted.remove(&row.id)));
             }
-            drop(slot);
-        });
+        }
+        Err(e) if rows.len() > 1 && matches!(e, sqlx::Error::Database(_)) => {
+            tracing::warn!(rows = rows.len(), error = %e, "intake batch refused; inserting its rows one by one");
+            for (row, reply) in rows.iter().zip(replies) {
+                let result = insert(pool, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let mut replies = replies.into_iter();
+            if let Some(first) = replies.next() {
+                let _ = first.send(Err(e));
+            }
+            for reply in replies {
+                let _ = reply.send(Err(sqlx::Error::Protocol(format!("the intake batch failed: {message}"))));
+            }
+        }
     }
 }
 
