@@ -28,12 +28,12 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 use vault_bus::BusMessage;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, encode};
 use vault_bus::views::{DepositView, FillView, ORDER_COLUMNS, OrderView};
-use vault_core::batching;
+use vault_core::batching::{Batcher, Pending};
 use vault_core::domain::{Asset, Side};
 use vault_core::metric_names as names;
 
@@ -241,16 +241,9 @@ pub fn settle(state: &UserState, claim: Claim, unit: Unit) -> Result<(Outcome, U
 
 /// Queues units for this shard's batches; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Committer {
-    queue: mpsc::UnboundedSender<Queued>,
-}
+pub struct Committer(Batcher<Box<Unit>, Reply>);
 
 type Reply = Result<(Claim, Box<Unit>), StoreError>;
-
-struct Queued {
-    unit: Box<Unit>,
-    reply: oneshot::Sender<Reply>,
-}
 
 /// What a committer that is gone (the runtime is shutting down) answers: a retryable failure.
 fn gone() -> StoreError {
@@ -260,19 +253,15 @@ fn gone() -> StoreError {
 impl Committer {
     /// Starts the batching task on the current runtime (the shard's arbiter).
     pub fn start(pool: PgPool) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batching::run(rx, CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
+        Committer(Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
             let pool = pool.clone();
             async move { commit_batch(&pool, batch).await }
-        }));
-        Committer { queue }
+        }))
     }
 
     /// Commits the unit in the next batch and returns its claim and the unit, after the commit.
     pub async fn commit(&self, unit: Box<Unit>) -> Reply {
-        let (reply, answer) = oneshot::channel();
-        self.queue.send(Queued { unit, reply }).map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.0.submit(unit).await.unwrap_or_else(|| Err(gone()))
     }
 }
 
@@ -285,9 +274,8 @@ fn refused(e: &StoreError) -> bool {
     )
 }
 
-async fn commit_batch(pool: &PgPool, batch: Vec<Queued>) {
-    let (units, replies): (Vec<Box<Unit>>, Vec<oneshot::Sender<Reply>>) =
-        batch.into_iter().map(|q| (q.unit, q.reply)).unzip();
+async fn commit_batch(pool: &PgPool, batch: Vec<Pending<Box<Unit>, Reply>>) {
+    let (units, replies): (Vec<Box<Unit>>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
     METRICS.batches.increment(1);
     METRICS.units.increment(units.len() as u64);
     match write(pool, &units).await {

@@ -13,13 +13,18 @@
 //! `(user, client_order_id)` was taken (by an earlier order, or by another row of the same
 //! batch), exactly as a single-row insert answered. A batch Postgres refuses is retried row by
 //! row, so one request's failure never becomes another's.
+//!
+//! Rows go in in `(user, client_order_id)` order, arrival breaking ties (so the first of two
+//! rows with one client id wins, as before): concurrent batches take the unique index's locks in
+//! one order, so two batches holding the same client ids in opposite arrival order wait for each
+//! other rather than deadlock.
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 use vault_bus::views::{ORDER_COLUMNS, OrderView};
-use vault_core::batching;
+use vault_core::batching::{Batcher, Pending};
 
 /// Insert statements under way at once (the API's pool also serves every read).
 pub const CONCURRENT_BATCHES: usize = 4;
@@ -45,32 +50,26 @@ type Reply = Result<Option<OrderView>, sqlx::Error>;
 
 /// Queues intake rows for the next batch; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct IntakeWriter {
-    queue: mpsc::UnboundedSender<(IntakeRow, oneshot::Sender<Reply>)>,
-}
+pub struct IntakeWriter(Batcher<IntakeRow, Reply>);
 
 impl IntakeWriter {
     /// Starts the batching task on the current runtime.
     pub fn start(pool: PgPool) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(batching::run(rx, CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
+        IntakeWriter(Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
             let pool = pool.clone();
             async move { insert_batch(&pool, batch).await }
-        }));
-        IntakeWriter { queue }
+        }))
     }
 
     /// Inserts the row in the next batch: `Some(row)` as inserted, `None` when its client order
     /// id was taken.
     pub async fn insert(&self, row: IntakeRow) -> Reply {
-        let (reply, answer) = oneshot::channel();
-        self.queue.send((row, reply)).map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+        self.0.submit(row).await.unwrap_or(Err(sqlx::Error::PoolClosed))
     }
 }
 
 /// Inserts one batch and answers each of its requests.
-async fn insert_batch(pool: &PgPool, batch: Vec<(IntakeRow, oneshot::Sender<Reply>)>) {
+async fn insert_batch(pool: &PgPool, batch: Vec<Pending<IntakeRow, Reply>>) {
     let (rows, replies): (Vec<IntakeRow>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
     match insert(pool, &rows).await {
         Ok(mut inserted) => {
@@ -109,7 +108,7 @@ async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<std::collections::H
                        $8::numeric[], $9::numeric[], $10::text[])
                 WITH ORDINALITY AS r(id, user_id, client_order_id, symbol, side, type, time_in_force, quantity,
                                      limit_price, request_id, n)
-          ORDER BY r.n
+          ORDER BY r.user_id, r.client_order_id, r.n
          ON CONFLICT (user_id, client_order_id) DO NOTHING
          RETURNING {ORDER_COLUMNS}"
     );
