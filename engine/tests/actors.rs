@@ -1,6 +1,8 @@
 //! The actor layer in-process against a real Postgres: idle actors are passivated and come back
 //! with their state from the database; work for one user is applied in the order it was routed.
 
+mod common;
+
 use std::time::Duration;
 
 use actix::Arbiter;
@@ -27,12 +29,7 @@ fn settings(db: &TestDb) -> vault_core::Settings {
 async fn user_with_deposits(db: &TestDb, deposits: usize) -> (Uuid, Vec<Work>) {
     let pool = db.pool().await;
     let user = Uuid::now_v7();
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$x')")
-        .bind(user)
-        .bind(format!("{user}@example.com"))
-        .execute(&pool)
-        .await
-        .expect("user");
+    common::insert_user(&pool, user).await;
     let mut work = Vec::new();
     for i in 0..deposits {
         let id = Uuid::now_v7();

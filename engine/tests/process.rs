@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env, free_port,
-    offline_env,
-};
+use vault_testkit::{NatsServer, Proc, TestDb, assert_config_error, assert_ops_endpoints, offline_env};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+mod common;
+
+use common::BIN;
 
 #[tokio::test]
 async fn the_engine_refuses_bad_configuration_with_exit_code_two() {
@@ -40,13 +39,7 @@ async fn the_engine_refuses_bad_configuration_with_exit_code_two() {
 }
 
 async fn start_engine(db: &TestDb, nats: &NatsServer, partitions: &str) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    envs.push(("ENGINE_PARTITIONS", partitions.to_owned()));
-    let mut engine = Proc::spawn(BIN, &[], &envs);
-    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
-    (engine, addr)
+    common::start_engine(db, nats, &[("ENGINE_PARTITIONS", partitions.to_owned())]).await
 }
 
 async fn consumer_names(nats: &NatsServer) -> Vec<(String, String)> {

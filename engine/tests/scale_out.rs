@@ -22,20 +22,16 @@ use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
 use vault_bus::subjects::partition_of;
 use vault_bus::{Bus, MessageContext, streams};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until, run_reconcile};
+use vault_testkit::{NatsServer, Proc, TestDb, poll_until, run_reconcile};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
+mod common;
+
+use common::BIN;
 /// Users per partition.
 const PER_PARTITION: usize = 3;
 
 async fn start_engine(db: &TestDb, nats: &NatsServer, partitions: &str) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    envs.push(("ENGINE_PARTITIONS", partitions.to_owned()));
-    let mut engine = Proc::spawn(BIN, &[], &envs);
-    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
-    (engine, addr)
+    common::start_engine(db, nats, &[("ENGINE_PARTITIONS", partitions.to_owned())]).await
 }
 
 /// One user's commands: a deposit, a market buy, a resting limit at 40000 that the final tick
@@ -65,12 +61,7 @@ async fn traders(pool: &PgPool) -> Vec<Trader> {
 }
 
 async fn trader(pool: &PgPool, id: Uuid, partition: u16) -> Trader {
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$x')")
-        .bind(id)
-        .bind(format!("scale-{id}@example.com"))
-        .execute(pool)
-        .await
-        .expect("user");
+    common::insert_user(pool, id).await;
     let deposit = Uuid::now_v7();
     let client_deposit_id = format!("d{}", deposit.simple());
     sqlx::query(

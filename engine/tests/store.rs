@@ -1,5 +1,7 @@
 //! `store::commit` against a real Postgres, for what is hard to arrange through the binary.
 
+mod common;
+
 use chrono::Utc;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -19,11 +21,7 @@ async fn a_trigger_on_a_halted_market_writes_nothing_and_a_later_tick_still_fill
     let db = TestDb::migrated().await;
     let pool = db.pool().await;
     let user = Uuid::now_v7();
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, 'h@example.com', '$argon2id$x')")
-        .bind(user)
-        .execute(&pool)
-        .await
-        .expect("user");
+    common::insert_user(&pool, user).await;
     let symbol = Symbol::parse("BTC-USD").expect("symbol");
     let mut market = Market {
         symbol: symbol.clone(),
@@ -126,12 +124,7 @@ async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
     let mut works = Vec::new();
     for i in 0..=USERS {
         let user = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$x')")
-            .bind(user)
-            .bind(format!("{user}@example.com"))
-            .execute(&pool)
-            .await
-            .expect("user");
+        common::insert_user(&pool, user).await;
         let deposit = Uuid::now_v7();
         // The last user's client id holds a NUL: no intake row can hold it, nor can the key.
         let client_id = if i == USERS { "nul\u{0}id".to_owned() } else { format!("d{i}") };

@@ -29,6 +29,16 @@ pub async fn start_engine(db: &TestDb, nats: &NatsServer, extra: &[(&'static str
     (engine, ops)
 }
 
+/// Inserts the `users` row the engine's foreign keys need (no real password).
+pub async fn insert_user(pool: &PgPool, id: Uuid) {
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
+        .bind(id)
+        .bind(format!("{id}@example.com"))
+        .execute(pool)
+        .await
+        .expect("user");
+}
+
 /// Sends what clients send, the way the API and the prices worker send it.
 pub struct Desk {
     pub pool: PgPool,
@@ -44,12 +54,7 @@ impl Desk {
 
     pub async fn user(&self) -> Uuid {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$not-a-real-hash')")
-            .bind(id)
-            .bind(format!("{id}@example.com"))
-            .execute(&self.pool)
-            .await
-            .expect("user");
+        insert_user(&self.pool, id).await;
         id
     }
 
