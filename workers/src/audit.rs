@@ -166,33 +166,41 @@ pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<usize, sqlx::Err
         .fetch_optional(&mut *tx)
         .await?
         .unwrap_or_else(|| GENESIS.to_vec());
-    let mut written = 0;
+    // Hashes chained here, rows written in one statement, in chain order (the ids follow it).
+    let present: std::collections::HashSet<(String, i64)> = present.into_iter().collect();
     let mut seen = std::collections::HashSet::new();
+    let mut rows: Vec<(&Entry, Vec<u8>, Vec<u8>)> = Vec::new();
     for e in entries {
         let key = (e.stream.clone(), e.stream_seq);
         if present.contains(&key) || !seen.insert(key) {
             continue;
         }
         let hash = chain_hash(&prev, e);
+        rows.push((e, std::mem::replace(&mut prev, hash.clone()), hash));
+    }
+    if !rows.is_empty() {
         sqlx::query(
             "INSERT INTO audit_log (stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             SELECT stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash
+               FROM unnest($1::text[], $2::int8[], $3::timestamptz[], $4::uuid[], $5::text[], $6::text[], $7::text[],
+                           $8::jsonb[], $9::bytea[], $10::bytea[])
+                    WITH ORDINALITY AS r(stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash, n)
+              ORDER BY n",
         )
-        .bind(&e.stream)
-        .bind(e.stream_seq)
-        .bind(e.at)
-        .bind(e.actor_id)
-        .bind(&e.action)
-        .bind(&e.subject)
-        .bind(&e.request_id)
-        .bind(&e.data)
-        .bind(&prev)
-        .bind(&hash)
+        .bind(rows.iter().map(|(e, _, _)| e.stream.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.stream_seq).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.actor_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.action.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.subject.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| e.request_id.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(e, _, _)| &e.data).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, prev, _)| prev.as_slice()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|(_, _, hash)| hash.as_slice()).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
-        prev = hash;
-        written += 1;
     }
+    let written = rows.len();
     tx.commit().await?;
     Ok(written)
 }

@@ -659,6 +659,7 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
                     let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
                     let answer: &[u8] = match verb.as_str() {
                         "RCPT" if line.contains("reject") => b"550 no such user\r\n",
+                        "RCPT" if line.contains("busy") => b"451 try again later\r\n",
                         "DATA" => {
                             data = Some(String::new());
                             b"354 go on\r\n"
@@ -679,13 +680,13 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
 }
 
 #[tokio::test]
-async fn with_smtp_url_set_emails_go_out_over_smtp_and_a_permanent_refusal_fails_the_row() {
+async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the_row_and_a_temporary_one_waits() {
     use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages) = fake_smtp().await;
     let (user, _) = stack.user().await;
     let mut ids = Vec::new();
-    for to in ["alice@example.com", "reject@example.com"] {
+    for to in ["alice@example.com", "reject@example.com", "busy@example.com"] {
         let id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
@@ -718,10 +719,21 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_and_a_permanent_refusal_fails
         .await
         .expect("row")
     };
-    poll_until(Duration::from_secs(20), "both emails to be settled", || async {
-        (status(ids[0]).await.0 != "pending" && status(ids[1]).await.0 != "pending").then_some(())
+    poll_until(Duration::from_secs(20), "every email to be attempted", || async {
+        (status(ids[0]).await.0 != "pending" && status(ids[1]).await.0 != "pending" && status(ids[2]).await.1 == 1)
+            .then_some(())
     })
     .await;
+    let (state, _, error) = status(ids[2]).await;
+    assert_eq!(state, "pending", "a 4xx is retried");
+    assert!(error.is_some_and(|e| e.contains("451")), "the reason is kept");
+    let later: bool =
+        sqlx::query_scalar("SELECT next_attempt_at > now() + interval '30 seconds' FROM email_outbox WHERE id = $1")
+            .bind(ids[2])
+            .fetch_one(pool)
+            .await
+            .expect("row");
+    assert!(later, "the retry waits for its backoff (about a minute)");
     assert_eq!(status(ids[0]).await, ("sent".to_owned(), 1, None));
     let (state, attempts, error) = status(ids[1]).await;
     assert_eq!((state.as_str(), attempts), ("failed", 1), "a 5xx is not retried");

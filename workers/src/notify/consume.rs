@@ -31,6 +31,7 @@
 //! sent for an uncommitted row nor twice for one row. Counted in
 //! `vault_notification_pushes_total{outcome}`.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
@@ -86,113 +87,149 @@ pub struct Written {
     pub unknown_users: usize,
 }
 
-/// Writes what `sources` call for in one transaction.
+/// Writes what `sources` call for in one transaction, a statement per kind of row for the whole
+/// batch (not per event): the event ids claimed, the users' addresses read, then notifications,
+/// webhook deliveries and emails each inserted in one statement. Logins' IPs are recorded one
+/// by one, in order (they are few, and each decides whether the next is new).
 pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut written = Written::default();
-    for source in sources {
-        apply_one(&mut tx, source, &mut written).await?;
-    }
-    tx.commit().await?;
-    Ok(written)
-}
-
-async fn apply_one(conn: &mut PgConnection, source: &Source, written: &mut Written) -> Result<(), sqlx::Error> {
     // Events that concern nobody (signup, failed logins…) cost no write at all.
-    let Some(user_id) = source.user_id() else { return Ok(()) };
-    let event_id = source.event_id();
-    let first_time = sqlx::query("INSERT INTO notify_processed_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(event_id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-        == 1;
-    if !first_time {
-        written.redelivered += 1;
-        return Ok(());
+    let concerned: Vec<(&Source, Uuid)> = sources.iter().filter_map(|s| Some((*s, s.user_id()?))).collect();
+    if concerned.is_empty() {
+        tx.commit().await?;
+        return Ok(written);
     }
-    let Some(email): Option<String> =
-        sqlx::query_scalar("SELECT email FROM users WHERE id = $1").bind(user_id).fetch_optional(&mut *conn).await?
-    else {
-        written.unknown_users += 1;
-        return Ok(());
-    };
-    let new_ip = match source.login_ip() {
-        Some(ip) => record_login_ip(conn, user_id, ip, source).await?,
-        None => false,
-    };
-    let Some(plan) = plan::plan(source, new_ip) else { return Ok(()) };
+    let event_ids: Vec<Uuid> = concerned.iter().map(|(s, _)| s.event_id()).collect();
+    let mut first_time: HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO notify_processed_events (event_id) SELECT * FROM unnest($1::uuid[])
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(&event_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let user_ids: Vec<Uuid> = concerned.iter().map(|(_, u)| *u).collect();
+    let emails: HashMap<Uuid, String> =
+        sqlx::query_as::<_, (Uuid, String)>("SELECT id, email FROM users WHERE id = ANY($1)")
+            .bind(&user_ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
 
-    if let Some(n) = &plan.notification {
-        let id = Uuid::now_v7();
-        let inserted: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+    let mut plans = Vec::new();
+    for (source, user_id) in concerned {
+        // A second copy of an event in the same batch finds its id already taken by the first.
+        if !first_time.remove(&source.event_id()) {
+            written.redelivered += 1;
+            continue;
+        }
+        let Some(email) = emails.get(&user_id) else {
+            written.unknown_users += 1;
+            continue;
+        };
+        let new_ip = match source.login_ip() {
+            Some(ip) => record_login_ip(&mut tx, user_id, ip, source).await?,
+            None => false,
+        };
+        if let Some(plan) = plan::plan(source, new_ip) {
+            plans.push((plan, email));
+        }
+    }
+
+    let notes: Vec<(Uuid, &plan::Plan, &plan::NotificationDraft)> =
+        plans.iter().filter_map(|(p, _)| Some((Uuid::now_v7(), p, p.notification.as_ref()?))).collect();
+    if !notes.is_empty() {
+        let inserted: HashMap<Uuid, chrono::DateTime<chrono::Utc>> = sqlx::query_as(
             "INSERT INTO notifications (id, user_id, event_id, kind, title, body, data)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, event_id) DO NOTHING
-             RETURNING created_at",
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::jsonb[])
+             ON CONFLICT (user_id, event_id) DO NOTHING
+             RETURNING id, created_at",
         )
-        .bind(id)
-        .bind(user_id)
-        .bind(event_id)
-        .bind(n.kind)
-        .bind(&n.title)
-        .bind(&n.body)
-        .bind(&n.data)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(created_at) = inserted {
+        .bind(notes.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, p, _)| p.user_id).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, p, _)| p.event_id).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, _, n)| n.kind).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, _, n)| n.title.as_str()).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, _, n)| n.body.as_str()).collect::<Vec<_>>())
+        .bind(notes.iter().map(|(_, _, n)| &n.data).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        for (id, p, n) in &notes {
+            let Some(created_at) = inserted.get(id) else { continue };
             written.notifications.push(n.kind);
             written.pushes.push(NotificationPush {
-                id,
-                user_id,
+                id: *id,
+                user_id: p.user_id,
                 kind: n.kind.to_owned(),
                 title: n.title.clone(),
                 body: n.body.clone(),
                 data: n.data.clone(),
-                created_at,
+                created_at: *created_at,
             });
         }
     }
-    if let Some(hook) = &plan.webhook {
-        let webhooks: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL AND $2 = ANY(events) ORDER BY id",
+
+    let hooked: Vec<Uuid> = plans.iter().filter(|(p, _)| p.webhook.is_some()).map(|(p, _)| p.user_id).collect();
+    if !hooked.is_empty() {
+        let webhooks: Vec<(Uuid, Uuid, Vec<String>)> = sqlx::query_as(
+            "SELECT id, user_id, events FROM webhooks WHERE user_id = ANY($1) AND deleted_at IS NULL ORDER BY id",
         )
-        .bind(user_id)
-        .bind(hook.event_type)
-        .fetch_all(&mut *conn)
+        .bind(&hooked)
+        .fetch_all(&mut *tx)
         .await?;
-        if !webhooks.is_empty() {
-            let ids: Vec<Uuid> = webhooks.iter().map(|_| Uuid::now_v7()).collect();
+        let deliveries: Vec<(Uuid, &plan::Plan, &plan::WebhookEvent)> = plans
+            .iter()
+            .filter_map(|(p, _)| Some((p, p.webhook.as_ref()?)))
+            .flat_map(|(p, hook)| {
+                webhooks
+                    .iter()
+                    .filter(move |(_, user, events)| *user == p.user_id && events.iter().any(|e| e == hook.event_type))
+                    .map(move |(webhook, _, _)| (*webhook, p, hook))
+            })
+            .collect();
+        if !deliveries.is_empty() {
             written.deliveries += sqlx::query(
                 "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
-                 SELECT d.id, d.webhook_id, $3, $4, $5, now() FROM UNNEST($1::UUID[], $2::UUID[]) AS d(id, webhook_id)
+                 SELECT d.*, now() FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::jsonb[])
+                     AS d(id, webhook_id, event_id, event_type, payload)
                  ON CONFLICT (webhook_id, event_id) DO NOTHING",
             )
-            .bind(&ids)
-            .bind(&webhooks)
-            .bind(event_id)
-            .bind(hook.event_type)
-            .bind(&hook.payload)
-            .execute(&mut *conn)
+            .bind(deliveries.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(deliveries.iter().map(|(w, _, _)| *w).collect::<Vec<_>>())
+            .bind(deliveries.iter().map(|(_, p, _)| p.event_id).collect::<Vec<_>>())
+            .bind(deliveries.iter().map(|(_, _, h)| h.event_type).collect::<Vec<_>>())
+            .bind(deliveries.iter().map(|(_, _, h)| &h.payload).collect::<Vec<_>>())
+            .execute(&mut *tx)
             .await?
             .rows_affected() as usize;
         }
     }
-    if let Some(mail) = &plan.email {
+
+    let mails: Vec<(&plan::Plan, &plan::EmailDraft, &String)> =
+        plans.iter().filter_map(|(p, to)| Some((p, p.email.as_ref()?, *to))).collect();
+    if !mails.is_empty() {
         written.emails += sqlx::query(
             "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (user_id, event_id) DO NOTHING",
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+             ON CONFLICT (user_id, event_id) DO NOTHING",
         )
-        .bind(Uuid::now_v7())
-        .bind(user_id)
-        .bind(event_id)
-        .bind(&email)
-        .bind(&mail.subject)
-        .bind(&mail.body)
-        .execute(&mut *conn)
+        .bind(mails.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(p, _, _)| p.user_id).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(p, _, _)| p.event_id).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(_, _, to)| to.as_str()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(_, m, _)| m.subject.as_str()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(_, m, _)| m.body.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?
         .rows_affected() as usize;
     }
-    Ok(())
+    tx.commit().await?;
+    Ok(written)
 }
 
 /// Records a login's IP; returns whether it counts as a new IP (see the module docs).

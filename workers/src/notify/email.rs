@@ -3,7 +3,9 @@
 //! Rows are claimed like webhook deliveries (due `pending` rows, `FOR UPDATE SKIP LOCKED`, the
 //! lease pushed into `next_attempt_at` in the same statement), so a crash delays an email and
 //! never loses it; an email may, rarely, go out twice (sent, then the process died before
-//! recording it), never zero times.
+//! recording it), never zero times. Attempts are recorded together, at the end of the claimed
+//! batch or once the oldest unrecorded is [`RECORD_WITHIN`] old, so a crash can send again only
+//! what went out in that window.
 //!
 //! Transport ([`Mailer`]):
 //! - `SMTP_URL` unset: the email is "sent" by writing one log line — id, the recipient's
@@ -21,7 +23,7 @@
 //! batch is released at once (their `next_attempt_at` set back to now) and the loop returns.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
@@ -177,12 +179,22 @@ async fn claim(pool: &PgPool, config: &EmailConfig) -> Result<Vec<Email>, sqlx::
     .await
 }
 
-async fn record(
-    pool: &PgPool,
-    config: &EmailConfig,
-    email: &Email,
-    result: &Result<(), SendError>,
-) -> Result<(), sqlx::Error> {
+/// Sent emails are recorded together once the oldest unrecorded one is this old (or the
+/// claimed batch is done): emails that go out quickly (the log transport, a fast relay) cost one
+/// `UPDATE` per batch rather than one commit each, while a crash can send again only what went
+/// out within this window — with a slow relay, one email, as before.
+const RECORD_WITHIN: Duration = Duration::from_millis(100);
+
+/// What an attempt sets on its row.
+struct Attempted<'a> {
+    email: &'a Email,
+    status: &'static str,
+    attempts: i32,
+    error: Option<String>,
+    wait: Duration,
+}
+
+fn attempted<'a>(config: &EmailConfig, email: &'a Email, result: &Result<(), SendError>) -> Attempted<'a> {
     let attempts = email.attempts + 1;
     let (status, error, wait) = match result {
         Ok(()) => ("sent", None, None),
@@ -193,27 +205,56 @@ async fn record(
             ("pending", Some(e), Some(backoff(config.backoff_base, attempts as u32, jitter)))
         }
     };
-    sqlx::query(
-        "UPDATE email_outbox
-            SET status = $2, attempts = $3, last_error = $4,
-                next_attempt_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $5) ELSE next_attempt_at END,
-                sent_at = CASE WHEN $2 = 'sent' THEN now() END
-          WHERE id = $1 AND status = 'pending' AND attempts = $6",
-    )
-    .bind(email.id)
-    .bind(status)
-    .bind(attempts)
-    .bind(error.map(|e| e.chars().take(500).collect::<String>()))
-    .bind(wait.unwrap_or_default().as_secs_f64())
-    .bind(email.attempts)
-    .execute(pool)
-    .await?;
     let outcome = if status == "pending" { "retry" } else { status };
-    metrics::counter!("vault_emails_total", "outcome" => outcome).increment(1);
     if let Err(e) = result {
         tracing::warn!(email = %email.id, attempts, outcome, error = ?e, "email not sent");
     }
+    Attempted {
+        email,
+        status,
+        attempts,
+        error: error.map(|e| e.chars().take(500).collect()),
+        wait: wait.unwrap_or_default(),
+    }
+}
+
+/// Records attempts in one statement; a row whose status or attempt count changed meanwhile
+/// (another sender's lease expired onto it) is left alone.
+async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE email_outbox e
+            SET status = r.status, attempts = r.attempts, last_error = r.error,
+                next_attempt_at = CASE WHEN r.status = 'pending' THEN now() + make_interval(secs => r.wait)
+                                       ELSE e.next_attempt_at END,
+                sent_at = CASE WHEN r.status = 'sent' THEN now() END
+           FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::float8[], $6::int4[])
+                AS r(id, status, attempts, error, wait, before)
+          WHERE e.id = r.id AND e.status = 'pending' AND e.attempts = r.before",
+    )
+    .bind(done.iter().map(|a| a.email.id).collect::<Vec<_>>())
+    .bind(done.iter().map(|a| a.status).collect::<Vec<_>>())
+    .bind(done.iter().map(|a| a.attempts).collect::<Vec<_>>())
+    .bind(done.iter().map(|a| a.error.clone()).collect::<Vec<_>>())
+    .bind(done.iter().map(|a| a.wait.as_secs_f64()).collect::<Vec<_>>())
+    .bind(done.iter().map(|a| a.email.attempts).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    for a in done {
+        let outcome = if a.status == "pending" { "retry" } else { a.status };
+        metrics::counter!("vault_emails_total", "outcome" => outcome).increment(1);
+    }
     Ok(())
+}
+
+/// Records `done` and empties it; a failure is logged (the rows' lease brings them back).
+async fn flush(pool: &PgPool, done: &mut Vec<Attempted<'_>>) {
+    if let Err(e) = record(pool, done).await {
+        tracing::warn!(emails = done.len(), error = %e, "cannot record email attempts; their lease brings them back");
+    }
+    done.clear();
 }
 
 /// Gives claimed but unattempted rows back at once (on shutdown).
@@ -255,16 +296,21 @@ pub async fn run_emails(
             }
             continue;
         }
+        let (mut done, mut oldest) = (Vec::new(), None::<Instant>);
         for (i, email) in batch.iter().enumerate() {
             if shutdown.is_cancelled() {
+                flush(&pool, &mut done).await;
                 release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>()).await;
                 break 'outer;
             }
             let result = mailer.send(email).await;
-            if let Err(e) = record(&pool, &config, email, &result).await {
-                tracing::warn!(email = %email.id, error = %e, "cannot record an email attempt; its lease brings it back");
+            done.push(attempted(&config, email, &result));
+            if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
+                flush(&pool, &mut done).await;
+                oldest = None;
             }
         }
+        flush(&pool, &mut done).await;
     }
     tracing::info!("email sender drained");
     Ok(())
