@@ -91,6 +91,7 @@ pub const ENGINE_VERSION_CONFLICTS: &str = "vault_engine_version_conflicts_total
 pub const ENGINE_COMMIT_RETRIES: &str = "vault_engine_commit_retries_total";
 pub const ENGINE_BAD_TICKS: &str = "vault_engine_bad_ticks_total";
 pub const ENGINE_REWINDS: &str = "vault_engine_rewinds_total";
+pub const ENGINE_PARTITIONS_HELD: &str = "vault_engine_partitions_held";
 pub const OUTBOX_PUBLISHED: &str = "vault_outbox_published_total";
 
 // -- Prices worker -----------------------------------------------------------------------------
@@ -260,6 +261,13 @@ pub const CATALOG: &[Metric] = &[
         "Partition consumers rewound to their ack floor because deliveries were lost in transit, by consumer",
         ENGINE,
         Dynamic,
+    ),
+    m(
+        ENGINE_PARTITIONS_HELD,
+        G,
+        "ORDERS partitions whose lease this engine holds (0 while it stands by for another engine)",
+        ENGINE,
+        Plain,
     ),
     m(OUTBOX_PUBLISHED, C, "Outbox rows published to EVENTS", ENGINE, Plain),
     m(PRICE_AGE, G, "Seconds since the last published tick of the symbol", PRICES, Dynamic),

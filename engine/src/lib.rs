@@ -6,6 +6,7 @@
 //!
 //! - [`portfolio`]: the pure state machine (`Portfolio::apply`), no I/O;
 //! - [`book`]: resting limit orders per symbol, for price triggers;
+//! - [`lease`]: the partition locks that keep a second engine on the same partitions waiting;
 //! - [`store`]: loading a user and committing one unit of work in one transaction;
 //! - [`actors`]: shards (one arbiter per core) and portfolio actors;
 //! - [`runtime`]: the consumers, the price feed, the outbox relay;
@@ -14,6 +15,7 @@
 pub mod actors;
 pub mod book;
 pub mod group_commit;
+pub mod lease;
 pub mod portfolio;
 pub mod reconcile;
 pub mod runtime;
@@ -21,6 +23,7 @@ pub mod store;
 
 use actix::Arbiter;
 use tokio_util::sync::CancellationToken;
+use vault_bus::consumers::ConsumerSpec;
 use vault_bus::{Process, consumers};
 use vault_core::Settings;
 
@@ -30,16 +33,69 @@ use crate::store::PgStore;
 
 /// Runs the engine until `shutdown` fires, then drains and returns. Must run inside an actix
 /// `System` (the binary's `main` provides one).
+///
+/// The engine serves only while it holds its partition lease ([`lease`]): it waits for the
+/// lease, loads its state and serves; when the lease is lost (its Postgres connection dropped:
+/// an outage, a restarted server, a killed session) it stops serving, drains what is in flight,
+/// drops every actor and the book, and waits for the lease again — in the same process, so a
+/// Postgres outage heals without a restart, and state is always reloaded from the database after
+/// a gap in which another engine may have served the partitions.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let specs = consumers::engine(settings.engine_partitions);
     let partitions = settings.engine_partitions;
-    let process = Process::start(settings, specs.clone(), shutdown.clone()).await?;
-    let pool = process.pool.clone();
+    let holding = lease::Holding::default();
+    let checks = vec![("partitions", holding.readiness_check())];
+    let process = Process::start(settings, specs.clone(), checks, shutdown.clone()).await?;
+    let db = process.settings.database_url.connect_options();
+    let served = loop {
+        // Nothing is loaded or pulled before this engine alone holds its partitions.
+        let Some(lease) = lease::Lease::acquire(&db, partitions, holding.clone(), &process.readiness, &shutdown).await
+        else {
+            break Ok(());
+        };
+        match serve(&process, &specs, lease, &shutdown).await {
+            Ok(()) if shutdown.is_cancelled() => break Ok(()),
+            Ok(()) => {
+                tracing::warn!(partitions = ?partitions, "serving stopped with the lease; waiting to take it again")
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    process.finish().await?;
+    served
+}
 
-    let markets = runtime::load_markets(&pool).await?;
-    let book = runtime::rebuild_book(&pool, partitions).await?;
+/// Serves the partitions of `lease` until `shutdown` fires or the lease is lost, then drains and
+/// gives the lease back.
+async fn serve(
+    process: &Process,
+    specs: &[ConsumerSpec],
+    lease: lease::Lease,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let partitions = process.settings.engine_partitions;
+    let pool = process.pool.clone();
+    // Fired by shutdown, or by the lease keeper when the lease is lost.
+    let serving = shutdown.child_token();
+    let release = CancellationToken::new();
+    let keeper = actix::spawn(lease.keep(serving.clone(), release.clone()));
+
+    let loaded = async {
+        let markets = runtime::load_markets(&pool).await?;
+        let book = runtime::rebuild_book(&pool, partitions).await?;
+        anyhow::Ok((markets, book))
+    };
+    let (markets, book) = match loaded.await {
+        Ok(state) => state,
+        Err(e) => {
+            // The lease goes back with its connection; the caller decides what comes next.
+            release.cancel();
+            let _ = keeper.await;
+            return Err(e);
+        }
+    };
     tracing::info!(markets = markets.len(), resting = book.len(), "engine state loaded");
-    let shared = runtime::shared(&process.settings, markets, book, shutdown.clone());
+    let shared = runtime::shared(&process.settings, markets, book, serving.clone());
 
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
@@ -56,22 +112,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 
     let mut tasks = Vec::new();
     let background = vec![
-        actix::spawn(runtime::refresh_markets(pool.clone(), shared.clone(), shutdown.clone())),
-        actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), shutdown.clone())),
+        actix::spawn(runtime::refresh_markets(pool.clone(), shared.clone(), serving.clone())),
+        actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
     ];
-    let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), shutdown.clone()));
-    for spec in specs {
-        let (bus, pool, router, shutdown) = (process.bus.clone(), pool.clone(), router.clone(), shutdown.clone());
+    let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));
+    for spec in specs.iter().cloned() {
+        let (bus, pool, router, serving) = (process.bus.clone(), pool.clone(), router.clone(), serving.clone());
         tasks.push(actix::spawn(async move {
             let name = spec.durable.clone();
-            if let Err(e) = runtime::consume_partition(bus, pool, router, spec, shutdown.clone()).await {
+            if let Err(e) = runtime::consume_partition(bus, pool, router, spec, serving).await {
                 tracing::error!(consumer = %name, error = format!("{e:#}"), "consumer stopped");
             }
         }));
     }
     tracing::info!(partitions = ?partitions, shards = cores, ops = %process.ops_addr, "engine ready");
 
-    shutdown.cancelled().await;
+    serving.cancelled().await;
     for task in tasks {
         let _ = task.await;
     }
@@ -84,5 +140,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     for arbiter in &arbiters {
         arbiter.stop();
     }
-    process.finish().await
+    // Given back only now, so a standby takes over once this engine's in-flight work settled.
+    release.cancel();
+    match keeper.await {
+        Ok(Ok(())) => {}
+        // Logged by the keeper; serving stopped because of it.
+        Ok(Err(_lost)) => {}
+        Err(e) => anyhow::bail!("lease task: {e}"),
+    }
+    Ok(())
 }

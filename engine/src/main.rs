@@ -39,7 +39,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
         /// Also check that each user's commands were applied in stream order (fails wherever
-        /// two engines shared a partition, though no money invariant is broken then).
+        /// two engines applied one partition at once, though no money invariant is broken then).
         #[arg(long)]
         stream_order: bool,
         /// Print the report as one JSON document instead of text.

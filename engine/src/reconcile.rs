@@ -21,10 +21,10 @@
 //!
 //! Stream order (invariant 1: a user's commands applied in stream order) is checked only on
 //! request (`--stream-order`, [`STREAM_ORDER`]): each applied command keeps its ORDERS stream
-//! sequence, so an inversion is visible, but a misconfigured second engine on the same
-//! partitions — the fault the per-user version exists to make harmless — interleaves a user's
-//! commands (about half of them out of order in the fault test) while every money invariant
-//! still holds. What the store relies on, one version per commit, is always checked.
+//! sequence, so an inversion is visible. Two engines applying one partition at once (possible
+//! only for up to a heartbeat after an engine lost its partition lease, see [`crate::lease`],
+//! or before this version had the lease) interleave a user's commands while every money
+//! invariant still holds — the fault the per-user version exists to make harmless. What the store relies on, one version per commit, is always checked.
 //!
 //! This module may not write to the database and may not decide anything the engine decides:
 //! it recomputes holds and fees with the engine's rules (see [`crate::portfolio`]) only to

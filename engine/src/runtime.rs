@@ -152,7 +152,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 /// A gap in deliveries this soon after the last rewind is not rewound again (see
 /// [`consume_partition`]): only a second engine pulling the same partition makes gaps that
-/// often, and rewinding each would starve both.
+/// often (the partition lease, [`crate::lease`], allows that only briefly after a lost lease),
+/// and rewinding each would starve both.
 const REWIND_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 /// After a rewind, messages delivered before it may still arrive (they were on their way, or

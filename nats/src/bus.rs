@@ -217,6 +217,33 @@ impl Bus {
         Ok(outcomes)
     }
 
+    /// Declares the streams and then `consumers` ([`Self::ensure_streams`],
+    /// [`Self::ensure_consumers`]) at start, retrying with backoff for about a minute (like
+    /// [`Self::connect`]): a cluster that is still forming — a quorum not yet up, so replicated
+    /// streams cannot be placed — is waited for rather than taken for a fatal error. A refusal
+    /// that lasts (a stream that does not fit the server's limits) still ends start-up, with
+    /// the last reason.
+    pub async fn declare(&self, consumers: &[ConsumerSpec]) -> Result<(), BusError> {
+        let mut delay = Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let declared = match self.ensure_streams().await {
+                Ok(_) => self.ensure_consumers(consumers).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match declared {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < CONNECT_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, retry_in = ?delay, "cannot declare the streams yet; retrying");
+                    sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Rewinds the durable consumer `stream`/`consumer` to its ack floor when it has messages
     /// delivered and not acknowledged, so they come back at once and in stream order, ahead of
     /// anything newer (nothing is done when nothing is outstanding).

@@ -1,8 +1,9 @@
 //! Start-up and shutdown shared by every process that owns consumers (engine and workers).
 //!
-//! [`Process::start`] connects Postgres and NATS (bounded retries), declares the streams and the
-//! process's consumers (registering their processing metrics at 0), registers the readiness
-//! checks and starts the ops server on `OPS_ADDR`.
+//! [`Process::start`] connects Postgres and NATS and declares the streams and the process's
+//! consumers, each with bounded retries (so a cluster still forming is waited for); registers
+//! the consumers' processing metrics at 0 and the readiness checks (Postgres, NATS and the
+//! role's own); and starts the ops server on `OPS_ADDR`.
 //! [`Process::finish`] is the other half: after the role's own loops have drained, it waits for
 //! the ops server and closes the pool and the NATS connection (flushing what is buffered).
 
@@ -12,7 +13,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::ConsumerMetrics;
-use vault_core::ops::{self, Readiness};
+use vault_core::ops::{self, Check, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
 use crate::Bus;
@@ -32,9 +33,12 @@ pub struct Process {
 }
 
 impl Process {
+    /// `checks` are the role's own readiness checks, registered before the first report so
+    /// the process never answers ready without them.
     pub async fn start(
         settings: Settings,
         consumers: Vec<ConsumerSpec>,
+        checks: Vec<(&'static str, Check)>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Process> {
         telemetry::record_build_info(&settings);
@@ -45,8 +49,7 @@ impl Process {
 
         let pool = db::connect(&settings.database_url, 10).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
-        bus.ensure_streams().await?;
-        bus.ensure_consumers(&consumers).await?;
+        bus.declare(&consumers).await?;
         // Processing rate, latency and parked counts exist at 0 before the first message, so
         // "processed nothing while lag grows" and "parked anything" alerts work from the start.
         for spec in &consumers {
@@ -59,6 +62,9 @@ impl Process {
             crate::lag::spawn_reporter(bus.clone(), Some(consumers.clone()), shutdown.clone());
         }
         readiness.add("nats", bus.readiness_check(consumers));
+        for (name, check) in checks {
+            readiness.add(name, check);
+        }
         readiness.refresh().await;
         readiness.spawn_refresher(shutdown.clone());
 

@@ -47,7 +47,7 @@ impl WorkerRole {
 
 /// Runs one worker role until `shutdown` fires, then drains and returns.
 pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let process = Process::start(settings, role.consumers(), shutdown.clone()).await?;
+    let process = Process::start(settings, role.consumers(), Vec::new(), shutdown.clone()).await?;
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
     let result = match role {
         WorkerRole::Prices => prices::run(&process.settings, &process.pool, &process.bus, shutdown.clone()).await,

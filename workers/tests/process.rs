@@ -1,11 +1,11 @@
 //! The `vault-worker` binary in each role: configuration errors, ops endpoints, its consumers,
-//! graceful shutdown.
+//! graceful shutdown, and a start before the NATS cluster can hold replicated streams.
 
 use std::time::Duration;
 
 use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env, free_port,
-    offline_env,
+    NatsCluster, NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env,
+    base_env_for, free_port, offline_env, poll_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
@@ -85,4 +85,29 @@ async fn every_worker_role_serves_ops_declares_its_consumers_and_stops_cleanly()
         let status = worker.wait_exit(Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(0), "{role} did not stop cleanly:\n{}", worker.output());
     }
+}
+
+/// A worker started while its NATS cluster has one node of three up (no quorum: replicated
+/// streams cannot be placed) waits and retries rather than exits, and becomes ready once the
+/// other nodes are back.
+#[tokio::test]
+async fn a_worker_started_before_the_cluster_has_a_quorum_waits_for_it() {
+    let mut cluster = NatsCluster::start().await;
+    let db = TestDb::create().await;
+    cluster.kill(1);
+    cluster.kill(2);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut envs = base_env_for(&db, &cluster.url());
+    envs.extend([("OPS_ADDR", addr.clone()), ("NATS_REPLICAS", "3".to_owned())]);
+    let mut worker = Proc::spawn(BIN, &["audit"], &envs);
+    poll_until(Duration::from_secs(30), "the worker to retry declaring its streams", || async {
+        worker.output().contains("cannot declare the streams yet").then_some(())
+    })
+    .await;
+    assert!(worker.is_running(), "the worker exited instead of waiting:\n{}", worker.output());
+    cluster.restart(1).await;
+    cluster.restart(2).await;
+    worker.wait_http_status(&addr, "/readyz", 200, Duration::from_secs(60)).await;
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
 }
