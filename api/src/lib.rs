@@ -1,7 +1,9 @@
 //! vault-api: the thin REST front of CryptoVault.
 //!
 //! It authenticates, validates input into domain types, publishes commands and auth events to
-//! JetStream and answers reads from Postgres. It never changes a balance: only the engine does.
+//! JetStream and answers reads from Postgres (the portfolio's balance rows through a cache that
+//! engine events invalidate: [`trading::portfolio_cache`]). It never changes a balance: only the
+//! engine does.
 //! [`startup`] builds and runs the server and assembles the routes; [`error`] is the one HTTP
 //! error type; [`auth`] and [`admin`] hold the account routes; [`trading`] the markets, orders,
 //! deposits, portfolio and ledger, with [`prices`] keeping the latest price of every market in

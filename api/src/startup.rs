@@ -34,6 +34,7 @@ use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
 use crate::trading::intake::IntakeWriter;
 use crate::trading::markets::MarketCache;
+use crate::trading::portfolio_cache::{self, PortfolioCache, PortfolioCacheConfig};
 use crate::ws::{Gateway, WsConfig};
 use crate::{admin, auth, hardening, notifications, openapi, prices, trading, ws};
 
@@ -72,6 +73,15 @@ pub struct Shared {
     pub ws: Gateway,
     /// Order intake rows, inserted in batches (see [`IntakeWriter`]).
     pub intake: IntakeWriter,
+    /// Recently read balance rows, dropped by engine events (see [`PortfolioCache`]).
+    pub portfolios: PortfolioCache,
+}
+
+/// The tunables code sets (tests shorten or lengthen them); the defaults are the contract's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tunables {
+    pub ws: WsConfig,
+    pub portfolio_cache: PortfolioCacheConfig,
 }
 
 /// How long one request may take before it is answered 503.
@@ -99,6 +109,15 @@ impl Application {
     pub async fn build_with(
         settings: Settings,
         ws_config: WsConfig,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Application> {
+        Application::build_tuned(settings, Tunables { ws: ws_config, ..Tunables::default() }, shutdown).await
+    }
+
+    /// [`Application::build`] with every tunable given.
+    pub async fn build_tuned(
+        settings: Settings,
+        tunables: Tunables,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Application> {
         telemetry::record_build_info(&settings);
@@ -132,11 +151,13 @@ impl Application {
         credential_cache::spawn_invalidator(&bus, credentials.clone(), shutdown.clone());
         let price_book = PriceBook::new();
         prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
+        let portfolios = PortfolioCache::new(bus.client(), tunables.portfolio_cache);
+        portfolio_cache::spawn_feed(&bus, portfolios.clone(), shutdown.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
             intake: IntakeWriter::start(pool.clone()),
             pool,
-            ws: Gateway::new(&bus, ws_config, shutdown.clone()),
+            ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), shutdown.clone()),
             events: AuthEvents::new(bus.clone()),
             bus,
             hasher: Hasher::new(hashing_slots),
@@ -145,6 +166,7 @@ impl Application {
             limits,
             markets,
             prices: price_book,
+            portfolios,
         }));
         let router = router(state.clone(), readiness.clone());
         Ok(Application { listener, router, readiness, state, shutdown })

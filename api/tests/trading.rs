@@ -83,6 +83,13 @@ async fn publish_tick(api: &Api, symbol: &str, price: &str, seq: u64) {
     bus.publish(&tick, &MessageContext::default()).await.expect("tick published");
 }
 
+/// Publishes an engine event of `user` on EVENTS, as the engine's outbox relay would.
+async fn publish_engine_event(api: &Api, user: Uuid, kind: EventKind, data: Value) {
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("bus");
+    let event = EngineEvent { id: Uuid::now_v7(), kind, user_id: user, request_id: None, at: Utc::now(), data };
+    bus.publish(&event, &MessageContext::default()).await.expect("event published");
+}
+
 async fn wait_for_price(api: &Api, symbol: &str, price: &str) -> Value {
     poll_until(DEADLINE, &format!("the ticker of {symbol} to show {price}"), || async {
         let resp = api.get(&format!("/markets/{symbol}/ticker"), None).await;
@@ -689,8 +696,15 @@ async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_lat
     .await
     .expect("fill");
 
+    // The engine announces what it wrote; the API's portfolio cache drops the user's balances
+    // when the event arrives.
+    publish_engine_event(&api, user, EventKind::OrderFilled, json!({"id": order_id})).await;
     // Without a price the position counts at its cost.
-    let unpriced = json_of(api.get("/portfolio", Some(&token)).await, 200).await;
+    let unpriced = poll_until(DEADLINE, "the fill to reach the portfolio", || async {
+        let p = json_of(api.get("/portfolio", Some(&token)).await, 200).await;
+        (p["equity"] != "0").then_some(p)
+    })
+    .await;
     assert_eq!(unpriced["positions"][0]["market_price"], Value::Null);
     assert_eq!(unpriced["equity"], "31000");
 

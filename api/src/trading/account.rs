@@ -2,7 +2,9 @@
 //!
 //! A deposit follows the intake protocol of [`super`] (pending row, `deposit` command, 202 after
 //! the ack); the engine credits it and marks it `completed`. The portfolio and the ledger are
-//! reads of what the engine wrote, marked to the latest prices this API knows.
+//! reads of what the engine wrote, marked to the latest prices this API knows. The portfolio's
+//! balance rows usually come from [`super::portfolio_cache`] (no database round trip; that
+//! module states how stale they can be), its prices always from the latest ticks.
 //!
 //! Decisions where `API.md` is silent:
 //! - deposits: `asset` is USD or the base asset of a market; `amount` has at most 8 decimals;
@@ -29,6 +31,7 @@ use vault_bus::message::{CommandBody, OrderCommand};
 use vault_bus::views::DepositView;
 use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 
+use super::portfolio_cache::{BalanceRow, Balances};
 use super::{AssetCode, ClientId, DecimalInput, DepositDoc, Intake, check_client_id, context, publish_intake};
 use crate::auth::caller::{Caller, Scope};
 use crate::error::{ApiError, FieldError, Problem};
@@ -266,32 +269,22 @@ pub struct Portfolio {
     pub as_of: DateTime<Utc>,
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct BalanceRow {
-    asset: String,
-    total: Decimal,
-    reserved: Decimal,
-    cost_basis: Decimal,
-}
-
 fn round_money(d: Decimal) -> Decimal {
     d.round_dp_with_strategy(MONEY_SCALE, RoundingStrategy::MidpointNearestEven).normalize()
 }
 
-/// The caller's cash and positions, marked to the latest prices.
+/// The caller's cash and positions, marked to the latest prices. The balances are at most
+/// 1 s behind the engine's commits (usually milliseconds: they are refreshed when the engine's
+/// event reaches this API process).
 #[utoipa::path(get, path = "/api/v1/portfolio", tag = "account", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Portfolio)))]
 pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<Json<Portfolio>, ApiError> {
     caller.require_scope(Scope::Read)?;
-    let rows: Vec<BalanceRow> =
-        sqlx::query_as("SELECT asset, total, reserved, cost_basis FROM balances WHERE user_id = $1 ORDER BY asset")
-            .bind(caller.user_id)
-            .fetch_all(&state.pool)
-            .await?;
+    let rows = balances(&state, caller.user_id).await?;
     let as_of = Utc::now();
     let mut cash = Cash { asset: "USD", total: Decimal::ZERO, available: Decimal::ZERO, reserved: Decimal::ZERO };
     let mut positions = Vec::new();
-    for row in rows {
+    for row in rows.iter() {
         if row.asset == "USD" {
             cash = Cash {
                 asset: "USD",
@@ -316,13 +309,33 @@ pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<
             market_price: market_price.map(|p| p.normalize()),
             unrealized_pnl: market_value.map(|v| (v - row.cost_basis).normalize()),
             market_value,
-            asset: row.asset,
+            asset: row.asset.clone(),
         });
     }
     let marked: Decimal =
         positions.iter().map(|p| p.market_value.unwrap_or_else(|| round_money(p.avg_cost * p.quantity))).sum();
     let equity = (cash.total + marked).normalize();
     Ok(Json(Portfolio { cash, positions, equity, as_of }))
+}
+
+/// The user's balance rows: from the [`super::portfolio_cache`] when it may serve them, else from
+/// Postgres (and then kept there, if nothing of the user changed during the read).
+async fn balances(state: &AppState, user: Uuid) -> Result<Balances, ApiError> {
+    if let Some(rows) = state.portfolios.get(user) {
+        return Ok(rows);
+    }
+    // Registered before the query starts, so an event arriving during it voids the answer.
+    let fill = state.portfolios.begin(user);
+    let rows: Vec<BalanceRow> =
+        sqlx::query_as("SELECT asset, total, reserved, cost_basis FROM balances WHERE user_id = $1 ORDER BY asset")
+            .bind(user)
+            .fetch_all(&state.pool)
+            .await?;
+    let rows: Balances = rows.into();
+    if let Some(fill) = fill {
+        state.portfolios.finish(fill, rows.clone());
+    }
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------

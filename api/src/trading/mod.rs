@@ -23,6 +23,7 @@ pub mod account;
 pub mod intake;
 pub mod markets;
 pub mod orders;
+pub mod portfolio_cache;
 
 use async_nats::connection::State as ConnectionState;
 use async_nats::jetstream::publish::PublishAck;

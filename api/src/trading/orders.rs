@@ -265,6 +265,9 @@ pub async fn place_order(
         return Ok(answer(status, view, None));
     };
     let current = await_verdict(&state.pool, events, user, order_id, Duration::from_secs(secs)).await?.unwrap_or(view);
+    // The verdict may come from an event the portfolio cache's own feed has not handled yet: a
+    // client that was told the order filled must not then read its portfolio from before.
+    state.portfolios.forget(user);
     let status = if fresh && current.status != "pending" { StatusCode::CREATED } else { status };
     Ok(answer(status, current, Some(secs)))
 }

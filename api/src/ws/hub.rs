@@ -25,6 +25,11 @@
 //! disconnected, or before a topic's subscription exists, is not seen (the durable state is in
 //! Postgres; clients resync over REST after reconnecting).
 //!
+//! Order events also drop the user's cached balances ([`PortfolioCache::forget`]) before they
+//! are offered to anyone: a client that has seen an order frame from this process never reads a
+//! portfolio from before it (the cache's own feed is another subscription, served in no fixed
+//! order with this one).
+//!
 //! Shutdown: every topic task stops with the process's shutdown token, dropping (and so
 //! unsubscribing) its subscription.
 
@@ -44,6 +49,7 @@ use vault_bus::subjects;
 use vault_core::domain::{Price, Symbol};
 
 use super::protocol::{Channel, DataFrame};
+use crate::trading::portfolio_cache::PortfolioCache;
 
 /// How long joining a topic may wait for its NATS subscription to be in place.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -140,6 +146,7 @@ pub struct Hub {
 #[derive(Debug)]
 struct Inner {
     client: async_nats::Client,
+    portfolios: PortfolioCache,
     // A std lock: held to look up, insert or remove a topic and edit its member list, never
     // across an await. Lock order: `topics`, then a topic's `members`.
     topics: Mutex<HashMap<Topic, Arc<TopicState>>>,
@@ -154,10 +161,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(client: async_nats::Client, shutdown: CancellationToken) -> Hub {
+    pub fn new(client: async_nats::Client, portfolios: PortfolioCache, shutdown: CancellationToken) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 client,
+                portfolios,
                 topics: Mutex::new(HashMap::new()),
                 next_member: AtomicU64::new(1),
                 shutdown,
@@ -218,13 +226,25 @@ impl Hub {
         let (ready_tx, ready) = watch::channel(Readiness::Pending);
         let state =
             Arc::new(TopicState { members: Mutex::new(Vec::new()), ready, stop: self.inner.shutdown.child_token() });
-        tokio::spawn(run_topic(self.inner.client.clone(), topic, state.clone(), ready_tx));
+        tokio::spawn(run_topic(
+            self.inner.client.clone(),
+            self.inner.portfolios.clone(),
+            topic,
+            state.clone(),
+            ready_tx,
+        ));
         state
     }
 }
 
 /// Subscribes, says so, then hands every message of `topic` to its members until stopped.
-async fn run_topic(client: async_nats::Client, topic: Topic, state: Arc<TopicState>, ready: watch::Sender<Readiness>) {
+async fn run_topic(
+    client: async_nats::Client,
+    portfolios: PortfolioCache,
+    topic: Topic,
+    state: Arc<TopicState>,
+    ready: watch::Sender<Readiness>,
+) {
     let subscribed = tokio::select! {
         _ = state.stop.cancelled() => return,
         result = client.subscribe(topic.subject()) => result,
@@ -261,6 +281,10 @@ async fn run_topic(client: async_nats::Client, topic: Topic, state: Arc<TopicSta
             let _ = ready.send(Readiness::Failed);
             break;
         };
+        if let Topic::Orders(user) = topic {
+            // Even for a message that does not decode: the user's balances may have changed.
+            portfolios.forget(user);
+        }
         let Some(frame) = frame_of(&topic, &channel, message.subject.as_str(), &message.payload) else { continue };
         let frame = Arc::new(frame);
         for member in lock(&state.members).iter() {

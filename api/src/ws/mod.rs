@@ -58,6 +58,7 @@ use vault_bus::Bus;
 use self::hub::Hub;
 use crate::error::{ApiError, Problem, REQUEST_ID};
 use crate::startup::AppState;
+use crate::trading::portfolio_cache::PortfolioCache;
 
 /// The tunables of the feed. Code sets them (tests shorten the intervals); the defaults are the
 /// contract's.
@@ -115,9 +116,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(bus: &Bus, config: WsConfig, shutdown: CancellationToken) -> Gateway {
+    /// `portfolios`: the hub drops a user's cached balances before it sends them an order event.
+    pub fn new(bus: &Bus, config: WsConfig, portfolios: PortfolioCache, shutdown: CancellationToken) -> Gateway {
         Gateway {
-            hub: Hub::new(bus.client().clone(), shutdown.clone()),
+            hub: Hub::new(bus.client().clone(), portfolios, shutdown.clone()),
             config: Arc::new(config),
             connections: TaskTracker::new(),
             shutdown,
