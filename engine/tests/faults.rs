@@ -33,14 +33,9 @@ async fn start_engine(db: &TestDb, nats: &NatsServer) -> Proc {
 async fn prepare(pool: &PgPool, users: usize, orders_per_user: usize) -> Vec<OrderCommand> {
     let symbol = Symbol::parse("BTC-USD").expect("symbol");
     let mut commands = Vec::new();
-    for u in 0..users {
+    for _ in 0..users {
         let user = Uuid::now_v7();
-        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$x')")
-            .bind(user)
-            .bind(format!("flood-{u}-{user}@example.com"))
-            .execute(pool)
-            .await
-            .expect("user");
+        common::insert_user(pool, user).await;
         let deposit = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 100000)",
@@ -127,6 +122,17 @@ async fn publish_all(bus: &Bus, commands: &[OrderCommand]) {
             ack.await.expect("ack");
         }
     }
+}
+
+/// Publishes `commands` in the background, `chunk` at a time every 20 ms, in order.
+fn publish_paced(bus: &Bus, commands: Vec<OrderCommand>, chunk: usize) -> tokio::task::JoinHandle<()> {
+    let bus = bus.clone();
+    tokio::spawn(async move {
+        for chunk in commands.chunks(chunk) {
+            publish_all(&bus, chunk).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
 }
 
 async fn tick(bus: &Bus, seq: u64, price: Decimal) {
@@ -244,15 +250,7 @@ async fn kill_9_at_random_moments_of_a_flood_loses_doubles_and_reorders_nothing(
     let users = 24;
     let (mut moments, seed) = Moments::new();
     // Commands arrive all along, about a thousand a second, in per-user order.
-    let publisher = {
-        let bus = bus.clone();
-        tokio::spawn(async move {
-            for chunk in commands.chunks(24) {
-                publish_all(&bus, chunk).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let publisher = publish_paced(&bus, commands, 24);
 
     // Each kill at a random point of its share of the flood: after `target` commands applied.
     let (mut kills, mut killed) = (Vec::new(), Vec::new());
@@ -339,15 +337,7 @@ async fn a_second_engine_on_the_same_partitions_stands_by_and_takes_over_when_th
 
     let commands = prepare(&pool, 8, 30).await;
     let total = commands.len() as i64;
-    let publisher = {
-        let bus = bus.clone();
-        tokio::spawn(async move {
-            for chunk in commands.chunks(16) {
-                publish_all(&bus, chunk).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let publisher = publish_paced(&bus, commands, 16);
     poll_until(Duration::from_secs(60), "the first engine to apply a third of the flood", || async {
         (applied(&pool).await >= total / 3).then_some(())
     })
