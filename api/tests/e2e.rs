@@ -403,6 +403,19 @@ async fn queue_lag_stays_visible_while_theengine_is_down() {
         (text.contains(&metric) && text.contains("vault_queue_oldest_pending_age_seconds")).then_some(())
     })
     .await;
+    // Ephemeral consumers (the price feeds' ordered consumers: the API's own, the stopped
+    // engine's) are listed, but get no gauges: their names change on every reconnect.
+    let q: Value = s.api.get("/admin/queues", Some(&admin)).await.json().await.expect("queues");
+    let prices = q["streams"].as_array().expect("streams").iter().find(|st| st["name"] == "PRICES").cloned();
+    assert!(
+        prices.is_some_and(|p| !p["consumers"].as_array().expect("consumers").is_empty()),
+        "the API's price feed consumer is listed: {q}"
+    );
+    let text = s.api.client.get(&metrics_url).send().await.expect("metrics").text().await.expect("text");
+    assert!(
+        !text.lines().any(|l| l.starts_with("vault_queue_pending_messages{stream=\"PRICES\"")),
+        "no lag series for ephemeral consumers:\n{text}"
+    );
     problem(s.api.get("/admin/queues", Some(&user)).await, 403, "forbidden").await;
 }
 

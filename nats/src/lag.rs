@@ -8,7 +8,11 @@
 //! `vault_queue_redelivered_messages`, `vault_queue_oldest_pending_age_seconds`
 //! (labels `stream`, `consumer`), and `vault_stream_last_sequence{stream}`, whose rate is the
 //! stream's arrival rate (compare it with the consumers' `vault_messages_processed_total`).
-//! The API reports every consumer; each consumer process reports its own.
+//! The API reports every durable consumer; each consumer process reports its own. Ephemeral
+//! consumers (the ordered consumers of the price feeds, named at random and replaced on every
+//! reconnect) are listed by [`snapshot`] (so `/admin/queues` shows them) but get no gauges: a
+//! series per name ever seen would grow without bound and keep the last value of a consumer
+//! that is gone, and nothing waits on their lag.
 
 use std::time::Duration;
 
@@ -36,6 +40,9 @@ pub struct ConsumerLag {
     /// Age of the oldest message not acked yet (0 when there is none).
     pub oldest_pending_age_seconds: f64,
     pub last_active: Option<DateTime<Utc>>,
+    /// Whether it is a durable consumer (only those get gauges, see the module docs).
+    #[serde(skip)]
+    pub durable: bool,
 }
 
 /// One stream's state and its consumers.
@@ -91,6 +98,7 @@ pub async fn snapshot(bus: &Bus, only: Option<&[ConsumerSpec]>) -> Result<Vec<St
                 num_redelivered: info.num_redelivered as u64,
                 oldest_pending_age_seconds,
                 last_active: info.delivered.last_active.and_then(|t| chrono_of(t.unix_timestamp_nanos())),
+                durable: info.config.durable_name.is_some(),
             });
         }
         consumers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -106,11 +114,11 @@ pub async fn snapshot(bus: &Bus, only: Option<&[ConsumerSpec]>) -> Result<Vec<St
     Ok(out)
 }
 
-/// Sets the lag gauges from a snapshot.
+/// Sets the lag gauges of the durable consumers from a snapshot.
 pub fn record(streams: &[StreamLag]) {
     for s in streams {
         metrics::gauge!(names::STREAM_LAST_SEQUENCE, "stream" => s.name.clone()).set(s.last_seq as f64);
-        for c in &s.consumers {
+        for c in s.consumers.iter().filter(|c| c.durable) {
             let labels = [("stream", s.name.clone()), ("consumer", c.name.clone())];
             metrics::gauge!(names::QUEUE_PENDING, &labels).set(c.num_pending as f64);
             metrics::gauge!(names::QUEUE_ACK_PENDING, &labels).set(c.num_ack_pending as f64);
