@@ -360,6 +360,11 @@ impl Market {
     pub fn fee(&self, notional: Decimal) -> Decimal {
         round_up(notional * self.taker_fee_rate)
     }
+
+    /// [`Self::fee`], or `None` when it cannot be computed in a `Decimal`.
+    pub fn checked_fee(&self, notional: Decimal) -> Option<Decimal> {
+        notional.checked_mul(self.taker_fee_rate).map(round_up)
+    }
 }
 
 /// Rounds away from zero to [`MONEY_SCALE`] places.

@@ -289,7 +289,12 @@ impl Portfolio {
                 if !crosses || view.market.status == MarketStatus::Halted {
                     return Ok(Vec::new());
                 }
-                let notional = order.quantity.get() * price.get();
+                // A price at which the fill cannot be computed (see `Portfolio::costs`) fills
+                // nothing: the order stays open for a sane tick.
+                let Some((notional, fee)) = self.costs(order.side, &order.symbol, order.quantity, *price, view.market)
+                else {
+                    return Ok(Vec::new());
+                };
                 Ok(vec![Event::OrderFilled(Fill {
                     order_id: order.id,
                     symbol: order.symbol.clone(),
@@ -297,7 +302,7 @@ impl Portfolio {
                     quantity: order.quantity,
                     price: *price,
                     notional,
-                    fee: view.market.fee(notional),
+                    fee,
                     released: Some((order.hold_asset.clone(), order.hold)),
                 })])
             }
@@ -310,16 +315,20 @@ impl Portfolio {
             return Err(Reject { reason: RejectReason::MarketHalted });
         }
         let (base, quote) = (order.symbol.base(), order.symbol.quote());
+        let unaffordable = Reject {
+            reason: match order.side {
+                Side::Buy => RejectReason::InsufficientFunds,
+                Side::Sell => RejectReason::InsufficientPosition,
+            },
+        };
         let fill_at = |price: Price| {
-            let notional = order.quantity.get() * price.get();
-            let fee = market.fee(notional);
+            // Amounts too large to compute are more than anyone holds.
+            let Some((notional, fee)) = self.costs(order.side, &order.symbol, order.quantity, price, market) else {
+                return Err(unaffordable);
+            };
             match order.side {
-                Side::Buy if self.balance(quote).available() < notional + fee => {
-                    Err(Reject { reason: RejectReason::InsufficientFunds })
-                }
-                Side::Sell if self.balance(base).available() < order.quantity.get() => {
-                    Err(Reject { reason: RejectReason::InsufficientPosition })
-                }
+                Side::Buy if self.balance(quote).available() < notional + fee => Err(unaffordable),
+                Side::Sell if self.balance(base).available() < order.quantity.get() => Err(unaffordable),
                 _ => Ok(vec![Event::OrderFilled(Fill {
                     order_id: order.order_id,
                     symbol: order.symbol.clone(),
@@ -347,17 +356,17 @@ impl Portfolio {
                 // so an unaffordable order is rejected whatever its time in force.
                 let (hold_asset, hold) = match order.side {
                     Side::Buy => {
-                        let notional = order.quantity.get() * limit.get();
-                        (quote.clone(), notional + market.fee(notional))
+                        let cost = order
+                            .quantity
+                            .get()
+                            .checked_mul(limit.get())
+                            .and_then(|notional| notional.checked_add(market.checked_fee(notional)?));
+                        (quote.clone(), cost.ok_or(unaffordable)?)
                     }
                     Side::Sell => (base.clone(), order.quantity.get()),
                 };
                 if self.balance(&hold_asset).available() < hold {
-                    let reason = match order.side {
-                        Side::Buy => RejectReason::InsufficientFunds,
-                        Side::Sell => RejectReason::InsufficientPosition,
-                    };
-                    return Err(Reject { reason });
+                    return Err(unaffordable);
                 }
                 match order.time_in_force {
                     TimeInForce::Ioc | TimeInForce::Fok => Ok(vec![Event::OrderExpired { order_id: order.order_id }]),
@@ -373,6 +382,32 @@ impl Portfolio {
                 }
             }
         }
+    }
+
+    /// The notional and fee of filling `quantity` at `price`, or `None` when they cannot be
+    /// computed in a `Decimal` (about 7.9e28): the product or the buyer's total overflows, or a
+    /// seller's proceeds would overflow its quote balance. Applying a fill then never overflows
+    /// (a buyer pays at most what it has; a seller's balance was checked here), so no command can
+    /// make the engine panic with amounts.
+    fn costs(
+        &self,
+        side: Side,
+        symbol: &Symbol,
+        quantity: Positive,
+        price: Price,
+        market: &Market,
+    ) -> Option<(Decimal, Decimal)> {
+        let notional = quantity.get().checked_mul(price.get())?;
+        let fee = market.checked_fee(notional)?;
+        match side {
+            Side::Buy => {
+                notional.checked_add(fee)?;
+            }
+            Side::Sell => {
+                self.balance(symbol.quote()).total.checked_add(notional)?;
+            }
+        }
+        Some((notional, fee))
     }
 
     fn cancel(&self, order_id: Uuid) -> Option<Event> {

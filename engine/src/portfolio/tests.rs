@@ -276,3 +276,58 @@ proptest! {
         prop_assert!(p.cost_basis.values().all(|c| *c >= Decimal::ZERO));
     }
 }
+
+/// Amounts whose product or sum does not fit a `Decimal` (about 7.9e28) are refused or left
+/// alone, never a panic: a panic would stop the user's shard, and a command that stops the
+/// engine every time it is applied would hold its partition.
+#[test]
+fn amounts_too_large_to_compute_are_refused_never_a_panic() {
+    let m = market(MarketStatus::Trading);
+    let huge = dec!(10_000_000_000_000_000_000_000_000); // 1e25
+    let mut p = funded(dec!(1000), dec!(1));
+
+    // A market buy whose notional overflows at the engine's price: insufficient funds.
+    let buy = p.execute(
+        &order(Side::Buy, OrderType::Market, TimeInForce::Ioc, huge, None),
+        Some(&view(&m, Some(dec!(100000)))),
+    );
+    assert_eq!(buy.map_err(|r| r.reason), Err(RejectReason::InsufficientFunds));
+    // A limit buy whose hold overflows: insufficient funds, nothing held.
+    let limit = p.execute(
+        &order(Side::Buy, OrderType::Limit, TimeInForce::Gtc, huge, Some(dec!(100000))),
+        Some(&view(&m, None)),
+    );
+    assert_eq!(limit.map_err(|r| r.reason), Err(RejectReason::InsufficientFunds));
+    assert_eq!(p.balance(&usd()).reserved, Decimal::ZERO);
+    // A market sell of more than is held, at a price where its proceeds overflow.
+    let sell = p.execute(
+        &order(Side::Sell, OrderType::Market, TimeInForce::Ioc, huge, None),
+        Some(&view(&m, Some(dec!(100000)))),
+    );
+    assert_eq!(sell.map_err(|r| r.reason), Err(RejectReason::InsufficientPosition));
+
+    // Resting sells crossed by a tick so high that the proceeds cannot be computed stay open:
+    // 2 BTC at 5e28 overflows the product; 1 BTC's proceeds fit, but not on top of the
+    // proceeds of an earlier fill.
+    let absurd = pos(dec!(50_000_000_000_000_000_000_000_000_000)); // 5e28
+    let mut p = funded(dec!(1000), dec!(4));
+    let rest = |p: &mut Portfolio, qty| {
+        let resting = order(Side::Sell, OrderType::Limit, TimeInForce::Gtc, qty, Some(dec!(60000)));
+        let Command::Place(request) = &resting else { unreachable!() };
+        let id = request.order_id;
+        p.execute(&resting, Some(&view(&m, None))).expect("rests");
+        id
+    };
+    let trigger = |p: &mut Portfolio, id, price: Positive| {
+        p.execute(&Command::Trigger { order_id: id, price }, Some(&view(&m, Some(price.get())))).expect("decided")
+    };
+    let two = rest(&mut p, dec!(2));
+    assert_eq!(trigger(&mut p, two, absurd), Vec::new(), "2 × 5e28 cannot be computed");
+    let one = rest(&mut p, dec!(1));
+    assert!(matches!(trigger(&mut p, one, absurd).as_slice(), [Event::OrderFilled(_)]), "5e28 fits");
+    let another = rest(&mut p, dec!(1));
+    assert_eq!(trigger(&mut p, another, absurd), Vec::new(), "a second 5e28 would overflow the USD balance");
+    assert!(p.open_orders.contains_key(&two) && p.open_orders.contains_key(&another));
+    // A sane tick still fills them.
+    assert!(matches!(trigger(&mut p, two, pos(dec!(61000))).as_slice(), [Event::OrderFilled(_)]));
+}
