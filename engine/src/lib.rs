@@ -56,7 +56,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         match serve(&process, &specs, lease, &shutdown).await {
             Ok(()) if shutdown.is_cancelled() => break Ok(()),
             Ok(()) => {
-                tracing::warn!(partitions = ?partitions, "serving stopped with the lease; waiting to take it again")
+                tracing::warn!(partitions = ?partitions, "serving stopped with the lease; waiting to take it again");
+                // Not ready from now on, not from the next periodic check.
+                process.readiness.refresh().await;
             }
             Err(e) => break Err(e),
         }
