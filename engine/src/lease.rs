@@ -111,12 +111,25 @@ impl Lease {
         let mut conn = None::<PgConnection>;
         let mut reported = None::<Vec<i32>>;
         loop {
-            let attempt = match conn.as_mut() {
-                Some(c) => try_take_all(c, partitions).await,
-                None => match PgConnection::connect_with(db).await {
-                    Ok(c) => try_take_all(conn.insert(c), partitions).await,
-                    Err(e) => Err(e),
-                },
+            // Bounded, and given up on shutdown: a connect into a network that swallows packets
+            // would otherwise hang for minutes.
+            let attempt = async {
+                match conn.as_mut() {
+                    Some(c) => try_take_all(c, partitions).await,
+                    None => match PgConnection::connect_with(db).await {
+                        Ok(c) => try_take_all(conn.insert(c), partitions).await,
+                        Err(e) => Err(e),
+                    },
+                }
+            };
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                attempt = tokio::time::timeout(CHECK_TIMEOUT, attempt) => attempt.unwrap_or_else(|_| {
+                    Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {CHECK_TIMEOUT:?}"),
+                    )))
+                }),
             };
             match attempt {
                 Ok(busy) if busy.is_empty() => break,
