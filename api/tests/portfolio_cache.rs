@@ -25,8 +25,7 @@ use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, free_port, http_client, poll_until,
-    workspace_binary,
+    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary,
 };
 
 /// How long anything expected may take; far below [`LONG_TTL`].
@@ -145,11 +144,8 @@ impl Drop for InProcess {
 
 /// The `vault-engine` binary over the API's nats-server and database.
 async fn engine(api: &InProcess) -> Proc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(&api.db, &api.nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &envs);
-    engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (mut engine, ops) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &base_env(&api.db, &api.nats));
+    engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
     engine
 }
 

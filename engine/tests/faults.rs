@@ -15,14 +15,11 @@ use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until, run_reconcile,
-    scrape_metric,
-};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, http_client, poll_until, run_reconcile, scrape_metric};
 
 mod common;
 
-use common::{BIN, start_engine as start_engine_at};
+use common::{BIN, spawn_engine, start_engine as start_engine_at};
 
 async fn start_engine(db: &TestDb, nats: &NatsServer) -> Proc {
     start_engine_at(db, nats, &[]).await.0
@@ -324,10 +321,7 @@ async fn a_second_engine_on_the_same_partitions_stands_by_and_takes_over_when_th
     let pool = db.pool().await;
     let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
     let (mut first, _) = start_engine_at(&db, &nats, &[]).await;
-    let standby_ops = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(&db, &nats);
-    envs.push(("OPS_ADDR", standby_ops.clone()));
-    let mut second = Proc::spawn(BIN, &[], &envs);
+    let (mut second, standby_ops) = spawn_engine(&db, &nats, &[]);
     second.wait_http_status(&standby_ops, "/readyz", 503, READY_DEADLINE).await;
     poll_until(Duration::from_secs(30), "the second engine to stand by", || async {
         second.output().contains("standing by").then_some(())
@@ -415,12 +409,7 @@ async fn an_engine_whose_lease_connection_is_dropped_stops_serving_and_stands_by
     let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
     let (mut first, first_ops) = start_engine_at(&db, &nats, &[]).await;
     assert_eq!(scrape_metric(&first_ops, "vault_engine_partitions_held", &[]).await, 16.0);
-    let (mut second, second_ops) = {
-        let ops = format!("127.0.0.1:{}", free_port());
-        let mut envs = base_env(&db, &nats);
-        envs.push(("OPS_ADDR", ops.clone()));
-        (Proc::spawn(BIN, &[], &envs), ops)
-    };
+    let (mut second, second_ops) = spawn_engine(&db, &nats, &[]);
     poll_until(Duration::from_secs(30), "the second engine to stand by", || async {
         second.output().contains("standing by").then_some(())
     })

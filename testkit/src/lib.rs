@@ -446,6 +446,15 @@ impl Proc {
         Proc::spawn_with_files(binary, args, envs, &[])
     }
 
+    /// [`Proc::spawn`] with an `OPS_ADDR` of its own on loopback added to `envs`; returns the
+    /// process and that address (its `/readyz` and `/metrics`).
+    pub fn spawn_with_ops(binary: &str, args: &[&str], envs: &[(&str, String)]) -> (Proc, String) {
+        let ops = format!("127.0.0.1:{}", free_port());
+        let mut envs = envs.to_vec();
+        envs.push(("OPS_ADDR", ops.clone()));
+        (Proc::spawn(binary, args, &envs), ops)
+    }
+
     /// Like [`Proc::spawn`], with `files` (name, contents) written into the working directory
     /// first (a `.env`, a CSV to replay…).
     pub fn spawn_with_files(binary: &str, args: &[&str], envs: &[(&str, String)], files: &[(&str, &str)]) -> Proc {

@@ -13,18 +13,21 @@ use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Asset, OrderType, Positive, Side, Symbol, TimeInForce};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, poll_until};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vault-engine");
 
-/// Starts the engine binary with `extra` environment on top of the test defaults and waits for
-/// `/readyz`; returns the process and its ops address.
-pub async fn start_engine(db: &TestDb, nats: &NatsServer, extra: &[(&'static str, String)]) -> (Proc, String) {
-    let ops = format!("127.0.0.1:{}", free_port());
+/// Spawns the engine binary with `extra` environment on top of the test defaults, without
+/// waiting for it; returns the process and its ops address.
+pub fn spawn_engine(db: &TestDb, nats: &NatsServer, extra: &[(&'static str, String)]) -> (Proc, String) {
     let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", ops.clone()));
     envs.extend(extra.iter().cloned());
-    let mut engine = Proc::spawn(BIN, &[], &envs);
+    Proc::spawn_with_ops(BIN, &[], &envs)
+}
+
+/// [`spawn_engine`], then waits for `/readyz`.
+pub async fn start_engine(db: &TestDb, nats: &NatsServer, extra: &[(&'static str, String)]) -> (Proc, String) {
+    let (mut engine, ops) = spawn_engine(db, nats, extra);
     engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
     (engine, ops)
 }
