@@ -145,10 +145,7 @@ impl PgStore {
     /// its own, so connections stay on their thread), with its group committer started on that
     /// runtime: call it from the arbiter that will use the store.
     pub fn lazy(options: sqlx::postgres::PgConnectOptions, connections: u32) -> Self {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(connections)
-            .acquire_timeout(std::time::Duration::from_secs(3))
-            .connect_lazy_with(options);
+        let pool = vault_core::db::pool_options(connections).connect_lazy_with(options);
         let committer = Committer::start(pool.clone());
         PgStore { pool, committer }
     }
