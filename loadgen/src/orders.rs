@@ -515,10 +515,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         if let Some(url) = &args.database_url {
             // What each order cost alone, then as the engine writes them: 64 orders per
-            // transaction from 8 workers (its 2 shards × 4 transactions under way).
+            // transaction from 2 workers (its 2 shards × 1 transaction under way).
             let alone = limits::postgres_commit(url, args.limit_concurrency, args.limit_duration, 1).await?;
             println!("{}", alone.line);
-            let storage = limits::postgres_commit(url, 8, args.limit_duration, 64).await?;
+            let storage = limits::postgres_commit(url, 2, args.limit_duration, 64).await?;
             println!("{}", storage.line);
             storage_and_backbone.push(("the raw Postgres writes in batches of 64".into(), storage));
         }
