@@ -312,10 +312,25 @@ pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<
             asset: row.asset.clone(),
         });
     }
-    let marked: Decimal =
-        positions.iter().map(|p| p.market_value.unwrap_or_else(|| round_money(p.avg_cost * p.quantity))).sum();
-    let equity = (cash.total + marked).normalize();
+    let equity = equity(cash.total, &positions).ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!("the equity of user {} exceeds the decimal range", caller.user_id))
+    })?;
     Ok(Json(Portfolio { cash, positions, equity, as_of }))
+}
+
+/// Cash plus every position's market value (its cost basis without one); `None` when the sum
+/// leaves the decimal range (only absurd prices get there: the engine's amounts are checked).
+fn equity(cash: Decimal, positions: &[Position]) -> Option<Decimal> {
+    positions
+        .iter()
+        .try_fold(cash, |sum, p| {
+            let value = match p.market_value {
+                Some(value) => value,
+                None => round_money(p.avg_cost.checked_mul(p.quantity)?),
+            };
+            sum.checked_add(value)
+        })
+        .map(|sum| sum.normalize())
 }
 
 /// The user's balance rows: from the [`super::portfolio_cache`] when it may serve them, else from
@@ -419,6 +434,32 @@ mod tests {
             ApiError::Validation { errors, .. } => errors.into_iter().map(|e| e.field).collect(),
             other => panic!("{other:?}"),
         })
+    }
+
+    fn position(quantity: Decimal, avg_cost: Decimal, market_value: Option<Decimal>) -> Position {
+        Position {
+            asset: "BTC".into(),
+            symbol: Some("BTC-USD".into()),
+            quantity,
+            available: quantity,
+            reserved: Decimal::ZERO,
+            avg_cost,
+            market_price: None,
+            market_value,
+            unrealized_pnl: None,
+        }
+    }
+
+    #[test]
+    fn equity_is_cash_plus_market_values_or_cost_and_none_beyond_the_decimal_range() {
+        let positions = [position(dec!(2), dec!(100), Some(dec!(250))), position(dec!(3), dec!(10), None)];
+        assert_eq!(equity(dec!(1000), &positions), Some(dec!(1280)));
+        assert_eq!(equity(dec!(5.50), &[]), Some(dec!(5.5)));
+        // Two positions each worth most of Decimal::MAX (an absurd price tick): no panic.
+        let huge = Decimal::MAX - dec!(1);
+        let absurd = [position(dec!(1), dec!(1), Some(huge)), position(dec!(1), dec!(1), Some(huge))];
+        assert_eq!(equity(dec!(0), &absurd), None);
+        assert_eq!(equity(dec!(0), &[position(Decimal::MAX, dec!(2), None)]), None);
     }
 
     #[test]
