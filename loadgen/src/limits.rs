@@ -214,6 +214,9 @@ pub async fn jetstream_publish(
 const SCRATCH_TABLES: [&str; 7] =
     ["portfolios", "applied_commands", "balances", "orders", "fills", "ledger_entries", "outbox"];
 
+/// Connections the storage limit leaves to others (the running stack may open a few more).
+const FREE_CONNECTIONS_KEPT: i64 = 8;
+
 /// The storage limit: market buys' intake rows and engine commits, raw, `batch` orders (of as
 /// many users) per transaction, per worker on its own users; scratch schema dropped afterwards.
 /// The rate is in orders per second.
@@ -228,6 +231,15 @@ pub async fn postgres_commit(
         .connect(database_url)
         .await
         .context("connecting to DATABASE_URL")?;
+    // Beside a running stack Postgres may not have a connection per worker left: workers
+    // waiting for one would count as errors and the limit would measure the pool, not the writes.
+    let free: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+                - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let workers = concurrency.min(usize::try_from(free - FREE_CONNECTIONS_KEPT).unwrap_or(0)).max(1);
     let schema = format!("loadgen_{}", Uuid::new_v4().simple());
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&pool).await?;
     let result = async {
@@ -239,7 +251,7 @@ pub async fn postgres_commit(
             .await
             .with_context(|| format!("creating the scratch copy of {t} (is the database migrated?)"))?;
         }
-        let users: Vec<Vec<Uuid>> = (0..concurrency).map(|_| (0..batch).map(|_| Uuid::new_v4()).collect()).collect();
+        let users: Vec<Vec<Uuid>> = (0..workers).map(|_| (0..batch).map(|_| Uuid::new_v4()).collect()).collect();
         sqlx::query(&format!(
             "INSERT INTO {schema}.portfolios (user_id, version) SELECT u, 1 FROM UNNEST($1::uuid[]) AS u"
         ))
@@ -248,9 +260,12 @@ pub async fn postgres_commit(
         .await?;
         let versions = Arc::new(users.iter().map(|_| AtomicU64::new(1)).collect::<Vec<_>>());
         let (pool2, schema2, users) = (pool.clone(), schema.clone(), Arc::new(users));
-        let name =
+        let mut name =
             format!("limit: Postgres commits ({batch} {} per transaction)", if batch == 1 { "buy" } else { "buys" });
-        let mut limit = flat_out(&name, concurrency, duration, move |i| {
+        if workers < concurrency {
+            name.push_str(&format!(" [{workers} workers: Postgres had {free} connections free]"));
+        }
+        let mut limit = flat_out(&name, workers, duration, move |i| {
             let (pool, schema, users, versions) = (pool2.clone(), schema2.clone(), users.clone(), versions.clone());
             async move {
                 let w = (i >> 40) as usize;
