@@ -784,6 +784,36 @@ async fn a_client_id_whose_refused_attempt_reached_the_stream_later_is_answered_
 }
 
 #[tokio::test]
+async fn a_client_id_spent_by_a_refused_attempt_the_engine_applied_is_answered_409_after_the_dedupe_window() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "quin@example.com").await;
+    // A refused attempt's command reached the stream after its row was withdrawn, and the
+    // engine applied it as void: its key is recorded. JetStream's dedupe window has long passed,
+    // so a new attempt's publish would not be a duplicate — but the engine would skip it as one.
+    let pool = api.db.pool().await;
+    for key in [format!("{user}:spent-1"), format!("{user}:deposit:spent-d")] {
+        sqlx::query("INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, 1, 1)")
+            .bind(user)
+            .bind(&key)
+            .execute(&pool)
+            .await
+            .expect("a spent key");
+    }
+    let body =
+        problem(api.post("/orders", Some(&token), limit_order("spent-1")).await, 409, "client_id_unusable").await;
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("new client id")), "{body}");
+    let deposit = json!({"asset": "USD", "amount": "100", "client_deposit_id": "spent-d"});
+    problem(api.post("/account/deposits", Some(&token), deposit).await, 409, "client_id_unusable").await;
+    assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 0, "no order left pending forever");
+    assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 0, "no deposit left pending forever");
+    assert!(stream_messages(&api, "ORDERS").await.is_empty(), "nothing was published");
+    // Other client ids work.
+    json_of(api.post("/orders", Some(&token), limit_order("spent-2")).await, 202).await;
+    let deposit = json!({"asset": "USD", "amount": "100", "client_deposit_id": "spent-e"});
+    json_of(api.post("/account/deposits", Some(&token), deposit).await, 202).await;
+}
+
+#[tokio::test]
 async fn the_price_feed_follows_again_after_nats_restarts() {
     let mut api = Api::start().await;
     publish_tick(&api, "ETH-USD", "3000", 1).await;

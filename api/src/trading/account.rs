@@ -162,11 +162,14 @@ async fn insert_intake(
 ) -> Result<(DepositView, bool), ApiError> {
     let sql = format!(
         "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount, status, request_id)
-         VALUES ($1, $2, $3, $4, $5, 'pending', $6)
+         SELECT $1::uuid, $2::uuid, $3::text, $4::text, $5::numeric, 'pending', $6::text
+          WHERE NOT EXISTS (SELECT 1 FROM applied_commands
+                             WHERE user_id = $2 AND command_id = $2::text || ':deposit:' || $3)
          ON CONFLICT (user_id, client_deposit_id) DO NOTHING
          RETURNING {DEPOSIT_COLUMNS}"
     );
-    // A row found by conflict but withdrawn before it could be read is inserted again.
+    // A row found by conflict but withdrawn before it could be read is inserted again; no row
+    // is inserted for a client id a refused attempt spent (see `super::key_applied`).
     for _ in 0..3 {
         let id = Uuid::now_v7();
         let client_deposit_id = deposit.client_deposit_id.clone().unwrap_or_else(|| id.to_string());
@@ -191,6 +194,9 @@ async fn insert_intake(
         .await?;
         if let Some(existing) = existing {
             return Ok((existing, false));
+        }
+        if super::key_applied(pool, user, &format!("{user}:deposit:{client_deposit_id}")).await? {
+            return Err(super::client_id_unusable());
         }
     }
     Err(ApiError::Unavailable("deposit intake"))

@@ -11,7 +11,8 @@
 //!
 //! Each request still gets its own answer: its row as inserted, or `None` when its
 //! `(user, client_order_id)` was taken (by an earlier order, or by another row of the same
-//! batch), exactly as a single-row insert answered. A batch Postgres refuses is retried row by
+//! batch), exactly as a single-row insert answered — or was spent by a refused attempt whose
+//! command the engine applied (see [`super::key_applied`]). A batch Postgres refuses is retried row by
 //! row, so one request's failure never becomes another's.
 //!
 //! Rows go in in `(user, client_order_id)` order, arrival breaking ties (so the first of two
@@ -110,6 +111,8 @@ async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<std::collections::H
                        $8::numeric[], $9::numeric[], $10::text[])
                 WITH ORDINALITY AS r(id, user_id, client_order_id, symbol, side, type, time_in_force, quantity,
                                      limit_price, request_id, n)
+          WHERE NOT EXISTS (SELECT 1 FROM applied_commands a
+                             WHERE a.user_id = r.user_id AND a.command_id = r.user_id::text || ':' || r.client_order_id)
           ORDER BY r.user_id, r.client_order_id, r.n
          ON CONFLICT (user_id, client_order_id) DO NOTHING
          RETURNING {ORDER_COLUMNS}"

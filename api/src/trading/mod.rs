@@ -90,12 +90,7 @@ where
         Ok(ack) if fresh && ack.duplicate => {
             metrics::counter!("vault_api_stale_commands_total").increment(1);
             tracing::warn!(msg_id = command.msg_id(), "an earlier, withdrawn attempt holds this client id");
-            ApiError::Conflict {
-                code: "client_id_unusable",
-                detail: "An earlier attempt with this client id reached the queue after it was refused; \
-                         nothing was placed. Send the request again with a new client id."
-                    .to_owned(),
-            }
+            client_id_unusable()
         }
         Ok(_) => return Ok(Intake::Published),
         Err(e) if fresh => e,
@@ -103,6 +98,31 @@ where
         Err(e) => return Err(e),
     };
     if withdraw().await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Decided) }
+}
+
+/// The answer for a client id an earlier, refused attempt spent: its command reached the stream
+/// after the API had answered 503 and withdrawn its row.
+pub(crate) fn client_id_unusable() -> ApiError {
+    ApiError::Conflict {
+        code: "client_id_unusable",
+        detail: "An earlier attempt with this client id reached the queue after it was refused; \
+                 nothing was placed. Send the request again with a new client id."
+            .to_owned(),
+    }
+}
+
+/// Whether the engine has applied a command with this dedupe key (`Nats-Msg-Id`). An attempt
+/// refused with 503 whose command reached the stream anyway is applied as void (its row was
+/// withdrawn) and keeps its key; a later attempt with the same client id, published after
+/// JetStream's dedupe window, would be a duplicate to the engine and stay pending forever. So
+/// the intake statements insert no row whose key is applied, and this tells that case apart
+/// from a row withdrawn between the insert and the read.
+pub(crate) async fn key_applied(pool: &sqlx::PgPool, user: uuid::Uuid, key: &str) -> Result<bool, ApiError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM applied_commands WHERE user_id = $1 AND command_id = $2)")
+        .bind(user)
+        .bind(key)
+        .fetch_one(pool)
+        .await?)
 }
 
 /// A client-chosen id (`client_order_id`, `client_deposit_id`): 1 to 64 of `[A-Za-z0-9_-]`.

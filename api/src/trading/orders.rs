@@ -302,6 +302,9 @@ async fn insert_intake(
         if let Some(existing) = load_by_client_id(&state.pool, user, &client_order_id).await? {
             return Ok((existing, false));
         }
+        if super::key_applied(&state.pool, user, &format!("{user}:{client_order_id}")).await? {
+            return Err(super::client_id_unusable());
+        }
     }
     Err(ApiError::Unavailable("order intake"))
 }
