@@ -22,8 +22,8 @@ use actix::Recipient;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull};
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -461,23 +461,11 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     }
 }
 
-/// Published outbox rows are kept this long (for inspection), then deleted.
-const OUTBOX_RETENTION_HOURS: i32 = 24;
-
-/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it), and
-/// deletes published rows past their retention every ten minutes.
+/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it). A row is
+/// deleted in the transaction that saw its event acknowledged: the outbox holds only what is
+/// still to be published (the events themselves stay on EVENTS and in the audit log).
 pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let mut cleanup = tokio::time::interval(Duration::from_secs(600));
     loop {
-        if cleanup.tick().now_or_never().is_some() {
-            let deleted = sqlx::query("DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)")
-                .bind(OUTBOX_RETENTION_HOURS)
-                .execute(&pool)
-                .await;
-            if let Err(e) = deleted {
-                tracing::warn!(error = %e, "outbox cleanup failed; will retry");
-            }
-        }
         let stop = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = shared.outbox.notified() => false,
@@ -499,13 +487,12 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
     }
 }
 
-/// Publishes one batch; returns how many rows it marked published. Rows are published as the
-/// engine encoded them (their subject and payload), not decoded and encoded again.
+/// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
+/// the engine encoded them (their subject and payload), not decoded and encoded again.
 async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT id, subject, payload::text, request_id FROM outbox WHERE published_at IS NULL
-          ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, subject, payload::text, request_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(RELAY_BATCH)
     .fetch_all(&mut *tx)
@@ -529,7 +516,7 @@ async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
             Err(e) => tracing::warn!(outbox_id = %id, error = %e, "event not acknowledged; will retry"),
         }
     }
-    sqlx::query("UPDATE outbox SET published_at = now() WHERE id = ANY($1)").bind(&published).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&published).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(published.len())
 }

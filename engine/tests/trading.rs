@@ -181,6 +181,12 @@ async fn a_deposit_and_a_market_buy_move_money_through_the_double_entry_ledger()
     assert_eq!(filled_event["data"]["status"], "filled");
     assert_eq!(filled_event["data"]["fills"].as_array().expect("fills").len(), 1);
     assert!(events.iter().any(|(subj, _)| subj == &format!("events.deposit.completed.{user}")));
+    // Acknowledged events leave the outbox: it holds only what is still to be published.
+    poll_until(WAIT, "the outbox to empty", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&s.pool).await.ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
 
     let text = vault_testkit::http_client()
         .get(format!("http://{}/metrics", s.ops))
