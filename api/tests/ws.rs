@@ -642,7 +642,10 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
         for _ in 0..50 {
             published += 1;
             let tick = price_tick("BTC-USD", &format!("{}", 50_000 + published), published);
-            nats.publish(tick.subject(), encode(&tick).expect("encodes").into()).await.expect("publish");
+            tokio::time::timeout(WAIT, nats.publish(tick.subject(), encode(&tick).expect("encodes").into()))
+                .await
+                .expect("a tick published within the deadline")
+                .expect("publish");
             if published.is_multiple_of(10) {
                 for _ in 0..10 {
                     fast.next_data().await;
@@ -661,7 +664,13 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
     assert_eq!((&frame["data"]["price"], &frame["seq"]), (&json!("49000"), &json!(published)));
 
     // The slow client, reading at last, finds what was in flight, then the end: a close frame
-    // "slow consumer" if it fitted in the buffers, else the connection simply ends.
+    // "slow consumer" if it fitted in the buffers, else the connection simply ends. What was in
+    // flight includes the server's kernel send buffer, which may have grown to megabytes before
+    // the server's writes blocked; through the 4 KiB receive window it took minutes to drain
+    // (seen: 2,800 frames at ~20 per second), so the window is widened first.
+    if let MaybeTlsStream::Plain(stream) = slow.get_ref() {
+        rustix::net::sockopt::set_socket_recv_buffer_size(stream, 4 << 20).expect("a wider receive buffer");
+    }
     let mut frames = 0u64;
     let ending = loop {
         match tokio::time::timeout(WAIT, slow.next()).await.expect("the slow client's connection ends") {
