@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use support::{Api, problem};
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, PriceTick, decode};
-use vault_bus::{Bus, MessageContext, streams, subjects};
+use vault_bus::{Bus, BusMessage, MessageContext, streams, subjects};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{Proc, READY_DEADLINE, base_env, free_port, poll_until};
 
@@ -791,7 +791,25 @@ async fn a_client_id_spent_by_a_refused_attempt_the_engine_applied_is_answered_4
     // engine applied it as void: its key is recorded. JetStream's dedupe window has long passed,
     // so a new attempt's publish would not be a duplicate — but the engine would skip it as one.
     let pool = api.db.pool().await;
-    for key in [format!("{user}:spent-1"), format!("{user}:deposit:spent-d")] {
+    // The keys as the bus names these commands (their `Nats-Msg-Id`, the engine's key).
+    let command = |body| OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+    let place = command(CommandBody::Place {
+        order_id: Uuid::now_v7(),
+        client_order_id: "spent-1".to_owned(),
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        side: vault_core::domain::Side::Buy,
+        order_type: vault_core::domain::OrderType::Limit,
+        time_in_force: vault_core::domain::TimeInForce::Gtc,
+        quantity: Positive::new(Decimal::new(15, 3)).expect("positive"),
+        limit_price: Some(Positive::new(Decimal::new(5_000_001, 2)).expect("positive")),
+    });
+    let deposit = command(CommandBody::Deposit {
+        deposit_id: Uuid::now_v7(),
+        client_deposit_id: "spent-d".to_owned(),
+        asset: vault_core::domain::Asset::usd(),
+        amount: Positive::new(Decimal::new(100, 0)).expect("positive"),
+    });
+    for key in [place.msg_id(), deposit.msg_id()] {
         sqlx::query("INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, 1, 1)")
             .bind(user)
             .bind(&key)

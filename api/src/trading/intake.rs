@@ -12,8 +12,8 @@
 //! Each request still gets its own answer: its row as inserted, or `None` when its
 //! `(user, client_order_id)` was taken (by an earlier order, or by another row of the same
 //! batch), exactly as a single-row insert answered — or was spent by a refused attempt whose
-//! command the engine applied (see [`super::key_applied`]). A batch Postgres refuses is retried row by
-//! row, so one request's failure never becomes another's.
+//! command the engine applied (see [`super::key_applied`]). A batch Postgres refuses is retried
+//! row by row, so one request's failure never becomes another's.
 //!
 //! Rows go in in `(user, client_order_id)` order, arrival breaking ties (so the first of two
 //! rows with one client id wins, as before): concurrent batches take the unique index's locks in
