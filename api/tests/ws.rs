@@ -667,7 +667,7 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
     // "slow consumer" if it fitted in the buffers, else the connection simply ends. What was in
     // flight includes the server's kernel send buffer, which may have grown to megabytes before
     // the server's writes blocked; through the 4 KiB receive window it took minutes to drain
-    // (seen: 2,800 frames at ~20 per second), so the window is widened first.
+    // (seen: 2,800 frames still arriving after a minute), so the window is widened first.
     if let MaybeTlsStream::Plain(stream) = slow.get_ref() {
         rustix::net::sockopt::set_socket_recv_buffer_size(stream, 4 << 20).expect("a wider receive buffer");
     }

@@ -42,9 +42,10 @@ use crate::store::{Outcome, StoreError, UserState, Work};
 
 /// Transactions of one committer under way at once; two shards make two. While one commits, the
 /// next batch gathers, so under load the batches grow instead of the transactions multiplying:
-/// at 2,000 orders/s offered, 1 instead of 4 carried ~47 units per transaction, cost ~10 % less
-/// CPU per order and committed ~12 % more (BENCHMARKS.md, 2026-12-06). At low load it adds no
-/// wait: a unit arriving while no batch is under way leaves at once.
+/// at 2,000 orders/s offered, 1 instead of 4 carried ~47 units per transaction and committed
+/// ~12 % more on average over alternating runs (which scatter by ±10 %; BENCHMARKS.md,
+/// 2026-12-06). At low load it adds no wait: a unit arriving while no batch is under way leaves
+/// at once.
 pub const CONCURRENT_BATCHES: usize = 1;
 /// Units in one transaction at most.
 pub const MAX_BATCH: usize = 512;
