@@ -34,6 +34,25 @@ fn limit_order(client_order_id: &str) -> Value {
            "quantity": "0.015", "limit_price": "50000.01"})
 }
 
+/// The `order.place` command the API publishes for [`limit_order`] with this client id.
+fn limit_place(user: Uuid, client_order_id: &str) -> OrderCommand {
+    OrderCommand {
+        user_id: user,
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Place {
+            order_id: Uuid::now_v7(),
+            client_order_id: client_order_id.to_owned(),
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: vault_core::domain::Side::Buy,
+            order_type: vault_core::domain::OrderType::Limit,
+            time_in_force: vault_core::domain::TimeInForce::Gtc,
+            quantity: Positive::new(Decimal::new(15, 3)).expect("positive"),
+            limit_price: Some(Positive::new(Decimal::new(5_000_001, 2)).expect("positive")),
+        },
+    }
+}
+
 /// One message stored on a stream.
 #[derive(Debug)]
 struct Stored {
@@ -759,21 +778,7 @@ async fn a_client_id_whose_refused_attempt_reached_the_stream_later_is_answered_
     // Simulates an attempt that was answered 503 and withdrawn, but whose command reached the
     // stream afterwards: it names an order row that no longer exists.
     let bus = Bus::connect(&api.nats.url(), "test").await.expect("bus");
-    let stale = OrderCommand {
-        user_id: user,
-        request_id: None,
-        at: Utc::now(),
-        body: CommandBody::Place {
-            order_id: Uuid::now_v7(),
-            client_order_id: "late-1".to_owned(),
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side: vault_core::domain::Side::Buy,
-            order_type: vault_core::domain::OrderType::Limit,
-            time_in_force: vault_core::domain::TimeInForce::Gtc,
-            quantity: Positive::new(Decimal::new(15, 3)).expect("positive"),
-            limit_price: Some(Positive::new(Decimal::new(5_000_001, 2)).expect("positive")),
-        },
-    };
+    let stale = limit_place(user, "late-1");
     bus.publish(&stale, &MessageContext::default()).await.expect("published");
 
     let body = problem(api.post("/orders", Some(&token), limit_order("late-1")).await, 409, "client_id_unusable").await;
@@ -792,23 +797,16 @@ async fn a_client_id_spent_by_a_refused_attempt_the_engine_applied_is_answered_4
     // so a new attempt's publish would not be a duplicate — but the engine would skip it as one.
     let pool = api.db.pool().await;
     // The keys as the bus names these commands (their `Nats-Msg-Id`, the engine's key).
-    let command = |body| OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
-    let place = command(CommandBody::Place {
-        order_id: Uuid::now_v7(),
-        client_order_id: "spent-1".to_owned(),
-        symbol: Symbol::parse("BTC-USD").expect("symbol"),
-        side: vault_core::domain::Side::Buy,
-        order_type: vault_core::domain::OrderType::Limit,
-        time_in_force: vault_core::domain::TimeInForce::Gtc,
-        quantity: Positive::new(Decimal::new(15, 3)).expect("positive"),
-        limit_price: Some(Positive::new(Decimal::new(5_000_001, 2)).expect("positive")),
-    });
-    let deposit = command(CommandBody::Deposit {
-        deposit_id: Uuid::now_v7(),
-        client_deposit_id: "spent-d".to_owned(),
-        asset: vault_core::domain::Asset::usd(),
-        amount: Positive::new(Decimal::new(100, 0)).expect("positive"),
-    });
+    let place = limit_place(user, "spent-1");
+    let deposit = OrderCommand {
+        body: CommandBody::Deposit {
+            deposit_id: Uuid::now_v7(),
+            client_deposit_id: "spent-d".to_owned(),
+            asset: vault_core::domain::Asset::usd(),
+            amount: Positive::new(Decimal::new(100, 0)).expect("positive"),
+        },
+        ..place.clone()
+    };
     for key in [place.msg_id(), deposit.msg_id()] {
         sqlx::query("INSERT INTO applied_commands (user_id, command_id, stream_seq, version) VALUES ($1, $2, 1, 1)")
             .bind(user)
