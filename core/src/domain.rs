@@ -356,12 +356,8 @@ impl Market {
         }
     }
 
-    /// The fee for a fill of `notional`, rounded up to [`MONEY_SCALE`] places.
-    pub fn fee(&self, notional: Decimal) -> Decimal {
-        round_up(notional * self.taker_fee_rate)
-    }
-
-    /// [`Self::fee`], or `None` when it cannot be computed in a `Decimal`.
+    /// The fee for a fill of `notional`, rounded up to [`MONEY_SCALE`] places; `None` when it
+    /// cannot be computed in a `Decimal`.
     pub fn checked_fee(&self, notional: Decimal) -> Option<Decimal> {
         notional.checked_mul(self.taker_fee_rate).map(round_up)
     }
@@ -468,8 +464,8 @@ mod tests {
         assert!(m.check_price(Positive::new(dec!(50000.01)).expect("pos")).is_ok());
         assert!(m.check_price(Positive::new(dec!(50000.001)).expect("pos")).is_err());
         // 0.1% of 0.00001 BTC × 50000.01 = 0.0005000001 → rounded up to 8 places.
-        assert_eq!(m.fee(dec!(0.5000001)), dec!(0.00050001));
-        assert_eq!(m.fee(dec!(100)), dec!(0.1));
+        assert_eq!(m.checked_fee(dec!(0.5000001)), Some(dec!(0.00050001)));
+        assert_eq!(m.checked_fee(dec!(100)), Some(dec!(0.1)));
     }
 
     mod props {

@@ -356,12 +356,9 @@ impl Portfolio {
                 // so an unaffordable order is rejected whatever its time in force.
                 let (hold_asset, hold) = match order.side {
                     Side::Buy => {
-                        let cost = order
-                            .quantity
-                            .get()
-                            .checked_mul(limit.get())
-                            .and_then(|notional| notional.checked_add(market.checked_fee(notional)?));
-                        (quote.clone(), cost.ok_or(unaffordable)?)
+                        let (notional, fee) =
+                            self.costs(Side::Buy, &order.symbol, order.quantity, limit, market).ok_or(unaffordable)?;
+                        (quote.clone(), notional + fee)
                     }
                     Side::Sell => (base.clone(), order.quantity.get()),
                 };
