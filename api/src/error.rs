@@ -63,6 +63,10 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("dependency unavailable: {0}")]
     Unavailable(&'static str),
+    /// The order engine is too far behind to take more orders now (see
+    /// `crate::trading::backlog`): 503 `overloaded`, nothing was placed.
+    #[error("overloaded: {queued} commands queued")]
+    Overloaded { queued: u32 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -82,7 +86,7 @@ impl ApiError {
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Locked { .. } => StatusCode::LOCKED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,6 +107,7 @@ impl ApiError {
             ApiError::Locked { .. } => "account_locked",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -126,6 +131,10 @@ impl ApiError {
             ApiError::Unavailable(what) => {
                 format!("A dependency is unavailable ({what}); retry shortly.")
             }
+            ApiError::Overloaded { queued } => format!(
+                "The order engine is behind ({queued} commands queued before yours would be); nothing was \
+                 placed. Retry shortly; cancels are still taken."
+            ),
             ApiError::Internal(_) => "Something went wrong on our side; it has been logged.".to_owned(),
         }
     }
@@ -176,7 +185,7 @@ impl IntoResponse for ApiError {
             ApiError::Locked { retry_after_secs } | ApiError::RateLimited { retry_after_secs } => {
                 Some(*retry_after_secs)
             }
-            ApiError::Unavailable(_) => Some(1),
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {

@@ -32,6 +32,7 @@ use crate::events::AuthEvents;
 use crate::json::BODY_LIMIT;
 use crate::prices::PriceBook;
 use crate::rate_limit::{self, RateLimits};
+use crate::trading::backlog::Backlog;
 use crate::trading::intake::IntakeWriter;
 use crate::trading::markets::MarketCache;
 use crate::trading::portfolio_cache::{self, PortfolioCache, PortfolioCacheConfig};
@@ -73,6 +74,8 @@ pub struct Shared {
     pub ws: Gateway,
     /// Order intake rows, inserted in batches (see [`IntakeWriter`]).
     pub intake: IntakeWriter,
+    /// The engine's queue per partition: new orders are refused above the limit (see [`Backlog`]).
+    pub backlog: Backlog,
     /// Recently read balance rows, dropped by engine events (see [`PortfolioCache`]).
     pub portfolios: PortfolioCache,
 }
@@ -153,9 +156,12 @@ impl Application {
         prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
         let portfolios = PortfolioCache::new(bus.client(), tunables.portfolio_cache);
         portfolio_cache::spawn_feed(&bus, portfolios.clone(), shutdown.clone());
+        let backlog = Backlog::new(settings.order_backlog_limit);
+        backlog.spawn_monitor(bus.clone(), shutdown.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
             intake: IntakeWriter::start(pool.clone()),
+            backlog,
             pool,
             ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), shutdown.clone()),
             events: AuthEvents::new(bus.clone()),

@@ -965,3 +965,82 @@ async fn concurrent_orders_with_repeated_client_ids_make_one_order_each() {
         .collect();
     assert_eq!(commands.len(), IDS, "one command per order on the stream");
 }
+
+/// A user of a partition other than `not`.
+async fn trader_outside(api: &Api, name: &str, not: u16) -> (String, Uuid) {
+    for i in 0.. {
+        let (token, user) = trader(api, &format!("{name}{i}@example.com")).await;
+        if subjects::partition_of(user) != not {
+            return (token, user);
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn new_orders_are_refused_503_overloaded_while_the_engines_queue_for_the_partition_is_over_the_limit() {
+    let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
+    // The engine's consumers exist (as an engine declares them) but nothing consumes: the
+    // queue of every partition grows with each accepted order.
+    let bus = Bus::connect(&api.nats.url(), "test-engine").await.expect("bus");
+    bus.declare(&vault_bus::consumers::engine(vault_core::config::PartitionRange::all())).await.expect("declare");
+    let (token, user) = trader(&api, "busy@example.com").await;
+    let partition = subjects::partition_of(user);
+    let first = json_of(api.post("/orders", Some(&token), limit_order("busy-0")).await, 202).await;
+
+    // Orders are taken until the API has read a queue over the limit; then refused.
+    let sent = std::sync::atomic::AtomicUsize::new(1);
+    let refused = poll_until(DEADLINE, "an order refused as overloaded", || {
+        let (api, token) = (&api, &token);
+        let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let resp = api.post("/orders", Some(token), limit_order(&format!("busy-{n}"))).await;
+            match resp.status().as_u16() {
+                202 => None,
+                503 => Some(resp),
+                other => panic!("expected 202 or 503, got {other}"),
+            }
+        }
+    })
+    .await;
+    let accepted = stream_messages(&api, streams::ORDERS.name).await.len();
+    assert!(accepted > 2, "refused only above the limit of 2 (accepted {accepted})");
+    assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let body = problem(refused, 503, "overloaded").await;
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("nothing was placed")), "{body}");
+    // Nothing of the refused order exists: a row per accepted command, no more.
+    let rows = count(&api, &format!("SELECT count(*) FROM orders WHERE user_id = '{user}'")).await;
+    assert_eq!(rows, accepted as i64);
+    assert_eq!(stream_messages(&api, streams::ORDERS.name).await.len(), accepted);
+
+    // A replay of an accepted order still gets that order, and cancels are still taken.
+    let replay = json_of(api.post("/orders", Some(&token), limit_order("busy-0")).await, 200).await;
+    assert_eq!(replay["id"], first["id"]);
+    let first_id = first["id"].as_str().expect("id");
+    json_of(api.call(Method::DELETE, &format!("/orders/{first_id}"), Some(&token), None).await, 202).await;
+    // Another partition's users are not held up by this one's queue.
+    let (calm_token, _) = trader_outside(&api, "calm", partition).await;
+    json_of(api.post("/orders", Some(&calm_token), limit_order("calm-1")).await, 202).await;
+
+    // The engine catches up: orders are taken again.
+    let stream = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
+        .get_stream(streams::ORDERS.name)
+        .await
+        .expect("stream");
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&format!("engine-p{partition:02}")).await.expect("the partition's consumer");
+    let mut batch =
+        consumer.fetch().max_messages(1_000).expires(Duration::from_secs(1)).messages().await.expect("fetch");
+    use futures::StreamExt as _;
+    while let Some(msg) = batch.next().await {
+        msg.expect("message").double_ack().await.expect("ack");
+    }
+    poll_until(DEADLINE, "an order taken once the queue drained", || {
+        let (api, token) = (&api, &token);
+        async move {
+            let resp = api.post("/orders", Some(token), limit_order("after-drain")).await;
+            (resp.status().as_u16() == 202).then_some(())
+        }
+    })
+    .await;
+}

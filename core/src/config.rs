@@ -121,6 +121,16 @@ impl DatabaseUrl {
         self.options.clone()
     }
 
+    /// Names this process's connections `vault-<role>` in `pg_stat_activity` (unless the URL
+    /// names them itself), so an operator sees which process holds which connection and what
+    /// each is running.
+    fn for_role(mut self, role: Role) -> Self {
+        if self.options.get_application_name().is_none() {
+            self.options = self.options.application_name(&format!("vault-{}", role.as_str()));
+        }
+        self
+    }
+
     /// The URL for handing to another process (never for logging).
     pub fn expose(&self) -> &str {
         self.raw.expose()
@@ -276,6 +286,9 @@ pub struct Settings {
     pub webhook_allow_private: bool,
     pub smtp_url: Option<Secret>,
     pub sentry_dsn: Option<Secret>,
+    /// Commands waiting for the engine in one ORDERS partition above which the API refuses new
+    /// orders of that partition's users (503 `overloaded`); 0 turns the check off.
+    pub order_backlog_limit: u32,
     /// Per user or API key, requests per second; 0 turns the limit off.
     pub rate_limit_user_per_sec: u32,
     /// Per client IP on unauthenticated routes, requests per second; 0 turns it off.
@@ -288,6 +301,12 @@ pub struct Settings {
 
 /// The default of `DATABASE_POOL_SIZE`.
 pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 20;
+
+/// The default of `ORDER_BACKLOG_LIMIT`: commands queued for one partition's engine consumer.
+/// On the 2-core reference machine the engine applies ~60–100 commands/s per partition at
+/// saturation, so this bounds an accepted order's wait in the queue at a few seconds
+/// (BENCHMARKS.md).
+pub const DEFAULT_ORDER_BACKLOG_LIMIT: u32 = 250;
 
 /// Every problem found while loading settings, one per variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,6 +433,8 @@ impl Settings {
                 Err("expected a Sentry DSN URL (https://key@host/project)".to_owned())
             }
         });
+        let order_backlog_limit =
+            r.parsed("ORDER_BACKLOG_LIMIT", "a whole number, 0 = off").unwrap_or(DEFAULT_ORDER_BACKLOG_LIMIT);
         let rate_limit_user_per_sec = r.parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off").unwrap_or(20);
         let rate_limit_ip_per_sec = r.parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off").unwrap_or(50);
         let rate_limit_login_per_min = r.parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off").unwrap_or(10);
@@ -441,7 +462,7 @@ impl Settings {
             Some(database_url) if problems.is_empty() => Ok(Settings {
                 role,
                 app_env,
-                database_url,
+                database_url: database_url.for_role(role),
                 nats_url,
                 nats_replicas,
                 jwt_secret,
@@ -464,6 +485,7 @@ impl Settings {
                 webhook_allow_private,
                 smtp_url,
                 sentry_dsn,
+                order_backlog_limit,
                 rate_limit_user_per_sec,
                 rate_limit_ip_per_sec,
                 rate_limit_login_per_min,
@@ -494,6 +516,7 @@ impl Settings {
             ("WEBHOOK_ALLOW_PRIVATE", self.webhook_allow_private.to_string()),
             ("SMTP_URL", secret(&self.smtp_url)),
             ("SENTRY_DSN", secret(&self.sentry_dsn)),
+            ("ORDER_BACKLOG_LIMIT", self.order_backlog_limit.to_string()),
             ("RATE_LIMIT_USER_PER_SEC", self.rate_limit_user_per_sec.to_string()),
             ("RATE_LIMIT_IP_PER_SEC", self.rate_limit_ip_per_sec.to_string()),
             ("RATE_LIMIT_LOGIN_PER_MIN", self.rate_limit_login_per_min.to_string()),
@@ -641,6 +664,7 @@ mod tests {
         assert_eq!(s.api_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.ops_addr, s.api_addr);
         assert_eq!(s.rate_limit_user_per_sec, 20);
+        assert_eq!(s.order_backlog_limit, DEFAULT_ORDER_BACKLOG_LIMIT);
         assert_eq!(s.engine_partitions, PartitionRange::all());
         assert_eq!(s.price_source, PriceSource::Sim);
         assert_eq!(s.max_price_age, Duration::from_secs(30));
@@ -697,6 +721,15 @@ mod tests {
         let s = load_env(Role::Engine, &[("DATABASE_URL", DB)]).expect("valid");
         assert!(s.jwt_secret.is_none());
         assert_eq!(s.ops_addr.port(), 9100);
+    }
+
+    #[test]
+    fn connections_carry_the_role_unless_the_url_names_them() {
+        let s = load_env(Role::Notify, &[("DATABASE_URL", DB)]).expect("valid");
+        assert_eq!(s.database_url.connect_options().get_application_name(), Some("vault-worker-notify"));
+        let named = format!("{DB}?application_name=billing");
+        let s = load_env(Role::Notify, &[("DATABASE_URL", &named)]).expect("valid");
+        assert_eq!(s.database_url.connect_options().get_application_name(), Some("billing"));
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //!    ([`publish_command`]), so an outage cannot leave a buffered command behind.
 
 pub mod account;
+pub mod backlog;
 pub mod intake;
 pub mod markets;
 pub mod orders;

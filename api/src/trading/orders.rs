@@ -226,7 +226,7 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         (status = 403, description = "insufficient_scope", body = Problem),
         (status = 409, description = "client_id_unusable: an earlier refused attempt holds this client_order_id", body = Problem),
         (status = 422, body = Problem),
-        (status = 503, description = "the queue is unavailable; nothing was placed (Retry-After)", body = Problem)))]
+        (status = 503, description = "the queue is unavailable, or `overloaded`: the engine is too far behind; nothing was placed (Retry-After)", body = Problem)))]
 pub async fn place_order(
     State(state): State<AppState>,
     caller: Caller,
@@ -238,6 +238,7 @@ pub async fn place_order(
     let wait = prefer_wait(&headers);
     let order = validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price))?;
     let user = caller.user_id;
+    admit(&state, user, &order).await?;
     let (view, fresh) = insert_intake(&state, user, &order, &meta).await?;
     if view.status != "pending" {
         return Ok(answer(StatusCode::OK, view, None));
@@ -270,6 +271,20 @@ pub async fn place_order(
     state.portfolios.forget(user);
     let status = if fresh && current.status != "pending" { StatusCode::CREATED } else { status };
     Ok(answer(status, current, Some(secs)))
+}
+
+/// Refuses a new order while the engine's queue for the user is over the limit (see
+/// [`super::backlog`]). A request naming a `client_order_id` that exists is a replay and goes on
+/// (its answer is the existing order, not "nothing was placed"); only the refusal pays for that
+/// lookup.
+async fn admit(state: &AppState, user: Uuid, order: &ValidOrder) -> Result<(), ApiError> {
+    let Err(refused) = state.backlog.admit(user) else {
+        return Ok(());
+    };
+    match &order.client_order_id {
+        Some(client_order_id) if load_by_client_id(&state.pool, user, client_order_id).await?.is_some() => Ok(()),
+        _ => Err(refused),
+    }
 }
 
 /// Inserts the pending row (in the next intake batch, see [`super::intake`]), or finds the
