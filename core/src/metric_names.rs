@@ -48,6 +48,7 @@ pub const AUTH_EVENTS_FAILED: &str = "vault_auth_events_failed_total";
 pub const RATE_LIMITED: &str = "vault_rate_limited_total";
 pub const PASSWORD_HASH_QUEUE_TIMEOUTS: &str = "vault_password_hash_queue_timeouts_total";
 pub const API_STALE_COMMANDS: &str = "vault_api_stale_commands_total";
+pub const API_ORDERS_REFUSED_OVERLOADED: &str = "vault_api_orders_refused_overloaded_total";
 pub const API_PRICE_TICKS_UNDECODABLE: &str = "vault_api_price_ticks_undecodable_total";
 
 // -- API: the WebSocket feed ---------------------------------------------------------------------
@@ -204,6 +205,13 @@ pub const CATALOG: &[Metric] = &[
     m(RATE_LIMITED, C, "Requests refused by a rate limit", API, Plain),
     m(PASSWORD_HASH_QUEUE_TIMEOUTS, C, "Logins refused because password hashing was saturated", API, Plain),
     m(API_STALE_COMMANDS, C, "Retries refused because a withdrawn attempt holds the client order id", API, Plain),
+    m(
+        API_ORDERS_REFUSED_OVERLOADED,
+        C,
+        "New orders refused 503 overloaded because the engine's queue for the partition was over ORDER_BACKLOG_LIMIT",
+        API,
+        Plain,
+    ),
     m(API_PRICE_TICKS_UNDECODABLE, C, "Price ticks the API could not decode", API, Plain),
     m(WS_CONNECTIONS, G, "Open WebSocket connections", API, Plain),
     m(WS_CONNECTIONS_REFUSED, C, "WebSocket upgrades refused because the connection limit was reached", API, Plain),

@@ -17,6 +17,7 @@
 //! microseconds in HDR histograms; open-loop probes measure from the scheduled send time so a
 //! slow server cannot hide its slowness by slowing the generator down.
 
+mod cpu;
 mod limits;
 mod orders;
 mod report;

@@ -5,7 +5,8 @@
 //! slowing the generator: no coordinated omission), end-to-end latency from POST to the engine's
 //! verdict on a sampled fraction of orders sent with `Prefer: wait=10` (201), cancel latency,
 //! errors by status, and — with `--database-url` — the rate at which orders leave `pending`
-//! (committed by the engine), during the run and until the backlog drains. Then the limits of
+//! (committed by the engine), during the run and until the backlog drains; the CPU each process
+//! used over the same span ([`crate::cpu`]). Then the limits of
 //! [`crate::limits`] in the same run, and each stage as a ratio of its limit.
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::cpu;
 use crate::limits::{self, Limit, TrivialServer};
 use crate::report::{Latencies, ratio, summary};
 
@@ -375,6 +377,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         run,
         wait_fraction: args.wait_fraction,
     });
+    let cpu_before = cpu::snapshot(pool.as_ref()).await;
     let started = Instant::now();
     let end = started + args.duration;
     let mut rng = SmallRng::seed_from_u64(7);
@@ -457,6 +460,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Committed during the run, then the drain.
     let mut committed_line = String::new();
     let mut committed_rate = None;
+    let mut committed_orders = 0;
     if let Some(pool) = &pool {
         let (at_end, _) = decided(pool, &user_ids).await?;
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -469,6 +473,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let during = (at_end - decided_before) as f64 / sending.as_secs_f64();
         let overall = (done - decided_before) as f64 / all.as_secs_f64();
         committed_rate = Some(during);
+        committed_orders = u64::try_from(done - decided_before).unwrap_or(0);
         committed_line = format!(
             "committed by the engine: {during:.1}/s while sending; {} orders in {:.1}s including the drain = {overall:.1}/s; still pending: {}",
             done - decided_before,
@@ -477,6 +482,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     progress.abort();
+    let cpu_after = cpu::snapshot(pool.as_ref()).await;
 
     let t = &ctx.tally;
     println!();
@@ -494,6 +500,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     if !committed_line.is_empty() {
         println!("{committed_line}");
+    }
+    let cpu_lines = cpu::report(&cpu_before, &cpu_after, committed_orders);
+    if !cpu_lines.is_empty() {
+        println!("CPU per process from the first order to the end of the drain (Postgres by the process it serves):");
+        for line in cpu_lines {
+            println!("{line}");
+        }
     }
     let accepted_rate = t.ok.load(Ordering::Relaxed) as f64 / sending.as_secs_f64();
 

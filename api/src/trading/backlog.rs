@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::{Bus, streams, subjects};
 use vault_core::config::PARTITIONS;
+use vault_core::metric_names as names;
 
 use crate::error::ApiError;
 
@@ -76,7 +77,7 @@ impl Backlog {
         }
         let queued = inner.queued[usize::from(subjects::partition_of(user))].load(Ordering::Relaxed);
         if queued > inner.limit {
-            metrics::counter!("vault_api_orders_refused_overloaded_total").increment(1);
+            metrics::counter!(names::API_ORDERS_REFUSED_OVERLOADED).increment(1);
             return Err(ApiError::Overloaded { queued });
         }
         Ok(())
