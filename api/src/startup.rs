@@ -156,11 +156,12 @@ impl Application {
         prices::spawn(bus.clone(), price_book.clone(), markets.clone(), shutdown.clone());
         let portfolios = PortfolioCache::new(bus.client(), tunables.portfolio_cache);
         portfolio_cache::spawn_feed(&bus, portfolios.clone(), shutdown.clone());
+        let intake = IntakeWriter::start(settings.database_url.connect_options());
         let backlog = Backlog::new(settings.order_backlog_limit);
         backlog.spawn_monitor(bus.clone(), shutdown.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
-            intake: IntakeWriter::start(pool.clone()),
+            intake,
             backlog,
             pool,
             ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), shutdown.clone()),

@@ -22,6 +22,7 @@
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 use vault_bus::views::{ORDER_COLUMNS, OrderView};
@@ -51,13 +52,27 @@ pub struct IntakeRow {
 
 type Reply = Result<Option<OrderView>, sqlx::Error>;
 
+/// The intake's own connections, one per statement under way: reads can never take the
+/// connections orders need, nor orders those of reads. Their statements run with generic plans
+/// (`plan_cache_mode = force_generic_plan`): Postgres otherwise re-planned the multi-row insert on
+/// every execution (its custom plan, costed for the batch's exact size, always looked cheaper
+/// than the generic one), and at 300 orders/s that planning was a third of the API's Postgres
+/// time (BENCHMARKS.md). The statement is keyed on primary and unique keys, so the generic plan
+/// is the same plan.
+fn intake_pool(database: PgConnectOptions) -> PgPool {
+    vault_core::db::pool_options(CONCURRENT_BATCHES as u32)
+        .connect_lazy_with(database.options([("plan_cache_mode", "force_generic_plan")]))
+}
+
 /// Queues intake rows for the next batch; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct IntakeWriter(Batcher<IntakeRow, Reply>);
 
 impl IntakeWriter {
-    /// Starts the batching task on the current runtime.
-    pub fn start(pool: PgPool) -> Self {
+    /// Starts the batching task on the current runtime, with a pool of its own (see
+    /// [`intake_pool`]).
+    pub fn start(database: PgConnectOptions) -> Self {
+        let pool = intake_pool(database);
         IntakeWriter(Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
             let pool = pool.clone();
             async move { insert_batch(&pool, batch).await }
