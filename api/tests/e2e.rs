@@ -12,7 +12,7 @@ use support::{Api, problem};
 use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{Proc, READY_DEADLINE, base_env, free_port, poll_until, workspace_binary};
+use vault_testkit::{Proc, READY_DEADLINE, base_env, poll_until, workspace_binary};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -30,10 +30,8 @@ impl Stack {
 
     async fn start_with(extra: &[(&'static str, &str)]) -> Stack {
         let api = Api::start_with(extra).await;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut envs = base_env(&api.db, &api.nats);
-        envs.push(("OPS_ADDR", addr.clone()));
-        let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &envs);
+        let envs = base_env(&api.db, &api.nats);
+        let (mut engine, addr) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &envs);
         engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
         let bus = Bus::connect(&api.nats.url(), "e2e").await.expect("connects");
         Stack { api, engine, bus, seq: 0 }
@@ -318,10 +316,8 @@ async fn every_rejection_reason_reaches_the_client_and_pnl_follows_the_ticks() {
 #[tokio::test]
 async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
     let s = Stack::start().await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(&s.api.db, &s.api.nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    let mut auditor = Proc::spawn(&workspace_binary("vault-worker"), &["audit"], &envs);
+    let envs = base_env(&s.api.db, &s.api.nats);
+    let (mut auditor, addr) = Proc::spawn_with_ops(&workspace_binary("vault-worker"), &["audit"], &envs);
     auditor.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
 
     let admin = s.api.user("auditor@example.com").await;
@@ -424,11 +420,9 @@ async fn a_fill_reaches_the_user_as_a_notification_and_a_signed_webhook() {
     use std::sync::{Arc, Mutex};
     let mut s = Stack::start_with(&[("WEBHOOK_ALLOW_PRIVATE", "true")]).await;
     // The notify worker, and a receiver that records what it is sent.
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut envs = base_env(&s.api.db, &s.api.nats);
-    envs.push(("OPS_ADDR", addr.clone()));
     envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
-    let mut notifier = Proc::spawn(&workspace_binary("vault-worker"), &["notify"], &envs);
+    let (mut notifier, addr) = Proc::spawn_with_ops(&workspace_binary("vault-worker"), &["notify"], &envs);
     notifier.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
     let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let sink = received.clone();

@@ -32,7 +32,7 @@ use vault_api::trading::SEEDED_MARKETS;
 use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{Proc, READY_DEADLINE, base_env, free_port, workspace_binary};
+use vault_testkit::{Proc, READY_DEADLINE, base_env, workspace_binary};
 
 /// The seed of every run unless `VAULT_ST_SEED` says otherwise.
 const DEFAULT_SEED: &str = "20261122";
@@ -80,10 +80,8 @@ impl Stack {
             ("WEBHOOK_ALLOW_PRIVATE", "true"),
         ])
         .await;
-        let ops = format!("127.0.0.1:{}", free_port());
-        let mut envs = base_env(&api.db, &api.nats);
-        envs.push(("OPS_ADDR", ops.clone()));
-        let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &envs);
+        let envs = base_env(&api.db, &api.nats);
+        let (mut engine, ops) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &envs);
         engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
 
         // A price on every market, so tickers answer and market orders can fill.

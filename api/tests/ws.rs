@@ -24,8 +24,7 @@ use vault_bus::message::{BusMessage, PriceTick, encode};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, free_port, http_client, poll_until,
-    workspace_binary,
+    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary,
 };
 
 /// How long any single expected frame may take.
@@ -176,10 +175,8 @@ impl Stack {
             if !wanted {
                 continue;
             }
-            let addr = format!("127.0.0.1:{}", free_port());
-            let mut envs = base_env(&api.db, &api.nats);
-            envs.push(("OPS_ADDR", addr.clone()));
-            let mut proc = Proc::spawn(&workspace_binary(binary), args, &envs);
+            let envs = base_env(&api.db, &api.nats);
+            let (mut proc, addr) = Proc::spawn_with_ops(&workspace_binary(binary), args, &envs);
             proc.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
             workers.push(proc);
         }

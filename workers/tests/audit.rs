@@ -11,15 +11,13 @@ use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, EngineEvent, EventKind, OrderCommand};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Asset, Positive};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, poll_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 
 async fn start(db: &TestDb, nats: &NatsServer) -> Proc {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", addr.clone()));
-    let mut worker = Proc::spawn(BIN, &["audit"], &envs);
+    let envs = base_env(db, nats);
+    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["audit"], &envs);
     worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
     worker
 }

@@ -245,12 +245,10 @@ async fn recorded_prices_flow_across_a_dropped_connection_without_duplicates_and
     second.push(Step::Heartbeats(Duration::from_millis(500)));
     let feed = FakeFeed::start(vec![first, second], Duration::ZERO).await;
 
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut envs = base_env(&db, &nats);
-    envs.push(("OPS_ADDR", addr.clone()));
     envs.push(("PRICE_SOURCE", "coinbase".to_owned()));
     envs.push(("COINBASE_WS_URL", feed.url()));
-    let mut worker = Proc::spawn(BIN, &["prices"], &envs);
+    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
     worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
 
     // The last frame of the recording is an ETH-USD ticker: once it is published, every frame

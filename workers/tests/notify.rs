@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, EngineEvent, EventKind, encode};
 use vault_bus::{Bus, BusMessage, MessageContext};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until};
 use vault_workers::notify::Wakers;
 use vault_workers::notify::webhook::{DeliveryConfig, run_deliveries};
 
@@ -103,13 +103,11 @@ impl Stack {
 
     /// Starts `vault-worker notify`; returns it with its ops address.
     async fn worker(&self, allow_private: bool) -> (Proc, String) {
-        let addr = format!("127.0.0.1:{}", free_port());
         let mut envs = base_env(&self.db, &self.nats);
-        envs.push(("OPS_ADDR", addr.clone()));
         if allow_private {
             envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
         }
-        let mut worker = Proc::spawn(BIN, &["notify"], &envs);
+        let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["notify"], &envs);
         worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
         (worker, addr)
     }

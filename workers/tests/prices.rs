@@ -13,11 +13,9 @@ use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_por
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 
 async fn start(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut envs = base_env(db, nats);
-    envs.push(("OPS_ADDR", addr.clone()));
     envs.push(("PRICE_SOURCE", "sim".to_owned()));
-    let mut worker = Proc::spawn(BIN, &["prices"], &envs);
+    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
     worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
     (worker, addr)
 }

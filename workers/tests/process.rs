@@ -66,11 +66,9 @@ async fn every_worker_role_serves_ops_declares_its_consumers_and_stops_cleanly()
         ("audit", vec![("ORDERS", "audit-orders"), ("EVENTS", "audit-events"), ("AUTH", "audit-auth")]),
         ("notify", vec![("EVENTS", "notify-events"), ("AUTH", "notify-auth")]),
     ] {
-        let addr = format!("127.0.0.1:{}", free_port());
         let mut envs = base_env(&db, &nats);
-        envs.push(("OPS_ADDR", addr.clone()));
         envs.push(("PRICE_SOURCE", "none".to_owned()));
-        let mut worker = Proc::spawn(BIN, &[role], &envs);
+        let (mut worker, addr) = Proc::spawn_with_ops(BIN, &[role], &envs);
         worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
         assert_ops_endpoints(&addr).await;
 
