@@ -162,11 +162,23 @@ impl BusMessage for OrderCommand {
     /// same shape for cancels and deposits. The engine uses it as the command's unique key.
     fn msg_id(&self) -> String {
         match &self.body {
-            CommandBody::Place { client_order_id, .. } => format!("{}:{client_order_id}", self.user_id),
+            CommandBody::Place { client_order_id, .. } => place_key(self.user_id, client_order_id),
             CommandBody::Cancel { order_id } => format!("{}:cancel:{order_id}", self.user_id),
-            CommandBody::Deposit { client_deposit_id, .. } => format!("{}:deposit:{client_deposit_id}", self.user_id),
+            CommandBody::Deposit { client_deposit_id, .. } => deposit_key(self.user_id, client_deposit_id),
         }
     }
+}
+
+/// The dedupe id (and the engine's unique key) of the `order.place` command for this client
+/// order id. The API's intake statement builds the same key in SQL.
+pub fn place_key(user_id: Uuid, client_order_id: &str) -> String {
+    format!("{user_id}:{client_order_id}")
+}
+
+/// The dedupe id (and the engine's unique key) of the `deposit` command for this client
+/// deposit id. The API's deposit intake statement builds the same key in SQL.
+pub fn deposit_key(user_id: Uuid, client_deposit_id: &str) -> String {
+    format!("{user_id}:deposit:{client_deposit_id}")
 }
 
 /// The kinds of engine events (`events.<kind>.<user_id>`).

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use vault_bus::message::{CommandBody, OrderCommand};
+use vault_bus::message::{CommandBody, OrderCommand, deposit_key};
 use vault_bus::views::DepositView;
 use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 
@@ -195,7 +195,7 @@ async fn insert_intake(
         if let Some(existing) = existing {
             return Ok((existing, false));
         }
-        if super::key_applied(pool, user, &format!("{user}:deposit:{client_deposit_id}")).await? {
+        if super::key_applied(pool, user, &deposit_key(user, &client_deposit_id)).await? {
             return Err(super::client_id_unusable());
         }
     }

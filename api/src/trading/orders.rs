@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
-use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, decode};
+use vault_bus::message::{CommandBody, EngineEvent, EventKind, OrderCommand, decode, place_key};
 use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
 use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce, WireDecimal};
@@ -317,7 +317,7 @@ async fn insert_intake(
         if let Some(existing) = load_by_client_id(&state.pool, user, &client_order_id).await? {
             return Ok((existing, false));
         }
-        if super::key_applied(&state.pool, user, &format!("{user}:{client_order_id}")).await? {
+        if super::key_applied(&state.pool, user, &place_key(user, &client_order_id)).await? {
             return Err(super::client_id_unusable());
         }
     }
