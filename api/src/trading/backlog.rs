@@ -9,8 +9,8 @@
 //! sent, at a price the client never saw. A trading venue under overload refuses new orders
 //! quickly and keeps taking cancels; so does this API.
 //!
-//! [`Backlog::spawn_monitor`] lists the ORDERS stream's consumers every [`EVERY`] (two JetStream
-//! requests: the stream, then its consumers) and keeps, per partition, the commands its engine
+//! [`Backlog::spawn_monitor`] lists the ORDERS stream's consumers every [`EVERY`] (one JetStream
+//! request) and keeps, per partition, the commands its engine
 //! consumer has not acknowledged yet (`num_pending + num_ack_pending` of `engine-pNN`).
 //! [`Backlog::admit`] refuses an order with 503 `overloaded` (`Retry-After: 1`, nothing written)
 //! when the user's partition holds more than `ORDER_BACKLOG_LIMIT` of them. Only new orders are
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -113,6 +114,14 @@ impl Backlog {
         }
         let backlog = self.clone();
         tokio::spawn(async move {
+            // A handle by name only: no request until the listing itself.
+            let stream = match bus.jetstream().get_stream_no_info(streams::ORDERS.name).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::error!(error = %e, "no handle on the ORDERS stream; orders are never refused as overloaded");
+                    return;
+                }
+            };
             let mut tick = tokio::time::interval(EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
@@ -121,7 +130,7 @@ impl Backlog {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match read(&bus).await {
+                match read(&stream).await {
                     Ok(readings) => {
                         backlog.record(readings);
                         if failing {
@@ -143,8 +152,7 @@ impl Backlog {
 
 /// One listing of the ORDERS consumers: `(partition, num_pending + num_ack_pending)` of each
 /// `engine-pNN`.
-async fn read(bus: &Bus) -> Result<Vec<(u16, u64)>, String> {
-    let stream = bus.jetstream().get_stream(streams::ORDERS.name).await.map_err(|e| e.to_string())?;
+async fn read(stream: &jetstream::stream::Stream<()>) -> Result<Vec<(u16, u64)>, String> {
     let mut infos = stream.consumers();
     let mut out = Vec::new();
     while let Some(info) = infos.next().await {

@@ -238,8 +238,10 @@ pub async fn place_order(
     let wait = prefer_wait(&headers);
     let order = validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price))?;
     let user = caller.user_id;
-    admit(&state, user, &order).await?;
-    let (view, fresh) = insert_intake(&state, user, &order, &meta).await?;
+    let (view, fresh) = match admit(&state, user, &order).await? {
+        Some(existing) => (existing, false),
+        None => insert_intake(&state, user, &order, &meta).await?,
+    };
     if view.status != "pending" {
         return Ok(answer(StatusCode::OK, view, None));
     }
@@ -275,16 +277,16 @@ pub async fn place_order(
 
 /// Refuses a new order while the engine's queue for the user is over the limit (see
 /// [`super::backlog`]). A request naming a `client_order_id` that exists is a replay and goes on
-/// (its answer is the existing order, not "nothing was placed"); only the refusal pays for that
-/// lookup.
-async fn admit(state: &AppState, user: Uuid, order: &ValidOrder) -> Result<(), ApiError> {
+/// with that order (its answer is the existing order, not "nothing was placed"); only the
+/// refusal pays for that lookup. `Some` is that existing order, `None` an admitted new one.
+async fn admit(state: &AppState, user: Uuid, order: &ValidOrder) -> Result<Option<OrderView>, ApiError> {
     let Err(refused) = state.backlog.admit(user) else {
-        return Ok(());
+        return Ok(None);
     };
-    match &order.client_order_id {
-        Some(client_order_id) if load_by_client_id(&state.pool, user, client_order_id).await?.is_some() => Ok(()),
-        _ => Err(refused),
-    }
+    let Some(client_order_id) = &order.client_order_id else {
+        return Err(refused);
+    };
+    load_by_client_id(&state.pool, user, client_order_id).await?.map(Some).ok_or(refused)
 }
 
 /// Inserts the pending row (in the next intake batch, see [`super::intake`]), or finds the
