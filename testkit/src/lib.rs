@@ -278,8 +278,18 @@ impl NatsCluster {
     /// Starts node `i` again on the same ports with the same store and waits until it is back
     /// in the cluster with its replicas current.
     pub async fn restart(&mut self, i: usize) {
-        self.kill(i);
-        self.spawn(i);
+        self.restart_nodes(&[i]).await;
+    }
+
+    /// Starts every node of `nodes` again, then waits once for the cluster. Nodes that are down
+    /// together must come back together: while one of them is still down, an R3 stream created
+    /// in between has a replica that cannot be current, and the running nodes' `/healthz`
+    /// (which [`Self::wait_ready`] requires) fails until it returns.
+    pub async fn restart_nodes(&mut self, nodes: &[usize]) {
+        for &i in nodes {
+            self.kill(i);
+            self.spawn(i);
+        }
         self.wait_ready().await;
     }
 

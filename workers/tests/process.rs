@@ -103,8 +103,7 @@ async fn a_worker_started_before_the_cluster_has_a_quorum_waits_for_it() {
     })
     .await;
     assert!(worker.is_running(), "the worker exited instead of waiting:\n{}", worker.output());
-    cluster.restart(1).await;
-    cluster.restart(2).await;
+    cluster.restart_nodes(&[1, 2]).await;
     worker.wait_http_status(&addr, "/readyz", 200, Duration::from_secs(60)).await;
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
