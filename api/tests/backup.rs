@@ -84,16 +84,9 @@ const TABLES: [&str; 10] = [
 async fn a_logical_backup_restores_into_a_fresh_database_with_the_same_books_and_a_verifying_audit_chain() {
     // Trade for real: signups and logins (AUTH), deposits and orders (ORDERS), fills (EVENTS).
     let api = Api::start().await;
-    let mut envs = base_env(&api.db, &api.nats);
-    let engine_ops = format!("127.0.0.1:{}", free_port());
-    envs.push(("OPS_ADDR", engine_ops.clone()));
-    let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &envs);
-    engine.wait_http_status(&engine_ops, "/readyz", 200, READY_DEADLINE).await;
-    let mut envs = base_env(&api.db, &api.nats);
-    let audit_ops = format!("127.0.0.1:{}", free_port());
-    envs.push(("OPS_ADDR", audit_ops.clone()));
-    let mut audit = Proc::spawn(&workspace_binary("vault-worker"), &["audit"], &envs);
-    audit.wait_http_status(&audit_ops, "/readyz", 200, READY_DEADLINE).await;
+    let envs = base_env(&api.db, &api.nats);
+    let (mut engine, _engine_ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    let (mut audit, _audit_ops) = Proc::start_ready(&workspace_binary("vault-worker"), &["audit"], &envs).await;
 
     let bus = Bus::connect(&api.nats.url(), "backup-test").await.expect("connects");
     let tick = PriceTick {

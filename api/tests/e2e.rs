@@ -12,7 +12,7 @@ use support::{Api, problem};
 use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{Proc, READY_DEADLINE, base_env, poll_until, workspace_binary};
+use vault_testkit::{Proc, base_env, poll_until, workspace_binary};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -31,8 +31,7 @@ impl Stack {
     async fn start_with(extra: &[(&'static str, &str)]) -> Stack {
         let api = Api::start_with(extra).await;
         let envs = base_env(&api.db, &api.nats);
-        let (mut engine, addr) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &envs);
-        engine.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+        let (engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
         let bus = Bus::connect(&api.nats.url(), "e2e").await.expect("connects");
         Stack { api, engine, bus, seq: 0 }
     }
@@ -317,8 +316,7 @@ async fn every_rejection_reason_reaches_the_client_and_pnl_follows_the_ticks() {
 async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
     let s = Stack::start().await;
     let envs = base_env(&s.api.db, &s.api.nats);
-    let (mut auditor, addr) = Proc::spawn_with_ops(&workspace_binary("vault-worker"), &["audit"], &envs);
-    auditor.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (mut auditor, _) = Proc::start_ready(&workspace_binary("vault-worker"), &["audit"], &envs).await;
 
     let admin = s.api.user("auditor@example.com").await;
     s.api.promote("auditor@example.com").await;
@@ -422,8 +420,7 @@ async fn a_fill_reaches_the_user_as_a_notification_and_a_signed_webhook() {
     // The notify worker, and a receiver that records what it is sent.
     let mut envs = base_env(&s.api.db, &s.api.nats);
     envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
-    let (mut notifier, addr) = Proc::spawn_with_ops(&workspace_binary("vault-worker"), &["notify"], &envs);
-    notifier.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (mut notifier, _) = Proc::start_ready(&workspace_binary("vault-worker"), &["notify"], &envs).await;
     let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
     let sink = received.clone();
     let app = axum::Router::new().route(

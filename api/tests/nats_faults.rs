@@ -77,23 +77,21 @@ impl Stack {
             ("RATE_LIMIT_LOGIN_PER_MIN", "0".to_owned()),
             ("PRICE_SOURCE", "sim".to_owned()),
         ]);
-        let api = format!("127.0.0.1:{}", free_port());
-        let roles: [(&str, String, &[&str], &str); 5] = [
-            ("engine", workspace_binary("vault-engine"), &[], "OPS_ADDR"),
-            ("prices", workspace_binary("vault-worker"), &["prices"], "OPS_ADDR"),
-            ("audit", workspace_binary("vault-worker"), &["audit"], "OPS_ADDR"),
-            ("notify", workspace_binary("vault-worker"), &["notify"], "OPS_ADDR"),
-            ("api", support::BIN.to_owned(), &["serve"], "API_ADDR"),
+        let roles: [(&str, String, &[&str]); 4] = [
+            ("engine", workspace_binary("vault-engine"), &[]),
+            ("prices", workspace_binary("vault-worker"), &["prices"]),
+            ("audit", workspace_binary("vault-worker"), &["audit"]),
+            ("notify", workspace_binary("vault-worker"), &["notify"]),
         ];
         let mut procs = Vec::new();
-        for (name, binary, args, addr_var) in roles {
-            let addr = if name == "api" { api.clone() } else { format!("127.0.0.1:{}", free_port()) };
-            let mut role_env = env.clone();
-            role_env.push((addr_var, addr.clone()));
-            let mut proc = Proc::spawn(&binary, args, &role_env);
-            proc.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
-            procs.push((name, proc));
+        for (name, binary, args) in roles {
+            procs.push((name, Proc::start_ready(&binary, args, &env).await.0));
         }
+        let api = format!("127.0.0.1:{}", free_port());
+        env.push(("API_ADDR", api.clone()));
+        let mut proc = Proc::spawn(support::BIN, &["serve"], &env);
+        proc.wait_http_status(&api, "/readyz", 200, READY_DEADLINE).await;
+        procs.push(("api", proc));
         // The test's own reads need few connections; the five processes hold enough already.
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(3).connect(&db.url).await.expect("a pool");
         let client = reqwest::Client::builder().no_proxy().timeout(CLIENT_TIMEOUT).build().expect("a client");

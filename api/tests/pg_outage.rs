@@ -112,10 +112,7 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
     envs.push(("API_ADDR", api_addr.clone()));
     let mut proc = Proc::spawn(support::BIN, &["serve"], &envs);
     proc.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
-    let engine_ops = format!("127.0.0.1:{}", free_port());
-    engine_envs.push(("OPS_ADDR", engine_ops.clone()));
-    let mut engine = Proc::spawn(&workspace_binary("vault-engine"), &[], &engine_envs);
-    engine.wait_http_status(&engine_ops, "/readyz", 200, READY_DEADLINE).await;
+    let (mut engine, engine_ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &engine_envs).await;
     let api = Api { proc, addr: api_addr.clone(), client: http_client(), db, nats };
     let direct = api.db.pool().await;
     let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");

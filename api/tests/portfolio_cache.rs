@@ -24,9 +24,7 @@ use vault_api::{Application, ws::WsConfig};
 use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary,
-};
+use vault_testkit::{NatsServer, Proc, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary};
 
 /// How long anything expected may take; far below [`LONG_TTL`].
 const WAIT: Duration = Duration::from_secs(20);
@@ -144,8 +142,7 @@ impl Drop for InProcess {
 
 /// The `vault-engine` binary over the API's nats-server and database.
 async fn engine(api: &InProcess) -> Proc {
-    let (mut engine, ops) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &base_env(&api.db, &api.nats));
-    engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
+    let (engine, _ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &base_env(&api.db, &api.nats)).await;
     engine
 }
 

@@ -32,7 +32,7 @@ use vault_api::trading::SEEDED_MARKETS;
 use vault_bus::message::PriceTick;
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{Proc, READY_DEADLINE, base_env, workspace_binary};
+use vault_testkit::{Proc, base_env, workspace_binary};
 
 /// The seed of every run unless `VAULT_ST_SEED` says otherwise.
 const DEFAULT_SEED: &str = "20261122";
@@ -81,8 +81,7 @@ impl Stack {
         ])
         .await;
         let envs = base_env(&api.db, &api.nats);
-        let (mut engine, ops) = Proc::spawn_with_ops(&workspace_binary("vault-engine"), &[], &envs);
-        engine.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
+        let (engine, _ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
 
         // A price on every market, so tickers answer and market orders can fill.
         let bus = Bus::connect(&api.nats.url(), "schemathesis").await.expect("connects");

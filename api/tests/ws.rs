@@ -23,9 +23,7 @@ use vault_api::ws::WsConfig;
 use vault_bus::message::{BusMessage, PriceTick, encode};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
-use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary,
-};
+use vault_testkit::{NatsServer, Proc, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary};
 
 /// How long any single expected frame may take.
 const WAIT: Duration = Duration::from_secs(20);
@@ -176,8 +174,7 @@ impl Stack {
                 continue;
             }
             let envs = base_env(&api.db, &api.nats);
-            let (mut proc, addr) = Proc::spawn_with_ops(&workspace_binary(binary), args, &envs);
-            proc.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+            let (proc, _) = Proc::start_ready(&workspace_binary(binary), args, &envs).await;
             workers.push(proc);
         }
         let bus = Bus::connect(&api.nats.url(), "ws-test").await.expect("connects");

@@ -459,10 +459,29 @@ impl Proc {
     /// [`Proc::spawn`] with an `OPS_ADDR` of its own on loopback added to `envs`; returns the
     /// process and that address (its `/readyz` and `/metrics`).
     pub fn spawn_with_ops(binary: &str, args: &[&str], envs: &[(&str, String)]) -> (Proc, String) {
+        Proc::spawn_with_ops_and_files(binary, args, envs, &[])
+    }
+
+    /// [`Proc::spawn_with_ops`] with `files` written into the working directory first, as
+    /// [`Proc::spawn_with_files`] does.
+    pub fn spawn_with_ops_and_files(
+        binary: &str,
+        args: &[&str],
+        envs: &[(&str, String)],
+        files: &[(&str, &str)],
+    ) -> (Proc, String) {
         let ops = format!("127.0.0.1:{}", free_port());
         let mut envs = envs.to_vec();
         envs.push(("OPS_ADDR", ops.clone()));
-        (Proc::spawn(binary, args, &envs), ops)
+        (Proc::spawn_with_files(binary, args, &envs, files), ops)
+    }
+
+    /// [`Proc::spawn_with_ops`], then waits up to [`READY_DEADLINE`] for its `/readyz` to answer
+    /// 200 (panicking with the process's output if it exits or never does).
+    pub async fn start_ready(binary: &str, args: &[&str], envs: &[(&str, String)]) -> (Proc, String) {
+        let (mut proc, ops) = Proc::spawn_with_ops(binary, args, envs);
+        proc.wait_http_status(&ops, "/readyz", 200, READY_DEADLINE).await;
+        (proc, ops)
     }
 
     /// Like [`Proc::spawn`], with `files` (name, contents) written into the working directory

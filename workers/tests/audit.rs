@@ -11,14 +11,13 @@ use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, EngineEvent, EventKind, OrderCommand};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Asset, Positive};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, poll_until};
+use vault_testkit::{NatsServer, Proc, TestDb, base_env, poll_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 
 async fn start(db: &TestDb, nats: &NatsServer) -> Proc {
     let envs = base_env(db, nats);
-    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["audit"], &envs);
-    worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (worker, _) = Proc::start_ready(BIN, &["audit"], &envs).await;
     worker
 }
 

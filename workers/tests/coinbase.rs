@@ -24,8 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use vault_bus::message::{PriceTick, decode};
 use vault_core::domain::Symbol;
 use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, base_env, free_port, http_client, offline_env,
-    poll_until,
+    NatsServer, Proc, TestDb, assert_config_error, base_env, free_port, http_client, offline_env, poll_until,
 };
 use vault_workers::prices::{Coinbase, CoinbaseOptions, Listed, PriceSource, Quote};
 
@@ -248,8 +247,7 @@ async fn recorded_prices_flow_across_a_dropped_connection_without_duplicates_and
     let mut envs = base_env(&db, &nats);
     envs.push(("PRICE_SOURCE", "coinbase".to_owned()));
     envs.push(("COINBASE_WS_URL", feed.url()));
-    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
-    worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (mut worker, addr) = Proc::start_ready(BIN, &["prices"], &envs).await;
 
     // The last frame of the recording is an ETH-USD ticker: once it is published, every frame
     // before it (faults and replays included) has been handled.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, EngineEvent, EventKind, encode};
 use vault_bus::{Bus, BusMessage, MessageContext};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until};
+use vault_testkit::{NatsServer, Proc, TestDb, base_env, http_client, poll_until};
 use vault_workers::notify::Wakers;
 use vault_workers::notify::webhook::{DeliveryConfig, run_deliveries};
 
@@ -107,8 +107,7 @@ impl Stack {
         if allow_private {
             envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
         }
-        let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["notify"], &envs);
-        worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+        let (worker, addr) = Proc::start_ready(BIN, &["notify"], &envs).await;
         (worker, addr)
     }
 

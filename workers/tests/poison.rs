@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, EngineEvent, EventKind, OrderCommand};
 use vault_bus::{Bus, BusMessage, MessageContext, subjects};
 use vault_core::domain::{Asset, Positive};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until};
+use vault_testkit::{NatsServer, Proc, TestDb, base_env, http_client, poll_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 /// The notifier retries a message it cannot write and parks it on its 10th delivery, a second
@@ -45,8 +45,7 @@ impl Stack {
     /// Starts `vault-worker <role>`; returns it with its ops address.
     async fn worker(&self, role: &str) -> (Proc, String) {
         let envs = base_env(&self.db, &self.nats);
-        let (mut worker, addr) = Proc::spawn_with_ops(BIN, &[role], &envs);
-        worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+        let (worker, addr) = Proc::start_ready(BIN, &[role], &envs).await;
         (worker, addr)
     }
 

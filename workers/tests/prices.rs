@@ -8,15 +8,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use vault_bus::message::{PriceTick, decode};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, free_port, http_client, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 
 async fn start(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
     let mut envs = base_env(db, nats);
     envs.push(("PRICE_SOURCE", "sim".to_owned()));
-    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
-    worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let (worker, addr) = Proc::start_ready(BIN, &["prices"], &envs).await;
     (worker, addr)
 }
 
@@ -84,12 +83,10 @@ type CandleRow = (DateTime<Utc>, Decimal, Decimal, Decimal, Decimal, Decimal);
 #[tokio::test]
 async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_into_a_minute_candle() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut envs = base_env(&db, &nats);
-    envs.push(("OPS_ADDR", addr.clone()));
     envs.push(("PRICE_SOURCE", "replay:ticks.csv".to_owned()));
     let started = Utc::now();
-    let mut worker = Proc::spawn_with_files(BIN, &["prices"], &envs, &[("ticks.csv", RECORDING)]);
+    let (mut worker, addr) = Proc::spawn_with_ops_and_files(BIN, &["prices"], &envs, &[("ticks.csv", RECORDING)]);
     worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
 
     let btc = poll_until(Duration::from_secs(15), "the last BTC tick", || async {
@@ -157,17 +154,16 @@ async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_in
 async fn a_malformed_replay_file_stops_the_worker_at_start_naming_the_line_and_publishes_nothing() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
     let mut envs = base_env(&db, &nats);
-    envs.push(("OPS_ADDR", format!("127.0.0.1:{}", free_port())));
     envs.push(("PRICE_SOURCE", "replay:ticks.csv".to_owned()));
     let file = "timestamp,symbol,price\n2026-01-02T03:04:05Z,BTC-USD,65000\n2026-01-02T03:04:06Z,BTC-USD,lots\n";
-    let mut worker = Proc::spawn_with_files(BIN, &["prices"], &envs, &[("ticks.csv", file)]);
+    let (mut worker, _) = Proc::spawn_with_ops_and_files(BIN, &["prices"], &envs, &[("ticks.csv", file)]);
     let status = worker.wait_exit(Duration::from_secs(30)).await;
     assert_ne!(status.code(), Some(0), "{}", worker.output());
     let output = worker.output();
     assert!(output.contains("replay file ticks.csv: line 3: price") && output.contains("is not a decimal"), "{output}");
     assert!(last_tick(&nats, "BTC-USD").await.is_none(), "the valid first line was not published either");
 
-    let mut missing = Proc::spawn(BIN, &["prices"], &envs);
+    let (mut missing, _) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
     assert_ne!(missing.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
     assert!(missing.output().contains("cannot read the replay file ticks.csv"), "{}", missing.output());
 }

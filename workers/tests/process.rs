@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use vault_testkit::{
-    NatsCluster, NatsServer, Proc, READY_DEADLINE, TestDb, assert_config_error, assert_ops_endpoints, base_env,
-    base_env_for, free_port, offline_env, poll_until,
+    NatsCluster, NatsServer, Proc, TestDb, assert_config_error, assert_ops_endpoints, base_env, base_env_for,
+    offline_env, poll_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
@@ -68,8 +68,7 @@ async fn every_worker_role_serves_ops_declares_its_consumers_and_stops_cleanly()
     ] {
         let mut envs = base_env(&db, &nats);
         envs.push(("PRICE_SOURCE", "none".to_owned()));
-        let (mut worker, addr) = Proc::spawn_with_ops(BIN, &[role], &envs);
-        worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+        let (mut worker, addr) = Proc::start_ready(BIN, &[role], &envs).await;
         assert_ops_endpoints(&addr).await;
 
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
@@ -94,10 +93,9 @@ async fn a_worker_started_before_the_cluster_has_a_quorum_waits_for_it() {
     let db = TestDb::create().await;
     cluster.kill(1);
     cluster.kill(2);
-    let addr = format!("127.0.0.1:{}", free_port());
     let mut envs = base_env_for(&db, &cluster.url());
-    envs.extend([("OPS_ADDR", addr.clone()), ("NATS_REPLICAS", "3".to_owned())]);
-    let mut worker = Proc::spawn(BIN, &["audit"], &envs);
+    envs.push(("NATS_REPLICAS", "3".to_owned()));
+    let (mut worker, addr) = Proc::spawn_with_ops(BIN, &["audit"], &envs);
     poll_until(Duration::from_secs(30), "the worker to retry declaring its streams", || async {
         worker.output().contains("cannot declare the streams yet").then_some(())
     })
