@@ -179,3 +179,30 @@ async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
     let total: Decimal = sqlx::query_scalar("SELECT sum(total) FROM balances").fetch_one(&pool).await.expect("sum");
     assert_eq!(total, Decimal::from(100 * USERS as i64));
 }
+
+/// Every pool's connections are replaced after `CONNECTION_LIFETIME` while the pool is in
+/// steady use, so their statements get planned again against tables that have grown since
+/// (`vault_core::db`). The one connection of this pool runs a query every 100 ms; its backend
+/// pid changes, and only once the lifetime is over.
+#[tokio::test]
+async fn a_pooled_connection_in_constant_use_is_replaced_after_its_lifetime() {
+    use std::time::{Duration, Instant};
+    use vault_core::db::{CONNECTION_LIFETIME, pool_options};
+
+    let db = TestDb::create().await;
+    let pool = pool_options(1).connect(&db.url).await.expect("a pool");
+    let pid = || async { sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool).await.expect("pid") };
+    let started = Instant::now();
+    let first = pid().await;
+    let deadline = CONNECTION_LIFETIME + Duration::from_secs(20);
+    let replaced_after = loop {
+        let now = pid().await;
+        if now != first {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < deadline, "the connection was still the first one after {deadline:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(replaced_after >= CONNECTION_LIFETIME, "replaced after {replaced_after:?}, before its lifetime");
+    pool.close().await;
+}
