@@ -1,12 +1,19 @@
 //! Where the machine's CPU went during a run, per process: the user + system time of every
-//! process from `/proc/<pid>/stat`, between two snapshots, with each Postgres backend charged
+//! process from `/proc/<pid>/stat`, from a first snapshot on, with each Postgres backend charged
 //! to the process it serves (its `application_name`, which every CryptoVault process sets to
 //! `vault-<role>`). Printed as cores busy and milliseconds per committed order, so a change
 //! shows which process got cheaper, not only whether the total moved.
 //!
-//! Linux only (elsewhere the snapshot is empty and nothing is printed). A process that exits
-//! between the snapshots is not counted; the stack's processes and pooled backends live through
-//! a run. The generator's own time is listed like any other process's.
+//! Times are kept per pid and a [`Tracker`] takes a snapshot every second: processes come and go
+//! during a run (the stack's pools replace their Postgres connections every minute), and one
+//! that exits keeps the time it had used at the last snapshot that saw it — at most a second of
+//! its time is missed. A process born during the run is charged all of its time. Comparing
+//! totals per name between two snapshots instead would lose an exited backend's time and
+//! subtract what it had used before the run (the figures of runs longer than a connection's
+//! lifetime came out near zero for the engine's Postgres).
+//!
+//! Linux only (elsewhere the snapshot is empty and nothing is printed). The generator's own time
+//! is listed like any other process's.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -14,11 +21,64 @@ use std::time::Instant;
 /// `/proc` reports times in USER_HZ, which is 100 on every Linux architecture we run on.
 const USER_HZ: f64 = 100.0;
 
-/// CPU time per process name at one instant.
+/// Every process's name and CPU time (in ticks) at one instant, by pid.
 #[derive(Debug)]
 pub struct Snapshot {
-    ticks: HashMap<String, u64>,
+    procs: HashMap<u32, (String, u64)>,
     at: Instant,
+}
+
+/// The first snapshot of a run and, per pid, the latest one that saw the process.
+#[derive(Debug)]
+pub struct Tracker {
+    first: Snapshot,
+    seen: HashMap<u32, (String, u64)>,
+    at: Instant,
+}
+
+impl Tracker {
+    pub fn new(first: Snapshot) -> Tracker {
+        Tracker { seen: first.procs.clone(), at: first.at, first }
+    }
+
+    /// Takes in a later snapshot: every process in it is seen at its current time.
+    pub fn observe(&mut self, snapshot: Snapshot) {
+        self.seen.extend(snapshot.procs);
+        self.at = self.at.max(snapshot.at);
+    }
+
+    /// One line per process name that used at least 1 % of a core, busiest first, then the
+    /// total, over the time from the first snapshot to the latest.
+    pub fn report(&self, orders: u64) -> Vec<String> {
+        let secs = self.at.duration_since(self.first.at).as_secs_f64();
+        if secs <= 0.0 || self.seen.is_empty() {
+            return Vec::new();
+        }
+        let mut by_name: HashMap<&str, u64> = HashMap::new();
+        for (pid, (name, ticks)) in &self.seen {
+            // A pid the first snapshot saw under another name was reused: all its time is new.
+            let before = match self.first.procs.get(pid) {
+                Some((first_name, t)) if first_name == name => *t,
+                _ => 0,
+            };
+            *by_name.entry(name.as_str()).or_default() += ticks.saturating_sub(before);
+        }
+        let mut used: Vec<(f64, &str)> = by_name
+            .into_iter()
+            .map(|(name, ticks)| (ticks as f64 / USER_HZ, name))
+            .filter(|(cpu, _)| cpu / secs >= 0.01)
+            .collect();
+        used.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        let total: f64 = used.iter().map(|(cpu, _)| cpu).sum();
+        let line = |name: &str, cpu: f64| {
+            let per_order =
+                if orders > 0 { format!("  {:.3} ms/order", cpu * 1000.0 / orders as f64) } else { String::new() };
+            format!("  {name:<32} {:>5.2} cores{per_order}", cpu / secs)
+        };
+        let mut lines: Vec<String> = used.iter().map(|(cpu, name)| line(name, *cpu)).collect();
+        lines.push(line("total", total));
+        lines
+    }
 }
 
 /// Takes a snapshot; `pool` (the stack's database) names the Postgres backends.
@@ -34,7 +94,7 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
             backends.insert(pid as u32, format!("postgres[{name}]"));
         }
     }
-    let mut ticks: HashMap<String, u64> = HashMap::new();
+    let mut procs: HashMap<u32, (String, u64)> = HashMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -47,10 +107,10 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
                 continue;
             };
             let name = backends.get(&pid).cloned().unwrap_or(name);
-            *ticks.entry(name).or_default() += used;
+            procs.insert(pid, (name, used));
         }
     }
-    Snapshot { ticks, at: Instant::now() }
+    Snapshot { procs, at: Instant::now() }
 }
 
 /// `(command name, utime + stime)` of one `/proc/<pid>/stat` line. The name is between the
@@ -66,34 +126,10 @@ fn parse_stat(stat: &str) -> Option<(String, u64)> {
     Some((name, utime + stime))
 }
 
-/// One line per process that used at least 1 % of a core, busiest first, then the total.
-pub fn report(before: &Snapshot, after: &Snapshot, orders: u64) -> Vec<String> {
-    let secs = after.at.duration_since(before.at).as_secs_f64();
-    if secs <= 0.0 || after.ticks.is_empty() {
-        return Vec::new();
-    }
-    let mut used: Vec<(f64, &str)> = after
-        .ticks
-        .iter()
-        .map(|(name, t)| {
-            ((t.saturating_sub(before.ticks.get(name).copied().unwrap_or(0))) as f64 / USER_HZ, name.as_str())
-        })
-        .filter(|(cpu, _)| cpu / secs >= 0.01)
-        .collect();
-    used.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let total: f64 = used.iter().map(|(cpu, _)| cpu).sum();
-    let line = |name: &str, cpu: f64| {
-        let per_order =
-            if orders > 0 { format!("  {:.3} ms/order", cpu * 1000.0 / orders as f64) } else { String::new() };
-        format!("  {name:<32} {:>5.2} cores{per_order}", cpu / secs)
-    };
-    let mut lines: Vec<String> = used.iter().map(|(cpu, name)| line(name, *cpu)).collect();
-    lines.push(line("total", total));
-    lines
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -102,15 +138,16 @@ mod tests {
         assert_eq!(parse_stat(stat), Some(("tokio-rt (x) 1".to_owned(), 1290)));
     }
 
+    fn snap(at: Instant, procs: &[(u32, &str, u64)]) -> Snapshot {
+        Snapshot { procs: procs.iter().map(|(pid, name, t)| (*pid, ((*name).to_owned(), *t))).collect(), at }
+    }
+
     #[test]
     fn reports_cores_and_time_per_order_busiest_first() {
         let at = Instant::now();
-        let before = Snapshot { ticks: HashMap::from([("a".into(), 100), ("b".into(), 0)]), at };
-        let after = Snapshot {
-            ticks: HashMap::from([("a".into(), 150), ("b".into(), 200), ("idle".into(), 0)]),
-            at: at + std::time::Duration::from_secs(2),
-        };
-        let lines = report(&before, &after, 1_000);
+        let mut tracker = Tracker::new(snap(at, &[(1, "a", 100), (2, "b", 0)]));
+        tracker.observe(snap(at + Duration::from_secs(2), &[(1, "a", 150), (2, "b", 200), (3, "idle", 0)]));
+        let lines = tracker.report(1_000);
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(
             lines[0].contains('b') && lines[0].contains("1.00 cores") && lines[0].contains("2.000 ms/order"),
@@ -118,5 +155,27 @@ mod tests {
         );
         assert!(lines[1].contains("0.25 cores") && lines[1].contains("0.500 ms/order"), "{lines:?}");
         assert!(lines[2].contains("total") && lines[2].contains("1.25 cores"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_process_that_exits_keeps_its_time_and_a_new_one_counts_from_birth() {
+        let at = Instant::now();
+        // Backend 10 had used 5 s before the run; it works 1 s more, then exits and backend 11
+        // takes its place, using 0.5 s. Same name throughout, as a replaced pool connection.
+        let mut tracker = Tracker::new(snap(at, &[(10, "postgres[vault-engine]", 500)]));
+        tracker.observe(snap(at + Duration::from_secs(1), &[(10, "postgres[vault-engine]", 600)]));
+        tracker.observe(snap(at + Duration::from_secs(2), &[(11, "postgres[vault-engine]", 50)]));
+        let lines = tracker.report(0);
+        assert!(lines[0].contains("postgres[vault-engine]") && lines[0].contains("0.75 cores"), "{lines:?}");
+    }
+
+    #[test]
+    fn a_reused_pid_under_another_name_is_a_new_process() {
+        let at = Instant::now();
+        let mut tracker = Tracker::new(snap(at, &[(7, "old", 900)]));
+        tracker.observe(snap(at + Duration::from_secs(1), &[(7, "new", 30)]));
+        let lines = tracker.report(0);
+        assert!(lines[0].contains("new") && lines[0].contains("0.30 cores"), "{lines:?}");
+        assert!(!lines.iter().any(|l| l.contains("old")), "{lines:?}");
     }
 }

@@ -377,20 +377,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         run,
         wait_fraction: args.wait_fraction,
     });
-    let cpu_before = cpu::snapshot(pool.as_ref()).await;
+    let cpu = Arc::new(std::sync::Mutex::new(cpu::Tracker::new(cpu::snapshot(pool.as_ref()).await)));
     let started = Instant::now();
     let end = started + args.duration;
     let mut rng = SmallRng::seed_from_u64(7);
 
     // Progress, once a second.
     let progress = {
-        let (ctx, pool, user_ids) = (ctx.clone(), pool.clone(), user_ids.clone());
+        let (ctx, pool, user_ids, cpu) = (ctx.clone(), pool.clone(), user_ids.clone(), cpu.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             let mut last = decided_before;
             loop {
                 tick.tick().await;
+                let snapshot = cpu::snapshot(pool.as_ref()).await;
+                cpu.lock().expect("the CPU tracker").observe(snapshot);
                 let t = &ctx.tally;
                 let committed = match &pool {
                     Some(pool) => match decided(pool, &user_ids).await {
@@ -482,7 +484,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     progress.abort();
-    let cpu_after = cpu::snapshot(pool.as_ref()).await;
+    let last = cpu::snapshot(pool.as_ref()).await;
+    let cpu_lines = {
+        let mut cpu = cpu.lock().expect("the CPU tracker");
+        cpu.observe(last);
+        cpu.report(committed_orders)
+    };
 
     let t = &ctx.tally;
     println!();
@@ -501,7 +508,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !committed_line.is_empty() {
         println!("{committed_line}");
     }
-    let cpu_lines = cpu::report(&cpu_before, &cpu_after, committed_orders);
     if !cpu_lines.is_empty() {
         println!("CPU per process from the first order to the end of the drain (Postgres by the process it serves):");
         for line in cpu_lines {
