@@ -7,7 +7,9 @@
 //! Times are kept per pid and a [`Tracker`] takes a snapshot every second: processes come and go
 //! during a run (the stack's pools replace their Postgres connections every minute), and one
 //! that exits keeps the time it had used at the last snapshot that saw it — at most a second of
-//! its time is missed. A process born during the run is charged all of its time. Comparing
+//! its time is missed. A process born during the run (a pid the first snapshot did not see, or
+//! saw with another start time) is charged all of its time; a process is named by the latest
+//! snapshot (a kernel worker renames itself with its work). Comparing
 //! totals per name between two snapshots instead would lose an exited backend's time and
 //! subtract what it had used before the run (the figures of runs longer than a connection's
 //! lifetime came out near zero for the engine's Postgres).
@@ -21,10 +23,18 @@ use std::time::Instant;
 /// `/proc` reports times in USER_HZ, which is 100 on every Linux architecture we run on.
 const USER_HZ: f64 = 100.0;
 
-/// Every process's name and CPU time (in ticks) at one instant, by pid.
+/// One process at one instant: its name, CPU time used and start time (both in ticks).
+#[derive(Debug, Clone)]
+struct Proc {
+    name: String,
+    used: u64,
+    start: u64,
+}
+
+/// Every process at one instant, by pid.
 #[derive(Debug)]
 pub struct Snapshot {
-    procs: HashMap<u32, (String, u64)>,
+    procs: HashMap<u32, Proc>,
     at: Instant,
 }
 
@@ -32,7 +42,7 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Tracker {
     first: Snapshot,
-    seen: HashMap<u32, (String, u64)>,
+    seen: HashMap<u32, Proc>,
     at: Instant,
 }
 
@@ -55,13 +65,13 @@ impl Tracker {
             return Vec::new();
         }
         let mut by_name: HashMap<&str, u64> = HashMap::new();
-        for (pid, (name, ticks)) in &self.seen {
-            // A pid the first snapshot saw under another name was reused: all its time is new.
+        for (pid, p) in &self.seen {
+            // A pid the first snapshot saw with another start time was reused: all its time is new.
             let before = match self.first.procs.get(pid) {
-                Some((first_name, t)) if first_name == name => *t,
+                Some(first) if first.start == p.start => first.used,
                 _ => 0,
             };
-            *by_name.entry(name.as_str()).or_default() += ticks.saturating_sub(before);
+            *by_name.entry(p.name.as_str()).or_default() += p.used.saturating_sub(before);
         }
         let mut used: Vec<(f64, &str)> = by_name
             .into_iter()
@@ -94,7 +104,7 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
             backends.insert(pid as u32, format!("postgres[{name}]"));
         }
     }
-    let mut procs: HashMap<u32, (String, u64)> = HashMap::new();
+    let mut procs: HashMap<u32, Proc> = HashMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -103,19 +113,21 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            let Some((name, used)) = parse_stat(&stat) else {
+            let Some(mut proc) = parse_stat(&stat) else {
                 continue;
             };
-            let name = backends.get(&pid).cloned().unwrap_or(name);
-            procs.insert(pid, (name, used));
+            if let Some(backend) = backends.get(&pid) {
+                proc.name = backend.clone();
+            }
+            procs.insert(pid, proc);
         }
     }
     Snapshot { procs, at: Instant::now() }
 }
 
-/// `(command name, utime + stime)` of one `/proc/<pid>/stat` line. The name is between the
-/// first `(` and the last `)` (it may hold spaces and parentheses).
-fn parse_stat(stat: &str) -> Option<(String, u64)> {
+/// The command name, utime + stime and start time of one `/proc/<pid>/stat` line. The name is
+/// between the first `(` and the last `)` (it may hold spaces and parentheses).
+fn parse_stat(stat: &str) -> Option<Proc> {
     let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     let name = stat.get(open + 1..close)?.to_owned();
     let mut rest = stat.get(close + 2..)?.split(' ');
@@ -123,7 +135,9 @@ fn parse_stat(stat: &str) -> Option<(String, u64)> {
     // cmajflt, then utime and stime.
     let utime: u64 = rest.nth(11)?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
-    Some((name, utime + stime))
+    // Then cutime, cstime, priority, nice, num_threads, itrealvalue, and starttime.
+    let start: u64 = rest.nth(6)?.parse().ok()?;
+    Some(Proc { name, used: utime + stime, start })
 }
 
 #[cfg(test)]
@@ -135,18 +149,23 @@ mod tests {
     #[test]
     fn reads_the_times_after_a_name_with_spaces_and_parentheses() {
         let stat = "4242 (tokio-rt (x) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 56 0 0 20 0 8 0 100 0 0";
-        assert_eq!(parse_stat(stat), Some(("tokio-rt (x) 1".to_owned(), 1290)));
+        let p = parse_stat(stat).expect("parsed");
+        assert_eq!((p.name.as_str(), p.used, p.start), ("tokio-rt (x) 1", 1290, 100));
     }
 
-    fn snap(at: Instant, procs: &[(u32, &str, u64)]) -> Snapshot {
-        Snapshot { procs: procs.iter().map(|(pid, name, t)| (*pid, ((*name).to_owned(), *t))).collect(), at }
+    /// Processes as `(pid, name, used, start)`.
+    fn snap(at: Instant, procs: &[(u32, &str, u64, u64)]) -> Snapshot {
+        let procs = procs
+            .iter()
+            .map(|(pid, name, used, start)| (*pid, Proc { name: (*name).to_owned(), used: *used, start: *start }));
+        Snapshot { procs: procs.collect(), at }
     }
 
     #[test]
     fn reports_cores_and_time_per_order_busiest_first() {
         let at = Instant::now();
-        let mut tracker = Tracker::new(snap(at, &[(1, "a", 100), (2, "b", 0)]));
-        tracker.observe(snap(at + Duration::from_secs(2), &[(1, "a", 150), (2, "b", 200), (3, "idle", 0)]));
+        let mut tracker = Tracker::new(snap(at, &[(1, "a", 100, 1), (2, "b", 0, 1)]));
+        tracker.observe(snap(at + Duration::from_secs(2), &[(1, "a", 150, 1), (2, "b", 200, 1), (3, "idle", 0, 9)]));
         let lines = tracker.report(1_000);
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(
@@ -162,20 +181,22 @@ mod tests {
         let at = Instant::now();
         // Backend 10 had used 5 s before the run; it works 1 s more, then exits and backend 11
         // takes its place, using 0.5 s. Same name throughout, as a replaced pool connection.
-        let mut tracker = Tracker::new(snap(at, &[(10, "postgres[vault-engine]", 500)]));
-        tracker.observe(snap(at + Duration::from_secs(1), &[(10, "postgres[vault-engine]", 600)]));
-        tracker.observe(snap(at + Duration::from_secs(2), &[(11, "postgres[vault-engine]", 50)]));
+        let mut tracker = Tracker::new(snap(at, &[(10, "postgres[vault-engine]", 500, 1)]));
+        tracker.observe(snap(at + Duration::from_secs(1), &[(10, "postgres[vault-engine]", 600, 1)]));
+        tracker.observe(snap(at + Duration::from_secs(2), &[(11, "postgres[vault-engine]", 50, 7)]));
         let lines = tracker.report(0);
         assert!(lines[0].contains("postgres[vault-engine]") && lines[0].contains("0.75 cores"), "{lines:?}");
     }
 
     #[test]
-    fn a_reused_pid_under_another_name_is_a_new_process() {
+    fn a_reused_pid_is_a_new_process_and_a_renamed_one_is_not() {
         let at = Instant::now();
-        let mut tracker = Tracker::new(snap(at, &[(7, "old", 900)]));
-        tracker.observe(snap(at + Duration::from_secs(1), &[(7, "new", 30)]));
+        let mut tracker = Tracker::new(snap(at, &[(7, "old", 900, 1), (8, "kworker/0:1-events", 5_000, 2)]));
+        tracker
+            .observe(snap(at + Duration::from_secs(1), &[(7, "new", 30, 50), (8, "kworker/0:1-writeback", 5_010, 2)]));
         let lines = tracker.report(0);
         assert!(lines[0].contains("new") && lines[0].contains("0.30 cores"), "{lines:?}");
-        assert!(!lines.iter().any(|l| l.contains("old")), "{lines:?}");
+        assert!(lines[1].contains("kworker/0:1-writeback") && lines[1].contains("0.10 cores"), "{lines:?}");
+        assert!(!lines.iter().any(|l| l.contains("old") || l.contains("-events")), "{lines:?}");
     }
 }
