@@ -185,7 +185,7 @@ async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
 /// (`vault_core::db`). The one connection of this pool runs a query every 100 ms; its backend
 /// pid changes, and only once the lifetime is over.
 #[tokio::test]
-async fn a_pooled_connection_in_constant_use_is_replaced_after_its_lifetime() {
+async fn a_pooled_connection_in_steady_use_is_replaced_after_its_lifetime() {
     use std::time::{Duration, Instant};
     use vault_core::db::{CONNECTION_LIFETIME, pool_options};
 
