@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::RequestId;
 use vault_bus::Bus;
+use vault_core::config::PartitionRange;
 use vault_core::ops::{self, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
@@ -131,6 +132,11 @@ impl Application {
         let pool = db::connect(&settings.database_url, settings.database_pool_size).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
+        // The engine's partition consumers exist from the API's start, whether or not an engine
+        // ever served them: their queue is then measured (lag series, the backlog that refuses
+        // new orders, see `trading::backlog`) rather than growing unseen behind a partition no
+        // engine took. Created if missing only: their configuration is the engine's.
+        bus.create_missing_consumers(&vault_bus::consumers::engine(PartitionRange::all())).await?;
 
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));

@@ -978,12 +978,19 @@ async fn trader_outside(api: &Api, name: &str, not: u16) -> (String, Uuid) {
 }
 
 #[tokio::test]
-async fn new_orders_are_refused_503_overloaded_while_the_engines_queue_for_the_partition_is_over_the_limit() {
+async fn new_orders_are_refused_503_overloaded_while_the_engines_queue_for_the_partition_is_over_the_limit_even_before_any_engine_ran()
+ {
     let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
-    // The engine's consumers exist (as an engine declares them) but nothing consumes: the
-    // queue of every partition grows with each accepted order.
-    let bus = Bus::connect(&api.nats.url(), "test-engine").await.expect("bus");
-    bus.declare(&vault_bus::consumers::engine(vault_core::config::PartitionRange::all())).await.expect("declare");
+    // No engine has ever run: the API created the engine's consumers at its start, and nothing
+    // consumes, so the queue of every partition grows with each accepted order.
+    let orders = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
+        .get_stream(streams::ORDERS.name)
+        .await
+        .expect("stream");
+    for p in 0..vault_core::config::PARTITIONS {
+        let info = orders.consumer_info(format!("engine-p{p:02}")).await.expect("created by the API");
+        assert_eq!(info.config.filter_subject, subjects::orders_partition_filter(p));
+    }
     let (token, user) = trader(&api, "busy@example.com").await;
     let partition = subjects::partition_of(user);
     let first = json_of(api.post("/orders", Some(&token), limit_order("busy-0")).await, 202).await;
@@ -1024,12 +1031,8 @@ async fn new_orders_are_refused_503_overloaded_while_the_engines_queue_for_the_p
     json_of(api.post("/orders", Some(&calm_token), limit_order("calm-1")).await, 202).await;
 
     // The engine catches up: orders are taken again.
-    let stream = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
-        .get_stream(streams::ORDERS.name)
-        .await
-        .expect("stream");
     let consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer(&format!("engine-p{partition:02}")).await.expect("the partition's consumer");
+        orders.get_consumer(&format!("engine-p{partition:02}")).await.expect("the partition's consumer");
     let mut batch =
         consumer.fetch().max_messages(1_000).expires(Duration::from_secs(1)).messages().await.expect("fetch");
     use futures::StreamExt as _;

@@ -189,6 +189,26 @@ impl Bus {
 
     /// Creates or updates the given durable consumers; a matching one is left untouched.
     pub async fn ensure_consumers(&self, specs: &[ConsumerSpec]) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
+        self.declare_consumers(specs, true).await
+    }
+
+    /// Creates those of `specs` that do not exist and leaves the others as they are, drifted or
+    /// not: for a process that wants another's consumers to exist, so that their queue can be
+    /// measured, without owning their configuration (the API creates the engine's partition
+    /// consumers this way; an engine of another release must not find them changed under it).
+    pub async fn create_missing_consumers(
+        &self,
+        specs: &[ConsumerSpec],
+    ) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
+        self.declare_consumers(specs, false).await
+    }
+
+    /// [`Self::ensure_consumers`] when `update`, else [`Self::create_missing_consumers`].
+    async fn declare_consumers(
+        &self,
+        specs: &[ConsumerSpec],
+        update: bool,
+    ) -> Result<Vec<(String, EnsureOutcome)>, BusError> {
         let mut outcomes = Vec::with_capacity(specs.len());
         for spec in specs {
             let err = |reason: String| BusError::Consumer {
@@ -198,7 +218,7 @@ impl Bus {
             };
             let stream = self.js.get_stream_no_info(spec.stream).await.map_err(|e| err(e.to_string()))?;
             let outcome = match stream.consumer_info(&spec.durable).await {
-                Ok(info) if spec.matches(&info.config) => EnsureOutcome::Unchanged,
+                Ok(info) if !update || spec.matches(&info.config) => EnsureOutcome::Unchanged,
                 Ok(_) => {
                     stream.update_consumer(spec.config()).await.map_err(|e| err(e.to_string()))?;
                     EnsureOutcome::Updated

@@ -117,6 +117,32 @@ async fn consumers_are_declared_once_and_left_alone_after() {
     assert_eq!(names.len(), 17, "16 engine partitions and the audit consumer: {names:?}");
 }
 
+/// The API's way with the engine's consumers: a missing one is created, one that exists is left
+/// as it is even when its configuration differs (the engine owns it).
+#[tokio::test]
+async fn creating_missing_consumers_leaves_an_existing_one_as_it_is() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+    let engine = consumers::engine(vault_core::config::PartitionRange::all());
+    let mut own = engine[3].clone();
+    own.description = "an engine of another release".into();
+    bus.ensure_consumers(&[own]).await.expect("the engine declares one");
+
+    let outcomes = bus.create_missing_consumers(&engine).await.expect("creates the rest");
+    assert_eq!(outcomes.len(), 16);
+    for (name, outcome) in &outcomes {
+        let want = if name == "engine-p03" { EnsureOutcome::Unchanged } else { EnsureOutcome::Created };
+        assert_eq!(*outcome, want, "{name}");
+    }
+    let orders = bus.jetstream().get_stream("ORDERS").await.expect("ORDERS");
+    let kept = orders.consumer_info("engine-p03").await.expect("engine-p03");
+    assert_eq!(kept.config.description.as_deref(), Some("an engine of another release"));
+    assert!(
+        bus.create_missing_consumers(&engine).await.expect("again").iter().all(|(_, o)| *o == EnsureOutcome::Unchanged)
+    );
+}
+
 #[tokio::test]
 async fn readiness_fails_while_a_stream_is_missing_and_heals_itself() {
     let nats = NatsServer::start().await;

@@ -20,8 +20,10 @@
 //! rate (the same with and without it in BENCHMARKS.md).
 //!
 //! A reading older than [`STALE_AFTER`] (NATS unreachable, say) admits everything: the publish
-//! itself then decides, as it did before this check existed. A partition with no engine
-//! consumer yet has no reading and is admitted.
+//! itself then decides, as it did before this check existed. The API creates the engine
+//! consumers that do not exist yet when it starts, so a partition no engine has ever served is
+//! read like the others; one whose consumer is deleted while the API runs has no reading and
+//! is admitted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
