@@ -85,8 +85,8 @@ async fn a_logical_backup_restores_into_a_fresh_database_with_the_same_books_and
     // Trade for real: signups and logins (AUTH), deposits and orders (ORDERS), fills (EVENTS).
     let api = Api::start().await;
     let envs = base_env(&api.db, &api.nats);
-    let (mut engine, _engine_ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
-    let (mut audit, _audit_ops) = Proc::start_ready(&workspace_binary("vault-worker"), &["audit"], &envs).await;
+    let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    let (mut audit, _) = Proc::start_ready(&workspace_binary("vault-worker"), &["audit"], &envs).await;
 
     let bus = Bus::connect(&api.nats.url(), "backup-test").await.expect("connects");
     let tick = PriceTick {

@@ -142,8 +142,7 @@ impl Drop for InProcess {
 
 /// The `vault-engine` binary over the API's nats-server and database.
 async fn engine(api: &InProcess) -> Proc {
-    let (engine, _ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &base_env(&api.db, &api.nats)).await;
-    engine
+    Proc::start_ready(&workspace_binary("vault-engine"), &[], &base_env(&api.db, &api.nats)).await.0
 }
 
 fn btc_of(portfolio: &Value) -> Option<&str> {

@@ -81,7 +81,7 @@ impl Stack {
         ])
         .await;
         let envs = base_env(&api.db, &api.nats);
-        let (engine, _ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+        let (engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
 
         // A price on every market, so tickers answer and market orders can fill.
         let bus = Bus::connect(&api.nats.url(), "schemathesis").await.expect("connects");

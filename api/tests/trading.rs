@@ -978,8 +978,7 @@ async fn trader_outside(api: &Api, name: &str, not: u16) -> (String, Uuid) {
 }
 
 #[tokio::test]
-async fn new_orders_are_refused_503_overloaded_while_the_engines_queue_for_the_partition_is_over_the_limit_even_before_any_engine_ran()
- {
+async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_before_any_engine_ran() {
     let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
     // No engine has ever run: the API created the engine's consumers at its start, and nothing
     // consumes, so the queue of every partition grows with each accepted order.
