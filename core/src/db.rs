@@ -20,8 +20,9 @@
 //! after a minute or more of traffic where it is on. Measured on a fresh database (2,000
 //! orders/s offered, BENCHMARKS.md): 1,067 commits/s with the plans made on empty tables,
 //! 1,759/s after an `ANALYZE`; on a stock Postgres (autovacuum on) 1,003/s, then 776/s as the
-//! tables grew, 1,614/s once autovacuum had analyzed them. A new connection a minute costs each
-//! pool a few milliseconds.
+//! tables grew, 1,614/s once autovacuum had analyzed them. A new connection a minute per pool
+//! slot costs a few milliseconds (sqlx closes an expired connection when it is returned, or
+//! idle, never while it is in use).
 
 use std::time::Duration;
 

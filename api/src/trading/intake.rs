@@ -58,7 +58,10 @@ type Reply = Result<Option<OrderView>, sqlx::Error>;
 /// order was 0.91–0.94 ms at 300 orders/s, with generic plans 0.64–0.65 ms (alternating runs,
 /// BENCHMARKS.md) — most likely the multi-row insert was planned afresh on every execution, its
 /// custom plan (costed for the batch's exact size) always looking cheaper than the generic one.
-/// The statement is keyed on primary and unique keys, so the generic plan is the same plan.
+/// A generic plan is made against the tables as they are on its connection's first execution;
+/// made on a new deployment's near-empty tables it scanned `applied_commands` on every batch
+/// (BENCHMARKS.md, "Plans made on empty tables"), which is why this pool, like every pool,
+/// replaces its connections after [`vault_core::db::CONNECTION_LIFETIME`].
 fn intake_pool(database: PgConnectOptions) -> PgPool {
     vault_core::db::pool_options(CONCURRENT_BATCHES as u32)
         .connect_lazy_with(database.options([("plan_cache_mode", "force_generic_plan")]))
