@@ -188,12 +188,19 @@ async fn the_openapi_document_lists_every_route_and_the_docs_page_renders_it() {
     assert!(html.contains("/api/v1/auth/login") && !html.contains("<script"), "docs page");
 }
 
-#[tokio::test]
-async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
-    let mut api = Api::start().await;
-    api.signup("slow@example.com").await;
-    // A client that sends its login body slowly: the request is in flight when SIGTERM lands.
-    let body = json!({"email": "slow@example.com", "password": PASSWORD}).to_string();
+/// `http_requests_in_flight{method="POST",route="/api/v1/auth/login"}` on `api`.
+async fn logins_in_flight(api: &Api) -> f64 {
+    vault_testkit::scrape_metric(
+        &api.addr,
+        "http_requests_in_flight",
+        &["method=\"POST\"", "route=\"/api/v1/auth/login\""],
+    )
+    .await
+}
+
+/// A login whose body is half sent: (connection, the rest of the body).
+async fn half_sent_login(api: &Api, email: &str) -> (tokio::net::TcpStream, String) {
+    let body = json!({"email": email, "password": PASSWORD}).to_string();
     let (head, tail) = body.split_at(body.len() / 2);
     let mut conn = tokio::net::TcpStream::connect(&api.addr).await.expect("connect");
     let request = format!(
@@ -201,6 +208,45 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
         body.len()
     );
     conn.write_all(request.as_bytes()).await.expect("send the first half");
+    (conn, tail.to_owned())
+}
+
+#[tokio::test]
+async fn the_in_flight_gauge_counts_a_request_until_it_is_answered_or_abandoned() {
+    let api = Api::start().await;
+    api.signup("gauge@example.com").await;
+    assert_eq!(logins_in_flight(&api).await, 0.0);
+
+    let (mut answered, tail) = half_sent_login(&api, "gauge@example.com").await;
+    let (abandoned, _) = half_sent_login(&api, "gauge@example.com").await;
+    vault_testkit::poll_until(Duration::from_secs(10), "two logins in flight", || async {
+        (logins_in_flight(&api).await == 2.0).then_some(())
+    })
+    .await;
+
+    answered.write_all(tail.as_bytes()).await.expect("send the rest");
+    let mut head = [0u8; 12];
+    answered.read_exact(&mut head).await.expect("an answer");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(abandoned);
+    vault_testkit::poll_until(Duration::from_secs(10), "no login in flight", || async {
+        (logins_in_flight(&api).await == 0.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
+    let mut api = Api::start().await;
+    api.signup("slow@example.com").await;
+    // A client that sends its login body slowly: the request is in flight when SIGTERM lands.
+    let (mut conn, tail) = half_sent_login(&api, "slow@example.com").await;
+    // Only a request the server has taken is in flight: one still in the listen backlog when
+    // accepting stops is refused with the listener, as it should be.
+    vault_testkit::poll_until(Duration::from_secs(10), "the login to be in flight", || async {
+        (logins_in_flight(&api).await == 1.0).then_some(())
+    })
+    .await;
 
     api.proc.signal("TERM");
     vault_testkit::poll_until(Duration::from_secs(10), "the API to start draining", || async {

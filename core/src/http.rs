@@ -4,8 +4,9 @@
 //! most [`MAX_REQUEST_ID`] characters of `[A-Za-z0-9._:/+=-]` — else a fresh UUID, so a client
 //! cannot put kilobytes of arbitrary text into every log line, NATS header and audit row of its
 //! request), echoed on the response; a tracing span per request carrying that id; and the
-//! `http_requests_total` / `http_request_duration_seconds` metrics labelled by the *matched
-//! route* (never the raw path, which would explode the label set).
+//! `http_requests_total` / `http_request_duration_seconds` / `http_requests_in_flight` metrics
+//! labelled by the *matched route* (never the raw path, which would explode the label set). The
+//! in-flight gauge is what a drain is waiting for after SIGTERM.
 //!
 //! [`serve`] binds nothing itself (callers bind with [`bind`], so tests can use port 0), stops
 //! accepting when the shutdown token fires and lets in-flight requests finish, bounded by a
@@ -121,6 +122,8 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().as_str().to_owned();
+    let _in_flight =
+        Held::new(metrics::gauge!("http_requests_in_flight", "method" => method.clone(), "route" => route.clone()));
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
@@ -260,18 +263,19 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Counts an open connection in `vault_http_connections` for as long as it lives.
-struct OpenConnection(metrics::Gauge);
+/// Counts one in a gauge for as long as it lives: an open connection in
+/// `vault_http_connections`, a request in `http_requests_in_flight` (dropped with a cancelled
+/// request too).
+struct Held(metrics::Gauge);
 
-impl OpenConnection {
-    fn new() -> Self {
-        let gauge = metrics::gauge!(names::HTTP_CONNECTIONS);
+impl Held {
+    fn new(gauge: metrics::Gauge) -> Self {
         gauge.increment(1.0);
-        OpenConnection(gauge)
+        Held(gauge)
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
@@ -288,7 +292,7 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
 ) {
     let _permit = permit;
-    let _open = OpenConnection::new();
+    let _open = Held::new(metrics::gauge!(names::HTTP_CONNECTIONS));
     // Small answers go out at once rather than waiting for Nagle.
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |mut req: hyper::Request<Incoming>| {

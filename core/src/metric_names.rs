@@ -25,6 +25,7 @@ use crate::config::Role;
 // -- Every process ---------------------------------------------------------------------------
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "http_request_duration_seconds";
+pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
 pub const HTTP_CONNECTIONS: &str = "vault_http_connections";
 pub const HTTP_CONNECTIONS_REFUSED: &str = "vault_http_connections_refused_total";
 pub const READY: &str = "vault_ready";
@@ -176,6 +177,13 @@ use Zero::{Dynamic, Each, Plain};
 pub const CATALOG: &[Metric] = &[
     m(HTTP_REQUESTS, C, "HTTP requests by method, route and status", SERVING, Dynamic),
     m(HTTP_REQUEST_DURATION, H, "HTTP request latency by method and route", SERVING, Dynamic),
+    m(
+        HTTP_REQUESTS_IN_FLIGHT,
+        G,
+        "HTTP requests being handled (headers read, response not yet produced) by method and route",
+        SERVING,
+        Dynamic,
+    ),
     m(HTTP_CONNECTIONS, G, "HTTP connections open (upgraded WebSockets excluded)", SERVING, Plain),
     m(
         HTTP_CONNECTIONS_REFUSED,
