@@ -1047,3 +1047,42 @@ async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_engine_consumer_deleted_while_the_api_runs_is_created_again_and_its_queue_still_refuses() {
+    let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
+    let (token, user) = trader(&api, "deleted@example.com").await;
+    let name = format!("engine-p{:02}", subjects::partition_of(user));
+    let orders = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
+        .get_stream(streams::ORDERS.name)
+        .await
+        .expect("stream");
+    assert!(orders.delete_consumer(&name).await.expect("delete").success, "deleted");
+
+    // No engine runs: only the API can bring it back, as the engine would declare it.
+    let info = poll_until(DEADLINE, "the consumer created again", || {
+        let orders = &orders;
+        let name = &name;
+        async move { orders.consumer_info(name).await.ok() }
+    })
+    .await;
+    assert_eq!(info.config.filter_subject, subjects::orders_partition_filter(subjects::partition_of(user)));
+    assert_eq!(info.config.ack_policy, async_nats::jetstream::consumer::AckPolicy::Explicit);
+
+    // Its queue is read again: past the limit, the user's orders are refused.
+    let sent = std::sync::atomic::AtomicUsize::new(0);
+    poll_until(DEADLINE, "an order refused as overloaded", || {
+        let (api, token) = (&api, &token);
+        let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let resp = api.post("/orders", Some(token), limit_order(&format!("again-{n}"))).await;
+            match resp.status().as_u16() {
+                202 => None,
+                503 => Some(()),
+                other => panic!("expected 202 or 503, got {other}"),
+            }
+        }
+    })
+    .await;
+    assert!(sent.load(std::sync::atomic::Ordering::Relaxed) > 3, "refused only above the limit of 2");
+}

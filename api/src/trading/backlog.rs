@@ -22,8 +22,11 @@
 //! A reading older than [`STALE_AFTER`] (NATS unreachable, say) admits everything: the publish
 //! itself then decides, as it did before this check existed. The API creates the engine
 //! consumers that do not exist yet when it starts, so a partition no engine has ever served is
-//! read like the others; one whose consumer is deleted while the API runs has no reading and
-//! is admitted.
+//! read like the others; and the monitor creates again any the listing misses (deleted by an
+//! operator, lost with a server's store) — otherwise a partition with no engine running would
+//! have neither a lag series nor a reading, and its orders would pile up unseen. Created as the
+//! engine declares them, so a running engine takes over the new one unchanged. The monitor runs
+//! with `ORDER_BACKLOG_LIMIT=0` too (it then only keeps the consumers).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -33,8 +36,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vault_bus::{Bus, streams, subjects};
-use vault_core::config::PARTITIONS;
+use vault_bus::{Bus, consumers, streams, subjects};
+use vault_core::config::{PARTITIONS, PartitionRange};
 use vault_core::metric_names as names;
 
 use crate::error::ApiError;
@@ -108,12 +111,10 @@ impl Backlog {
         inner.read_at_ms.store(now, Ordering::Release);
     }
 
-    /// Reads the engine consumers' backlog every [`EVERY`] until shutdown (not at all when the
-    /// limit is 0). A failed reading is logged once per failure streak and retried.
+    /// Reads the engine consumers' backlog every [`EVERY`] until shutdown, creating the ones the
+    /// reading misses. A failed reading or creation is logged once per failure streak and
+    /// retried.
     pub fn spawn_monitor(&self, bus: Bus, shutdown: CancellationToken) {
-        if self.0.limit == 0 {
-            return;
-        }
         let backlog = self.clone();
         tokio::spawn(async move {
             // A handle by name only: no request until the listing itself.
@@ -132,20 +133,38 @@ impl Backlog {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match read(&stream).await {
+                let outcome = match read(&stream).await {
                     Ok(readings) => {
+                        let missing: Vec<u16> =
+                            (0..PARTITIONS).filter(|p| !readings.iter().any(|(q, _)| q == p)).collect();
                         backlog.record(readings);
-                        if failing {
-                            tracing::info!("reading the engine's backlog again");
+                        if missing.is_empty() {
+                            Ok(())
+                        } else {
+                            match bus.create_missing_consumers(&consumers::engine(PartitionRange::all())).await {
+                                Ok(_) => {
+                                    tracing::warn!(partitions = ?missing, "engine consumers were missing; created them again");
+                                    Ok(())
+                                }
+                                Err(e) => Err(format!(
+                                    "engine consumers of partitions {missing:?} are missing and could not be created: {e}"
+                                )),
+                            }
                         }
+                    }
+                    Err(e) => Err(format!("cannot read the engine's backlog; admitting every order until it can: {e}")),
+                };
+                match outcome {
+                    Ok(()) if failing => {
+                        tracing::info!("reading the engine's backlog again");
                         failing = false;
                     }
-                    Err(e) => {
-                        if !failing {
-                            tracing::warn!(error = %e, "cannot read the engine's backlog; admitting every order until it can");
-                        }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        tracing::warn!(error = %e, "engine backlog monitor");
                         failing = true;
                     }
+                    Err(_) => {}
                 }
             }
         });
