@@ -615,6 +615,7 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
     let api = InProcess::start(short(|c| {
         c.queue_capacity = 16;
         c.write_buffer_bytes = 1024;
+        c.send_buffer_bytes = 16 * 1024;
     }))
     .await;
     let token = api.user("slow@example.com").await;
@@ -658,10 +659,8 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
     assert_eq!((&frame["data"]["price"], &frame["seq"]), (&json!("49000"), &json!(published)));
 
     // The slow client, reading at last, finds what was in flight, then the end: a close frame
-    // "slow consumer" if it fitted in the buffers, else the connection simply ends. What was in
-    // flight includes the server's kernel send buffer, which may have grown to megabytes before
-    // the server's writes blocked; through the 4 KiB receive window it took minutes to drain
-    // (seen: 2,800 frames still arriving after a minute), so the window is widened first.
+    // "slow consumer" if it fitted in the buffers, else the connection simply ends. The window is
+    // widened first, so that what was in flight comes at once.
     if let MaybeTlsStream::Plain(stream) = slow.get_ref() {
         rustix::net::sockopt::set_socket_recv_buffer_size(stream, 4 << 20).expect("a wider receive buffer");
     }
@@ -675,6 +674,11 @@ async fn a_slow_client_that_never_reads_is_disconnected_while_another_keeps_rece
         }
     };
     assert!(frames < published, "the slow client got {frames} of {published} frames");
+    // What was in flight: the queue (16 frames), the server's send buffer (fixed at 16 KiB,
+    // 32 KiB reserved), the 1 KiB write buffer and the client's small receive window — a few
+    // hundred ~150-byte frames. Left to grow, the send buffer held megabytes: thousands of frames
+    // (2,800 still arriving a minute later through the 4 KiB window, before it was widened).
+    assert!(frames < 1_000, "{frames} frames were in flight when the slow client was dropped");
     if let Some(close) = &ending {
         assert_eq!(close, &(1008, "slow consumer".to_owned()));
     }

@@ -47,10 +47,16 @@
 //! after that) and a whole request 30 s (its `json` and `startup` modules).
 //!
 //! WebSocket upgrades leave this server: an upgraded connection is no longer counted, drained or
-//! timed out here (the WebSocket gateway has its own ping and idle rules).
+//! timed out here (the WebSocket gateway has its own ping and idle rules). A handler about to
+//! upgrade may cap the connection's kernel send buffer through the request's
+//! [`SendBufferLimit`] (see there why a push feed wants that).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -62,6 +68,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -281,6 +288,84 @@ impl Drop for Held {
     }
 }
 
+/// A request extension (on every request [`serve`] serves): asks the connection the request came
+/// on to cap its kernel send buffer from its next write on — the response's — for as long as it
+/// lives, upgraded or not.
+///
+/// For a connection about to become a long-lived push feed (the WebSocket). Linux grows a TCP
+/// socket's send buffer up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) while its receiver
+/// reads slowly; a client that stops reading then has that much queued in the kernel — seconds
+/// of stale prices — before the server's writes block and the feed can tell it is too slow. A
+/// fixed buffer bounds that (Linux doubles the value asked for, for its bookkeeping, and stops
+/// growing it). Plain requests keep the default.
+#[derive(Debug, Clone)]
+pub struct SendBufferLimit(Arc<AtomicUsize>);
+
+impl SendBufferLimit {
+    /// Caps the send buffer at `bytes` (0: leave it as it is).
+    pub fn set(&self, bytes: usize) {
+        self.0.store(bytes, Ordering::Release);
+    }
+}
+
+/// An accepted connection's socket: applies a [`SendBufferLimit`] before its next write.
+#[derive(Debug)]
+struct Socket {
+    stream: TcpStream,
+    send_buffer_limit: Arc<AtomicUsize>,
+}
+
+impl Socket {
+    fn apply_send_buffer_limit(&self) {
+        // One relaxed load per write while nothing is asked, which is nearly always.
+        if self.send_buffer_limit.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let bytes = self.send_buffer_limit.swap(0, Ordering::AcqRel);
+        if bytes > 0
+            && let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&self.stream, bytes)
+        {
+            tracing::warn!(error = %e, bytes, "could not cap a connection's send buffer");
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.apply_send_buffer_limit();
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.apply_send_buffer_limit();
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// Serves one connection until the client leaves, a limit closes it, or shutdown (which lets
 /// the request in flight finish and then closes it).
 async fn serve_connection(
@@ -295,12 +380,15 @@ async fn serve_connection(
     let _open = Held::new(metrics::gauge!(names::HTTP_CONNECTIONS));
     // Small answers go out at once rather than waiting for Nagle.
     let _ = stream.set_nodelay(true);
+    let socket = Socket { stream, send_buffer_limit: Arc::default() };
+    let limit = SendBufferLimit(socket.send_buffer_limit.clone());
     let service = service_fn(move |mut req: hyper::Request<Incoming>| {
         // What `into_make_service_with_connect_info` did: handlers read the peer with ConnectInfo.
         req.extensions_mut().insert(ConnectInfo(remote));
+        req.extensions_mut().insert(limit.clone());
         app.clone().oneshot(req)
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let conn = builder.serve_connection(TokioIo::new(socket), service).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -350,6 +438,27 @@ mod tests {
         assert_eq!(call("client-42").await, "client-42");
         let replaced = call("<script>alert(1)</script>").await;
         assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "{replaced}");
+    }
+
+    /// A limit asked for through the extension is set on the socket at its next write, doubled
+    /// by Linux as it reports it, and only then.
+    #[tokio::test]
+    async fn a_send_buffer_limit_takes_effect_at_the_next_write() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let size = |socket: &Socket| rustix::net::sockopt::socket_send_buffer_size(&socket.stream).expect("getsockopt");
+        let mut socket = Socket { stream, send_buffer_limit: Arc::default() };
+        let limit = SendBufferLimit(socket.send_buffer_limit.clone());
+        let default = size(&socket);
+        socket.write_all(b"plain").await.expect("write");
+        assert_eq!(size(&socket), default, "nothing asked, nothing changed");
+
+        limit.set(16 * 1024);
+        assert_eq!(size(&socket), default, "not before the next write");
+        socket.write_all(b"upgraded").await.expect("write");
+        assert_eq!(size(&socket), 32 * 1024);
+        assert_ne!(default, 32 * 1024, "the default differs, so the change shows");
     }
 
     /// A request in flight when shutdown starts is answered in full, and `serve` returns after.

@@ -16,9 +16,10 @@
 //! Why it is built this way:
 //! - fan-out comes from NATS subjects (see [`hub`]), so any API replica can serve any user and
 //!   the API stays stateless: no sticky sessions, nothing to hand over when a replica stops;
-//! - every connection has a bounded queue; a client that cannot keep up is closed (1008, "slow
+//! - every connection has a bounded queue and a fixed kernel send buffer
+//!   ([`WsConfig::send_buffer_bytes`]); a client that cannot keep up is closed (1008, "slow
 //!   consumer") rather than buffered for without limit — one slow client must not cost the
-//!   process its memory nor delay anyone else. A closed client reconnects and resyncs over REST,
+//!   process its memory nor delay anyone else, and must not be fed prices seconds old. A closed client reconnects and resyncs over REST,
 //!   which is the truth anyway: the feed is at most once (core NATS, nothing is replayed);
 //! - a connection re-checks its credential every [`WsConfig::recheck_interval`], so a logout,
 //!   a revoked API key or an administrator's lock ends an open socket too, not just new
@@ -45,15 +46,16 @@ pub mod protocol;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use vault_bus::Bus;
+use vault_core::http::SendBufferLimit;
 
 use self::hub::Hub;
 use crate::error::{ApiError, Problem, REQUEST_ID};
@@ -80,6 +82,11 @@ pub struct WsConfig {
     pub close_timeout: Duration,
     /// Bytes written to the socket in one go at most (frames are batched up to this).
     pub write_buffer_bytes: usize,
+    /// The upgraded socket's kernel send buffer (Linux reserves twice this). Fixed rather than
+    /// left to grow to megabytes, so that a client that stops reading is found slow after about
+    /// this much, not after seconds of prices queued in the kernel; at 64 KiB a 200 ms round trip
+    /// still carries some 640 KB/s, thousands of frames a second.
+    pub send_buffer_bytes: usize,
     /// Open connections per process at most; upgrades beyond are answered 503. (The HTTP
     /// server's connection cap does not count upgraded connections.)
     pub max_connections: usize,
@@ -99,6 +106,7 @@ impl Default for WsConfig {
             recheck_interval: Duration::from_secs(60),
             close_timeout: Duration::from_secs(2),
             write_buffer_bytes: 16 * 1024,
+            send_buffer_bytes: 64 * 1024,
             max_connections: 10_000,
             max_client_frames_per_sec: 20,
         }
@@ -170,6 +178,7 @@ pub fn router() -> Router<AppState> {
                body = Problem)))]
 pub async fn upgrade(
     State(state): State<AppState>,
+    send_buffer: Option<Extension<SendBufferLimit>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let upgrade = match upgrade {
@@ -192,6 +201,10 @@ pub async fn upgrade(
         metrics::counter!("vault_ws_connections_refused_total").increment(1);
         tracing::warn!(max = config.max_connections, "WebSocket upgrade refused: connection limit reached");
         return ApiError::Unavailable("WebSocket connection limit").into_response();
+    }
+    // From the 101 on: see `WsConfig::send_buffer_bytes`.
+    if let Some(Extension(send_buffer)) = send_buffer {
+        send_buffer.set(config.send_buffer_bytes);
     }
     upgrade
         // The transport refuses frames far above the limit without reading them into memory;
