@@ -4,9 +4,9 @@
 //! most [`MAX_REQUEST_ID`] characters of `[A-Za-z0-9._:/+=-]` — else a fresh UUID, so a client
 //! cannot put kilobytes of arbitrary text into every log line, NATS header and audit row of its
 //! request), echoed on the response; a tracing span per request carrying that id; and the
-//! `http_requests_total` / `http_request_duration_seconds` / `http_requests_in_flight` metrics
-//! labelled by the *matched route* (never the raw path, which would explode the label set). The
-//! in-flight gauge is what a drain is waiting for after SIGTERM.
+//! `http_requests_total` / `http_request_duration_seconds` metrics labelled by the *matched
+//! route* (never the raw path, which would explode the label set), and the
+//! `http_requests_in_flight` gauge: what a drain is waiting for after SIGTERM.
 //!
 //! [`serve`] binds nothing itself (callers bind with [`bind`], so tests can use port 0), stops
 //! accepting when the shutdown token fires and lets in-flight requests finish, bounded by a
@@ -124,13 +124,20 @@ async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// The `http_requests_in_flight` handle, looked up once. Unlabelled: a drain waits for the
+/// process's total, and a gauge by route would cost a registry lookup on every request for
+/// series that sit at 0 nearly always. A scrape of `/metrics` counts itself.
+fn requests_in_flight() -> &'static metrics::Gauge {
+    static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+    GAUGE.get_or_init(|| metrics::gauge!("http_requests_in_flight"))
+}
+
 async fn record_metrics(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().as_str().to_owned();
-    let _in_flight =
-        Held::new(metrics::gauge!("http_requests_in_flight", "method" => method.clone(), "route" => route.clone()));
+    let _in_flight = Held::new(requests_in_flight().clone());
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)

@@ -180,9 +180,9 @@ pub const CATALOG: &[Metric] = &[
     m(
         HTTP_REQUESTS_IN_FLIGHT,
         G,
-        "HTTP requests being handled (headers read, response not yet produced) by method and route",
+        "HTTP requests being handled (head read, response not yet produced), a scrape counting itself",
         SERVING,
-        Dynamic,
+        Plain,
     ),
     m(HTTP_CONNECTIONS, G, "HTTP connections open (upgraded WebSockets excluded)", SERVING, Plain),
     m(
