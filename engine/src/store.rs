@@ -144,8 +144,18 @@ impl PgStore {
     /// A store whose pool connects on first use, on the runtime that uses it (each arbiter has
     /// its own, so connections stay on their thread), with its group committer started on that
     /// runtime: call it from the arbiter that will use the store.
+    ///
+    /// Its statements run with generic plans (`plan_cache_mode = force_generic_plan`), as the
+    /// API's intake does: with Postgres's default every commit's multi-row statements were
+    /// planned afresh for their arrays' sizes (a profile of the engine's backends at 250
+    /// orders/s: a fifth of their samples under `GetCachedPlan` → `standard_planner`). Measured
+    /// in alternating runs on fresh connections: the engine's Postgres CPU per order 1.82–1.87 ms
+    /// against 2.02–2.12 at 250/s, 0.28–0.29 against 0.30–0.31 at 1,500/s (BENCHMARKS.md). The
+    /// plans are made against the tables as they are when a connection first runs them, so they
+    /// are renewed with the connection ([`vault_core::db::CONNECTION_LIFETIME`]).
     pub fn lazy(options: sqlx::postgres::PgConnectOptions, connections: u32) -> Self {
-        let pool = vault_core::db::pool_options(connections).connect_lazy_with(options);
+        let pool = vault_core::db::pool_options(connections)
+            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
         let committer = Committer::start(pool.clone());
         PgStore { pool, committer }
     }

@@ -119,6 +119,8 @@ async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
     let pool = db.pool().await;
     let options: sqlx::postgres::PgConnectOptions = db.url.parse().expect("url");
     let pg = PgStore::lazy(options, 4);
+    let plans: String = sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(&pg.pool).await.expect("show");
+    assert_eq!(plans, "force_generic_plan", "the store's connections plan once per statement");
     let now = Utc::now();
     let mut states = Vec::new();
     let mut works = Vec::new();
