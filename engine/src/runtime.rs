@@ -186,7 +186,7 @@ async fn rewind(bus: &Bus, durable: &str) -> u64 {
 /// restarted nats-server, the consumer's leader in a cluster) are lost, and the newer ones that
 /// follow reach us first. So the loop rewinds its consumer to the ack floor when it starts
 /// ([`Bus::rewind_to_ack_floor`]), and again whenever a message's delivery sequence is not the
-/// next one: that message is dropped, and for [`RESYNC`] whatever arrives out of sequence is
+/// next one: that message is dropped, and for `RESYNC` whatever arrives out of sequence is
 /// given back (nak), so everything comes back in order behind the lost ones, on the same
 /// message stream (a new one would leave the old one's pull requests on the server, and what
 /// they were sent would be lost again). Redelivered copies of what was already applied are

@@ -104,6 +104,13 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
             backends.insert(pid as u32, format!("postgres[{name}]"));
         }
     }
+    // Reading every `/proc/<pid>/stat` blocks for milliseconds: not on a thread that sends.
+    let procs = tokio::task::spawn_blocking(move || read_procs(&backends)).await.unwrap_or_default();
+    Snapshot { procs, at: Instant::now() }
+}
+
+/// Every process's `/proc/<pid>/stat`, a Postgres backend named by what it serves.
+fn read_procs(backends: &HashMap<u32, String>) -> HashMap<u32, Proc> {
     let mut procs: HashMap<u32, Proc> = HashMap::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
@@ -122,7 +129,7 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
             procs.insert(pid, proc);
         }
     }
-    Snapshot { procs, at: Instant::now() }
+    procs
 }
 
 /// The command name, utime + stime and start time of one `/proc/<pid>/stat` line. The name is

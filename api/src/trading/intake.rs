@@ -12,7 +12,7 @@
 //! Each request still gets its own answer: its row as inserted, or `None` when its
 //! `(user, client_order_id)` was taken (by an earlier order, or by another row of the same
 //! batch), exactly as a single-row insert answered — or was spent by a refused attempt whose
-//! command the engine applied (see [`super::key_applied`]). A batch Postgres refuses is retried
+//! command the engine applied (see `super::key_applied`). A batch Postgres refuses is retried
 //! row by row, so one request's failure never becomes another's.
 //!
 //! Rows go in in `(user, client_order_id)` order, arrival breaking ties (so the first of two
@@ -73,7 +73,7 @@ pub struct IntakeWriter(Batcher<IntakeRow, Reply>);
 
 impl IntakeWriter {
     /// Starts the batching task on the current runtime, with a pool of its own (see
-    /// [`intake_pool`]).
+    /// `intake_pool`).
     pub fn start(database: PgConnectOptions) -> Self {
         let pool = intake_pool(database);
         IntakeWriter(Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {

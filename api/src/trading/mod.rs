@@ -5,7 +5,7 @@
 //! to ORDERS and answer only after JetStream acknowledged it, and read. It never decides an
 //! order, never touches a balance, a fill or the ledger: the engine does.
 //!
-//! The intake protocol, shared by orders and deposits ([`publish_intake`]):
+//! The intake protocol, shared by orders and deposits (`publish_intake`):
 //! 1. insert the pending row, `ON CONFLICT (user, client id) DO NOTHING`; a conflict means the
 //!    request was made before: answer the existing row (200) — re-publishing its command first
 //!    when it is still pending, so a crash between insert and publish heals on the retry (the
@@ -17,7 +17,7 @@
 //!    that stored command names the withdrawn row, the engine voids it and remembers its id, so
 //!    this client id can never be placed. The new row is withdrawn too and the answer is 409
 //!    `client_id_unusable`. To keep this rare, nothing is sent while NATS is disconnected
-//!    ([`publish_command`]), so an outage cannot leave a buffered command behind.
+//!    (`publish_command`), so an outage cannot leave a buffered command behind.
 
 pub mod account;
 pub mod backlog;
@@ -156,7 +156,7 @@ pub const SEEDED_ASSETS: [&str; 11] = ["USD", "BTC", "ETH", "SOL", "XRP", "ADA",
 /// The syntax [`vault_core::domain::parse_decimal`] reads (at most 100 characters).
 pub const DECIMAL_PATTERN: &str = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$";
 
-/// A client-chosen id ([`check_client_id`]).
+/// A client-chosen id (`check_client_id`).
 pub const CLIENT_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 
 /// The OpenAPI schema of a client-chosen id: 1 to 64 of `[A-Za-z0-9_-]`.

@@ -4,7 +4,7 @@
 //! lease pushed into `next_attempt_at` in the same statement), so a crash delays an email and
 //! never loses it; an email may, rarely, go out twice (sent, then the process died before
 //! recording it), never zero times. Attempts are recorded together, at the end of the claimed
-//! batch or once the oldest unrecorded is [`RECORD_WITHIN`] old, so a crash can send again only
+//! batch or once the oldest unrecorded is `RECORD_WITHIN` old, so a crash can send again only
 //! what went out in that window.
 //!
 //! Transport ([`Mailer`]):
