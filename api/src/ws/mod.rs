@@ -19,8 +19,9 @@
 //! - every connection has a bounded queue and a fixed kernel send buffer
 //!   ([`WsConfig::send_buffer_bytes`]); a client that cannot keep up is closed (1008, "slow
 //!   consumer") rather than buffered for without limit — one slow client must not cost the
-//!   process its memory nor delay anyone else, and must not be fed prices seconds old. A closed client reconnects and resyncs over REST,
-//!   which is the truth anyway: the feed is at most once (core NATS, nothing is replayed);
+//!   process its memory nor delay anyone else, and must not be fed prices seconds old. A closed
+//!   client reconnects and resyncs over REST, which is the truth anyway: the feed is at most
+//!   once (core NATS, nothing is replayed);
 //! - a connection re-checks its credential every [`WsConfig::recheck_interval`], so a logout,
 //!   a revoked API key or an administrator's lock ends an open socket too, not just new
 //!   requests;
