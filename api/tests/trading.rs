@@ -977,6 +977,26 @@ async fn trader_outside(api: &Api, name: &str, not: u16) -> (String, Uuid) {
     unreachable!()
 }
 
+/// Places limit orders `{prefix}-1`, `{prefix}-2`, … until one is refused 503: the refusal and
+/// how many were answered 202 before it.
+async fn place_until_overloaded(api: &Api, token: &str, prefix: &str) -> (Response, usize) {
+    let sent = std::sync::atomic::AtomicUsize::new(1);
+    let refused = poll_until(DEADLINE, "an order refused as overloaded", || {
+        let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let resp = api.post("/orders", Some(token), limit_order(&format!("{prefix}-{n}"))).await;
+            match resp.status().as_u16() {
+                202 => None,
+                503 => Some(resp),
+                other => panic!("expected 202 or 503, got {other}"),
+            }
+        }
+    })
+    .await;
+    // `sent` is one past the refused order's number.
+    (refused, sent.load(std::sync::atomic::Ordering::Relaxed) - 2)
+}
+
 #[tokio::test]
 async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_before_any_engine_ran() {
     let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
@@ -995,22 +1015,9 @@ async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_
     let first = json_of(api.post("/orders", Some(&token), limit_order("busy-0")).await, 202).await;
 
     // Orders are taken until the API has read a queue over the limit; then refused.
-    let sent = std::sync::atomic::AtomicUsize::new(1);
-    let refused = poll_until(DEADLINE, "an order refused as overloaded", || {
-        let (api, token) = (&api, &token);
-        let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        async move {
-            let resp = api.post("/orders", Some(token), limit_order(&format!("busy-{n}"))).await;
-            match resp.status().as_u16() {
-                202 => None,
-                503 => Some(resp),
-                other => panic!("expected 202 or 503, got {other}"),
-            }
-        }
-    })
-    .await;
-    // Answered 202: busy-0 and every busy-n before the refused one (`sent` is one past it).
-    let accepted = sent.load(std::sync::atomic::Ordering::Relaxed) - 1;
+    let (refused, taken) = place_until_overloaded(&api, &token, "busy").await;
+    // Answered 202: busy-0 and every busy-n before the refused one.
+    let accepted = 1 + taken;
     assert!(accepted > 2, "refused only above the limit of 2 (accepted {accepted})");
     assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body = problem(refused, 503, "overloaded").await;
@@ -1070,19 +1077,6 @@ async fn an_engine_consumer_deleted_while_the_api_runs_is_created_again_and_its_
     assert_eq!(info.config.ack_policy, async_nats::jetstream::consumer::AckPolicy::Explicit);
 
     // Its queue is read again: past the limit, the user's orders are refused.
-    let sent = std::sync::atomic::AtomicUsize::new(0);
-    poll_until(DEADLINE, "an order refused as overloaded", || {
-        let (api, token) = (&api, &token);
-        let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        async move {
-            let resp = api.post("/orders", Some(token), limit_order(&format!("again-{n}"))).await;
-            match resp.status().as_u16() {
-                202 => None,
-                503 => Some(()),
-                other => panic!("expected 202 or 503, got {other}"),
-            }
-        }
-    })
-    .await;
-    assert!(sent.load(std::sync::atomic::Ordering::Relaxed) > 3, "refused only above the limit of 2");
+    let (_, accepted) = place_until_overloaded(&api, &token, "again").await;
+    assert!(accepted > 2, "refused only above the limit of 2 (accepted {accepted})");
 }
