@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::RequestId;
 use vault_bus::Bus;
-use vault_core::config::PartitionRange;
 use vault_core::ops::{self, Readiness};
 use vault_core::{Settings, db, http, telemetry};
 
@@ -132,11 +131,6 @@ impl Application {
         let pool = db::connect(&settings.database_url, settings.database_pool_size).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
-        // The engine's partition consumers exist from the API's start, whether or not an engine
-        // ever served them: their queue is then measured (lag series, the backlog that refuses
-        // new orders, see `trading::backlog`) rather than growing unseen behind a partition no
-        // engine took. Created if missing only: their configuration is the engine's.
-        bus.create_missing_consumers(&vault_bus::consumers::engine(PartitionRange::all())).await?;
 
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));
@@ -164,6 +158,8 @@ impl Application {
         portfolio_cache::spawn_feed(&bus, portfolios.clone(), shutdown.clone());
         let intake = IntakeWriter::start(settings.database_url.connect_options());
         let backlog = Backlog::new(settings.order_backlog_limit);
+        // Also creates the engine's partition consumers no engine has declared yet, from its
+        // first reading on (see `trading::backlog`).
         backlog.spawn_monitor(bus.clone(), shutdown.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),

@@ -977,6 +977,14 @@ async fn trader_outside(api: &Api, name: &str, not: u16) -> (String, Uuid) {
     unreachable!()
 }
 
+/// The ORDERS stream of `api`'s nats-server, through a client of the test's own.
+async fn orders_stream(api: &Api) -> async_nats::jetstream::stream::Stream {
+    async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
+        .get_stream(streams::ORDERS.name)
+        .await
+        .expect("stream")
+}
+
 /// Places limit orders `{prefix}-1`, `{prefix}-2`, … until one is refused 503: the refusal and
 /// how many were answered 202 before it.
 async fn place_until_overloaded(api: &Api, token: &str, prefix: &str) -> (Response, usize) {
@@ -1000,16 +1008,23 @@ async fn place_until_overloaded(api: &Api, token: &str, prefix: &str) -> (Respon
 #[tokio::test]
 async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_before_any_engine_ran() {
     let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
-    // No engine has ever run: the API created the engine's consumers at its start, and nothing
+    // No engine has ever run: the API creates the engine's consumers from its start, and nothing
     // consumes, so the queue of every partition grows with each accepted order.
-    let orders = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
-        .get_stream(streams::ORDERS.name)
-        .await
-        .expect("stream");
+    let orders = orders_stream(&api).await;
     for p in 0..vault_core::config::PARTITIONS {
-        let info = orders.consumer_info(format!("engine-p{p:02}")).await.expect("created by the API");
+        let name = format!("engine-p{p:02}");
+        let info = poll_until(DEADLINE, "the engine's consumers created by the API", || {
+            let (orders, name) = (&orders, &name);
+            async move { orders.consumer_info(name).await.ok() }
+        })
+        .await;
         assert_eq!(info.config.filter_subject, subjects::orders_partition_filter(p));
     }
+    poll_until(DEADLINE, "the creation logged as expected at start", || async {
+        api.proc.output().contains("created the engine consumers no engine has declared yet").then_some(())
+    })
+    .await;
+    assert!(!api.proc.output().contains("engine consumers were missing"), "not reported as a loss at start");
     let (token, user) = trader(&api, "busy@example.com").await;
     let partition = subjects::partition_of(user);
     let first = json_of(api.post("/orders", Some(&token), limit_order("busy-0")).await, 202).await;
@@ -1060,10 +1075,8 @@ async fn an_engine_consumer_deleted_while_the_api_runs_is_created_again_and_its_
     let api = Api::start_with(&[("ORDER_BACKLOG_LIMIT", "2")]).await;
     let (token, user) = trader(&api, "deleted@example.com").await;
     let name = format!("engine-p{:02}", subjects::partition_of(user));
-    let orders = async_nats::jetstream::new(async_nats::connect(api.nats.url()).await.expect("connect"))
-        .get_stream(streams::ORDERS.name)
-        .await
-        .expect("stream");
+    let orders = orders_stream(&api).await;
+    poll_until(DEADLINE, "the consumer created by the API", || async { orders.consumer_info(&name).await.ok() }).await;
     assert!(orders.delete_consumer(&name).await.expect("delete").success, "deleted");
 
     // No engine runs: only the API can bring it back, as the engine would declare it.
@@ -1075,6 +1088,10 @@ async fn an_engine_consumer_deleted_while_the_api_runs_is_created_again_and_its_
     .await;
     assert_eq!(info.config.filter_subject, subjects::orders_partition_filter(subjects::partition_of(user)));
     assert_eq!(info.config.ack_policy, async_nats::jetstream::consumer::AckPolicy::Explicit);
+    poll_until(DEADLINE, "the loss logged as news", || async {
+        api.proc.output().contains("engine consumers were missing; created them again").then_some(())
+    })
+    .await;
 
     // Its queue is read again: past the limit, the user's orders are refused.
     let (_, accepted) = place_until_overloaded(&api, &token, "again").await;

@@ -20,13 +20,13 @@
 //! rate (the same with and without it in BENCHMARKS.md).
 //!
 //! A reading older than [`STALE_AFTER`] (NATS unreachable, say) admits everything: the publish
-//! itself then decides, as it did before this check existed. The API creates the engine
-//! consumers that do not exist yet when it starts, so a partition no engine has ever served is
-//! read like the others; and the monitor creates again any the listing misses (deleted by an
-//! operator, lost with a server's store) — otherwise a partition with no engine running would
-//! have neither a lag series nor a reading, and its orders would pile up unseen. Created as the
-//! engine declares them, so a running engine takes over the new one unchanged. The monitor runs
-//! with `ORDER_BACKLOG_LIMIT=0` too (it then only keeps the consumers).
+//! itself then decides, as it did before this check existed. The monitor creates every engine
+//! consumer its listing misses: at the API's start those no engine has declared yet, later any
+//! deleted by an operator or lost with a server's store — otherwise a partition with no engine
+//! running would have neither a lag series nor a reading, and its orders would pile up unseen.
+//! Created only if missing and as the engine declares them, so a running engine (of this release
+//! or another) takes over the new one unchanged. The monitor runs with `ORDER_BACKLOG_LIMIT=0`
+//! too (it then only keeps the consumers).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -128,35 +128,18 @@ impl Backlog {
             let mut tick = tokio::time::interval(EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            // At start, missing consumers are the norm (no engine ran yet); later, news.
+            let mut first = true;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let outcome = match read(&stream).await {
-                    Ok(readings) => {
-                        let missing: Vec<u16> =
-                            (0..PARTITIONS).filter(|p| !readings.iter().any(|(q, _)| q == p)).collect();
-                        backlog.record(readings);
-                        if missing.is_empty() {
-                            Ok(())
-                        } else {
-                            match bus.create_missing_consumers(&consumers::engine(PartitionRange::all())).await {
-                                Ok(_) => {
-                                    tracing::warn!(partitions = ?missing, "engine consumers were missing; created them again");
-                                    Ok(())
-                                }
-                                Err(e) => Err(format!(
-                                    "engine consumers of partitions {missing:?} are missing and could not be created: {e}"
-                                )),
-                            }
-                        }
-                    }
-                    Err(e) => Err(format!("cannot read the engine's backlog; admitting every order until it can: {e}")),
-                };
+                let outcome = round(&bus, &stream, &backlog, first).await;
+                first &= outcome.is_err();
                 match outcome {
                     Ok(()) if failing => {
-                        tracing::info!("reading the engine's backlog again");
+                        tracing::info!("engine backlog monitor working again");
                         failing = false;
                     }
                     Ok(()) => {}
@@ -169,6 +152,33 @@ impl Backlog {
             }
         });
     }
+}
+
+/// One round of the monitor: read the backlog, record it, create the engine consumers the
+/// reading misses (`first`: no round has succeeded yet, so missing ones are expected).
+async fn round(
+    bus: &Bus,
+    stream: &jetstream::stream::Stream<()>,
+    backlog: &Backlog,
+    first: bool,
+) -> Result<(), String> {
+    let readings = read(stream)
+        .await
+        .map_err(|e| format!("cannot read the engine's backlog; admitting every order until it can: {e}"))?;
+    let missing: Vec<u16> = (0..PARTITIONS).filter(|p| !readings.iter().any(|(q, _)| q == p)).collect();
+    backlog.record(readings);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    bus.create_missing_consumers(&consumers::engine(PartitionRange::all()))
+        .await
+        .map_err(|e| format!("engine consumers of partitions {missing:?} are missing and could not be created: {e}"))?;
+    if first {
+        tracing::info!(partitions = ?missing, "created the engine consumers no engine has declared yet");
+    } else {
+        tracing::warn!(partitions = ?missing, "engine consumers were missing; created them again");
+    }
+    Ok(())
 }
 
 /// One listing of the ORDERS consumers: `(partition, num_pending + num_ack_pending)` of each
