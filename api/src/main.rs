@@ -69,7 +69,7 @@ async fn serve() -> anyhow::Result<()> {
 async fn migrate() -> anyhow::Result<()> {
     let settings = Settings::load_or_exit(Role::Tool);
     let _telemetry = telemetry::init(&settings);
-    let pool = db::connect(&settings.database_url, 2).await?;
+    let pool = db::connect(&settings.database_url, 2, db::Plans::Custom).await?;
     db::migrate(&pool).await?;
     tracing::info!("migrations applied");
     pool.close().await;
@@ -79,7 +79,7 @@ async fn migrate() -> anyhow::Result<()> {
 async fn admin_create(email: &str) -> anyhow::Result<()> {
     let settings = Settings::load_or_exit(Role::Tool);
     let _telemetry = telemetry::init(&settings);
-    let pool = db::connect(&settings.database_url, 2).await?;
+    let pool = db::connect(&settings.database_url, 2, db::Plans::Custom).await?;
     let outcome = vault_api::admin::create_admin(&pool, email, || {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line)?;

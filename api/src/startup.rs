@@ -128,7 +128,7 @@ impl Application {
         let listener = http::bind(settings.api_addr)
             .map_err(|e| anyhow::anyhow!("cannot listen on API_ADDR {}: {e}", settings.api_addr))?;
 
-        let pool = db::connect(&settings.database_url, settings.database_pool_size).await?;
+        let pool = db::connect(&settings.database_url, settings.database_pool_size, db::Plans::Custom).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.ensure_streams().await?;
 

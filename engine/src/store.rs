@@ -154,8 +154,8 @@ impl PgStore {
     /// plans are made against the tables as they are when a connection first runs them, so they
     /// are renewed with the connection ([`vault_core::db::CONNECTION_LIFETIME`]).
     pub fn lazy(options: sqlx::postgres::PgConnectOptions, connections: u32) -> Self {
-        let pool = vault_core::db::pool_options(connections)
-            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
+        let pool =
+            vault_core::db::pool_options(connections).connect_lazy_with(vault_core::db::Plans::Generic.apply(options));
         let committer = Committer::start(pool.clone());
         PgStore { pool, committer }
     }

@@ -3,7 +3,9 @@
 //! [`Process::start`] connects Postgres and NATS and declares the streams and the process's
 //! consumers, each with bounded retries (so a cluster still forming is waited for); registers
 //! the consumers' processing metrics at 0 and the readiness checks (Postgres, NATS and the
-//! role's own); and starts the ops server on `OPS_ADDR`.
+//! role's own); and starts the ops server on `OPS_ADDR`. The pool's statements are the
+//! roles' write paths (the outbox relay, the audit chain, notifications, prices): they run with
+//! generic plans ([`db::Plans::Generic`]).
 //! [`Process::finish`] is the other half: after the role's own loops have drained, it waits for
 //! the ops server and closes the pool and the NATS connection (flushing what is buffered).
 
@@ -47,7 +49,7 @@ impl Process {
             .map_err(|e| anyhow::anyhow!("cannot listen on OPS_ADDR {}: {e}", settings.ops_addr))?;
         let ops_addr = listener.local_addr()?;
 
-        let pool = db::connect(&settings.database_url, 10).await?;
+        let pool = db::connect(&settings.database_url, 10, db::Plans::Generic).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
         bus.declare(&consumers).await?;
         // Processing rate, latency and parked counts exist at 0 before the first message, so

@@ -49,7 +49,7 @@ async fn verify_audit() -> std::process::ExitCode {
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
     let result = async {
-        let pool = vault_core::db::connect(&settings.database_url, 2).await?;
+        let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
         let verdict = vault_workers::audit::verify(&pool).await?;
         pool.close().await;
         anyhow::Ok(verdict)

@@ -64,7 +64,7 @@ type Reply = Result<Option<OrderView>, sqlx::Error>;
 /// replaces its connections after [`vault_core::db::CONNECTION_LIFETIME`].
 fn intake_pool(database: PgConnectOptions) -> PgPool {
     vault_core::db::pool_options(CONCURRENT_BATCHES as u32)
-        .connect_lazy_with(database.options([("plan_cache_mode", "force_generic_plan")]))
+        .connect_lazy_with(vault_core::db::Plans::Generic.apply(database))
 }
 
 /// Queues intake rows for the next batch; cheap to clone.
