@@ -192,9 +192,7 @@ impl Application {
         // Upgraded connections are no longer the HTTP server's: they close themselves on the
         // same token; wait for their close frames before the process goes.
         self.state.ws.drain(WS_DRAIN).await;
-        if let Err(e) = self.state.bus.client().flush().await {
-            tracing::warn!(error = %e, "could not flush NATS on shutdown");
-        }
+        self.state.bus.flush_before_exit(vault_bus::SHUTDOWN_FLUSH).await;
         self.state.pool.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -132,6 +132,22 @@ async fn sigterm_stops_the_api_cleanly_with_exit_code_zero() {
     assert!(http_client().get(format!("http://{addr}/health")).send().await.is_err(), "nothing listens after exit");
 }
 
+/// Asked to stop while NATS is unreachable, the API still stops: its last flush for NATS waits
+/// for a connection that may never come, so it is bounded.
+#[tokio::test]
+async fn sigterm_stops_the_api_even_while_nats_is_unreachable() {
+    let (mut nats, db) = (NatsServer::start().await, TestDb::create().await);
+    migrated(&db).await;
+    let (mut api, addr) = start_api(&db, &nats).await;
+    nats.kill();
+    api.wait_http_status(&addr, "/readyz", 503, Duration::from_secs(15)).await;
+
+    api.signal("TERM");
+    let status = api.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "output:\n{}", api.output());
+    assert!(api.output().contains("\"stopped\""), "the API logs its stop:\n{}", api.output());
+}
+
 #[tokio::test]
 async fn migrations_are_safe_to_run_concurrently_and_repeatedly() {
     let db = TestDb::create().await;

@@ -55,6 +55,21 @@ async fn consumer_names(nats: &NatsServer) -> Vec<(String, String)> {
     out
 }
 
+/// Asked to stop while NATS is unreachable, the engine still stops cleanly: its consumers and
+/// outbox relay stop on the signal, and its last flush for NATS is bounded (it waited for a
+/// reconnection that never came, until killed).
+#[tokio::test]
+async fn sigterm_stops_the_engine_even_while_nats_is_unreachable() {
+    let (mut nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (mut engine, addr) = start_engine(&db, &nats, "0-15").await;
+    nats.kill();
+    engine.wait_http_status(&addr, "/readyz", 503, Duration::from_secs(15)).await;
+
+    engine.signal("TERM");
+    assert_eq!(engine.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", engine.output());
+    assert!(engine.output().contains("\"stopped\""), "the engine logs its clean stop:\n{}", engine.output());
+}
+
 #[tokio::test]
 async fn the_engine_declares_its_partition_consumers_once_and_serves_ops() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);

@@ -40,6 +40,9 @@ pub struct Bus {
     replicas: usize,
 }
 
+/// How long a stopping process waits to flush what it buffered for NATS.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
 /// How many times start-up tries to reach NATS before giving up (about a minute in all).
 pub const CONNECT_ATTEMPTS: u32 = 12;
 
@@ -89,6 +92,24 @@ impl Bus {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// Flushes what is buffered for the server before the process exits, waiting at most
+    /// `within`. A flush waits for the connection, and with NATS unreachable the reconnection
+    /// may never come: a process asked to stop during an outage hung here until it was killed.
+    /// Giving up loses nothing that was promised: everything that matters is published with a
+    /// JetStream acknowledgement awaited before anyone relies on it, and an ack of ours that is
+    /// lost brings its message back, where it is skipped as a duplicate.
+    pub async fn flush_before_exit(&self, within: Duration) {
+        match tokio::time::timeout(within, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not flush NATS on shutdown"),
+            Err(_) => tracing::warn!(
+                waited = ?within,
+                state = %self.client.connection_state(),
+                "NATS unreachable on shutdown; what was buffered for it is dropped"
+            ),
+        }
     }
 
     /// How many times the client connected so far (1 after start; each reconnect adds one): a

@@ -79,9 +79,7 @@ impl Process {
     pub async fn finish(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.ops_server.await??;
-        if let Err(e) = self.bus.client().flush().await {
-            tracing::warn!(error = %e, "could not flush NATS on shutdown");
-        }
+        self.bus.flush_before_exit(crate::SHUTDOWN_FLUSH).await;
         self.pool.close().await;
         tracing::info!("stopped");
         Ok(())

@@ -84,6 +84,27 @@ async fn every_worker_role_serves_ops_declares_its_consumers_and_stops_cleanly()
     }
 }
 
+/// Asked to stop while NATS is unreachable, every worker role still stops, cleanly: its last
+/// flush for NATS is bounded (it waited for a reconnection that never came, until killed).
+#[tokio::test]
+async fn every_worker_role_stops_on_sigterm_while_nats_is_unreachable() {
+    let (mut nats, db) = (NatsServer::start().await, TestDb::create().await);
+    let mut workers = Vec::new();
+    for role in ROLES {
+        let mut envs = base_env(&db, &nats);
+        envs.push(("PRICE_SOURCE", "none".to_owned()));
+        workers.push((role, Proc::start_ready(BIN, &[role], &envs).await));
+    }
+    nats.kill();
+    for (role, (worker, addr)) in &mut workers {
+        worker.wait_http_status(addr, "/readyz", 503, Duration::from_secs(15)).await;
+        worker.signal("TERM");
+        let status = worker.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(0), "{role} did not stop cleanly:\n{}", worker.output());
+        assert!(worker.output().contains("\"stopped\""), "{role} logs its stop:\n{}", worker.output());
+    }
+}
+
 /// A worker started while its NATS cluster has one node of three up (no quorum: replicated
 /// streams cannot be placed) waits and retries rather than exits, and becomes ready once the
 /// other nodes are back.
