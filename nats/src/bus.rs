@@ -97,9 +97,10 @@ impl Bus {
     /// Flushes what is buffered for the server before the process exits, waiting at most
     /// `within`. A flush waits for the connection, and with NATS unreachable the reconnection
     /// may never come: a process asked to stop during an outage hung here until it was killed.
-    /// Giving up loses nothing that was promised: everything that matters is published with a
-    /// JetStream acknowledgement awaited before anyone relies on it, and an ack of ours that is
-    /// lost brings its message back, where it is skipped as a duplicate.
+    /// Giving up loses nothing that was promised: everything durable is published with its
+    /// JetStream acknowledgement awaited before anyone relies on it, so the buffer holds only
+    /// acks (a lost one brings its message back, skipped as a duplicate) and best-effort
+    /// [`Bus::push`]es (whose durable copy lives elsewhere).
     pub async fn flush_before_exit(&self, within: Duration) {
         match tokio::time::timeout(within, self.client.flush()).await {
             Ok(Ok(())) => {}
