@@ -193,7 +193,7 @@ impl Application {
         // same token; wait for their close frames before the process goes.
         self.state.ws.drain(WS_DRAIN).await;
         self.state.bus.flush_before_exit(vault_bus::SHUTDOWN_FLUSH).await;
-        self.state.pool.close().await;
+        db::close_before_exit(&self.state.pool).await;
         tracing::info!("stopped");
         Ok(())
     }

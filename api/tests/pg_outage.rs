@@ -4,6 +4,8 @@
 //! does not (health, tickers), and the engine stops acking: a command that arrives meanwhile
 //! stays on the stream. Once the proxy forwards again, everything heals without a restart, the
 //! waiting command is applied exactly once, and `vault-engine reconcile` finds the books clean.
+//! And every process (API, engine, the three workers) asked to stop during an outage stops with
+//! exit code 0 within seconds, whether Postgres refuses connections or stops answering.
 
 mod support;
 
@@ -29,39 +31,69 @@ const WAIT: Duration = Duration::from_secs(30);
 const OUTAGE: Duration = Duration::from_secs(20);
 
 /// A TCP proxy to Postgres that can be cut: every open connection is dropped at once and new
-/// ones are closed as soon as they are accepted, until it is restored.
+/// ones are closed as soon as they are accepted, until it is restored. It can also go silent
+/// ([`Proxy::stall`]): connections stay open and nothing crosses them either way, as behind a
+/// network partition that drops packets rather than refusing them.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
+}
+
+/// Copies `from` to `to`, holding what it read while `stalled`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Proxy {
     async fn start(upstream: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
         let port = listener.local_addr().expect("addr").port();
-        let cut = Arc::new(AtomicBool::new(false));
+        let (cut, stalled) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (cut2, open2) = (cut.clone(), open.clone());
+        let (cut2, stalled2, open2) = (cut.clone(), stalled.clone(), open.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                let Ok((inbound, _)) = listener.accept().await else { continue };
                 if cut2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let upstream = upstream.clone();
+                let (upstream, stalled) = (upstream.clone(), stalled2.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = TcpStream::connect(&upstream).await {
+                        let (from_client, to_client) = inbound.into_split();
+                        let (from_server, to_server) = outbound.into_split();
+                        tokio::select! {
+                            () = pump(from_client, to_server, stalled.clone()) => {}
+                            () = pump(from_server, to_client, stalled) => {}
+                        }
                     }
                 });
                 open2.lock().expect("lock").push(task.abort_handle());
             }
         })
         .abort_handle();
-        Proxy { port, cut, open, accept }
+        Proxy { port, cut, stalled, open, accept }
     }
 
     fn cut(&self) {
@@ -73,6 +105,10 @@ impl Proxy {
 
     fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
     }
 }
 
@@ -250,4 +286,53 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
         "postgres outage: {}s cut, 1 order waited on the stream and filled once, reconcile clean",
         OUTAGE.as_secs()
     );
+}
+
+/// Asked to stop while Postgres is unreachable, every process stops, with exit code 0 and soon:
+/// nothing on its way out waits for the database to come back — whether its connections were
+/// refused (`cut`) or went silent (`stall`, a partition that drops packets).
+async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy)) {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (_, upstream) = through(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.port);
+    let mut envs = base_env(&db, &nats);
+    envs.retain(|(k, _)| *k != "DATABASE_URL");
+    envs.push(("DATABASE_URL", proxied));
+    envs.push(("PRICE_SOURCE", "none".to_owned()));
+
+    let api_addr = format!("127.0.0.1:{}", free_port());
+    let mut api_envs = envs.clone();
+    api_envs.push(("API_ADDR", api_addr.clone()));
+    let mut api = Proc::spawn(support::BIN, &["serve"], &api_envs);
+    api.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
+    let mut processes = vec![("api", api, api_addr)];
+    let (engine, ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    processes.push(("engine", engine, ops));
+    for role in ["prices", "audit", "notify"] {
+        let (worker, ops) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        processes.push((role, worker, ops));
+    }
+
+    fail(&proxy);
+    for (_, process, addr) in &mut processes {
+        process.wait_http_status(addr, "/readyz", 503, WAIT).await;
+    }
+    for (_, process, _) in &processes {
+        process.signal("TERM");
+    }
+    for (name, process, _) in &mut processes {
+        let status = process.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(0), "{name} did not stop cleanly:\n{}", process.output());
+    }
+}
+
+#[tokio::test]
+async fn every_process_stops_on_sigterm_while_postgres_refuses_connections() {
+    every_process_stops_on_sigterm_while_postgres(Proxy::cut).await;
+}
+
+#[tokio::test]
+async fn every_process_stops_on_sigterm_while_postgres_does_not_answer() {
+    every_process_stops_on_sigterm_while_postgres(Proxy::stall).await;
 }

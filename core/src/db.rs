@@ -108,6 +108,19 @@ pub async fn connect(url: &DatabaseUrl, max_connections: u32, plans: Plans) -> R
         .await
 }
 
+/// How long a stopping process waits for its pool to close.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(3);
+
+/// Closes `pool` before the process exits, waiting at most [`CLOSE_WITHIN`]: closing waits for
+/// every connection in use to come back, and one stuck in a query to a database that does not
+/// answer (a partition that drops packets) never does. Postgres ends such a session when its
+/// connection goes, rolling back what it held.
+pub async fn close_before_exit(pool: &PgPool) {
+    if tokio::time::timeout(CLOSE_WITHIN, pool.close()).await.is_err() {
+        tracing::warn!(waited = ?CLOSE_WITHIN, "Postgres connections still in use on shutdown; dropping them");
+    }
+}
+
 /// Applies pending migrations. Safe to run concurrently (sqlx holds an advisory lock) and
 /// repeatedly (applied migrations are skipped, a changed one is an error).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

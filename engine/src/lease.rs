@@ -195,9 +195,16 @@ impl Lease {
         metrics::gauge!(names::ENGINE_PARTITIONS_HELD).set(0.0);
         match lost {
             None => {
-                // Closing the session gives every lock back at once.
-                if let Err(e) = self.conn.close().await {
-                    tracing::warn!(error = %e, "closing the lock connection; its locks go with the session");
+                // Closing the session gives every lock back at once; a database that does not
+                // answer ends the session by itself once the connection is dropped.
+                match tokio::time::timeout(CHECK_TIMEOUT, self.conn.close()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "closing the lock connection; its locks go with the session")
+                    }
+                    Err(_) => {
+                        tracing::warn!("the lock connection did not close in time; its locks go with the session")
+                    }
                 }
                 Ok(())
             }

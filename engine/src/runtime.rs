@@ -114,13 +114,19 @@ pub async fn refresh_markets(pool: PgPool, shared: Arc<Shared>, shutdown: Cancel
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => match load_markets(&pool).await {
-                Ok(markets) => {
-                    let mut m = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
-                    m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
-                }
-                Err(e) => tracing::warn!(error = %e, "could not refresh market rules; keeping the last ones"),
-            },
+            _ = tick.tick() => {}
+        }
+        // Raced with the shutdown too: a database that does not answer must not hold the exit.
+        let loaded = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            loaded = load_markets(&pool) => loaded,
+        };
+        match loaded {
+            Ok(markets) => {
+                let mut m = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
+                m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not refresh market rules; keeping the last ones"),
         }
     }
 }
@@ -471,21 +477,38 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
             _ = shared.outbox.notified() => false,
             _ = tokio::time::sleep(Duration::from_secs(1)) => false,
         };
-        loop {
-            match relay_once(&bus, &pool).await {
-                Ok(0) => break,
-                Ok(n) => metrics::counter!("vault_outbox_published_total").increment(n as u64),
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox relay failed; retrying");
-                    break;
+        let drain = async {
+            loop {
+                match relay_once(&bus, &pool).await {
+                    Ok(0) => break,
+                    Ok(n) => metrics::counter!("vault_outbox_published_total").increment(n as u64),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox relay failed; retrying");
+                        break;
+                    }
                 }
             }
-        }
+        };
         if stop {
+            // The last pass publishes what the last commits wrote. Rows it leaves stay for the
+            // next engine, so a database or NATS that does not answer does not hold the exit.
+            if tokio::time::timeout(LAST_RELAY, drain).await.is_err() {
+                tracing::warn!(waited = ?LAST_RELAY, "outbox relay's last pass unfinished; its rows stay for the next start");
+            }
             return;
+        }
+        // A pass the shutdown interrupts is given up (its transaction rolls back, and events it
+        // published are published again by the next pass, skipped downstream as duplicates);
+        // the last pass above then runs, bounded.
+        tokio::select! {
+            () = drain => {}
+            _ = shutdown.cancelled() => {}
         }
     }
 }
+
+/// How long the relay's last pass may take on shutdown.
+const LAST_RELAY: Duration = Duration::from_secs(5);
 
 /// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
 /// the engine encoded them (their subject and payload), not decoded and encoded again.

@@ -80,7 +80,7 @@ impl Process {
         self.shutdown.cancel();
         self.ops_server.await??;
         self.bus.flush_before_exit(crate::SHUTDOWN_FLUSH).await;
-        self.pool.close().await;
+        db::close_before_exit(&self.pool).await;
         tracing::info!("stopped");
         Ok(())
     }

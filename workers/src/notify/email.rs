@@ -281,7 +281,12 @@ pub async fn run_emails(
 ) -> anyhow::Result<()> {
     let mailer = Mailer::new(config.smtp_url.as_ref(), config.smtp_timeout)?;
     'outer: loop {
-        let batch = match claim(&pool, &config).await {
+        // Raced with the shutdown, as the webhook loop's claim.
+        let claimed = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            claimed = claim(&pool, &config) => claimed,
+        };
+        let batch = match claimed {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot claim emails; retrying");

@@ -382,7 +382,13 @@ pub async fn run_deliveries(
             permit = permits.clone().acquire_owned() => permit?,
         };
         let room = 1 + permits.available_permits();
-        let rows = match claim(&pool, room, config.lease).await {
+        // Raced with the shutdown: a database that does not answer must not hold the exit (a
+        // claim given up this way is brought back by its lease).
+        let claimed = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            claimed = claim(&pool, room, config.lease) => claimed,
+        };
+        let rows = match claimed {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot claim webhook deliveries; retrying");
