@@ -489,21 +489,21 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
                 }
             }
         };
-        if stop {
-            // The last pass publishes what the last commits wrote. Rows it leaves stay for the
-            // next engine, so a database or NATS that does not answer does not hold the exit.
-            if tokio::time::timeout(LAST_RELAY, drain).await.is_err() {
-                tracing::warn!(waited = ?LAST_RELAY, "outbox relay's last pass unfinished; its rows stay for the next start");
+        tokio::pin!(drain);
+        if !stop {
+            tokio::select! {
+                () = &mut drain => continue,
+                _ = shutdown.cancelled() => {}
             }
-            return;
         }
-        // A pass the shutdown interrupts is given up (its transaction rolls back, and events it
-        // published are published again by the next pass, skipped downstream as duplicates);
-        // the last pass above then runs, bounded.
-        tokio::select! {
-            () = drain => {}
-            _ = shutdown.cancelled() => {}
+        // Stopping: the pass under way (or, between passes, a last one) publishes what the last
+        // commits wrote. Rows it leaves stay for the next engine, so a database or NATS that does
+        // not answer does not hold the exit: an unfinished pass rolls back, and what it
+        // published is published again later, skipped downstream as a duplicate.
+        if tokio::time::timeout(LAST_RELAY, &mut drain).await.is_err() {
+            tracing::warn!(waited = ?LAST_RELAY, "outbox relay's last pass unfinished; its rows stay for the next start");
         }
+        return;
     }
 }
 
