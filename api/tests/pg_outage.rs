@@ -290,8 +290,9 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
 
 /// Asked to stop while Postgres is unreachable, every process stops, with exit code 0 and soon:
 /// nothing on its way out waits for the database to come back — whether its connections were
-/// refused (`cut`) or went silent (`stall`, a partition that drops packets).
-async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy)) {
+/// refused (`cut`) or went silent (`stall`, a partition that drops packets; `silent`: then the
+/// audit worker is known to hold a command it cannot write when the signal comes).
+async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent: bool) {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
     let (_, upstream) = through(&db.url, 0);
     let proxy = Proxy::start(upstream).await;
@@ -318,6 +319,35 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy)) {
     for (_, process, addr) in &mut processes {
         process.wait_http_status(addr, "/readyz", 503, WAIT).await;
     }
+    // Work in hand when the signal comes: a command the engine and the audit worker have pulled
+    // and cannot write.
+    let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
+    let order_id = Uuid::now_v7();
+    let command = OrderCommand {
+        user_id: Uuid::now_v7(),
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Place {
+            order_id,
+            client_order_id: format!("c-{}", order_id.simple()),
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: Side::Buy,
+            order_type: OrderType::Market,
+            time_in_force: TimeInForce::Ioc,
+            quantity: Positive::new("0.01".parse().expect("decimal")).expect("positive"),
+            limit_price: None,
+        },
+    };
+    bus.publish(&command, &MessageContext::default()).await.expect("published");
+    if silent {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+        let orders = js.get_stream("ORDERS").await.expect("ORDERS");
+        poll_until(WAIT, "the audit worker to hold the command", || async {
+            let info = orders.consumer_info("audit-orders").await.ok()?;
+            (info.num_ack_pending >= 1).then_some(())
+        })
+        .await;
+    }
     for (_, process, _) in &processes {
         process.signal("TERM");
     }
@@ -329,10 +359,10 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy)) {
 
 #[tokio::test]
 async fn every_process_stops_on_sigterm_while_postgres_refuses_connections() {
-    every_process_stops_on_sigterm_while_postgres(Proxy::cut).await;
+    every_process_stops_on_sigterm_while_postgres(Proxy::cut, false).await;
 }
 
 #[tokio::test]
 async fn every_process_stops_on_sigterm_while_postgres_does_not_answer() {
-    every_process_stops_on_sigterm_while_postgres(Proxy::stall).await;
+    every_process_stops_on_sigterm_while_postgres(Proxy::stall, true).await;
 }

@@ -1,6 +1,7 @@
 //! The audit worker against real NATS and Postgres: every message of ORDERS, EVENTS and AUTH
-//! becomes one chained row, a kill -9 loses and doubles nothing, the table refuses changes and
-//! `vault-worker audit verify` finds tampering.
+//! becomes one chained row, a kill -9 loses and doubles nothing, a stop while a write is blocked
+//! is prompt and loses nothing, the table refuses changes and `vault-worker audit verify` finds
+//! tampering.
 
 use std::time::Duration;
 
@@ -247,4 +248,45 @@ async fn messages_a_dead_worker_held_come_back_at_once_when_the_next_starts() {
         .filter_map(|v| v["fields"]["outstanding"].as_u64().or_else(|| v["outstanding"].as_u64()))
         .sum();
     assert_eq!(rewound, 10, "the ten held events were rewound: {}", worker.output());
+}
+
+/// Asked to stop while its batch's write is blocked (here by a lock held on the table), the
+/// worker stops within seconds rather than waiting on the database; the batch's messages were
+/// never acked, so they come back to the next worker, which writes each once.
+#[tokio::test]
+async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_messages_come_back() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut worker = start(&db, &nats).await;
+
+    let mut blocker = pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    publish_mix(&bus, Uuid::now_v7(), 3).await;
+    poll_until(Duration::from_secs(30), "the worker's insert to wait on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO audit_log%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (waiting >= 1).then_some(())
+    })
+    .await;
+
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.output());
+    assert!(worker.output().contains("a batch was still being written at shutdown"), "{}", worker.output());
+
+    blocker.rollback().await.expect("unlock");
+    let mut worker = start(&db, &nats).await;
+    poll_until(Duration::from_secs(30), "the three rows", || async { (rows(&pool).await >= 3).then_some(()) }).await;
+    assert_eq!(rows(&pool).await, 3, "each message written once");
+    let (code, out) = verify(&db);
+    assert_eq!(code, 0, "{out}");
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
 }
