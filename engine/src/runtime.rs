@@ -184,7 +184,7 @@ async fn rewind(bus: &Bus, durable: &str) -> u64 {
 }
 
 /// Consumes one ORDERS partition until shutdown, then finishes (acks or leaves for redelivery)
-/// what is in flight.
+/// what is in flight, within [`LAST_SETTLE`].
 ///
 /// Stream order per user (invariant 1) rests on deliveries arriving in order, and two faults
 /// break that: a crashed engine leaves messages un-acked that JetStream would redeliver only
@@ -291,13 +291,30 @@ pub async fn consume_partition(
         }
     }
     drop(messages);
-    while let Some((msg, received, result)) = in_flight.next().await {
-        let outcome = settle(&pool, durable, msg, result).await;
-        metrics.record(outcome, received);
+    // What is in flight gets LAST_SETTLE to commit. A commit the database holds longer (a lock,
+    // a partition) is given up: its command was never acked, so it comes back to the next
+    // engine, and a commit that lands meanwhile is found there by its key and version.
+    let settled = tokio::time::timeout(LAST_SETTLE, async {
+        while let Some((msg, received, result)) = in_flight.next().await {
+            let outcome = settle(&pool, durable, msg, result).await;
+            metrics.record(outcome, received);
+        }
+    })
+    .await;
+    if settled.is_err() {
+        tracing::warn!(
+            consumer = durable,
+            commands = in_flight.len(),
+            waited = ?LAST_SETTLE,
+            "commands still committing at shutdown; un-acked, they come back to the next engine"
+        );
     }
     tracing::info!(consumer = durable, "consumer drained");
     Ok(())
 }
+
+/// How long a stopping engine waits for the commands it has in flight to commit.
+const LAST_SETTLE: Duration = Duration::from_secs(5);
 
 /// Acks a committed command, or gives a failed one back (parked on its last delivery).
 async fn settle(

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use vault_testkit::{NatsServer, Proc, TestDb, assert_config_error, assert_ops_endpoints, offline_env};
+use rust_decimal::Decimal;
+use vault_testkit::{NatsServer, Proc, TestDb, assert_config_error, assert_ops_endpoints, offline_env, poll_until};
 
 mod common;
 
-use common::BIN;
+use common::{BIN, Desk};
 
 #[tokio::test]
 async fn the_engine_refuses_bad_configuration_with_exit_code_two() {
@@ -68,6 +69,49 @@ async fn sigterm_stops_the_engine_even_while_nats_is_unreachable() {
     engine.signal("TERM");
     assert_eq!(engine.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", engine.output());
     assert!(engine.output().contains("\"stopped\""), "the engine logs its clean stop:\n{}", engine.output());
+}
+
+/// Asked to stop while a commit is blocked in Postgres (here by a lock held on `balances`), the
+/// engine stops within seconds; the blocked commit never lands half-way, and the command, never
+/// acked, is applied once by the next engine.
+#[tokio::test]
+async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_applies_it_once() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (mut engine, _) = start_engine(&db, &nats, "0-15").await;
+    let desk = Desk::connect(db.pool().await, &nats).await;
+    let user = desk.user().await;
+
+    let mut blocker = desk.pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE balances IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
+    poll_until(Duration::from_secs(30), "the engine's commit to wait on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'vault-engine'",
+        )
+        .fetch_one(&desk.pool)
+        .await
+        .ok()?;
+        (waiting >= 1).then_some(())
+    })
+    .await;
+
+    engine.signal("TERM");
+    assert_eq!(engine.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", engine.output());
+    blocker.rollback().await.expect("unlock");
+
+    let (mut next, _) = start_engine(&db, &nats, "0-15").await;
+    desk.wait_status("deposits", deposit, "completed", Duration::from_secs(30)).await;
+    let (total, postings): (Decimal, i64) = sqlx::query_as(
+        "SELECT (SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'),
+                (SELECT count(*) FROM ledger_entries WHERE user_id = $1)",
+    )
+    .bind(user)
+    .fetch_one(&desk.pool)
+    .await
+    .expect("balance");
+    assert_eq!((total, postings), (Decimal::from(100), 1), "the deposit applied once");
+    next.signal("TERM");
+    assert_eq!(next.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", next.output());
 }
 
 #[tokio::test]
