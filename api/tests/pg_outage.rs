@@ -126,6 +126,25 @@ fn through(url: &str, port: u16) -> (String, String) {
     (format!("{scheme_auth}@127.0.0.1:{port}/{path}"), host_port.to_owned())
 }
 
+/// The command the API publishes for a market buy of 0.01 BTC.
+fn market_buy(user_id: Uuid, order_id: Uuid, client_order_id: String) -> OrderCommand {
+    OrderCommand {
+        user_id,
+        request_id: None,
+        at: Utc::now(),
+        body: CommandBody::Place {
+            order_id,
+            client_order_id,
+            symbol: Symbol::parse("BTC-USD").expect("symbol"),
+            side: Side::Buy,
+            order_type: OrderType::Market,
+            time_in_force: TimeInForce::Ioc,
+            quantity: Positive::new("0.01".parse().expect("decimal")).expect("positive"),
+            limit_price: None,
+        },
+    }
+}
+
 async fn status(client: &reqwest::Client, url: &str) -> u16 {
     client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
@@ -216,22 +235,7 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
     .execute(&direct)
     .await
     .expect("intake row");
-    let command = OrderCommand {
-        user_id: user,
-        request_id: None,
-        at: Utc::now(),
-        body: CommandBody::Place {
-            order_id,
-            client_order_id: client_id,
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side: Side::Buy,
-            order_type: OrderType::Market,
-            time_in_force: TimeInForce::Ioc,
-            quantity: Positive::new("0.01".parse().expect("decimal")).expect("positive"),
-            limit_price: None,
-        },
-    };
-    bus.publish(&command, &MessageContext::default()).await.expect("published");
+    bus.publish(&market_buy(user, order_id, client_id), &MessageContext::default()).await.expect("published");
     let status_of = || async {
         sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
             .bind(order_id)
@@ -323,21 +327,7 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent:
     // and cannot write.
     let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
     let order_id = Uuid::now_v7();
-    let command = OrderCommand {
-        user_id: Uuid::now_v7(),
-        request_id: None,
-        at: Utc::now(),
-        body: CommandBody::Place {
-            order_id,
-            client_order_id: format!("c-{}", order_id.simple()),
-            symbol: Symbol::parse("BTC-USD").expect("symbol"),
-            side: Side::Buy,
-            order_type: OrderType::Market,
-            time_in_force: TimeInForce::Ioc,
-            quantity: Positive::new("0.01".parse().expect("decimal")).expect("positive"),
-            limit_price: None,
-        },
-    };
+    let command = market_buy(Uuid::now_v7(), order_id, format!("c-{}", order_id.simple()));
     bus.publish(&command, &MessageContext::default()).await.expect("published");
     if silent {
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
