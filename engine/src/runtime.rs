@@ -204,11 +204,23 @@ pub async fn consume_partition(
     spec: ConsumerSpec,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
-    let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Set-up and re-subscription wait for NATS (and stop when asked) rather than end the
+    // partition's loop: an engine whose NATS blinked at that moment kept running, ready, with
+    // the partition unserved.
+    let open = || async {
+        let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
+        let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::Ok(consumer)
+    };
+    let Some(consumer) = vault_bus::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
+        return Ok(());
+    };
     let mut next_delivery = rewind(&bus, &spec.durable).await;
-    let pull = || consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages();
-    let mut messages = pull().await?;
+    let pull =
+        || async { anyhow::Ok(consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages().await?) };
+    let Some(mut messages) = vault_bus::until_done_or_shutdown(&spec.durable, &shutdown, pull).await else {
+        return Ok(());
+    };
     // The last rewind for a gap (the one at start happens before anything is pulled).
     let (mut last_rewind, mut resync_until) = (None::<Instant>, None::<Instant>);
     // Whether the out-of-sequence warning was logged since the last rewind (once is enough).
@@ -284,7 +296,10 @@ pub async fn consume_partition(
                 None => {
                     tracing::warn!(consumer = durable, "message stream ended; re-subscribing");
                     next_delivery = rewind(&bus, durable).await;
-                    messages = pull().await?;
+                    match vault_bus::until_done_or_shutdown(durable, &shutdown, pull).await {
+                        Some(again) => messages = again,
+                        None => break,
+                    }
                     (resync_until, warned) = (None, false);
                 }
             },

@@ -143,14 +143,23 @@ where
 {
     let (mut inputs, mut sequences) = (Vec::new(), Vec::new());
     for (index, spec) in specs.iter().enumerate() {
-        let stream = bus.jetstream().get_stream(spec.stream).await?;
-        let consumer: async_nats::jetstream::consumer::PullConsumer =
-            stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let open = || async {
+            let stream = bus.jetstream().get_stream(spec.stream).await?;
+            let consumer: async_nats::jetstream::consumer::PullConsumer =
+                stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::Ok(consumer)
+        };
+        let Some(consumer) = crate::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
+            return Ok(());
+        };
         let (stream_name, durable) = (spec.stream, Arc::<str>::from(spec.durable.as_str()));
         let next = rewind(bus, spec.stream, &spec.durable).await;
         sequences.push(Sequence { stream: stream_name, durable: durable.clone(), next, rewound_at: None });
         let metrics = Arc::new(ConsumerMetrics::new(spec.stream, &spec.durable));
-        let messages = consumer.stream().max_messages_per_batch(max).messages().await?;
+        let pull = || async { anyhow::Ok(consumer.stream().max_messages_per_batch(max).messages().await?) };
+        let Some(messages) = crate::until_done_or_shutdown(&spec.durable, &shutdown, pull).await else {
+            return Ok(());
+        };
         inputs.push(messages.map(move |m| (index, stream_name, durable.clone(), metrics.clone(), m)).boxed());
     }
     let mut merged = futures::stream::select_all(inputs);

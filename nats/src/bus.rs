@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::{HeaderMap, jetstream::publish::PublishAck};
+use backon::{ExponentialBuilder, Retryable};
 use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
 use vault_core::ops::Check;
 
 use crate::consumers::ConsumerSpec;
@@ -42,6 +44,32 @@ pub struct Bus {
 
 /// How long a stopping process waits to flush what it buffered for NATS.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// Runs `attempt` until it succeeds, backing off from 250 ms to 8 s between attempts (each
+/// failure logged), or until `shutdown` fires (`None`). For a consumer's set-up after start: a
+/// loop that found NATS unreachable at that moment used to end with an error (a worker then
+/// exited 1, an engine partition went unserved); it now waits for NATS like the rest of the
+/// process, and still stops at once when asked.
+pub async fn until_done_or_shutdown<T, F, Fut>(what: &str, shutdown: &CancellationToken, attempt: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let retrying = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(8))
+                .without_max_times(),
+        )
+        .notify(|e: &anyhow::Error, wait: Duration| {
+            tracing::warn!(what, error = format!("{e:#}"), retry_in = ?wait, "NATS not usable yet; retrying");
+        });
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        done = retrying => done.ok(),
+    }
+}
 
 /// How many times start-up tries to reach NATS before giving up (about a minute in all).
 pub const CONNECT_ATTEMPTS: u32 = 12;
