@@ -86,7 +86,8 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
     let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
     poll_until(Duration::from_secs(30), "the engine's commit to wait on the lock", || async {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'vault-engine'",
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'vault-engine'",
         )
         .fetch_one(&desk.pool)
         .await

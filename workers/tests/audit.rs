@@ -267,7 +267,8 @@ async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_message
     poll_until(Duration::from_secs(30), "the worker's insert to wait on the lock", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO audit_log%'",
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE '%INSERT INTO audit_log%'",
         )
         .fetch_one(&pool)
         .await
