@@ -192,7 +192,7 @@ impl Application {
         // Upgraded connections are no longer the HTTP server's: they close themselves on the
         // same token; wait for their close frames before the process goes.
         self.state.ws.drain(WS_DRAIN).await;
-        self.state.bus.flush_before_exit(vault_bus::SHUTDOWN_FLUSH).await;
+        self.state.bus.flush_before_exit().await;
         db::close_before_exit(&self.state.pool).await;
         tracing::info!("stopped");
         Ok(())

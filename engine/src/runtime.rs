@@ -34,6 +34,7 @@ use vault_bus::{Bus, MessageContext, Rewound, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
+use vault_core::shutdown::{GRACE, finish_or_give_up};
 
 use crate::actors::{self, Attach, Markets, ShardQueue, Shared};
 use crate::book::{PriceBook, Resting};
@@ -117,10 +118,7 @@ pub async fn refresh_markets(pool: PgPool, shared: Arc<Shared>, shutdown: Cancel
             _ = tick.tick() => {}
         }
         // Raced with the shutdown too: a database that does not answer must not hold the exit.
-        let loaded = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            loaded = load_markets(&pool) => loaded,
-        };
+        let Some(loaded) = shutdown.run_until_cancelled(load_markets(&pool)).await else { return };
         match loaded {
             Ok(markets) => {
                 let mut m = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
@@ -184,7 +182,7 @@ async fn rewind(bus: &Bus, durable: &str) -> u64 {
 }
 
 /// Consumes one ORDERS partition until shutdown, then finishes (acks or leaves for redelivery)
-/// what is in flight, within [`LAST_SETTLE`].
+/// what is in flight, within [`GRACE`].
 ///
 /// Stream order per user (invariant 1) rests on deliveries arriving in order, and two faults
 /// break that: a crashed engine leaves messages un-acked that JetStream would redeliver only
@@ -306,30 +304,27 @@ pub async fn consume_partition(
         }
     }
     drop(messages);
-    // What is in flight gets LAST_SETTLE to commit. A commit the database holds longer (a lock,
+    // What is in flight gets GRACE to commit. A commit the database holds longer (a lock,
     // a partition) is given up: its command was never acked, so it comes back to the next
     // engine, and a commit that lands meanwhile is found there by its key and version.
-    let settled = tokio::time::timeout(LAST_SETTLE, async {
+    let settled = finish_or_give_up(&shutdown, async {
         while let Some((msg, received, result)) = in_flight.next().await {
             let outcome = settle(&pool, durable, msg, result).await;
             metrics.record(outcome, received);
         }
     })
     .await;
-    if settled.is_err() {
+    if settled.is_none() {
         tracing::warn!(
             consumer = durable,
             commands = in_flight.len(),
-            waited = ?LAST_SETTLE,
+            waited = ?GRACE,
             "commands still committing at shutdown; un-acked, they come back to the next engine"
         );
     }
     tracing::info!(consumer = durable, "consumer drained");
     Ok(())
 }
-
-/// How long a stopping engine waits for the commands it has in flight to commit.
-const LAST_SETTLE: Duration = Duration::from_secs(5);
 
 /// Acks a committed command, or gives a failed one back (parked on its last delivery).
 async fn settle(
@@ -521,26 +516,19 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
                 }
             }
         };
-        tokio::pin!(drain);
-        if !stop {
-            tokio::select! {
-                () = &mut drain => continue,
-                _ = shutdown.cancelled() => {}
-            }
+        // At the signal, the pass under way (or, between passes, a last one) publishes what the
+        // last commits wrote, within GRACE. Rows it leaves stay for the next engine: an unfinished
+        // pass rolls back, and what it published is published again later, skipped downstream
+        // as a duplicate.
+        if finish_or_give_up(&shutdown, drain).await.is_none() {
+            tracing::warn!(waited = ?GRACE, "outbox relay's last pass unfinished; its rows stay for the next start");
+            return;
         }
-        // Stopping: the pass under way (or, between passes, a last one) publishes what the last
-        // commits wrote. Rows it leaves stay for the next engine, so a database or NATS that does
-        // not answer does not hold the exit: an unfinished pass rolls back, and what it
-        // published is published again later, skipped downstream as a duplicate.
-        if tokio::time::timeout(LAST_RELAY, &mut drain).await.is_err() {
-            tracing::warn!(waited = ?LAST_RELAY, "outbox relay's last pass unfinished; its rows stay for the next start");
+        if stop {
+            return;
         }
-        return;
     }
 }
-
-/// How long the relay's last pass may take on shutdown.
-const LAST_RELAY: Duration = Duration::from_secs(5);
 
 /// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
 /// the engine encoded them (their subject and payload), not decoded and encoded again.

@@ -105,7 +105,7 @@ pub async fn snapshot(pool: Option<&sqlx::PgPool>) -> Snapshot {
         }
     }
     // Reading every `/proc/<pid>/stat` blocks for milliseconds: not on a thread that sends.
-    let procs = tokio::task::spawn_blocking(move || read_procs(&backends)).await.unwrap_or_default();
+    let procs = tokio::task::spawn_blocking(move || read_procs(&backends)).await.expect("reading /proc never panics");
     Snapshot { procs, at: Instant::now() }
 }
 

@@ -10,8 +10,8 @@
 //! (`vault_messages_processed_total{stream,consumer,outcome}`,
 //! `vault_message_processing_seconds{stream,consumer}`: from the pull to the settlement, linger
 //! and commit included). On shutdown it stops pulling and flushes the batch in hand before
-//! returning, within [`LAST_FLUSH`]: a batch a silent database holds longer is given up, and
-//! its unacked messages come back.
+//! returning, within [`GRACE`]: a batch a silent database holds longer is given up,
+//! and its unacked messages come back.
 //!
 //! Each consumer is rewound to its ack floor ([`Bus::rewind_to_ack_floor`]) when it starts, so
 //! what a crashed worker had pulled and not acked comes back at once rather than after the ack
@@ -27,6 +27,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::{ConsumerMetrics, Outcome};
+use vault_core::shutdown::{GRACE, finish_or_give_up};
 
 use crate::consumers::ConsumerSpec;
 use crate::park;
@@ -190,27 +191,12 @@ where
                 },
             }
         };
-        if !batch.is_empty() {
-            let flushing = flush(std::mem::take(&mut batch));
-            tokio::pin!(flushing);
-            let written = tokio::select! {
-                () = &mut flushing => true,
-                _ = shutdown.cancelled() => false,
-            };
-            // Asked to stop while a batch is being written: it gets LAST_FLUSH to finish. A
-            // database that does not answer must not hold the exit, and giving the batch up is
-            // safe: its messages are acked only after their commit, so they come back (and a
-            // commit that did land is found by its idempotency key).
-            if !written && tokio::time::timeout(LAST_FLUSH, flushing).await.is_err() {
-                tracing::warn!(waited = ?LAST_FLUSH, "a batch was still being written at shutdown; its messages come back");
-                return Ok(());
-            }
+        if !batch.is_empty() && finish_or_give_up(&shutdown, flush(std::mem::take(&mut batch))).await.is_none() {
+            tracing::warn!(waited = ?GRACE, "a batch was still being written at shutdown; its messages come back");
+            return Ok(());
         }
         if stop {
             return Ok(());
         }
     }
 }
-
-/// How long a batch being written when the shutdown comes may take to finish.
-pub const LAST_FLUSH: Duration = Duration::from_secs(5);

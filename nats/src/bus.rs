@@ -65,10 +65,7 @@ where
         .notify(|e: &anyhow::Error, wait: Duration| {
             tracing::warn!(what, error = format!("{e:#}"), retry_in = ?wait, "NATS not usable yet; retrying");
         });
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        done = retrying => done.ok(),
-    }
+    shutdown.run_until_cancelled(retrying).await.and_then(Result::ok)
 }
 
 /// How many times start-up tries to reach NATS before giving up (about a minute in all).
@@ -123,18 +120,18 @@ impl Bus {
     }
 
     /// Flushes what is buffered for the server before the process exits, waiting at most
-    /// `within`. A flush waits for the connection, and with NATS unreachable the reconnection
-    /// may never come: a process asked to stop during an outage hung here until it was killed.
-    /// Giving up loses nothing that was promised: everything durable is published with its
-    /// JetStream acknowledgement awaited before anyone relies on it, so the buffer holds only
-    /// acks (a lost one brings its message back, skipped as a duplicate) and best-effort
+    /// [`SHUTDOWN_FLUSH`]. A flush waits for the connection, and with NATS unreachable the
+    /// reconnection may never come: a process asked to stop during an outage hung here until it
+    /// was killed. Giving up loses nothing that was promised: everything durable is published
+    /// with its JetStream acknowledgement awaited before anyone relies on it, so the buffer holds
+    /// only acks (a lost one brings its message back, skipped as a duplicate) and best-effort
     /// [`Bus::push`]es (whose durable copy lives elsewhere).
-    pub async fn flush_before_exit(&self, within: Duration) {
-        match tokio::time::timeout(within, self.client.flush()).await {
+    pub async fn flush_before_exit(&self) {
+        match tokio::time::timeout(SHUTDOWN_FLUSH, self.client.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "could not flush NATS on shutdown"),
             Err(_) => tracing::warn!(
-                waited = ?within,
+                waited = ?SHUTDOWN_FLUSH,
                 state = %self.client.connection_state(),
                 "NATS unreachable on shutdown; what was buffered for it is dropped"
             ),

@@ -24,7 +24,7 @@ pub mod views;
 mod bus;
 mod error;
 
-pub use bus::{Bus, EnsureOutcome, Rewound, SHUTDOWN_FLUSH, until_done_or_shutdown};
+pub use bus::{Bus, EnsureOutcome, Rewound, until_done_or_shutdown};
 pub use error::BusError;
 pub use message::{BusMessage, MessageContext};
 pub use process::Process;

@@ -79,7 +79,7 @@ impl Process {
     pub async fn finish(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.ops_server.await??;
-        self.bus.flush_before_exit(crate::SHUTDOWN_FLUSH).await;
+        self.bus.flush_before_exit().await;
         db::close_before_exit(&self.pool).await;
         tracing::info!("stopped");
         Ok(())

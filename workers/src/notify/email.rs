@@ -282,10 +282,7 @@ pub async fn run_emails(
     let mailer = Mailer::new(config.smtp_url.as_ref(), config.smtp_timeout)?;
     'outer: loop {
         // Raced with the shutdown, as the webhook loop's claim.
-        let claimed = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            claimed = claim(&pool, &config) => claimed,
-        };
+        let Some(claimed) = shutdown.run_until_cancelled(claim(&pool, &config)).await else { break };
         let batch = match claimed {
             Ok(batch) => batch,
             Err(e) => {

@@ -384,10 +384,7 @@ pub async fn run_deliveries(
         let room = 1 + permits.available_permits();
         // Raced with the shutdown: a database that does not answer must not hold the exit (a
         // claim given up this way is brought back by its lease).
-        let claimed = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            claimed = claim(&pool, room, config.lease) => claimed,
-        };
+        let Some(claimed) = shutdown.run_until_cancelled(claim(&pool, room, config.lease)).await else { break };
         let rows = match claimed {
             Ok(rows) => rows,
             Err(e) => {
