@@ -600,6 +600,13 @@ async fn verdict(
     };
     let (order_violations, states) = check_orders(&stack.pool, &log).await;
     violations.extend(order_violations);
+    // The copies a rewind sends again are recognised as duplicates, never refused as corrupt.
+    for (name, proc) in &stack.procs {
+        let corrupt = proc.output().lines().filter(|l| l.contains("corrupt state")).count();
+        if corrupt > 0 {
+            violations.push(format!("{name} refused {corrupt} commands as corrupt state"));
+        }
+    }
     stack.assert_all_running();
     stack.stop().await;
     violations.extend(check_reconcile(stack).await);

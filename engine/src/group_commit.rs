@@ -129,6 +129,8 @@ pub enum Prepared {
     /// Nothing to write: a trigger that fills nothing (the order closed meanwhile, the tick no
     /// longer crosses, the market is halted) — no version bump, no key, so a later tick still can.
     Unchanged,
+    /// A copy of a command the state already reflects (see [`prepare`]): nothing to write.
+    Redelivered,
     Ready(Box<Unit>),
 }
 
@@ -142,6 +144,15 @@ pub fn prepare(
     let user = state.user_id;
     let corrupt = |reason: String| StoreError::Corrupt { user, reason };
     let command = work.command();
+    // An order the state holds open was placed by this very command (the API makes each order
+    // id once), committed earlier: this is a copy, as a rewind sends them. Applied again it would
+    // reserve the order's funds a second time, and the invariant check below would call that
+    // corruption — the command was given back as failed, again on every delivery.
+    if let Command::Place(order) = &command
+        && state.portfolio.open_orders.contains_key(&order.order_id)
+    {
+        return Ok(Prepared::Redelivered);
+    }
     let decision = state.portfolio.apply(&command, market);
     if matches!(work, Work::Trigger { .. }) && decision.as_ref().is_ok_and(|events| events.is_empty()) {
         return Ok(Prepared::Unchanged);

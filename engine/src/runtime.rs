@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{OrderCommand, PriceTick, decode};
-use vault_bus::{Bus, MessageContext, Rewound, park, streams, subjects};
+use vault_bus::{Bus, BusError, MessageContext, Rewound, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
@@ -154,31 +154,39 @@ pub async fn rebuild_book(pool: &PgPool, partitions: PartitionRange) -> Result<P
 /// only asks again when it expires: the client's default of 30 s stalled a partition that long.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
-/// A gap in deliveries this soon after the last rewind is not rewound again (see
-/// [`consume_partition`]): only a second engine pulling the same partition makes gaps that
-/// often (the partition lease, [`crate::lease`], allows that only briefly after a lost lease),
-/// and rewinding each would starve both.
+/// Rewinds of one partition are at least this far apart (see [`consume_partition`]): only a
+/// second engine pulling the same partition makes gaps that often (the partition lease,
+/// [`crate::lease`], allows that only briefly after a lost lease), and rewinding at each would
+/// starve both. A gap sooner waits, with nothing pulled, for the interval to end.
 const REWIND_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
-/// After a rewind, messages delivered before it may still arrive (they were on their way, or
-/// filled a pull request made earlier); for this long those not carrying the expected delivery
-/// sequence are given back (nak) — the rewind delivers them again, in order.
-const RESYNC: Duration = Duration::from_secs(2);
+/// Where a partition's deliveries resume: the message stream and the delivery sequence its
+/// next message must carry (0: not known, the server cannot rewind).
+type Position = (async_nats::jetstream::consumer::pull::Stream, u64);
 
-/// Rewinds the partition's consumer to its ack floor (when anything is outstanding); returns
-/// the delivery sequence the next message must carry.
-async fn rewind(bus: &Bus, durable: &str) -> u64 {
-    match bus.rewind_to_ack_floor(streams::ORDERS.name, durable).await {
+/// Rewinds the partition's consumer to its ack floor (when anything is outstanding) and opens
+/// a new message stream there. Called with no message stream of the partition open: nothing
+/// can then be delivered while the reset runs, and nothing sent before it reaches the new one.
+/// `Err` only when NATS could not be asked (the caller retries); a server too old to reset is
+/// warned about and pulled from without a known sequence.
+async fn reposition(bus: &Bus, consumer: &PullConsumer, durable: &str) -> anyhow::Result<Position> {
+    // The server must have seen the last message stream's subscription go before the reset,
+    // or a pull request of it could still take messages.
+    bus.client().flush().await?;
+    let next_delivery = match bus.rewind_to_ack_floor(streams::ORDERS.name, durable).await {
         Ok(Rewound { outstanding: 0, next_delivery }) => next_delivery,
         Ok(Rewound { outstanding, next_delivery }) => {
             tracing::info!(consumer = durable, outstanding, "rewound to the ack floor");
             next_delivery
         }
-        Err(e) => {
+        Err(e @ BusError::ResetRefused { .. }) => {
             tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked commands return after the ack wait");
             0
         }
-    }
+        Err(e) => return Err(e.into()),
+    };
+    let messages = consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages().await?;
+    Ok((messages, next_delivery))
 }
 
 /// Consumes one ORDERS partition until shutdown, then finishes (acks or leaves for redelivery)
@@ -188,13 +196,17 @@ async fn rewind(bus: &Bus, durable: &str) -> u64 {
 /// break that: a crashed engine leaves messages un-acked that JetStream would redeliver only
 /// after the ack wait, behind newer ones; and messages in transit when a server dies (a
 /// restarted nats-server, the consumer's leader in a cluster) are lost, and the newer ones that
-/// follow reach us first. So the loop rewinds its consumer to the ack floor when it starts
-/// ([`Bus::rewind_to_ack_floor`]), and again whenever a message's delivery sequence is not the
-/// next one: that message is dropped, and for `RESYNC` whatever arrives out of sequence is
-/// given back (nak), so everything comes back in order behind the lost ones, on the same
-/// message stream (a new one would leave the old one's pull requests on the server, and what
-/// they were sent would be lost again). Redelivered copies of what was already applied are
-/// recognised as duplicates.
+/// follow reach us first. So the loop starts at the ack floor ([`reposition`]), and takes only
+/// the delivery sequence it expects next: a message carrying another is dropped with its
+/// message stream, and the partition starts again at the ack floor on a new one, so everything
+/// un-acked comes back in order behind the lost ones (copies of what was applied are recognised
+/// as duplicates). The new stream matters: a reset starts the delivery sequence again, so a
+/// message sent before it, still on its way on the old stream, could carry the sequence
+/// expected after it (a fault test caught one passing for the expected message, after which
+/// the reset's deliveries were taken out of sequence). The old stream's pull requests do not take messages meant for the new
+/// one: the server drops a pull request whose reply subject nobody listens to any more (a
+/// message one took anyway would show as another gap). What arrived out of sequence is never
+/// applied.
 pub async fn consume_partition(
     bus: Bus,
     pool: PgPool,
@@ -202,7 +214,7 @@ pub async fn consume_partition(
     spec: ConsumerSpec,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Set-up and re-subscription wait for NATS (and stop when asked) rather than end the
+    // Set-up and repositioning wait for NATS (and stop when asked) rather than end the
     // partition's loop: an engine whose NATS blinked at that moment kept running, ready, with
     // the partition unserved.
     let open = || async {
@@ -213,97 +225,91 @@ pub async fn consume_partition(
     let Some(consumer) = vault_bus::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
         return Ok(());
     };
-    let mut next_delivery = rewind(&bus, &spec.durable).await;
-    let pull =
-        || async { anyhow::Ok(consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages().await?) };
-    let Some(mut messages) = vault_bus::until_done_or_shutdown(&spec.durable, &shutdown, pull).await else {
-        return Ok(());
-    };
-    // The last rewind for a gap (the one at start happens before anything is pulled).
-    let (mut last_rewind, mut resync_until) = (None::<Instant>, None::<Instant>);
-    // Whether the out-of-sequence warning was logged since the last rewind (once is enough).
-    let mut warned = false;
-    let mut in_flight = FuturesUnordered::new();
     let durable = spec.durable.as_str();
     let metrics = ConsumerMetrics::new(streams::ORDERS.name, durable);
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let outcome = settle(&pool, durable, msg, result).await;
-                metrics.record(outcome, received);
-            }
-            next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
-                Some(Ok(msg)) => {
-                    let received = Instant::now();
-                    if let Ok(info) = msg.info() {
-                        let delivery = info.consumer_sequence;
-                        if delivery != next_delivery && next_delivery != 0 {
-                            if resync_until.is_some_and(|until| Instant::now() < until) {
-                                // Sent before the rewind (the rewind sends it again), or out of
-                                // order after it: either way, not now. Given back at once, so one
-                                // the rewind does not cover waits for no ack wait.
-                                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                                continue;
-                            }
-                            if last_rewind.is_none_or(|at| at.elapsed() >= REWIND_AT_MOST_EVERY) {
-                                tracing::warn!(
-                                    consumer = durable, expected = next_delivery, delivery,
-                                    "deliveries lost in transit; rewinding to the ack floor"
-                                );
-                                metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
-                                next_delivery = rewind(&bus, durable).await;
-                                last_rewind = Some(Instant::now());
-                                resync_until = Some(Instant::now() + RESYNC);
-                                warned = false;
-                                continue;
-                            }
-                            if !warned {
-                                tracing::warn!(
-                                    consumer = durable, expected = next_delivery, delivery,
-                                    "deliveries out of sequence again soon after a rewind: is a second engine pulling this partition?"
-                                );
-                                warned = true;
-                            }
-                        }
-                        resync_until = None;
-                        next_delivery = delivery + 1;
-                    }
-                    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                    match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
-                        Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
-                            let user = command.user_id;
-                            // From the API's acceptance to the engine picking it up: queue lag.
-                            let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
-                            metrics::histogram!(names::ENGINE_QUEUE_WAIT).record(waited);
-                            let done = router.route(user, Work::Command { command, stream_seq: seq });
-                            in_flight.push(async move { (msg, received, done.await) });
-                        }
-                        Ok(command) => {
-                            let reason = format!("command for user {} on the wrong subject", command.user_id);
-                            metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
-                        }
-                        Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(consumer = durable, error = %e, "pull failed; continuing");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                None => {
-                    tracing::warn!(consumer = durable, "message stream ended; re-subscribing");
-                    next_delivery = rewind(&bus, durable).await;
-                    match vault_bus::until_done_or_shutdown(durable, &shutdown, pull).await {
-                        Some(again) => messages = again,
-                        None => break,
-                    }
-                    (resync_until, warned) = (None, false);
-                }
-            },
+    let mut in_flight = FuturesUnordered::new();
+    // When the last rewind for a gap was made (the first positioning is not one).
+    let mut last_rewind = None::<Instant>;
+    'partition: loop {
+        let Some((mut messages, mut next_delivery)) =
+            vault_bus::until_done_or_shutdown(durable, &shutdown, || reposition(&bus, &consumer, durable)).await
+        else {
+            break;
+        };
+        if last_rewind.is_some() {
+            metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
         }
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'partition,
+                Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let outcome = settle(&pool, durable, msg, result).await;
+                    metrics.record(outcome, received);
+                }
+                next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
+                    Some(Ok(msg)) => {
+                        let received = Instant::now();
+                        let Ok(info) = msg.info() else {
+                            metrics.record(park_and_term(&pool, durable, &msg, "not a JetStream delivery").await, received);
+                            continue;
+                        };
+                        let delivery = info.consumer_sequence;
+                        if next_delivery != 0 && delivery != next_delivery {
+                            tracing::warn!(
+                                consumer = durable, expected = next_delivery, delivery,
+                                "deliveries lost in transit; rewinding to the ack floor"
+                            );
+                            break;
+                        }
+                        next_delivery = delivery + 1;
+                        let seq = info.stream_sequence;
+                        match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
+                            Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
+                                let user = command.user_id;
+                                // From the API's acceptance to the engine picking it up: queue lag.
+                                let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
+                                metrics::histogram!(names::ENGINE_QUEUE_WAIT).record(waited);
+                                let done = router.route(user, Work::Command { command, stream_seq: seq });
+                                in_flight.push(async move { (msg, received, done.await) });
+                            }
+                            Ok(command) => {
+                                let reason = format!("command for user {} on the wrong subject", command.user_id);
+                                metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
+                            }
+                            Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(consumer = durable, error = %e, "pull failed; continuing");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None => {
+                        tracing::warn!(consumer = durable, "message stream ended; rewinding to the ack floor");
+                        break;
+                    }
+                },
+            }
+        }
+        // Nothing more is taken from this stream: what it still holds comes again after the
+        // rewind. Until the rewind, what is in flight goes on being settled.
+        drop(messages);
+        let resume_at = last_rewind.map_or_else(Instant::now, |at| at + REWIND_AT_MOST_EVERY);
+        let resume = tokio::time::sleep_until(resume_at.into());
+        tokio::pin!(resume);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'partition,
+                Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let outcome = settle(&pool, durable, msg, result).await;
+                    metrics.record(outcome, received);
+                }
+                _ = &mut resume => break,
+            }
+        }
+        last_rewind = Some(Instant::now());
     }
-    drop(messages);
     // What is in flight gets GRACE to commit. A commit the database holds longer (a lock,
     // a partition) is given up: its command was never acked, so it comes back to the next
     // engine, and a commit that lands meanwhile is found there by its key and version.

@@ -179,6 +179,7 @@ impl Store for PgStore {
                 Prepared::Unchanged => {
                     return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone()));
                 }
+                Prepared::Redelivered => return Ok((Outcome::Duplicate, state.clone())),
                 Prepared::Ready(unit) => unit,
             };
             let (claim, unit) = self.committer.commit(unit).await?;
@@ -277,6 +278,7 @@ pub async fn commit(
 ) -> Result<(Outcome, UserState), StoreError> {
     let unit = match group_commit::prepare(state, work, market, now)? {
         Prepared::Unchanged => return Ok((Outcome::Applied { events: Vec::new(), rejected: None }, state.clone())),
+        Prepared::Redelivered => return Ok((Outcome::Duplicate, state.clone())),
         Prepared::Ready(unit) => unit,
     };
     let units = [unit];

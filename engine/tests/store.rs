@@ -76,8 +76,17 @@ async fn a_trigger_on_a_halted_market_writes_nothing_and_a_later_tick_still_fill
         limit_price: Some(Positive::new(dec!(40000)).expect("positive")),
     };
     let (outcome, state) =
-        store::commit(&pool, &state, &command(place), Some(&view(&market, now)), now).await.expect("place");
+        store::commit(&pool, &state, &command(place.clone()), Some(&view(&market, now)), now).await.expect("place");
     assert!(matches!(outcome, Outcome::Applied { ref events, .. } if matches!(events[..], [Event::OrderAccepted(_)])));
+    // A copy of the place (a rewind sends them) against the state that holds the order open is
+    // a duplicate, not corruption: applied again it would reserve the funds twice.
+    let copy = command(place);
+    let (again, unchanged) =
+        store::commit(&pool, &state, &copy, Some(&view(&market, now)), now).await.expect("a copy is not an error");
+    assert_eq!((again, &unchanged), (Outcome::Duplicate, &state));
+    let pg = PgStore::lazy(db.url.parse().expect("url"), 1);
+    let (again, unchanged) = pg.commit(&state, &copy, Some(&view(&market, now)), now).await.expect("through the store");
+    assert_eq!((again, &unchanged), (Outcome::Duplicate, &state));
 
     let trigger = Work::Trigger {
         order_id: order,

@@ -323,8 +323,16 @@ impl Bus {
     /// again, so a message that crashes its consumer every time is never parked by
     /// [`crate::consumers::MAX_DELIVER`]: it shows as a process that keeps restarting.
     ///
+    /// The next delivery sequence is only certain when nothing can be delivered to this
+    /// consumer's pull requests while the reset runs: the reset starts the delivery sequence
+    /// again (from 1, in every case observed), so a message sent before it and one sent after it
+    /// can carry the same delivery sequence, and deliveries racing the reset can be counted in
+    /// its answer. A caller that checks
+    /// sequences drops its message stream (and flushes, so the server sees no interest left in
+    /// its pull requests) before rewinding, and pulls on a new one after.
+    ///
     /// Uses `$JS.API.CONSUMER.RESET` (nats-server 2.14 or newer); an older server refuses it
-    /// and the caller goes on with the ack wait.
+    /// ([`BusError::ResetRefused`]) and the caller goes on with the ack wait.
     pub async fn rewind_to_ack_floor(&self, stream: &str, consumer: &str) -> Result<Rewound, BusError> {
         let err =
             |reason: String| BusError::Consumer { stream: stream.to_owned(), consumer: consumer.to_owned(), reason };
@@ -346,7 +354,11 @@ impl Bus {
                     .ok_or_else(|| err(format!("reset answered without a delivered sequence: {reset}")))?;
                 Ok(Rewound { outstanding, next_delivery: delivered + 1 })
             }
-            jetstream::response::Response::Err { error } => Err(err(format!("reset refused: {error}"))),
+            jetstream::response::Response::Err { error } => Err(BusError::ResetRefused {
+                stream: stream.to_owned(),
+                consumer: consumer.to_owned(),
+                reason: error.to_string(),
+            }),
         }
     }
 

@@ -12,6 +12,9 @@ pub enum BusError {
     Stream { stream: String, reason: String },
     #[error("JetStream consumer {stream}/{consumer}: {reason}")]
     Consumer { stream: String, consumer: String, reason: String },
+    /// The server answered a consumer reset with an error (one older than 2.14 does not know it).
+    #[error("JetStream consumer {stream}/{consumer}: the server refused to reset it: {reason}")]
+    ResetRefused { stream: String, consumer: String, reason: String },
     #[error("message on {subject} cannot be decoded: {reason}")]
     Decode { subject: String, reason: String },
     #[error("message cannot be encoded: {0}")]
