@@ -626,26 +626,32 @@ async fn a_message_that_does_not_decode_is_parked_and_the_rest_go_on() {
 
 // ---------------------------------------------------------------------------------------------
 // A minimal SMTP server: accepts everything except recipients containing "reject" (550), and
-// keeps each message's DATA.
+// keeps each message's DATA. A message to a recipient containing "hold" is kept at once but
+// answered only when the returned `Notify` is notified.
 
-async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
+async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Notify>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
     let port = listener.local_addr().expect("addr").port();
     let messages = Arc::new(Mutex::new(Vec::new()));
-    let kept = messages.clone();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (kept, held) = (messages.clone(), gate.clone());
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            let kept = kept.clone();
+            let (kept, held) = (kept.clone(), held.clone());
             tokio::spawn(async move {
                 let (read, mut write) = socket.into_split();
                 let mut lines = BufReader::new(read).lines();
                 write.write_all(b"220 fake ESMTP\r\n").await.ok()?;
                 let mut data: Option<String> = None;
+                let mut hold = false;
                 while let Some(line) = lines.next_line().await.ok()? {
                     if let Some(body) = data.as_mut() {
                         if line == "." {
                             kept.lock().expect("lock").push(data.take().unwrap_or_default());
+                            if std::mem::take(&mut hold) {
+                                held.notified().await;
+                            }
                             write.write_all(b"250 queued\r\n").await.ok()?;
                         } else {
                             body.push_str(&line);
@@ -657,6 +663,10 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
                     let answer: &[u8] = match verb.as_str() {
                         "RCPT" if line.contains("reject") => b"550 no such user\r\n",
                         "RCPT" if line.contains("busy") => b"451 try again later\r\n",
+                        "RCPT" if line.contains("hold") => {
+                            hold = true;
+                            b"250 ok\r\n"
+                        }
                         "DATA" => {
                             data = Some(String::new());
                             b"354 go on\r\n"
@@ -673,14 +683,14 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>) {
             });
         }
     });
-    (port, messages)
+    (port, messages, gate)
 }
 
 #[tokio::test]
 async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the_row_and_a_temporary_one_waits() {
     use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
-    let (port, messages) = fake_smtp().await;
+    let (port, messages, _) = fake_smtp().await;
     let (user, _) = stack.user().await;
     let mut ids = Vec::new();
     for to in ["alice@example.com", "reject@example.com", "busy@example.com"] {
@@ -743,6 +753,71 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the
     }
     shutdown.cancel();
     loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// Asked to stop while recording an attempt is blocked (a lock on its row), the email sender
+/// stops within its grace instead of waiting for the lock, and the row is left to its lease:
+/// still pending, due again when the lease runs out.
+#[tokio::test]
+async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_and_leaves_the_row_to_its_lease() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages, gate) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
+         VALUES ($1, $2, $3, 'hold@example.com', 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(Uuid::now_v7())
+    .execute(&stack.pool)
+    .await
+    .expect("email row");
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
+    };
+    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    poll_until(Duration::from_secs(20), "the email to be on its way", || async {
+        (!messages.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
+    // Claimed and sent, not yet recorded: lock the row, then let the server answer.
+    let mut blocker = stack.pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM email_outbox WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
+    gate.notify_one();
+    poll_until(Duration::from_secs(20), "the record to wait on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE '%UPDATE email_outbox%'",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .ok()?;
+        (waiting >= 1).then_some(())
+    })
+    .await;
+
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), sender).await;
+    let result = stopped.expect("the sender stops while the lock is held").expect("joins");
+    result.expect("the loop stops cleanly");
+    blocker.rollback().await.expect("unlock");
+    let (status, attempts, leased): (String, i32, bool) =
+        sqlx::query_as("SELECT status, attempts, next_attempt_at > now() FROM email_outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("row");
+    assert_eq!((status.as_str(), attempts, leased), ("pending", 0, true), "left to its lease, due again after it");
 }
 
 /// A kill -9 while webhook requests are in flight: every delivery row exists once per event and

@@ -21,6 +21,8 @@
 //!
 //! Shutdown: the email in hand is finished (bounded by the SMTP timeout), the rest of the claimed
 //! batch is released at once (their `next_attempt_at` set back to now) and the loop returns.
+//! Recording and releasing get [`GRACE`] once the signal came: a lock or a silent database does
+//! not hold the exit, and what was not recorded comes back with its lease.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +37,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_core::config::Secret;
+use vault_core::shutdown::{GRACE, finish_or_give_up};
 
 use super::webhook::backoff;
 
@@ -249,26 +252,42 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
     Ok(())
 }
 
-/// Records `done` and empties it; a failure is logged (the rows' lease brings them back).
-async fn flush(pool: &PgPool, done: &mut Vec<Attempted<'_>>) {
-    if let Err(e) = record(pool, done).await {
-        tracing::warn!(emails = done.len(), error = %e, "cannot record email attempts; their lease brings them back");
+/// Records `done` and empties it; a failure is logged (the rows' lease brings them back). After
+/// the shutdown signal the record gets [`GRACE`]: one a lock or a silent database holds longer
+/// is given up, and the lease brings the rows back (sent again: at least once).
+async fn flush(pool: &PgPool, done: &mut Vec<Attempted<'_>>, shutdown: &CancellationToken) {
+    match finish_or_give_up(shutdown, record(pool, done)).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            tracing::warn!(emails = done.len(), error = %e, "cannot record email attempts; their lease brings them back");
+        }
+        None => tracing::warn!(
+            emails = done.len(),
+            waited = ?GRACE,
+            "email attempts not recorded at shutdown; their lease brings them back"
+        ),
     }
     done.clear();
 }
 
-/// Gives claimed but unattempted rows back at once (on shutdown).
-async fn release(pool: &PgPool, ids: &[Uuid]) {
+/// Gives claimed but unattempted rows back at once (on shutdown, within [`GRACE`]: a release
+/// given up leaves them to their lease).
+async fn release(pool: &PgPool, ids: &[Uuid], shutdown: &CancellationToken) {
     if ids.is_empty() {
         return;
     }
-    let result =
+    let release =
         sqlx::query("UPDATE email_outbox SET next_attempt_at = now() WHERE id = ANY($1) AND status = 'pending'")
             .bind(ids)
-            .execute(pool)
-            .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, emails = ids.len(), "cannot release claimed emails; their lease brings them back");
+            .execute(pool);
+    match finish_or_give_up(shutdown, release).await {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, emails = ids.len(), "cannot release claimed emails; their lease brings them back");
+        }
+        None => {
+            tracing::warn!(emails = ids.len(), "claimed emails not released at shutdown; their lease brings them back")
+        }
     }
 }
 
@@ -301,18 +320,18 @@ pub async fn run_emails(
         let (mut done, mut oldest) = (Vec::new(), None::<Instant>);
         for (i, email) in batch.iter().enumerate() {
             if shutdown.is_cancelled() {
-                flush(&pool, &mut done).await;
-                release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>()).await;
+                flush(&pool, &mut done, &shutdown).await;
+                release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
                 break 'outer;
             }
             let result = mailer.send(email).await;
             done.push(attempted(&config, email, &result));
             if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
-                flush(&pool, &mut done).await;
+                flush(&pool, &mut done, &shutdown).await;
                 oldest = None;
             }
         }
-        flush(&pool, &mut done).await;
+        flush(&pool, &mut done, &shutdown).await;
     }
     tracing::info!("email sender drained");
     Ok(())
