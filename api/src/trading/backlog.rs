@@ -36,7 +36,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vault_bus::{Bus, consumers, streams, subjects};
+use vault_bus::{Bus, EnsureOutcome, consumers, streams, subjects};
 use vault_core::config::{PARTITIONS, PartitionRange};
 use vault_core::metric_names as names;
 
@@ -170,13 +170,20 @@ async fn round(
     if missing.is_empty() {
         return Ok(());
     }
-    bus.create_missing_consumers(&consumers::engine(PartitionRange::all()))
+    let outcomes = bus
+        .create_missing_consumers(&consumers::engine(PartitionRange::all()))
         .await
         .map_err(|e| format!("engine consumers of partitions {missing:?} are missing and could not be created: {e}"))?;
-    if first {
-        tracing::info!(partitions = ?missing, "created the engine consumers no engine has declared yet");
+    // A listing can miss consumers that exist (a cluster electing their leaders answers it in
+    // part): only those really created are news.
+    let created: Vec<&str> =
+        outcomes.iter().filter(|(_, o)| *o == EnsureOutcome::Created).map(|(name, _)| name.as_str()).collect();
+    if created.is_empty() {
+        tracing::debug!(partitions = ?missing, "the consumer listing missed engine consumers that exist");
+    } else if first {
+        tracing::info!(consumers = ?created, "created the engine consumers no engine has declared yet");
     } else {
-        tracing::warn!(partitions = ?missing, "engine consumers were missing; created them again");
+        tracing::warn!(consumers = ?created, "engine consumers were missing; created them again");
     }
     Ok(())
 }
