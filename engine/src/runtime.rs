@@ -228,88 +228,96 @@ pub async fn consume_partition(
     let durable = spec.durable.as_str();
     let metrics = ConsumerMetrics::new(streams::ORDERS.name, durable);
     let mut in_flight = FuturesUnordered::new();
-    // When the last rewind for a gap was made (the first positioning is not one).
-    let mut last_rewind = None::<Instant>;
-    'partition: loop {
-        let Some((mut messages, mut next_delivery)) =
-            vault_bus::until_done_or_shutdown(durable, &shutdown, || reposition(&bus, &consumer, durable)).await
-        else {
-            break;
-        };
-        if last_rewind.is_some() {
-            metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
+    // The message stream pulled from and the delivery sequence its next message must carry;
+    // `None` from a gap until the next positioning, which is due at `position_at`.
+    let mut pulling: Option<Position> = None;
+    let mut position_at = Instant::now();
+    // When the last rewind for a gap was made (the first positioning is not one), and whether
+    // the next positioning is one.
+    let (mut last_rewind, mut after_gap) = (None::<Instant>, false);
+    loop {
+        if pulling.is_none() && Instant::now() >= position_at {
+            let repositioned =
+                vault_bus::until_done_or_shutdown(durable, &shutdown, || reposition(&bus, &consumer, durable)).await;
+            let Some(position) = repositioned else { break };
+            if std::mem::take(&mut after_gap) {
+                metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
+                last_rewind = Some(Instant::now());
+            }
+            pulling = Some(position);
         }
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'partition,
-                Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let outcome = settle(&pool, durable, msg, result).await;
-                    metrics.record(outcome, received);
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let outcome = settle(&pool, durable, msg, result).await;
+                metrics.record(outcome, received);
+            }
+            _ = tokio::time::sleep_until(position_at.into()), if pulling.is_none() => {}
+            // (A disabled branch's expression is still evaluated: it must not assume `Some`.)
+            next = async {
+                match pulling.as_mut() {
+                    Some((messages, _)) => messages.next().await,
+                    None => std::future::pending().await,
                 }
-                next = messages.next(), if in_flight.len() < MAX_IN_FLIGHT => match next {
+            }, if pulling.is_some() && in_flight.len() < MAX_IN_FLIGHT => {
+                let gap = match next {
                     Some(Ok(msg)) => {
                         let received = Instant::now();
                         let Ok(info) = msg.info() else {
                             metrics.record(park_and_term(&pool, durable, &msg, "not a JetStream delivery").await, received);
                             continue;
                         };
+                        let next_delivery = &mut pulling.as_mut().expect("pulling").1;
                         let delivery = info.consumer_sequence;
-                        if next_delivery != 0 && delivery != next_delivery {
+                        if *next_delivery != 0 && delivery != *next_delivery {
                             tracing::warn!(
-                                consumer = durable, expected = next_delivery, delivery,
+                                consumer = durable, expected = *next_delivery, delivery,
                                 "deliveries lost in transit; rewinding to the ack floor"
                             );
-                            break;
-                        }
-                        next_delivery = delivery + 1;
-                        let seq = info.stream_sequence;
-                        match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
-                            Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
-                                let user = command.user_id;
-                                // From the API's acceptance to the engine picking it up: queue lag.
-                                let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
-                                metrics::histogram!(names::ENGINE_QUEUE_WAIT).record(waited);
-                                let done = router.route(user, Work::Command { command, stream_seq: seq });
-                                in_flight.push(async move { (msg, received, done.await) });
+                            true
+                        } else {
+                            *next_delivery = delivery + 1;
+                            let seq = info.stream_sequence;
+                            match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
+                                Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
+                                    let user = command.user_id;
+                                    // From the API's acceptance to the engine picking it up: queue lag.
+                                    let waited = (Utc::now() - command.at).num_milliseconds().max(0) as f64 / 1000.0;
+                                    metrics::histogram!(names::ENGINE_QUEUE_WAIT).record(waited);
+                                    let done = router.route(user, Work::Command { command, stream_seq: seq });
+                                    in_flight.push(async move { (msg, received, done.await) });
+                                }
+                                Ok(command) => {
+                                    let reason = format!("command for user {} on the wrong subject", command.user_id);
+                                    metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
+                                }
+                                Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
                             }
-                            Ok(command) => {
-                                let reason = format!("command for user {} on the wrong subject", command.user_id);
-                                metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
-                            }
-                            Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
+                            false
                         }
                     }
                     Some(Err(e)) => {
                         tracing::warn!(consumer = durable, error = %e, "pull failed; continuing");
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                        false
                     }
                     None => {
                         tracing::warn!(consumer = durable, "message stream ended; rewinding to the ack floor");
-                        break;
+                        true
                     }
-                },
-            }
-        }
-        // Nothing more is taken from this stream: what it still holds comes again after the
-        // rewind. Until the rewind, what is in flight goes on being settled.
-        drop(messages);
-        let resume_at = last_rewind.map_or_else(Instant::now, |at| at + REWIND_AT_MOST_EVERY);
-        let resume = tokio::time::sleep_until(resume_at.into());
-        tokio::pin!(resume);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'partition,
-                Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                    let outcome = settle(&pool, durable, msg, result).await;
-                    metrics.record(outcome, received);
+                };
+                if gap {
+                    // Nothing more is taken from this stream (what it still holds comes again
+                    // after the rewind); what is in flight goes on being settled meanwhile.
+                    pulling = None;
+                    after_gap = true;
+                    position_at = last_rewind.map_or_else(Instant::now, |at| at + REWIND_AT_MOST_EVERY);
                 }
-                _ = &mut resume => break,
             }
         }
-        last_rewind = Some(Instant::now());
     }
+    drop(pulling);
     // What is in flight gets GRACE to commit. A commit the database holds longer (a lock,
     // a partition) is given up: its command was never acked, so it comes back to the next
     // engine, and a commit that lands meanwhile is found there by its key and version.
