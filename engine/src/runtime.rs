@@ -203,10 +203,10 @@ async fn reposition(bus: &Bus, consumer: &PullConsumer, durable: &str) -> anyhow
 /// as duplicates). The new stream matters: a reset starts the delivery sequence again, so a
 /// message sent before it, still on its way on the old stream, could carry the sequence
 /// expected after it (a fault test caught one passing for the expected message, after which
-/// the reset's deliveries were taken out of sequence). The old stream's pull requests do not take messages meant for the new
-/// one: the server drops a pull request whose reply subject nobody listens to any more (a
-/// message one took anyway would show as another gap). What arrived out of sequence is never
-/// applied.
+/// the reset's deliveries were taken out of sequence). The old stream's pull requests do not
+/// take messages meant for the new one: the server drops a pull request whose reply subject
+/// nobody listens to any more (a message one took anyway would show as another gap). What
+/// arrived out of sequence is never applied.
 pub async fn consume_partition(
     bus: Bus,
     pool: PgPool,

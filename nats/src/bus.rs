@@ -325,11 +325,11 @@ impl Bus {
     ///
     /// The next delivery sequence is only certain when nothing can be delivered to this
     /// consumer's pull requests while the reset runs: the reset starts the delivery sequence
-    /// again (from 1, in every case observed), so a message sent before it and one sent after it
-    /// can carry the same delivery sequence, and deliveries racing the reset can be counted in
-    /// its answer. A caller that checks
-    /// sequences drops its message stream (and flushes, so the server sees no interest left in
-    /// its pull requests) before rewinding, and pulls on a new one after.
+    /// again (from 1, in every case observed), so a message sent before it and one sent after
+    /// it can carry the same delivery sequence, and deliveries racing the reset can be counted
+    /// in its answer. A caller that checks sequences drops its message stream (and flushes, so
+    /// the server sees no interest left in its pull requests) before rewinding, and pulls on a
+    /// new one after.
     ///
     /// Uses `$JS.API.CONSUMER.RESET` (nats-server 2.14 or newer); an older server refuses it
     /// ([`BusError::ResetRefused`]) and the caller goes on with the ack wait.
