@@ -224,8 +224,7 @@ async fn logout_kills_the_access_token_and_its_refresh_token_even_after_a_restar
     wait_for_event(&api, "logout").await;
 
     // Revocation lives in Postgres: a restarted API (or another replica) still refuses it.
-    api.proc.signal("TERM");
-    assert_eq!(api.proc.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    api.proc.stop_cleanly(Duration::from_secs(30)).await;
     let addr = api.addr.clone();
     let mut envs = vault_testkit::base_env(&api.db, &api.nats);
     envs.push(("API_ADDR", addr.clone()));

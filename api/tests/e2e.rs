@@ -361,8 +361,7 @@ async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
         "validation_failed",
     )
     .await;
-    auditor.signal("TERM");
-    assert_eq!(auditor.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    auditor.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -372,8 +371,7 @@ async fn queue_lag_stays_visible_while_theengine_is_down() {
     s.api.promote("operator@example.com").await;
     let user = s.api.user("waiting@example.com").await;
     s.fund(&user, "100").await;
-    s.engine.signal("TERM");
-    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
 
     let placed = s.api.post("/account/deposits", Some(&user), json!({"asset": "USD", "amount": "5"})).await;
     assert_eq!(placed.status(), 202);
@@ -482,6 +480,5 @@ async fn a_fill_reaches_the_user_as_a_notification_and_a_signed_webhook() {
         (d["deliveries"][0]["status"] == "delivered" && d["deliveries"][0]["last_status_code"] == 200).then_some(())
     })
     .await;
-    notifier.signal("TERM");
-    assert_eq!(notifier.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", notifier.output());
+    notifier.stop_cleanly(Duration::from_secs(30)).await;
 }

@@ -284,8 +284,7 @@ async fn kill_9_at_random_moments_of_a_flood_loses_doubles_and_reorders_nothing(
     })
     .await;
     assert_consistent(&pool, total as usize).await;
-    engine.signal("TERM");
-    assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", engine.output());
+    engine.stop_cleanly(Duration::from_secs(30)).await;
 
     let (code, report) = run_reconcile(BIN, &db, &["--stream-order"]).await;
     let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages").fetch_one(&pool).await.expect("n");
@@ -451,8 +450,7 @@ async fn a_second_engine_on_the_same_partitions_stands_by_and_takes_over_when_th
     })
     .await;
     assert_consistent(&pool, total as usize).await;
-    second.signal("TERM");
-    assert_eq!(second.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", second.output());
+    second.stop_cleanly(Duration::from_secs(30)).await;
     println!(
         "second engine on the same partitions: {total} commands, {at_kill} applied by the first when it was killed, \
          the rest by the standby within {caught_up:.1?} of the flood's end"
@@ -526,8 +524,7 @@ async fn an_engine_whose_lease_connection_is_dropped_stops_serving_and_stands_by
 
     // The first stops; then the second's lease is killed with nobody waiting: it takes the lease
     // back itself, reloads and serves the rest.
-    first.signal("TERM");
-    assert_eq!(first.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", first.output());
+    first.stop_cleanly(Duration::from_secs(30)).await;
     drop_lease_session(&pool).await;
     // Its state is loaded a second time once it holds the lease again (/readyz may still show
     // the last check's 200 for up to a second after the loss, so it cannot tell).
@@ -545,8 +542,7 @@ async fn an_engine_whose_lease_connection_is_dropped_stops_serving_and_stands_by
     .await;
     assert_consistent(&pool, commands.len()).await;
     assert!(second.is_running(), "{}", second.output());
-    second.signal("TERM");
-    assert_eq!(second.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", second.output());
+    second.stop_cleanly(Duration::from_secs(30)).await;
     let (code, report) = run_reconcile(BIN, &db, &["--stream-order"]).await;
     assert!(
         code == 0 && report["clean"] == true,

@@ -66,8 +66,7 @@ async fn sigterm_stops_the_engine_even_while_nats_is_unreachable() {
     nats.kill();
     engine.wait_http_status(&addr, "/readyz", 503, Duration::from_secs(15)).await;
 
-    engine.signal("TERM");
-    assert_eq!(engine.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", engine.output());
+    engine.stop_cleanly(Duration::from_secs(20)).await;
     assert!(engine.output().contains("\"stopped\""), "the engine logs its clean stop:\n{}", engine.output());
 }
 
@@ -96,8 +95,7 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
     })
     .await;
 
-    engine.signal("TERM");
-    assert_eq!(engine.wait_exit(Duration::from_secs(20)).await.code(), Some(0), "{}", engine.output());
+    engine.stop_cleanly(Duration::from_secs(20)).await;
     blocker.rollback().await.expect("unlock");
 
     let (mut next, _) = start_engine(&db, &nats, "0-15").await;
@@ -111,8 +109,7 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
     .await
     .expect("balance");
     assert_eq!((total, postings), (Decimal::from(100), 1), "the deposit applied once");
-    next.signal("TERM");
-    assert_eq!(next.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", next.output());
+    next.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -127,8 +124,7 @@ async fn the_engine_declares_its_partition_consumers_once_and_serves_ops() {
         "only the owned partitions get consumers"
     );
 
-    engine.signal("TERM");
-    assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", engine.output());
+    engine.stop_cleanly(Duration::from_secs(30)).await;
 
     // A second start finds everything declared and changes nothing.
     let (mut again, _) = start_engine(&db, &nats, "0-3").await;

@@ -138,8 +138,7 @@ async fn trade(keep_engine: bool) -> (Traded, Option<Session>) {
     if keep_engine {
         return (traded, Some(s));
     }
-    s.engine.signal("TERM");
-    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
     drop(s.nats);
     (traded, None)
 }
@@ -233,8 +232,7 @@ async fn a_database_after_a_real_trading_run_reconciles_clean_with_every_check_l
     assert_eq!(last["name"], "command_stream_order", "{report}");
     assert!(last["examined"].as_i64() > Some(0), "{report}");
 
-    s.engine.signal("TERM");
-    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
 
     // The human-readable report: one line per check with its count, and the verdict.
     let mut text = Proc::spawn(BIN, &["reconcile"], &[("DATABASE_URL", t.db.url.clone())]);

@@ -244,8 +244,7 @@ async fn two_engines_on_disjoint_ranges_serve_every_partition_once_and_a_missing
     }
 
     for engine in [&mut first, &mut second] {
-        engine.signal("TERM");
-        assert_eq!(engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", engine.output());
+        engine.stop_cleanly(Duration::from_secs(30)).await;
     }
     let (code, report) = run_reconcile(BIN, &db, &["--stream-order"]).await;
     let fills: i64 = sqlx::query_scalar("SELECT count(*) FROM fills").fetch_one(&pool).await.expect("fills");

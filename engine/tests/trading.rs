@@ -48,8 +48,7 @@ impl Stack {
     }
 
     async fn restart_engine(&mut self) {
-        self.engine.signal("TERM");
-        assert_eq!(self.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", self.engine.output());
+        self.engine.stop_cleanly(Duration::from_secs(30)).await;
         let (engine, ops) = start_engine(&self.db, &self.nats, &[]).await;
         self.engine = engine;
         self.ops = ops;
@@ -372,8 +371,7 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
         users.push(s.user().await);
     }
     // The engine is stopped while the commands arrive, so they wait together when it starts.
-    s.engine.signal("TERM");
-    assert_eq!(s.engine.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", s.engine.output());
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
     let mut deposits = Vec::new();
     for (i, user) in users.iter().enumerate() {
         let (id, body) = s.deposit_intake(*user, "USD", Decimal::from(1000 + i as i64)).await;

@@ -535,6 +535,14 @@ impl Proc {
         }
     }
 
+    /// Asks the process to stop (SIGTERM) and asserts it exits 0 within `within` (panicking
+    /// with its output otherwise): the clean stop every process owes its orchestrator.
+    pub async fn stop_cleanly(&mut self, within: Duration) {
+        self.signal("TERM");
+        let status = self.wait_exit(within).await;
+        assert_eq!(status.code(), Some(0), "a clean stop exits 0; output:\n{}", self.output());
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

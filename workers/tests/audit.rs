@@ -126,8 +126,7 @@ async fn every_message_becomes_one_chained_row_even_across_a_kill_9() {
     println!(
         "audit kill -9: 360 messages, {at_kill} rows before the kill, 360 rows after (120 per stream), chain verified"
     );
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -220,8 +219,7 @@ async fn messages_a_dead_worker_held_come_back_at_once_when_the_next_starts() {
     bus.ensure_streams().await.expect("streams");
     // The first worker declares the consumers and stops.
     let mut worker = start(&db, &nats).await;
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 
     publish_mix(&bus, Uuid::now_v7(), 30).await;
     // A worker that pulls ten events and dies before acking them.
@@ -288,6 +286,5 @@ async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_message
     assert_eq!(rows(&pool).await, 3, "each message written once");
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }

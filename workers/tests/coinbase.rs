@@ -307,8 +307,7 @@ async fn recorded_prices_flow_across_a_dropped_connection_without_duplicates_and
     assert!(output.contains("unusable frame from the Coinbase feed") && output.contains("tick refused"), "{output}");
 
     assert!(worker.is_running(), "{output}");
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]

@@ -604,8 +604,7 @@ async fn every_event_has_exactly_one_notification_across_a_kill_9() {
         "notify kill -9 while consuming: 660 events, {at_kill} notified before the kill, 660 notifications and 220 emails after, 0 lost, 0 doubled"
     );
 
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 #[tokio::test]
@@ -921,6 +920,5 @@ async fn webhook_requests_in_flight_at_a_kill_9_are_neither_lost_nor_sent_twice_
         hits_at_kill,
         doubled.len(),
     );
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }

@@ -54,8 +54,7 @@ async fn the_simulated_source_ticks_every_market_and_continues_after_a_restart()
     .await;
     assert!(metrics.contains("vault_price_ticks_published_total"));
 
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
     let before = last_tick(&nats, "BTC-USD").await.expect("a tick");
     let (mut again, _) = start(&db, &nats).await;
     let after = poll_until(Duration::from_secs(15), "a tick after the restart", || async {
@@ -63,8 +62,7 @@ async fn the_simulated_source_ticks_every_market_and_continues_after_a_restart()
     })
     .await;
     assert_eq!(after.seq, before.seq + 1, "the sequence continues, so no tick is dropped as a duplicate");
-    again.signal("TERM");
-    assert_eq!(again.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
+    again.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 /// BTC-USD ticks within half a second; the fifth jumps more than 20 % and must be refused.
@@ -145,8 +143,7 @@ async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_in
     // The end of the file leaves the worker idle, not gone.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(worker.is_running(), "the worker exited at the end of the file:\n{}", worker.output());
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
     pool.close().await;
 }
 

@@ -124,6 +124,5 @@ async fn a_worker_started_before_the_cluster_has_a_quorum_waits_for_it() {
     assert!(worker.is_running(), "the worker exited instead of waiting:\n{}", worker.output());
     cluster.restart_nodes(&[1, 2]).await;
     worker.wait_http_status(&addr, "/readyz", 200, Duration::from_secs(60)).await;
-    worker.signal("TERM");
-    assert_eq!(worker.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
