@@ -755,10 +755,10 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the
 }
 
 /// Asked to stop while recording an attempt is blocked (a lock on its row), the email sender
-/// stops within its grace instead of waiting for the lock, and the row is left to its lease:
-/// still pending, due again when the lease runs out.
+/// stops within its grace instead of waiting for the lock, and the row is not lost: left to
+/// its lease, or recorded by the statement that was still waiting when the lock went.
 #[tokio::test]
-async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_and_leaves_the_row_to_its_lease() {
+async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within_its_grace_and_loses_nothing() {
     use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, gate) = fake_smtp().await;
@@ -816,7 +816,12 @@ async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_and_le
             .fetch_one(&stack.pool)
             .await
             .expect("row");
-    assert_eq!((status.as_str(), attempts, leased), ("pending", 0, true), "left to its lease, due again after it");
+    // Giving the record up drops the client's side only: the statement may still be waiting on
+    // the lock at the server and land once the lock goes. Either way nothing is lost.
+    assert!(
+        [("pending", 0, true), ("sent", 1, true)].contains(&(status.as_str(), attempts, leased)),
+        "left to its lease (due again after it), or recorded once the lock went: {status} {attempts} {leased}"
+    );
 }
 
 /// A kill -9 while webhook requests are in flight: every delivery row exists once per event and
