@@ -22,6 +22,8 @@ pub mod runtime;
 pub mod store;
 
 use actix::Arbiter;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 use vault_bus::consumers::ConsumerSpec;
 use vault_bus::{Process, consumers};
@@ -36,10 +38,11 @@ use crate::store::PgStore;
 ///
 /// The engine serves only while it holds its partition lease ([`lease`]): it waits for the
 /// lease, loads its state and serves; when the lease is lost (its Postgres connection dropped:
-/// an outage, a restarted server, a killed session) it stops serving, drains what is in flight,
-/// drops every actor and the book, and waits for the lease again — in the same process, so a
-/// Postgres outage heals without a restart, and state is always reloaded from the database after
-/// a gap in which another engine may have served the partitions.
+/// an outage, a restarted server, a killed session) or a partition consumer ends while serving
+/// (a bug), it stops serving, drains what is in flight, drops every actor and the book, and
+/// waits for the lease again — in the same process, so a Postgres outage heals without a
+/// restart, and state is always reloaded from the database after a gap in which another engine
+/// may have served the partitions.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let specs = consumers::engine(settings.engine_partitions);
     let partitions = settings.engine_partitions;
@@ -56,7 +59,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         match serve(&process, &specs, lease, &shutdown).await {
             Ok(()) if shutdown.is_cancelled() => break Ok(()),
             Ok(()) => {
-                tracing::warn!(partitions = ?partitions, "serving stopped with the lease; waiting to take it again");
+                tracing::warn!(partitions = ?partitions, "serving stopped (the lease lost, or a consumer ended); waiting to take the lease again");
                 // Not ready from now on, not from the next periodic check.
                 process.readiness.refresh().await;
             }
@@ -67,8 +70,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     served
 }
 
-/// Serves the partitions of `lease` until `shutdown` fires or the lease is lost, then drains and
-/// gives the lease back.
+/// Serves the partitions of `lease` until `shutdown` fires, the lease is lost or a partition
+/// consumer ends ([`until_one_ends`]), then drains and gives the lease back.
 async fn serve(
     process: &Process,
     specs: &[ConsumerSpec],
@@ -112,7 +115,7 @@ async fn serve(
             .collect(),
     );
 
-    let mut tasks = Vec::new();
+    let mut consumers = FuturesUnordered::new();
     let background = vec![
         actix::spawn(runtime::refresh_markets(pool.clone(), shared.clone(), serving.clone())),
         actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
@@ -120,19 +123,17 @@ async fn serve(
     let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));
     for spec in specs.iter().cloned() {
         let (bus, pool, router, serving) = (process.bus.clone(), pool.clone(), router.clone(), serving.clone());
-        tasks.push(actix::spawn(async move {
+        consumers.push(actix::spawn(async move {
             let name = spec.durable.clone();
-            if let Err(e) = runtime::consume_partition(bus, pool, router, spec, serving).await {
-                tracing::error!(consumer = %name, error = format!("{e:#}"), "consumer stopped");
-            }
+            (name, runtime::consume_partition(bus, pool, router, spec, serving).await)
         }));
     }
     tracing::info!(partitions = ?partitions, shards = cores, ops = %process.ops_addr, "engine ready");
 
-    serving.cancelled().await;
-    for task in tasks {
-        let _ = task.await;
+    if let Some(reason) = until_one_ends(&mut consumers, &serving).await {
+        tracing::error!(reason, "a partition consumer stopped while serving; serving everything again");
     }
+    while consumers.next().await.is_some() {}
     if let Ok(Err(e)) = feed.await {
         tracing::warn!(error = format!("{e:#}"), "price feed ended with an error");
     }
@@ -151,4 +152,63 @@ async fn serve(
         Err(e) => anyhow::bail!("lease task: {e}"),
     }
     Ok(())
+}
+
+/// What a partition consumer task comes to: its consumer's name and the loop's result.
+type ConsumerTask = tokio::task::JoinHandle<(String, anyhow::Result<()>)>;
+
+/// Waits for `serving` to end. A consumer loop returns only on shutdown, so one of `consumers`
+/// ending first (an error, or a panic: a bug) would leave its partition unserved by an engine
+/// that still answers ready; instead `serving` is cancelled — the engine drains, gives its lease
+/// back and serves every partition again from its ack floor, as after a lost lease — and the
+/// reason is returned.
+async fn until_one_ends(consumers: &mut FuturesUnordered<ConsumerTask>, serving: &CancellationToken) -> Option<String> {
+    let ended = tokio::select! {
+        biased;
+        _ = serving.cancelled() => return None,
+        Some(ended) = consumers.next() => ended,
+    };
+    let reason = match ended {
+        Ok((name, Ok(()))) => format!("consumer {name} ended"),
+        Ok((name, Err(e))) => format!("consumer {name} failed: {e:#}"),
+        Err(e) => format!("a consumer task failed: {e}"),
+    };
+    serving.cancel();
+    Some(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_consumer_that_panics_while_serving_stops_serving_and_says_why() {
+        let serving = CancellationToken::new();
+        let mut consumers: FuturesUnordered<ConsumerTask> = FuturesUnordered::new();
+        let running = serving.clone();
+        consumers.push(tokio::spawn(async move {
+            running.cancelled().await;
+            ("engine-p00".to_owned(), Ok(()))
+        }));
+        consumers.push(tokio::spawn(async { panic!("a bug in the loop") }));
+        let reason = until_one_ends(&mut consumers, &serving).await.expect("a consumer ended first");
+        assert!(reason.contains("panicked"), "{reason}");
+        assert!(serving.is_cancelled(), "serving stops, so the others drain");
+        let (name, result) = consumers.next().await.expect("the other").expect("it did not panic");
+        assert_eq!(name, "engine-p00");
+        assert!(result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn consumers_that_end_with_serving_are_no_news() {
+        let serving = CancellationToken::new();
+        let mut consumers: FuturesUnordered<ConsumerTask> = FuturesUnordered::new();
+        let running = serving.clone();
+        consumers.push(tokio::spawn(async move {
+            running.cancelled().await;
+            ("engine-p00".to_owned(), Ok(()))
+        }));
+        serving.cancel();
+        assert_eq!(until_one_ends(&mut consumers, &serving).await, None);
+    }
 }
