@@ -181,15 +181,20 @@ async fn until_one_ends(consumers: &mut FuturesUnordered<ConsumerTask>, serving:
 mod tests {
     use super::*;
 
+    /// A consumer as it should be: it ends when serving does.
+    fn serving_until_cancelled(serving: &CancellationToken) -> ConsumerTask {
+        let serving = serving.clone();
+        tokio::spawn(async move {
+            serving.cancelled().await;
+            ("engine-p00".to_owned(), Ok(()))
+        })
+    }
+
     #[tokio::test]
     async fn a_consumer_that_panics_while_serving_stops_serving_and_says_why() {
         let serving = CancellationToken::new();
         let mut consumers: FuturesUnordered<ConsumerTask> = FuturesUnordered::new();
-        let running = serving.clone();
-        consumers.push(tokio::spawn(async move {
-            running.cancelled().await;
-            ("engine-p00".to_owned(), Ok(()))
-        }));
+        consumers.push(serving_until_cancelled(&serving));
         consumers.push(tokio::spawn(async { panic!("a bug in the loop") }));
         let reason = until_one_ends(&mut consumers, &serving).await.expect("a consumer ended first");
         assert!(reason.contains("panicked"), "{reason}");
@@ -203,11 +208,7 @@ mod tests {
     async fn consumers_that_end_with_serving_are_no_news() {
         let serving = CancellationToken::new();
         let mut consumers: FuturesUnordered<ConsumerTask> = FuturesUnordered::new();
-        let running = serving.clone();
-        consumers.push(tokio::spawn(async move {
-            running.cancelled().await;
-            ("engine-p00".to_owned(), Ok(()))
-        }));
+        consumers.push(serving_until_cancelled(&serving));
         serving.cancel();
         assert_eq!(until_one_ends(&mut consumers, &serving).await, None);
     }

@@ -188,6 +188,24 @@ async fn assert_consistent(pool: &PgPool, commands: usize) {
     assert_eq!(drift, 0, "balances equal ledger sums and holds");
 }
 
+/// `vault-engine reconcile`'s verdict is clean (its report shown otherwise).
+fn assert_reconciled(code: i32, report: &serde_json::Value) {
+    assert!(
+        code == 0 && report["clean"] == true,
+        "reconcile found violations (exit {code}):\n{}",
+        serde_json::to_string_pretty(report).unwrap_or_default()
+    );
+}
+
+/// The copies a rewind sends again were recognised as duplicates, none refused as corrupt.
+fn assert_no_copy_refused(engine: &Proc) {
+    assert!(
+        !engine.output().contains("corrupt state"),
+        "a rewound copy was refused, not recognised:\n{}",
+        engine.output()
+    );
+}
+
 /// The moments of the faults: a small seeded generator (splitmix64), so a failing run can be
 /// replayed. The seed is printed; `VAULT_FAULT_SEED=<n>` sets it.
 struct Moments(u64);
@@ -302,13 +320,9 @@ async fn kill_9_at_random_moments_of_a_flood_loses_doubles_and_reorders_nothing(
     assert_eq!(mid_flood as u64, KILLS, "every kill came before the flood was applied: {kills:?}");
     assert_eq!(parked, 0, "nothing parked");
     for e in killed.iter().chain([&engine]) {
-        assert!(!e.output().contains("corrupt state"), "a rewound copy was refused, not recognised:\n{}", e.output());
+        assert_no_copy_refused(e);
     }
-    assert!(
-        code == 0 && report["clean"] == true,
-        "reconcile found violations (exit {code}):\n{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
-    );
+    assert_reconciled(code, &report);
 }
 
 /// Deliveries taken from under the engine twice in a row — another client pulling one of its
@@ -381,12 +395,8 @@ async fn deliveries_lost_twice_in_a_row_are_applied_in_stream_order_after_the_re
          all applied {caught_up:.1?} after the last publish, reconcile (with stream order): {} violations",
         report["violations_total"],
     );
-    assert!(!engine.output().contains("corrupt state"), "a rewound copy was refused:\n{}", engine.output());
-    assert!(
-        code == 0 && report["clean"] == true,
-        "reconcile found violations (exit {code}):\n{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
-    );
+    assert_no_copy_refused(&engine);
+    assert_reconciled(code, &report);
 }
 
 /// A second engine started on the same partitions (a misconfiguration, or a deploy that starts
