@@ -1037,6 +1037,20 @@ async fn orders_are_refused_503_overloaded_past_the_partitions_queue_limit_even_
     assert_eq!(refused.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body = problem(refused, 503, "overloaded").await;
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("nothing was placed")), "{body}");
+    // A refusal on purpose is a warning in the log, not an error (a NATS blip would write
+    // hundreds of them).
+    poll_until(DEADLINE, "the refusal logged", || async {
+        api.proc.output().lines().any(|l| l.contains("response failed") && l.contains("\"WARN\"")).then_some(())
+    })
+    .await;
+    let errors: Vec<String> = api
+        .proc
+        .output()
+        .lines()
+        .filter(|l| l.contains("response failed") && l.contains("\"ERROR\""))
+        .map(str::to_owned)
+        .collect();
+    assert!(errors.is_empty(), "503s logged as errors: {errors:?}");
     // Nothing of the refused order exists: a row and a command per accepted order, no more.
     let rows = count(&api, &format!("SELECT count(*) FROM orders WHERE user_id = '{user}'")).await;
     assert_eq!(rows, accepted as i64);

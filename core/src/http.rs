@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::HeaderName;
+use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use hyper::body::Incoming;
@@ -73,6 +73,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -94,19 +95,39 @@ pub fn observe(router: Router) -> Router {
             .layer(middleware::from_fn(drop_unusable_request_id))
             .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let request_id =
-                    req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
-                tracing::info_span!(
-                    "http",
-                    request_id = %request_id,
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                    user_id = tracing::field::Empty,
-                )
-            }))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| {
+                        let request_id = req
+                            .extensions()
+                            .get::<RequestId>()
+                            .and_then(|id| id.header_value().to_str().ok())
+                            .unwrap_or("-");
+                        tracing::info_span!(
+                            "http",
+                            request_id = %request_id,
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            user_id = tracing::field::Empty,
+                        )
+                    })
+                    .on_failure(log_failure),
+            )
             .layer(middleware::from_fn(record_metrics)),
     )
+}
+
+/// Logs a failed response: a 503 at WARN — the service refusing on purpose (NATS down, the
+/// engine's queue over its limit, not ready), with its reason logged where it was decided, so a
+/// NATS blip of two seconds does not write two hundred errors — anything else at ERROR.
+fn log_failure(failure: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
+    let latency = latency.as_millis();
+    match failure {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::warn!(classification = %failure, latency_ms = latency, "response failed");
+        }
+        _ => tracing::error!(classification = %failure, latency_ms = latency, "response failed"),
+    }
 }
 
 /// Whether a client's `X-Request-Id` may travel on (see the module docs).
