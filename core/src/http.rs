@@ -118,8 +118,9 @@ pub fn observe(router: Router) -> Router {
 }
 
 /// Logs a failed response: a 503 at WARN — the service refusing on purpose (NATS down, the
-/// engine's queue over its limit, not ready), with its reason logged where it was decided, so a
-/// NATS blip of two seconds does not write two hundred errors — anything else at ERROR.
+/// engine's queue over its limit, not ready), its reason logged or counted where it was
+/// decided, so a NATS blip of two seconds does not write two hundred errors — anything else at
+/// ERROR.
 fn log_failure(failure: ServerErrorsFailureClass, latency: Duration, _span: &tracing::Span) {
     let latency = latency.as_millis();
     match failure {
