@@ -126,9 +126,7 @@ async fn sigterm_stops_the_api_cleanly_with_exit_code_zero() {
     let (nats, db) = (NatsServer::start().await, TestDb::create().await);
     migrated(&db).await;
     let (mut api, addr) = start_api(&db, &nats).await;
-    api.signal("TERM");
-    let status = api.wait_exit(Duration::from_secs(30)).await;
-    assert_eq!(status.code(), Some(0), "output:\n{}", api.output());
+    api.stop_cleanly(Duration::from_secs(30)).await;
     assert!(http_client().get(format!("http://{addr}/health")).send().await.is_err(), "nothing listens after exit");
 }
 
@@ -142,9 +140,7 @@ async fn sigterm_stops_the_api_even_while_nats_is_unreachable() {
     nats.kill();
     api.wait_http_status(&addr, "/readyz", 503, Duration::from_secs(15)).await;
 
-    api.signal("TERM");
-    let status = api.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "output:\n{}", api.output());
+    api.stop_cleanly(Duration::from_secs(20)).await;
     assert!(api.output().contains("\"stopped\""), "the API logs its stop:\n{}", api.output());
 }
 

@@ -275,9 +275,7 @@ async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_message
     })
     .await;
 
-    worker.signal("TERM");
-    let status = worker.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(20)).await;
     assert!(worker.output().contains("a batch was still being written at shutdown"), "{}", worker.output());
 
     blocker.rollback().await.expect("unlock");
