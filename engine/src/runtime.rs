@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{OrderCommand, PriceTick, decode};
-use vault_bus::{Bus, BusError, MessageContext, Rewound, park, streams, subjects};
+use vault_bus::{Bus, MessageContext, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
@@ -173,18 +173,7 @@ async fn reposition(bus: &Bus, consumer: &PullConsumer, durable: &str) -> anyhow
     // The server must have seen the last message stream's subscription go before the reset,
     // or a pull request of it could still take messages.
     bus.client().flush().await?;
-    let next_delivery = match bus.rewind_to_ack_floor(streams::ORDERS.name, durable).await {
-        Ok(Rewound { outstanding: 0, next_delivery }) => next_delivery,
-        Ok(Rewound { outstanding, next_delivery }) => {
-            tracing::info!(consumer = durable, outstanding, "rewound to the ack floor");
-            next_delivery
-        }
-        Err(e @ BusError::ResetRefused { .. }) => {
-            tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked commands return after the ack wait");
-            0
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let next_delivery = bus.rewind_logged(streams::ORDERS.name, durable).await?;
     let messages = consumer.stream().max_messages_per_batch(256).expires(PULL_EXPIRES).messages().await?;
     Ok((messages, next_delivery))
 }
@@ -217,11 +206,7 @@ pub async fn consume_partition(
     // Set-up and repositioning wait for NATS (and stop when asked) rather than end the
     // partition's loop: an engine whose NATS blinked at that moment kept running, ready, with
     // the partition unserved.
-    let open = || async {
-        let stream = bus.jetstream().get_stream(streams::ORDERS.name).await?;
-        let consumer: PullConsumer = stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::Ok(consumer)
-    };
+    let open = || async { anyhow::Ok(bus.pull_consumer(streams::ORDERS.name, &spec.durable).await?) };
     let Some(consumer) = vault_bus::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
         return Ok(());
     };

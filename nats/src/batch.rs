@@ -29,28 +29,21 @@ use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::{ConsumerMetrics, Outcome};
 use vault_core::shutdown::{GRACE, finish_or_give_up};
 
+use crate::Bus;
 use crate::consumers::ConsumerSpec;
 use crate::park;
-use crate::{Bus, Rewound};
 
 /// A gap in deliveries this soon after the consumer's last rewind is not rewound again: the
 /// rewind itself is still delivering, or a second process is pulling the same consumer.
 pub const REWIND_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 /// Rewinds the consumer to its ack floor; returns the delivery sequence its next message must
-/// carry (0 when unknown: the server refused, and un-acked messages return after the ack wait).
+/// carry (0 when unknown: un-acked messages return after the ack wait).
 async fn rewind(bus: &Bus, stream: &str, durable: &str) -> u64 {
-    match bus.rewind_to_ack_floor(stream, durable).await {
-        Ok(Rewound { outstanding: 0, next_delivery }) => next_delivery,
-        Ok(Rewound { outstanding, next_delivery }) => {
-            tracing::info!(consumer = durable, outstanding, "rewound to the ack floor");
-            next_delivery
-        }
-        Err(e) => {
-            tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked messages return after the ack wait");
-            0
-        }
-    }
+    bus.rewind_logged(stream, durable).await.unwrap_or_else(|e| {
+        tracing::warn!(consumer = durable, error = %e, "cannot rewind; un-acked messages return after the ack wait");
+        0
+    })
 }
 
 /// Where a consumer's deliveries stand.
@@ -144,12 +137,7 @@ where
 {
     let (mut inputs, mut sequences) = (Vec::new(), Vec::new());
     for (index, spec) in specs.iter().enumerate() {
-        let open = || async {
-            let stream = bus.jetstream().get_stream(spec.stream).await?;
-            let consumer: async_nats::jetstream::consumer::PullConsumer =
-                stream.get_consumer(&spec.durable).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            anyhow::Ok(consumer)
-        };
+        let open = || async { anyhow::Ok(bus.pull_consumer(spec.stream, &spec.durable).await?) };
         let Some(consumer) = crate::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
             return Ok(());
         };

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use async_nats::{HeaderMap, jetstream::publish::PublishAck};
 use backon::{ExponentialBuilder, Retryable};
@@ -360,6 +361,33 @@ impl Bus {
                 reason: error.to_string(),
             }),
         }
+    }
+
+    /// [`Self::rewind_to_ack_floor`] as a consumer loop uses it, logged: the delivery sequence
+    /// the consumer's next message must carry, or 0 when the server refuses the reset (warned:
+    /// un-acked messages then return after the ack wait). Other errors (NATS not answering)
+    /// are the caller's to retry or accept.
+    pub async fn rewind_logged(&self, stream: &str, consumer: &str) -> Result<u64, BusError> {
+        match self.rewind_to_ack_floor(stream, consumer).await {
+            Ok(Rewound { outstanding: 0, next_delivery }) => Ok(next_delivery),
+            Ok(Rewound { outstanding, next_delivery }) => {
+                tracing::info!(consumer, outstanding, "rewound to the ack floor");
+                Ok(next_delivery)
+            }
+            Err(e @ BusError::ResetRefused { .. }) => {
+                tracing::warn!(consumer, error = %e, "cannot rewind; un-acked messages return after the ack wait");
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The durable pull consumer `consumer` of `stream`, as declared.
+    pub async fn pull_consumer(&self, stream: &str, consumer: &str) -> Result<PullConsumer, BusError> {
+        let err =
+            |reason: String| BusError::Consumer { stream: stream.to_owned(), consumer: consumer.to_owned(), reason };
+        let handle = self.js.get_stream_no_info(stream).await.map_err(|e| err(e.to_string()))?;
+        handle.get_consumer(consumer).await.map_err(|e| err(e.to_string()))
     }
 
     /// A readiness check: connected, every stream present, every given consumer present.
