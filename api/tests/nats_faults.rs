@@ -111,25 +111,12 @@ impl Stack {
             let creds = json!({"email": email, "password": support::PASSWORD});
             // Twenty argon2id hashes at once on a loaded machine outlast a trader's patience:
             // the set-up waits longer than the burst's clients do.
-            let signup = self
-                .client
-                .post(self.url("/auth/signup"))
-                .json(&creds)
-                .timeout(SETUP_TIMEOUT)
-                .send()
-                .await
-                .expect("signup");
+            let send = |path: &str| self.client.post(self.url(path)).json(&creds).timeout(SETUP_TIMEOUT).send();
+            let signup = send("/auth/signup").await.expect("signup");
             assert_eq!(signup.status(), 201, "signup {email}");
             let user: Value = signup.json().await.expect("user json");
             let id = user["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("a user id: {user}"));
-            let login = self
-                .client
-                .post(self.url("/auth/login"))
-                .json(&creds)
-                .timeout(SETUP_TIMEOUT)
-                .send()
-                .await
-                .expect("login");
+            let login = send("/auth/login").await.expect("login");
             assert_eq!(login.status(), 200, "login {email}");
             let tokens: Value = login.json().await.expect("token json");
             let token = tokens["access_token"].as_str().unwrap_or_else(|| panic!("an access token: {tokens}"));

@@ -254,7 +254,8 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
 
 /// Records `done` and empties it; a failure is logged (the rows' lease brings them back). After
 /// the shutdown signal the record gets [`GRACE`]: one a lock or a silent database holds longer
-/// is given up, and the lease brings the rows back (sent again: at least once).
+/// is given up — the statement may still land at the server once the lock goes; if not, the
+/// lease brings the rows back (sent again: at least once).
 async fn flush(pool: &PgPool, done: &mut Vec<Attempted<'_>>, shutdown: &CancellationToken) {
     match finish_or_give_up(shutdown, record(pool, done)).await {
         Some(Ok(())) => {}
