@@ -37,7 +37,7 @@ const OUTAGE: Duration = Duration::from_secs(20);
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
-    stalled: Arc<AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -46,7 +46,7 @@ struct Proxy {
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: Arc<AtomicBool>,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -55,8 +55,8 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while stalled.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -68,7 +68,8 @@ impl Proxy {
     async fn start(upstream: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy binds");
         let port = listener.local_addr().expect("addr").port();
-        let (cut, stalled) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let cut = Arc::new(AtomicBool::new(false));
+        let stalled = tokio::sync::watch::Sender::new(false);
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let (cut2, stalled2, open2) = (cut.clone(), stalled.clone(), open.clone());
         let accept = tokio::spawn(async move {
@@ -78,7 +79,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
-                let (upstream, stalled) = (upstream.clone(), stalled2.clone());
+                let (upstream, stalled) = (upstream.clone(), stalled2.subscribe());
                 let task = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
                         let (from_client, to_client) = inbound.into_split();
@@ -108,7 +109,7 @@ impl Proxy {
     }
 
     fn stall(&self) {
-        self.stalled.store(true, Ordering::SeqCst);
+        self.stalled.send_replace(true);
     }
 }
 
