@@ -172,6 +172,92 @@ async fn five_failures_lock_the_account_even_for_the_right_password_until_an_adm
     problem(missing, 404, "not_found").await;
 }
 
+/// Concurrent attempts all pass the login's first lock check before any is counted (they then
+/// wait for the one hashing slot): only the first five may be told "invalid credentials"; the
+/// rest find the account locked when they are counted, answer 423 and do not extend the lock.
+#[tokio::test]
+async fn concurrent_wrong_passwords_get_five_guesses_and_the_rest_find_the_lock() {
+    let api = Api::start_with(&[("RATE_LIMIT_LOGIN_PER_MIN", "0")]).await;
+    api.signup("hugo@example.com").await;
+    let attempts = (0..10).map(|i| {
+        let api = &api;
+        async move { api.login("hugo@example.com", &format!("wrong password {i}")).await }
+    });
+    let answers = futures::future::join_all(attempts).await;
+    let mut codes = Vec::new();
+    for answer in answers {
+        let status = answer.status().as_u16();
+        let body: Value = answer.json().await.expect("problem");
+        codes.push((status, body["code"].as_str().unwrap_or_default().to_owned()));
+    }
+    let told = codes.iter().filter(|c| *c == &(401, "invalid_credentials".to_owned())).count();
+    let locked = codes.iter().filter(|c| *c == &(423, "account_locked".to_owned())).count();
+    assert_eq!((told, locked), (5, 5), "five guesses answered, five refused by the lock: {codes:?}");
+
+    let pool = api.db.pool().await;
+    let (failures, lock_minutes): (i32, f64) = sqlx::query_as(
+        "SELECT failed_logins, extract(epoch FROM locked_until - updated_at)::float8 / 60
+           FROM users WHERE email = 'hugo@example.com'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert_eq!(failures, 5, "attempts refused by the lock are not counted");
+    assert!((14.9..=15.1).contains(&lock_minutes), "the lock set by the fifth failure, not extended: {lock_minutes}");
+    problem(api.login("hugo@example.com", PASSWORD).await, 423, "account_locked").await;
+    wait_for_event(&api, "locked").await;
+    let locks = auth_events(&api).await.into_iter().filter(|(k, _, _)| k == "locked").count();
+    assert_eq!(locks, 1, "one lock, announced once");
+}
+
+/// A lock taken while the right password is being verified holds: the login passed the first
+/// check before the lock, and its success (which clears the count) must not clear the lock. The
+/// test holds Ivan's row, so the login's success update waits for it, then locks him as an admin
+/// lock does and lets go.
+#[tokio::test]
+async fn a_lock_taken_while_the_right_password_is_verified_holds() {
+    let api = Api::start().await;
+    let ivan = api.signup("ivan@example.com").await;
+    let id = ivan["id"].as_str().expect("id").to_owned();
+    let pool = api.db.pool().await;
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM users WHERE id = $1::uuid FOR UPDATE").bind(&id).execute(&mut *tx).await.expect("lock");
+
+    let login = tokio::spawn({
+        let (client, url) = (api.client.clone(), api.url("/auth/login"));
+        async move { client.post(url).json(&json!({"email": "ivan@example.com", "password": PASSWORD})).send().await }
+    });
+    poll_until(Duration::from_secs(20), "the login's update to wait for Ivan's row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE users SET failed_logins = 0%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("activity");
+        (waiting == 1).then_some(())
+    })
+    .await;
+    sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z' WHERE id = $1::uuid")
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .expect("lock Ivan");
+    tx.commit().await.expect("commit");
+
+    let answer = login.await.expect("task").expect("answer");
+    problem(answer, 423, "account_locked").await;
+    let (year, families): (f64, i64) = sqlx::query_as(
+        "SELECT extract(year FROM locked_until)::float8, (SELECT count(*) FROM token_families WHERE user_id = u.id)
+           FROM users u WHERE id = $1::uuid",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert_eq!(year, 9999.0, "the lock stands");
+    assert_eq!(families, 0, "no session was started");
+}
+
 #[tokio::test]
 async fn a_refresh_token_works_once_and_reuse_revokes_the_whole_family() {
     let api = Api::start().await;

@@ -280,19 +280,18 @@ pub async fn login(
     } else {
         sqlx::query_as(
             "SELECT id, password_hash, role, totp_enabled, totp_secret, email, locked_until
-               FROM users WHERE lower(email) = $1",
+               FROM users WHERE lower(email) = lower($1)",
         )
-        .bind(&email_key)
+        // Postgres lowercases, as its unique index does: Rust's `to_lowercase` differs from it on
+        // a few letters (the Turkish dotted İ, a final Σ), and such a user could never log in.
+        .bind(body.email.trim())
         .fetch_optional(&state.pool)
         .await?
     };
 
     let now = Utc::now();
     if let Some(locked_until) = user.as_ref().and_then(|u| u.locked_until).filter(|t| *t > now) {
-        let user_id = user.as_ref().map(|u| u.id);
-        state.events.emit(AuthEventKind::LoginFailed, user_id, &meta, serde_json::json!({"reason": "account_locked"}));
-        let secs = (locked_until - now).num_seconds().clamp(1, 86_400) as u64;
-        return Err(ApiError::Locked { retry_after_secs: secs });
+        return Err(refuse_locked(&state, user.as_ref().map(|u| u.id), &meta, locked_until, now));
     }
 
     let matches = state.hasher.verify(body.password, user.as_ref().map(|u| u.password_hash.clone())).await?;
@@ -327,10 +326,14 @@ pub async fn login(
     }
 
     let mut tx = state.pool.begin().await?;
+    // The lock is checked again here, under the row's lock: the password was verified after the
+    // first check (waiting for a hashing slot), and a lock taken meanwhile — the 5th failure of
+    // concurrent attempts, or an admin's — must hold even against the right password.
     let accepted = sqlx::query(
         "UPDATE users SET failed_logins = 0, locked_until = NULL, updated_at = now(),
                 totp_last_step = COALESCE($2, totp_last_step)
-          WHERE id = $1 AND ($2::BIGINT IS NULL OR totp_last_step IS NULL OR totp_last_step < $2)",
+          WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
+            AND ($2::BIGINT IS NULL OR totp_last_step IS NULL OR totp_last_step < $2)",
     )
     .bind(user.id)
     .bind(totp_step)
@@ -338,8 +341,9 @@ pub async fn login(
     .await?
     .rows_affected();
     if accepted == 0 {
-        // The same TOTP code (time step) was already used: a replay.
         drop(tx);
+        // Locked since the first check, or the same TOTP code (time step) was already used: a
+        // replay, counted as a failure (which answers 423 itself if the account is locked).
         record_failure(&state, user.id, &meta, "totp_replayed").await?;
         return Err(totp_invalid());
     }
@@ -395,26 +399,52 @@ async fn insert_refresh_token(
     Ok(token)
 }
 
+/// The 423 for an attempt on a locked account (not counted: a lock is never extended).
+fn refuse_locked(
+    state: &AppState,
+    user: Option<Uuid>,
+    meta: &RequestMeta,
+    locked_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> ApiError {
+    state.events.emit(AuthEventKind::LoginFailed, user, meta, serde_json::json!({"reason": "account_locked"}));
+    let secs = (locked_until - now).num_seconds().clamp(1, 86_400) as u64;
+    ApiError::Locked { retry_after_secs: secs }
+}
+
 /// Counts a failed attempt; the 5th in a row locks the account for 15 minutes. A lock that
 /// has already expired starts the count afresh.
+///
+/// An attempt that finds the account locked when it is counted — concurrent attempts all pass
+/// the login's first check before any is counted — changes nothing (the lock is not extended,
+/// an admin's lock not shortened) and is answered 423 like one refused at that check: only the
+/// attempts counted before the lock get an answer that says anything about the password.
 async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason: &str) -> Result<(), ApiError> {
-    let (failures, locked): (i32, bool) = sqlx::query_as(
+    let counted: Option<(i32, bool)> = sqlx::query_as(
         "UPDATE users SET
-            failed_logins = CASE WHEN locked_until IS NOT NULL AND locked_until <= now() THEN 1
-                                 ELSE failed_logins + 1 END,
+            failed_logins = CASE WHEN locked_until IS NOT NULL THEN 1 ELSE failed_logins + 1 END,
             locked_until = CASE
-                WHEN locked_until IS NOT NULL AND locked_until <= now() THEN NULL
-                WHEN failed_logins + 1 >= $2 THEN now() + make_interval(mins => $3)
-                ELSE locked_until END,
+                WHEN (CASE WHEN locked_until IS NOT NULL THEN 1 ELSE failed_logins + 1 END) >= $2
+                    THEN now() + make_interval(mins => $3)
+                ELSE NULL END,
             updated_at = now()
-          WHERE id = $1
+          WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
           RETURNING failed_logins, locked_until IS NOT NULL",
     )
     .bind(user)
     .bind(LOCK_AFTER_FAILURES)
     .bind(LOCK_MINUTES as i32)
-    .fetch_one(&state.pool)
+    .fetch_optional(&state.pool)
     .await?;
+    let Some((failures, locked)) = counted else {
+        let locked_until: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT locked_until FROM users WHERE id = $1")
+            .bind(user)
+            .fetch_optional(&state.pool)
+            .await?
+            .flatten();
+        let now = Utc::now();
+        return Err(refuse_locked(state, Some(user), meta, locked_until.unwrap_or(now), now));
+    };
     state.events.emit(
         AuthEventKind::LoginFailed,
         Some(user),
@@ -572,7 +602,7 @@ pub async fn totp_enable(
     };
     let pending = pending.ok_or_else(invalid)?;
     let step = totp::verify(&pending, &email, &body.code, Utc::now()).ok_or_else(invalid)?;
-    sqlx::query(
+    let enabled = sqlx::query(
         "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL, totp_enabled = true,
                 totp_last_step = $2, updated_at = now()
           WHERE id = $1 AND totp_pending_secret = $3",
@@ -581,7 +611,28 @@ pub async fn totp_enable(
     .bind(step)
     .bind(&pending)
     .execute(&state.pool)
-    .await?;
+    .await?
+    .rows_affected();
+    if enabled == 0 {
+        // Between the read and the update another `/auth/totp/setup` replaced the secret (2FA is
+        // not on: this code's secret is gone), or a concurrent enable with this same secret
+        // turned it on (then this one is done too).
+        let on_with_this: bool =
+            sqlx::query_scalar("SELECT COALESCE(totp_enabled AND totp_secret = $2, false) FROM users WHERE id = $1")
+                .bind(caller.user_id)
+                .bind(&pending)
+                .fetch_one(&state.pool)
+                .await?;
+        if !on_with_this {
+            return Err(ApiError::Validation {
+                code: "totp_invalid",
+                errors: vec![FieldError::new(
+                    "code",
+                    "the secret was replaced by a newer /auth/totp/setup: confirm with its code",
+                )],
+            });
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

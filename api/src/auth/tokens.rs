@@ -62,9 +62,9 @@ impl JwtKeys {
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        // Clocks of API replicas agree within seconds; a minute of leeway is the usual
-        // tolerance and still ends a stolen token 15 minutes after it was issued.
-        validation.leeway = 30;
+        // Clocks of API replicas agree within a second or two (NTP); 5 s of leeway tolerates
+        // that, and a token still dies within 5 s of its 15 minutes.
+        validation.leeway = 5;
         JwtKeys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation }
     }
 

@@ -281,8 +281,9 @@ impl Connection {
         let every = self.config.ping_interval;
         let mut ping = interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // Connections opened together (after a deploy, say) spread their re-checks out.
-        let first_recheck = self.config.recheck_interval.mul_f64(rand::random_range(0.5..1.5));
+        // Connections opened together (after a deploy, say) spread their re-checks out; the first
+        // comes within one interval, so a credential is never re-checked later than promised.
+        let first_recheck = self.config.recheck_interval.mul_f64(rand::random_range(0.5..=1.0));
         let mut recheck = interval_at(Instant::now() + first_recheck, self.config.recheck_interval);
         recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let idle = sleep_until(self.last_heard + self.config.idle_timeout);
