@@ -113,6 +113,26 @@ async fn rate_limits_answer_429_with_headers_per_ip_and_per_login_email() {
     problem(limited, 429, "rate_limited").await;
 }
 
+/// A made-up API key does not buy its own bucket: a key the API has not found live is charged to
+/// the IP, so a new key on every request is limited like no key at all.
+#[tokio::test]
+async fn made_up_api_keys_are_charged_to_the_ip() {
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "1")]).await;
+    let mut statuses = Vec::new();
+    for n in 0..3 {
+        let resp = api
+            .client
+            .post(api.url("/auth/signup"))
+            .header("x-api-key", format!("vk_made_up_{n}"))
+            .json(&json!({"email": format!("spray{n}@example.com"), "password": PASSWORD}))
+            .send()
+            .await
+            .expect("answer");
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [201, 201, 429], "the third signup from one IP is over its burst whatever the key");
+}
+
 #[tokio::test]
 async fn logins_are_limited_per_email_whatever_the_ip_allows() {
     let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "0"), ("RATE_LIMIT_LOGIN_PER_MIN", "2")]).await;
