@@ -19,6 +19,17 @@ pub fn refusal(ip: IpAddr) -> Option<&'static str> {
                 let [c, d] = s[7].to_be_bytes();
                 return refusal_v4(Ipv4Addr::new(a, b, c, d));
             }
+            // 6to4 (2002:a.b.c.d::/16) embeds an IPv4 host too; Teredo (2001::/32), the
+            // documentation prefix (2001:db8::/32) and discard-only (100::/64) are never a
+            // public destination (IANA's special-purpose registry).
+            if s[0] == 0x2002 {
+                let [a, b] = s[1].to_be_bytes();
+                let [c, d] = s[2].to_be_bytes();
+                return refusal_v4(Ipv4Addr::new(a, b, c, d)).or(Some("6to4"));
+            }
+            if (s[0] == 0x2001 && (s[1] == 0 || s[1] == 0x0db8)) || s[..4] == [0x0100, 0, 0, 0] {
+                return Some("reserved");
+            }
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
@@ -42,7 +53,7 @@ pub fn refusal(ip: IpAddr) -> Option<&'static str> {
 }
 
 fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     if ip.is_loopback() {
         Some("loopback")
     } else if ip.is_private() {
@@ -55,6 +66,13 @@ fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("shared (CGNAT)")
     } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
         Some("multicast or reserved")
+    } else if (a == 192 && b == 0 && matches!(c, 0 | 2))
+        || (a == 198 && (b == 18 || b == 19))
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113)
+    {
+        // IETF protocol assignments, benchmarking and the documentation networks (RFC 6890).
+        Some("reserved")
     } else {
         None
     }
