@@ -155,6 +155,8 @@ pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: Cancel
         }
         Configured::Replay(path) => {
             let replay = Replay::load(path)?;
+            let increments = listed_markets(pool).await?.into_iter().map(|m| (m.symbol, m.increment)).collect();
+            replay.check_markets(&increments).map_err(|e| anyhow::anyhow!("replay file {path}: {e}"))?;
             tracing::info!(path, ticks = replay.remaining(), "replaying recorded prices");
             publish_from(replay, bus, pool, shutdown).await
         }

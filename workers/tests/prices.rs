@@ -160,6 +160,17 @@ async fn a_malformed_replay_file_stops_the_worker_at_start_naming_the_line_and_p
     assert!(output.contains("replay file ticks.csv: line 3: price") && output.contains("is not a decimal"), "{output}");
     assert!(last_tick(&nats, "BTC-USD").await.is_none(), "the valid first line was not published either");
 
+    // A price off its market's increment is not rounded into one: the file is refused.
+    let file = "2026-01-02T03:04:05Z,BTC-USD,65000\n2026-01-02T03:04:06Z,BTC-USD,65000.123456789\n";
+    let (mut off, _) = Proc::spawn_with_ops_and_files(BIN, &["prices"], &envs, &[("ticks.csv", file)]);
+    assert_ne!(off.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "{}", off.output());
+    assert!(
+        off.output().contains("replay file ticks.csv: line 2: price 65000.123456789 is not a multiple"),
+        "{}",
+        off.output()
+    );
+    assert!(last_tick(&nats, "BTC-USD").await.is_none(), "nothing of it was published");
+
     let (mut missing, _) = Proc::spawn_with_ops(BIN, &["prices"], &envs);
     assert_ne!(missing.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
     assert!(missing.output().contains("cannot read the replay file ticks.csv"), "{}", missing.output());

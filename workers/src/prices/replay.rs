@@ -1,9 +1,12 @@
 //! The `replay:<csv>` source: a recorded file of ticks played back at its recorded pace.
 //!
 //! Format: one tick per line, `timestamp,symbol,price` — an RFC 3339 timestamp, a market symbol
-//! and a positive decimal. A first line `timestamp,symbol,price` is a header; blank lines are
-//! ignored. The whole file is read and checked before anything is published, so a malformed
-//! line is a startup error naming its line number, never a half-played file.
+//! and a positive decimal, read exactly (refused with an underscore or digits past 28 places). A
+//! first line `timestamp,symbol,price` is a header; blank lines are ignored. The whole file is
+//! read and checked before anything is published — every symbol a listed market and every price
+//! a multiple of its market's price increment (a replay is a recording of real prices; it is
+//! never rounded into one) — so a malformed line is a startup error naming its line number,
+//! never a half-played file.
 //!
 //! Pace: the worker waits the gap between consecutive recorded timestamps (lines with the same
 //! timestamp go out as one batch; a timestamp earlier than the previous line's is played
@@ -12,18 +15,21 @@
 //! must still be a live market to it. At the end of the file the source is exhausted and the
 //! worker stays up, idle, until it is stopped.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use vault_core::domain::{Positive, Symbol};
+use vault_core::domain::{Positive, Symbol, parse_decimal};
 
 use super::{PriceSource, Quote};
 
 /// One recorded tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
+    /// Its line in the file (1-based).
+    pub line: usize,
     pub at: DateTime<Utc>,
     pub symbol: Symbol,
     pub price: Positive,
@@ -46,11 +52,10 @@ pub fn parse(text: &str) -> Result<Vec<Recorded>, String> {
             .map_err(|e| format!("line {n}: timestamp {at:?} is not RFC 3339 ({e})"))?
             .with_timezone(&Utc);
         let symbol = Symbol::parse(symbol).map_err(|e| format!("line {n}: {e}"))?;
-        let price = price
-            .parse::<Decimal>()
-            .map_err(|_| format!("line {n}: price {price:?} is not a decimal"))
+        let price = parse_decimal(price)
+            .map_err(|e| format!("line {n}: price {price:?} is not a decimal ({e})"))
             .and_then(|d| Positive::new(d).map_err(|e| format!("line {n}: price {price:?} {e}")))?;
-        out.push(Recorded { at, symbol, price });
+        out.push(Recorded { line: n, at, symbol, price });
     }
     Ok(out)
 }
@@ -80,6 +85,25 @@ impl Replay {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the replay file {path}"))?;
         let ticks = parse(&text).map_err(|e| anyhow::anyhow!("replay file {path}: {e}"))?;
         Ok(Replay::new(ticks))
+    }
+
+    /// Checks every tick against the listed markets' price increments (by symbol); the error
+    /// names the first line whose symbol is not listed or whose price is off its increment.
+    pub fn check_markets(&self, increments: &HashMap<Symbol, Decimal>) -> Result<(), String> {
+        for tick in self.next.iter().chain(self.ticks.as_slice()) {
+            let Some(increment) = increments.get(&tick.symbol) else {
+                return Err(format!("line {}: {} is not a listed market", tick.line, tick.symbol));
+            };
+            if !(tick.price.get() % increment).is_zero() {
+                return Err(format!(
+                    "line {}: price {} is not a multiple of {}'s price increment {increment}",
+                    tick.line,
+                    tick.price.get(),
+                    tick.symbol
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// How many ticks are left to play.
@@ -146,10 +170,25 @@ mod tests {
             ("2026-01-02T03:04:05Z,BTC-USD,0\n", "line 1: price \"0\" must be greater than zero"),
             ("2026-01-02T03:04:05Z,BTC-USD,1,2\n", "line 1: expected"),
             ("2026-01-02T03:04:05Z,BTC-USD,1\ntimestamp,symbol,price\n", "line 2: timestamp"),
+            ("2026-01-02T03:04:05Z,BTC-USD,65_000\n", "line 1: price \"65_000\" is not a decimal"),
+            ("2026-01-02T03:04:05Z,BTC-USD,1.00000000000000000000000000001\n", "line 1: price"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn ticks_of_unlisted_markets_or_off_their_increment_are_refused_naming_the_line() {
+        let increments: HashMap<Symbol, Decimal> =
+            [(Symbol::parse("BTC-USD").expect("symbol"), dec!(0.01))].into_iter().collect();
+        let file = |text: &str| Replay::new(parse(text).expect("parses"));
+        assert_eq!(file("2026-01-02T03:04:05Z,BTC-USD,65000.12\n").check_markets(&increments), Ok(()));
+        let off = file("2026-01-02T03:04:05Z,BTC-USD,65000.12\n2026-01-02T03:04:06Z,BTC-USD,65000.123456789\n");
+        let err = off.check_markets(&increments).expect_err("off the increment");
+        assert!(err.starts_with("line 2: price 65000.123456789 is not a multiple"), "{err}");
+        let unlisted = file("2026-01-02T03:04:05Z,DOGE-USD,0.1\n");
+        assert_eq!(unlisted.check_markets(&increments), Err("line 1: DOGE-USD is not a listed market".to_owned()));
     }
 
     #[tokio::test]
