@@ -70,7 +70,7 @@ pub async fn list_users(
     caller: Caller,
     ApiQuery(filter): ApiQuery<UserFilter>,
 ) -> Result<axum::Json<AdminUserList>, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_read()?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     if filter.email.as_deref().is_some_and(|e| e.contains('\0')) {
         return Err(ApiError::invalid("email", "must not contain NUL characters"));
@@ -101,7 +101,7 @@ pub async fn lock_user(
     caller: Caller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_session()?;
     let mut tx = state.pool.begin().await?;
     let found = sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z', updated_at = now() WHERE id = $1")
         .bind(id)
@@ -132,7 +132,7 @@ pub async fn unlock_user(
     caller: Caller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_session()?;
     let found =
         sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = now() WHERE id = $1")
             .bind(id)
@@ -174,7 +174,7 @@ async fn set_market_status(
     symbol: &str,
     status: &str,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_session()?;
     let found = sqlx::query("UPDATE markets SET status = $2, updated_at = now() WHERE symbol = $1")
         .bind(symbol)
         .bind(status)
@@ -279,7 +279,7 @@ pub async fn audit(
     caller: Caller,
     ApiQuery(filter): ApiQuery<AuditFilter>,
 ) -> Result<axum::Json<AuditPage>, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_read()?;
     let page = SeqPage::parse(filter.limit, filter.cursor.as_deref())?;
     if let (Some(from), Some(to)) = (filter.from, filter.to)
         && from >= to
@@ -313,7 +313,7 @@ pub async fn audit(
     responses((status = 200, description = "{streams: [{name, messages, bytes, first_seq, last_seq, consumers: [{name, num_pending, num_ack_pending, num_redelivered, oldest_pending_age_seconds, last_active}]}]}"),
               (status = 403, body = Problem), (status = 503, body = Problem)))]
 pub async fn queues(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    caller.require_admin()?;
+    caller.require_admin_read()?;
     let streams = vault_bus::lag::snapshot(&state.bus, None).await.map_err(|e| {
         tracing::warn!(error = %e, "queue snapshot failed");
         ApiError::Unavailable("nats")

@@ -8,7 +8,12 @@
 //! - not JSON at all (syntax, invalid UTF-8, empty, nested deeper than 128) → 400
 //!   `malformed_request`;
 //! - JSON of the wrong shape (not an object, unknown field, missing or repeated field, wrong
-//!   type) → 422 with the path of the offending field in `errors[].field`.
+//!   type) → 422 with the path of the offending field in `errors[].field`;
+//! - a JSON number that cannot be read exactly (more than [`EXACT_DIGITS`] significant digits
+//!   with a fraction or an exponent, or an integer of more than 18 digits) → 422: serde_json
+//!   reads such a number through an `f64`, which would round it (`50000.010000000000000001`
+//!   would arrive as `50000.01`), and decimals are read exactly or refused. Strings carry any
+//!   decimal exactly.
 //!
 //! The extractor enforces [`BODY_LIMIT`] and [`BODY_TIMEOUT`] itself, so a route gets them
 //! whatever layers it sits under. A body is a JSON object: serde would also read a struct from
@@ -77,6 +82,15 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("", "the body must be a JSON object"));
     }
+    if let Some((field, number)) = inexact_number(text) {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the JSON number {number} has more digits than a JSON number is read with exactly \
+                 ({EXACT_DIGITS} significant): send it as a string"
+            ),
+        ));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => value,
@@ -94,6 +108,59 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Trailing garbage after the value is malformed JSON, not a second document.
     de.end().map_err(|e| malformed(&e))?;
     Ok(value)
+}
+
+/// Significant digits every number with a fraction or an exponent keeps through an `f64`
+/// (`f64::DIGITS`): one with at most this many reads back as exactly what was sent.
+pub const EXACT_DIGITS: usize = f64::DIGITS as usize;
+
+/// The first number in `text` (valid JSON) that serde_json would not read exactly — with a
+/// fraction or an exponent and more than [`EXACT_DIGITS`] significant digits (it goes through
+/// an `f64`), or an integer of more than 18 digits (past `i64`/`u64` it does too) — with the
+/// key it is the value of (the innermost; empty at the top level).
+fn inexact_number(text: &str) -> Option<(&str, &str)> {
+    let bytes = text.as_bytes();
+    let (mut i, mut in_string) = (0, false);
+    let (mut string_start, mut last_string, mut key) = (0, "", "");
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => {
+                    in_string = false;
+                    last_string = &text[string_start..i];
+                }
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                string_start = i + 1;
+            }
+            b':' => key = last_string,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                    i += 1;
+                }
+                let number = &text[start..i];
+                let mantissa = number.split(['e', 'E']).next().unwrap_or_default();
+                let digits = mantissa.bytes().filter(u8::is_ascii_digit).skip_while(|d| *d == b'0').count();
+                let integer = mantissa.len() == number.len() && !number.contains('.');
+                if (integer && digits > 18) || (!integer && digits > EXACT_DIGITS) {
+                    return Some((key, number));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 fn malformed(err: &serde_json::Error) -> ApiError {
@@ -153,6 +220,22 @@ mod tests {
                 };
                 (e.status_code().as_u16(), field)
             }
+        }
+    }
+
+    #[test]
+    fn numbers_are_read_exactly_or_refused() {
+        for (text, refused) in [
+            (r#"{"a": 50000.01, "b": [1, -2.5e3, 0.000000000000001]}"#, None),
+            (r#"{"a": 123456789012345.6}"#, Some(("a", "123456789012345.6"))),
+            (r#"{"x": 1, "limit_price": 50000.010000000000000001}"#, Some(("limit_price", "50000.010000000000000001"))),
+            (r#"{"a": {"b": [0.0000000000000012345678901234567]}}"#, Some(("b", "0.0000000000000012345678901234567"))),
+            (r#"{"a": 123456789012345678}"#, None),
+            (r#"{"a": -1234567890123456789}"#, Some(("a", "-1234567890123456789"))),
+            (r#"{"a": "50000.010000000000000001 in a string", "b\"": "1234567890123456789"}"#, None),
+            (r#"{"a\"b": 1.5e300, "c": 1.23456789012345678}"#, Some(("c", "1.23456789012345678"))),
+        ] {
+            assert_eq!(inexact_number(text), refused, "{text}");
         }
     }
 

@@ -206,6 +206,18 @@ async fn a_second_order_with_the_same_client_id_returns_the_first_and_places_not
     other["quantity"] = json!("0.5");
     let third = json_of(api.post("/orders", Some(&token), other).await, 200).await;
     assert_eq!((third["id"].clone(), third["quantity"].clone()), (first["id"].clone(), json!("0.015")));
+    // Even with terms that no longer pass validation (a quantity off the increment, a market that
+    // does not exist): a retry must not read as "nothing was placed".
+    for (field, value) in [("quantity", "0.0000001"), ("symbol", "NOPE-USD")] {
+        let mut invalid = limit_order("same-1");
+        invalid[field] = json!(value);
+        let replayed = json_of(api.post("/orders", Some(&token), invalid).await, 200).await;
+        assert_eq!(replayed["id"], first["id"], "{field}");
+    }
+    // A client id never used is still refused by validation.
+    let mut unknown = limit_order("never-used");
+    unknown["symbol"] = json!("NOPE-USD");
+    problem(api.post("/orders", Some(&token), unknown).await, 422, "validation_failed").await;
 
     assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 1);
     // The pending row's command was re-published (healing a crash between insert and publish);
@@ -270,6 +282,21 @@ async fn invalid_orders_are_422_naming_the_field_and_place_nothing() {
             problem["errors"].as_array().expect("errors").iter().filter_map(|e| e["field"].as_str()).collect();
         assert!(fields.contains(&field), "{what}: expected {field:?} in {problem}");
     }
+    // A JSON number with more digits than an f64 keeps would be rounded on the way in
+    // (50000.010000000000000001 → 50000.01, on the increment): refused, never rounded.
+    let raw = r#"{"symbol": "BTC-USD", "side": "buy", "type": "limit", "quantity": "0.015",
+                  "limit_price": 50000.010000000000000001}"#;
+    let resp = api
+        .client
+        .post(api.url("/orders"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .expect("answer");
+    let refused = problem(resp, 422, "validation_failed").await;
+    assert_eq!(refused["errors"][0]["field"], "limit_price", "{refused}");
     assert_eq!(count(&api, "SELECT count(*) FROM orders").await, 0, "no intake row");
     assert!(stream_messages(&api, streams::ORDERS.name).await.is_empty(), "no command");
 }
@@ -537,6 +564,25 @@ async fn admins_halt_and_resume_markets_and_users_cannot() {
     let resp = api.call(Method::POST, "/admin/markets/SOL-USD/resume", Some(&admin), None).await;
     assert_eq!(resp.status(), 204);
     assert_eq!(status_of(json_of(api.get("/markets", None).await, 200).await), "trading");
+
+    // An admin's API key reads admin data with `read`, and takes no admin action whatever its
+    // scopes: halts and locks need the admin's session.
+    let key = read_only_key(&api, &admin).await;
+    json_of(api.get("/admin/users?email=jon", Some(&key)).await, 200).await;
+    let halted = api.call(Method::POST, "/admin/markets/SOL-USD/halt", Some(&key), None).await;
+    problem(halted, 403, "session_required").await;
+    let trading_key =
+        json_of(api.post("/api-keys", Some(&admin), json!({"name": "bot", "scopes": ["read", "trade"]})).await, 201)
+            .await["key"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+    let jon: Value = json_of(api.get("/admin/users?email=jon", Some(&admin)).await, 200).await;
+    let jon_id = jon["users"][0]["id"].as_str().expect("id").to_owned();
+    let locked = api.call(Method::POST, &format!("/admin/users/{jon_id}/lock"), Some(&trading_key), None).await;
+    problem(locked, 403, "session_required").await;
+    assert_eq!(status_of(json_of(api.get("/markets", None).await, 200).await), "trading");
+    assert_eq!(count(&api, "SELECT count(*) FROM users WHERE locked_until IS NOT NULL").await, 0);
 }
 
 #[tokio::test]
@@ -682,6 +728,8 @@ async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_lat
         "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'USD', 1000.00, 100, 0)",
         "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'BTC', 0.5, 0, 30000)",
         "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'ETH', 0, 0, 0)",
+        // Three SOL bought for 100 in all: avg_cost 33.33333333 (rounded), never priced here.
+        "INSERT INTO balances (user_id, asset, total, reserved, cost_basis) VALUES ($1, 'SOL', 3, 0, 100)",
     ] {
         sqlx::query(sql).bind(user).execute(&pool).await.expect("balance");
     }
@@ -725,7 +773,7 @@ async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_lat
     })
     .await;
     assert_eq!(unpriced["positions"][0]["market_price"], Value::Null);
-    assert_eq!(unpriced["equity"], "31000");
+    assert_eq!(unpriced["equity"], "31100", "cost bases exactly, not the rounded avg_cost times the quantity");
 
     publish_tick(&api, "BTC-USD", "65000", 1).await;
     wait_for_price(&api, "BTC-USD", "65000").await;
@@ -734,10 +782,12 @@ async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_lat
     assert_eq!(
         portfolio["positions"],
         json!([{"asset": "BTC", "symbol": "BTC-USD", "quantity": "0.5", "available": "0.5", "reserved": "0",
-                "avg_cost": "60000", "market_price": "65000", "market_value": "32500", "unrealized_pnl": "2500"}]),
+                "avg_cost": "60000", "market_price": "65000", "market_value": "32500", "unrealized_pnl": "2500"},
+               {"asset": "SOL", "symbol": "SOL-USD", "quantity": "3", "available": "3", "reserved": "0",
+                "avg_cost": "33.33333333", "market_price": null, "market_value": null, "unrealized_pnl": null}]),
         "the empty ETH balance is not a position"
     );
-    assert_eq!(portfolio["equity"], "33500");
+    assert_eq!(portfolio["equity"], "33600");
     assert!(portfolio["as_of"].is_string());
 
     let first = json_of(api.get("/ledger?limit=2", Some(&token)).await, 200).await;

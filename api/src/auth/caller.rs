@@ -83,6 +83,20 @@ impl Caller {
         }
     }
 
+    /// 403 unless an admin's logged-in session: admin actions (locks, market halts) are never
+    /// taken with an API key, whatever its scopes — a key kept by a monitoring script must not
+    /// be able to lock users or halt markets. An API key gets `session_required`.
+    pub fn require_admin_session(&self) -> Result<(), ApiError> {
+        self.require_admin()?;
+        self.require_session().map(|_| ())
+    }
+
+    /// 403 unless an admin whose credential may read: a session, or an API key with `read`.
+    pub fn require_admin_read(&self) -> Result<(), ApiError> {
+        self.require_admin()?;
+        self.require_scope(Scope::Read)
+    }
+
     /// The session, or 403 `session_required` for API keys (they cannot manage credentials).
     pub fn require_session(&self) -> Result<(Uuid, Uuid, DateTime<Utc>), ApiError> {
         match &self.credential {

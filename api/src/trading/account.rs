@@ -289,7 +289,7 @@ pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<
     let rows = balances(&state, caller.user_id).await?;
     let as_of = Utc::now();
     let mut cash = Cash { asset: "USD", total: Decimal::ZERO, available: Decimal::ZERO, reserved: Decimal::ZERO };
-    let mut positions = Vec::new();
+    let (mut positions, mut values) = (Vec::new(), Vec::new());
     for row in rows.iter() {
         if row.asset == "USD" {
             cash = Cash {
@@ -306,6 +306,7 @@ pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<
         let market = state.markets.usd_market_of(&row.asset);
         let market_price = market.as_ref().and_then(|m| state.prices.get(&m.symbol)).map(|p| p.price);
         let market_value = market_price.and_then(|p| row.total.checked_mul(p)).map(round_money);
+        values.push(market_value.unwrap_or(row.cost_basis));
         positions.push(Position {
             symbol: market.map(|m| m.symbol.to_string()),
             quantity: row.total.normalize(),
@@ -318,25 +319,17 @@ pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<
             asset: row.asset.clone(),
         });
     }
-    let equity = equity(cash.total, &positions).ok_or_else(|| {
+    let equity = equity(cash.total, &values).ok_or_else(|| {
         ApiError::Internal(anyhow::anyhow!("the equity of user {} exceeds the decimal range", caller.user_id))
     })?;
     Ok(Json(Portfolio { cash, positions, equity, as_of }))
 }
 
-/// Cash plus every position's market value (its cost basis without one); `None` when the sum
-/// leaves the decimal range (only absurd prices get there: the engine's amounts are checked).
-fn equity(cash: Decimal, positions: &[Position]) -> Option<Decimal> {
-    positions
-        .iter()
-        .try_fold(cash, |sum, p| {
-            let value = match p.market_value {
-                Some(value) => value,
-                None => round_money(p.avg_cost.checked_mul(p.quantity)?),
-            };
-            sum.checked_add(value)
-        })
-        .map(|sum| sum.normalize())
+/// Cash plus every position's value: its market value, or its cost basis exactly (not the
+/// rounded `avg_cost` times the quantity) without a price; `None` when the sum leaves the
+/// decimal range (only absurd prices get there: the engine's amounts are checked).
+fn equity(cash: Decimal, values: &[Decimal]) -> Option<Decimal> {
+    values.iter().try_fold(cash, |sum, value| sum.checked_add(*value)).map(|sum| sum.normalize())
 }
 
 /// The user's balance rows: from the [`super::portfolio_cache`] when it may serve them, else from
@@ -442,30 +435,13 @@ mod tests {
         })
     }
 
-    fn position(quantity: Decimal, avg_cost: Decimal, market_value: Option<Decimal>) -> Position {
-        Position {
-            asset: "BTC".into(),
-            symbol: Some("BTC-USD".into()),
-            quantity,
-            available: quantity,
-            reserved: Decimal::ZERO,
-            avg_cost,
-            market_price: None,
-            market_value,
-            unrealized_pnl: None,
-        }
-    }
-
     #[test]
-    fn equity_is_cash_plus_market_values_or_cost_and_none_beyond_the_decimal_range() {
-        let positions = [position(dec!(2), dec!(100), Some(dec!(250))), position(dec!(3), dec!(10), None)];
-        assert_eq!(equity(dec!(1000), &positions), Some(dec!(1280)));
+    fn equity_is_cash_plus_values_and_none_beyond_the_decimal_range() {
+        assert_eq!(equity(dec!(1000), &[dec!(250), dec!(30)]), Some(dec!(1280)));
         assert_eq!(equity(dec!(5.50), &[]), Some(dec!(5.5)));
         // Two positions each worth most of Decimal::MAX (an absurd price tick): no panic.
         let huge = Decimal::MAX - dec!(1);
-        let absurd = [position(dec!(1), dec!(1), Some(huge)), position(dec!(1), dec!(1), Some(huge))];
-        assert_eq!(equity(dec!(0), &absurd), None);
-        assert_eq!(equity(dec!(0), &[position(Decimal::MAX, dec!(2), None)]), None);
+        assert_eq!(equity(dec!(0), &[huge, huge]), None);
     }
 
     #[test]

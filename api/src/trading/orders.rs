@@ -236,11 +236,14 @@ pub async fn place_order(
 ) -> Result<Response, ApiError> {
     caller.require_scope(Scope::Trade)?;
     let wait = prefer_wait(&headers);
-    let order = validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price))?;
     let user = caller.user_id;
-    let (view, fresh) = match admit(&state, user, &order).await? {
-        Some(existing) => (existing, false),
-        None => insert_intake(&state, user, &order, &meta).await?,
+    let client_order_id = body.client_order_id.clone();
+    let (view, fresh) = match validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price)) {
+        Ok(order) => match admit(&state, user, &order).await? {
+            Some(existing) => (existing, false),
+            None => insert_intake(&state, user, &order, &meta).await?,
+        },
+        Err(refused) => (replayed(&state, user, client_order_id).await?.ok_or(refused)?, false),
     };
     if view.status != "pending" {
         return Ok(answer(StatusCode::OK, view, None));
@@ -273,6 +276,21 @@ pub async fn place_order(
     state.portfolios.forget(user);
     let status = if fresh && current.status != "pending" { StatusCode::CREATED } else { status };
     Ok(answer(status, current, Some(secs)))
+}
+
+/// For a request refused by validation: the existing order of its `client_order_id`, if it
+/// names one that exists. A repeated client id answers the existing order whatever the rest of
+/// the body says — a retry whose market order now falls under the minimum notional (the price
+/// moved) must not read as "nothing was placed". Only a refusal pays for this lookup.
+async fn replayed(
+    state: &AppState,
+    user: Uuid,
+    client_order_id: Option<String>,
+) -> Result<Option<OrderView>, ApiError> {
+    match client_order_id {
+        Some(id) if check_client_id("client_order_id", &id).is_ok() => load_by_client_id(&state.pool, user, &id).await,
+        _ => Ok(None),
+    }
 }
 
 /// Refuses a new order while the engine's queue for the user is over the limit (see
