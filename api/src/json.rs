@@ -82,15 +82,6 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("", "the body must be a JSON object"));
     }
-    if let Some((field, number)) = inexact_number(text) {
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "the JSON number {number} has more digits than a JSON number is read with exactly \
-                 ({EXACT_DIGITS} significant): send it as a string"
-            ),
-        ));
-    }
     let mut de = serde_json::Deserializer::from_str(text);
     let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => value,
@@ -107,6 +98,16 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     };
     // Trailing garbage after the value is malformed JSON, not a second document.
     de.end().map_err(|e| malformed(&e))?;
+    // Only a body of the right shape gets here, so a number found is one a field took.
+    if let Some((field, number)) = inexact_number(text) {
+        return Err(ApiError::invalid(
+            &field,
+            format!(
+                "the JSON number {number} has more digits than a JSON number is read with exactly \
+                 ({EXACT_DIGITS} significant): send it as a string"
+            ),
+        ));
+    }
     Ok(value)
 }
 
@@ -116,12 +117,17 @@ pub const EXACT_DIGITS: usize = f64::DIGITS as usize;
 
 /// The first number in `text` (valid JSON) that serde_json would not read exactly — with a
 /// fraction or an exponent and more than [`EXACT_DIGITS`] significant digits (it goes through
-/// an `f64`), or an integer of more than 18 digits (past `i64`/`u64` it does too) — with the
-/// key it is the value of (the innermost; empty at the top level).
-fn inexact_number(text: &str) -> Option<(&str, &str)> {
+/// an `f64`), or an integer of more than 18 digits (past `i64`/`u64` it does too) — with its
+/// path, written as `serde_path_to_error` writes one (`a.b[0]`).
+fn inexact_number(text: &str) -> Option<(String, &str)> {
+    enum Level<'a> {
+        Object(&'a str),
+        Array(usize),
+    }
     let bytes = text.as_bytes();
     let (mut i, mut in_string) = (0, false);
-    let (mut string_start, mut last_string, mut key) = (0, "", "");
+    let (mut string_start, mut last_string) = (0, "");
+    let mut levels: Vec<Level<'_>> = Vec::new();
     while i < bytes.len() {
         let b = bytes[i];
         if in_string {
@@ -141,7 +147,21 @@ fn inexact_number(text: &str) -> Option<(&str, &str)> {
                 in_string = true;
                 string_start = i + 1;
             }
-            b':' => key = last_string,
+            b'{' => levels.push(Level::Object("")),
+            b'[' => levels.push(Level::Array(0)),
+            b'}' | b']' => {
+                levels.pop();
+            }
+            b':' => {
+                if let Some(Level::Object(key)) = levels.last_mut() {
+                    *key = last_string;
+                }
+            }
+            b',' => {
+                if let Some(Level::Array(index)) = levels.last_mut() {
+                    *index += 1;
+                }
+            }
             b'-' | b'0'..=b'9' => {
                 let start = i;
                 while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
@@ -152,7 +172,18 @@ fn inexact_number(text: &str) -> Option<(&str, &str)> {
                 let digits = mantissa.bytes().filter(u8::is_ascii_digit).skip_while(|d| *d == b'0').count();
                 let integer = mantissa.len() == number.len() && !number.contains('.');
                 if (integer && digits > 18) || (!integer && digits > EXACT_DIGITS) {
-                    return Some((key, number));
+                    let mut path = String::new();
+                    for level in &levels {
+                        match level {
+                            Level::Object(key) if path.is_empty() => path.push_str(key),
+                            Level::Object(key) => {
+                                path.push('.');
+                                path.push_str(key);
+                            }
+                            Level::Array(index) => path.push_str(&format!("[{index}]")),
+                        }
+                    }
+                    return Some((path, number));
                 }
                 continue;
             }
@@ -229,13 +260,16 @@ mod tests {
             (r#"{"a": 50000.01, "b": [1, -2.5e3, 0.000000000000001]}"#, None),
             (r#"{"a": 123456789012345.6}"#, Some(("a", "123456789012345.6"))),
             (r#"{"x": 1, "limit_price": 50000.010000000000000001}"#, Some(("limit_price", "50000.010000000000000001"))),
-            (r#"{"a": {"b": [0.0000000000000012345678901234567]}}"#, Some(("b", "0.0000000000000012345678901234567"))),
+            (
+                r#"{"a": {"b": [1, 0.0000000000000012345678901234567]}}"#,
+                Some(("a.b[1]", "0.0000000000000012345678901234567")),
+            ),
             (r#"{"a": 123456789012345678}"#, None),
-            (r#"{"a": -1234567890123456789}"#, Some(("a", "-1234567890123456789"))),
+            (r#"{"a": [{"x": 1}, {"y": -1234567890123456789}]}"#, Some(("a[1].y", "-1234567890123456789"))),
             (r#"{"a": "50000.010000000000000001 in a string", "b\"": "1234567890123456789"}"#, None),
             (r#"{"a\"b": 1.5e300, "c": 1.23456789012345678}"#, Some(("c", "1.23456789012345678"))),
         ] {
-            assert_eq!(inexact_number(text), refused, "{text}");
+            assert_eq!(inexact_number(text), refused.map(|(path, n)| (path.to_owned(), n)), "{text}");
         }
     }
 
