@@ -295,6 +295,14 @@ impl Portfolio {
                 else {
                     return Ok(Vec::new());
                 };
+                // A buy never pays more than it reserved: its hold is the notional at its limit
+                // plus the fee at the rate in force when it was placed, and a rate raised since
+                // is charged only up to what the hold leaves (at the limit price, that is the
+                // old rate's fee). Charging more could take funds the user never set aside.
+                let fee = match order.side {
+                    Side::Buy => fee.min(order.hold - notional),
+                    Side::Sell => fee,
+                };
                 Ok(vec![Event::OrderFilled(Fill {
                     order_id: order.id,
                     symbol: order.symbol.clone(),

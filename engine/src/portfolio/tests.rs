@@ -130,6 +130,33 @@ fn a_resting_limit_buy_holds_funds_and_fills_at_the_crossing_ticks_price() {
 }
 
 #[test]
+fn a_fee_rate_raised_after_placement_charges_a_resting_buy_at_most_its_hold() {
+    let m = market(MarketStatus::Trading);
+    // Exactly the hold: 0.01 BTC at 40000 is 400 plus 0.4 of fee at 0.1 %.
+    let mut p = funded(dec!(400.4), dec!(0));
+    let cmd = order(Side::Buy, OrderType::Limit, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000)));
+    let Command::Place(req) = &cmd else { unreachable!() };
+    p.execute(&cmd, Some(&view(&m, Some(dec!(50000))))).expect("accepted");
+    let raised = Market { taker_fee_rate: dec!(0.002), ..m.clone() };
+    let trigger = |price| Command::Trigger { order_id: req.order_id, price: pos(price) };
+
+    // At the limit the hold leaves the old rate's fee: that is what is charged.
+    let mut at_limit = p.clone();
+    let events = at_limit.execute(&trigger(dec!(40000)), Some(&view(&raised, None))).expect("fills");
+    let Event::OrderFilled(fill) = &events[0] else { panic!("{events:?}") };
+    assert_eq!((fill.notional, fill.fee), (dec!(400), dec!(0.4)));
+    assert_eq!(at_limit.balance(&usd()), Balance { total: dec!(0), reserved: dec!(0) });
+    at_limit.check_invariants().expect("invariants");
+
+    // Below the limit the price's improvement pays the raised rate in full.
+    let events = p.execute(&trigger(dec!(39000)), Some(&view(&raised, None))).expect("fills");
+    let Event::OrderFilled(fill) = &events[0] else { panic!("{events:?}") };
+    assert_eq!((fill.notional, fill.fee), (dec!(390), dec!(0.78)));
+    assert_eq!(p.balance(&usd()), Balance { total: dec!(9.62), reserved: dec!(0) });
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
 fn marketable_limits_fill_at_once_and_unfillable_ioc_fok_expire() {
     let m = market(MarketStatus::Trading);
     let p = funded(dec!(1000), dec!(1));
