@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 /// An execution of an order.
@@ -59,14 +59,25 @@ pub struct DepositView {
     pub created_at: DateTime<Utc>,
 }
 
-/// Reads one of `user`'s orders with its fills; `None` when absent or someone else's.
+/// Opens a read-only transaction whose statements all see one snapshot. An order and its fills
+/// read by two statements outside one could tell two moments apart: the engine fills an order
+/// (its row and its fills in one statement) between them, and the answer shows an open order
+/// that has a fill. Every read of orders with their fills goes through one.
+pub async fn snapshot(conn: &mut PgConnection) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await
+}
+
+/// Reads one of `user`'s orders with its fills, in one snapshot; `None` when absent or someone
+/// else's.
 pub async fn load_order(conn: &mut PgConnection, user: Uuid, order: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
+    let mut tx = snapshot(conn).await?;
     let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2");
-    let Some(mut view) = sqlx::query_as::<_, OrderView>(&sql).bind(order).bind(user).fetch_optional(&mut *conn).await?
+    let Some(mut view) = sqlx::query_as::<_, OrderView>(&sql).bind(order).bind(user).fetch_optional(&mut *tx).await?
     else {
         return Ok(None);
     };
-    view.fills = load_fills(conn, &[order]).await?.into_iter().map(|(_, f)| f).collect();
+    view.fills = load_fills(&mut tx, &[order]).await?.into_iter().map(|(_, f)| f).collect();
+    tx.commit().await?;
     Ok(Some(view))
 }
 

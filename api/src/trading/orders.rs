@@ -536,20 +536,23 @@ pub async fn list_orders(
           ORDER BY id DESC LIMIT $5"
     );
     let mut conn = state.pool.acquire().await?;
+    // The orders and their fills from one snapshot (see `views::snapshot`).
+    let mut tx = views::snapshot(&mut conn).await?;
     let mut orders: Vec<OrderView> = sqlx::query_as(&sql)
         .bind(caller.user_id)
         .bind(statuses)
         .bind(symbol)
         .bind(page.before)
         .bind(page.fetch_limit())
-        .fetch_all(&mut *conn)
+        .fetch_all(&mut *tx)
         .await?;
     let next_cursor = page.finish(&mut orders, |o| o.id);
     let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
     let mut fills: HashMap<Uuid, Vec<views::FillView>> = HashMap::new();
-    for (order_id, fill) in views::load_fills(&mut conn, &ids).await? {
+    for (order_id, fill) in views::load_fills(&mut tx, &ids).await? {
         fills.entry(order_id).or_default().push(fill);
     }
+    tx.commit().await?;
     for order in &mut orders {
         order.fills = fills.remove(&order.id).unwrap_or_default();
     }
