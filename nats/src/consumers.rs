@@ -1,8 +1,12 @@
 //! The durable pull consumers of each process, declared once.
 //!
-//! Every consumer acks explicitly, after its work is durable. A message is delivered at most
-//! [`MAX_DELIVER`] times; the consumer parks it (see the `parked_messages` table) on the last
-//! attempt instead of letting it vanish.
+//! Every consumer acks explicitly, after its work is durable. A message that has failed
+//! [`MAX_DELIVER`] deliveries is parked by its consumer (see the `parked_messages` table) and
+//! terminated. The server itself never stops delivering a message (its `max_deliver` is
+//! unlimited): parking needs the database too, so during a Postgres outage every attempt fails,
+//! the park as well, and a server-side limit would drop the message without a trace once
+//! reached (an outage of a minute or two did that to audit rows and notifications). With no
+//! limit there, a message comes back until it is written or parked.
 
 use std::time::Duration;
 
@@ -11,8 +15,11 @@ use vault_core::config::PartitionRange;
 
 use crate::{streams, subjects};
 
-/// Deliveries of one message before the consumer parks it.
+/// Deliveries of one message before the consumer parks it (when the database takes the park).
 pub const MAX_DELIVER: i64 = 10;
+
+/// The server's own limit on deliveries: none (see the module docs).
+pub const SERVER_MAX_DELIVER: i64 = -1;
 
 /// One durable consumer's declaration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +57,7 @@ impl ConsumerSpec {
             ack_policy: AckPolicy::Explicit,
             deliver_policy: DeliverPolicy::All,
             ack_wait: self.ack_wait,
-            max_deliver: MAX_DELIVER,
+            max_deliver: SERVER_MAX_DELIVER,
             max_ack_pending: self.max_ack_pending,
             ..Default::default()
         }

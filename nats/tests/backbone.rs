@@ -111,10 +111,42 @@ async fn consumers_are_declared_once_and_left_alone_after() {
     let orders = bus.jetstream().get_stream("ORDERS").await.expect("ORDERS");
     let info = orders.consumer_info("engine-p07").await.expect("consumer exists");
     assert_eq!(info.config.filter_subject, "orders.7.*");
-    assert_eq!(info.config.max_deliver, consumers::MAX_DELIVER);
+    assert_eq!(info.config.max_deliver, consumers::SERVER_MAX_DELIVER);
     let mut names: Vec<String> = orders.consumer_names().map(|n| n.expect("name")).collect().await;
     names.sort();
     assert_eq!(names.len(), 17, "16 engine partitions and the audit consumer: {names:?}");
+}
+
+/// The server never drops a message for its delivery count: a consumer that keeps giving it
+/// back (every write failing while Postgres is down, the park too) gets it again past
+/// `MAX_DELIVER`, until it is written or parked. A consumer declared by an earlier release with
+/// a server-side limit is updated.
+#[tokio::test]
+async fn a_message_given_back_past_max_deliver_is_still_delivered() {
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+    let audit: Vec<_> = consumers::all().into_iter().filter(|c| c.durable == "audit-auth").collect();
+    assert_eq!(audit.len(), 1, "the audit consumer of AUTH");
+    let stream = bus.jetstream().get_stream("AUTH").await.expect("AUTH");
+    let mut old = audit[0].config();
+    old.max_deliver = consumers::MAX_DELIVER;
+    stream.create_consumer(old).await.expect("declared as an earlier release did");
+    let updated = bus.ensure_consumers(&audit).await.expect("declares");
+    assert_eq!(updated[0].1, EnsureOutcome::Updated, "{updated:?}");
+
+    bus.publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("published");
+    let consumer = bus.pull_consumer("AUTH", "audit-auth").await.expect("consumer");
+    let mut messages = consumer.messages().await.expect("pull");
+    for delivery in 1..=consumers::MAX_DELIVER + 3 {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {delivery} never came"))
+            .expect("a message")
+            .expect("no error");
+        assert_eq!(msg.info().expect("info").delivered as i64, delivery);
+        msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await.expect("nak");
+    }
 }
 
 /// The API's way with the engine's consumers: a missing one is created, one that exists is left
