@@ -147,34 +147,60 @@ pub fn chain_hash(prev: &[u8], e: &Entry) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Appends `entries` to the chain in one transaction; entries already recorded are skipped.
-/// Returns how many rows were written.
-pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<usize, sqlx::Error> {
+/// What [`append`] did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// Rows written.
+    pub written: usize,
+    /// Indices (into the batch) of entries whose stream sequence is already recorded with
+    /// *other* content: not copies of a recorded message (a stream declared again after it was
+    /// lost restarts its sequences), so neither skipped as one nor written over it. Not written.
+    pub conflicts: Vec<usize>,
+}
+
+/// Appends `entries` to the chain in one transaction. An entry whose stream sequence is
+/// recorded with the same content is a copy (a redelivery) and skipped; with other content it
+/// is a conflict, reported and not written.
+pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<Appended, sqlx::Error> {
+    type Row = (String, i64, DateTime<Utc>, Option<Uuid>, String, Option<String>, Option<String>, Value);
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
     let streams: Vec<&str> = entries.iter().map(|e| e.stream.as_str()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| e.stream_seq).collect();
-    let present: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT a.stream, a.stream_seq FROM audit_log a
+    let recorded: Vec<Row> = sqlx::query_as(
+        "SELECT a.stream, a.stream_seq, a.at, a.actor_id, a.action, a.subject, a.request_id, a.data FROM audit_log a
            JOIN UNNEST($1::TEXT[], $2::BIGINT[]) AS n(stream, seq) ON a.stream = n.stream AND a.stream_seq = n.seq",
     )
     .bind(&streams)
     .bind(&seqs)
     .fetch_all(&mut *tx)
     .await?;
+    // By key, the canonical content each recorded row was hashed with.
+    let present: std::collections::HashMap<(String, i64), Vec<u8>> = recorded
+        .into_iter()
+        .map(|(stream, stream_seq, at, actor_id, action, subject, request_id, data)| {
+            let e = Entry { stream, stream_seq, at, actor_id, action, subject, request_id, data };
+            ((e.stream.clone(), e.stream_seq), canonical(&e))
+        })
+        .collect();
     let mut prev: Vec<u8> = sqlx::query_scalar("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1")
         .fetch_optional(&mut *tx)
         .await?
         .unwrap_or_else(|| GENESIS.to_vec());
     // Hashes chained here, rows written in one statement, in chain order (the ids follow it).
-    let present: std::collections::HashSet<(String, i64)> = present.into_iter().collect();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = std::collections::HashMap::new();
     let mut rows: Vec<(&Entry, Vec<u8>, Vec<u8>)> = Vec::new();
-    for e in entries {
+    let mut conflicts = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
         let key = (e.stream.clone(), e.stream_seq);
-        if present.contains(&key) || !seen.insert(key) {
+        let earlier = present.get(&key).or_else(|| seen.get(&key));
+        if let Some(content) = earlier {
+            if *content != canonical(e) {
+                conflicts.push(i);
+            }
             continue;
         }
+        seen.insert(key, canonical(e));
         let hash = chain_hash(&prev, e);
         rows.push((e, std::mem::replace(&mut prev, hash.clone()), hash));
     }
@@ -202,7 +228,7 @@ pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<usize, sqlx::Err
     }
     let written = rows.len();
     tx.commit().await?;
-    Ok(written)
+    Ok(Appended { written, conflicts })
 }
 
 /// Runs the audit consumers until shutdown; finishes the batch in hand before returning.
@@ -225,10 +251,14 @@ pub async fn run(
 async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
     let entries: Vec<Entry> = batch.iter().map(|d| d.value.clone()).collect();
     match append(pool, &entries).await {
-        Ok(written) => {
-            metrics::counter!("vault_audit_rows_total").increment(written as u64);
-            for d in &batch {
-                d.ack().await;
+        Ok(appended) => {
+            metrics::counter!("vault_audit_rows_total").increment(appended.written as u64);
+            for (i, d) in batch.iter().enumerate() {
+                if appended.conflicts.contains(&i) {
+                    park_conflict(pool, d).await;
+                } else {
+                    d.ack().await;
+                }
             }
         }
         Err(e) => {
@@ -237,8 +267,9 @@ async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
             // In stream order, so the chain keeps the order of the batch.
             for d in &batch {
                 match append(pool, std::slice::from_ref(&d.value)).await {
-                    Ok(written) => {
-                        metrics::counter!("vault_audit_rows_total").increment(written as u64);
+                    Ok(appended) if !appended.conflicts.is_empty() => park_conflict(pool, d).await,
+                    Ok(appended) => {
+                        metrics::counter!("vault_audit_rows_total").increment(appended.written as u64);
                         d.ack().await;
                     }
                     Err(e) if is_refused_content(&e) => {
@@ -250,6 +281,19 @@ async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
                 }
             }
         }
+    }
+}
+
+/// Parks a message whose stream sequence is recorded with other content (see [`Appended`]):
+/// kept with its payload and alerted on, never dropped as a duplicate.
+async fn park_conflict(pool: &PgPool, d: &Delivered<Entry>) {
+    let reason = format!(
+        "{} sequence {} is already in the audit log with other content (was the stream declared again?)",
+        d.value.stream, d.value.stream_seq
+    );
+    tracing::error!(stream = %d.value.stream, stream_seq = d.value.stream_seq, "{reason}");
+    if !d.park(pool, &reason).await {
+        d.retry(Duration::from_secs(1)).await;
     }
 }
 

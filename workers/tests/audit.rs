@@ -286,3 +286,32 @@ async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_message
     assert_eq!(code, 0, "{out}");
     worker.stop_cleanly(Duration::from_secs(30)).await;
 }
+
+/// A stream sequence already recorded is a redelivered copy only if its content is the same:
+/// with other content (a stream declared again after it was lost restarts its sequences) it is
+/// reported as a conflict — the worker parks it — never skipped as a copy nor written over.
+#[tokio::test]
+async fn a_stream_sequence_recorded_with_other_content_is_a_conflict_not_a_copy() {
+    use vault_workers::audit::{Appended, Entry, Verdict, append, verify};
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let at = "2026-12-06T10:00:00.123456Z".parse().expect("time");
+    let entry = |seq: i64, action: &str| Entry {
+        stream: "AUTH".into(),
+        stream_seq: seq,
+        at,
+        actor_id: None,
+        action: action.into(),
+        subject: Some(format!("auth.{action}")),
+        request_id: None,
+        data: serde_json::json!({"n": 1.5, "nested": {"b": 1, "a": [true, null]}}),
+    };
+    let appended = |written, conflicts: Vec<usize>| Appended { written, conflicts };
+    assert_eq!(append(&pool, &[entry(1, "signup")]).await.expect("first"), appended(1, vec![]));
+    assert_eq!(append(&pool, &[entry(1, "signup")]).await.expect("a copy"), appended(0, vec![]), "a copy is skipped");
+    assert_eq!(append(&pool, &[entry(1, "locked")]).await.expect("other content"), appended(0, vec![0]));
+    let mixed = [entry(2, "login"), entry(1, "locked"), entry(2, "login"), entry(2, "logout")];
+    assert_eq!(append(&pool, &mixed).await.expect("a mixed batch"), appended(1, vec![1, 3]));
+    assert_eq!(rows(&pool).await, 2);
+    assert_eq!(verify(&pool).await.expect("verify"), Verdict::Intact { rows: 2 });
+}
