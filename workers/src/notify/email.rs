@@ -19,6 +19,11 @@
 //!
 //! The SMTP URL is a secret: it is never logged, and an error that would quote it is replaced.
 //!
+//! A claimed batch is worked through only while its lease lasts: a send starts only if it can end
+//! (each send is bounded by the SMTP timeout as a whole) and be recorded before the lease runs
+//! out; the rest of a batch a slow relay made late is released and claimed afresh, so a second
+//! sender taking over expired rows never sends what this one is still sending.
+//!
 //! Shutdown: the email in hand is finished (bounded by the SMTP timeout), the rest of the claimed
 //! batch is released at once (their `next_attempt_at` set back to now) and the loop returns.
 //! Recording and releasing get [`GRACE`] once the signal came: a lock or a silent database does
@@ -292,6 +297,12 @@ async fn release(pool: &PgPool, ids: &[Uuid], shutdown: &CancellationToken) {
     }
 }
 
+/// Whether a send started `elapsed` after the claim ends (bounded by the SMTP timeout, and a
+/// margin for recording it) while the rows are still leased to this sender.
+fn lease_left_for_a_send(config: &EmailConfig, elapsed: Duration) -> bool {
+    elapsed + config.smtp_timeout + RECORD_WITHIN + GRACE < config.lease
+}
+
 /// Runs the email loop until `shutdown`; `wake` is notified when new rows were written.
 pub async fn run_emails(
     pool: PgPool,
@@ -318,6 +329,7 @@ pub async fn run_emails(
             }
             continue;
         }
+        let claimed_at = Instant::now();
         let (mut done, mut oldest) = (Vec::new(), None::<Instant>);
         for (i, email) in batch.iter().enumerate() {
             if shutdown.is_cancelled() {
@@ -325,7 +337,19 @@ pub async fn run_emails(
                 release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
                 break 'outer;
             }
-            let result = mailer.send(email).await;
+            // A send must end within the rows' lease: once it runs out, another sender may claim
+            // them and send them too. The rest of a batch that a slow relay made late goes back
+            // at once, to be claimed afresh (see `lease_left_for_a_send`; the first of a fresh
+            // claim always goes, so a lease shorter than one send cannot stall the loop).
+            if i > 0 && !lease_left_for_a_send(&config, claimed_at.elapsed()) {
+                flush(&pool, &mut done, &shutdown).await;
+                release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
+                continue 'outer;
+            }
+            let result = match tokio::time::timeout(config.smtp_timeout, mailer.send(email)).await {
+                Ok(result) => result,
+                Err(_) => Err(SendError::Transient(format!("no answer within {:?}", config.smtp_timeout))),
+            };
             done.push(attempted(&config, email, &result));
             if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
                 flush(&pool, &mut done, &shutdown).await;
@@ -343,6 +367,18 @@ mod tests {
     use super::*;
 
     // The SMTP pool spawns on the runtime it is built in.
+    #[test]
+    fn a_send_starts_only_while_it_can_end_within_the_lease() {
+        let config = EmailConfig {
+            lease: Duration::from_secs(60),
+            smtp_timeout: Duration::from_secs(10),
+            ..EmailConfig::new(None)
+        };
+        assert!(lease_left_for_a_send(&config, Duration::ZERO));
+        assert!(lease_left_for_a_send(&config, Duration::from_secs(44)));
+        assert!(!lease_left_for_a_send(&config, Duration::from_secs(45)), "10 s to send, 5.1 s to record");
+    }
+
     #[tokio::test]
     async fn an_smtp_url_is_accepted_and_never_quoted_in_errors() {
         let ok = Secret::new("smtp://user:hunter2@127.0.0.1:2525?from=Vault%20%3Cops%40example.com%3E");
