@@ -626,7 +626,8 @@ async fn a_message_that_does_not_decode_is_parked_and_the_rest_go_on() {
 // ---------------------------------------------------------------------------------------------
 // A minimal SMTP server: accepts everything except recipients containing "reject" (550), and
 // keeps each message's DATA. A message to a recipient containing "hold" is kept at once but
-// answered only when the returned `Notify` is notified.
+// answered only when the returned `Notify` is notified; a recipient containing "slow" is
+// answered after a second.
 
 async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Notify>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -664,6 +665,10 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Notify>)
                         "RCPT" if line.contains("busy") => b"451 try again later\r\n",
                         "RCPT" if line.contains("hold") => {
                             hold = true;
+                            b"250 ok\r\n"
+                        }
+                        "RCPT" if line.contains("slow") => {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
                             b"250 ok\r\n"
                         }
                         "DATA" => {
@@ -926,4 +931,63 @@ async fn webhook_requests_in_flight_at_a_kill_9_are_neither_lost_nor_sent_twice_
         doubled.len(),
     );
     worker.stop_cleanly(Duration::from_secs(30)).await;
+}
+
+/// Two senders on one outbox with a relay slower than the lease allows for the whole claimed
+/// batch: a sender works through its claim only while a send can end within the lease, so the
+/// other, claiming what it gave back, never sends an email twice.
+#[tokio::test]
+async fn two_email_senders_with_a_slow_relay_send_every_email_once() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages, _) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    for n in 0..10 {
+        sqlx::query(
+            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
+             VALUES ($1, $2, $3, $4, 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user)
+        .bind(Uuid::now_v7())
+        .bind(format!("slow{n}@example.com"))
+        .execute(&stack.pool)
+        .await
+        .expect("email row");
+    }
+    // Each send takes a second; a claim of ten would need ten seconds of an eight-second lease.
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        lease: Duration::from_secs(8),
+        smtp_timeout: Duration::from_secs(2),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
+    };
+    let shutdown = CancellationToken::new();
+    let senders: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(run_emails(stack.pool.clone(), config.clone(), Wakers::default().emails, shutdown.clone()))
+        })
+        .collect();
+    poll_until(Duration::from_secs(60), "every email sent", || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM email_outbox WHERE status <> 'sent'")
+            .fetch_one(&stack.pool)
+            .await
+            .expect("count");
+        (pending == 0).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    for sender in senders {
+        sender.await.expect("joins").expect("stops cleanly");
+    }
+    let mut to: Vec<String> = messages
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter_map(|m| m.lines().find(|l| l.starts_with("To: ")).map(str::to_owned))
+        .collect();
+    to.sort();
+    let sent = to.len();
+    to.dedup();
+    assert_eq!((sent, to.len()), (10, 10), "each of the ten emails once: {to:?}");
 }
