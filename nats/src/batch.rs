@@ -165,7 +165,15 @@ where
                         let received = Instant::now();
                         sequences[index].deliver(bus, &msg).await;
                         match decode(stream, &msg) {
-                            Ok(value) => batch.push(Delivered { value, msg, stream, durable, received, metrics }),
+                            Ok(value) => {
+                                batch.push(Delivered { value, msg, stream, durable, received, metrics });
+                                // The linger counts from a batch's first message, not from
+                                // when the loop began waiting (after an idle spell it would
+                                // have run out already, and every batch would be one message).
+                                if batch.len() == 1 {
+                                    deadline.as_mut().reset(tokio::time::Instant::now() + linger);
+                                }
+                            }
                             Err(reason) => {
                                 Delivered { value: (), msg, stream, durable, received, metrics }.park(pool, &reason).await;
                             }

@@ -194,3 +194,48 @@ async fn readiness_fails_while_a_stream_is_missing_and_heals_itself() {
     let auth = bus.jetstream().get_stream("AUTH").await.expect("AUTH is back");
     auth.consumer_info("audit-auth").await.expect("its consumer is back");
 }
+
+/// A batch lingers for more messages from its first one: after an idle spell longer than the
+/// linger, a burst still arrives as one batch (the linger used to count from when the loop began
+/// waiting, so it had run out and the first message went alone).
+#[tokio::test]
+async fn a_batch_lingers_from_its_first_message_even_after_an_idle_spell() {
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+    use vault_bus::batch;
+    let nats = NatsServer::start().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("declares");
+    let specs: Vec<_> = consumers::all().into_iter().filter(|c| c.durable == "audit-auth").collect();
+    bus.ensure_consumers(&specs).await.expect("the consumer");
+    // Nothing is parked here, so the pool is never used.
+    let pool = sqlx::PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("a lazy pool");
+    let (sizes, mut batches) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let flush = |b: Vec<batch::Delivered<()>>| {
+        let sizes = sizes.clone();
+        async move {
+            for d in &b {
+                d.ack().await;
+            }
+            let _ = sizes.send(b.len());
+        }
+    };
+    let decode = |_: &'static str, _: &async_nats::jetstream::Message| Ok::<(), String>(());
+    let consuming =
+        batch::consume(&bus, &pool, &specs, 100, Duration::from_millis(500), shutdown.clone(), decode, flush);
+    let driving = async {
+        // The idle spell is the scenario: the loop waits longer than its linger before anything.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for _ in 0..5 {
+            bus.publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("published");
+        }
+        let first =
+            tokio::time::timeout(Duration::from_secs(10), batches.recv()).await.expect("a batch").expect("open");
+        shutdown.cancel();
+        first
+    };
+    let (consumed, first) = tokio::join!(consuming, driving);
+    consumed.expect("stops cleanly");
+    assert_eq!(first, 5, "the burst in one batch");
+}
