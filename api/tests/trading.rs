@@ -369,6 +369,57 @@ async fn a_read_only_api_key_cannot_trade_but_can_read() {
     assert_eq!(count(&api, "SELECT count(*) FROM deposits").await, 0);
 }
 
+/// An order and its fills are read from one snapshot: a fill committed between the read of the
+/// order and the read of its fills (held apart here by a lock on `fills`) must not show an order
+/// still open that has a fill.
+#[tokio::test]
+async fn an_order_and_its_fills_are_read_from_one_snapshot() {
+    let api = Api::start().await;
+    let (token, user) = trader(&api, "sol@example.com").await;
+    let order = json_of(api.post("/orders", Some(&token), limit_order("snap-1")).await, 202).await;
+    let id: Uuid = order["id"].as_str().and_then(|s| s.parse().ok()).expect("id");
+    let pool = api.db.pool().await;
+    let mut engine = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE fills IN ACCESS EXCLUSIVE MODE").execute(&mut *engine).await.expect("lock");
+    let read = tokio::spawn({
+        let (client, url, token) = (api.client.clone(), api.url(&format!("/orders/{id}")), token.clone());
+        async move { client.get(url).bearer_auth(token).send().await.expect("answer").json::<Value>().await }
+    });
+    poll_until(DEADLINE, "the read of the fills to wait", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT order_id, id, price%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("activity");
+        (waiting == 1).then_some(())
+    })
+    .await;
+    // What the engine commits in one statement: the order filled and its fill.
+    sqlx::query("UPDATE orders SET status = 'filled', filled_quantity = quantity WHERE id = $1")
+        .bind(id)
+        .execute(&mut *engine)
+        .await
+        .expect("fill the order");
+    sqlx::query(
+        "INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee)
+         VALUES ($1, $2, $3, 'BTC-USD', 'buy', 40000, 0.015, 0.6)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(id)
+    .bind(user)
+    .execute(&mut *engine)
+    .await
+    .expect("its fill");
+    engine.commit().await.expect("commit");
+
+    let seen = read.await.expect("task").expect("json");
+    let fills = seen["fills"].as_array().map(Vec::len).unwrap_or_default();
+    assert_eq!((seen["status"].as_str(), fills), (Some("pending"), 0), "one moment, before the fill: {seen}");
+    let now = json_of(api.get(&format!("/orders/{id}"), Some(&token)).await, 200).await;
+    assert_eq!((now["status"].as_str(), now["fills"].as_array().map(Vec::len)), (Some("filled"), Some(1)));
+}
+
 #[tokio::test]
 async fn another_users_order_is_not_found_never_forbidden() {
     let api = Api::start().await;
