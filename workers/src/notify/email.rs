@@ -366,7 +366,6 @@ pub async fn run_emails(
 mod tests {
     use super::*;
 
-    // The SMTP pool spawns on the runtime it is built in.
     #[test]
     fn a_send_starts_only_while_it_can_end_within_the_lease() {
         let config = EmailConfig {
@@ -379,6 +378,7 @@ mod tests {
         assert!(!lease_left_for_a_send(&config, Duration::from_secs(45)), "10 s to send, 5.1 s to record");
     }
 
+    // The SMTP pool spawns on the runtime it is built in.
     #[tokio::test]
     async fn an_smtp_url_is_accepted_and_never_quoted_in_errors() {
         let ok = Secret::new("smtp://user:hunter2@127.0.0.1:2525?from=Vault%20%3Cops%40example.com%3E");
