@@ -227,16 +227,7 @@ async fn a_lock_taken_while_the_right_password_is_verified_holds() {
         let (client, url) = (api.client.clone(), api.url("/auth/login"));
         async move { client.post(url).json(&json!({"email": "ivan@example.com", "password": PASSWORD})).send().await }
     });
-    poll_until(Duration::from_secs(20), "the login's update to wait for Ivan's row", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE users SET failed_logins = 0%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("activity");
-        (waiting == 1).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_wait(&pool, "UPDATE users SET failed_logins = 0%", Duration::from_secs(20)).await;
     sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z' WHERE id = $1::uuid")
         .bind(&id)
         .execute(&mut *tx)

@@ -385,16 +385,7 @@ async fn an_order_and_its_fills_are_read_from_one_snapshot() {
         let (client, url, token) = (api.client.clone(), api.url(&format!("/orders/{id}")), token.clone());
         async move { client.get(url).bearer_auth(token).send().await.expect("answer").json::<Value>().await }
     });
-    poll_until(DEADLINE, "the read of the fills to wait", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT order_id, id, price%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("activity");
-        (waiting == 1).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_wait(&pool, "SELECT order_id, id, price%", DEADLINE).await;
     // What the engine commits in one statement: the order filled and its fill.
     sqlx::query("UPDATE orders SET status = 'filled', filled_quantity = quantity WHERE id = $1")
         .bind(id)

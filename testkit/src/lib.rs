@@ -53,6 +53,23 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port is available").port()
 }
 
+/// Waits until a statement of `pool`'s database whose text matches the SQL `LIKE` pattern
+/// `statement` is waiting on a lock (how a test knows a process reached the write it holds up).
+pub async fn wait_for_lock_wait(pool: &PgPool, statement: &str, deadline: Duration) {
+    poll_until(deadline, &format!("a statement like {statement:?} to wait on a lock"), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(statement)
+        .fetch_one(pool)
+        .await
+        .ok()?;
+        (waiting >= 1).then_some(())
+    })
+    .await
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
 pub async fn poll_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where

@@ -262,18 +262,7 @@ async fn a_worker_asked_to_stop_while_its_write_is_blocked_stops_and_its_message
     let mut blocker = pool.begin().await.expect("tx");
     sqlx::query("LOCK TABLE audit_log IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
     publish_mix(&bus, Uuid::now_v7(), 3).await;
-    poll_until(Duration::from_secs(30), "the worker's insert to wait on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock'
-                AND query LIKE '%INSERT INTO audit_log%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .ok()?;
-        (waiting >= 1).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_wait(&pool, "%INSERT INTO audit_log%", Duration::from_secs(30)).await;
 
     worker.stop_cleanly(Duration::from_secs(20)).await;
     assert!(worker.output().contains("a batch was still being written at shutdown"), "{}", worker.output());

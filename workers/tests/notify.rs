@@ -797,18 +797,7 @@ async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within
         .await
         .expect("lock");
     gate.notify_one();
-    poll_until(Duration::from_secs(20), "the record to wait on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock'
-                AND query LIKE '%UPDATE email_outbox%'",
-        )
-        .fetch_one(&stack.pool)
-        .await
-        .ok()?;
-        (waiting >= 1).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_wait(&stack.pool, "%UPDATE email_outbox%", Duration::from_secs(20)).await;
 
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(20), sender).await;
