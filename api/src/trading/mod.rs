@@ -221,8 +221,9 @@ string_enum_schema!(
     ["gtc", "ioc", "fok"]
 );
 
-/// A decimal in a request: a string (preferred, `"0.015"`) or a JSON number. Whether its value
-/// suits the field (positive, a multiple of an increment, within a limit) is checked after.
+/// A decimal in a request: a string (preferred, `"0.015"`) or a JSON number of at most 15
+/// significant digits (more are refused: see `crate::json`). Whether its value suits the field
+/// (positive, a multiple of an increment, within a limit) is checked after.
 #[derive(Debug)]
 pub struct DecimalInput;
 
@@ -238,7 +239,10 @@ impl utoipa::PartialSchema for DecimalInput {
                     .examples(["0.015"]),
             )
             .item(ObjectBuilder::new().schema_type(Type::Number))
-            .description(Some("A decimal: a string (preferred) or a JSON number"))
+            .description(Some(
+                "A decimal: a string (preferred, any precision the field allows) or a JSON number of at most 15 \
+                 significant digits (a number with more is refused 422: it could not be read exactly)",
+            ))
             .into()
     }
 }
