@@ -141,9 +141,14 @@ fn write_sorted(v: &Value, out: &mut Vec<u8>) {
 
 /// `sha256(prev || canonical(entry))`.
 pub fn chain_hash(prev: &[u8], e: &Entry) -> Vec<u8> {
+    hash_content(prev, &canonical(e))
+}
+
+/// `sha256(prev || content)`, for content already made canonical.
+fn hash_content(prev: &[u8], content: &[u8]) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(prev);
-    h.update(canonical(e));
+    h.update(content);
     h.finalize().to_vec()
 }
 
@@ -193,15 +198,15 @@ pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<Appended, sqlx::
     let mut conflicts = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let key = (e.stream.clone(), e.stream_seq);
-        let earlier = present.get(&key).or_else(|| seen.get(&key));
-        if let Some(content) = earlier {
-            if *content != canonical(e) {
+        let content = canonical(e);
+        if let Some(earlier) = present.get(&key).or_else(|| seen.get(&key)) {
+            if *earlier != content {
                 conflicts.push(i);
             }
             continue;
         }
-        seen.insert(key, canonical(e));
-        let hash = chain_hash(&prev, e);
+        let hash = hash_content(&prev, &content);
+        seen.insert(key, content);
         rows.push((e, std::mem::replace(&mut prev, hash.clone()), hash));
     }
     if !rows.is_empty() {
