@@ -117,6 +117,13 @@ async fn consumers_are_declared_once_and_left_alone_after() {
     assert_eq!(names.len(), 17, "16 engine partitions and the audit consumer: {names:?}");
 }
 
+/// The audit worker's consumer of AUTH, alone: what the tests below consume from.
+fn audit_auth() -> Vec<consumers::ConsumerSpec> {
+    let specs: Vec<_> = consumers::all().into_iter().filter(|c| c.durable == "audit-auth").collect();
+    assert_eq!(specs.len(), 1, "the audit consumer of AUTH");
+    specs
+}
+
 /// The server never drops a message for its delivery count: a consumer that keeps giving it
 /// back (every write failing while Postgres is down, the park too) gets it again past
 /// `MAX_DELIVER`, until it is written or parked. A consumer declared by an earlier release with
@@ -126,8 +133,7 @@ async fn a_message_given_back_past_max_deliver_is_still_delivered() {
     let nats = NatsServer::start().await;
     let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
     bus.ensure_streams().await.expect("declares");
-    let audit: Vec<_> = consumers::all().into_iter().filter(|c| c.durable == "audit-auth").collect();
-    assert_eq!(audit.len(), 1, "the audit consumer of AUTH");
+    let audit = audit_auth();
     let stream = bus.jetstream().get_stream("AUTH").await.expect("AUTH");
     let mut old = audit[0].config();
     old.max_deliver = consumers::MAX_DELIVER;
@@ -206,7 +212,7 @@ async fn a_batch_lingers_from_its_first_message_even_after_an_idle_spell() {
     let nats = NatsServer::start().await;
     let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
     bus.ensure_streams().await.expect("declares");
-    let specs: Vec<_> = consumers::all().into_iter().filter(|c| c.durable == "audit-auth").collect();
+    let specs = audit_auth();
     bus.ensure_consumers(&specs).await.expect("the consumer");
     // Nothing is parked here, so the pool is never used.
     let pool = sqlx::PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("a lazy pool");
@@ -225,8 +231,15 @@ async fn a_batch_lingers_from_its_first_message_even_after_an_idle_spell() {
     let consuming =
         batch::consume(&bus, &pool, &specs, 100, Duration::from_millis(500), shutdown.clone(), decode, flush);
     let driving = async {
-        // The idle spell is the scenario: the loop waits longer than its linger before anything.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The loop is waiting once its pull request is at the server; the idle spell after
+        // that, longer than the linger, is the scenario itself.
+        let auth = bus.jetstream().get_stream("AUTH").await.expect("AUTH");
+        vault_testkit::poll_until(Duration::from_secs(10), "the consumer loop to pull", || async {
+            let info = auth.consumer_info("audit-auth").await.ok()?;
+            (info.num_waiting >= 1).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         for _ in 0..5 {
             bus.publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("published");
         }
