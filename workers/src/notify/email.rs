@@ -82,7 +82,13 @@ impl EmailConfig {
 #[derive(Debug)]
 pub enum Mailer {
     Log,
-    Smtp { transport: AsyncSmtpTransport<Tokio1Executor>, from: Mailbox },
+    /// `timeout` bounds each network operation (lettre's) and each send as a whole (ours: a
+    /// conversation of many operations could otherwise outlive the rows' lease).
+    Smtp {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        from: Mailbox,
+        timeout: Duration,
+    },
 }
 
 /// Why sending failed.
@@ -118,7 +124,7 @@ impl Mailer {
             .map_err(|e| anyhow::anyhow!("SMTP_URL cannot be used: {}", scrub(e.to_string())))?
             .timeout(Some(timeout))
             .build();
-        Ok(Mailer::Smtp { transport, from })
+        Ok(Mailer::Smtp { transport, from, timeout })
     }
 
     /// Sends one email.
@@ -134,7 +140,7 @@ impl Mailer {
                 );
                 Ok(())
             }
-            Mailer::Smtp { transport, from } => {
+            Mailer::Smtp { transport, from, timeout } => {
                 let to: Mailbox = email
                     .to_address
                     .parse()
@@ -146,13 +152,12 @@ impl Mailer {
                     .header(ContentType::TEXT_PLAIN)
                     .body(email.body.clone())
                     .map_err(|e| SendError::Permanent(format!("the email cannot be built: {e}")))?;
-                transport.send(message).await.map(|_| ()).map_err(|e| {
-                    if e.is_permanent() {
-                        SendError::Permanent(e.to_string())
-                    } else {
-                        SendError::Transient(e.to_string())
-                    }
-                })
+                match tokio::time::timeout(*timeout, transport.send(message)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+                    Ok(Err(e)) => Err(SendError::Transient(e.to_string())),
+                    Err(_) => Err(SendError::Transient(format!("no answer within {timeout:?}"))),
+                }
             }
         }
     }
@@ -346,10 +351,7 @@ pub async fn run_emails(
                 release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
                 continue 'outer;
             }
-            let result = match tokio::time::timeout(config.smtp_timeout, mailer.send(email)).await {
-                Ok(result) => result,
-                Err(_) => Err(SendError::Transient(format!("no answer within {:?}", config.smtp_timeout))),
-            };
+            let result = mailer.send(email).await;
             done.push(attempted(&config, email, &result));
             if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
                 flush(&pool, &mut done, &shutdown).await;
