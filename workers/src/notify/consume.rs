@@ -279,11 +279,16 @@ pub async fn prune_processed(pool: PgPool, shutdown: CancellationToken) -> anyho
             _ = shutdown.cancelled() => return Ok(()),
             _ = every.tick() => {}
         }
-        let pruned =
+        let prune =
             sqlx::query("DELETE FROM notify_processed_events WHERE processed_at < now() - make_interval(secs => $1)")
                 .bind(PROCESSED_RETENTION.as_secs_f64())
-                .execute(&pool)
-                .await;
+                .execute(&pool);
+        // Raced with the shutdown: a database that does not answer must not hold a process asked
+        // to stop, and an abandoned prune loses nothing (the next one deletes the same rows).
+        let pruned = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            pruned = prune => pruned,
+        };
         match pruned {
             Ok(done) if done.rows_affected() > 0 => {
                 tracing::info!(rows = done.rows_affected(), "forgot old processed event ids")
