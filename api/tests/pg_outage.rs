@@ -315,8 +315,14 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent:
     let mut processes = vec![("api", api, api_addr)];
     let (engine, ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
     processes.push(("engine", engine, ops));
+    // The prices worker ticks (simulated), so it has candles to write every second while the
+    // database does not answer.
+    let mut price_envs = envs.clone();
+    price_envs.retain(|(k, _)| *k != "PRICE_SOURCE");
+    price_envs.push(("PRICE_SOURCE", "sim".to_owned()));
     for role in ["prices", "audit", "notify"] {
-        let (worker, ops) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        let role_envs = if role == "prices" { &price_envs } else { &envs };
+        let (worker, ops) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], role_envs).await;
         processes.push((role, worker, ops));
     }
 

@@ -34,6 +34,7 @@ use vault_bus::{Bus, MessageContext, streams, subjects};
 use vault_core::Settings;
 use vault_core::config::PriceSource as Configured;
 use vault_core::domain::{Positive, Symbol};
+use vault_core::shutdown::{GRACE, finish_or_give_up};
 
 pub use self::candles::{Candle, Candles, FLUSH_EVERY, minute_of};
 pub use self::coinbase::{Coinbase, Frame, Listed, Options as CoinbaseOptions, Ticker, listed_markets, parse_frame};
@@ -178,7 +179,8 @@ pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: Cancel
 ///
 /// Runs until `shutdown`; an exhausted source leaves it idle (still reporting price ages) rather
 /// than ending the process. Draining: the batch being published is awaited to its acks (at most
-/// one batch of ticks in flight), then the pending candles are written once more.
+/// one batch of ticks in flight), then the pending candles are written once more; a write in
+/// flight when the signal comes, and that last one, get [`GRACE`] each before they are given up.
 pub async fn publish_from(
     mut source: impl PriceSource,
     bus: &Bus,
@@ -206,7 +208,14 @@ pub async fn publish_from(
                 continue;
             }
             _ = flush.tick() => {
-                write_candles(&mut candles, pool).await;
+                // Raced with the shutdown (then given GRACE): a database that does not answer
+                // must not hold a process asked to stop.
+                if finish_or_give_up(&shutdown, write_candles(&mut candles, pool)).await.is_none() {
+                    // Not written again: the abandoned statement may yet commit, and a candle's
+                    // volume added twice would be wrong rather than missing.
+                    tracing::error!(waited = ?GRACE, "candles were still being written at shutdown; the last ones may be lost");
+                    return Ok(());
+                }
                 continue;
             }
             batch = source.next_batch(), if !exhausted => batch,
@@ -255,8 +264,8 @@ pub async fn publish_from(
             }
         }
     }
-    write_candles(&mut candles, pool).await;
-    if !candles.is_empty() {
+    // The last write gets GRACE, as the one in flight would have.
+    if tokio::time::timeout(GRACE, write_candles(&mut candles, pool)).await.is_err() || !candles.is_empty() {
         tracing::error!("candles of the last ticks could not be written before shutdown");
     }
     Ok(())
