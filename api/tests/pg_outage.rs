@@ -5,7 +5,8 @@
 //! stays on the stream. Once the proxy forwards again, everything heals without a restart, the
 //! waiting command is applied exactly once, and `vault-engine reconcile` finds the books clean.
 //! And every process (API, engine, the three workers) asked to stop during an outage stops with
-//! exit code 0 within seconds, whether Postgres refuses connections or stops answering.
+//! exit code 0 within seconds, whether Postgres refuses connections or stops answering — with
+//! a command, ticks and poisoned messages in hand — or waits on a lock while a message is parked.
 
 mod support;
 
@@ -20,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
-use vault_bus::{Bus, MessageContext};
+use vault_bus::{Bus, MessageContext, subjects};
 use vault_core::domain::{OrderType, Positive, Side, Symbol, TimeInForce};
 use vault_testkit::{
     NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, http_client, poll_until,
@@ -337,13 +338,32 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent:
     let command = market_buy(Uuid::now_v7(), order_id, format!("c-{}", order_id.simple()));
     bus.publish(&command, &MessageContext::default()).await.expect("published");
     if silent {
+        // And poison in hand: messages nobody can decode, which each consumer parks — a write
+        // too, and one that must not hold the exit either. The command goes to a user of another
+        // partition, so the engine holds both at once.
+        let poisoned = std::iter::repeat_with(Uuid::now_v7)
+            .find(|u| subjects::partition_of(*u) != subjects::partition_of(command.user_id))
+            .expect("a user of another partition");
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
-        let orders = js.get_stream("ORDERS").await.expect("ORDERS");
-        poll_until(WAIT, "the audit worker to hold the command", || async {
-            let info = orders.consumer_info("audit-orders").await.ok()?;
-            (info.num_ack_pending >= 1).then_some(())
-        })
-        .await;
+        for (subject, garbage) in
+            [(subjects::order_command(poisoned), "{not a command"), (subjects::auth("poison"), "{not an event")]
+        {
+            js.publish(subject, garbage.into()).await.expect("send").await.expect("ack");
+        }
+        let engine = format!("engine-p{:02}", subjects::partition_of(poisoned));
+        for (stream, consumer, holds) in [
+            ("ORDERS", "audit-orders", 2),
+            ("ORDERS", engine.as_str(), 1),
+            ("AUTH", "audit-auth", 1),
+            ("AUTH", "notify-auth", 1),
+        ] {
+            let stream = js.get_stream(stream).await.expect("stream");
+            poll_until(WAIT, &format!("{consumer} to hold {holds} messages"), || async {
+                let info = stream.consumer_info(consumer).await.ok()?;
+                (info.num_ack_pending >= holds).then_some(())
+            })
+            .await;
+        }
     }
     for (_, process, _) in &processes {
         process.signal("TERM");
@@ -362,4 +382,51 @@ async fn every_process_stops_on_sigterm_while_postgres_refuses_connections() {
 #[tokio::test]
 async fn every_process_stops_on_sigterm_while_postgres_does_not_answer() {
     every_process_stops_on_sigterm_while_postgres(Proxy::stall, true).await;
+}
+
+/// Parking a poisoned message is a write too, and consumers park inline, between pulls: with
+/// `parked_messages` locked and a poisoned message in the hands of the engine, the audit worker
+/// and the notifier, each of them still stops on SIGTERM (each parking wait is bounded).
+#[tokio::test]
+async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let mut envs = base_env(&db, &nats);
+    envs.push(("PRICE_SOURCE", "none".to_owned()));
+    let (engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    let mut processes = vec![("engine", engine)];
+    for role in ["audit", "notify"] {
+        let (worker, _) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        processes.push((role, worker));
+    }
+
+    let pool = db.pool().await;
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE parked_messages IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    for (subject, garbage) in
+        [(subjects::order_command(Uuid::now_v7()), "{not a command"), (subjects::auth("poison"), "{not an event")]
+    {
+        js.publish(subject, garbage.into()).await.expect("send").await.expect("ack");
+    }
+    // The engine (the command), the audit worker (one of the two) and the notifier (the event).
+    poll_until(WAIT, "three consumers to wait to park a message", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE '%INSERT INTO parked_messages%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (waiting >= 3).then_some(())
+    })
+    .await;
+    for (_, process) in &processes {
+        process.signal("TERM");
+    }
+    for (name, process) in &mut processes {
+        let status = process.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(0), "{name} did not stop cleanly:\n{}", process.output());
+    }
+    lock.rollback().await.expect("rollback");
 }

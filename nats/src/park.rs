@@ -6,11 +6,19 @@
 //! Parking must work for exactly the messages nothing else can store: the payload is kept as
 //! bytes, and in the text columns (subject, reason, headers) a NUL character, which Postgres
 //! text and JSON cannot hold, is written as the six characters `\u0000`.
+//!
+//! The write is bounded ([`PARK_WITHIN`]): consumers park inline, between pulls, so a database
+//! that stops answering mid-insert would otherwise stop the consumer for good and hold its
+//! process past a shutdown signal. A park that runs out of time is an error like any other, and
+//! the message, not terminated, comes back to be parked then.
 
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::Message;
 use sqlx::PgPool;
+
+/// How long parking one message may take.
+pub const PARK_WITHIN: std::time::Duration = vault_core::shutdown::GRACE;
 
 /// Parks `msg`; idempotent per (stream, consumer, stream sequence).
 pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, reason: &str) -> Result<(), sqlx::Error> {
@@ -22,7 +30,7 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
         .map(|(k, v)| (storable(k.as_ref()), storable(&v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(","))))
         .collect();
     let (subject, reason) = (storable(msg.subject.as_str()), storable(reason));
-    sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO parked_messages (stream, consumer, stream_seq, subject, reason, payload, headers)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
     )
@@ -33,8 +41,11 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
     .bind(&reason)
     .bind(msg.payload.as_ref())
     .bind(sqlx::types::Json(headers))
-    .execute(pool)
-    .await?;
+    .execute(pool);
+    tokio::time::timeout(PARK_WITHIN, insert).await.map_err(|_| {
+        let what = format!("parking: Postgres did not answer within {PARK_WITHIN:?}");
+        sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
+    })??;
     metrics::counter!("vault_parked_messages_total", "stream" => stream.to_owned(), "consumer" => consumer.to_owned())
         .increment(1);
     tracing::error!(stream, consumer, stream_seq = seq, subject = %msg.subject, reason, "message parked");
