@@ -494,7 +494,9 @@ async fn idle_round(api: &Api, baseline_fds: usize) -> u64 {
         let started = Instant::now();
         let resp = api.client.get(format!("http://{}{path}", api.addr)).send().await.expect("answered meanwhile");
         assert_eq!(resp.status(), 200, "{path}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{path} took {:?}", started.elapsed());
+        // Well under the client's 10 s timeout, which a server that stopped serving others
+        // would run into; loose enough for a loaded machine still starting 10,000 tasks.
+        assert!(started.elapsed() < Duration::from_secs(8), "{path} took {:?}", started.elapsed());
     }
     // The gauge counts a connection once its task runs, a moment after the kernel accepted it.
     poll_until(Duration::from_secs(8), "vault_http_connections to count every idle connection", || async {

@@ -1038,7 +1038,8 @@ async fn concurrent_orders_with_repeated_client_ids_make_one_order_each() {
             let resp = api.post("/orders", Some(&token), limit_order(&format!("burst-{}", i % IDS))).await;
             let status = resp.status().as_u16();
             let body: Value = resp.json().await.expect("json");
-            (i % IDS, status, body["id"].as_str().expect("order id").to_owned())
+            let id = body["id"].as_str().unwrap_or_else(|| panic!("an order id in the answer: {status} {body}"));
+            (i % IDS, status, id.to_owned())
         }
     });
     let answers = futures::future::join_all(requests).await;

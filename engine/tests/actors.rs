@@ -67,8 +67,9 @@ async fn idle_actors_are_passivated_and_come_back_with_their_state() {
     let shared = runtime::shared(&settings, Vec::new(), PriceBook::default(), CancellationToken::new());
     let arbiter = Arbiter::new();
     let options = settings.database_url.connect_options();
-    let shard =
-        Shard::start_on(&arbiter.handle(), shared, move || PgStore::lazy(options, 4), Duration::from_millis(300));
+    // Idle after 2 s: long enough that the first commits (a lazy connect among them, slow on a
+    // loaded machine) end well before a sweep could passivate the actor under the count below.
+    let shard = Shard::start_on(&arbiter.handle(), shared, move || PgStore::lazy(options, 4), Duration::from_secs(2));
     let router = Router::new(vec![shard.clone().recipient()]);
 
     let (user, work) = user_with_deposits(&db, 3).await;

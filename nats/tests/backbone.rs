@@ -240,8 +240,14 @@ async fn a_batch_lingers_from_its_first_message_even_after_an_idle_spell() {
         })
         .await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Sent back to back, acks awaited after: five publishes each awaiting its ack could
+        // outlast the linger on a loaded machine and split the burst.
+        let mut acks = Vec::new();
         for _ in 0..5 {
-            bus.publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("published");
+            acks.push(bus.start_publish(&auth_event(Uuid::now_v7()), &MessageContext::default()).await.expect("sent"));
+        }
+        for ack in acks {
+            ack.await.expect("published");
         }
         let first =
             tokio::time::timeout(Duration::from_secs(10), batches.recv()).await.expect("a batch").expect("open");

@@ -595,8 +595,16 @@ impl Drop for Proc {
 }
 
 /// An HTTP client with short timeouts and no proxies (tests only talk to loopback).
+///
+/// Idle pooled connections are dropped after 5 s, before the servers' 10 s idle timeout closes
+/// them: a request sent on a connection the server is just closing fails.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().expect("an HTTP client builds")
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client builds")
 }
 
 /// The value of the first sample on `http://{ops}/metrics` whose line starts with `prefix` and

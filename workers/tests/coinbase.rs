@@ -409,10 +409,14 @@ async fn a_next_batch_interrupted_again_and_again_loses_no_frame_even_during_a_s
         assert!(started.elapsed() < Duration::from_secs(10), "only {:?} after 10 s", prices(&quotes));
         match tokio::time::timeout(Duration::from_millis(20), source.next_batch()).await {
             Ok(batch) => quotes.extend(batch.expect("the source never ends")),
-            Err(_) => interrupted += 1,
+            // Counted until the first quote: the waits that interrupted the handshake.
+            Err(_) if quotes.is_empty() => interrupted += 1,
+            Err(_) => {}
         }
     }
     assert_eq!(prices(&quotes), expected);
-    assert!(interrupted >= 10, "the handshake alone outlasts ten waits: {interrupted}");
+    // About 15 on a quiet machine; a loaded one wakes the waits late, so fewer fit in 300 ms,
+    // but a handshake interrupted again and again is still one interrupted at least twice.
+    assert!(interrupted >= 2, "the handshake outlasts several waits: {interrupted}");
     assert_eq!(feed.subscribes().len(), 1, "one connection, never abandoned half-made");
 }

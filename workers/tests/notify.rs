@@ -578,15 +578,22 @@ async fn every_event_has_exactly_one_notification_across_a_kill_9() {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM notifications").fetch_one(&stack.pool).await.expect("count")
     };
 
-    ids.extend(publish_some(600).await);
+    ids.extend(publish_some(300).await);
     poll_until(Duration::from_secs(30), "some notifications", || async { (total().await >= 30).then_some(()) }).await;
+    // The kill must come mid-stream whatever the machine's pace: with the table locked, the next
+    // 300 events find the worker waiting on its insert, a batch in hand, when the kill comes.
+    let mut lock = stack.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE notifications IN EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    ids.extend(publish_some(300).await);
+    vault_testkit::wait_for_lock_wait(&stack.pool, "%INSERT INTO notifications%", Duration::from_secs(30)).await;
     worker.signal("KILL");
     worker.wait_exit(Duration::from_secs(10)).await;
+    lock.rollback().await.expect("unlock");
     let at_kill = total().await;
     assert!(at_kill < 600, "the kill came mid-stream ({at_kill} of 600 written)");
     ids.extend(publish_some(60).await);
     let (mut worker, _) = stack.worker(true).await;
-    // Messages in flight at the kill come back after the 30 s ack wait.
+    // Messages in flight at the kill come back (the next worker rewinds to the first unacked).
     poll_until(Duration::from_secs(90), "all 660 notifications", || async { (total().await >= 660).then_some(()) })
         .await;
     assert_eq!(total().await, 660, "nothing doubled");
