@@ -90,7 +90,14 @@ async fn serve(
         let book = runtime::rebuild_book(&pool, partitions).await?;
         anyhow::Ok((markets, book))
     };
-    let (markets, book) = match loaded.await {
+    // Raced with `serving`: a database that stops answering mid-load must neither hold a
+    // shutdown nor keep an engine whose lease is already lost from taking it again.
+    let Some(loaded) = serving.run_until_cancelled(loaded).await else {
+        release.cancel();
+        let _ = keeper.await;
+        return Ok(());
+    };
+    let (markets, book) = match loaded {
         Ok(state) => state,
         Err(e) => {
             // The lease goes back with its connection; the caller decides what comes next.

@@ -112,6 +112,32 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
     next.stop_cleanly(Duration::from_secs(30)).await;
 }
 
+/// Loading the state after the lease is taken waits on the database too, and is raced with the
+/// shutdown: with the markets table locked, the engine's first read waits, and SIGTERM still
+/// stops it.
+#[tokio::test]
+async fn sigterm_stops_the_engine_while_it_loads_its_state() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let mut blocker = pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE markets IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    let (mut engine, _) = common::spawn_engine(&db, &nats, &[]);
+    poll_until(Duration::from_secs(30), "the engine's load of the markets to wait on the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'vault-engine'
+                AND query LIKE '%FROM markets%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (waiting >= 1).then_some(())
+    })
+    .await;
+    engine.stop_cleanly(Duration::from_secs(20)).await;
+    blocker.rollback().await.expect("unlock");
+}
+
 #[tokio::test]
 async fn the_engine_declares_its_partition_consumers_once_and_serves_ops() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
