@@ -20,7 +20,7 @@ use support::Api;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use uuid::Uuid;
-use vault_bus::message::{CommandBody, OrderCommand, PriceTick};
+use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, OrderCommand, PriceTick};
 use vault_bus::{Bus, MessageContext, subjects};
 use vault_core::domain::{OrderType, Positive, Side, Symbol, TimeInForce};
 use vault_testkit::{
@@ -39,15 +39,22 @@ struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
     stalled: tokio::sync::watch::Sender<bool>,
+    /// Connections accepted before this many were accepted in all are silenced for good
+    /// ([`Proxy::blackhole`]).
+    silenced_below: tokio::sync::watch::Sender<u64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
 
-/// Copies `from` to `to`, holding what it read while `stalled`.
+/// Copies `from` to `to`, holding what it read while `stalled`, and for good once connection
+/// number `nth` is silenced.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: tokio::sync::watch::Receiver<bool>,
+    mut silenced_below: tokio::sync::watch::Receiver<u64>,
+    nth: u64,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -57,6 +64,11 @@ async fn pump(
             Ok(n) => n,
         };
         if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        if nth < *silenced_below.borrow_and_update() {
+            // Open, and nothing crosses it ever again (until the proxy drops it).
+            let _ = silenced_below.wait_for(|_| false).await;
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -71,8 +83,11 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let cut = Arc::new(AtomicBool::new(false));
         let stalled = tokio::sync::watch::Sender::new(false);
+        let silenced_below = tokio::sync::watch::Sender::new(0);
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (cut2, stalled2, open2) = (cut.clone(), stalled.clone(), open.clone());
+        let (cut2, stalled2, silenced2, open2) = (cut.clone(), stalled.clone(), silenced_below.clone(), open.clone());
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let accepted_count = accepted.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else { continue };
@@ -80,14 +95,15 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
-                let (upstream, stalled) = (upstream.clone(), stalled2.subscribe());
+                let nth = accepted.fetch_add(1, Ordering::SeqCst);
+                let (upstream, stalled, silenced) = (upstream.clone(), stalled2.subscribe(), silenced2.subscribe());
                 let task = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
                         let (from_client, to_client) = inbound.into_split();
                         let (from_server, to_server) = outbound.into_split();
                         tokio::select! {
-                            () = pump(from_client, to_server, stalled.clone()) => {}
-                            () = pump(from_server, to_client, stalled) => {}
+                            () = pump(from_client, to_server, stalled.clone(), silenced.clone(), nth) => {}
+                            () = pump(from_server, to_client, stalled, silenced, nth) => {}
                         }
                     }
                 });
@@ -95,7 +111,7 @@ impl Proxy {
             }
         })
         .abort_handle();
-        Proxy { port, cut, stalled, open, accept }
+        Proxy { port, cut, stalled, silenced_below, open, accept, accepted: accepted_count }
     }
 
     fn cut(&self) {
@@ -111,6 +127,13 @@ impl Proxy {
 
     fn stall(&self) {
         self.stalled.send_replace(true);
+    }
+
+    /// Every connection open now goes silent for good — nothing crosses it either way, and it
+    /// stays open, as when the database's host vanishes mid-statement — while new connections
+    /// pass as before.
+    fn blackhole(&self) {
+        self.silenced_below.send_replace(self.accepted.load(Ordering::SeqCst));
     }
 }
 
@@ -429,4 +452,87 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
         assert_eq!(status.code(), Some(0), "{name} did not stop cleanly:\n{}", process.output());
     }
     lock.rollback().await.expect("rollback");
+}
+
+/// Postgres's host vanishes mid-statement: the connections open at that moment never answer
+/// again (nor close), new ones work. Consumers and the price loop must not wait on such a write
+/// for ever: the audit worker gives the batch up, its messages come back and are recorded once
+/// (the chain lock the silent session held goes with it), and the prices worker drops the
+/// candles in flight and goes on publishing ticks.
+#[tokio::test]
+async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work_goes_on() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (_, upstream) = through(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.port);
+    let mut envs = base_env(&db, &nats);
+    envs.retain(|(k, _)| *k != "DATABASE_URL" && *k != "PRICE_SOURCE");
+    envs.push(("DATABASE_URL", proxied));
+    envs.push(("PRICE_SOURCE", "sim".to_owned()));
+    let mut workers = Vec::new();
+    for role in ["audit", "prices"] {
+        let (worker, _) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        workers.push(worker);
+    }
+    let direct = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
+
+    // Auth events at a steady pace, so the audit worker is always about to write.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        async move {
+            let mut published = 0u64;
+            while !stop.is_cancelled() {
+                let event = AuthEvent {
+                    id: Uuid::now_v7(),
+                    kind: AuthEventKind::LoginFailed,
+                    user_id: None,
+                    request_id: None,
+                    ip: Some("192.0.2.1".to_owned()),
+                    at: Utc::now(),
+                    data: json!({}),
+                };
+                bus.publish(&event, &MessageContext::default()).await.expect("published");
+                published += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            published
+        }
+    });
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE stream = 'AUTH'")
+            .fetch_one(&direct)
+            .await
+            .expect("count")
+    };
+    poll_until(WAIT, "the audit worker to record some events", || async { (recorded().await >= 20).then_some(()) })
+        .await;
+    let candle_before: chrono::DateTime<Utc> = poll_until(WAIT, "a candle written", || async {
+        sqlx::query_scalar("SELECT max(close_at) FROM candles").fetch_one(&direct).await.ok().flatten()
+    })
+    .await;
+
+    proxy.blackhole();
+    let silenced_at = Utc::now();
+    tokio::time::sleep(Duration::from_secs(2)).await; // events published after the blackhole, the scenario itself
+    stop.cancel();
+    let published = publisher.await.expect("publisher") as i64;
+
+    // Every event recorded exactly once (a row per stream sequence is the table's key).
+    poll_until(Duration::from_secs(120), &format!("all {published} events in the audit log"), || async {
+        (recorded().await == published).then_some(())
+    })
+    .await;
+    // Ticks go on, and their candles are written again.
+    poll_until(Duration::from_secs(60), "a candle closing after the blackhole", || async {
+        let at: Option<chrono::DateTime<Utc>> =
+            sqlx::query_scalar("SELECT max(close_at) FROM candles").fetch_one(&direct).await.ok().flatten();
+        at.filter(|at| *at > silenced_at + chrono::TimeDelta::seconds(5)).map(|_| ())
+    })
+    .await;
+    assert!(candle_before < silenced_at);
+    for mut worker in workers {
+        worker.stop_cleanly(Duration::from_secs(30)).await;
+    }
 }

@@ -123,11 +123,14 @@ impl DatabaseUrl {
 
     /// Names this process's connections `vault-<role>` in `pg_stat_activity` (unless the URL
     /// names them itself), so an operator sees which process holds which connection and what
-    /// each is running.
+    /// each is running; and bounds how long their sessions may sit idle inside a transaction
+    /// ([`crate::db::IDLE_IN_TRANSACTION_TIMEOUT`]).
     fn for_role(mut self, role: Role) -> Self {
         if self.options.get_application_name().is_none() {
             self.options = self.options.application_name(&format!("vault-{}", role.as_str()));
         }
+        let idle = crate::db::IDLE_IN_TRANSACTION_TIMEOUT.as_millis().to_string();
+        self.options = self.options.options([("idle_in_transaction_session_timeout", idle.as_str())]);
         self
     }
 

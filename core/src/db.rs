@@ -23,6 +23,14 @@
 //! tables grew, 1,614/s once autovacuum had analyzed them. A new connection a minute per pool
 //! slot costs a few milliseconds (sqlx closes an expired connection when it is returned, or
 //! idle, never while it is in use).
+//!
+//! Every process's session ends itself when it sits idle inside a transaction for
+//! [`IDLE_IN_TRANSACTION_TIMEOUT`] (`idle_in_transaction_session_timeout`, sent at connect).
+//! No transaction here waits on anything but Postgres between its statements, so such a session
+//! is one whose client is gone or cannot be heard — a host that vanished, a write given up on
+//! a connection that stopped answering — and its locks (the audit chain's advisory lock, row
+//! locks) would otherwise be held until the server's TCP keepalive notices, two hours by
+//! default, or for ever behind a proxy that keeps the socket open.
 
 use std::time::Duration;
 
@@ -42,6 +50,10 @@ pub const CONNECT_ATTEMPTS: usize = 12;
 
 /// How long a connection may sit idle in a pool before it is pinged on its way out.
 pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a session may sit idle inside a transaction before Postgres ends it (see the module
+/// docs).
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a pooled connection lives before it is closed and replaced (see the module docs:
 /// its statements are then planned afresh).

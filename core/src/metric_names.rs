@@ -42,6 +42,7 @@ pub const STREAM_LAST_SEQUENCE: &str = "vault_stream_last_sequence";
 pub const MESSAGES_PROCESSED: &str = "vault_messages_processed_total";
 pub const MESSAGE_PROCESSING: &str = "vault_message_processing_seconds";
 pub const PARKED_MESSAGES: &str = "vault_parked_messages_total";
+pub const BATCH_WRITES_ABANDONED: &str = "vault_batch_writes_abandoned_total";
 
 // -- API ---------------------------------------------------------------------------------------
 pub const AUTH_EVENTS_PUBLISHED: &str = "vault_auth_events_published_total";
@@ -162,6 +163,7 @@ const ENGINE: &[Role] = &[Role::Engine];
 const PRICES: &[Role] = &[Role::Prices];
 const AUDIT: &[Role] = &[Role::Audit];
 const NOTIFY: &[Role] = &[Role::Notify];
+const BATCHING: &[Role] = &[Role::Audit, Role::Notify];
 
 /// `outcome` of [`MESSAGES_PROCESSED`]: see [`Outcome`].
 pub const PROCESSED_OUTCOMES: &[&str] = &["ok", "retry", "parked"];
@@ -208,6 +210,13 @@ pub const CATALOG: &[Metric] = &[
     ),
     m(MESSAGE_PROCESSING, H, "From receiving a message to settling it (ack, nak or park)", CONSUMING, Dynamic),
     m(PARKED_MESSAGES, C, "Poison messages stored in parked_messages and terminated", CONSUMING, Dynamic),
+    m(
+        BATCH_WRITES_ABANDONED,
+        C,
+        "Batch writes (audit, notify) given up after 15 s; their messages come back",
+        BATCHING,
+        Plain,
+    ),
     m(AUTH_EVENTS_PUBLISHED, C, "Auth events published to AUTH, by kind", API, Dynamic),
     m(AUTH_EVENTS_FAILED, C, "Auth events that could not be published, by kind", API, Dynamic),
     m(RATE_LIMITED, C, "Requests refused by a rate limit", API, Plain),

@@ -11,7 +11,10 @@
 //! `vault_message_processing_seconds{stream,consumer}`: from the pull to the settlement, linger
 //! and commit included). On shutdown it stops pulling and flushes the batch in hand before
 //! returning, within [`GRACE`]: a batch a silent database holds longer is given up,
-//! and its unacked messages come back.
+//! and its unacked messages come back. A batch write is bounded while running too
+//! ([`WRITE_WITHIN`]): a statement sent on a connection that then never answers (the database's
+//! host gone mid-statement) would otherwise stop the consumer for good; the batch is given up,
+//! its messages come back after their ack wait, and the loop pulls on.
 //!
 //! Each consumer is rewound to its ack floor ([`Bus::rewind_to_ack_floor`]) when it starts, so
 //! what a crashed worker had pulled and not acked comes back at once rather than after the ack
@@ -32,6 +35,10 @@ use vault_core::shutdown::{GRACE, finish_or_give_up};
 use crate::Bus;
 use crate::consumers::ConsumerSpec;
 use crate::park;
+
+/// How long one batch's `flush` may take before it is given up (a batch commits in
+/// milliseconds; this is for a write that will never answer, not a slow one).
+pub const WRITE_WITHIN: Duration = Duration::from_secs(15);
 
 /// A gap in deliveries this soon after the consumer's last rewind is not rewound again: the
 /// rewind itself is still delivering, or a second process is pulling the same consumer.
@@ -187,9 +194,20 @@ where
                 },
             }
         };
-        if !batch.is_empty() && finish_or_give_up(&shutdown, flush(std::mem::take(&mut batch))).await.is_none() {
-            tracing::warn!(waited = ?GRACE, "a batch was still being written at shutdown; its messages come back");
-            return Ok(());
+        if !batch.is_empty() {
+            let messages = batch.len();
+            let write = tokio::time::timeout(WRITE_WITHIN, flush(std::mem::take(&mut batch)));
+            match finish_or_give_up(&shutdown, write).await {
+                None => {
+                    tracing::warn!(waited = ?GRACE, "a batch was still being written at shutdown; its messages come back");
+                    return Ok(());
+                }
+                Some(Err(_)) => {
+                    metrics::counter!(vault_core::metric_names::BATCH_WRITES_ABANDONED).increment(1);
+                    tracing::error!(messages, waited = ?WRITE_WITHIN, "a batch write did not finish; given up, its messages come back");
+                }
+                Some(Ok(())) => {}
+            }
         }
         if stop {
             return Ok(());

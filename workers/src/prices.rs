@@ -174,6 +174,10 @@ pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: Cancel
     }
 }
 
+/// How long one candle write may take before it is given up (it takes milliseconds; this is
+/// for a statement that will never be answered).
+const CANDLE_WRITE_WITHIN: Duration = Duration::from_secs(5);
+
 /// Publishes every quote of `source` the [`Validator`] accepts, with a per-symbol sequence
 /// continuing the stream's, and folds the acknowledged ones into one-minute candles.
 ///
@@ -208,13 +212,22 @@ pub async fn publish_from(
                 continue;
             }
             _ = flush.tick() => {
-                // Raced with the shutdown (then given GRACE): a database that does not answer
-                // must not hold a process asked to stop.
-                if finish_or_give_up(&shutdown, write_candles(&mut candles, pool)).await.is_none() {
-                    // Not written again: the abandoned statement may yet commit, and a candle's
-                    // volume added twice would be wrong rather than missing.
-                    tracing::error!(waited = ?GRACE, "candles were still being written at shutdown; the last ones may be lost");
-                    return Ok(());
+                // Bounded, and raced with the shutdown (then given GRACE): a database that does
+                // not answer must neither stop the ticks nor hold a process asked to stop. A
+                // write given up is not sent again: the abandoned statement may yet commit, and
+                // a candle's volume added twice would be wrong rather than missing.
+                let write = tokio::time::timeout(CANDLE_WRITE_WITHIN, write_candles(&mut candles, pool));
+                match finish_or_give_up(&shutdown, write).await {
+                    None => {
+                        tracing::error!(waited = ?GRACE, "candles were still being written at shutdown; the last ones may be lost");
+                        return Ok(());
+                    }
+                    Some(Err(_)) => {
+                        metrics::counter!("vault_candle_flush_failures_total").increment(1);
+                        let dropped = candles.discard();
+                        tracing::error!(dropped, waited = ?CANDLE_WRITE_WITHIN, "a candle write did not finish; given up, those candles lack the last ticks");
+                    }
+                    Some(Ok(())) => {}
                 }
                 continue;
             }

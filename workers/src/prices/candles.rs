@@ -80,6 +80,14 @@ impl Candles {
         self.pending.is_empty()
     }
 
+    /// Forgets every pending candle (a write given up that may yet commit is not sent again:
+    /// its volumes would count twice); returns how many there were.
+    pub fn discard(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        n
+    }
+
     /// Writes every pending candle in one statement; on failure they stay pending.
     pub async fn flush(&mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
         if self.pending.is_empty() {
