@@ -457,8 +457,8 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
 /// Postgres's host vanishes mid-statement: the connections open at that moment never answer
 /// again (nor close), new ones work. Consumers and the price loop must not wait on such a write
 /// for ever: the audit worker gives the batch up, its messages come back and are recorded once
-/// (the chain lock the silent session held goes with it), and the prices worker drops the
-/// candles in flight and goes on publishing ticks.
+/// (the chain lock the silent session held goes with it), the prices worker drops the candles
+/// in flight and goes on publishing ticks, and the notifier goes on delivering webhooks.
 #[tokio::test]
 async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work_goes_on() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
@@ -469,13 +469,63 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     envs.retain(|(k, _)| *k != "DATABASE_URL" && *k != "PRICE_SOURCE");
     envs.push(("DATABASE_URL", proxied));
     envs.push(("PRICE_SOURCE", "sim".to_owned()));
+    envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
     let mut workers = Vec::new();
-    for role in ["audit", "prices"] {
+    for role in ["audit", "prices", "notify"] {
         let (worker, _) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
         workers.push(worker);
     }
     let direct = db.pool().await;
     let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
+
+    // A webhook receiver that answers 200, and deliveries due to it, written as the notifier's
+    // consumer would write them.
+    let receiver = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}/hook", receiver.local_addr().expect("addr"));
+    let app = axum::Router::new().route("/hook", axum::routing::post(|| async { axum::http::StatusCode::OK }));
+    tokio::spawn(async move { axum::serve(receiver, app).await });
+    let (user, webhook) = (Uuid::now_v7(), Uuid::now_v7());
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
+        .bind(user)
+        .bind(format!("u{}@example.com", user.simple()))
+        .execute(&direct)
+        .await
+        .expect("user");
+    sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
+        .bind(webhook)
+        .bind(user)
+        .bind(&hook)
+        .bind("whsec-outage-test-0123456789abcdef")
+        .execute(&direct)
+        .await
+        .expect("webhook");
+    let deliver = |n: usize| {
+        let direct = direct.clone();
+        async move {
+            for _ in 0..n {
+                let event = Uuid::now_v7();
+                sqlx::query(
+                    "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
+                     VALUES ($1, $2, $3, 'order.filled', $4, now())",
+                )
+                .bind(Uuid::now_v7())
+                .bind(webhook)
+                .bind(event)
+                .bind(json!({"id": event, "type": "order.filled", "created_at": Utc::now(), "data": {}}))
+                .execute(&direct)
+                .await
+                .expect("delivery");
+            }
+        }
+    };
+    let delivered = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'")
+            .fetch_one(&direct)
+            .await
+            .expect("count")
+    };
+    deliver(3).await;
+    poll_until(WAIT, "the first webhooks delivered", || async { (delivered().await == 3).then_some(()) }).await;
 
     // Auth events at a steady pace, so the audit worker is always about to write.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -515,6 +565,7 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
 
     proxy.blackhole();
     let silenced_at = Utc::now();
+    deliver(5).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // events published after the blackhole, the scenario itself
     stop.cancel();
     let published = publisher.await.expect("publisher") as i64;
@@ -532,6 +583,10 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     })
     .await;
     assert!(candle_before < silenced_at);
+    poll_until(Duration::from_secs(60), "the webhooks due after the blackhole delivered", || async {
+        (delivered().await == 8).then_some(())
+    })
+    .await;
     for mut worker in workers {
         worker.stop_cleanly(Duration::from_secs(30)).await;
     }

@@ -51,6 +51,25 @@ pub const CONNECT_ATTEMPTS: usize = 12;
 /// How long a connection may sit idle in a pool before it is pinged on its way out.
 pub const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
 
+/// How long a statement that a long-running loop waits on may take before the loop gives it up
+/// ([`within`]): statements here take milliseconds; this is for one that will never be answered.
+pub const STATEMENT_WITHIN: Duration = Duration::from_secs(15);
+
+/// `statement`, given up after `limit` as a timed-out I/O error. sqlx's acquire timeout does
+/// not cover a statement sent on a connection that then stops answering (its host gone, the
+/// socket still open): a loop awaiting one would stop for good. Giving up on a statement does
+/// not undo it (it may yet commit), so callers only give up what is safe to do again or to
+/// leave undone.
+pub async fn within<T>(
+    limit: Duration,
+    statement: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(limit, statement).await.unwrap_or_else(|_| {
+        let what = format!("Postgres did not answer within {limit:?}");
+        Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what)))
+    })
+}
+
 /// How long a session may sit idle inside a transaction before Postgres ends it (see the module
 /// docs).
 pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);

@@ -42,10 +42,7 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
     .bind(msg.payload.as_ref())
     .bind(sqlx::types::Json(headers))
     .execute(pool);
-    tokio::time::timeout(PARK_WITHIN, insert).await.map_err(|_| {
-        let what = format!("parking: Postgres did not answer within {PARK_WITHIN:?}");
-        sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what))
-    })??;
+    vault_core::db::within(PARK_WITHIN, insert).await?;
     metrics::counter!("vault_parked_messages_total", "stream" => stream.to_owned(), "consumer" => consumer.to_owned())
         .increment(1);
     tracing::error!(stream, consumer, stream_seq = seq, subject = %msg.subject, reason, "message parked");

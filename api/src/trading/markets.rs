@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
+use vault_core::db;
 use vault_core::domain::{Market, MarketStatus, Symbol};
 
 use crate::error::{ApiError, Problem};
@@ -112,7 +113,8 @@ impl MarketCache {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {
-                        if let Err(e) = cache.refresh(&pool).await {
+                        // Bounded: a read that never answers would freeze the market rules.
+                        if let Err(e) = db::within(db::STATEMENT_WITHIN, cache.refresh(&pool)).await {
                             tracing::warn!(error = %e, "markets could not be refreshed; keeping the last copy");
                         }
                     }

@@ -42,6 +42,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_core::config::Secret;
+use vault_core::db;
 use vault_core::shutdown::{GRACE, finish_or_give_up};
 
 use super::webhook::backoff;
@@ -267,7 +268,8 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
 /// is given up — the statement may still land at the server once the lock goes; if not, the
 /// lease brings the rows back (sent again: at least once).
 async fn flush(pool: &PgPool, done: &mut Vec<Attempted<'_>>, shutdown: &CancellationToken) {
-    match finish_or_give_up(shutdown, record(pool, done)).await {
+    // GRACE while running too: the lease of the rows was sized for a record within it.
+    match finish_or_give_up(shutdown, db::within(GRACE, record(pool, done))).await {
         Some(Ok(())) => {}
         Some(Err(e)) => {
             tracing::warn!(emails = done.len(), error = %e, "cannot record email attempts; their lease brings them back");
@@ -291,7 +293,7 @@ async fn release(pool: &PgPool, ids: &[Uuid], shutdown: &CancellationToken) {
         sqlx::query("UPDATE email_outbox SET next_attempt_at = now() WHERE id = ANY($1) AND status = 'pending'")
             .bind(ids)
             .execute(pool);
-    match finish_or_give_up(shutdown, release).await {
+    match finish_or_give_up(shutdown, db::within(GRACE, release)).await {
         Some(Ok(_)) => {}
         Some(Err(e)) => {
             tracing::warn!(error = %e, emails = ids.len(), "cannot release claimed emails; their lease brings them back");
@@ -318,7 +320,8 @@ pub async fn run_emails(
     let mailer = Mailer::new(config.smtp_url.as_ref(), config.smtp_timeout)?;
     'outer: loop {
         // Raced with the shutdown, as the webhook loop's claim.
-        let Some(claimed) = shutdown.run_until_cancelled(claim(&pool, &config)).await else { break };
+        let claim = db::within(db::STATEMENT_WITHIN, claim(&pool, &config));
+        let Some(claimed) = shutdown.run_until_cancelled(claim).await else { break };
         let batch = match claimed {
             Ok(batch) => batch,
             Err(e) => {

@@ -50,6 +50,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use vault_core::db;
 
 /// The signature header's name.
 pub const SIGNATURE_HEADER: &str = "Vault-Signature";
@@ -384,7 +385,9 @@ pub async fn run_deliveries(
         let room = 1 + permits.available_permits();
         // Raced with the shutdown: a database that does not answer must not hold the exit (a
         // claim given up this way is brought back by its lease).
-        let Some(claimed) = shutdown.run_until_cancelled(claim(&pool, room, config.lease)).await else { break };
+        // Bounded too: a claim on a connection that stopped answering would stop deliveries.
+        let claim = db::within(db::STATEMENT_WITHIN, claim(&pool, room, config.lease));
+        let Some(claimed) = shutdown.run_until_cancelled(claim).await else { break };
         let rows = match claimed {
             Ok(rows) => rows,
             Err(e) => {
@@ -411,7 +414,8 @@ pub async fn run_deliveries(
             let (pool, client, config) = (pool.clone(), client.clone(), config.clone());
             in_flight.spawn(async move {
                 let outcome = attempt(&client, &config, &row).await;
-                if let Err(e) = record(&pool, &config, &row, &outcome).await {
+                // Bounded: a record that never answers would hold its permit for good.
+                if let Err(e) = db::within(db::STATEMENT_WITHIN, record(&pool, &config, &row, &outcome)).await {
                     tracing::warn!(delivery = %row.id, error = %e, "cannot record a webhook attempt; its lease will bring it back");
                 }
                 drop(permit);
