@@ -591,3 +591,94 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
         worker.stop_cleanly(Duration::from_secs(30)).await;
     }
 }
+
+/// The engine through the same silence: its lease connection goes silent with the rest, the
+/// lease keeper's heartbeat gives up, serving stops and the lease is taken again on a new
+/// connection. Deposits sent before, during and after are each applied exactly once.
+#[tokio::test]
+async fn the_engine_recovers_from_connections_that_go_silent_for_good_and_applies_each_command_once() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (_, upstream) = through(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.port);
+    let mut envs = base_env(&db, &nats);
+    envs.retain(|(k, _)| *k != "DATABASE_URL");
+    envs.push(("DATABASE_URL", proxied));
+    let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    let direct = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
+    let user = Uuid::now_v7();
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
+        .bind(user)
+        .bind(format!("u{}@example.com", user.simple()))
+        .execute(&direct)
+        .await
+        .expect("user");
+
+    // Deposits of 1 USD at a steady pace, each as the API makes it: the row, then the command.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = tokio::spawn({
+        let (bus, direct, stop) = (bus.clone(), direct.clone(), stop.clone());
+        async move {
+            let mut sent = 0i64;
+            while !stop.is_cancelled() {
+                let id = Uuid::now_v7();
+                let client_deposit_id = format!("dep-{}", id.simple());
+                sqlx::query(
+                    "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 1)",
+                )
+                .bind(id)
+                .bind(user)
+                .bind(&client_deposit_id)
+                .execute(&direct)
+                .await
+                .expect("deposit row");
+                let command = OrderCommand {
+                    user_id: user,
+                    request_id: None,
+                    at: Utc::now(),
+                    body: CommandBody::Deposit {
+                        deposit_id: id,
+                        client_deposit_id,
+                        asset: vault_core::domain::Asset::parse("USD").expect("asset"),
+                        amount: Positive::new(1.into()).expect("positive"),
+                    },
+                };
+                bus.publish(&command, &MessageContext::default()).await.expect("published");
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            sent
+        }
+    });
+    let completed = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deposits WHERE status = 'completed'")
+            .fetch_one(&direct)
+            .await
+            .expect("count")
+    };
+    poll_until(WAIT, "some deposits applied", || async { (completed().await >= 10).then_some(()) }).await;
+    proxy.blackhole();
+    tokio::time::sleep(Duration::from_secs(2)).await; // deposits sent into the silence: the scenario
+    stop.cancel();
+    let sent = sender.await.expect("sender");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while completed().await != sent {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {sent} deposits applied after 120 s; the engine:\n{}",
+            completed().await,
+            engine.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'")
+            .bind(user)
+            .fetch_one(&direct)
+            .await
+            .expect("balance");
+    assert_eq!(total, rust_decimal::Decimal::from(sent), "each deposit applied once");
+    engine.stop_cleanly(Duration::from_secs(30)).await;
+}

@@ -26,6 +26,14 @@
 //! the loss and the check another engine may take over and both may commit for up to a
 //! heartbeat: the portfolio version check and the `applied_commands` key still apply every
 //! command once.
+//!
+//! A session-level lock outlives a connection that merely went silent (a partition, a flushed
+//! NAT table, a proxy that keeps the socket open): the server holds the session, and the locks,
+//! until its TCP keepalive gives up (two hours by default) — so the holder, having given the
+//! lease up, could not take it again, nor could a standby. The lease's session therefore asks
+//! the server to end it after [`SILENT_HOLDER_RELEASED_AFTER`] idle (`idle_session_timeout`,
+//! Postgres 14+; an older server keeps the old behaviour, with a warning): the holder checks
+//! every [`HEARTBEAT`], so only a holder that can no longer be heard goes idle that long.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +54,23 @@ pub const RETRY: Duration = Duration::from_millis(500);
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A lock check that takes longer counts as a lost lease (a connection the network swallowed).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the lease's session may go without a check before the server ends it, releasing
+/// the locks (see the module docs).
+pub const SILENT_HOLDER_RELEASED_AFTER: Duration = Duration::from_secs(15);
+
+/// Asks the server to end this session after [`SILENT_HOLDER_RELEASED_AFTER`] idle. A server
+/// without `idle_session_timeout` (before Postgres 14) is warned about, not refused.
+async fn released_when_silent(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let set = format!("SET idle_session_timeout = {}", SILENT_HOLDER_RELEASED_AFTER.as_millis());
+    match sqlx::query(&set).execute(&mut *conn).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) => {
+            tracing::warn!(error = %e, "this Postgres cannot end a silent lease session (idle_session_timeout, 14+): a lease held by a connection that went silent is released only when the server's TCP keepalive gives up");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// The locks of an engine's partitions, held on their own connection.
 #[derive(Debug)]
@@ -117,7 +142,11 @@ impl Lease {
                 match conn.as_mut() {
                     Some(c) => try_take_all(c, partitions).await,
                     None => match PgConnection::connect_with(db).await {
-                        Ok(c) => try_take_all(conn.insert(c), partitions).await,
+                        Ok(c) => {
+                            let c = conn.insert(c);
+                            released_when_silent(c).await?;
+                            try_take_all(c, partitions).await
+                        }
                         Err(e) => Err(e),
                     },
                 }
