@@ -392,7 +392,9 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent:
         process.signal("TERM");
     }
     for (name, process, _) in &mut processes {
-        let status = process.wait_exit(Duration::from_secs(20)).await;
+        // Within the deployments' 40 s termination grace (each bounded wait is 5 s or less;
+        // a loaded machine adds to their sum, a hang never ends).
+        let status = process.wait_exit(Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(0), "{name} did not stop cleanly:\n{}", process.output());
     }
 }
@@ -448,7 +450,9 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
         process.signal("TERM");
     }
     for (name, process) in &mut processes {
-        let status = process.wait_exit(Duration::from_secs(20)).await;
+        // Within the deployments' 40 s termination grace (each bounded wait is 5 s or less;
+        // a loaded machine adds to their sum, a hang never ends).
+        let status = process.wait_exit(Duration::from_secs(30)).await;
         assert_eq!(status.code(), Some(0), "{name} did not stop cleanly:\n{}", process.output());
     }
     lock.rollback().await.expect("rollback");
