@@ -106,15 +106,27 @@ async fn insert_batch(pool: &PgPool, batch: Vec<Pending<IntakeRow, Reply>>) {
             }
         }
         Err(e) => {
-            let message = e.to_string();
             let mut replies = replies.into_iter();
-            if let Some(first) = replies.next() {
+            let first = replies.next();
+            for reply in replies {
+                let _ = reply.send(Err(like(&e)));
+            }
+            if let Some(first) = first {
                 let _ = first.send(Err(e));
             }
-            for reply in replies {
-                let _ = reply.send(Err(sqlx::Error::Protocol(format!("the intake batch failed: {message}"))));
-            }
         }
+    }
+}
+
+/// An error of the same class as `e`, for the other requests of a batch that failed with it:
+/// a database that could not be reached is 503 for every one of them, not only the first.
+fn like(e: &sqlx::Error) -> sqlx::Error {
+    match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::Io(io) => {
+            sqlx::Error::Io(std::io::Error::new(io.kind(), format!("the intake batch failed: {io}")))
+        }
+        other => sqlx::Error::Protocol(format!("the intake batch failed: {other}")),
     }
 }
 
@@ -149,4 +161,19 @@ async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<std::collections::H
         .fetch_all(pool)
         .await?;
     Ok(inserted.into_iter().map(|v| (v.id, v)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ApiError;
+
+    #[test]
+    fn every_request_of_a_batch_that_could_not_reach_the_database_is_told_503() {
+        let io = sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"));
+        for e in [io, sqlx::Error::PoolTimedOut] {
+            assert!(matches!(ApiError::from(like(&e)), ApiError::Unavailable(_)), "{e}");
+        }
+        assert!(matches!(ApiError::from(like(&sqlx::Error::RowNotFound)), ApiError::Internal(_)));
+    }
 }
