@@ -20,10 +20,37 @@ async fn start(db: &TestDb, nats: &NatsServer) -> (Proc, String) {
 }
 
 async fn last_tick(nats: &NatsServer, symbol: &str) -> Option<PriceTick> {
+    last_tick_at(nats, symbol).await.map(|(tick, _)| tick)
+}
+
+/// The last tick of `symbol` and its stream sequence.
+async fn last_tick_at(nats: &NatsServer, symbol: &str) -> Option<(PriceTick, u64)> {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.ok()?);
     let stream = js.get_stream("PRICES").await.ok()?;
     let subject = format!("prices.{symbol}");
     let msg = stream.get_last_raw_message_by_subject(&subject).await.ok()?;
+    Some((decode::<PriceTick>(&subject, &msg.payload).ok()?, msg.sequence))
+}
+
+/// The first tick of `symbol` stored after stream sequence `after` (not the last one: more may
+/// have come by the time it is read).
+async fn first_tick_after(nats: &NatsServer, symbol: &str, after: u64) -> Option<PriceTick> {
+    use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.ok()?);
+    let stream = js.get_stream("PRICES").await.ok()?;
+    let subject = format!("prices.{symbol}");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            filter_subject: subject.clone(),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let mut batch = consumer.fetch().max_messages(1).expires(Duration::from_millis(500)).messages().await.ok()?;
+    let msg = batch.next().await?.ok()?;
     decode::<PriceTick>(&subject, &msg.payload).ok()
 }
 
@@ -55,10 +82,10 @@ async fn the_simulated_source_ticks_every_market_and_continues_after_a_restart()
     assert!(metrics.contains("vault_price_ticks_published_total"));
 
     worker.stop_cleanly(Duration::from_secs(30)).await;
-    let before = last_tick(&nats, "BTC-USD").await.expect("a tick");
+    let (before, stored_at) = last_tick_at(&nats, "BTC-USD").await.expect("a tick");
     let (mut again, _) = start(&db, &nats).await;
     let after = poll_until(Duration::from_secs(15), "a tick after the restart", || async {
-        last_tick(&nats, "BTC-USD").await.filter(|t| t.seq > before.seq)
+        first_tick_after(&nats, "BTC-USD", stored_at).await
     })
     .await;
     assert_eq!(after.seq, before.seq + 1, "the sequence continues, so no tick is dropped as a duplicate");
