@@ -111,12 +111,20 @@ impl Stack {
             let creds = json!({"email": email, "password": support::PASSWORD});
             // Twenty argon2id hashes at once on a loaded machine outlast a trader's patience:
             // the set-up waits longer than the burst's clients do.
-            let send = |path: &str| self.client.post(self.url(path)).json(&creds).timeout(SETUP_TIMEOUT).send();
-            let signup = send("/auth/signup").await.expect("signup");
+            // And a hash refused with 503 (the hashing queue full for 5 s: the hashing threads run
+            // at the lowest CPU priority) is tried again, as a client would.
+            let send = |path: &'static str| {
+                let creds = &creds;
+                poll_until(SETUP_TIMEOUT, path, move || async move {
+                    let resp = self.client.post(self.url(path)).json(creds).timeout(SETUP_TIMEOUT).send().await.ok()?;
+                    (resp.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(resp)
+                })
+            };
+            let signup = send("/auth/signup").await;
             assert_eq!(signup.status(), 201, "signup {email}");
             let user: Value = signup.json().await.expect("user json");
             let id = user["id"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("a user id: {user}"));
-            let login = send("/auth/login").await.expect("login");
+            let login = send("/auth/login").await;
             assert_eq!(login.status(), 200, "login {email}");
             let tokens: Value = login.json().await.expect("token json");
             let token = tokens["access_token"].as_str().unwrap_or_else(|| panic!("an access token: {tokens}"));
