@@ -170,6 +170,63 @@ fn market_buy(user_id: Uuid, order_id: Uuid, client_order_id: String) -> OrderCo
     }
 }
 
+/// A NATS server, a migrated database, a proxy in front of it, and the base environment with
+/// `DATABASE_URL` pointing through the proxy.
+async fn behind_a_proxy() -> (NatsServer, TestDb, Proxy, Vec<(&'static str, String)>) {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (_, upstream) = through(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.port);
+    let envs = with(base_env(&db, &nats), "DATABASE_URL", proxied);
+    (nats, db, proxy, envs)
+}
+
+/// `envs` with `key` set to `value` (replaced if present).
+fn with(
+    mut envs: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: impl Into<String>,
+) -> Vec<(&'static str, String)> {
+    envs.retain(|(k, _)| *k != key);
+    envs.push((key, value.into()));
+    envs
+}
+
+/// A `users` row the foreign keys need (no real password).
+async fn insert_user(pool: &sqlx::PgPool) -> Uuid {
+    let user = Uuid::now_v7();
+    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
+        .bind(user)
+        .bind(format!("u{}@example.com", user.simple()))
+        .execute(pool)
+        .await
+        .expect("user");
+    user
+}
+
+/// Runs `send` every `every` until the returned token is cancelled; the task answers how many
+/// times it ran.
+fn steadily<F, Fut>(every: Duration, mut send: F) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<i64>)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut sent = 0;
+            while !stop.is_cancelled() {
+                send().await;
+                sent += 1;
+                tokio::time::sleep(every).await;
+            }
+            sent
+        }
+    });
+    (stop, task)
+}
+
 async fn status(client: &reqwest::Client, url: &str) -> u16 {
     client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
 }
@@ -322,14 +379,8 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
 /// refused (`cut`) or went silent (`stall`, a partition that drops packets; `silent`: then the
 /// audit worker is known to hold a command it cannot write when the signal comes).
 async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent: bool) {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (_, upstream) = through(&db.url, 0);
-    let proxy = Proxy::start(upstream).await;
-    let (proxied, _) = through(&db.url, proxy.port);
-    let mut envs = base_env(&db, &nats);
-    envs.retain(|(k, _)| *k != "DATABASE_URL");
-    envs.push(("DATABASE_URL", proxied));
-    envs.push(("PRICE_SOURCE", "none".to_owned()));
+    let (nats, _db, proxy, envs) = behind_a_proxy().await;
+    let envs = with(envs, "PRICE_SOURCE", "none");
 
     let api_addr = format!("127.0.0.1:{}", free_port());
     let mut api_envs = envs.clone();
@@ -341,9 +392,7 @@ async fn every_process_stops_on_sigterm_while_postgres(fail: fn(&Proxy), silent:
     processes.push(("engine", engine, ops));
     // The prices worker ticks (simulated), so it has candles to write every second while the
     // database does not answer.
-    let mut price_envs = envs.clone();
-    price_envs.retain(|(k, _)| *k != "PRICE_SOURCE");
-    price_envs.push(("PRICE_SOURCE", "sim".to_owned()));
+    let price_envs = with(envs.clone(), "PRICE_SOURCE", "sim");
     for role in ["prices", "audit", "notify"] {
         let role_envs = if role == "prices" { &price_envs } else { &envs };
         let (worker, ops) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], role_envs).await;
@@ -434,18 +483,7 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
         js.publish(subject, garbage.into()).await.expect("send").await.expect("ack");
     }
     // The engine (the command), the audit worker (one of the two) and the notifier (the event).
-    poll_until(WAIT, "three consumers to wait to park a message", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock'
-                AND query LIKE '%INSERT INTO parked_messages%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .ok()?;
-        (waiting >= 3).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_waits(&pool, "%INSERT INTO parked_messages%", 3, WAIT).await;
     for (_, process) in &processes {
         process.signal("TERM");
     }
@@ -465,15 +503,8 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
 /// in flight and goes on publishing ticks, and the notifier goes on delivering webhooks.
 #[tokio::test]
 async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work_goes_on() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (_, upstream) = through(&db.url, 0);
-    let proxy = Proxy::start(upstream).await;
-    let (proxied, _) = through(&db.url, proxy.port);
-    let mut envs = base_env(&db, &nats);
-    envs.retain(|(k, _)| *k != "DATABASE_URL" && *k != "PRICE_SOURCE");
-    envs.push(("DATABASE_URL", proxied));
-    envs.push(("PRICE_SOURCE", "sim".to_owned()));
-    envs.push(("WEBHOOK_ALLOW_PRIVATE", "true".to_owned()));
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    let envs = with(with(envs, "PRICE_SOURCE", "sim"), "WEBHOOK_ALLOW_PRIVATE", "true");
     let mut workers = Vec::new();
     for role in ["audit", "prices", "notify"] {
         let (worker, _) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
@@ -488,13 +519,7 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     let hook = format!("http://{}/hook", receiver.local_addr().expect("addr"));
     let app = axum::Router::new().route("/hook", axum::routing::post(|| async { axum::http::StatusCode::OK }));
     tokio::spawn(async move { axum::serve(receiver, app).await });
-    let (user, webhook) = (Uuid::now_v7(), Uuid::now_v7());
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
-        .bind(user)
-        .bind(format!("u{}@example.com", user.simple()))
-        .execute(&direct)
-        .await
-        .expect("user");
+    let (user, webhook) = (insert_user(&direct).await, Uuid::now_v7());
     sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
         .bind(webhook)
         .bind(user)
@@ -532,12 +557,11 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     poll_until(WAIT, "the first webhooks delivered", || async { (delivered().await == 3).then_some(()) }).await;
 
     // Auth events at a steady pace, so the audit worker is always about to write.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let publisher = tokio::spawn({
-        let (bus, stop) = (bus.clone(), stop.clone());
-        async move {
-            let mut published = 0u64;
-            while !stop.is_cancelled() {
+    let (stop, publisher) = steadily(Duration::from_millis(20), {
+        let bus = bus.clone();
+        move || {
+            let bus = bus.clone();
+            async move {
                 let event = AuthEvent {
                     id: Uuid::now_v7(),
                     kind: AuthEventKind::LoginFailed,
@@ -548,10 +572,7 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
                     data: json!({}),
                 };
                 bus.publish(&event, &MessageContext::default()).await.expect("published");
-                published += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            published
         }
     });
     let recorded = || async {
@@ -572,7 +593,7 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     deliver(5).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // events published after the blackhole, the scenario itself
     stop.cancel();
-    let published = publisher.await.expect("publisher") as i64;
+    let published = publisher.await.expect("publisher");
 
     // Every event recorded exactly once (a row per stream sequence is the table's key).
     poll_until(Duration::from_secs(120), &format!("all {published} events in the audit log"), || async {
@@ -601,31 +622,18 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
 /// connection. Deposits sent before, during and after are each applied exactly once.
 #[tokio::test]
 async fn the_engine_recovers_from_connections_that_go_silent_for_good_and_applies_each_command_once() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (_, upstream) = through(&db.url, 0);
-    let proxy = Proxy::start(upstream).await;
-    let (proxied, _) = through(&db.url, proxy.port);
-    let mut envs = base_env(&db, &nats);
-    envs.retain(|(k, _)| *k != "DATABASE_URL");
-    envs.push(("DATABASE_URL", proxied));
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
     let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
     let direct = db.pool().await;
     let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
-    let user = Uuid::now_v7();
-    sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
-        .bind(user)
-        .bind(format!("u{}@example.com", user.simple()))
-        .execute(&direct)
-        .await
-        .expect("user");
+    let user = insert_user(&direct).await;
 
     // Deposits of 1 USD at a steady pace, each as the API makes it: the row, then the command.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let sender = tokio::spawn({
-        let (bus, direct, stop) = (bus.clone(), direct.clone(), stop.clone());
-        async move {
-            let mut sent = 0i64;
-            while !stop.is_cancelled() {
+    let (stop, sender) = steadily(Duration::from_millis(50), {
+        let (bus, direct) = (bus.clone(), direct.clone());
+        move || {
+            let (bus, direct) = (bus.clone(), direct.clone());
+            async move {
                 let id = Uuid::now_v7();
                 let client_deposit_id = format!("dep-{}", id.simple());
                 sqlx::query(
@@ -649,10 +657,7 @@ async fn the_engine_recovers_from_connections_that_go_silent_for_good_and_applie
                     },
                 };
                 bus.publish(&command, &MessageContext::default()).await.expect("published");
-                sent += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            sent
         }
     });
     let completed = || async {

@@ -122,18 +122,7 @@ async fn sigterm_stops_the_engine_while_it_loads_its_state() {
     let mut blocker = pool.begin().await.expect("tx");
     sqlx::query("LOCK TABLE markets IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
     let (mut engine, _) = common::spawn_engine(&db, &nats, &[]);
-    poll_until(Duration::from_secs(30), "the engine's load of the markets to wait on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'vault-engine'
-                AND query LIKE '%FROM markets%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .ok()?;
-        (waiting >= 1).then_some(())
-    })
-    .await;
+    vault_testkit::wait_for_lock_wait(&pool, "%FROM markets%", Duration::from_secs(30)).await;
     engine.stop_cleanly(Duration::from_secs(20)).await;
     blocker.rollback().await.expect("unlock");
 }

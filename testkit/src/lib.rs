@@ -56,7 +56,12 @@ pub fn free_port() -> u16 {
 /// Waits until a statement of `pool`'s database whose text matches the SQL `LIKE` pattern
 /// `statement` is waiting on a lock (how a test knows a process reached the write it holds up).
 pub async fn wait_for_lock_wait(pool: &PgPool, statement: &str, deadline: Duration) {
-    poll_until(deadline, &format!("a statement like {statement:?} to wait on a lock"), || async {
+    wait_for_lock_waits(pool, statement, 1, deadline).await
+}
+
+/// [`wait_for_lock_wait`] for `at_least` such statements at once (several processes held up).
+pub async fn wait_for_lock_waits(pool: &PgPool, statement: &str, at_least: i64, deadline: Duration) {
+    poll_until(deadline, &format!("{at_least} statements like {statement:?} to wait on a lock"), || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
               WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1",
@@ -65,7 +70,7 @@ pub async fn wait_for_lock_wait(pool: &PgPool, statement: &str, deadline: Durati
         .fetch_one(pool)
         .await
         .ok()?;
-        (waiting >= 1).then_some(())
+        (waiting >= at_least).then_some(())
     })
     .await
 }
