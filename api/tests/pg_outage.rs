@@ -25,7 +25,7 @@ use vault_bus::{Bus, MessageContext, subjects};
 use vault_core::domain::{OrderType, Positive, Side, Symbol, TimeInForce};
 use vault_testkit::{
     NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, http_client, poll_until,
-    workspace_binary,
+    scrape_metric, workspace_binary,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -34,7 +34,8 @@ const OUTAGE: Duration = Duration::from_secs(20);
 /// A TCP proxy to Postgres that can be cut: every open connection is dropped at once and new
 /// ones are closed as soon as they are accepted, until it is restored. It can also go silent
 /// ([`Proxy::stall`]): connections stay open and nothing crosses them either way, as behind a
-/// network partition that drops packets rather than refusing them.
+/// network partition that drops packets rather than refusing them; silence the connections open
+/// now for good ([`Proxy::blackhole`]), or only their answers ([`Proxy::deafen`]).
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
@@ -42,18 +43,21 @@ struct Proxy {
     /// Connections accepted before this many were accepted in all are silenced for good
     /// ([`Proxy::blackhole`]).
     silenced_below: tokio::sync::watch::Sender<u64>,
+    /// Connections accepted before this many were accepted in all pass what the client sends,
+    /// never what the server answers ([`Proxy::deafen`]).
+    deaf_below: tokio::sync::watch::Sender<u64>,
     accepted: Arc<std::sync::atomic::AtomicU64>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
 
 /// Copies `from` to `to`, holding what it read while `stalled`, and for good once connection
-/// number `nth` is silenced.
+/// number `nth` is below either bound of `silenced_below`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: tokio::sync::watch::Receiver<bool>,
-    mut silenced_below: tokio::sync::watch::Receiver<u64>,
+    [mut silenced_below, mut deaf_below]: [tokio::sync::watch::Receiver<u64>; 2],
     nth: u64,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,7 +70,7 @@ async fn pump(
         if stalled.wait_for(|stalled| !*stalled).await.is_err() {
             return;
         }
-        if nth < *silenced_below.borrow_and_update() {
+        if nth < *silenced_below.borrow_and_update() || nth < *deaf_below.borrow_and_update() {
             // Open, and nothing crosses it ever again (until the proxy drops it).
             let _ = silenced_below.wait_for(|_| false).await;
             return;
@@ -84,8 +88,10 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let stalled = tokio::sync::watch::Sender::new(false);
         let silenced_below = tokio::sync::watch::Sender::new(0);
+        let deaf_below = tokio::sync::watch::Sender::new(0);
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (cut2, stalled2, silenced2, open2) = (cut.clone(), stalled.clone(), silenced_below.clone(), open.clone());
+        let (cut2, stalled2, open2) = (cut.clone(), stalled.clone(), open.clone());
+        let (silenced2, deaf2) = (silenced_below.clone(), deaf_below.clone());
         let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let accepted_count = accepted.clone();
         let accept = tokio::spawn(async move {
@@ -96,14 +102,15 @@ impl Proxy {
                     continue;
                 }
                 let nth = accepted.fetch_add(1, Ordering::SeqCst);
-                let (upstream, stalled, silenced) = (upstream.clone(), stalled2.subscribe(), silenced2.subscribe());
+                let (upstream, stalled) = (upstream.clone(), stalled2.subscribe());
+                let (silenced, deaf) = (silenced2.subscribe(), deaf2.subscribe());
                 let task = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
                         let (from_client, to_client) = inbound.into_split();
                         let (from_server, to_server) = outbound.into_split();
                         tokio::select! {
-                            () = pump(from_client, to_server, stalled.clone(), silenced.clone(), nth) => {}
-                            () = pump(from_server, to_client, stalled, silenced, nth) => {}
+                            () = pump(from_client, to_server, stalled.clone(), [silenced.clone(), silenced.clone()], nth) => {}
+                            () = pump(from_server, to_client, stalled, [silenced, deaf], nth) => {}
                         }
                     }
                 });
@@ -111,7 +118,7 @@ impl Proxy {
             }
         })
         .abort_handle();
-        Proxy { port, cut, stalled, silenced_below, open, accept, accepted: accepted_count }
+        Proxy { port, cut, stalled, silenced_below, deaf_below, open, accept, accepted: accepted_count }
     }
 
     fn cut(&self) {
@@ -134,6 +141,13 @@ impl Proxy {
     /// pass as before.
     fn blackhole(&self) {
         self.silenced_below.send_replace(self.accepted.load(Ordering::SeqCst));
+    }
+
+    /// Every connection open now carries what its client sends, and nothing of what the server
+    /// answers, for good — statements run and commit, their answers never come — while new
+    /// connections pass as before.
+    fn deafen(&self) {
+        self.deaf_below.send_replace(self.accepted.load(Ordering::SeqCst));
     }
 }
 
@@ -690,4 +704,153 @@ async fn the_engine_recovers_from_connections_that_go_silent_for_good_and_applie
             .expect("balance");
     assert_eq!(total, rust_decimal::Decimal::from(sent), "each deposit applied once");
     engine.stop_cleanly(Duration::from_secs(30)).await;
+}
+
+/// The API's connections go deaf for good while orders flow: what it sends reaches Postgres and
+/// commits, the answers never come back. The intake statements in flight are given up and their
+/// requests answered 503; the rows they wrote anyway are withdrawn once the database answers
+/// again (a 503 placed nothing); the pool gives up the deaf connections, so new orders are
+/// taken on new ones without a restart; a retry of a refused order with its client id is a new
+/// order; every order answered 202 is decided by the engine, and the books reconcile.
+#[tokio::test]
+async fn orders_whose_intake_answers_never_come_are_refused_withdrawn_and_the_api_heals() {
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    // The engine reaches Postgres directly; only the API's connections go deaf.
+    let engine_envs = with(base_env(&db, &nats), "MAX_PRICE_AGE", "600");
+    let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &engine_envs).await;
+    let api_addr = format!("127.0.0.1:{}", free_port());
+    let envs = with(with(envs, "RATE_LIMIT_USER_PER_SEC", "0"), "RATE_LIMIT_IP_PER_SEC", "0");
+    let mut proc = Proc::spawn(support::BIN, &["serve"], &with(envs, "API_ADDR", api_addr.clone()));
+    proc.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
+    let api = Api { proc, addr: api_addr.clone(), client: http_client(), db, nats };
+    let direct = api.db.pool().await;
+    let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");
+
+    let email = format!("deaf-{}@example.com", Uuid::now_v7().simple());
+    let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
+    let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
+    let tick = PriceTick {
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        price: Positive::new(50_000.into()).expect("positive"),
+        ts: Utc::now(),
+        source: "test".into(),
+        seq: 1,
+    };
+    bus.publish(&tick, &MessageContext::default()).await.expect("tick");
+    let deposit = api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "1000000"})).await;
+    assert_eq!(deposit.status(), 202);
+    poll_until(WAIT, "the deposit to complete", || async {
+        let status: String = sqlx::query_scalar("SELECT status FROM deposits WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&direct)
+            .await
+            .ok()?;
+        (status == "completed").then_some(())
+    })
+    .await;
+
+    // Orders every 20 ms, each its own request with its own client id, for 1 s before the
+    // deafness and 3 s into it; each request may wait out the intake's 15 s bound.
+    let patient = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(60)).build().expect("client");
+    let place = |client_order_id: String| {
+        let (patient, url, token) = (patient.clone(), api.url("/orders"), token.clone());
+        async move {
+            let body = json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.001",
+                              "client_order_id": client_order_id});
+            let answer = patient.post(url).bearer_auth(token).json(&body).send().await.expect("an answer");
+            (client_order_id, answer.status().as_u16())
+        }
+    };
+    let started = Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    let mut deaf = false;
+    while started.elapsed() < Duration::from_secs(4) {
+        if !deaf && started.elapsed() >= Duration::from_secs(1) {
+            proxy.deafen();
+            deaf = true;
+        }
+        requests.spawn(place(format!("deaf-{}", Uuid::now_v7().simple())));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answers = requests.join_all().await;
+    let accepted: Vec<&String> = answers.iter().filter(|(_, s)| *s == 202).map(|(c, _)| c).collect();
+    let refused: Vec<&String> = answers.iter().filter(|(_, s)| *s == 503).map(|(c, _)| c).collect();
+    let other: Vec<_> = answers.iter().filter(|(_, s)| ![202, 503].contains(s)).collect();
+    assert!(other.is_empty(), "202 or 503 only: {other:?}");
+    assert!(!accepted.is_empty() && !refused.is_empty(), "{} accepted, {} refused", accepted.len(), refused.len());
+
+    // New orders are taken again, on new connections.
+    poll_until(WAIT, "the API to take orders again", || async {
+        (place(format!("after-{}", Uuid::now_v7().simple())).await.1 == 202).then_some(())
+    })
+    .await;
+    // A refused order sent again with its client id is a new order.
+    let (_, retried) = place(refused[0].clone()).await;
+    assert_eq!(retried, 202, "the retry of {} after a 503", refused[0]);
+
+    // Every accepted order (and the retry) decided, nothing left pending, no refused one placed.
+    poll_until(WAIT, "every order decided and every refused row withdrawn", || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1 AND status = 'pending'")
+            .bind(user)
+            .fetch_one(&direct)
+            .await
+            .ok()?;
+        (pending == 0).then_some(())
+    })
+    .await;
+    // Rows written by refused requests turned up (the deaf connections carried their inserts),
+    // and were withdrawn.
+    let withdrawn = poll_until(WAIT, "an intake row of a refused request counted as withdrawn", || async {
+        let withdrawn = scrape_metric(&api_addr, "vault_api_intake_rows_withdrawn_total", &[]).await;
+        (withdrawn >= 1.0).then_some(withdrawn)
+    })
+    .await;
+    let placed: Vec<String> =
+        sqlx::query_scalar("SELECT client_order_id FROM orders WHERE user_id = $1 AND client_order_id LIKE 'deaf-%'")
+            .bind(user)
+            .fetch_all(&direct)
+            .await
+            .expect("orders");
+    let mut expected: Vec<String> = accepted.iter().map(|c| (*c).clone()).collect();
+    expected.push(refused[0].clone());
+    expected.sort();
+    let mut placed = placed;
+    placed.sort();
+    assert_eq!(placed, expected, "the orders in the book are those answered 202 (and the retry)");
+    assert!(engine.is_running());
+    engine.stop_cleanly(Duration::from_secs(30)).await;
+    assert_reconciled(&workspace_binary("vault-engine"), &api.db).await;
+    println!(
+        "deaf connections: {} orders accepted, {} refused 503, {withdrawn} rows withdrawn",
+        accepted.len(),
+        refused.len()
+    );
+}
+
+/// A pool of one connection, which goes silent for good mid-statement: the statement is given
+/// up, and the pool serves the next one on a new connection within seconds. (sqlx's ping of a
+/// connection on its way back to the pool waited for good for the answer the silent one owed.)
+#[tokio::test]
+async fn a_pool_drops_a_connection_that_went_silent_and_serves_on_a_new_one() {
+    let (_nats, _db, proxy, envs) = behind_a_proxy().await;
+    let proxied = envs.iter().find(|(k, _)| *k == "DATABASE_URL").expect("DATABASE_URL").1.clone();
+    let pool = vault_core::db::pool_options(1)
+        .connect_with(proxied.parse::<sqlx::postgres::PgConnectOptions>().expect("url"))
+        .await
+        .expect("pool");
+    let one = || sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&pool);
+    assert_eq!(one().await.expect("a statement"), 1);
+    // Back in the pool: sqlx's release ping answered before the silence.
+    poll_until(WAIT, "the connection idle in the pool", || async { (pool.num_idle() == 1).then_some(()) }).await;
+
+    proxy.blackhole();
+    let given_up = vault_core::db::within(Duration::from_secs(1), one()).await;
+    assert!(given_up.is_err(), "a statement on a silent connection answered: {given_up:?}");
+    let since = Instant::now();
+    let answered = poll_until(WAIT, "a statement answered on a new connection", || async {
+        vault_core::db::within(Duration::from_secs(1), one()).await.ok()
+    })
+    .await;
+    assert_eq!(answered, 1);
+    println!("silent connection: the pool served again after {:?}", since.elapsed());
 }

@@ -50,6 +50,8 @@ pub const AUTH_EVENTS_FAILED: &str = "vault_auth_events_failed_total";
 pub const RATE_LIMITED: &str = "vault_rate_limited_total";
 pub const PASSWORD_HASH_QUEUE_TIMEOUTS: &str = "vault_password_hash_queue_timeouts_total";
 pub const API_STALE_COMMANDS: &str = "vault_api_stale_commands_total";
+pub const API_INTAKE_ROWS_IN_DOUBT: &str = "vault_api_intake_rows_in_doubt";
+pub const API_INTAKE_ROWS_WITHDRAWN: &str = "vault_api_intake_rows_withdrawn_total";
 pub const API_ORDERS_REFUSED_OVERLOADED: &str = "vault_api_orders_refused_overloaded_total";
 pub const API_PRICE_TICKS_UNDECODABLE: &str = "vault_api_price_ticks_undecodable_total";
 
@@ -222,6 +224,14 @@ pub const CATALOG: &[Metric] = &[
     m(RATE_LIMITED, C, "Requests refused by a rate limit", API, Plain),
     m(PASSWORD_HASH_QUEUE_TIMEOUTS, C, "Logins refused because password hashing was saturated", API, Plain),
     m(API_STALE_COMMANDS, C, "Retries refused because a withdrawn attempt holds the client order id", API, Plain),
+    m(
+        API_INTAKE_ROWS_IN_DOUBT,
+        G,
+        "Intake rows of failed requests that may yet appear, withdrawn while still pending",
+        API,
+        Plain,
+    ),
+    m(API_INTAKE_ROWS_WITHDRAWN, C, "Intake rows of failed requests found pending and withdrawn", API, Plain),
     m(
         API_ORDERS_REFUSED_OVERLOADED,
         C,

@@ -29,8 +29,10 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand, deposit_key};
 use vault_bus::views::DepositView;
+use vault_core::db;
 use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 
+use super::intake::Row;
 use super::portfolio_cache::{BalanceRow, Balances};
 use super::{AssetCode, ClientId, DecimalInput, DepositDoc, Intake, check_client_id, context, publish_intake};
 use crate::auth::caller::{Caller, Scope};
@@ -123,7 +125,7 @@ pub async fn deposit(
     caller.require_scope(Scope::Trade)?;
     let deposit = validate_deposit(body, |a| state.markets.is_known_asset(a))?;
     let user = caller.user_id;
-    let (view, fresh) = insert_intake(&state.pool, user, &deposit, &meta).await?;
+    let (view, fresh) = insert_intake(&state, user, &deposit, &meta).await?;
     if view.status != "pending" {
         return Ok((StatusCode::OK, Json(view)));
     }
@@ -140,9 +142,8 @@ pub async fn deposit(
                 .map_err(|e| ApiError::Internal(anyhow::anyhow!("deposit {}: {e}", view.id)))?,
         },
     };
-    let pool = state.pool.clone();
     let deposit_id = view.id;
-    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&pool, deposit_id))
+    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, deposit_id))
         .await?
     {
         Intake::Published => Ok((if fresh { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(view))),
@@ -154,8 +155,10 @@ pub async fn deposit(
     }
 }
 
+/// Inserts the pending row, or finds the existing one with this client id; `true` when the row
+/// is new. An insert whose outcome is unknown puts its row in doubt (see [`super::intake`]).
 async fn insert_intake(
-    pool: &PgPool,
+    state: &AppState,
     user: Uuid,
     deposit: &ValidDeposit,
     meta: &RequestMeta,
@@ -170,18 +173,27 @@ async fn insert_intake(
     );
     // A row found by conflict but withdrawn before it could be read is inserted again; no row
     // is inserted for a client id a refused attempt spent (see `super::key_applied`).
+    let pool = &state.pool;
     for _ in 0..3 {
         let id = Uuid::now_v7();
         let client_deposit_id = deposit.client_deposit_id.clone().unwrap_or_else(|| id.to_string());
-        let inserted: Option<DepositView> = sqlx::query_as(&sql)
+        let insert = sqlx::query_as(&sql)
             .bind(id)
             .bind(user)
             .bind(&client_deposit_id)
             .bind(deposit.asset.as_str())
             .bind(deposit.amount.get())
             .bind(&meta.request_id)
-            .fetch_optional(pool)
-            .await?;
+            .fetch_optional(pool);
+        let inserted: Option<DepositView> = match db::within(db::STATEMENT_WITHIN, insert).await {
+            Ok(inserted) => inserted,
+            Err(e) => {
+                if db::outcome_unknown(&e) {
+                    state.intake.doubt(Row::Deposit(id));
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(view) = inserted {
             return Ok((view, true));
         }
@@ -193,6 +205,12 @@ async fn insert_intake(
         .fetch_optional(pool)
         .await?;
         if let Some(existing) = existing {
+            // A row this process gave up: withdrawn, then inserted afresh.
+            if existing.status == "pending" && state.intake.in_doubt(Row::Deposit(existing.id)) {
+                withdraw(state, existing.id).await?;
+                state.intake.settled(Row::Deposit(existing.id));
+                continue;
+            }
             return Ok((existing, false));
         }
         if super::key_applied(pool, user, &deposit_key(user, &client_deposit_id)).await? {
@@ -210,17 +228,14 @@ async fn load(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Option<DepositView>
         .await?)
 }
 
-/// Deletes the deposit's intake row if it is still pending; `true` when it did.
-async fn withdraw(pool: &PgPool, id: Uuid) -> Result<bool, ApiError> {
-    let deleted = sqlx::query("DELETE FROM deposits WHERE id = $1 AND status = 'pending'")
-        .bind(id)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    if deleted == 1 {
+/// Deletes the deposit's intake row if it is still pending; `true` when it did (see
+/// [`super::withdraw_intake`]).
+async fn withdraw(state: &AppState, id: Uuid) -> Result<bool, ApiError> {
+    let deleted = super::withdraw_intake(state, Row::Deposit(id)).await?;
+    if deleted {
         tracing::info!(deposit_id = %id, "intake row withdrawn: the command was not acknowledged");
     }
-    Ok(deleted == 1)
+    Ok(deleted)
 }
 
 // ---------------------------------------------------------------------------------------------

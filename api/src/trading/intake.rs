@@ -19,14 +19,35 @@
 //! rows with one client id wins, as before): concurrent batches take the unique index's locks in
 //! one order, so two batches holding the same client ids in opposite arrival order wait for each
 //! other rather than deadlock.
+//!
+//! A statement Postgres does not answer is given up after [`db::STATEMENT_WITHIN`] and its
+//! requests answered 503, as when the database cannot be reached (before, they waited for the
+//! request timeout and the connection's pool slot was lost). But a statement given up may still
+//! commit: its rows would be `pending` orders whose commands were never published, left so for
+//! good. So every row of a statement whose outcome is unknown (given up, or its connection lost
+//! mid-statement: `db::outcome_unknown`) — and every row whose withdrawal after a failed publish did not
+//! reach the database (see `super::orders`) — is *in doubt*: a task deletes those still pending
+//! as soon as the database answers, and again until [`DOUBT_WINDOW`] has passed since the row
+//! was given up. The server ends an intake statement after [`db::STATEMENT_WITHIN`] itself
+//! (`statement_timeout`), so one that reached it cannot commit later than that; the window covers
+//! bytes held on the way by the network for up to a minute more. A retry with the same
+//! `client_order_id` that finds a row in doubt withdraws it and inserts afresh; a retry on another
+//! API process could find and publish it before it is withdrawn, and the engine then voids that
+//! command (its row is gone): the retry's order ends as not found.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use uuid::Uuid;
 use vault_bus::views::{ORDER_COLUMNS, OrderView};
 use vault_core::batching::{Batcher, Pending};
+use vault_core::db;
 
 /// Insert statements under way at once (the API's pool also serves every read). Fewer statements
 /// make bigger batches under load (the same finding as the engine's group commit); two rather than
@@ -62,37 +83,168 @@ type Reply = Result<Option<OrderView>, sqlx::Error>;
 /// made on a new deployment's near-empty tables it scanned `applied_commands` on every batch
 /// (BENCHMARKS.md, "Plans made on empty tables"), which is why this pool, like every pool,
 /// replaces its connections after [`vault_core::db::CONNECTION_LIFETIME`].
+///
+/// The server ends any of its statements after [`db::STATEMENT_WITHIN`] (`statement_timeout`),
+/// when this process gives it up: see the module docs.
 fn intake_pool(database: PgConnectOptions) -> PgPool {
-    vault_core::db::pool_options(CONCURRENT_BATCHES as u32)
-        .connect_lazy_with(vault_core::db::Plans::Generic.apply(database))
+    let statement_timeout = format!("{}ms", db::STATEMENT_WITHIN.as_millis());
+    db::pool_options(CONCURRENT_BATCHES as u32).connect_lazy_with(
+        db::Plans::Generic.apply(database).options([("statement_timeout", statement_timeout.as_str())]),
+    )
 }
+
+/// How long after a row was given up it may still appear (see the module docs).
+pub const DOUBT_WINDOW: Duration = Duration::from_secs(60);
+/// How often the rows in doubt are looked for.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Queues intake rows for the next batch; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct IntakeWriter(Batcher<IntakeRow, Reply>);
+pub struct IntakeWriter {
+    batcher: Batcher<IntakeRow, Reply>,
+    doubts: Doubts,
+}
 
 impl IntakeWriter {
-    /// Starts the batching task on the current runtime, with a pool of its own (see
-    /// `intake_pool`).
+    /// Starts the batching task and the task that settles rows in doubt on the current runtime,
+    /// with a pool of their own (see `intake_pool`).
     pub fn start(database: PgConnectOptions) -> Self {
         let pool = intake_pool(database);
-        IntakeWriter(Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
-            let pool = pool.clone();
-            async move { insert_batch(&pool, batch).await }
-        }))
+        let doubts = Doubts::default();
+        tokio::spawn(settle(pool.clone(), doubts.clone()));
+        let in_doubt = doubts.clone();
+        let batcher = Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
+            let (pool, doubts) = (pool.clone(), in_doubt.clone());
+            async move { insert_batch(&pool, &doubts, batch).await }
+        });
+        IntakeWriter { batcher, doubts }
     }
 
     /// Inserts the row in the next batch: `Some(row)` as inserted, `None` when its client order
     /// id was taken.
     pub async fn insert(&self, row: IntakeRow) -> Reply {
-        self.0.submit(row).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+        self.batcher.submit(row).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+
+    /// Puts an intake row in doubt: its request failed, and the row may exist (see the module
+    /// docs).
+    pub fn doubt(&self, row: Row) {
+        self.doubts.add([row]);
+    }
+
+    /// Whether this process put the row in doubt and has not settled it yet.
+    pub fn in_doubt(&self, row: Row) -> bool {
+        self.doubts.contains(row)
+    }
+
+    /// The row is settled (withdrawn, or found decided, by the request that found it).
+    pub fn settled(&self, row: Row) {
+        self.doubts.remove(row);
     }
 }
 
-/// Inserts one batch and answers each of its requests.
-async fn insert_batch(pool: &PgPool, batch: Vec<Pending<IntakeRow, Reply>>) {
+/// An intake row: a pending order or a pending deposit, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Row {
+    Order(Uuid),
+    Deposit(Uuid),
+}
+
+/// Intake rows in doubt, each with the moment it was given up.
+#[derive(Debug, Clone, Default)]
+struct Doubts(Arc<Mutex<HashMap<Row, Instant>>>);
+
+impl Doubts {
+    fn add(&self, rows: impl IntoIterator<Item = Row>) {
+        let now = Instant::now();
+        let mut doubts = self.lock();
+        doubts.extend(rows.into_iter().map(|row| (row, now)));
+        metrics::gauge!("vault_api_intake_rows_in_doubt").set(doubts.len() as f64);
+    }
+
+    fn contains(&self, row: Row) -> bool {
+        self.lock().contains_key(&row)
+    }
+
+    fn remove(&self, row: Row) {
+        let mut doubts = self.lock();
+        doubts.remove(&row);
+        metrics::gauge!("vault_api_intake_rows_in_doubt").set(doubts.len() as f64);
+    }
+
+    fn snapshot(&self) -> Vec<Row> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// Forgets the rows whose window had passed when a withdrawal that covered them began.
+    fn settled(&self, rows: &[Row], began: Instant) {
+        let mut doubts = self.lock();
+        for row in rows {
+            if doubts.get(row).is_some_and(|given_up| began.duration_since(*given_up) >= DOUBT_WINDOW) {
+                doubts.remove(row);
+            }
+        }
+        metrics::gauge!("vault_api_intake_rows_in_doubt").set(doubts.len() as f64);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Row, Instant>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Deletes the rows in doubt that are still pending, every [`SETTLE_EVERY`], for as long as the
+/// process runs.
+async fn settle(pool: PgPool, doubts: Doubts) {
+    let mut every = tokio::time::interval(SETTLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let rows = doubts.snapshot();
+        if rows.is_empty() {
+            continue;
+        }
+        let began = Instant::now();
+        match db::within(db::STATEMENT_WITHIN, withdraw(&pool, &rows)).await {
+            Ok(withdrawn) => {
+                for row in &withdrawn {
+                    tracing::warn!(?row, "an intake row whose request failed turned up; withdrawn");
+                }
+                metrics::counter!("vault_api_intake_rows_withdrawn_total").increment(withdrawn.len() as u64);
+                doubts.settled(&rows, began);
+            }
+            Err(e) => tracing::warn!(error = %e, rows = rows.len(), "intake rows in doubt not settled yet"),
+        }
+    }
+}
+
+/// Deletes those of the rows that are still pending (one statement); the rows it deleted.
+pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sqlx::Error> {
+    let ids = |deposits: bool| {
+        rows.iter()
+            .filter_map(|row| match *row {
+                Row::Order(id) if !deposits => Some(id),
+                Row::Deposit(id) if deposits => Some(id),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let deleted: Vec<(bool, Uuid)> = sqlx::query_as(
+        "WITH o AS (DELETE FROM orders WHERE id = ANY($1) AND status = 'pending' RETURNING id),
+              d AS (DELETE FROM deposits WHERE id = ANY($2) AND status = 'pending' RETURNING id)
+         SELECT false, id FROM o UNION ALL SELECT true, id FROM d",
+    )
+    .bind(ids(false))
+    .bind(ids(true))
+    .fetch_all(pool)
+    .await?;
+    Ok(deleted.into_iter().map(|(deposit, id)| if deposit { Row::Deposit(id) } else { Row::Order(id) }).collect())
+}
+
+/// Inserts one batch and answers each of its requests. A statement given up puts its rows in
+/// doubt.
+async fn insert_batch(pool: &PgPool, doubts: &Doubts, batch: Vec<Pending<IntakeRow, Reply>>) {
     let (rows, replies): (Vec<IntakeRow>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
-    match insert(pool, &rows).await {
+    match insert_bounded(pool, doubts, &rows).await {
         Ok(mut inserted) => {
             for (row, reply) in rows.iter().zip(replies) {
                 let _ = reply.send(Ok(inserted.remove(&row.id)));
@@ -101,7 +253,8 @@ async fn insert_batch(pool: &PgPool, batch: Vec<Pending<IntakeRow, Reply>>) {
         Err(e) if rows.len() > 1 && matches!(e, sqlx::Error::Database(_)) => {
             tracing::warn!(rows = rows.len(), error = %e, "intake batch refused; inserting its rows one by one");
             for (row, reply) in rows.iter().zip(replies) {
-                let result = insert(pool, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
+                let result =
+                    insert_bounded(pool, doubts, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
                 let _ = reply.send(result);
             }
         }
@@ -130,8 +283,22 @@ fn like(e: &sqlx::Error) -> sqlx::Error {
     }
 }
 
+/// [`insert`], given up after [`db::STATEMENT_WITHIN`]; rows whose outcome is unknown are put
+/// in doubt.
+async fn insert_bounded(
+    pool: &PgPool,
+    doubts: &Doubts,
+    rows: &[IntakeRow],
+) -> Result<HashMap<Uuid, OrderView>, sqlx::Error> {
+    let outcome = db::within(db::STATEMENT_WITHIN, insert(pool, rows)).await;
+    if outcome.as_ref().is_err_and(db::outcome_unknown) {
+        doubts.add(rows.iter().map(|r| Row::Order(r.id)));
+    }
+    outcome
+}
+
 /// One multi-row insert; the rows it inserted, by id.
-async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<std::collections::HashMap<Uuid, OrderView>, sqlx::Error> {
+async fn insert(pool: &PgPool, rows: &[IntakeRow]) -> Result<HashMap<Uuid, OrderView>, sqlx::Error> {
     let sql = format!(
         "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price,
                              status, request_id)

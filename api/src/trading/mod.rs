@@ -35,6 +35,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use vault_bus::message::OrderCommand;
 use vault_bus::{Bus, BusMessage, MessageContext};
+use vault_core::db;
 
 use crate::error::{ApiError, FieldError};
 use crate::startup::AppState;
@@ -99,6 +100,19 @@ where
         Err(e) => return Err(e),
     };
     if withdraw().await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Decided) }
+}
+
+/// Deletes an intake row if it is still pending; `true` when it did. A withdrawal that does not
+/// reach the database puts the row in doubt: the intake's task withdraws it once the database
+/// answers (see [`intake`]).
+pub(crate) async fn withdraw_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
+    match db::within(db::STATEMENT_WITHIN, intake::withdraw(&state.pool, &[row])).await {
+        Ok(deleted) => Ok(!deleted.is_empty()),
+        Err(e) => {
+            state.intake.doubt(row);
+            Err(e.into())
+        }
+    }
 }
 
 /// The answer for a client id an earlier, refused attempt spent: its command reached the stream

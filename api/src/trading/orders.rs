@@ -38,7 +38,7 @@ use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
 use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce, WireDecimal};
 
-use super::intake::IntakeRow;
+use super::intake::{IntakeRow, Row};
 use super::{
     ClientId, DecimalInput, Intake, MarketSymbol, OrderDoc, OrderKind, OrderSide, OrderTimeInForce, check_client_id,
     context, publish_command, publish_intake,
@@ -256,9 +256,9 @@ pub async fn place_order(
         Some(_) => Some(subscribe_order_events(&state.bus, user).await?),
         None => None,
     };
-    let pool = state.pool.clone();
     let order_id = view.id;
-    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&pool, order_id)).await? {
+    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, order_id)).await?
+    {
         Intake::Published => {}
         Intake::Withdrawn(err) => return Err(err),
         Intake::Decided => {
@@ -335,6 +335,12 @@ async fn insert_intake(
             return Ok((view, true));
         }
         if let Some(existing) = load_by_client_id(&state.pool, user, &client_order_id).await? {
+            // A row this process gave up (see `super::intake`): withdrawn, then inserted afresh.
+            if existing.status == "pending" && state.intake.in_doubt(Row::Order(existing.id)) {
+                withdraw(state, existing.id).await?;
+                state.intake.settled(Row::Order(existing.id));
+                continue;
+            }
             return Ok((existing, false));
         }
         if super::key_applied(&state.pool, user, &place_key(user, &client_order_id)).await? {
@@ -344,17 +350,14 @@ async fn insert_intake(
     Err(ApiError::Unavailable("order intake"))
 }
 
-/// Deletes the order's intake row if it is still pending; `true` when it did.
-async fn withdraw(pool: &PgPool, order_id: Uuid) -> Result<bool, ApiError> {
-    let deleted = sqlx::query("DELETE FROM orders WHERE id = $1 AND status = 'pending'")
-        .bind(order_id)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    if deleted == 1 {
+/// Deletes the order's intake row if it is still pending; `true` when it did. A withdrawal that
+/// fails puts the row in doubt: the intake's task withdraws it once the database answers.
+async fn withdraw(state: &AppState, order_id: Uuid) -> Result<bool, ApiError> {
+    let deleted = super::withdraw_intake(state, Row::Order(order_id)).await?;
+    if deleted {
         tracing::info!(%order_id, "intake row withdrawn: the command was not acknowledged");
     }
-    Ok(deleted == 1)
+    Ok(deleted)
 }
 
 /// The `order.place` command for an intake row (so a re-publish says exactly what the row says).
