@@ -40,26 +40,34 @@ struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
     stalled: tokio::sync::watch::Sender<bool>,
-    /// Connections accepted before this many were accepted in all are silenced for good
-    /// ([`Proxy::blackhole`]).
-    silenced_below: tokio::sync::watch::Sender<u64>,
+    /// Connections accepted before this many were accepted in all, but the one spared, are
+    /// silenced for good ([`Proxy::blackhole`]).
+    silenced_below: tokio::sync::watch::Sender<Quiet>,
     /// Connections accepted before this many were accepted in all pass what the client sends,
     /// never what the server answers ([`Proxy::deafen`]).
-    deaf_below: tokio::sync::watch::Sender<u64>,
+    deaf_below: tokio::sync::watch::Sender<Quiet>,
+    /// Each connection's number, by the local port of its connection to Postgres (the
+    /// `client_port` Postgres sees).
+    numbers: Arc<Mutex<std::collections::HashMap<u16, u64>>>,
     accepted: Arc<std::sync::atomic::AtomicU64>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
 
+/// Which connections are quiet: those numbered below the first, except the one numbered the
+/// second.
+type Quiet = (u64, Option<u64>);
+
 /// Copies `from` to `to`, holding what it read while `stalled`, and for good once connection
-/// number `nth` is below either bound of `silenced_below`.
+/// number `nth` is quiet by either of `silenced_below`.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: tokio::sync::watch::Receiver<bool>,
-    [mut silenced_below, mut deaf_below]: [tokio::sync::watch::Receiver<u64>; 2],
+    [mut silenced_below, mut deaf_below]: [tokio::sync::watch::Receiver<Quiet>; 2],
     nth: u64,
 ) {
+    let quiet = |(below, spared): Quiet| nth < below && spared != Some(nth);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -70,7 +78,7 @@ async fn pump(
         if stalled.wait_for(|stalled| !*stalled).await.is_err() {
             return;
         }
-        if nth < *silenced_below.borrow_and_update() || nth < *deaf_below.borrow_and_update() {
+        if quiet(*silenced_below.borrow_and_update()) || quiet(*deaf_below.borrow_and_update()) {
             // Open, and nothing crosses it ever again (until the proxy drops it).
             let _ = silenced_below.wait_for(|_| false).await;
             return;
@@ -87,8 +95,10 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let cut = Arc::new(AtomicBool::new(false));
         let stalled = tokio::sync::watch::Sender::new(false);
-        let silenced_below = tokio::sync::watch::Sender::new(0);
-        let deaf_below = tokio::sync::watch::Sender::new(0);
+        let silenced_below = tokio::sync::watch::Sender::new((0, None));
+        let deaf_below = tokio::sync::watch::Sender::new((0, None));
+        let numbers: Arc<Mutex<std::collections::HashMap<u16, u64>>> = Arc::default();
+        let numbered = numbers.clone();
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let (cut2, stalled2, open2) = (cut.clone(), stalled.clone(), open.clone());
         let (silenced2, deaf2) = (silenced_below.clone(), deaf_below.clone());
@@ -104,8 +114,12 @@ impl Proxy {
                 let nth = accepted.fetch_add(1, Ordering::SeqCst);
                 let (upstream, stalled) = (upstream.clone(), stalled2.subscribe());
                 let (silenced, deaf) = (silenced2.subscribe(), deaf2.subscribe());
+                let numbered = numbered.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(&upstream).await {
+                        if let Ok(local) = outbound.local_addr() {
+                            numbered.lock().expect("lock").insert(local.port(), nth);
+                        }
                         let (from_client, to_client) = inbound.into_split();
                         let (from_server, to_server) = outbound.into_split();
                         tokio::select! {
@@ -118,7 +132,7 @@ impl Proxy {
             }
         })
         .abort_handle();
-        Proxy { port, cut, stalled, silenced_below, deaf_below, open, accept, accepted: accepted_count }
+        Proxy { port, cut, stalled, silenced_below, deaf_below, numbers, open, accept, accepted: accepted_count }
     }
 
     fn cut(&self) {
@@ -140,14 +154,21 @@ impl Proxy {
     /// stays open, as when the database's host vanishes mid-statement — while new connections
     /// pass as before.
     fn blackhole(&self) {
-        self.silenced_below.send_replace(self.accepted.load(Ordering::SeqCst));
+        self.silenced_below.send_replace((self.accepted.load(Ordering::SeqCst), None));
+    }
+
+    /// As [`Proxy::blackhole`], but the connection Postgres sees coming from `client_port`
+    /// passes as before.
+    fn blackhole_all_but(&self, client_port: u16) {
+        let spared = *self.numbers.lock().expect("lock").get(&client_port).expect("a connection of this proxy");
+        self.silenced_below.send_replace((self.accepted.load(Ordering::SeqCst), Some(spared)));
     }
 
     /// Every connection open now carries what its client sends, and nothing of what the server
     /// answers, for good — statements run and commit, their answers never come — while new
     /// connections pass as before.
     fn deafen(&self) {
-        self.deaf_below.send_replace(self.accepted.load(Ordering::SeqCst));
+        self.deaf_below.send_replace((self.accepted.load(Ordering::SeqCst), None));
     }
 }
 
@@ -239,6 +260,75 @@ where
         }
     });
     (stop, task)
+}
+
+/// Deposits of 1 USD to `user` every 50 ms, each as the API makes it: the row, then the
+/// command; the task answers how many it sent.
+fn deposits_steadily(
+    bus: &Bus,
+    direct: &sqlx::PgPool,
+    user: Uuid,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<i64>) {
+    steadily(Duration::from_millis(50), {
+        let (bus, direct) = (bus.clone(), direct.clone());
+        move || {
+            let (bus, direct) = (bus.clone(), direct.clone());
+            async move {
+                let id = Uuid::now_v7();
+                let client_deposit_id = format!("dep-{}", id.simple());
+                sqlx::query(
+                    "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 1)",
+                )
+                .bind(id)
+                .bind(user)
+                .bind(&client_deposit_id)
+                .execute(&direct)
+                .await
+                .expect("deposit row");
+                let command = OrderCommand {
+                    user_id: user,
+                    request_id: None,
+                    at: Utc::now(),
+                    body: CommandBody::Deposit {
+                        deposit_id: id,
+                        client_deposit_id,
+                        asset: vault_core::domain::Asset::parse("USD").expect("asset"),
+                        amount: Positive::new(1.into()).expect("positive"),
+                    },
+                };
+                bus.publish(&command, &MessageContext::default()).await.expect("published");
+            }
+        }
+    })
+}
+
+async fn completed_deposits(direct: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM deposits WHERE status = 'completed'")
+        .fetch_one(direct)
+        .await
+        .expect("count")
+}
+
+/// Waits until every one of `sent` deposits is completed and the user's USD total is `sent`
+/// (each applied exactly once), within `deadline`.
+async fn every_deposit_applied_once(direct: &sqlx::PgPool, user: Uuid, sent: i64, deadline: Duration, engine: &Proc) {
+    let until = Instant::now() + deadline;
+    while completed_deposits(direct).await != sent {
+        assert!(
+            Instant::now() < until,
+            "{} of {sent} deposits applied after {deadline:?}; the engine:\n{}",
+            completed_deposits(direct).await,
+            engine.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total: rust_decimal::Decimal =
+        sqlx::query_scalar("SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'")
+            .bind(user)
+            .fetch_one(direct)
+            .await
+            .expect("balance");
+    assert_eq!(total, rust_decimal::Decimal::from(sent), "each deposit applied once");
 }
 
 async fn status(client: &reqwest::Client, url: &str) -> u16 {
@@ -642,67 +732,14 @@ async fn the_engine_recovers_from_connections_that_go_silent_for_good_and_applie
     let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
     let user = insert_user(&direct).await;
 
-    // Deposits of 1 USD at a steady pace, each as the API makes it: the row, then the command.
-    let (stop, sender) = steadily(Duration::from_millis(50), {
-        let (bus, direct) = (bus.clone(), direct.clone());
-        move || {
-            let (bus, direct) = (bus.clone(), direct.clone());
-            async move {
-                let id = Uuid::now_v7();
-                let client_deposit_id = format!("dep-{}", id.simple());
-                sqlx::query(
-                    "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 1)",
-                )
-                .bind(id)
-                .bind(user)
-                .bind(&client_deposit_id)
-                .execute(&direct)
-                .await
-                .expect("deposit row");
-                let command = OrderCommand {
-                    user_id: user,
-                    request_id: None,
-                    at: Utc::now(),
-                    body: CommandBody::Deposit {
-                        deposit_id: id,
-                        client_deposit_id,
-                        asset: vault_core::domain::Asset::parse("USD").expect("asset"),
-                        amount: Positive::new(1.into()).expect("positive"),
-                    },
-                };
-                bus.publish(&command, &MessageContext::default()).await.expect("published");
-            }
-        }
-    });
-    let completed = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deposits WHERE status = 'completed'")
-            .fetch_one(&direct)
-            .await
-            .expect("count")
-    };
-    poll_until(WAIT, "some deposits applied", || async { (completed().await >= 10).then_some(()) }).await;
+    let (stop, sender) = deposits_steadily(&bus, &direct, user);
+    poll_until(WAIT, "some deposits applied", || async { (completed_deposits(&direct).await >= 10).then_some(()) })
+        .await;
     proxy.blackhole();
     tokio::time::sleep(Duration::from_secs(2)).await; // deposits sent into the silence: the scenario
     stop.cancel();
     let sent = sender.await.expect("sender");
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while completed().await != sent {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {sent} deposits applied after 120 s; the engine:\n{}",
-            completed().await,
-            engine.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let total: rust_decimal::Decimal =
-        sqlx::query_scalar("SELECT total FROM balances WHERE user_id = $1 AND asset = 'USD'")
-            .bind(user)
-            .fetch_one(&direct)
-            .await
-            .expect("balance");
-    assert_eq!(total, rust_decimal::Decimal::from(sent), "each deposit applied once");
+    every_deposit_applied_once(&direct, user, sent, Duration::from_secs(120), &engine).await;
     engine.stop_cleanly(Duration::from_secs(30)).await;
 }
 
@@ -853,4 +890,36 @@ async fn a_pool_drops_a_connection_that_went_silent_and_serves_on_a_new_one() {
     .await;
     assert_eq!(answered, 1);
     println!("silent connection: the pool served again after {:?}", since.elapsed());
+}
+
+/// Only the engine's pool connections go silent, mid-commit; its lease connection is spared, so
+/// the engine keeps its lease and must give the silent commits up itself (before, the shard's
+/// one transaction waited for good, and every later command of its users with it). Every
+/// deposit sent before, during and after is applied exactly once, and the lease is never lost.
+#[tokio::test]
+async fn the_engine_gives_up_commits_on_silent_connections_while_its_lease_holds() {
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &envs).await;
+    let direct = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "outage-test").await.expect("connects");
+    let user = insert_user(&direct).await;
+    let (stop, sender) = deposits_steadily(&bus, &direct, user);
+    poll_until(WAIT, "some deposits applied", || async { (completed_deposits(&direct).await >= 10).then_some(()) })
+        .await;
+    // The lease's session is the one holding the partitions' advisory locks.
+    let lease_port: i32 = sqlx::query_scalar(
+        "SELECT DISTINCT a.client_port FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+          WHERE l.locktype = 'advisory' AND a.datname = current_database()",
+    )
+    .fetch_one(&direct)
+    .await
+    .expect("one session holds the lease");
+    proxy.blackhole_all_but(u16::try_from(lease_port).expect("a port"));
+    tokio::time::sleep(Duration::from_secs(2)).await; // deposits sent into the silence: the scenario
+    stop.cancel();
+    let sent = sender.await.expect("sender");
+
+    every_deposit_applied_once(&direct, user, sent, Duration::from_secs(120), &engine).await;
+    assert!(!engine.output().contains("lost the partition lease"), "the lease was lost:\n{}", engine.output());
+    engine.stop_cleanly(Duration::from_secs(30)).await;
 }

@@ -75,13 +75,13 @@ pub const STATEMENT_WITHIN: Duration = Duration::from_secs(15);
 /// socket still open): a loop awaiting one would stop for good. Giving up on a statement does
 /// not undo it (it may yet commit), so callers only give up what is safe to do again or to
 /// leave undone.
-pub async fn within<T>(
+pub async fn within<T, E: From<sqlx::Error>>(
     limit: Duration,
-    statement: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
+    statement: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     tokio::time::timeout(limit, statement).await.unwrap_or_else(|_| {
         let what = format!("Postgres did not answer within {limit:?}");
-        Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what)))
+        Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, what)).into())
     })
 }
 

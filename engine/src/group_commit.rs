@@ -20,6 +20,13 @@
 //! are committed one by one, so one unit's failure never becomes another's. A failure of the
 //! connection fails every unit, and each actor retries as it always did.
 //!
+//! A transaction is given up after [`COMMIT_WITHIN`] (its units fail as on a lost connection):
+//! a connection that went silent mid-commit — its host gone, the socket still open — held the
+//! shard's only transaction, and with it every later unit of the shard, for good (the lease
+//! survives such a silence when its own connection is spared). A transaction given up may still
+//! commit; the actor's retry reloads the user's state and finds its command's key applied, so
+//! nothing is applied twice (the store's step 1).
+//!
 //! The decision itself ([`prepare`]) is pure and runs in the actor before the unit is queued.
 
 use std::collections::{BTreeSet, HashMap};
@@ -34,6 +41,7 @@ use vault_bus::BusMessage;
 use vault_bus::message::{CommandBody, EngineEvent, EventKind, encode};
 use vault_bus::views::{DepositView, FillView, ORDER_COLUMNS, OrderView};
 use vault_core::batching::{Batcher, Pending};
+use vault_core::db::within;
 use vault_core::domain::{Asset, Side};
 use vault_core::metric_names as names;
 
@@ -49,6 +57,9 @@ use crate::store::{Outcome, StoreError, UserState, Work};
 pub const CONCURRENT_BATCHES: usize = 1;
 /// Units in one transaction at most.
 pub const MAX_BATCH: usize = 512;
+/// How long one transaction may take before it is given up (see the module docs); a full batch
+/// commits in well under a second.
+pub const COMMIT_WITHIN: std::time::Duration = vault_core::db::STATEMENT_WITHIN;
 
 struct Metrics {
     batches: metrics::Counter,
@@ -293,7 +304,7 @@ async fn commit_batch(pool: &PgPool, batch: Vec<Pending<Box<Unit>, Reply>>) {
     let (units, replies): (Vec<Box<Unit>>, Vec<oneshot::Sender<Reply>>) = batch.into_iter().unzip();
     METRICS.batches.increment(1);
     METRICS.units.increment(units.len() as u64);
-    match write(pool, &units).await {
+    match within(COMMIT_WITHIN, write(pool, &units)).await {
         Ok(claims) => {
             for ((unit, reply), claim) in units.into_iter().zip(replies).zip(claims) {
                 let _ = reply.send(Ok((claim, unit)));
@@ -303,7 +314,7 @@ async fn commit_batch(pool: &PgPool, batch: Vec<Pending<Box<Unit>, Reply>>) {
             METRICS.split.increment(1);
             tracing::warn!(units = units.len(), error = %e, "batch refused; committing its units one by one");
             for (unit, reply) in units.into_iter().zip(replies) {
-                let result = write(pool, std::slice::from_ref(&unit)).await;
+                let result = within(COMMIT_WITHIN, write(pool, std::slice::from_ref(&unit))).await;
                 let _ = reply.send(result.map(|claims| (claims[0], unit)));
             }
         }

@@ -505,7 +505,7 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
         };
         let drain = async {
             loop {
-                match relay_once(&bus, &pool).await {
+                match vault_core::db::within(RELAY_WITHIN, relay_once(&bus, &pool)).await {
                     Ok(0) => break,
                     Ok(n) => metrics::counter!("vault_outbox_published_total").increment(n as u64),
                     Err(e) => {
@@ -528,6 +528,12 @@ pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown:
         }
     }
 }
+
+/// How long one relay pass may take before it is given up (rolled back when its session ends;
+/// what it published is published again, skipped downstream): a pass waits on Postgres and on
+/// acks the client times out after 5 s, and a connection gone silent would stop the relay for
+/// good.
+const RELAY_WITHIN: Duration = vault_core::db::STATEMENT_WITHIN;
 
 /// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
 /// the engine encoded them (their subject and payload), not decoded and encoded again.

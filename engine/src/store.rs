@@ -162,8 +162,10 @@ impl PgStore {
 }
 
 impl Store for PgStore {
+    /// Given up after [`vault_core::db::STATEMENT_WITHIN`], as a commit is (see
+    /// [`crate::group_commit`]): the actor then retries.
     fn load(&self, user_id: Uuid) -> impl Future<Output = Result<UserState, StoreError>> + Send {
-        load(&self.pool, user_id)
+        vault_core::db::within(vault_core::db::STATEMENT_WITHIN, load(&self.pool, user_id))
     }
 
     fn commit(
