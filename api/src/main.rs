@@ -62,8 +62,13 @@ async fn serve() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), "starting vault-api");
     let shutdown = shutdown::install();
-    let app = vault_api::Application::build(settings, shutdown).await?;
-    app.run().await
+    // Start-up retries Postgres and NATS for minutes; a stop asked meanwhile is taken at once.
+    let Some(app) = shutdown.clone().run_until_cancelled(vault_api::Application::build(settings, shutdown)).await
+    else {
+        tracing::info!("asked to stop during start-up; stopping");
+        return Ok(());
+    };
+    app?.run().await
 }
 
 async fn migrate() -> anyhow::Result<()> {

@@ -565,6 +565,39 @@ async fn every_process_stops_on_sigterm_while_postgres_does_not_answer() {
 /// Parking a poisoned message is a write too, and consumers park inline, between pulls: with
 /// `parked_messages` locked and a poisoned message in the hands of the engine, the audit worker
 /// and the notifier, each of them still stops on SIGTERM (each parking wait is bounded).
+/// Asked to stop while start-up still waits for its database or its NATS server (start-up
+/// retries each for about a minute), every process stops at once, with exit code 0.
+#[tokio::test]
+async fn every_process_stops_on_sigterm_while_it_waits_for_postgres_or_nats_at_start() {
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    proxy.cut();
+    let unreachable_nats = format!("nats://127.0.0.1:{}", free_port());
+    for (missing, envs, waiting) in [
+        ("postgres", envs.clone(), "postgres not reachable yet"),
+        ("nats", with(base_env(&db, &nats), "NATS_URL", unreachable_nats), "nats not reachable yet"),
+    ] {
+        let envs = with(with(envs, "PRICE_SOURCE", "none"), "API_ADDR", format!("127.0.0.1:{}", free_port()));
+        let mut processes = vec![("api", Proc::spawn(support::BIN, &["serve"], &envs))];
+        processes.push(("engine", Proc::spawn(&workspace_binary("vault-engine"), &[], &envs)));
+        for role in ["prices", "audit", "notify"] {
+            processes.push((role, Proc::spawn(&workspace_binary("vault-worker"), &[role], &envs)));
+        }
+        for (name, process) in &processes {
+            poll_until(WAIT, &format!("{name} to wait for {missing}"), || async {
+                process.output().contains(waiting).then_some(())
+            })
+            .await;
+        }
+        for (_, process) in &processes {
+            process.signal("TERM");
+        }
+        for (name, process) in &mut processes {
+            let status = process.wait_exit(Duration::from_secs(10)).await;
+            assert_eq!(status.code(), Some(0), "{name}, waiting for {missing}, did not stop:\n{}", process.output());
+        }
+    }
+}
+
 #[tokio::test]
 async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);

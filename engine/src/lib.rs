@@ -48,7 +48,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let partitions = settings.engine_partitions;
     let holding = lease::Holding::default();
     let checks = vec![("partitions", holding.readiness_check())];
-    let process = Process::start(settings, specs.clone(), checks, shutdown.clone()).await?;
+    // Start-up retries Postgres and NATS for minutes; a stop asked meanwhile is taken at once.
+    let Some(process) =
+        shutdown.run_until_cancelled(Process::start(settings, specs.clone(), checks, shutdown.clone())).await
+    else {
+        tracing::info!("asked to stop during start-up; stopping");
+        return Ok(());
+    };
+    let process = process?;
     let db = process.settings.database_url.connect_options();
     let served = loop {
         // Nothing is loaded or pulled before this engine alone holds its partitions.

@@ -47,7 +47,13 @@ impl WorkerRole {
 
 /// Runs one worker role until `shutdown` fires, then drains and returns.
 pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let process = Process::start(settings, role.consumers(), Vec::new(), shutdown.clone()).await?;
+    // Start-up retries Postgres and NATS for minutes; a stop asked meanwhile is taken at once.
+    let start = Process::start(settings, role.consumers(), Vec::new(), shutdown.clone());
+    let Some(process) = shutdown.run_until_cancelled(start).await else {
+        tracing::info!("asked to stop during start-up; stopping");
+        return Ok(());
+    };
+    let process = process?;
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
     let result = match role {
         WorkerRole::Prices => prices::run(&process.settings, &process.pool, &process.bus, shutdown.clone()).await,
