@@ -847,6 +847,50 @@ async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within
     );
 }
 
+/// Asked to stop while an SMTP server holds its send unanswered, the email sender stops within
+/// its grace, not after the SMTP timeout (30 s), and gives the row back to be sent again.
+#[tokio::test]
+async fn the_email_sender_asked_to_stop_while_a_send_goes_unanswered_stops_within_its_grace_and_gives_it_back() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages, _gate) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
+         VALUES ($1, $2, $3, 'hold@example.com', 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(Uuid::now_v7())
+    .execute(&stack.pool)
+    .await
+    .expect("email row");
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
+    };
+    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    // The server has the message and will not answer it.
+    poll_until(Duration::from_secs(20), "the email to be on its way", || async {
+        (!messages.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
+
+    shutdown.cancel();
+    // GRACE (5 s) for the send, then the release; the SMTP timeout is 30 s.
+    let stopped = tokio::time::timeout(Duration::from_secs(15), sender).await;
+    stopped.expect("the sender stops within its grace").expect("joins").expect("the loop stops cleanly");
+    let (status, attempts, due): (String, i32, bool) =
+        sqlx::query_as("SELECT status, attempts, next_attempt_at <= now() FROM email_outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("row");
+    assert_eq!((status.as_str(), attempts, due), ("pending", 0, true), "given back, due at once");
+}
+
 /// A kill -9 while webhook requests are in flight: every delivery row exists once per event and
 /// webhook, none is lost (rows claimed by the dead worker come back when their lease runs out —
 /// moved to now here, as the clock would after 60 s), and a receiver sees a payload twice only

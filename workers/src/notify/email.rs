@@ -354,7 +354,15 @@ pub async fn run_emails(
                 release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
                 continue 'outer;
             }
-            let result = mailer.send(email).await;
+            // A send under way at the signal gets GRACE (an SMTP server that stopped answering
+            // would hold the stop for the whole SMTP timeout, 30 s by default); one given up goes
+            // back with the rest, to be sent again: the server may have taken it (at least once).
+            let Some(result) = finish_or_give_up(&shutdown, mailer.send(email)).await else {
+                tracing::warn!(email = %email.id, waited = ?GRACE, "email send unfinished at shutdown; given up, it will be sent again");
+                flush(&pool, &mut done, &shutdown).await;
+                release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
+                break 'outer;
+            };
             done.push(attempted(&config, email, &result));
             if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
                 flush(&pool, &mut done, &shutdown).await;
