@@ -24,8 +24,8 @@ use vault_bus::message::{AuthEvent, AuthEventKind, CommandBody, OrderCommand, Pr
 use vault_bus::{Bus, MessageContext, subjects};
 use vault_core::domain::{OrderType, Positive, Side, Symbol, TimeInForce};
 use vault_testkit::{
-    NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, http_client, poll_until,
-    scrape_metric, workspace_binary,
+    NatsServer, Proc, READY_DEADLINE, TestDb, assert_reconciled, base_env, free_port, http_client, insert_deposit_row,
+    insert_due_delivery, insert_webhook, poll_until, scrape_metric, workspace_binary,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -274,17 +274,7 @@ fn deposits_steadily(
         move || {
             let (bus, direct) = (bus.clone(), direct.clone());
             async move {
-                let id = Uuid::now_v7();
-                let client_deposit_id = format!("dep-{}", id.simple());
-                sqlx::query(
-                    "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, 'USD', 1)",
-                )
-                .bind(id)
-                .bind(user)
-                .bind(&client_deposit_id)
-                .execute(&direct)
-                .await
-                .expect("deposit row");
+                let (id, client_deposit_id) = insert_deposit_row(&direct, user, "USD", "1").await;
                 let command = OrderCommand {
                     user_id: user,
                     request_id: None,
@@ -656,31 +646,13 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     let hook = format!("http://{}/hook", receiver.local_addr().expect("addr"));
     let app = axum::Router::new().route("/hook", axum::routing::post(|| async { axum::http::StatusCode::OK }));
     tokio::spawn(async move { axum::serve(receiver, app).await });
-    let (user, webhook) = (insert_user(&direct).await, Uuid::now_v7());
-    sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
-        .bind(webhook)
-        .bind(user)
-        .bind(&hook)
-        .bind("whsec-outage-test-0123456789abcdef")
-        .execute(&direct)
-        .await
-        .expect("webhook");
+    let user = insert_user(&direct).await;
+    let webhook = insert_webhook(&direct, user, &hook, "whsec-outage-test-0123456789abcdef").await;
     let deliver = |n: usize| {
         let direct = direct.clone();
         async move {
             for _ in 0..n {
-                let event = Uuid::now_v7();
-                sqlx::query(
-                    "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
-                     VALUES ($1, $2, $3, 'order.filled', $4, now())",
-                )
-                .bind(Uuid::now_v7())
-                .bind(webhook)
-                .bind(event)
-                .bind(json!({"id": event, "type": "order.filled", "created_at": Utc::now(), "data": {}}))
-                .execute(&direct)
-                .await
-                .expect("delivery");
+                insert_due_delivery(&direct, webhook).await;
             }
         }
     };

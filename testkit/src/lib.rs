@@ -75,6 +75,58 @@ pub async fn wait_for_lock_waits(pool: &PgPool, statement: &str, at_least: i64, 
     .await
 }
 
+/// A pending deposit row as the API's intake writes it (the command is the caller's to send):
+/// its id and its client deposit id.
+pub async fn insert_deposit_row(pool: &PgPool, user: uuid::Uuid, asset: &str, amount: &str) -> (uuid::Uuid, String) {
+    let id = uuid::Uuid::now_v7();
+    let client_id = format!("dep-{}", id.simple());
+    sqlx::query(
+        "INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5::numeric)",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(&client_id)
+    .bind(asset)
+    .bind(amount)
+    .execute(pool)
+    .await
+    .expect("deposit row");
+    (id, client_id)
+}
+
+/// A webhook of `user` to `url` for `order.filled`, signed with `secret`; its id.
+pub async fn insert_webhook(pool: &PgPool, user: uuid::Uuid, url: &str, secret: &str) -> uuid::Uuid {
+    let webhook = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
+        .bind(webhook)
+        .bind(user)
+        .bind(url)
+        .bind(secret)
+        .execute(pool)
+        .await
+        .expect("webhook");
+    webhook
+}
+
+/// A delivery of an `order.filled` event to `webhook`, due now, as the notifier's consumer
+/// writes it; the event's id.
+pub async fn insert_due_delivery(pool: &PgPool, webhook: uuid::Uuid) -> uuid::Uuid {
+    let event = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
+         VALUES ($1, $2, $3, 'order.filled',
+                 jsonb_build_object('id', $3::text, 'type', 'order.filled', 'created_at', now(), 'data', '{}'::jsonb),
+                 now())",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(webhook)
+    .bind(event)
+    .execute(pool)
+    .await
+    .expect("delivery");
+    event
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics with `what` after `deadline`.
 pub async fn poll_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where

@@ -353,27 +353,8 @@ async fn a_new_notification_is_pushed_on_its_users_subject_once_committed_and_a_
 
 /// Inserts a due delivery of a made-up event to `url` and returns its id.
 async fn pending_delivery(stack_pool: &PgPool, user: Uuid, url: &str) -> Uuid {
-    let webhook = Uuid::now_v7();
-    sqlx::query("INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, '{order.filled}', $4)")
-        .bind(webhook)
-        .bind(user)
-        .bind(url)
-        .bind(SECRET)
-        .execute(stack_pool)
-        .await
-        .expect("webhook");
-    let event = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, next_attempt_at)
-         VALUES ($1, $2, $3, 'order.filled', $4, now())",
-    )
-    .bind(Uuid::now_v7())
-    .bind(webhook)
-    .bind(event)
-    .bind(json!({"id": event, "type": "order.filled", "created_at": Utc::now(), "data": {}}))
-    .execute(stack_pool)
-    .await
-    .expect("delivery");
+    let webhook = vault_testkit::insert_webhook(stack_pool, user, url, SECRET).await;
+    vault_testkit::insert_due_delivery(stack_pool, webhook).await;
     webhook
 }
 

@@ -73,17 +73,7 @@ impl Desk {
 
     /// The API's pending deposit row and the command for it (not sent).
     pub async fn deposit_intake(&self, user: Uuid, asset: &str, amount: Decimal) -> (Uuid, CommandBody) {
-        let id = Uuid::now_v7();
-        let client_id = format!("dep-{}", id.simple());
-        sqlx::query("INSERT INTO deposits (id, user_id, client_deposit_id, asset, amount) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(user)
-            .bind(&client_id)
-            .bind(asset)
-            .bind(amount)
-            .execute(&self.pool)
-            .await
-            .expect("intake row");
+        let (id, client_id) = vault_testkit::insert_deposit_row(&self.pool, user, asset, &amount.to_string()).await;
         let body = CommandBody::Deposit {
             deposit_id: id,
             client_deposit_id: client_id,
