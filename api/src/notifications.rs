@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::auth::caller::{Caller, Scope};
+use crate::auth::caller::{Reader, Trader};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::json::ApiJson;
 use crate::pagination::{ApiQuery, Cursor, Page};
@@ -80,10 +80,9 @@ pub struct NotificationPage {
     params(NotificationFilter), responses((status = 200, body = NotificationPage), (status = 422, body = Problem)))]
 pub async fn list_notifications(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ApiQuery(filter): ApiQuery<NotificationFilter>,
 ) -> Result<axum::Json<NotificationPage>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     let mut notifications: Vec<Notification> = sqlx::query_as(
         "SELECT id, kind, title, body, data, read_at, created_at FROM notifications
@@ -105,10 +104,9 @@ pub async fn list_notifications(
     params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
 pub async fn mark_read(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let found =
         sqlx::query("UPDATE notifications SET read_at = COALESCE(read_at, now()) WHERE id = $1 AND user_id = $2")
             .bind(id)
@@ -224,10 +222,9 @@ async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError>
     responses((status = 201, body = CreatedWebhook), (status = 422, body = Problem)))]
 pub async fn create_webhook(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     ApiJson(body): ApiJson<CreateWebhookRequest>,
 ) -> Result<(StatusCode, axum::Json<CreatedWebhook>), ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let mut errors = Vec::new();
     let mut events = body.events.clone();
     events.sort();
@@ -259,8 +256,10 @@ pub async fn create_webhook(
 /// The caller's webhooks (never their secrets).
 #[utoipa::path(get, path = "/api/v1/webhooks", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = WebhookList)))]
-pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<WebhookList>, ApiError> {
-    caller.require_scope(Scope::Read)?;
+pub async fn list_webhooks(
+    State(state): State<AppState>,
+    Reader(caller): Reader,
+) -> Result<axum::Json<WebhookList>, ApiError> {
     let webhooks: Vec<Webhook> = sqlx::query_as(
         "SELECT id, url, events, created_at FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id DESC",
     )
@@ -275,10 +274,9 @@ pub async fn list_webhooks(State(state): State<AppState>, caller: Caller) -> Res
     params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
 pub async fn delete_webhook(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let found =
         sqlx::query("UPDATE webhooks SET deleted_at = now() WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL")
             .bind(id)
@@ -312,10 +310,9 @@ pub struct DeliveryList {
     params(("id" = Uuid, Path)), responses((status = 200, body = DeliveryList), (status = 404, body = Problem)))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ResourceId(id): ResourceId,
 ) -> Result<axum::Json<DeliveryList>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let mine: Option<Uuid> = sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2")
         .bind(id)
         .bind(caller.user_id)

@@ -359,6 +359,16 @@ async fn a_read_only_api_key_cannot_trade_but_can_read() {
     )
     .await;
 
+    // The scope is checked first: what else is wrong with the request does not matter.
+    let bad_body = json!({"symbol": "NOPE", "side": "sideways", "quantity": "-1"});
+    problem(api.post("/orders", Some(&key), bad_body).await, 403, "insufficient_scope").await;
+    let unknown = Uuid::now_v7();
+    problem(api.call(Method::DELETE, &format!("/orders/{unknown}"), Some(&key), None).await, 403, "insufficient_scope")
+        .await;
+    problem(api.call(Method::DELETE, "/orders/not-an-id", Some(&key), None).await, 403, "insufficient_scope").await;
+    problem(api.post("/account/deposits", Some(&key), json!({"amount": "x"})).await, 403, "insufficient_scope").await;
+    problem(api.post("/webhooks", Some(&key), json!({"url": 7})).await, 403, "insufficient_scope").await;
+
     let list = json_of(api.get("/orders", Some(&key)).await, 200).await;
     assert_eq!(list["orders"][0]["id"], order["id"]);
     json_of(api.get(&format!("/orders/{id}"), Some(&key)).await, 200).await;

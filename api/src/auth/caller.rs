@@ -153,6 +153,36 @@ pub async fn recheck(state: &AppState, presented: &Presented) -> Result<Caller, 
     }
 }
 
+/// A caller whose credential carries the `read` scope. As an extractor it runs before the
+/// request's path, query and body are read, so an API key without the scope is refused 403
+/// whatever else is wrong with its request (a check inside the handler came after 404 and 422).
+#[derive(Debug, Clone)]
+pub struct Reader(pub Caller);
+
+/// A caller whose credential carries the `trade` scope (see [`Reader`]).
+#[derive(Debug, Clone)]
+pub struct Trader(pub Caller);
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_scope(Scope::Read)?;
+        Ok(Reader(caller))
+    }
+}
+
+impl FromRequestParts<AppState> for Trader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_scope(Scope::Trade)?;
+        Ok(Trader(caller))
+    }
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 

@@ -29,7 +29,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use vault_bus::message::AuthEventKind;
 
-use self::caller::{Caller, Scope};
+use self::caller::{Caller, Reader, Scope};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
@@ -544,8 +544,7 @@ pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Ca
 /// The caller's account.
 #[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = User), (status = 401, body = Problem)))]
-pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<User>, ApiError> {
-    caller.require_scope(Scope::Read)?;
+pub async fn me(State(state): State<AppState>, Reader(caller): Reader) -> Result<axum::Json<User>, ApiError> {
     let user: User = sqlx::query_as("SELECT id, email, name, role, totp_enabled, created_at FROM users WHERE id = $1")
         .bind(caller.user_id)
         .fetch_optional(&state.pool)

@@ -35,7 +35,7 @@ use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 use super::intake::Row;
 use super::portfolio_cache::{BalanceRow, Balances};
 use super::{AssetCode, ClientId, DecimalInput, DepositDoc, Intake, check_client_id, context, publish_intake};
-use crate::auth::caller::{Caller, Scope};
+use crate::auth::caller::{Reader, Trader};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
@@ -118,11 +118,10 @@ const DEPOSIT_COLUMNS: &str = "id, asset, amount, status, client_deposit_id, cre
               (status = 503, description = "the queue is unavailable; nothing was deposited (Retry-After)", body = Problem)))]
 pub async fn deposit(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     meta: RequestMeta,
     ApiJson(body): ApiJson<DepositRequest>,
 ) -> Result<(StatusCode, Json<DepositView>), ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let deposit = validate_deposit(body, |a| state.markets.is_known_asset(a))?;
     let user = caller.user_id;
     let (view, fresh) = insert_intake(&state, user, &deposit, &meta).await?;
@@ -299,8 +298,7 @@ fn round_money(d: Decimal) -> Decimal {
 /// event reaches this API process).
 #[utoipa::path(get, path = "/api/v1/portfolio", tag = "account", security(("bearer" = []), ("api_key" = [])),
     responses((status = 200, body = Portfolio)))]
-pub async fn portfolio(State(state): State<AppState>, caller: Caller) -> Result<Json<Portfolio>, ApiError> {
-    caller.require_scope(Scope::Read)?;
+pub async fn portfolio(State(state): State<AppState>, Reader(caller): Reader) -> Result<Json<Portfolio>, ApiError> {
     let rows = balances(&state, caller.user_id).await?;
     let as_of = Utc::now();
     let mut cash = Cash { asset: "USD", total: Decimal::ZERO, available: Decimal::ZERO, reserved: Decimal::ZERO };
@@ -417,10 +415,9 @@ pub struct LedgerFilter {
     params(LedgerFilter), responses((status = 200, body = LedgerPage), (status = 422, body = Problem)))]
 pub async fn ledger(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ApiQuery(filter): ApiQuery<LedgerFilter>,
 ) -> Result<Json<LedgerPage>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let page = SeqPage::parse(filter.limit, filter.cursor.as_deref())?;
     let mut entries: Vec<LedgerEntry> = sqlx::query_as(
         "SELECT id, asset, amount, balance_after, kind, order_id, created_at FROM ledger_entries

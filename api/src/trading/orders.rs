@@ -43,7 +43,7 @@ use super::{
     ClientId, DecimalInput, Intake, MarketSymbol, OrderDoc, OrderKind, OrderSide, OrderTimeInForce, check_client_id,
     context, publish_command, publish_intake,
 };
-use crate::auth::caller::{Caller, Scope};
+use crate::auth::caller::{Reader, Trader};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
@@ -229,12 +229,11 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
         (status = 503, description = "the queue is unavailable, or `overloaded`: the engine is too far behind; nothing was placed (Retry-After)", body = Problem)))]
 pub async fn place_order(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     meta: RequestMeta,
     headers: HeaderMap,
     ApiJson(body): ApiJson<PlaceOrderRequest>,
 ) -> Result<Response, ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let wait = prefer_wait(&headers);
     let user = caller.user_id;
     let client_order_id = body.client_order_id.clone();
@@ -521,10 +520,9 @@ fn symbol_filter(state: &AppState, symbol: Option<String>) -> Result<Option<Stri
     responses((status = 200, body = OrderList), (status = 422, body = Problem)))]
 pub async fn list_orders(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ApiQuery(filter): ApiQuery<OrderFilter>,
 ) -> Result<Json<OrderList>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     let symbol = symbol_filter(&state, filter.symbol)?;
     let statuses: Option<&[&str]> = match filter.status.unwrap_or_default() {
@@ -567,10 +565,9 @@ pub async fn list_orders(
     params(("id" = Uuid, Path)), responses((status = 200, body = OrderDoc), (status = 404, body = Problem)))]
 pub async fn get_order(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ResourceId(id): ResourceId,
 ) -> Result<Json<OrderView>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     load(&state.pool, caller.user_id, id).await?.map(Json).ok_or(ApiError::NotFound)
 }
 
@@ -580,10 +577,9 @@ pub async fn get_order(
     params(("client_order_id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$")), responses((status = 200, body = OrderDoc), (status = 404, body = Problem)))]
 pub async fn get_order_by_client_id(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     PathText(client_order_id): PathText,
 ) -> Result<Json<OrderView>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     // An id no order can have (a NUL, say, which Postgres text cannot even hold) names nothing.
     if check_client_id("client_order_id", &client_order_id).is_err() {
         return Err(ApiError::NotFound);
@@ -616,11 +612,10 @@ fn cancel_command(user: Uuid, order_id: Uuid, meta: &RequestMeta) -> OrderComman
               (status = 503, body = Problem)))]
 pub async fn cancel_order(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     meta: RequestMeta,
     ResourceId(id): ResourceId,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let order = load(&state.pool, caller.user_id, id).await?.ok_or(ApiError::NotFound)?;
     if is_terminal(&order.status) {
         return Err(ApiError::Conflict {
@@ -655,11 +650,10 @@ pub struct CanceledCount {
               (status = 503, body = Problem)))]
 pub async fn cancel_all(
     State(state): State<AppState>,
-    caller: Caller,
+    Trader(caller): Trader,
     meta: RequestMeta,
     ApiQuery(filter): ApiQuery<CancelFilter>,
 ) -> Result<(StatusCode, Json<CanceledCount>), ApiError> {
-    caller.require_scope(Scope::Trade)?;
     let symbol = symbol_filter(&state, filter.symbol)?;
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM orders WHERE user_id = $1 AND status = ANY($2) AND ($3::TEXT IS NULL OR symbol = $3) ORDER BY id",
@@ -732,10 +726,9 @@ pub struct FillFilter {
     responses((status = 200, body = FillList), (status = 422, body = Problem)))]
 pub async fn list_fills(
     State(state): State<AppState>,
-    caller: Caller,
+    Reader(caller): Reader,
     ApiQuery(filter): ApiQuery<FillFilter>,
 ) -> Result<Json<FillList>, ApiError> {
-    caller.require_scope(Scope::Read)?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     let symbol = symbol_filter(&state, filter.symbol)?;
     let mut fills: Vec<FillItem> = sqlx::query_as(
