@@ -32,7 +32,7 @@ use vault_bus::views::DepositView;
 use vault_core::db;
 use vault_core::domain::{Asset, MONEY_SCALE, Positive, WireDecimal};
 
-use super::intake::Row;
+use super::intake::{Row, Unsettled};
 use super::portfolio_cache::{BalanceRow, Balances};
 use super::{AssetCode, ClientId, DecimalInput, DepositDoc, Intake, check_client_id, context, publish_intake};
 use crate::auth::caller::{Reader, Trader};
@@ -142,9 +142,16 @@ pub async fn deposit(
         },
     };
     let deposit_id = view.id;
-    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, deposit_id))
-        .await?
-    {
+    let unsettled = Unsettled::new(&state.intake, Row::Deposit(deposit_id), fresh);
+    if !fresh && !super::replay_intake(&state, Row::Deposit(deposit_id)).await? {
+        // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
+        let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::Unavailable("deposit intake"))?;
+        return Ok((StatusCode::OK, Json(current)));
+    }
+    let published =
+        publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, deposit_id)).await;
+    unsettled.settled();
+    match published? {
         Intake::Published => Ok((if fresh { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(view))),
         Intake::Withdrawn(err) => Err(err),
         Intake::Decided => {
@@ -183,7 +190,7 @@ async fn insert_intake(
             .bind(deposit.asset.as_str())
             .bind(deposit.amount.get())
             .bind(&meta.request_id)
-            .fetch_optional(pool);
+            .fetch_optional(state.intake.pool());
         let inserted: Option<DepositView> = match db::within(db::STATEMENT_WITHIN, insert).await {
             Ok(inserted) => inserted,
             Err(e) => {

@@ -25,15 +25,23 @@
 //! request timeout and the connection's pool slot was lost). But a statement given up may still
 //! commit: its rows would be `pending` orders whose commands were never published, left so for
 //! good. So every row of a statement whose outcome is unknown (given up, or its connection lost
-//! mid-statement: `db::outcome_unknown`) — and every row whose withdrawal after a failed publish did not
-//! reach the database (see `super::orders`) — is *in doubt*: a task deletes those still pending
-//! as soon as the database answers, and again until [`DOUBT_WINDOW`] has passed since the row
-//! was given up. The server ends an intake statement after [`db::STATEMENT_WITHIN`] itself
-//! (`statement_timeout`), so one that reached it cannot commit later than that; the window covers
-//! bytes held on the way by the network for up to a minute more. A retry with the same
-//! `client_order_id` that finds a row in doubt withdraws it and inserts afresh; a retry on another
-//! API process could find and publish it before it is withdrawn, and the engine then voids that
-//! command (its row is gone): the retry's order ends as not found.
+//! mid-statement: `db::outcome_unknown`) — and every row whose withdrawal after a failed publish
+//! did not reach the database (see `super::orders`) — is *in doubt*: a task deletes those still
+//! pending as soon as the database answers, and again until [`DOUBT_WINDOW`] has passed since
+//! the row was given up. The server ends an intake statement (orders and deposits, on this
+//! module's pool) after [`db::STATEMENT_WITHIN`] itself (`statement_timeout`), so one that
+//! reached it cannot commit later than that; the window covers
+//! bytes held on the way by the network for up to a minute more. A request dropped between its
+//! insert and the end of its publish (its client gone, or the 30 s request timeout) puts its
+//! row in doubt too ([`Unsettled`]), as does a row inserted for a request already gone.
+//!
+//! A request that publishes a row it found rather than inserted — a retry with the same client
+//! id, on any API process, which may find a row whose own request is about to give up — marks
+//! it `replayed` first ([`replay`]; migration 0009), and withdrawals leave such rows alone: an
+//! order a retry was told exists is never withdrawn under it. A retry on this process that finds
+//! a row in doubt not yet replayed withdraws it and inserts afresh. Rows in doubt live in this
+//! process's memory: a process stopped before it settled them leaves them pending, and
+//! `vault-engine reconcile` names them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -103,6 +111,7 @@ const SETTLE_EVERY: Duration = Duration::from_secs(1);
 pub struct IntakeWriter {
     batcher: Batcher<IntakeRow, Reply>,
     doubts: Doubts,
+    pool: PgPool,
 }
 
 impl IntakeWriter {
@@ -112,12 +121,12 @@ impl IntakeWriter {
         let pool = intake_pool(database);
         let doubts = Doubts::default();
         tokio::spawn(settle(pool.clone(), doubts.clone()));
-        let in_doubt = doubts.clone();
+        let (in_doubt, batch_pool) = (doubts.clone(), pool.clone());
         let batcher = Batcher::start(CONCURRENT_BATCHES, MAX_BATCH, move |batch| {
-            let (pool, doubts) = (pool.clone(), in_doubt.clone());
+            let (pool, doubts) = (batch_pool.clone(), in_doubt.clone());
             async move { insert_batch(&pool, &doubts, batch).await }
         });
-        IntakeWriter { batcher, doubts }
+        IntakeWriter { batcher, doubts, pool }
     }
 
     /// Inserts the row in the next batch: `Some(row)` as inserted, `None` when its client order
@@ -140,6 +149,41 @@ impl IntakeWriter {
     /// The row is settled (withdrawn, or found decided, by the request that found it).
     pub fn settled(&self, row: Row) {
         self.doubts.remove(row);
+    }
+
+    /// The intake's own pool (its statements end at the server after
+    /// [`db::STATEMENT_WITHIN`]), for the deposit intake's single-row inserts.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A fresh intake row between its insert and the end of its publish: dropped before
+/// [`Unsettled::settled`] — its request gone, by its client or its timeout, with nothing left to
+/// publish or withdraw the row — it puts the row in doubt.
+#[derive(Debug)]
+pub struct Unsettled<'a> {
+    intake: &'a IntakeWriter,
+    row: Option<Row>,
+}
+
+impl<'a> Unsettled<'a> {
+    /// Guards `row` if this request inserted it (`fresh`); a row it found is another's.
+    pub fn new(intake: &'a IntakeWriter, row: Row, fresh: bool) -> Self {
+        Unsettled { intake, row: fresh.then_some(row) }
+    }
+
+    /// The publish settled (published, withdrawn, or its row put in doubt already).
+    pub fn settled(mut self) {
+        self.row = None;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if let Some(row) = self.row.take() {
+            self.intake.doubt(row);
+        }
     }
 }
 
@@ -217,7 +261,8 @@ async fn settle(pool: PgPool, doubts: Doubts) {
     }
 }
 
-/// Deletes those of the rows that are still pending (one statement); the rows it deleted.
+/// Deletes those of the rows that are still pending and that no other request has published
+/// ([`replay`]), in one statement; the rows it deleted.
 pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sqlx::Error> {
     let ids = |deposits: bool| {
         rows.iter()
@@ -229,8 +274,8 @@ pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sq
             .collect::<Vec<_>>()
     };
     let deleted: Vec<(bool, Uuid)> = sqlx::query_as(
-        "WITH o AS (DELETE FROM orders WHERE id = ANY($1) AND status = 'pending' RETURNING id),
-              d AS (DELETE FROM deposits WHERE id = ANY($2) AND status = 'pending' RETURNING id)
+        "WITH o AS (DELETE FROM orders WHERE id = ANY($1) AND status = 'pending' AND NOT replayed RETURNING id),
+              d AS (DELETE FROM deposits WHERE id = ANY($2) AND status = 'pending' AND NOT replayed RETURNING id)
          SELECT false, id FROM o UNION ALL SELECT true, id FROM d",
     )
     .bind(ids(false))
@@ -240,6 +285,17 @@ pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sq
     Ok(deleted.into_iter().map(|(deposit, id)| if deposit { Row::Deposit(id) } else { Row::Order(id) }).collect())
 }
 
+/// Marks a pending row that this request is about to publish but did not insert (a retry
+/// with its client id): no withdrawal takes it from now on. `false` when it is no longer
+/// pending (withdrawn, or decided).
+pub(crate) async fn replay(pool: &PgPool, row: Row) -> Result<bool, sqlx::Error> {
+    let (sql, id) = match row {
+        Row::Order(id) => ("UPDATE orders SET replayed = true WHERE id = $1 AND status = 'pending'", id),
+        Row::Deposit(id) => ("UPDATE deposits SET replayed = true WHERE id = $1 AND status = 'pending'", id),
+    };
+    Ok(sqlx::query(sql).bind(id).execute(pool).await?.rows_affected() == 1)
+}
+
 /// Inserts one batch and answers each of its requests. A statement given up puts its rows in
 /// doubt.
 async fn insert_batch(pool: &PgPool, doubts: &Doubts, batch: Vec<Pending<IntakeRow, Reply>>) {
@@ -247,7 +303,11 @@ async fn insert_batch(pool: &PgPool, doubts: &Doubts, batch: Vec<Pending<IntakeR
     match insert_bounded(pool, doubts, &rows).await {
         Ok(mut inserted) => {
             for (row, reply) in rows.iter().zip(replies) {
-                let _ = reply.send(Ok(inserted.remove(&row.id)));
+                // A request gone meanwhile (its client, or its timeout) publishes nothing: its
+                // row is withdrawn as one in doubt.
+                if let Err(Ok(Some(gone))) = reply.send(Ok(inserted.remove(&row.id))) {
+                    doubts.add([Row::Order(gone.id)]);
+                }
             }
         }
         Err(e) if rows.len() > 1 && matches!(e, sqlx::Error::Database(_)) => {
@@ -255,7 +315,9 @@ async fn insert_batch(pool: &PgPool, doubts: &Doubts, batch: Vec<Pending<IntakeR
             for (row, reply) in rows.iter().zip(replies) {
                 let result =
                     insert_bounded(pool, doubts, std::slice::from_ref(row)).await.map(|mut r| r.remove(&row.id));
-                let _ = reply.send(result);
+                if let Err(Ok(Some(gone))) = reply.send(result) {
+                    doubts.add([Row::Order(gone.id)]);
+                }
             }
         }
         Err(e) => {
@@ -342,5 +404,43 @@ mod tests {
             assert!(matches!(ApiError::from(like(&e)), ApiError::Unavailable(_)), "{e}");
         }
         assert!(matches!(ApiError::from(like(&sqlx::Error::RowNotFound)), ApiError::Internal(_)));
+    }
+
+    /// What a retry marked `replayed` (it is about to publish the row) no withdrawal takes; a row
+    /// withdrawn first cannot be marked, and the retry knows it.
+    #[tokio::test]
+    async fn withdrawals_leave_rows_a_retry_replays_and_a_withdrawn_row_cannot_be_replayed() {
+        let db = vault_testkit::TestDb::migrated().await;
+        let pool = db.pool().await;
+        let user = Uuid::now_v7();
+        sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, '$argon2id$test')")
+            .bind(user)
+            .bind(format!("u{}@example.com", user.simple()))
+            .execute(&pool)
+            .await
+            .expect("user");
+        let mut rows = Vec::new();
+        for n in 0..2 {
+            let id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, status)
+                 VALUES ($1, $2, $3, 'BTC-USD', 'buy', 'market', 'ioc', 1, 'pending')",
+            )
+            .bind(id)
+            .bind(user)
+            .bind(format!("c-{n}"))
+            .execute(&pool)
+            .await
+            .expect("intake row");
+            rows.push(Row::Order(id));
+        }
+        let (replayed, given_up) = (rows[0], rows[1]);
+        let (deposit, _) = vault_testkit::insert_deposit_row(&pool, user, "USD", "10").await;
+        assert!(replay(&pool, replayed).await.expect("replay"));
+        let withdrawn = withdraw(&pool, &[replayed, given_up, Row::Deposit(deposit)]).await.expect("withdraw");
+        assert_eq!(withdrawn.len(), 2, "{withdrawn:?}");
+        assert!(withdrawn.contains(&given_up) && withdrawn.contains(&Row::Deposit(deposit)));
+        assert!(!replay(&pool, given_up).await.expect("replay"), "a withdrawn row cannot be replayed");
+        assert!(withdraw(&pool, &[replayed]).await.expect("withdraw").is_empty(), "a replayed row stays");
     }
 }

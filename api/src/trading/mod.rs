@@ -115,6 +115,13 @@ pub(crate) async fn withdraw_intake(state: &AppState, row: intake::Row) -> Resul
     }
 }
 
+/// Marks a pending intake row this request found rather than inserted (a retry with its client
+/// id) before publishing it, so that no withdrawal takes it ([`intake::replay`]); `false` when it
+/// is no longer pending.
+pub(crate) async fn replay_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
+    Ok(db::within(db::STATEMENT_WITHIN, intake::replay(&state.pool, row)).await?)
+}
+
 /// The answer for a client id an earlier, refused attempt spent: its command reached the stream
 /// after the API had answered 503 and withdrawn its row.
 pub(crate) fn client_id_unusable() -> ApiError {

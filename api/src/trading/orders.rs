@@ -38,7 +38,7 @@ use vault_bus::views::{self, ORDER_COLUMNS, OrderView};
 use vault_bus::{Bus, subjects};
 use vault_core::domain::{Market, OrderType, Positive, Price, Quantity, Side, Symbol, TimeInForce, WireDecimal};
 
-use super::intake::{IntakeRow, Row};
+use super::intake::{IntakeRow, Row, Unsettled};
 use super::{
     ClientId, DecimalInput, Intake, MarketSymbol, OrderDoc, OrderKind, OrderSide, OrderTimeInForce, check_client_id,
     context, publish_command, publish_intake,
@@ -256,8 +256,16 @@ pub async fn place_order(
         None => None,
     };
     let order_id = view.id;
-    match publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, order_id)).await?
-    {
+    let unsettled = Unsettled::new(&state.intake, Row::Order(order_id), fresh);
+    if !fresh && !super::replay_intake(&state, Row::Order(order_id)).await? {
+        // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
+        let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::Unavailable("order intake"))?;
+        return Ok(answer(StatusCode::OK, current, None));
+    }
+    let published =
+        publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, order_id)).await;
+    unsettled.settled();
+    match published? {
         Intake::Published => {}
         Intake::Withdrawn(err) => return Err(err),
         Intake::Decided => {
