@@ -427,6 +427,22 @@ async fn apply<S: Store>(env: Rc<Env<S>>, state: Option<UserState>, routed: Rout
 /// Keeps the price book in step with the committed state; returns whether the commit wrote
 /// outbox rows (the relay is to be woken).
 fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserState, work: &Work) -> bool {
+    // A copy of a command already committed: a redelivery, or a commit given up that went
+    // through anyway (`group_commit`), whose events this engine never saw. The book follows the
+    // committed state, which the actor reloaded: the order rests if it is open, else it is out.
+    if matches!(outcome, Outcome::Duplicate)
+        && let Work::Command { command, .. } = work
+        && let CommandBody::Place { order_id, .. } | CommandBody::Cancel { order_id } = &command.body
+    {
+        let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
+        match next.portfolio.open_orders.get(order_id) {
+            Some(o) => {
+                book.insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() })
+            }
+            None => book.remove(*order_id),
+        }
+        return false;
+    }
     let events: &[Event] = match outcome {
         Outcome::Applied { events, .. } => events,
         _ => &[],

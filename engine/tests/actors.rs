@@ -108,3 +108,86 @@ async fn idle_actors_are_passivated_and_come_back_with_their_state() {
     assert_eq!(entries, [dec!(1), dec!(3), dec!(6)], "applied in the order routed");
     arbiter.stop();
 }
+
+/// A limit order whose commit went through without its engine seeing it (a commit given up on a
+/// silent connection, which committed anyway) comes back to the retry as a duplicate: it must
+/// still rest in the price book, or no tick would trigger it until a restart. A second shard
+/// with an empty book stands for that engine; the first applied the same work.
+#[actix::test]
+async fn a_resting_order_committed_unseen_goes_into_the_book_on_its_duplicate() {
+    let db = TestDb::migrated().await;
+    let settings = settings(&db);
+    let pool = db.pool().await;
+    let markets = runtime::load_markets(&pool).await.expect("markets");
+    let symbol = vault_core::domain::Symbol::parse("BTC-USD").expect("symbol");
+    let user = Uuid::now_v7();
+    common::insert_user(&pool, user).await;
+    let (deposit_id, client_deposit_id) = vault_testkit::insert_deposit_row(&pool, user, "USD", "100000").await;
+    let order_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, client_order_id, symbol, side, type, time_in_force, quantity, limit_price, status)
+         VALUES ($1, $2, 'rest-1', 'BTC-USD', 'buy', 'limit', 'gtc', 0.01, 40000, 'pending')",
+    )
+    .bind(order_id)
+    .bind(user)
+    .execute(&pool)
+    .await
+    .expect("intake row");
+    let command = |body| OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+    let work = [
+        Work::Command {
+            command: command(CommandBody::Deposit {
+                deposit_id,
+                client_deposit_id,
+                asset: Asset::usd(),
+                amount: Positive::new(dec!(100000)).expect("positive"),
+            }),
+            stream_seq: 1,
+        },
+        Work::Command {
+            command: command(CommandBody::Place {
+                order_id,
+                client_order_id: "rest-1".into(),
+                symbol: symbol.clone(),
+                side: vault_core::domain::Side::Buy,
+                order_type: vault_core::domain::OrderType::Limit,
+                time_in_force: vault_core::domain::TimeInForce::Gtc,
+                quantity: Positive::new(dec!(0.01)).expect("positive"),
+                limit_price: Some(Positive::new(dec!(40000)).expect("positive")),
+            }),
+            stream_seq: 2,
+        },
+    ];
+    let shard_with = |book: PriceBook| {
+        let shared = runtime::shared(&settings, markets.clone(), book, CancellationToken::new());
+        shared
+            .markets
+            .write()
+            .expect("markets")
+            .prices
+            .insert(symbol.clone(), (Positive::new(dec!(50000)).expect("positive"), Utc::now()));
+        let options = settings.database_url.connect_options();
+        let arbiter = Arbiter::new();
+        let shard = Shard::start_on(
+            &arbiter.handle(),
+            shared.clone(),
+            move || PgStore::lazy(options, 2),
+            Duration::from_secs(60),
+        );
+        (arbiter, Router::new(vec![shard.recipient()]), shared)
+    };
+
+    let (first, router, seen) = shard_with(PriceBook::default());
+    for w in work.iter().cloned() {
+        assert!(matches!(router.route(user, w).await.expect("applied"), Outcome::Applied { .. }));
+    }
+    assert_eq!(seen.book.lock().expect("book").len(), 1, "the engine that saw the commit has the order resting");
+    first.stop();
+
+    let (second, router, unseen) = shard_with(PriceBook::default());
+    let place = work[1].clone();
+    assert_eq!(router.route(user, place).await.expect("answered"), Outcome::Duplicate);
+    let crossed = unseen.book.lock().expect("book").crossed(&symbol, dec!(39000));
+    assert_eq!(crossed.iter().map(|r| r.order_id).collect::<Vec<_>>(), [order_id], "resting, and triggered by a tick");
+    second.stop();
+}
