@@ -128,6 +128,9 @@ pub async fn deposit(
     if view.status != "pending" {
         return Ok((StatusCode::OK, Json(view)));
     }
+    // From here until its publish settles, a request dropped (or failing) leaves its fresh row
+    // in doubt rather than pending.
+    let unsettled = Unsettled::new(&state.intake, Row::Deposit(view.id), fresh);
     let command = OrderCommand {
         user_id: user,
         request_id: meta.request_id.clone(),
@@ -142,7 +145,6 @@ pub async fn deposit(
         },
     };
     let deposit_id = view.id;
-    let unsettled = Unsettled::new(&state.intake, Row::Deposit(deposit_id), fresh);
     if !fresh && !super::replay_intake(&state, Row::Deposit(deposit_id)).await? {
         // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
         let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::Unavailable("deposit intake"))?;

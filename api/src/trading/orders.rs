@@ -247,6 +247,9 @@ pub async fn place_order(
     if view.status != "pending" {
         return Ok(answer(StatusCode::OK, view, None));
     }
+    // From here until its publish settles, a request dropped (or failing) leaves its fresh row
+    // in doubt rather than pending.
+    let unsettled = Unsettled::new(&state.intake, Row::Order(view.id), fresh);
 
     let command =
         OrderCommand { user_id: user, request_id: meta.request_id.clone(), at: Utc::now(), body: place_body(&view)? };
@@ -256,7 +259,6 @@ pub async fn place_order(
         None => None,
     };
     let order_id = view.id;
-    let unsettled = Unsettled::new(&state.intake, Row::Order(order_id), fresh);
     if !fresh && !super::replay_intake(&state, Row::Order(order_id)).await? {
         // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
         let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::Unavailable("order intake"))?;
