@@ -153,11 +153,18 @@ pub async fn deposit(
     let published =
         publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, deposit_id)).await;
     unsettled.settled();
+    if !fresh && published.is_err() {
+        super::unreplay_intake(&state, Row::Deposit(deposit_id)).await;
+    }
     match published? {
         Intake::Published => Ok((if fresh { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(view))),
         Intake::Withdrawn(err) => Err(err),
-        Intake::Decided => {
+        Intake::Kept(failure) => {
             let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::NotFound)?;
+            // Still pending: a retry holds it, and this request's own publish failed.
+            if current.status == "pending" {
+                return Err(failure);
+            }
             Ok((StatusCode::ACCEPTED, Json(current)))
         }
     }
@@ -193,7 +200,11 @@ async fn insert_intake(
             .bind(deposit.amount.get())
             .bind(&meta.request_id)
             .fetch_optional(state.intake.pool());
-        let inserted: Option<DepositView> = match db::within(db::STATEMENT_WITHIN, insert).await {
+        // Dropped while the insert runs (the request gone), the row may yet commit: in doubt.
+        let unsettled = Unsettled::new(&state.intake, Row::Deposit(id), true);
+        let outcome = db::within(db::STATEMENT_WITHIN, insert).await;
+        unsettled.settled();
+        let inserted: Option<DepositView> = match outcome {
             Ok(inserted) => inserted,
             Err(e) => {
                 if db::outcome_unknown(&e) {

@@ -36,10 +36,11 @@
 //! row in doubt too ([`Unsettled`]), as does a row inserted for a request already gone.
 //!
 //! A request that publishes a row it found rather than inserted — a retry with the same client
-//! id, on any API process, which may find a row whose own request is about to give up — marks
-//! it `replayed` first ([`replay`]; migration 0009), and withdrawals leave such rows alone: an
-//! order a retry was told exists is never withdrawn under it. A retry on this process that finds
-//! a row in doubt not yet replayed withdraws it and inserts afresh. Rows in doubt live in this
+//! id, on any API process, which may find a row whose own request is about to give up — counts
+//! itself in on it first ([`replay`], the `replayed` count of migration 0009) and out again if
+//! its publish fails ([`unreplay`]), and withdrawals leave a row alone while the count is above
+//! zero: an order a retry was told exists is never withdrawn under it. A retry on this process
+//! that finds a row in doubt no other request holds withdraws it and inserts afresh. Rows in doubt live in this
 //! process's memory: a process stopped before it settled them leaves them pending, and
 //! `vault-engine reconcile` names them.
 
@@ -130,9 +131,13 @@ impl IntakeWriter {
     }
 
     /// Inserts the row in the next batch: `Some(row)` as inserted, `None` when its client order
-    /// id was taken.
+    /// id was taken. Dropped before the answer is read, the row is put in doubt (the answer may
+    /// have been sent already).
     pub async fn insert(&self, row: IntakeRow) -> Reply {
-        self.batcher.submit(row).await.unwrap_or(Err(sqlx::Error::PoolClosed))
+        let unsettled = Unsettled::new(self, Row::Order(row.id), true);
+        let reply = self.batcher.submit(row).await.unwrap_or(Err(sqlx::Error::PoolClosed));
+        unsettled.settled();
+        reply
     }
 
     /// Puts an intake row in doubt: its request failed, and the row may exist (see the module
@@ -261,7 +266,7 @@ async fn settle(pool: PgPool, doubts: Doubts) {
     }
 }
 
-/// Deletes those of the rows that are still pending and that no other request has published
+/// Deletes those of the rows that are still pending and that no other request is publishing
 /// ([`replay`]), in one statement; the rows it deleted.
 pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sqlx::Error> {
     let ids = |deposits: bool| {
@@ -274,8 +279,8 @@ pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sq
             .collect::<Vec<_>>()
     };
     let deleted: Vec<(bool, Uuid)> = sqlx::query_as(
-        "WITH o AS (DELETE FROM orders WHERE id = ANY($1) AND status = 'pending' AND NOT replayed RETURNING id),
-              d AS (DELETE FROM deposits WHERE id = ANY($2) AND status = 'pending' AND NOT replayed RETURNING id)
+        "WITH o AS (DELETE FROM orders WHERE id = ANY($1) AND status = 'pending' AND replayed = 0 RETURNING id),
+              d AS (DELETE FROM deposits WHERE id = ANY($2) AND status = 'pending' AND replayed = 0 RETURNING id)
          SELECT false, id FROM o UNION ALL SELECT true, id FROM d",
     )
     .bind(ids(false))
@@ -285,15 +290,25 @@ pub(crate) async fn withdraw(pool: &PgPool, rows: &[Row]) -> Result<Vec<Row>, sq
     Ok(deleted.into_iter().map(|(deposit, id)| if deposit { Row::Deposit(id) } else { Row::Order(id) }).collect())
 }
 
-/// Marks a pending row that this request is about to publish but did not insert (a retry
-/// with its client id): no withdrawal takes it from now on. `false` when it is no longer
-/// pending (withdrawn, or decided).
+/// Counts this request in on a pending row it is about to publish but did not insert (a retry
+/// with its client id): no withdrawal takes the row while any such request is counted.
+/// `false` when it is no longer pending (withdrawn, or decided).
 pub(crate) async fn replay(pool: &PgPool, row: Row) -> Result<bool, sqlx::Error> {
     let (sql, id) = match row {
-        Row::Order(id) => ("UPDATE orders SET replayed = true WHERE id = $1 AND status = 'pending'", id),
-        Row::Deposit(id) => ("UPDATE deposits SET replayed = true WHERE id = $1 AND status = 'pending'", id),
+        Row::Order(id) => ("UPDATE orders SET replayed = replayed + 1 WHERE id = $1 AND status = 'pending'", id),
+        Row::Deposit(id) => ("UPDATE deposits SET replayed = replayed + 1 WHERE id = $1 AND status = 'pending'", id),
     };
     Ok(sqlx::query(sql).bind(id).execute(pool).await?.rows_affected() == 1)
+}
+
+/// Counts this request out again after [`replay`]: its publish failed.
+pub(crate) async fn unreplay(pool: &PgPool, row: Row) -> Result<(), sqlx::Error> {
+    let (sql, id) = match row {
+        Row::Order(id) => ("UPDATE orders SET replayed = replayed - 1 WHERE id = $1 AND replayed > 0", id),
+        Row::Deposit(id) => ("UPDATE deposits SET replayed = replayed - 1 WHERE id = $1 AND replayed > 0", id),
+    };
+    sqlx::query(sql).bind(id).execute(pool).await?;
+    Ok(())
 }
 
 /// Inserts one batch and answers each of its requests. A statement given up puts its rows in
@@ -437,10 +452,15 @@ mod tests {
         let (replayed, given_up) = (rows[0], rows[1]);
         let (deposit, _) = vault_testkit::insert_deposit_row(&pool, user, "USD", "10").await;
         assert!(replay(&pool, replayed).await.expect("replay"));
+        // Two retries counted in, one of them counted out again (its publish failed): still held.
+        assert!(replay(&pool, replayed).await.expect("replay"));
+        unreplay(&pool, replayed).await.expect("unreplay");
         let withdrawn = withdraw(&pool, &[replayed, given_up, Row::Deposit(deposit)]).await.expect("withdraw");
         assert_eq!(withdrawn.len(), 2, "{withdrawn:?}");
         assert!(withdrawn.contains(&given_up) && withdrawn.contains(&Row::Deposit(deposit)));
         assert!(!replay(&pool, given_up).await.expect("replay"), "a withdrawn row cannot be replayed");
         assert!(withdraw(&pool, &[replayed]).await.expect("withdraw").is_empty(), "a replayed row stays");
+        unreplay(&pool, replayed).await.expect("unreplay");
+        assert_eq!(withdraw(&pool, &[replayed]).await.expect("withdraw"), [replayed], "counted out: withdrawable");
     }
 }

@@ -71,8 +71,9 @@ pub(crate) enum Intake {
     Published,
     /// The publish failed and the row was withdrawn: answer this error.
     Withdrawn(ApiError),
-    /// The publish failed (or was stale) but the row is no longer pending: the engine has it.
-    Decided,
+    /// The publish failed (or was stale) but the row was not withdrawn: the engine has it, or
+    /// another request (a retry) is publishing it. If it is still pending, answer this error.
+    Kept(ApiError),
 }
 
 /// Step 2 and 3 of the intake protocol (module docs). `withdraw` deletes the row if it is still
@@ -99,7 +100,7 @@ where
         // Not our row to withdraw: the request that inserted it (or a later retry) owns it.
         Err(e) => return Err(e),
     };
-    if withdraw().await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Decided) }
+    if withdraw().await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Kept(failure)) }
 }
 
 /// Deletes an intake row if it is still pending; `true` when it did. A withdrawal that does not
@@ -119,7 +120,15 @@ pub(crate) async fn withdraw_intake(state: &AppState, row: intake::Row) -> Resul
 /// id) before publishing it, so that no withdrawal takes it ([`intake::replay`]); `false` when it
 /// is no longer pending.
 pub(crate) async fn replay_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
-    Ok(db::within(db::STATEMENT_WITHIN, intake::replay(&state.pool, row)).await?)
+    Ok(db::within(db::STATEMENT_WITHIN, intake::replay(state.intake.pool(), row)).await?)
+}
+
+/// Counts this request out of a row it replayed and failed to publish (best effort: a count left
+/// behind keeps the row from being withdrawn, and a later retry publishes it).
+pub(crate) async fn unreplay_intake(state: &AppState, row: intake::Row) {
+    if let Err(e) = db::within(db::STATEMENT_WITHIN, intake::unreplay(state.intake.pool(), row)).await {
+        tracing::warn!(?row, error = %e, "cannot count a failed replay out of its intake row");
+    }
 }
 
 /// The answer for a client id an earlier, refused attempt spent: its command reached the stream

@@ -267,11 +267,18 @@ pub async fn place_order(
     let published =
         publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, order_id)).await;
     unsettled.settled();
+    if !fresh && published.is_err() {
+        super::unreplay_intake(&state, Row::Order(order_id)).await;
+    }
     match published? {
         Intake::Published => {}
         Intake::Withdrawn(err) => return Err(err),
-        Intake::Decided => {
+        Intake::Kept(failure) => {
             let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::NotFound)?;
+            // Still pending: a retry holds it, and this request's own publish failed.
+            if current.status == "pending" {
+                return Err(failure);
+            }
             return Ok(answer(StatusCode::ACCEPTED, current, None));
         }
     }
