@@ -163,13 +163,18 @@ pub struct Reader(pub Caller);
 #[derive(Debug, Clone)]
 pub struct Trader(pub Caller);
 
+/// The caller, if its credential carries `scope`.
+async fn scoped(parts: &mut Parts, state: &AppState, scope: Scope) -> Result<Caller, ApiError> {
+    let caller = Caller::from_request_parts(parts, state).await?;
+    caller.require_scope(scope)?;
+    Ok(caller)
+}
+
 impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.require_scope(Scope::Read)?;
-        Ok(Reader(caller))
+        scoped(parts, state, Scope::Read).await.map(Reader)
     }
 }
 
@@ -177,9 +182,7 @@ impl FromRequestParts<AppState> for Trader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.require_scope(Scope::Trade)?;
-        Ok(Trader(caller))
+        scoped(parts, state, Scope::Trade).await.map(Trader)
     }
 }
 

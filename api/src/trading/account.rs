@@ -145,20 +145,16 @@ pub async fn deposit(
         },
     };
     let deposit_id = view.id;
-    if !fresh && !super::replay_intake(&state, Row::Deposit(deposit_id)).await? {
-        // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
-        let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::Unavailable("deposit intake"))?;
-        return Ok((StatusCode::OK, Json(current)));
-    }
-    let published =
-        publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, deposit_id)).await;
+    let published = publish_intake(&state, &command, &context(&meta.request_id), Row::Deposit(deposit_id), fresh).await;
     unsettled.settled();
-    if !fresh && published.is_err() {
-        super::unreplay_intake(&state, Row::Deposit(deposit_id)).await;
-    }
     match published? {
         Intake::Published => Ok((if fresh { StatusCode::ACCEPTED } else { StatusCode::OK }, Json(view))),
         Intake::Withdrawn(err) => Err(err),
+        Intake::Gone => {
+            // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
+            let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::Unavailable("deposit intake"))?;
+            Ok((StatusCode::OK, Json(current)))
+        }
         Intake::Kept(failure) => {
             let current = load(&state.pool, user, deposit_id).await?.ok_or(ApiError::NotFound)?;
             // Still pending: a retry holds it, and this request's own publish failed.
@@ -226,7 +222,7 @@ async fn insert_intake(
         if let Some(existing) = existing {
             // A row this process gave up: withdrawn, then inserted afresh.
             if existing.status == "pending" && state.intake.in_doubt(Row::Deposit(existing.id)) {
-                withdraw(state, existing.id).await?;
+                super::withdraw_intake(state, Row::Deposit(existing.id)).await?;
                 state.intake.settled(Row::Deposit(existing.id));
                 continue;
             }
@@ -245,16 +241,6 @@ async fn load(pool: &PgPool, user: Uuid, id: Uuid) -> Result<Option<DepositView>
         .bind(user)
         .fetch_optional(pool)
         .await?)
-}
-
-/// Deletes the deposit's intake row if it is still pending; `true` when it did (see
-/// [`super::withdraw_intake`]).
-async fn withdraw(state: &AppState, id: Uuid) -> Result<bool, ApiError> {
-    let deleted = super::withdraw_intake(state, Row::Deposit(id)).await?;
-    if deleted {
-        tracing::info!(deposit_id = %id, "intake row withdrawn: the command was not acknowledged");
-    }
-    Ok(deleted)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -74,22 +74,26 @@ pub(crate) enum Intake {
     /// The publish failed (or was stale) but the row was not withdrawn: the engine has it, or
     /// another request (a retry) is publishing it. If it is still pending, answer this error.
     Kept(ApiError),
+    /// A row this request found rather than inserted was no longer pending when it came to
+    /// publish it (withdrawn, or decided): nothing was published.
+    Gone,
 }
 
-/// Step 2 and 3 of the intake protocol (module docs). `withdraw` deletes the row if it is still
-/// pending and says whether it did.
-pub(crate) async fn publish_intake<W, Fut>(
-    bus: &Bus,
+/// Step 2 and 3 of the intake protocol (module docs) for the intake row `row`, which this
+/// request inserted (`fresh`) or found (a retry with its client id). A found row is replayed
+/// first and, if its publish fails, counted out again ([`intake::replay`]); a fresh row whose
+/// publish fails is withdrawn if still pending.
+pub(crate) async fn publish_intake(
+    state: &AppState,
     command: &OrderCommand,
     ctx: &MessageContext,
+    row: intake::Row,
     fresh: bool,
-    withdraw: W,
-) -> Result<Intake, ApiError>
-where
-    W: FnOnce() -> Fut,
-    Fut: Future<Output = Result<bool, ApiError>>,
-{
-    let failure = match publish_command(bus, command, ctx).await {
+) -> Result<Intake, ApiError> {
+    if !fresh && !replay_intake(state, row).await? {
+        return Ok(Intake::Gone);
+    }
+    let failure = match publish_command(&state.bus, command, ctx).await {
         Ok(ack) if fresh && ack.duplicate => {
             metrics::counter!("vault_api_stale_commands_total").increment(1);
             tracing::warn!(msg_id = command.msg_id(), "an earlier, withdrawn attempt holds this client id");
@@ -98,9 +102,12 @@ where
         Ok(_) => return Ok(Intake::Published),
         Err(e) if fresh => e,
         // Not our row to withdraw: the request that inserted it (or a later retry) owns it.
-        Err(e) => return Err(e),
+        Err(e) => {
+            unreplay_intake(state, row).await;
+            return Err(e);
+        }
     };
-    if withdraw().await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Kept(failure)) }
+    if withdraw_intake(state, row).await? { Ok(Intake::Withdrawn(failure)) } else { Ok(Intake::Kept(failure)) }
 }
 
 /// Deletes an intake row if it is still pending; `true` when it did. A withdrawal that does not
@@ -108,7 +115,11 @@ where
 /// answers (see [`intake`]).
 pub(crate) async fn withdraw_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
     match db::within(db::STATEMENT_WITHIN, intake::withdraw(&state.pool, &[row])).await {
-        Ok(deleted) => Ok(!deleted.is_empty()),
+        Ok(deleted) if deleted.is_empty() => Ok(false),
+        Ok(_) => {
+            tracing::info!(?row, "intake row withdrawn");
+            Ok(true)
+        }
         Err(e) => {
             state.intake.doubt(row);
             Err(e.into())
@@ -119,13 +130,13 @@ pub(crate) async fn withdraw_intake(state: &AppState, row: intake::Row) -> Resul
 /// Marks a pending intake row this request found rather than inserted (a retry with its client
 /// id) before publishing it, so that no withdrawal takes it ([`intake::replay`]); `false` when it
 /// is no longer pending.
-pub(crate) async fn replay_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
+async fn replay_intake(state: &AppState, row: intake::Row) -> Result<bool, ApiError> {
     Ok(db::within(db::STATEMENT_WITHIN, intake::replay(state.intake.pool(), row)).await?)
 }
 
 /// Counts this request out of a row it replayed and failed to publish (best effort: a count left
 /// behind keeps the row from being withdrawn, and a later retry publishes it).
-pub(crate) async fn unreplay_intake(state: &AppState, row: intake::Row) {
+async fn unreplay_intake(state: &AppState, row: intake::Row) {
     if let Err(e) = db::within(db::STATEMENT_WITHIN, intake::unreplay(state.intake.pool(), row)).await {
         tracing::warn!(?row, error = %e, "cannot count a failed replay out of its intake row");
     }

@@ -259,20 +259,16 @@ pub async fn place_order(
         None => None,
     };
     let order_id = view.id;
-    if !fresh && !super::replay_intake(&state, Row::Order(order_id)).await? {
-        // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
-        let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::Unavailable("order intake"))?;
-        return Ok(answer(StatusCode::OK, current, None));
-    }
-    let published =
-        publish_intake(&state.bus, &command, &context(&meta.request_id), fresh, || withdraw(&state, order_id)).await;
+    let published = publish_intake(&state, &command, &context(&meta.request_id), Row::Order(order_id), fresh).await;
     unsettled.settled();
-    if !fresh && published.is_err() {
-        super::unreplay_intake(&state, Row::Order(order_id)).await;
-    }
     match published? {
         Intake::Published => {}
         Intake::Withdrawn(err) => return Err(err),
+        Intake::Gone => {
+            // Withdrawn or decided since it was read: the current row, or 503 (a retry inserts afresh).
+            let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::Unavailable("order intake"))?;
+            return Ok(answer(StatusCode::OK, current, None));
+        }
         Intake::Kept(failure) => {
             let current = load(&state.pool, user, order_id).await?.ok_or(ApiError::NotFound)?;
             // Still pending: a retry holds it, and this request's own publish failed.
@@ -353,7 +349,7 @@ async fn insert_intake(
         if let Some(existing) = load_by_client_id(&state.pool, user, &client_order_id).await? {
             // A row this process gave up (see `super::intake`): withdrawn, then inserted afresh.
             if existing.status == "pending" && state.intake.in_doubt(Row::Order(existing.id)) {
-                withdraw(state, existing.id).await?;
+                super::withdraw_intake(state, Row::Order(existing.id)).await?;
                 state.intake.settled(Row::Order(existing.id));
                 continue;
             }
@@ -364,16 +360,6 @@ async fn insert_intake(
         }
     }
     Err(ApiError::Unavailable("order intake"))
-}
-
-/// Deletes the order's intake row if it is still pending; `true` when it did. A withdrawal that
-/// fails puts the row in doubt: the intake's task withdraws it once the database answers.
-async fn withdraw(state: &AppState, order_id: Uuid) -> Result<bool, ApiError> {
-    let deleted = super::withdraw_intake(state, Row::Order(order_id)).await?;
-    if deleted {
-        tracing::info!(%order_id, "intake row withdrawn: the command was not acknowledged");
-    }
-    Ok(deleted)
 }
 
 /// The `order.place` command for an intake row (so a re-publish says exactly what the row says).
