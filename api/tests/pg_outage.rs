@@ -321,35 +321,18 @@ async fn every_deposit_applied_once(direct: &sqlx::PgPool, user: Uuid, sent: i64
     assert_eq!(total, rust_decimal::Decimal::from(sent), "each deposit applied once");
 }
 
-async fn status(client: &reqwest::Client, url: &str) -> u16 {
-    client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+/// The API serving with `envs` (and an address of its own), ready.
+async fn serve_api(envs: &[(&'static str, String)], db: TestDb, nats: NatsServer) -> Api {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut proc = Proc::spawn(support::BIN, &["serve"], &with(envs.to_vec(), "API_ADDR", addr.clone()));
+    proc.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    Api { proc, addr, client: http_client(), db, nats }
 }
 
-#[tokio::test]
-async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_healed_without_a_restart() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (_, upstream) = through(&db.url, 0);
-    let proxy = Proxy::start(upstream).await;
-    let (proxied, _) = through(&db.url, proxy.port);
-
-    let api_addr = format!("127.0.0.1:{}", free_port());
-    let mut envs = base_env(&db, &nats);
-    envs.retain(|(k, _)| *k != "DATABASE_URL");
-    envs.push(("DATABASE_URL", proxied.clone()));
-    let mut engine_envs = envs.clone();
-    // The one price of this test must still be fresh when the order waiting out the outage is
-    // finally applied.
-    engine_envs.push(("MAX_PRICE_AGE", "300".to_owned()));
-    envs.push(("API_ADDR", api_addr.clone()));
-    let mut proc = Proc::spawn(support::BIN, &["serve"], &envs);
-    proc.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
-    let (mut engine, engine_ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &engine_envs).await;
-    let api = Api { proc, addr: api_addr.clone(), client: http_client(), db, nats };
-    let direct = api.db.pool().await;
-    let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");
-
-    // Before: a funded user with a price.
-    let email = format!("outage-{}@example.com", Uuid::now_v7().simple());
+/// A user signed up through `api`, BTC-USD priced at 50,000, and `usd` deposited and applied:
+/// the user's id and access token.
+async fn funded_trader(api: &Api, bus: &Bus, direct: &sqlx::PgPool, usd: &str) -> (Uuid, String) {
+    let email = format!("trader-{}@example.com", Uuid::now_v7().simple());
     let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
     let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
     let tick = PriceTick {
@@ -360,15 +343,37 @@ async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_he
         seq: 1,
     };
     bus.publish(&tick, &MessageContext::default()).await.expect("tick");
-    assert_eq!(
-        api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "10000"})).await.status(),
-        202
-    );
+    let deposit = api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": usd})).await;
+    assert_eq!(deposit.status(), 202);
     poll_until(WAIT, "the deposit to complete", || async {
-        let p: Value = api.get("/portfolio", Some(&token)).await.json().await.ok()?;
-        (p["cash"]["total"].as_str()? == "10000").then_some(())
+        let status: String = sqlx::query_scalar("SELECT status FROM deposits WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(direct)
+            .await
+            .ok()?;
+        (status == "completed").then_some(())
     })
     .await;
+    (user, token)
+}
+
+async fn status(client: &reqwest::Client, url: &str) -> u16 {
+    client.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_twenty_second_postgres_outage_is_reported_refused_where_needed_and_healed_without_a_restart() {
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    // The one price of this test must still be fresh when the order waiting out the outage is
+    // finally applied.
+    let engine_envs = with(envs.clone(), "MAX_PRICE_AGE", "300");
+    let api = serve_api(&envs, db, nats).await;
+    let api_addr = api.addr.clone();
+    let (mut engine, engine_ops) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &engine_envs).await;
+    let direct = api.db.pool().await;
+    let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");
+    // Before: a funded user with a price.
+    let (user, token) = funded_trader(&api, &bus, &direct, "10000").await;
 
     // The outage.
     let client = http_client();
@@ -760,36 +765,12 @@ async fn orders_whose_intake_answers_never_come_are_refused_withdrawn_and_the_ap
     // The engine reaches Postgres directly; only the API's connections go deaf.
     let engine_envs = with(base_env(&db, &nats), "MAX_PRICE_AGE", "600");
     let (mut engine, _) = Proc::start_ready(&workspace_binary("vault-engine"), &[], &engine_envs).await;
-    let api_addr = format!("127.0.0.1:{}", free_port());
     let envs = with(with(envs, "RATE_LIMIT_USER_PER_SEC", "0"), "RATE_LIMIT_IP_PER_SEC", "0");
-    let mut proc = Proc::spawn(support::BIN, &["serve"], &with(envs, "API_ADDR", api_addr.clone()));
-    proc.wait_http_status(&api_addr, "/readyz", 200, READY_DEADLINE).await;
-    let api = Api { proc, addr: api_addr.clone(), client: http_client(), db, nats };
+    let api = serve_api(&envs, db, nats).await;
+    let api_addr = api.addr.clone();
     let direct = api.db.pool().await;
     let bus = Bus::connect(&api.nats.url(), "outage-test").await.expect("connects");
-
-    let email = format!("deaf-{}@example.com", Uuid::now_v7().simple());
-    let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
-    let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
-    let tick = PriceTick {
-        symbol: Symbol::parse("BTC-USD").expect("symbol"),
-        price: Positive::new(50_000.into()).expect("positive"),
-        ts: Utc::now(),
-        source: "test".into(),
-        seq: 1,
-    };
-    bus.publish(&tick, &MessageContext::default()).await.expect("tick");
-    let deposit = api.post("/account/deposits", Some(&token), json!({"asset": "USD", "amount": "1000000"})).await;
-    assert_eq!(deposit.status(), 202);
-    poll_until(WAIT, "the deposit to complete", || async {
-        let status: String = sqlx::query_scalar("SELECT status FROM deposits WHERE user_id = $1")
-            .bind(user)
-            .fetch_one(&direct)
-            .await
-            .ok()?;
-        (status == "completed").then_some(())
-    })
-    .await;
+    let (user, token) = funded_trader(&api, &bus, &direct, "1000000").await;
 
     // Orders every 20 ms, each its own request with its own client id, for 1 s before the
     // deafness and 3 s into it; each request may wait out the intake's 15 s bound.

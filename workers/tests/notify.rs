@@ -769,11 +769,11 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }
 
-/// Asked to stop while recording an attempt is blocked (a lock on its row), the email sender
-/// stops within its grace instead of waiting for the lock, and the row is not lost: left to
-/// its lease, or recorded by the statement that was still waiting when the lock went.
-#[tokio::test]
-async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within_its_grace_and_loses_nothing() {
+/// An email sender running against the fake SMTP server, with one email whose DATA the server
+/// has kept and not answered (until the returned gate is notified): the stack, the email's id,
+/// the gate, the sender's shutdown token and its task.
+async fn an_email_held_by_smtp()
+-> (Stack, Uuid, Arc<tokio::sync::Notify>, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, gate) = fake_smtp().await;
@@ -799,6 +799,15 @@ async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within
         (!messages.lock().expect("lock").is_empty()).then_some(())
     })
     .await;
+    (stack, id, gate, shutdown, sender)
+}
+
+/// Asked to stop while recording an attempt is blocked (a lock on its row), the email sender
+/// stops within its grace instead of waiting for the lock, and the row is not lost: left to
+/// its lease, or recorded by the statement that was still waiting when the lock went.
+#[tokio::test]
+async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within_its_grace_and_loses_nothing() {
+    let (stack, id, gate, shutdown, sender) = an_email_held_by_smtp().await;
     // Claimed and sent, not yet recorded: lock the row, then let the server answer.
     let mut blocker = stack.pool.begin().await.expect("tx");
     sqlx::query("SELECT 1 FROM email_outbox WHERE id = $1 FOR UPDATE")
@@ -832,32 +841,8 @@ async fn the_email_sender_asked_to_stop_while_its_record_is_blocked_stops_within
 /// its grace, not after the SMTP timeout (30 s), and gives the row back to be sent again.
 #[tokio::test]
 async fn the_email_sender_asked_to_stop_while_a_send_goes_unanswered_stops_within_its_grace_and_gives_it_back() {
-    use vault_workers::notify::email::{EmailConfig, run_emails};
-    let stack = Stack::start().await;
-    let (port, messages, _gate) = fake_smtp().await;
-    let (user, _) = stack.user().await;
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-         VALUES ($1, $2, $3, 'hold@example.com', 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
-    )
-    .bind(id)
-    .bind(user)
-    .bind(Uuid::now_v7())
-    .execute(&stack.pool)
-    .await
-    .expect("email row");
-    let shutdown = CancellationToken::new();
-    let config = EmailConfig {
-        poll_interval: Duration::from_millis(10),
-        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
-    };
-    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
     // The server has the message and will not answer it.
-    poll_until(Duration::from_secs(20), "the email to be on its way", || async {
-        (!messages.lock().expect("lock").is_empty()).then_some(())
-    })
-    .await;
+    let (stack, id, _gate, shutdown, sender) = an_email_held_by_smtp().await;
 
     shutdown.cancel();
     // GRACE (5 s) for the send, then the release; the SMTP timeout is 30 s.
