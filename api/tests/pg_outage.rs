@@ -7,6 +7,8 @@
 //! And every process (API, engine, the three workers) asked to stop during an outage stops with
 //! exit code 0 within seconds, whether Postgres refuses connections or stops answering — with
 //! a command, ticks and poisoned messages in hand — or waits on a lock while a message is parked.
+//! The same proxy in front of NATS holds the API's publishes unanswered, so that requests can
+//! leave between their intake row's insert and their publish's answer.
 
 mod support;
 
@@ -148,6 +150,11 @@ impl Proxy {
 
     fn stall(&self) {
         self.stalled.send_replace(true);
+    }
+
+    /// Ends a [`Proxy::stall`]: what was held goes on, in order.
+    fn resume(&self) {
+        self.stalled.send_replace(false);
     }
 
     /// Every connection open now goes silent for good — nothing crosses it either way, and it
@@ -848,6 +855,61 @@ async fn orders_whose_intake_answers_never_come_are_refused_withdrawn_and_the_ap
         accepted.len(),
         refused.len()
     );
+}
+
+/// Requests whose clients leave while their command's publish waits: NATS is stalled behind a
+/// proxy (the API's connection stays up, nothing crosses it), so an order's and a deposit's
+/// requests are dropped between their intake row's insert and their publish's answer, with
+/// nothing left to publish or withdraw the row. Both rows are withdrawn instead of staying
+/// pending for good; once NATS answers again, the stalled commands reach the stream naming rows
+/// that are gone, and a retry with either client id is told it is unusable — nothing placed.
+#[tokio::test]
+async fn rows_of_requests_dropped_while_their_publish_waits_are_withdrawn() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let proxy = Proxy::start(nats.url().trim_start_matches("nats://").to_owned()).await;
+    let envs = with(base_env(&db, &nats), "NATS_URL", format!("nats://127.0.0.1:{}", proxy.port));
+    let api = serve_api(&envs, db, nats).await;
+    let direct = api.db.pool().await;
+    let email = format!("leaver-{}@example.com", Uuid::now_v7().simple());
+    let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
+    let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
+    let order = json!({"symbol": "BTC-USD", "side": "buy", "type": "limit", "quantity": "0.01",
+                       "limit_price": "30000", "client_order_id": "left-order"});
+    let deposit = json!({"asset": "USD", "amount": "100", "client_deposit_id": "left-deposit"});
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM orders WHERE user_id = $1) + (SELECT count(*) FROM deposits WHERE user_id = $1)",
+        )
+        .bind(user)
+        .fetch_one(&direct)
+        .await
+        .expect("count")
+    };
+
+    proxy.stall();
+    let impatient = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build().expect("client");
+    for (path, body) in [("/orders", &order), ("/account/deposits", &deposit)] {
+        let sent = impatient.post(api.url(path)).bearer_auth(&token).json(body).send().await;
+        assert!(
+            sent.as_ref().is_err_and(reqwest::Error::is_timeout),
+            "{path}: no answer while NATS is stalled: {sent:?}"
+        );
+    }
+    // Both rows were inserted (the withdrawals count them) and are gone.
+    poll_until(WAIT, "both rows withdrawn", || async {
+        let withdrawn = scrape_metric(&api.addr, "vault_api_intake_rows_withdrawn_total", &[]).await;
+        (withdrawn == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(rows().await, 0, "no row left pending");
+
+    // The stalled commands reach the stream now, naming rows that are gone: their client ids
+    // are spent, and a retry with either places nothing.
+    proxy.resume();
+    for (path, body) in [("/orders", &order), ("/account/deposits", &deposit)] {
+        support::problem(api.post(path, Some(&token), body.clone()).await, 409, "client_id_unusable").await;
+    }
+    assert_eq!(rows().await, 0, "nothing placed");
 }
 
 /// A pool of one connection, which goes silent for good mid-statement: the statement is given

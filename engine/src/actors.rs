@@ -562,3 +562,90 @@ async fn apply_with_retries<S: Store>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use rust_decimal::Decimal;
+    use vault_core::domain::{Asset, Positive};
+
+    use super::*;
+    use crate::portfolio::{Balance, Portfolio};
+
+    /// A store that plays back one history: the first commit is given up although it goes
+    /// through, and lands only after the retry has read the state again; the retry then finds
+    /// its command applied (a duplicate).
+    #[derive(Clone)]
+    struct LandedLate {
+        /// What `load` answers, in turn (the last one from then on).
+        loads: Arc<StdMutex<VecDeque<UserState>>>,
+        commits: Arc<StdMutex<usize>>,
+    }
+
+    impl Store for LandedLate {
+        async fn load(&self, _user: Uuid) -> Result<UserState, StoreError> {
+            let mut loads = self.loads.lock().expect("lock");
+            let state = if loads.len() > 1 { loads.pop_front() } else { loads.front().cloned() };
+            Ok(state.expect("a state to load"))
+        }
+
+        async fn commit(
+            &self,
+            state: &UserState,
+            _work: &Work,
+            _market: Option<&MarketView<'_>>,
+            _now: DateTime<Utc>,
+        ) -> Result<(Outcome, UserState), StoreError> {
+            let mut commits = self.commits.lock().expect("lock");
+            *commits += 1;
+            match *commits {
+                1 => Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
+                _ => Ok((Outcome::Duplicate, state.clone())),
+            }
+        }
+    }
+
+    fn funded(user_id: Uuid, version: i64, usd: i64) -> UserState {
+        let mut portfolio = Portfolio::default();
+        portfolio.balances.insert(Asset::usd(), Balance { total: Decimal::from(usd), reserved: Decimal::ZERO });
+        UserState { user_id, version, portfolio }
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_after_a_failed_attempt_answers_the_state_as_committed() {
+        let user = Uuid::now_v7();
+        let before = funded(user, 4, 100);
+        let committed = funded(user, 5, 150);
+        let store = LandedLate {
+            // The retry reads the state before the given-up attempt lands, then the reload after it.
+            loads: Arc::new(StdMutex::new(VecDeque::from([before.clone(), committed.clone()]))),
+            commits: Arc::new(StdMutex::new(0)),
+        };
+        let shared = Shared {
+            markets: RwLock::new(Markets::default()),
+            book: Mutex::new(PriceBook::default()),
+            outbox: Notify::new(),
+            max_price_age: chrono::Duration::seconds(30),
+            shutdown: CancellationToken::new(),
+        };
+        let body = CommandBody::Deposit {
+            deposit_id: Uuid::now_v7(),
+            client_deposit_id: String::new(),
+            asset: Asset::usd(),
+            amount: Positive::new(Decimal::from(50)).expect("positive"),
+        };
+        let work = Work::Command {
+            command: OrderCommand { user_id: user, request_id: None, at: Utc::now(), body },
+            stream_seq: 7,
+        };
+
+        let (outcome, state) =
+            apply_with_retries(user, &shared, &store, Some(before), &work).await.expect("the retry succeeds");
+
+        assert!(matches!(outcome, Outcome::Duplicate), "{outcome:?}");
+        assert_eq!(*store.commits.lock().expect("lock"), 2);
+        assert_eq!(state.version, committed.version, "the actor goes on from the state as committed");
+        assert_eq!(state.portfolio, committed.portfolio);
+    }
+}
