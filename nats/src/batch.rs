@@ -16,7 +16,10 @@
 //! host gone mid-statement) would otherwise stop the consumer for good; the batch is given up,
 //! its messages come back after their ack wait, and the loop pulls on.
 //!
-//! Each consumer is rewound to its ack floor ([`Bus::rewind_to_ack_floor`]) when it starts, so
+//! A pull the server ends (the consumer deleted, its stream re-created) is opened again, the
+//! consumer declared anew if it is gone ([`pulling`]).
+//!
+//! Each consumer is rewound to its ack floor ([`Bus::rewind_to_ack_floor`]) when it opens, so
 //! what a crashed worker had pulled and not acked comes back at once rather than after the ack
 //! wait, and again when a message's delivery sequence skips ahead (messages lost in transit
 //! with a restarted server or a dead cluster node), at most every [`REWIND_AT_MOST_EVERY`].
@@ -25,8 +28,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::pull::{MessagesError, Stream as PullMessages};
 use async_nats::jetstream::{AckKind, Message};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use vault_core::metric_names::{ConsumerMetrics, Outcome};
@@ -125,7 +129,63 @@ impl<T> Delivered<T> {
     }
 }
 
-/// Runs until shutdown (or until every consumer's message stream ends); see the module docs.
+/// What a consumer's input ([`pulling`]) yields. (Nearly every item is a message: boxing it to
+/// shrink the rare ones would cost an allocation per message.)
+#[allow(clippy::large_enum_variant)]
+enum Pulled {
+    /// The consumer was opened (again) and rewound: the delivery sequence its next message
+    /// carries (0: unknown).
+    Opened(u64),
+    Message(Message),
+    Failed(MessagesError),
+}
+
+/// One consumer's messages until shutdown. The consumer is opened and rewound on the first
+/// poll, and opened again — declared anew if it is gone — whenever the server ends its pull: a
+/// consumer deleted and declared again, its stream re-created. (An ended pull used to drop out
+/// of the merged stream without a word, and that consumer was never read again.)
+fn pulling<'a>(
+    bus: &'a Bus,
+    spec: &'a ConsumerSpec,
+    max: usize,
+    shutdown: &'a CancellationToken,
+) -> impl futures::Stream<Item = Pulled> + Send + 'a {
+    futures::stream::unfold(None, move |pulling: Option<PullMessages>| async move {
+        let Some(mut messages) = pulling else {
+            let (next, messages) = open(bus, spec, max, shutdown).await?;
+            return Some((Pulled::Opened(next), Some(messages)));
+        };
+        match messages.next().await {
+            Some(Ok(msg)) => Some((Pulled::Message(msg), Some(messages))),
+            Some(Err(e)) => Some((Pulled::Failed(e), Some(messages))),
+            None => {
+                tracing::warn!(consumer = %spec.durable, "message stream ended; opening the consumer again");
+                let (next, messages) = open(bus, spec, max, shutdown).await?;
+                Some((Pulled::Opened(next), Some(messages)))
+            }
+        }
+    })
+}
+
+/// Declares, opens and rewinds a consumer, retrying until it is done or shutdown starts: the
+/// delivery sequence its next message carries (0: unknown), and its messages.
+/// (Boxed: the retried closure's future is not provably `Send` for every lifetime otherwise.)
+fn open<'a>(
+    bus: &'a Bus,
+    spec: &'a ConsumerSpec,
+    max: usize,
+    shutdown: &'a CancellationToken,
+) -> futures::future::BoxFuture<'a, Option<(u64, PullMessages)>> {
+    crate::until_done_or_shutdown(&spec.durable, shutdown, move || async move {
+        bus.ensure_consumers(std::slice::from_ref(spec)).await?;
+        let consumer = bus.pull_consumer(spec.stream, &spec.durable).await?;
+        let next = rewind(bus, spec.stream, &spec.durable).await;
+        anyhow::Ok((next, consumer.stream().max_messages_per_batch(max).messages().await?))
+    })
+    .boxed()
+}
+
+/// Runs until shutdown; see the module docs.
 #[allow(clippy::too_many_arguments)]
 pub async fn consume<T, D, F, Fut>(
     bus: &Bus,
@@ -142,23 +202,16 @@ where
     F: FnMut(Vec<Delivered<T>>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (mut inputs, mut sequences) = (Vec::new(), Vec::new());
-    for (index, spec) in specs.iter().enumerate() {
-        let open = || async { anyhow::Ok(bus.pull_consumer(spec.stream, &spec.durable).await?) };
-        let Some(consumer) = crate::until_done_or_shutdown(&spec.durable, &shutdown, open).await else {
-            return Ok(());
-        };
-        let (stream_name, durable) = (spec.stream, Arc::<str>::from(spec.durable.as_str()));
-        let next = rewind(bus, spec.stream, &spec.durable).await;
-        sequences.push(Sequence { stream: stream_name, durable: durable.clone(), next, rewound_at: None });
+    let mut sequences: Vec<Sequence> = specs
+        .iter()
+        .map(|spec| Sequence { stream: spec.stream, durable: spec.durable.as_str().into(), next: 0, rewound_at: None })
+        .collect();
+    let inputs = specs.iter().enumerate().map(|(index, spec)| {
+        let (stream, durable) = (spec.stream, Arc::<str>::from(spec.durable.as_str()));
         let metrics = Arc::new(ConsumerMetrics::new(spec.stream, &spec.durable));
-        let pull = || async { anyhow::Ok(consumer.stream().max_messages_per_batch(max).messages().await?) };
-        let Some(messages) = crate::until_done_or_shutdown(&spec.durable, &shutdown, pull).await else {
-            return Ok(());
-        };
-        inputs.push(messages.map(move |m| (index, stream_name, durable.clone(), metrics.clone(), m)).boxed());
-    }
-    let mut merged = futures::stream::select_all(inputs);
+        pulling(bus, spec, max, &shutdown).map(move |pulled| (index, stream, durable.clone(), metrics.clone(), pulled))
+    });
+    let mut merged = futures::stream::select_all(inputs.map(StreamExt::boxed));
     let mut batch: Vec<Delivered<T>> = Vec::new();
     loop {
         let deadline = tokio::time::sleep(linger);
@@ -168,7 +221,11 @@ where
                 _ = shutdown.cancelled() => break true,
                 _ = &mut deadline, if !batch.is_empty() => break false,
                 next = merged.next() => match next {
-                    Some((index, stream, durable, metrics, Ok(msg))) => {
+                    Some((index, _, _, _, Pulled::Opened(next))) => {
+                        sequences[index].next = next;
+                        sequences[index].rewound_at = None;
+                    }
+                    Some((index, stream, durable, metrics, Pulled::Message(msg))) => {
                         let received = Instant::now();
                         sequences[index].deliver(bus, &msg).await;
                         match decode(stream, &msg) {
@@ -189,7 +246,8 @@ where
                             break false;
                         }
                     }
-                    Some((_, _, durable, _, Err(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
+                    Some((_, _, durable, _, Pulled::Failed(e))) => tracing::warn!(consumer = %durable, error = %e, "pull failed; continuing"),
+                    // Every input ends only at shutdown.
                     None => break true,
                 },
             }

@@ -1,7 +1,7 @@
 //! The audit worker against real NATS and Postgres: every message of ORDERS, EVENTS and AUTH
 //! becomes one chained row, a kill -9 loses and doubles nothing, a stop while a write is blocked
-//! is prompt and loses nothing, the table refuses changes and `vault-worker audit verify` finds
-//! tampering.
+//! is prompt and loses nothing, a consumer deleted under it is declared again and read on, the
+//! table refuses changes and `vault-worker audit verify` finds tampering.
 
 use std::time::Duration;
 
@@ -207,6 +207,37 @@ async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
     let parked: (String, String) =
         sqlx::query_as("SELECT stream, consumer FROM parked_messages").fetch_one(&pool).await.expect("parked");
     assert_eq!(parked, ("AUTH".to_owned(), "audit-auth".to_owned()));
+}
+
+/// An operator deletes one of the worker's consumers (to replay it, say): the server ends that
+/// pull, and the worker declares the consumer again and reads on — every message of its stream
+/// once more, the copies recognised — rather than leaving that stream unread until a restart.
+#[tokio::test]
+async fn a_consumer_deleted_under_the_worker_is_declared_again_and_read_on() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut worker = start(&db, &nats).await;
+    let user = Uuid::now_v7();
+    publish_mix(&bus, user, 30).await;
+    poll_until(Duration::from_secs(30), "the first 30 rows", || async { (rows(&pool).await == 30).then_some(()) })
+        .await;
+
+    let auth = bus.jetstream().get_stream("AUTH").await.expect("AUTH");
+    assert!(auth.delete_consumer("audit-auth").await.expect("delete").success, "deleted");
+    publish_mix(&bus, user, 30).await;
+    poll_until(Duration::from_secs(30), "all 60 rows", || async { (rows(&pool).await >= 60).then_some(()) }).await;
+    let per_stream: Vec<(String, i64)> =
+        sqlx::query_as("SELECT stream, count(*) FROM audit_log GROUP BY stream ORDER BY stream")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(per_stream, [("AUTH".to_owned(), 20), ("EVENTS".to_owned(), 20), ("ORDERS".to_owned(), 20)]);
+    let (code, out) = verify(&db);
+    assert_eq!(code, 0, "{out}");
+    assert!(worker.is_running(), "{}", worker.output());
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 /// What a crashed worker had pulled and not acked comes back when the next one starts — its
