@@ -103,6 +103,7 @@ pub const OUTBOX_PUBLISHED: &str = "vault_outbox_published_total";
 pub const PRICE_AGE: &str = "vault_price_age_seconds";
 pub const PRICE_TICKS_PUBLISHED: &str = "vault_price_ticks_published_total";
 pub const PRICE_TICKS_REJECTED: &str = "vault_price_ticks_rejected_total";
+pub const PRICE_LEVELS_CONFIRMED: &str = "vault_price_levels_confirmed_total";
 pub const CANDLE_FLUSHES: &str = "vault_candle_flushes_total";
 pub const CANDLE_FLUSH_FAILURES: &str = "vault_candle_flush_failures_total";
 pub const PRICE_SOURCE_RECONNECTS: &str = "vault_price_source_reconnects_total";
@@ -308,6 +309,13 @@ pub const CATALOG: &[Metric] = &[
     m(PRICE_AGE, G, "Seconds since the last published tick of the symbol", PRICES, Dynamic),
     m(PRICE_TICKS_PUBLISHED, C, "Ticks published to PRICES, by symbol", PRICES, Dynamic),
     m(PRICE_TICKS_REJECTED, C, "Ticks refused by validation, by symbol and reason", PRICES, Dynamic),
+    m(
+        PRICE_LEVELS_CONFIRMED,
+        C,
+        "Moves beyond the jump limit taken once the new level held, by symbol",
+        PRICES,
+        Dynamic,
+    ),
     m(CANDLE_FLUSHES, C, "One-minute candle upserts written", PRICES, Plain),
     m(CANDLE_FLUSH_FAILURES, C, "One-minute candle upserts that failed (retried)", PRICES, Plain),
     // A networked source's own series (`coinbase`): registered at 0 by the source when it starts.

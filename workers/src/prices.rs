@@ -39,7 +39,7 @@ use vault_core::shutdown::{GRACE, finish_or_give_up};
 pub use self::candles::{Candle, Candles, FLUSH_EVERY, minute_of};
 pub use self::coinbase::{Coinbase, Frame, Listed, Options as CoinbaseOptions, Ticker, listed_markets, parse_frame};
 pub use self::replay::{Recorded, Replay};
-pub use self::validate::{MAX_JUMP, Rejection, Validator};
+pub use self::validate::{Accepted, CONFIRM_FOR, CONFIRM_TICKS, MAX_JUMP, Rejection, Validator};
 
 /// One tick from a source, before it gets its sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,11 +240,19 @@ pub async fn publish_from(
         };
         let mut acks = Vec::with_capacity(batch.len());
         for quote in batch {
-            if let Err(reason) = validator.check(&quote) {
-                metrics::counter!("vault_price_ticks_rejected_total", "symbol" => quote.symbol.to_string(), "reason" => reason.as_str())
-                    .increment(1);
-                tracing::warn!(symbol = %quote.symbol, price = %quote.price, ts = %quote.ts, reason = reason.as_str(), source = source.name(), "tick refused");
-                continue;
+            match validator.check(&quote) {
+                Ok(Accepted::InStep) => {}
+                Ok(Accepted::Confirmed) => {
+                    metrics::counter!("vault_price_levels_confirmed_total", "symbol" => quote.symbol.to_string())
+                        .increment(1);
+                    tracing::warn!(symbol = %quote.symbol, price = %quote.price, ts = %quote.ts, source = source.name(), "a move beyond the jump limit held; new reference price");
+                }
+                Err(reason) => {
+                    metrics::counter!("vault_price_ticks_rejected_total", "symbol" => quote.symbol.to_string(), "reason" => reason.as_str())
+                        .increment(1);
+                    tracing::warn!(symbol = %quote.symbol, price = %quote.price, ts = %quote.ts, reason = reason.as_str(), source = source.name(), "tick refused");
+                    continue;
+                }
             }
             let seq = match seqs.get(&quote.symbol) {
                 Some(seq) => seq + 1,
