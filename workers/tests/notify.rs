@@ -634,8 +634,9 @@ async fn a_message_that_does_not_decode_is_parked_and_the_rest_go_on() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal SMTP server: accepts everything except recipients containing "reject" (550), and
-// keeps each message's DATA. A message to a recipient containing "hold" is kept at once but
+// A minimal SMTP server: accepts everything except recipients containing "reject" (550) and
+// senders containing "unauthorised" (530, authentication required), and keeps each message's
+// DATA. A message to a recipient containing "hold" is kept at once but
 // answered only when the returned `Notify` is notified; a recipient containing "slow" is
 // answered after a second.
 
@@ -672,6 +673,7 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Notify>)
                     let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
                     let answer: &[u8] = match verb.as_str() {
                         "RCPT" if line.contains("reject") => b"550 no such user\r\n",
+                        "MAIL" if line.contains("unauthorised") => b"530 5.7.0 authentication required\r\n",
                         "RCPT" if line.contains("busy") => b"451 try again later\r\n",
                         "RCPT" if line.contains("hold") => {
                             hold = true;
@@ -765,6 +767,54 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the
     {
         assert!(sent[0].contains(expected), "{expected} in:\n{}", sent[0]);
     }
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// A relay that refuses the sender itself — authentication required (530): the deployment's SMTP
+/// set-up, not the email — leaves the email to be retried with the backoff, as a 4xx does; a
+/// permanent failure would drop every email of the misconfiguration after one attempt.
+#[tokio::test]
+async fn an_email_the_relay_refuses_for_want_of_authentication_waits_to_be_retried() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages, _) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
+         VALUES ($1, $2, $3, 'alice@example.com', 'New sign-in', 'A new sign-in from 192.0.2.1.')",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(Uuid::now_v7())
+    .execute(&stack.pool)
+    .await
+    .expect("email row");
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!(
+            "smtp://127.0.0.1:{port}?from=unauthorised%40example.com"
+        ))))
+    };
+    let loop_ = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let (state, error, later) = poll_until(Duration::from_secs(20), "the email to be attempted", || async {
+        let row: (String, i32, Option<String>, bool) = sqlx::query_as(
+            "SELECT status, attempts, last_error, next_attempt_at > now() + interval '30 seconds'
+               FROM email_outbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&stack.pool)
+        .await
+        .expect("row");
+        (row.1 == 1).then_some((row.0, row.2, row.3))
+    })
+    .await;
+    assert_eq!(state, "pending", "retried, not failed");
+    assert!(error.as_deref().is_some_and(|e| e.contains("530")), "the reason is kept: {error:?}");
+    assert!(later, "the retry waits for its backoff");
+    assert!(messages.lock().expect("lock").is_empty(), "nothing was sent");
     shutdown.cancel();
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }

@@ -155,13 +155,24 @@ impl Mailer {
                     .map_err(|e| SendError::Permanent(format!("the email cannot be built: {e}")))?;
                 match tokio::time::timeout(*timeout, transport.send(message)).await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
+                    Ok(Err(e)) if refuses_the_email(&e) => Err(SendError::Permanent(e.to_string())),
                     Ok(Err(e)) => Err(SendError::Transient(e.to_string())),
                     Err(_) => Err(SendError::Transient(format!("no answer within {timeout:?}"))),
                 }
             }
         }
     }
+}
+
+/// Whether the relay refused *this email* for good: a permanent reply of the mail-system class
+/// (`55x`: no such mailbox, storage exceeded, name not allowed, transaction failed). lettre calls
+/// every `5xx` permanent, but `53x` (authentication required or refused, encryption required)
+/// and `50x`/`52x` (command syntax, service) say the deployment's SMTP set-up is wrong, not the
+/// email: failed for good, every email of a misconfiguration would be lost after one attempt.
+/// Those are retried with the backoff like a `4xx`, so they go once the set-up is fixed.
+fn refuses_the_email(e: &lettre::transport::smtp::Error) -> bool {
+    use lettre::transport::smtp::response::Category;
+    e.is_permanent() && e.status().is_some_and(|code| code.category == Category::MailSystem)
 }
 
 /// A claimed email.
