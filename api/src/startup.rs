@@ -258,7 +258,8 @@ async fn time_limit(req: Request, next: Next) -> Response {
 }
 
 /// Deletes what can no longer matter: denylisted access tokens past their expiry, refresh
-/// tokens past theirs. Hourly, until shutdown.
+/// tokens past theirs, failed logins of emails without an account once forgotten (and not
+/// locking). Hourly, until shutdown.
 fn spawn_housekeeping(pool: PgPool, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(3600));
@@ -269,7 +270,8 @@ fn spawn_housekeeping(pool: PgPool, shutdown: CancellationToken) {
                     let result = sqlx::query("DELETE FROM revoked_access_tokens WHERE expires_at < now() - interval '1 minute'")
                         .execute(&pool)
                         .await
-                        .and(sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < now() - interval '1 day'").execute(&pool).await);
+                        .and(sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < now() - interval '1 day'").execute(&pool).await)
+                        .and(forget_login_failures(&pool).await);
                     if let Err(e) = result {
                         tracing::warn!(error = %e, "token housekeeping failed; will retry");
                     }
@@ -277,6 +279,20 @@ fn spawn_housekeeping(pool: PgPool, shutdown: CancellationToken) {
             }
         }
     });
+}
+
+/// Deletes the failed-login counts of emails without an account whose last failure is older
+/// than [`crate::auth::FAILURES_FORGOTTEN_AFTER_HOURS`] (and whose lock, if any, is over): the
+/// next failure would start afresh anyway.
+pub async fn forget_login_failures(pool: &PgPool) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM login_failures
+          WHERE last_failed_login_at < now() - make_interval(hours => $1)
+            AND (locked_until IS NULL OR locked_until <= now())",
+    )
+    .bind(crate::auth::FAILURES_FORGOTTEN_AFTER_HOURS)
+    .execute(pool)
+    .await
 }
 
 async fn not_found() -> ApiError {

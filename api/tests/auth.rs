@@ -172,6 +172,63 @@ async fn five_failures_lock_the_account_even_for_the_right_password_until_an_adm
     problem(missing, 404, "not_found").await;
 }
 
+/// The lockout must not tell which emails are registered (API.md: the same answer for an
+/// unknown email): an email without an account is refused 423 from its 6th failure on, as an
+/// account is, whatever case it is typed in. Failures are forgotten a day after the last one,
+/// for both, and the forgotten counts of emails without an account are deleted; an email longer
+/// than any account's is refused before it keys anything.
+#[tokio::test]
+async fn an_email_without_an_account_is_locked_as_an_account_is() {
+    let api = Api::start().await;
+    api.signup("grace@example.com").await;
+    for email in ["grace@example.com", "nobody@example.com"] {
+        for attempt in 1..=5 {
+            let typed = if attempt == 3 { email.to_uppercase() } else { email.to_owned() };
+            problem(api.login(&typed, &format!("wrong password {attempt}")).await, 401, "invalid_credentials").await;
+        }
+        let locked = api.login(email, PASSWORD).await;
+        let retry_after: u64 = locked.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+        assert!((800..=900).contains(&retry_after), "{email}: about 15 minutes: {retry_after}");
+        problem(locked, 423, "account_locked").await;
+    }
+
+    // A day after the last failure, the count starts afresh, for both.
+    let pool = api.db.pool().await;
+    for table in ["users", "login_failures"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET failed_logins = 4, locked_until = NULL,
+                    last_failed_login_at = now() - interval '25 hours'"
+        ))
+        .execute(&pool)
+        .await
+        .expect("age the failures");
+    }
+    for email in ["grace@example.com", "nobody@example.com"] {
+        problem(api.login(email, "wrong password again").await, 401, "invalid_credentials").await;
+    }
+    let counts: Vec<i32> = sqlx::query_scalar(
+        "SELECT failed_logins FROM users WHERE email = 'grace@example.com'
+         UNION ALL SELECT failed_logins FROM login_failures WHERE email = 'nobody@example.com'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("counts");
+    assert_eq!(counts, [1, 1], "the 5th failure after a day is the 1st");
+    sqlx::query("INSERT INTO login_failures (email, failed_logins, last_failed_login_at) VALUES ('old@example.com', 3, now() - interval '25 hours')")
+        .execute(&pool)
+        .await
+        .expect("an old count");
+    vault_api::startup::forget_login_failures(&pool).await.expect("housekeeping");
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT email FROM login_failures").fetch_all(&pool).await.expect("emails");
+    assert_eq!(left, ["nobody@example.com"], "only the forgotten count is deleted");
+
+    let long = format!("{}@example.com", "a".repeat(60_000));
+    problem(api.login(&long, "wrong password").await, 422, "validation_failed").await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM login_failures").fetch_one(&pool).await.expect("count");
+    assert_eq!(rows, 1, "nothing counted for it");
+}
+
 /// Concurrent attempts all pass the login's first lock check before any is counted (they then
 /// wait for the one hashing slot): only the first five may be told "invalid credentials"; the
 /// rest find the account locked when they are counted, answer 423 and do not extend the lock.

@@ -5,7 +5,9 @@
 //! - unknown emails take the same path as wrong passwords (dummy hash) and get the same
 //!   `invalid_credentials` answer;
 //! - 5 consecutive failures (wrong password or wrong TOTP code) lock the account for 15 minutes;
-//!   a locked account answers 423 even to the right password; success resets the count;
+//!   a locked account answers 423 even to the right password; success resets the count, and so
+//!   does a day without failures; an email without an account is counted and locked alike
+//!   (`login_failures`), so the lockout does not tell which emails are registered;
 //! - a refresh token works once; presenting it again revokes its whole login family;
 //! - logout kills the access token (until it expires) and its family, across replicas and
 //!   restarts (the revocations live in Postgres); a replica that cached the session notices
@@ -41,6 +43,10 @@ use crate::startup::AppState;
 pub const LOCK_AFTER_FAILURES: i32 = 5;
 /// How long a lockout lasts.
 pub const LOCK_MINUTES: i64 = 15;
+/// Failures older than this (counted from the last one) are forgotten: the next starts afresh.
+pub const FAILURES_FORGOTTEN_AFTER_HOURS: i32 = 24;
+/// The longest email an account can have (and a login may name).
+pub const MAX_EMAIL_BYTES: usize = 254;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -263,6 +269,7 @@ struct LoginRow {
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenPair),
               (status = 401, description = "invalid_credentials, totp_required or totp_invalid", body = Problem),
+              (status = 422, description = "validation_failed: an email longer than any account's", body = Problem),
               (status = 423, description = "account_locked (Retry-After)", body = Problem),
               (status = 429, body = Problem)))]
 pub async fn login(
@@ -271,6 +278,14 @@ pub async fn login(
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
     let email_key = body.email.trim().to_lowercase();
+    // Before the email keys anything (the per-email limiter, the failure count): no account has
+    // a longer one, and a key must not weigh what a client chooses.
+    if email_key.len() > MAX_EMAIL_BYTES {
+        return Err(ApiError::Validation {
+            code: "validation_failed",
+            errors: vec![FieldError::new("email", "must be a valid email address")],
+        });
+    }
     let verdict = state.limits.check_login(&email_key)?;
 
     // No account has a NUL in its email (signup refuses control characters), and Postgres text
@@ -289,8 +304,18 @@ pub async fn login(
         .await?
     };
 
+    // An email without an account is locked as an account is (see `record_unknown_failure`).
+    let locked_until = match &user {
+        Some(user) => user.locked_until,
+        None if email_key.contains('\0') => None,
+        None => sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = $1")
+            .bind(&email_key)
+            .fetch_optional(&state.pool)
+            .await?
+            .flatten(),
+    };
     let now = Utc::now();
-    if let Some(locked_until) = user.as_ref().and_then(|u| u.locked_until).filter(|t| *t > now) {
+    if let Some(locked_until) = locked_until.filter(|t| *t > now) {
         return Err(refuse_locked(&state, user.as_ref().map(|u| u.id), &meta, locked_until, now));
     }
 
@@ -302,7 +327,7 @@ pub async fn login(
             return Err(invalid_credentials());
         }
         None => {
-            state.events.emit(AuthEventKind::LoginFailed, None, &meta, serde_json::json!({"reason": "unknown_email"}));
+            record_unknown_failure(&state, &email_key, &meta).await?;
             return Err(invalid_credentials());
         }
     };
@@ -413,7 +438,8 @@ fn refuse_locked(
 }
 
 /// Counts a failed attempt; the 5th in a row locks the account for 15 minutes. A lock that
-/// has already expired starts the count afresh.
+/// has already expired, or a last failure more than [`FAILURES_FORGOTTEN_AFTER_HOURS`] ago,
+/// starts the count afresh.
 ///
 /// An attempt that finds the account locked when it is counted — concurrent attempts all pass
 /// the login's first check before any is counted — changes nothing (the lock is not extended,
@@ -422,11 +448,16 @@ fn refuse_locked(
 async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason: &str) -> Result<(), ApiError> {
     let counted: Option<(i32, bool)> = sqlx::query_as(
         "UPDATE users SET
-            failed_logins = CASE WHEN locked_until IS NOT NULL THEN 1 ELSE failed_logins + 1 END,
+            failed_logins = CASE WHEN locked_until IS NOT NULL OR last_failed_login_at IS NULL
+                                      OR last_failed_login_at < now() - make_interval(hours => $4)
+                                 THEN 1 ELSE failed_logins + 1 END,
             locked_until = CASE
-                WHEN (CASE WHEN locked_until IS NOT NULL THEN 1 ELSE failed_logins + 1 END) >= $2
+                WHEN (CASE WHEN locked_until IS NOT NULL OR last_failed_login_at IS NULL
+                                OR last_failed_login_at < now() - make_interval(hours => $4)
+                           THEN 1 ELSE failed_logins + 1 END) >= $2
                     THEN now() + make_interval(mins => $3)
                 ELSE NULL END,
+            last_failed_login_at = now(),
             updated_at = now()
           WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
           RETURNING failed_logins, locked_until IS NOT NULL",
@@ -434,6 +465,7 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
     .bind(user)
     .bind(LOCK_AFTER_FAILURES)
     .bind(LOCK_MINUTES as i32)
+    .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
     .fetch_optional(&state.pool)
     .await?;
     let Some((failures, locked)) = counted else {
@@ -455,6 +487,60 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
         tracing::warn!(user_id = %user, "account locked after {LOCK_AFTER_FAILURES} failed logins");
         state.events.emit(AuthEventKind::Locked, Some(user), meta, serde_json::json!({"minutes": LOCK_MINUTES}));
     }
+    Ok(())
+}
+
+/// Counts a failed attempt for an email without an account (`login_failures`, by the trimmed,
+/// lowercased email) exactly as [`record_failure`] counts one for an account: the 5th in a row
+/// locks it for 15 minutes, and the attempts after it are answered 423 — so the lockout does not
+/// tell which emails are registered. Only the answer is the same: nobody is notified.
+async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMeta) -> Result<(), ApiError> {
+    // No account has a NUL in its email, and Postgres text cannot hold one: not counted (the
+    // per-email rate limit still holds it back).
+    if email.contains('\0') {
+        state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": "unknown_email"}));
+        return Ok(());
+    }
+    let counted: Option<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "INSERT INTO login_failures AS f (email, failed_logins, locked_until)
+         VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + make_interval(mins => $3) END)
+         ON CONFLICT (email) DO UPDATE SET
+            failed_logins = CASE WHEN f.locked_until IS NOT NULL
+                                      OR f.last_failed_login_at < now() - make_interval(hours => $4)
+                                 THEN 1 ELSE f.failed_logins + 1 END,
+            locked_until = CASE
+                WHEN (CASE WHEN f.locked_until IS NOT NULL
+                                OR f.last_failed_login_at < now() - make_interval(hours => $4)
+                           THEN 1 ELSE f.failed_logins + 1 END) >= $2
+                    THEN now() + make_interval(mins => $3)
+                ELSE NULL END,
+            last_failed_login_at = now()
+          WHERE f.locked_until IS NULL OR f.locked_until <= now()
+         RETURNING failed_logins, locked_until",
+    )
+    .bind(email)
+    .bind(LOCK_AFTER_FAILURES)
+    .bind(LOCK_MINUTES as i32)
+    .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
+    .fetch_optional(&state.pool)
+    .await?;
+    let Some((failures, _)) = counted else {
+        // Locked by concurrent attempts since the first check: answered as an account would be.
+        let locked_until: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = $1")
+                .bind(email)
+                .fetch_optional(&state.pool)
+                .await?
+                .flatten();
+        let now = Utc::now();
+        return Err(refuse_locked(state, None, meta, locked_until.unwrap_or(now), now));
+    };
+    state.events.emit(
+        AuthEventKind::LoginFailed,
+        None,
+        meta,
+        serde_json::json!({"reason": "unknown_email", "consecutive_failures": failures}),
+    );
     Ok(())
 }
 
