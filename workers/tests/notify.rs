@@ -819,6 +819,52 @@ async fn an_email_the_relay_refuses_for_want_of_authentication_waits_to_be_retri
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }
 
+/// With a slow relay, an email that went out is recorded before the next send starts: a crash
+/// during that send (here: a send the relay holds unanswered) cannot send the first again.
+#[tokio::test]
+async fn with_a_slow_relay_each_email_is_recorded_before_the_next_send() {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let stack = Stack::start().await;
+    let (port, messages, gate) = fake_smtp().await;
+    let (user, _) = stack.user().await;
+    let mut ids = Vec::new();
+    // Claimed in this order: the first takes a second, the second is held.
+    for (to, due) in [("slow@example.com", "2 seconds"), ("hold@example.com", "1 second")] {
+        let id = Uuid::now_v7();
+        sqlx::query(&format!(
+            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body, next_attempt_at)
+             VALUES ($1, $2, $3, $4, 'New sign-in', 'A new sign-in.', now() - interval '{due}')"
+        ))
+        .bind(id)
+        .bind(user)
+        .bind(Uuid::now_v7())
+        .bind(to)
+        .execute(&stack.pool)
+        .await
+        .expect("email row");
+        ids.push(id);
+    }
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
+    };
+    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    poll_until(Duration::from_secs(20), "the second email held by the relay", || async {
+        (messages.lock().expect("lock").len() == 2).then_some(())
+    })
+    .await;
+    let first: String = sqlx::query_scalar("SELECT status FROM email_outbox WHERE id = $1")
+        .bind(ids[0])
+        .fetch_one(&stack.pool)
+        .await
+        .expect("row");
+    assert_eq!(first, "sent", "recorded before the held send began");
+    gate.notify_one();
+    shutdown.cancel();
+    sender.await.expect("joins").expect("the loop stops cleanly");
+}
+
 /// An email sender running against the fake SMTP server, with one email whose DATA the server
 /// has kept and not answered (until the returned gate is notified): the stack, the email's id,
 /// the gate, the sender's shutdown token and its task.

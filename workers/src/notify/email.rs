@@ -204,10 +204,11 @@ async fn claim(pool: &PgPool, config: &EmailConfig) -> Result<Vec<Email>, sqlx::
     .await
 }
 
-/// Sent emails are recorded together once the oldest unrecorded one is this old (or the
-/// claimed batch is done): emails that go out quickly (the log transport, a fast relay) cost one
-/// `UPDATE` per batch rather than one commit each, while a crash can send again only what went
-/// out within this window — with a slow relay, one email, as before.
+/// Sent emails are recorded together until the oldest unrecorded one would be this old by the
+/// end of the next send (taken to last as long as the last one), or the claimed batch is done:
+/// emails that go out quickly (the log transport, a fast relay) cost one `UPDATE` per batch
+/// rather than one commit each, while a crash can send again only what went out within this
+/// window — with a slow relay, none: each is recorded before the next send starts.
 const RECORD_WITHIN: Duration = Duration::from_millis(100);
 
 /// What an attempt sets on its row.
@@ -349,7 +350,7 @@ pub async fn run_emails(
             continue;
         }
         let claimed_at = Instant::now();
-        let (mut done, mut oldest) = (Vec::new(), None::<Instant>);
+        let (mut done, mut oldest, mut last_send) = (Vec::new(), None::<Instant>, Duration::ZERO);
         for (i, email) in batch.iter().enumerate() {
             if shutdown.is_cancelled() {
                 flush(&pool, &mut done, &shutdown).await;
@@ -368,17 +369,23 @@ pub async fn run_emails(
             // A send under way at the signal gets GRACE (an SMTP server that stopped answering
             // would hold the stop for the whole SMTP timeout, 30 s by default); one given up goes
             // back with the rest, to be sent again: the server may have taken it (at least once).
+            // What went out unrecorded would be sent again after a crash during this send: record
+            // it first if it would otherwise wait past the window, taking this send to last as
+            // long as the previous one (with a slow relay: every email recorded before the next).
+            if oldest.is_some_and(|at: Instant| at.elapsed() + last_send >= RECORD_WITHIN) {
+                flush(&pool, &mut done, &shutdown).await;
+                oldest = None;
+            }
+            let started = Instant::now();
             let Some(result) = finish_or_give_up(&shutdown, mailer.send(email)).await else {
                 tracing::warn!(email = %email.id, waited = ?GRACE, "email send unfinished at shutdown; given up, it will be sent again");
                 flush(&pool, &mut done, &shutdown).await;
                 release(&pool, &batch[i..].iter().map(|e| e.id).collect::<Vec<_>>(), &shutdown).await;
                 break 'outer;
             };
+            last_send = started.elapsed();
             done.push(attempted(&config, email, &result));
-            if oldest.get_or_insert_with(Instant::now).elapsed() >= RECORD_WITHIN {
-                flush(&pool, &mut done, &shutdown).await;
-                oldest = None;
-            }
+            oldest.get_or_insert_with(Instant::now);
         }
         flush(&pool, &mut done, &shutdown).await;
     }
