@@ -460,7 +460,8 @@ pub async fn price_feed(
     }
 }
 
-/// Records a tick (unless an older one arrives late) and triggers the orders it crosses.
+/// Records a tick (unless an older one arrives late) and triggers the orders it crosses, if it
+/// is fresh.
 pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u64) {
     {
         let mut markets = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
@@ -469,6 +470,13 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
             return;
         }
         markets.prices.insert(tick.symbol.clone(), (tick.price, tick.ts));
+    }
+    // A tick older than `MAX_PRICE_AGE` — above all the last tick of a market gone quiet,
+    // delivered again when the feed opens at start — stays the market's last price (orders find
+    // it stale, as before), but triggers nothing: a resting order must not fill at a price the
+    // engine refuses to trade at, and may have rested because that price was stale.
+    if Utc::now() - tick.ts > shared.max_price_age {
+        return;
     }
     let crossed = {
         let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
