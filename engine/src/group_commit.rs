@@ -115,6 +115,13 @@ pub struct Unit {
     decision: Result<Vec<Event>, Reject>,
     /// A refused place: its order becomes `rejected`.
     rejected_order: Option<Uuid>,
+    /// A cancel of an order the state does not hold open: if its row is still `pending` — its
+    /// place command not applied yet, because it reaches the stream after this cancel (a cancel
+    /// of every order sent while the order was being placed) — the row becomes `canceled`, and
+    /// the place, when it comes, finds it decided and changes nothing (`Claim::Void`). Without
+    /// this the cancel did nothing yet spent its key, and the order, once placed, could never be
+    /// canceled again.
+    cancels_unplaced: Option<Uuid>,
     /// The state after the work (version + 1), kept only if the claim lets it through.
     next: UserState,
     postings: Vec<PostingRow>,
@@ -229,6 +236,14 @@ pub fn prepare(
         (Err(_), Command::Place(order)) => Some(order.order_id),
         _ => None,
     };
+    let cancels_unplaced = match (&decision, &command) {
+        (Ok(events), Command::Cancel { order_id })
+            if events.is_empty() && !state.portfolio.open_orders.contains_key(order_id) =>
+        {
+            Some(*order_id)
+        }
+        _ => None,
+    };
     Ok(Prepared::Ready(Box::new(Unit {
         user,
         version: state.version,
@@ -239,6 +254,7 @@ pub fn prepare(
         now,
         decision,
         rejected_order,
+        cancels_unplaced,
         next,
         postings,
         balances,
@@ -428,6 +444,8 @@ struct Views {
     accepted: HashMap<Uuid, OrderView>,
     filled: HashMap<Uuid, OrderView>,
     canceled: HashMap<Uuid, OrderView>,
+    /// Orders canceled while still `pending` (see `Unit::cancels_unplaced`).
+    canceled_unplaced: HashMap<Uuid, OrderView>,
     expired: HashMap<Uuid, OrderView>,
     rejected: HashMap<Uuid, OrderView>,
 }
@@ -521,6 +539,23 @@ async fn write_rows(tx: &mut Transaction<'_, Postgres>, go: &[&Unit]) -> Result<
             "canceled" => views.canceled = by_id(result),
             _ => views.expired = by_id(result),
         }
+    }
+    let unplaced: Vec<&&Unit> = go.iter().filter(|u| u.cancels_unplaced.is_some()).collect();
+    if !unplaced.is_empty() {
+        let sql = format!(
+            "UPDATE orders SET status = 'canceled', updated_at = u.at
+               FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) AS u(id, user_id, at)
+              WHERE orders.id = u.id AND orders.user_id = u.user_id AND orders.status = 'pending'
+             RETURNING {}",
+            order_columns("orders")
+        );
+        let rows: Vec<OrderView> = sqlx::query_as(&sql)
+            .bind(unplaced.iter().filter_map(|u| u.cancels_unplaced).collect::<Vec<_>>())
+            .bind(unplaced.iter().map(|u| u.user).collect::<Vec<_>>())
+            .bind(unplaced.iter().map(|u| u.now).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await?;
+        views.canceled_unplaced = by_id(rows);
     }
     if !rejected.is_empty() {
         let sql = format!(
@@ -684,6 +719,10 @@ fn outbox_rows(go: &[&Unit], mut views: Views) -> Result<OutboxRows, StoreError>
                             outbox.push(unit, EventKind::OrderExpired, &view)?;
                         }
                     }
+                }
+                // A cancel that found its order still pending (none found it so: nothing).
+                if let Some(view) = unit.cancels_unplaced.and_then(|id| views.canceled_unplaced.remove(&id)) {
+                    outbox.push(unit, EventKind::OrderCanceled, &view)?;
                 }
             }
             Err(_) => {

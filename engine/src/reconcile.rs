@@ -423,7 +423,8 @@ SELECT 'order ' || o.id AS subject, 1::int8 AS n,
     Check {
         name: "order_fills",
         holds: "an order's fills sum to its filled quantity (at most one complete fill, only on a filled order), \
-                filled ≤ quantity, and its fee and average price are its fills'",
+                filled ≤ quantity, its fee and average price are its fills', and a limit order's fill is \
+                at its limit or better",
         unit: "orders",
         uses_bound: false,
         sql: "
@@ -448,7 +449,10 @@ SELECT 'order ' || o.id AS subject, 1::int8 AS n,
                 THEN 'average fill price ' || COALESCE(trim_scale(o.average_fill_price)::text, '(none)')
                      || ' does not match its fills' END,
            CASE WHEN bool_or(f.user_id <> o.user_id OR f.symbol <> o.symbol OR f.side <> o.side)
-                THEN 'a fill names another user, symbol or side' END
+                THEN 'a fill names another user, symbol or side' END,
+           CASE WHEN o.limit_price IS NOT NULL
+                 AND bool_or(CASE o.side WHEN 'buy' THEN f.price > o.limit_price ELSE f.price < o.limit_price END)
+                THEN 'filled at a price beyond its limit ' || trim_scale(o.limit_price) END
        ), '') AS detail
   FROM orders o
   LEFT JOIN fills f ON f.order_id = o.id
@@ -542,17 +546,20 @@ SELECT 'user ' || COALESCE(p.user_id, a.user_id) AS subject, COALESCE(a.commands
     },
     Check {
         name: "decisions_recorded",
-        holds: "every decided order and completed deposit has its command's key in applied_commands, \
-                and every fill-by-trigger key names a filled order of its user",
+        holds: "every decided order and completed deposit has its command's key in applied_commands \
+                (an order canceled before its place command came, its cancel's), and every \
+                fill-by-trigger key names a filled order of its user",
         unit: "orders, deposits and trigger keys",
         uses_bound: false,
         sql: "
 SELECT 'order ' || o.id AS subject, 1::int8 AS n,
        CASE WHEN o.status <> 'pending' AND a.command_id IS NULL
+                 AND NOT (o.status = 'canceled' AND c.command_id IS NOT NULL)
             THEN o.status || ' but its command ' || o.user_id || ':' || o.client_order_id
                  || ' is not in applied_commands' END AS detail
   FROM orders o
   LEFT JOIN applied_commands a ON a.user_id = o.user_id AND a.command_id = o.user_id || ':' || o.client_order_id
+  LEFT JOIN applied_commands c ON c.user_id = o.user_id AND c.command_id = o.user_id || ':cancel:' || o.id
 UNION ALL
 SELECT 'deposit ' || d.id, 1,
        CASE WHEN d.status <> 'pending' AND a.command_id IS NULL

@@ -383,6 +383,24 @@ async fn a_duplicated_fill_is_named() {
 }
 
 #[tokio::test]
+async fn a_limit_order_filled_beyond_its_limit_is_named() {
+    let t = traded().await;
+    // The filled buy made a limit order whose limit is one cent under its fill.
+    execute(
+        &t.pool,
+        &format!(
+            "UPDATE orders o SET type = 'limit', time_in_force = 'gtc', limit_price = f.price - 0.01
+               FROM fills f WHERE f.order_id = o.id AND o.id = '{}'",
+            t.market_buy
+        ),
+    )
+    .await;
+    let report = assert_fails(&t, &[], &["order_fills"]).await;
+    let lines = listed(&report, "order_fills");
+    assert!(lines.len() == 1 && lines[0].contains("beyond its limit"), "{lines:?}");
+}
+
+#[tokio::test]
 async fn a_stale_pending_order_or_deposit_is_named_and_a_young_one_is_not() {
     let t = traded().await;
     // Intake rows whose commands never reached the engine: an order and a deposit five minutes

@@ -244,6 +244,91 @@ async fn a_resting_limit_order_holds_funds_fills_on_a_crossing_tick_and_cancel_r
     s.assert_books_balance().await;
 }
 
+/// A cancel that reaches the stream before its order's place command (a cancel of every order,
+/// sent while one was still being placed) cancels the order while it is pending: it never rests
+/// and holds nothing, its cancel is told on EVENTS, and the place, when it comes, changes
+/// nothing. (Before, the cancel did nothing but spend its key: the order rested, and no later
+/// cancel could reach it.)
+#[tokio::test]
+async fn a_cancel_that_comes_before_its_orders_place_cancels_it_and_the_place_changes_nothing() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(1000)).await;
+    s.tick(dec!(50000)).await;
+    let (order, place) = s.place_intake(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await;
+    s.send(user, CommandBody::Cancel { order_id: order }).await;
+    s.wait_status("orders", order, "canceled").await;
+    s.send(user, place).await;
+    // Commands of one user are applied in stream order: once the next order rests, the place
+    // before it has been applied.
+    let (next, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.001), Some(dec!(30000))).await;
+    s.wait_status("orders", next, "open").await;
+    let (status, hold): (String, Decimal) = sqlx::query_as("SELECT status, hold FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("order");
+    assert_eq!((status.as_str(), hold), ("canceled", dec!(0)), "the place changed nothing");
+    assert_eq!(s.balance(user, "USD").await, (dec!(1000), dec!(30.03)), "only the next order holds funds");
+    let canceled = poll_until(WAIT, "the cancel on EVENTS", || async {
+        s.events().await.into_iter().find(|(subject, e)| {
+            *subject == format!("events.order.canceled.{user}")
+                && e["data"]["id"].as_str() == Some(order.to_string().as_str())
+        })
+    })
+    .await;
+    assert_eq!(canceled.1["data"]["status"], "canceled");
+    assert!(
+        !s.events().await.iter().any(|(subject, e)| *subject == format!("events.order.accepted.{user}")
+            && e["data"]["id"].as_str() == Some(order.to_string().as_str())),
+        "never accepted"
+    );
+    s.assert_books_balance().await;
+    vault_testkit::assert_reconciled(&vault_testkit::workspace_binary("vault-engine"), &s.db).await;
+}
+
+/// The last tick of a market that went quiet is delivered again when the engine starts (its
+/// price feed opens at the last tick of every market). Older than `MAX_PRICE_AGE`, it triggers
+/// nothing: a buy limit above it, which rested because that price was stale, does not fill at
+/// it after a restart; the next fresh tick that crosses fills it, at its own price.
+#[tokio::test]
+async fn a_stale_tick_delivered_again_at_start_fills_no_resting_order() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(1000)).await;
+    s.tick_at(dec!(50000), Utc::now() - chrono::Duration::minutes(5)).await;
+    let (order, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(51000))).await;
+    s.wait_status("orders", order, "open").await;
+
+    // A marker behind it on the stream: the restarted engine's feed delivers the last message
+    // of each market in stream order, so once it has counted this undecodable one, the stale
+    // tick has been handled — and any trigger it made was routed to the user's actor before the
+    // deposit below, which the actor applies after it.
+    s.bus.jetstream().publish("prices.ETH-USD", "not a tick".into()).await.expect("sent").await.expect("ack");
+    s.restart_engine().await;
+    poll_until(WAIT, "the restarted engine's feed past the stale tick", || async {
+        (scrape_metric(&s.ops, "vault_engine_bad_ticks_total", &[]).await >= 1.0).then_some(())
+    })
+    .await;
+    s.deposit(user, "USD", dec!(1)).await;
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "open", "not filled at the stale 50,000");
+
+    s.tick(dec!(50500)).await;
+    s.wait_status("orders", order, "filled").await;
+    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("fill");
+    assert_eq!(price, dec!(50500));
+    s.assert_books_balance().await;
+}
+
 #[tokio::test]
 async fn a_redelivered_command_is_applied_once_and_a_withdrawn_one_not_at_all() {
     let mut s = Stack::start().await;

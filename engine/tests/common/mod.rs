@@ -100,6 +100,20 @@ impl Desk {
         quantity: Decimal,
         limit: Option<Decimal>,
     ) -> (Uuid, CommandBody) {
+        let (id, body) = self.place_intake(user, side, tif, quantity, limit).await;
+        self.send(user, body.clone()).await;
+        (id, body)
+    }
+
+    /// The API's pending row of an order on BTC-USD and its command (not sent).
+    pub async fn place_intake(
+        &self,
+        user: Uuid,
+        side: Side,
+        tif: TimeInForce,
+        quantity: Decimal,
+        limit: Option<Decimal>,
+    ) -> (Uuid, CommandBody) {
         let id = Uuid::now_v7();
         let client_id = format!("c-{}", id.simple());
         sqlx::query(
@@ -131,17 +145,21 @@ impl Desk {
             quantity: Positive::new(quantity).expect("positive"),
             limit_price: limit.map(|l| Positive::new(l).expect("positive")),
         };
-        self.send(user, body.clone()).await;
         (id, body)
     }
 
     /// Publishes a BTC-USD tick with the next sequence number.
     pub async fn tick(&mut self, price: Decimal) {
+        self.tick_at(price, Utc::now()).await;
+    }
+
+    /// Publishes a BTC-USD tick stamped `ts` with the next sequence number.
+    pub async fn tick_at(&mut self, price: Decimal, ts: chrono::DateTime<Utc>) {
         self.tick_seq += 1;
         let tick = PriceTick {
             symbol: Symbol::parse("BTC-USD").expect("symbol"),
             price: Positive::new(price).expect("positive"),
-            ts: Utc::now(),
+            ts,
             source: "test".into(),
             seq: self.tick_seq,
         };
