@@ -504,8 +504,9 @@ async fn unknown_channels_markets_and_malformed_frames_get_an_error_frame_and_th
     assert_eq!(client.next_control().await["code"], "malformed_frame");
     client.send(json!({"op": "subscribe", "channels": "orders"})).await;
     assert_eq!(client.next_control().await["code"], "malformed_frame");
+    // A second `auth` frame renews the credential (see the expiry test); it subscribes nothing.
     client.send(json!({"op": "auth", "token": token})).await;
-    assert_eq!(client.next_control().await["code"], "already_authenticated");
+    assert_eq!(client.next_control().await["op"], "authenticated");
     // Still open, and the refused frame subscribed nothing: `orders` is new now.
     client.subscribe(&["orders"]).await;
 
@@ -702,6 +703,38 @@ async fn a_logout_closes_an_open_socket_at_its_next_credential_check() {
         (api.metric("vault_ws_nats_subscriptions").await == 0.0).then_some(())
     })
     .await;
+}
+
+/// A session's socket ends when its access token expires (as a request with it would be
+/// refused), unless the client renews it first with another `auth` frame carrying a fresh token
+/// of the same user; a token of another user does not take over the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_ends_when_its_access_token_expires_unless_a_fresh_token_renews_it() {
+    use vault_api::auth::tokens::{ACCESS_TTL_SECS, JwtKeys};
+    let api = InProcess::start(WsConfig::default()).await;
+    let fresh = api.user("expiring@example.com").await;
+    let other = api.user("someone-else@example.com").await;
+    // A token of the same session that expires in 3 s, signed as the API signs.
+    let keys = JwtKeys::new(TEST_JWT_SECRET.as_bytes());
+    let claims = keys.verify(&fresh).expect("the API's own token");
+    let minted_at = Utc::now() - chrono::Duration::seconds(ACCESS_TTL_SECS - 3);
+    let (short, short_claims) = keys.issue(claims.sub, &claims.role, claims.fam, minted_at);
+
+    let mut expiring = Client::authed(&api.addr, &short).await;
+    expiring.subscribe(&["orders"]).await;
+    let mut renewed = Client::authed(&api.addr, &short).await;
+    renewed.subscribe(&["orders"]).await;
+    renewed.send(json!({"op": "auth", "token": other})).await;
+    let refused = renewed.next_control().await;
+    assert_eq!((refused["op"].as_str(), refused["code"].as_str()), (Some("error"), Some("already_authenticated")));
+    renewed.send(json!({"op": "auth", "token": fresh})).await;
+    assert_eq!(renewed.next_control().await, json!({"op": "authenticated", "user_id": claims.sub}));
+
+    expiring.refused("token_expired").await;
+    assert!(Utc::now().timestamp() >= short_claims.exp, "not before the token's expiry");
+    // The renewed connection goes on past the first token's expiry.
+    renewed.send(json!({"op": "ping"})).await;
+    assert_eq!(renewed.next_control().await, json!({"op": "pong"}));
 }
 
 #[tokio::test]

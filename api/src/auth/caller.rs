@@ -145,7 +145,7 @@ pub async fn authenticate(state: &AppState, credential: &str) -> Result<(Caller,
 
 /// Checks `presented` against the database: a session must not be logged out or revoked, an API
 /// key must exist, not be revoked and not belong to a user an administrator locked. The token's
-/// expiry is not looked at again (it was when it was presented).
+/// expiry is not looked at again (it was when it was presented; a WebSocket ends at it).
 pub async fn recheck(state: &AppState, presented: &Presented) -> Result<Caller, ApiError> {
     match presented {
         Presented::Session(claims) => session_caller(state, claims.clone()).await,

@@ -235,6 +235,29 @@ struct Connection {
     sent: SentCounters,
 }
 
+/// When a credential stops being valid by itself: an access token at its `exp`, never for an
+/// API key (revocation is what ends those, found by the re-check).
+fn expires_at(presented: &Presented) -> Instant {
+    match presented {
+        Presented::Session(claims) => {
+            let left = claims.exp - chrono::Utc::now().timestamp();
+            Instant::now() + Duration::from_secs(u64::try_from(left).unwrap_or(0))
+        }
+        // Far enough never to fire, near enough not to overflow the timer.
+        Presented::ApiKey { .. } => Instant::now() + Duration::from_secs(10 * 365 * 86_400),
+    }
+}
+
+/// The close for a session whose access token expired.
+fn token_expired() -> End {
+    End::Refused {
+        code: "token_expired",
+        detail: "The access token expired. Send {\"op\":\"auth\",\"token\":\"…\"} with a fresh token of the same \
+                 user before it does to keep the connection, or reconnect."
+            .to_owned(),
+    }
+}
+
 impl Connection {
     async fn run(&mut self) -> End {
         if let Err(end) = self.authenticate().await {
@@ -288,6 +311,8 @@ impl Connection {
         recheck.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let idle = sleep_until(self.last_heard + self.config.idle_timeout);
         tokio::pin!(idle);
+        let expiry = sleep_until(self.user.as_ref().map_or_else(Instant::now, |(_, presented)| expires_at(presented)));
+        tokio::pin!(expiry);
         loop {
             // Biased: stop conditions first, then the client and the timers, data last, so a
             // busy feed can starve neither the client's frames nor the pings.
@@ -296,6 +321,7 @@ impl Connection {
                 _ = self.shutdown.cancelled() => Err(End::Shutdown),
                 _ = self.member.slow().cancelled() => Err(End::SlowConsumer),
                 _ = &mut idle => Err(End::Idle),
+                _ = &mut expiry => Err(token_expired()),
                 incoming = self.socket.next() => {
                     self.last_heard = Instant::now();
                     idle.as_mut().reset(self.last_heard + self.config.idle_timeout);
@@ -303,7 +329,14 @@ impl Connection {
                         return end;
                     }
                     match self.classify(incoming) {
-                        Ok(Some(text)) => self.on_text(text.as_str()).await,
+                        Ok(Some(text)) => match self.on_text(text.as_str()).await {
+                            Ok(Some(expires)) => {
+                                expiry.as_mut().reset(expires);
+                                Ok(())
+                            }
+                            Ok(None) => Ok(()),
+                            Err(end) => Err(end),
+                        },
                         Ok(None) => Ok(()),
                         Err(end) => Err(end),
                     }
@@ -354,18 +387,46 @@ impl Connection {
         }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<(), End> {
+    /// Handles a client frame; `Some` is the new expiry of a credential renewed by an `auth` frame.
+    async fn on_text(&mut self, text: &str) -> Result<Option<Instant>, End> {
         match ClientFrame::parse(text) {
-            Err(detail) => self.send_error("malformed_frame", &detail, None).await,
-            Ok(ClientFrame::Auth { .. }) => {
-                let detail = "This connection is already authenticated; open another one for another credential.";
-                self.send_error("already_authenticated", detail, None).await
-            }
-            Ok(ClientFrame::Subscribe { channels }) => self.subscribe(channels).await,
-            Ok(ClientFrame::Unsubscribe { channels }) => self.unsubscribe(channels).await,
-            Ok(ClientFrame::Ping) => self.send_control(&ServerFrame::Pong).await,
-            Ok(ClientFrame::Pong) => Ok(()),
+            Err(detail) => self.send_error("malformed_frame", &detail, None).await.map(|()| None),
+            Ok(ClientFrame::Auth { token }) => self.reauthenticate(&token).await,
+            Ok(ClientFrame::Subscribe { channels }) => self.subscribe(channels).await.map(|()| None),
+            Ok(ClientFrame::Unsubscribe { channels }) => self.unsubscribe(channels).await.map(|()| None),
+            Ok(ClientFrame::Ping) => self.send_control(&ServerFrame::Pong).await.map(|()| None),
+            Ok(ClientFrame::Pong) => Ok(None),
         }
+    }
+
+    /// A further `auth` frame renews the connection's credential — a fresh access token before
+    /// the current one expires — if it is valid, carries the `read` scope and names the same
+    /// user: answered `authenticated` again. Anything else is an `error` frame, and the
+    /// connection goes on with the credential it had (which ends it when it expires).
+    async fn reauthenticate(&mut self, token: &str) -> Result<Option<Instant>, End> {
+        let checked = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+            checked = timeout(RECHECK_TIMEOUT, caller::authenticate(&self.state, token)) => checked,
+        };
+        let (caller, presented) = match checked {
+            Ok(Ok(checked)) => checked,
+            Ok(Err(e)) => return self.send_error(e.code(), &e.detail(), None).await.map(|()| None),
+            Err(_) => {
+                let detail = "The credential cannot be checked right now; retry shortly.";
+                return self.send_error("service_unavailable", detail, None).await.map(|()| None);
+            }
+        };
+        if let Err(e) = caller.require_scope(Scope::Read) {
+            return self.send_error(e.code(), &e.detail(), None).await.map(|()| None);
+        }
+        if caller.user_id != self.user_id() {
+            let detail = "This connection is authenticated as another user; open another one for this credential.";
+            return self.send_error("already_authenticated", detail, None).await.map(|()| None);
+        }
+        let expires = expires_at(&presented);
+        self.user = Some((caller.user_id, presented));
+        self.send_control(&ServerFrame::Authenticated { user_id: caller.user_id }).await?;
+        Ok(Some(expires))
     }
 
     fn user_id(&self) -> Uuid {

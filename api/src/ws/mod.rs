@@ -24,7 +24,9 @@
 //!   once (core NATS, nothing is replayed);
 //! - a connection re-checks its credential every [`WsConfig::recheck_interval`], so a logout,
 //!   a revoked API key or an administrator's lock ends an open socket too, not just new
-//!   requests;
+//!   requests; and a session's socket ends when its access token expires (a leaked token must
+//!   not stream for ever), unless a later `auth` frame renews it with a fresh token of the same
+//!   user;
 //! - credentials travel in the first frame, not the URL (URLs end up in logs) nor cookies, so
 //!   a foreign web page cannot ride a user's session (no cross-site WebSocket hijacking);
 //! - memory per connection is kept small for many connections: 4 KiB client frames at most,
