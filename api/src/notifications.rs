@@ -313,11 +313,13 @@ pub async fn list_deliveries(
     Reader(caller): Reader,
     ResourceId(id): ResourceId,
 ) -> Result<axum::Json<DeliveryList>, ApiError> {
-    let mine: Option<Uuid> = sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2")
-        .bind(id)
-        .bind(caller.user_id)
-        .fetch_optional(&state.pool)
-        .await?;
+    // A deleted webhook is gone for this route too, as for a second delete and the list.
+    let mine: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL")
+            .bind(id)
+            .bind(caller.user_id)
+            .fetch_optional(&state.pool)
+            .await?;
     mine.ok_or(ApiError::NotFound)?;
     let deliveries: Vec<Delivery> = sqlx::query_as(
         "SELECT id, event_type, status, attempts, last_status_code,

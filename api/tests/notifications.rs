@@ -77,6 +77,9 @@ async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it
     assert_eq!(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(&token), None).await.status(), 204);
     let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");
     assert_eq!(list["webhooks"], json!([]));
+    // Gone for every route, as a second delete says.
+    problem(api.get(&format!("/webhooks/{id}/deliveries"), Some(&token)).await, 404, "not_found").await;
+    problem(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(&token), None).await, 404, "not_found").await;
 }
 
 #[tokio::test]
