@@ -44,11 +44,16 @@ fn shared() -> Arc<Shared> {
     };
     let price = (Positive::new(Decimal::from(50_000)).expect("positive"), Utc::now() + chrono::Duration::hours(1));
     Arc::new(Shared {
-        markets: RwLock::new(Markets { rules: [(symbol.clone(), market)].into(), prices: [(symbol, price)].into() }),
+        markets: RwLock::new(Markets {
+            rules: [(symbol.clone(), market)].into(),
+            prices: [(symbol, price)].into(),
+            ..Markets::default()
+        }),
         book: Mutex::new(PriceBook::default()),
         outbox: Notify::new(),
         max_price_age: chrono::Duration::days(1),
         shutdown: CancellationToken::new(),
+        recross: Default::default(),
     })
 }
 

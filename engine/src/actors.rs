@@ -81,6 +81,41 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
 pub struct Markets {
     pub rules: HashMap<Symbol, Market>,
     pub prices: HashMap<Symbol, (Price, DateTime<Utc>)>,
+    /// The PRICES stream sequence of each symbol's latest tick (a trigger's `tick_seq`).
+    pub tick_seqs: HashMap<Symbol, u64>,
+}
+
+/// Symbols whose latest price crosses an order that went into the book only after that price
+/// was handled: the order was decided against an older price, and the tick that crossed it came
+/// while its commit was under way, so it found the book without the order. The price feed
+/// (`runtime::price_feed`) takes them and triggers what the latest price crosses, as the tick
+/// would have.
+#[derive(Debug, Default)]
+pub struct Recross {
+    symbols: Mutex<Vec<Symbol>>,
+    wake: Notify,
+}
+
+impl Recross {
+    pub fn ask(&self, symbol: Symbol) {
+        self.symbols.lock().expect("recross lock is never poisoned: no code panics holding it").push(symbol);
+        self.wake.notify_one();
+    }
+
+    /// Waits until a symbol was asked for.
+    pub async fn asked(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The symbols asked for since the last take, each once.
+    pub fn take(&self) -> Vec<Symbol> {
+        let mut symbols = std::mem::take(
+            &mut *self.symbols.lock().expect("recross lock is never poisoned: no code panics holding it"),
+        );
+        symbols.sort();
+        symbols.dedup();
+        symbols
+    }
 }
 
 /// What every shard shares.
@@ -92,6 +127,7 @@ pub struct Shared {
     pub outbox: Notify,
     pub max_price_age: chrono::Duration,
     pub shutdown: CancellationToken,
+    pub recross: Recross,
 }
 
 impl Shared {
@@ -473,6 +509,18 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
             book.insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() });
         }
     }
+    // An order that rests now was decided against an older price: if a tick crossed it while
+    // its commit was under way, that tick found the book without it (see [`Recross`]).
+    for event in events {
+        if let Event::OrderAccepted(o) = event
+            && next.portfolio.open_orders.contains_key(&o.id)
+            && let (_, Some((price, at))) = shared.market_for(&o.symbol)
+            && Utc::now() - at <= shared.max_price_age
+            && crate::book::crosses(o.side, o.limit_price.get(), price.get())
+        {
+            shared.recross.ask(o.symbol.clone());
+        }
+    }
     matches!(outcome, Outcome::Applied { .. })
 }
 
@@ -628,6 +676,7 @@ mod tests {
             outbox: Notify::new(),
             max_price_age: chrono::Duration::seconds(30),
             shutdown: CancellationToken::new(),
+            recross: Recross::default(),
         };
         let body = CommandBody::Deposit {
             deposit_id: Uuid::now_v7(),

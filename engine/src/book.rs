@@ -69,8 +69,7 @@ impl PriceBook {
         }
     }
 
-    /// Takes out and returns every order of `symbol` that `price` crosses: buys with
-    /// limit ≥ price, sells with limit ≤ price.
+    /// Takes out and returns every order of `symbol` that `price` crosses ([`crosses`]).
     pub fn crossed(&mut self, symbol: &Symbol, price: Decimal) -> Vec<Resting> {
         let Some(book) = self.books.get_mut(symbol) else { return Vec::new() };
         let mut out = Vec::new();
@@ -94,6 +93,14 @@ impl PriceBook {
             self.index.remove(&r.order_id);
         }
         out
+    }
+}
+
+/// Whether `price` crosses a resting order: a buy's limit ≥ price, a sell's limit ≤ price.
+pub fn crosses(side: Side, limit: Decimal, price: Decimal) -> bool {
+    match side {
+        Side::Buy => limit >= price,
+        Side::Sell => limit <= price,
     }
 }
 

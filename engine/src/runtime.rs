@@ -418,6 +418,12 @@ pub async fn price_feed(
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             next = messages.next() => next.map(|r| r.map_err(anyhow::Error::from)),
+            () = shared.recross.asked() => {
+                for symbol in shared.recross.take() {
+                    recross(&shared, &router, &symbol);
+                }
+                continue;
+            }
             // A reconnect means a restarted server or another cluster node: the feed's consumer
             // may be gone, and the client would notice only after two missed heartbeats.
             _ = watch.tick() => {
@@ -470,6 +476,7 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
             return;
         }
         markets.prices.insert(tick.symbol.clone(), (tick.price, tick.ts));
+        markets.tick_seqs.insert(tick.symbol.clone(), seq);
     }
     // A tick older than `MAX_PRICE_AGE` — above all the last tick of a market gone quiet,
     // delivered again when the feed opens at start — stays the market's last price (orders find
@@ -478,15 +485,34 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     if Utc::now() - tick.ts > shared.max_price_age {
         return;
     }
+    trigger_crossed(shared, router, &tick.symbol, tick.price, seq);
+}
+
+/// Triggers again what the latest price of `symbol` crosses, if it is fresh: an order that went
+/// into the book after that price was handled (see [`crate::actors::Recross`]).
+fn recross(shared: &Arc<Shared>, router: &Router, symbol: &Symbol) {
+    let latest = {
+        let markets = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it");
+        markets.prices.get(symbol).copied().zip(markets.tick_seqs.get(symbol).copied())
+    };
+    if let Some(((price, at), seq)) = latest
+        && Utc::now() - at <= shared.max_price_age
+    {
+        trigger_crossed(shared, router, symbol, price, seq);
+    }
+}
+
+/// Takes the orders `price` crosses out of the book and sends each owner a trigger; one that
+/// fails goes back into the book for the next tick.
+fn trigger_crossed(shared: &Arc<Shared>, router: &Router, symbol: &Symbol, price: Positive, seq: u64) {
     let crossed = {
         let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
-        book.crossed(&tick.symbol, tick.price.get())
+        book.crossed(symbol, price.get())
     };
     for resting in crossed {
-        let work =
-            Work::Trigger { order_id: resting.order_id, symbol: tick.symbol.clone(), price: tick.price, tick_seq: seq };
+        let work = Work::Trigger { order_id: resting.order_id, symbol: symbol.clone(), price, tick_seq: seq };
         let done = router.route(resting.user_id, work);
-        let (shared, symbol) = (shared.clone(), tick.symbol.clone());
+        let (shared, symbol) = (shared.clone(), symbol.clone());
         actix::spawn(async move {
             if let Err(e) = done.await {
                 // Not filled: back into the book for the next tick.
@@ -588,10 +614,12 @@ pub fn shared(
         markets: std::sync::RwLock::new(Markets {
             rules: markets.into_iter().map(|m| (m.symbol.clone(), m)).collect(),
             prices: Default::default(),
+            tick_seqs: Default::default(),
         }),
         book: std::sync::Mutex::new(book),
         outbox: tokio::sync::Notify::new(),
         max_price_age: chrono::Duration::from_std(settings.max_price_age).unwrap_or(chrono::Duration::seconds(30)),
         shutdown,
+        recross: Default::default(),
     })
 }

@@ -329,6 +329,57 @@ async fn a_stale_tick_delivered_again_at_start_fills_no_resting_order() {
     s.assert_books_balance().await;
 }
 
+impl Stack {
+    /// Waits until the engine's price feed has handled every tick published so far: a marker
+    /// it cannot decode goes on the stream behind them (on another market, so no market's last
+    /// tick changes), and the feed, which reads the stream in order, counts it.
+    async fn feed_caught_up(&self, markers: &mut f64) {
+        self.bus.jetstream().publish("prices.ETH-USD", "not a tick".into()).await.expect("sent").await.expect("ack");
+        *markers += 1.0;
+        let want = *markers;
+        poll_until(WAIT, "the engine's feed past the marker", || async {
+            (scrape_metric(&self.ops, "vault_engine_bad_ticks_total", &[]).await >= want).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A tick that crosses a limit order while the order's commit is under way — the order was
+/// decided against the price before, and goes into the book only after the tick went by — fills
+/// it at the tick's price, as if the order had been in the book when the tick came. (Before, the
+/// order rested until another crossing tick came, or for good if the market moved back.)
+#[tokio::test]
+async fn a_tick_that_crosses_an_order_while_its_commit_is_under_way_fills_it() {
+    let mut s = Stack::start().await;
+    let mut markers = 0.0;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(1000)).await;
+    s.tick(dec!(50000)).await;
+    s.feed_caught_up(&mut markers).await;
+
+    // The user's portfolio row held: the order's commit waits on it, decided at 50,000.
+    let mut blocker = s.pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM portfolios WHERE user_id = $1 FOR UPDATE")
+        .bind(user)
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
+    let (order, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await;
+    vault_testkit::wait_for_lock_wait(&s.pool, "%INSERT INTO portfolios%", WAIT).await;
+    s.tick(dec!(39000)).await;
+    s.feed_caught_up(&mut markers).await;
+    blocker.rollback().await.expect("release");
+
+    s.wait_status("orders", order, "filled").await;
+    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&s.pool)
+        .await
+        .expect("fill");
+    assert_eq!(price, dec!(39000));
+    s.assert_books_balance().await;
+}
+
 #[tokio::test]
 async fn a_redelivered_command_is_applied_once_and_a_withdrawn_one_not_at_all() {
     let mut s = Stack::start().await;
