@@ -135,6 +135,11 @@ impl Shared {
         let markets = self.markets.read().expect("markets lock is never poisoned: no code panics holding it");
         (markets.rules.get(symbol).cloned(), markets.prices.get(symbol).copied())
     }
+
+    fn latest_price(&self, symbol: &Symbol) -> Option<(Price, DateTime<Utc>)> {
+        let markets = self.markets.read().expect("markets lock is never poisoned: no code panics holding it");
+        markets.prices.get(symbol).copied()
+    }
 }
 
 /// What a unit of work's caller receives.
@@ -514,7 +519,7 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
     for event in events {
         if let Event::OrderAccepted(o) = event
             && next.portfolio.open_orders.contains_key(&o.id)
-            && let (_, Some((price, at))) = shared.market_for(&o.symbol)
+            && let Some((price, at)) = shared.latest_price(&o.symbol)
             && Utc::now() - at <= shared.max_price_age
             && crate::book::crosses(o.side, o.limit_price.get(), price.get())
         {
