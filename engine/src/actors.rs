@@ -41,7 +41,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand};
-use vault_core::domain::{Market, Price, Symbol};
+use vault_core::domain::{Market, Price, Side, Symbol};
 
 use crate::book::{PriceBook, Resting};
 use crate::portfolio::{Event, MarketView};
@@ -475,12 +475,25 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         && let Work::Command { command, .. } = work
         && let CommandBody::Place { order_id, .. } | CommandBody::Cancel { order_id } = &command.body
     {
-        let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
-        match next.portfolio.open_orders.get(order_id) {
-            Some(o) => {
-                book.insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() })
+        let resting = {
+            let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
+            match next.portfolio.open_orders.get(order_id) {
+                Some(o) => {
+                    book.insert(
+                        &o.symbol,
+                        Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() },
+                    );
+                    Some(o)
+                }
+                None => {
+                    book.remove(*order_id);
+                    None
+                }
             }
-            None => book.remove(*order_id),
+        };
+        // Into the book only now, as a newly accepted order: the same check (see below).
+        if let Some(o) = resting {
+            recross_if_crossed(shared, &o.symbol, o.side, o.limit_price.get());
         }
         return false;
     }
@@ -519,14 +532,22 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
     for event in events {
         if let Event::OrderAccepted(o) = event
             && next.portfolio.open_orders.contains_key(&o.id)
-            && let Some((price, at)) = shared.latest_price(&o.symbol)
-            && Utc::now() - at <= shared.max_price_age
-            && crate::book::crosses(o.side, o.limit_price.get(), price.get())
         {
-            shared.recross.ask(o.symbol.clone());
+            recross_if_crossed(shared, &o.symbol, o.side, o.limit_price.get());
         }
     }
     matches!(outcome, Outcome::Applied { .. })
+}
+
+/// Asks the price feed to trigger `symbol` again ([`Recross`]) if its latest price is fresh and
+/// crosses an order with this side and limit that has just gone into the book.
+fn recross_if_crossed(shared: &Shared, symbol: &Symbol, side: Side, limit: rust_decimal::Decimal) {
+    if let Some((price, at)) = shared.latest_price(symbol)
+        && Utc::now() - at <= shared.max_price_age
+        && crate::book::crosses(side, limit, price.get())
+    {
+        shared.recross.ask(symbol.clone());
+    }
 }
 
 /// The symbol whose market view the work needs, if any (borrowed: no clone on the hot path).

@@ -158,14 +158,14 @@ async fn a_resting_order_committed_unseen_goes_into_the_book_on_its_duplicate() 
             stream_seq: 2,
         },
     ];
-    let shard_with = |book: PriceBook| {
+    let shard_with = |book: PriceBook, price: rust_decimal::Decimal| {
         let shared = runtime::shared(&settings, markets.clone(), book, CancellationToken::new());
         shared
             .markets
             .write()
             .expect("markets")
             .prices
-            .insert(symbol.clone(), (Positive::new(dec!(50000)).expect("positive"), Utc::now()));
+            .insert(symbol.clone(), (Positive::new(price).expect("positive"), Utc::now()));
         let options = settings.database_url.connect_options();
         let arbiter = Arbiter::new();
         let shard = Shard::start_on(
@@ -177,17 +177,25 @@ async fn a_resting_order_committed_unseen_goes_into_the_book_on_its_duplicate() 
         (arbiter, Router::new(vec![shard.recipient()]), shared)
     };
 
-    let (first, router, seen) = shard_with(PriceBook::default());
+    let (first, router, seen) = shard_with(PriceBook::default(), dec!(50000));
     for w in work.iter().cloned() {
         assert!(matches!(router.route(user, w).await.expect("applied"), Outcome::Applied { .. }));
     }
     assert_eq!(seen.book.lock().expect("book").len(), 1, "the engine that saw the commit has the order resting");
     first.stop();
 
-    let (second, router, unseen) = shard_with(PriceBook::default());
+    let (second, router, unseen) = shard_with(PriceBook::default(), dec!(50000));
     let place = work[1].clone();
     assert_eq!(router.route(user, place).await.expect("answered"), Outcome::Duplicate);
+    assert!(unseen.recross.take().is_empty(), "50,000 does not cross the order");
     let crossed = unseen.book.lock().expect("book").crossed(&symbol, dec!(39000));
     assert_eq!(crossed.iter().map(|r| r.order_id).collect::<Vec<_>>(), [order_id], "resting, and triggered by a tick");
     second.stop();
+
+    // The latest price already crosses it when it goes into the book: the price feed is asked
+    // to trigger the market again (a tick that came while the order was away from the book).
+    let (third, router, crossing) = shard_with(PriceBook::default(), dec!(39000));
+    assert_eq!(router.route(user, work[1].clone()).await.expect("answered"), Outcome::Duplicate);
+    assert_eq!(crossing.recross.take(), [symbol.clone()]);
+    third.stop();
 }
