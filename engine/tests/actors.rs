@@ -196,6 +196,6 @@ async fn a_resting_order_committed_unseen_goes_into_the_book_on_its_duplicate() 
     // to trigger the market again (a tick that came while the order was away from the book).
     let (third, router, crossing) = shard_with(PriceBook::default(), dec!(39000));
     assert_eq!(router.route(user, work[1].clone()).await.expect("answered"), Outcome::Duplicate);
-    assert_eq!(crossing.recross.take(), [symbol.clone()]);
+    assert_eq!(crossing.recross.take(), std::slice::from_ref(&symbol));
     third.stop();
 }
