@@ -21,7 +21,7 @@ use uuid::Uuid;
 use vault_api::startup::Tunables;
 use vault_api::trading::portfolio_cache::{PortfolioCacheConfig, TTL};
 use vault_api::{Application, ws::WsConfig};
-use vault_bus::message::PriceTick;
+use vault_bus::message::{NotificationPush, PriceTick};
 use vault_bus::{Bus, MessageContext};
 use vault_core::domain::{Positive, Symbol};
 use vault_testkit::{NatsServer, Proc, TEST_JWT_SECRET, TestDb, base_env, http_client, poll_until, workspace_binary};
@@ -153,7 +153,7 @@ fn btc_of(portfolio: &Value) -> Option<&str> {
 async fn what_the_engine_applies_shows_in_the_next_portfolio_read_once_its_event_reached_the_api() {
     let api = InProcess::start().await;
     let _engine = engine(&api).await;
-    let (token, _) = api.user("cache-events@example.com").await;
+    let (token, user) = api.user("cache-events@example.com").await;
     api.until_feed_live().await;
     // Held from now on: only an event can make the deposit visible in time (the cache's age
     // bound is ten minutes).
@@ -228,6 +228,35 @@ async fn what_the_engine_applies_shows_in_the_next_portfolio_read_once_its_event
     let after = api.portfolio(&token).await;
     assert_eq!(btc_of(&after), Some("0.2"), "{after}");
     assert_eq!(after["cash"]["total"], "9990", "{after}");
+
+    // A change seen first as a `notifications` frame (the notify worker writes it after the
+    // engine's commit): the very next read shows it too. Here the change is made in Postgres
+    // behind the cache's back, and the frame is pushed as the notify worker pushes it.
+    ws.send(Message::text(json!({"op": "subscribe", "channels": ["notifications"]}).to_string())).await.expect("send");
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    sqlx::query("UPDATE balances SET total = total + 1 WHERE user_id = $1 AND asset = 'USD'")
+        .bind(user)
+        .execute(&api.db.pool().await)
+        .await
+        .expect("balance");
+    let push = NotificationPush {
+        id: Uuid::now_v7(),
+        user_id: user,
+        kind: "deposit.completed".into(),
+        title: "Deposit completed".into(),
+        body: "1 USD".into(),
+        data: json!({}),
+        created_at: Utc::now(),
+    };
+    bus.push(&push, &MessageContext::default()).await.expect("pushed");
+    loop {
+        let frame = next_json(&mut ws).await;
+        if frame["channel"] == "notifications" {
+            break;
+        }
+    }
+    let after = api.portfolio(&token).await;
+    assert_eq!(after["cash"]["total"], "9991", "{after}");
 }
 
 /// The next text frame as JSON, within [`WAIT`].

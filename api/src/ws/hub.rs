@@ -25,10 +25,10 @@
 //! disconnected, or before a topic's subscription exists, is not seen (the durable state is in
 //! Postgres; clients resync over REST after reconnecting).
 //!
-//! Order events also drop the user's cached balances ([`PortfolioCache::forget`]) before they
-//! are offered to anyone: a client that has seen an order frame from this process never reads a
-//! portfolio from before it (the cache's own feed is another subscription, served in no fixed
-//! order with this one).
+//! Order events and notifications also drop the user's cached balances
+//! ([`PortfolioCache::forget`]) before they are offered to anyone: a client that has seen an
+//! order or notification frame from this process never reads a portfolio from before it (the
+//! cache's own feed is another subscription, served in no fixed order with this one).
 //!
 //! Shutdown: every topic task stops with the process's shutdown token, dropping (and so
 //! unsubscribing) its subscription.
@@ -281,8 +281,9 @@ async fn run_topic(
             let _ = ready.send(Readiness::Failed);
             break;
         };
-        if let Topic::Orders(user) = topic {
-            // Even for a message that does not decode: the user's balances may have changed.
+        if let Topic::Orders(user) | Topic::Notifications(user) = topic {
+            // Even for a message that does not decode: the user's balances may have changed (a
+            // notification of a fill or a deposit is written after the engine's commit).
             portfolios.forget(user);
         }
         let Some(frame) = frame_of(&topic, &channel, message.subject.as_str(), &message.payload) else { continue };
