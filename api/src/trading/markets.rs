@@ -363,7 +363,8 @@ fn candle_range(query: &CandleQuery, now: DateTime<Utc>) -> Result<CandleRange, 
 }
 
 /// OHLC candles of a market, oldest first (public). Each covers `[start, start + interval)`;
-/// the last one may still be forming. Intervals without a tick have no candle.
+/// the last one may still be forming, and one that `end` cuts holds only the one-minute candles
+/// that began before `end`. Intervals without a tick have no candle.
 #[utoipa::path(get, path = "/api/v1/markets/{symbol}/candles", tag = "markets",
     params(("symbol" = MarketSymbol, Path, example = "BTC-USD"), CandleQuery),
     responses((status = 200, body = CandleList), (status = 404, description = "unknown symbol", body = Problem),
