@@ -12,7 +12,9 @@
 ALTER TABLE users ADD COLUMN last_failed_login_at TIMESTAMPTZ;
 
 CREATE TABLE login_failures (
-    email                TEXT        PRIMARY KEY CHECK (length(email) <= 254),
+    -- The API bounds the email at 254 bytes before lowercasing it, which can lengthen a few
+    -- letters: a generous bound here, as a last guard.
+    email                TEXT        PRIMARY KEY CHECK (octet_length(email) <= 1024),
     failed_logins        INTEGER     NOT NULL CHECK (failed_logins > 0),
     locked_until         TIMESTAMPTZ,
     last_failed_login_at TIMESTAMPTZ NOT NULL DEFAULT now()

@@ -277,15 +277,16 @@ pub async fn login(
     meta: RequestMeta,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
-    let email_key = body.email.trim().to_lowercase();
     // Before the email keys anything (the per-email limiter, the failure count): no account has
-    // a longer one, and a key must not weigh what a client chooses.
-    if email_key.len() > MAX_EMAIL_BYTES {
+    // a longer one (signup's bound, on the same trimmed form), and a key must not weigh what a
+    // client chooses.
+    if body.email.trim().len() > MAX_EMAIL_BYTES {
         return Err(ApiError::Validation {
             code: "validation_failed",
             errors: vec![FieldError::new("email", "must be a valid email address")],
         });
     }
+    let email_key = body.email.trim().to_lowercase();
     let verdict = state.limits.check_login(&email_key)?;
 
     // No account has a NUL in its email (signup refuses control characters), and Postgres text
