@@ -136,6 +136,11 @@ impl Shared {
         (markets.rules.get(symbol).cloned(), markets.prices.get(symbol).copied())
     }
 
+    /// Whether a price stamped `at` may still trigger orders (no older than `MAX_PRICE_AGE`).
+    pub fn is_fresh(&self, at: DateTime<Utc>) -> bool {
+        Utc::now() - at <= self.max_price_age
+    }
+
     fn latest_price(&self, symbol: &Symbol) -> Option<(Price, DateTime<Utc>)> {
         let markets = self.markets.read().expect("markets lock is never poisoned: no code panics holding it");
         markets.prices.get(symbol).copied()
@@ -543,7 +548,7 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
 /// crosses an order with this side and limit that has just gone into the book.
 fn recross_if_crossed(shared: &Shared, symbol: &Symbol, side: Side, limit: rust_decimal::Decimal) {
     if let Some((price, at)) = shared.latest_price(symbol)
-        && Utc::now() - at <= shared.max_price_age
+        && shared.is_fresh(at)
         && crate::book::crosses(side, limit, price.get())
     {
         shared.recross.ask(symbol.clone());

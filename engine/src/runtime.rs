@@ -482,7 +482,7 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     // delivered again when the feed opens at start — stays the market's last price (orders find
     // it stale, as before), but triggers nothing: a resting order must not fill at a price the
     // engine refuses to trade at, and may have rested because that price was stale.
-    if Utc::now() - tick.ts > shared.max_price_age {
+    if !shared.is_fresh(tick.ts) {
         return;
     }
     trigger_crossed(shared, router, &tick.symbol, tick.price, seq);
@@ -496,7 +496,7 @@ fn recross(shared: &Arc<Shared>, router: &Router, symbol: &Symbol) {
         markets.prices.get(symbol).copied().zip(markets.tick_seqs.get(symbol).copied())
     };
     if let Some(((price, at), seq)) = latest
-        && Utc::now() - at <= shared.max_price_age
+        && shared.is_fresh(at)
     {
         trigger_crossed(shared, router, symbol, price, seq);
     }

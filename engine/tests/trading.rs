@@ -24,6 +24,8 @@ struct Stack {
     desk: Desk,
     engine: Proc,
     ops: String,
+    /// Undecodable markers this engine's price feed was sent ([`Stack::feed_caught_up`]).
+    markers: u32,
 }
 
 impl std::ops::Deref for Stack {
@@ -44,7 +46,7 @@ impl Stack {
         let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
         let (engine, ops) = start_engine(&db, &nats, &[]).await;
         let desk = Desk::connect(db.pool().await, &nats).await;
-        Stack { nats, db, desk, engine, ops }
+        Stack { nats, db, desk, engine, ops, markers: 0 }
     }
 
     async fn restart_engine(&mut self) {
@@ -52,6 +54,7 @@ impl Stack {
         let (engine, ops) = start_engine(&self.db, &self.nats, &[]).await;
         self.engine = engine;
         self.ops = ops;
+        self.markers = 0;
     }
 
     /// A deposit as the API makes it, completed.
@@ -73,6 +76,28 @@ impl Stack {
             .await
             .expect("query")
             .unwrap_or_default()
+    }
+
+    /// The price of the order's fill.
+    async fn fill_price(&self, order: Uuid) -> Decimal {
+        sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(&self.pool)
+            .await
+            .expect("fill")
+    }
+
+    /// Waits until the engine's price feed has handled every tick published so far: a marker
+    /// it cannot decode goes on the stream behind them (on another market, so no market's last
+    /// tick changes), and the feed, which reads the stream in order, counts it.
+    async fn feed_caught_up(&mut self) {
+        self.bus.jetstream().publish("prices.ETH-USD", "not a tick".into()).await.expect("sent").await.expect("ack");
+        self.markers += 1;
+        let want = f64::from(self.markers);
+        poll_until(WAIT, "the engine's feed past the marker", || async {
+            (scrape_metric(&self.ops, "vault_engine_bad_ticks_total", &[]).await >= want).then_some(())
+        })
+        .await;
     }
 
     /// The money invariants of ARCHITECTURE.md over the whole database.
@@ -226,12 +251,7 @@ async fn a_resting_limit_order_holds_funds_fills_on_a_crossing_tick_and_cancel_r
     s.tick(dec!(45000)).await;
     s.tick(dec!(39000)).await;
     s.wait_status("orders", resting, "filled").await;
-    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
-        .bind(resting)
-        .fetch_one(&s.pool)
-        .await
-        .expect("fill");
-    assert_eq!(price, dec!(39000));
+    assert_eq!(s.fill_price(resting).await, dec!(39000));
     assert_eq!(
         s.balance(user, "USD").await,
         (dec!(609.61), dec!(30.03)),
@@ -300,16 +320,11 @@ async fn a_stale_tick_delivered_again_at_start_fills_no_resting_order() {
     let (order, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(51000))).await;
     s.wait_status("orders", order, "open").await;
 
-    // A marker behind it on the stream: the restarted engine's feed delivers the last message
-    // of each market in stream order, so once it has counted this undecodable one, the stale
-    // tick has been handled — and any trigger it made was routed to the user's actor before the
-    // deposit below, which the actor applies after it.
-    s.bus.jetstream().publish("prices.ETH-USD", "not a tick".into()).await.expect("sent").await.expect("ack");
     s.restart_engine().await;
-    poll_until(WAIT, "the restarted engine's feed past the stale tick", || async {
-        (scrape_metric(&s.ops, "vault_engine_bad_ticks_total", &[]).await >= 1.0).then_some(())
-    })
-    .await;
+    // The restarted feed delivers the last tick of each market first, in stream order: once
+    // it is past the marker, the stale tick has been handled — and any trigger it made was
+    // routed to the user's actor before the deposit below, which the actor applies after it.
+    s.feed_caught_up().await;
     s.deposit(user, "USD", dec!(1)).await;
     let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
         .bind(order)
@@ -320,28 +335,8 @@ async fn a_stale_tick_delivered_again_at_start_fills_no_resting_order() {
 
     s.tick(dec!(50500)).await;
     s.wait_status("orders", order, "filled").await;
-    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
-        .bind(order)
-        .fetch_one(&s.pool)
-        .await
-        .expect("fill");
-    assert_eq!(price, dec!(50500));
+    assert_eq!(s.fill_price(order).await, dec!(50500));
     s.assert_books_balance().await;
-}
-
-impl Stack {
-    /// Waits until the engine's price feed has handled every tick published so far: a marker
-    /// it cannot decode goes on the stream behind them (on another market, so no market's last
-    /// tick changes), and the feed, which reads the stream in order, counts it.
-    async fn feed_caught_up(&self, markers: &mut f64) {
-        self.bus.jetstream().publish("prices.ETH-USD", "not a tick".into()).await.expect("sent").await.expect("ack");
-        *markers += 1.0;
-        let want = *markers;
-        poll_until(WAIT, "the engine's feed past the marker", || async {
-            (scrape_metric(&self.ops, "vault_engine_bad_ticks_total", &[]).await >= want).then_some(())
-        })
-        .await;
-    }
 }
 
 /// A tick that crosses a limit order while the order's commit is under way — the order was
@@ -351,11 +346,10 @@ impl Stack {
 #[tokio::test]
 async fn a_tick_that_crosses_an_order_while_its_commit_is_under_way_fills_it() {
     let mut s = Stack::start().await;
-    let mut markers = 0.0;
     let user = s.user().await;
     s.deposit(user, "USD", dec!(1000)).await;
     s.tick(dec!(50000)).await;
-    s.feed_caught_up(&mut markers).await;
+    s.feed_caught_up().await;
 
     // The user's portfolio row held: the order's commit waits on it, decided at 50,000.
     let mut blocker = s.pool.begin().await.expect("tx");
@@ -367,16 +361,11 @@ async fn a_tick_that_crosses_an_order_while_its_commit_is_under_way_fills_it() {
     let (order, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await;
     vault_testkit::wait_for_lock_wait(&s.pool, "%INSERT INTO portfolios%", WAIT).await;
     s.tick(dec!(39000)).await;
-    s.feed_caught_up(&mut markers).await;
+    s.feed_caught_up().await;
     blocker.rollback().await.expect("release");
 
     s.wait_status("orders", order, "filled").await;
-    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
-        .bind(order)
-        .fetch_one(&s.pool)
-        .await
-        .expect("fill");
-    assert_eq!(price, dec!(39000));
+    assert_eq!(s.fill_price(order).await, dec!(39000));
     s.assert_books_balance().await;
 }
 
