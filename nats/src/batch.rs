@@ -152,7 +152,8 @@ fn pulling<'a>(
 ) -> impl futures::Stream<Item = Pulled> + Send + 'a {
     futures::stream::unfold(None, move |pulling: Option<PullMessages>| async move {
         let Some(mut messages) = pulling else {
-            let (next, messages) = open(bus, spec, max, shutdown).await?;
+            // Declared at start-up with the process's other consumers.
+            let (next, messages) = open(bus, spec, max, shutdown, false).await?;
             return Some((Pulled::Opened(next), Some(messages)));
         };
         match messages.next().await {
@@ -160,24 +161,28 @@ fn pulling<'a>(
             Some(Err(e)) => Some((Pulled::Failed(e), Some(messages))),
             None => {
                 tracing::warn!(consumer = %spec.durable, "message stream ended; opening the consumer again");
-                let (next, messages) = open(bus, spec, max, shutdown).await?;
+                let (next, messages) = open(bus, spec, max, shutdown, true).await?;
                 Some((Pulled::Opened(next), Some(messages)))
             }
         }
     })
 }
 
-/// Declares, opens and rewinds a consumer, retrying until it is done or shutdown starts: the
-/// delivery sequence its next message carries (0: unknown), and its messages.
-/// (Boxed: the retried closure's future is not provably `Send` for every lifetime otherwise.)
+/// Opens and rewinds a consumer (declaring it first when `declare`: it may be gone), retrying
+/// until it is done or shutdown starts: the delivery sequence its next message carries (0:
+/// unknown), and its messages. (Boxed: the retried closure's future is not provably `Send` for
+/// every lifetime otherwise.)
 fn open<'a>(
     bus: &'a Bus,
     spec: &'a ConsumerSpec,
     max: usize,
     shutdown: &'a CancellationToken,
+    declare: bool,
 ) -> futures::future::BoxFuture<'a, Option<(u64, PullMessages)>> {
     crate::until_done_or_shutdown(&spec.durable, shutdown, move || async move {
-        bus.ensure_consumers(std::slice::from_ref(spec)).await?;
+        if declare {
+            bus.ensure_consumers(std::slice::from_ref(spec)).await?;
+        }
         let consumer = bus.pull_consumer(spec.stream, &spec.durable).await?;
         let next = rewind(bus, spec.stream, &spec.durable).await;
         anyhow::Ok((next, consumer.stream().max_messages_per_batch(max).messages().await?))
@@ -185,7 +190,8 @@ fn open<'a>(
     .boxed()
 }
 
-/// Runs until shutdown; see the module docs.
+/// Runs until shutdown; see the module docs. The consumers must exist (a process declares them
+/// at start-up); one that goes away later is declared again.
 #[allow(clippy::too_many_arguments)]
 pub async fn consume<T, D, F, Fut>(
     bus: &Bus,
