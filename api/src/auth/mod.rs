@@ -20,6 +20,8 @@ pub mod password;
 pub mod tokens;
 mod totp;
 
+use std::sync::LazyLock;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -425,6 +427,23 @@ async fn insert_refresh_token(
     Ok(token)
 }
 
+/// The `SET` list that counts one more failure on row `t` of `users` or `login_failures` (binds:
+/// `$2` failures that lock, `$3` lock minutes, `$4` hours after which failures are forgotten):
+/// a lock (over, or the row would not be counted) or a last failure older than the window
+/// starts the count afresh; the count that reaches `$2` locks.
+fn counted_failure(t: &str) -> String {
+    let next = format!(
+        "CASE WHEN {t}.locked_until IS NOT NULL OR {t}.last_failed_login_at IS NULL
+                   OR {t}.last_failed_login_at < now() - make_interval(hours => $4)
+              THEN 1 ELSE {t}.failed_logins + 1 END"
+    );
+    format!(
+        "failed_logins = {next},
+         locked_until = CASE WHEN {next} >= $2 THEN now() + make_interval(mins => $3) END,
+         last_failed_login_at = now()"
+    )
+}
+
 /// The 423 for an attempt on a locked account (not counted: a lock is never extended).
 fn refuse_locked(
     state: &AppState,
@@ -447,28 +466,21 @@ fn refuse_locked(
 /// an admin's lock not shortened) and is answered 423 like one refused at that check: only the
 /// attempts counted before the lock get an answer that says anything about the password.
 async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason: &str) -> Result<(), ApiError> {
-    let counted: Option<(i32, bool)> = sqlx::query_as(
-        "UPDATE users SET
-            failed_logins = CASE WHEN locked_until IS NOT NULL OR last_failed_login_at IS NULL
-                                      OR last_failed_login_at < now() - make_interval(hours => $4)
-                                 THEN 1 ELSE failed_logins + 1 END,
-            locked_until = CASE
-                WHEN (CASE WHEN locked_until IS NOT NULL OR last_failed_login_at IS NULL
-                                OR last_failed_login_at < now() - make_interval(hours => $4)
-                           THEN 1 ELSE failed_logins + 1 END) >= $2
-                    THEN now() + make_interval(mins => $3)
-                ELSE NULL END,
-            last_failed_login_at = now(),
-            updated_at = now()
-          WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
-          RETURNING failed_logins, locked_until IS NOT NULL",
-    )
-    .bind(user)
-    .bind(LOCK_AFTER_FAILURES)
-    .bind(LOCK_MINUTES as i32)
-    .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
-    .fetch_optional(&state.pool)
-    .await?;
+    static COUNT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE users u SET {}, updated_at = now()
+              WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
+              RETURNING failed_logins, locked_until IS NOT NULL",
+            counted_failure("u")
+        )
+    });
+    let counted: Option<(i32, bool)> = sqlx::query_as(COUNT.as_str())
+        .bind(user)
+        .bind(LOCK_AFTER_FAILURES)
+        .bind(LOCK_MINUTES as i32)
+        .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
+        .fetch_optional(&state.pool)
+        .await?;
     let Some((failures, locked)) = counted else {
         let locked_until: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT locked_until FROM users WHERE id = $1")
             .bind(user)
@@ -502,29 +514,23 @@ async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMet
         state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": "unknown_email"}));
         return Ok(());
     }
-    let counted: Option<(i32, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "INSERT INTO login_failures AS f (email, failed_logins, locked_until)
-         VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + make_interval(mins => $3) END)
-         ON CONFLICT (email) DO UPDATE SET
-            failed_logins = CASE WHEN f.locked_until IS NOT NULL
-                                      OR f.last_failed_login_at < now() - make_interval(hours => $4)
-                                 THEN 1 ELSE f.failed_logins + 1 END,
-            locked_until = CASE
-                WHEN (CASE WHEN f.locked_until IS NOT NULL
-                                OR f.last_failed_login_at < now() - make_interval(hours => $4)
-                           THEN 1 ELSE f.failed_logins + 1 END) >= $2
-                    THEN now() + make_interval(mins => $3)
-                ELSE NULL END,
-            last_failed_login_at = now()
-          WHERE f.locked_until IS NULL OR f.locked_until <= now()
-         RETURNING failed_logins, locked_until",
-    )
-    .bind(email)
-    .bind(LOCK_AFTER_FAILURES)
-    .bind(LOCK_MINUTES as i32)
-    .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
-    .fetch_optional(&state.pool)
-    .await?;
+    static COUNT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "INSERT INTO login_failures AS f (email, failed_logins, locked_until)
+             VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + make_interval(mins => $3) END)
+             ON CONFLICT (email) DO UPDATE SET {}
+              WHERE f.locked_until IS NULL OR f.locked_until <= now()
+             RETURNING failed_logins, locked_until IS NOT NULL",
+            counted_failure("f")
+        )
+    });
+    let counted: Option<(i32, bool)> = sqlx::query_as(COUNT.as_str())
+        .bind(email)
+        .bind(LOCK_AFTER_FAILURES)
+        .bind(LOCK_MINUTES as i32)
+        .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
+        .fetch_optional(&state.pool)
+        .await?;
     let Some((failures, _)) = counted else {
         // Locked by concurrent attempts since the first check: answered as an account would be.
         let locked_until: Option<DateTime<Utc>> =
