@@ -702,36 +702,52 @@ async fn fake_smtp() -> (u16, Arc<Mutex<Vec<String>>>, Arc<tokio::sync::Notify>)
     (port, messages, gate)
 }
 
+/// An email to `to` in the outbox of `user`, due `overdue_secs` ago (a claim takes the most
+/// overdue first): its id.
+async fn queue_email(pool: &PgPool, user: Uuid, to: &str, overdue_secs: i32) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body, next_attempt_at)
+         VALUES ($1, $2, $3, $4, 'Your BTC-USD buy order filled', 'Filled at 50000.00.',
+                 now() - make_interval(secs => $5))",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(Uuid::now_v7())
+    .bind(to)
+    .bind(overdue_secs)
+    .execute(pool)
+    .await
+    .expect("email row");
+    id
+}
+
+/// The email sender on `pool`, polling every 10 ms, sending to the fake SMTP server at `port`
+/// (`query`: the SMTP URL's query, e.g. `from=…`): its shutdown token and its task.
+fn smtp_sender(
+    pool: &PgPool,
+    port: u16,
+    query: &str,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    use vault_workers::notify::email::{EmailConfig, run_emails};
+    let shutdown = CancellationToken::new();
+    let config = EmailConfig {
+        poll_interval: Duration::from_millis(10),
+        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}?{query}"))))
+    };
+    (shutdown.clone(), tokio::spawn(run_emails(pool.clone(), config, Wakers::default().emails, shutdown)))
+}
+
 #[tokio::test]
 async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the_row_and_a_temporary_one_waits() {
-    use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, _) = fake_smtp().await;
     let (user, _) = stack.user().await;
     let mut ids = Vec::new();
     for to in ["alice@example.com", "reject@example.com", "busy@example.com"] {
-        let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-             VALUES ($1, $2, $3, $4, 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
-        )
-        .bind(id)
-        .bind(user)
-        .bind(Uuid::now_v7())
-        .bind(to)
-        .execute(&stack.pool)
-        .await
-        .expect("email row");
-        ids.push(id);
+        ids.push(queue_email(&stack.pool, user, to, 0).await);
     }
-    let shutdown = CancellationToken::new();
-    let config = EmailConfig {
-        poll_interval: Duration::from_millis(10),
-        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!(
-            "smtp://127.0.0.1:{port}?from=Vault%20%3Cops%40example.com%3E"
-        ))))
-    };
-    let loop_ = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let (shutdown, loop_) = smtp_sender(&stack.pool, port, "from=Vault%20%3Cops%40example.com%3E");
     let pool = &stack.pool;
     let status = |id: Uuid| async move {
         sqlx::query_as::<_, (String, i32, Option<String>)>(
@@ -776,29 +792,11 @@ async fn with_smtp_url_set_emails_go_out_over_smtp_a_permanent_refusal_fails_the
 /// permanent failure would drop every email of the misconfiguration after one attempt.
 #[tokio::test]
 async fn an_email_the_relay_refuses_for_want_of_authentication_waits_to_be_retried() {
-    use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, _) = fake_smtp().await;
     let (user, _) = stack.user().await;
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-         VALUES ($1, $2, $3, 'alice@example.com', 'New sign-in', 'A new sign-in from 192.0.2.1.')",
-    )
-    .bind(id)
-    .bind(user)
-    .bind(Uuid::now_v7())
-    .execute(&stack.pool)
-    .await
-    .expect("email row");
-    let shutdown = CancellationToken::new();
-    let config = EmailConfig {
-        poll_interval: Duration::from_millis(10),
-        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!(
-            "smtp://127.0.0.1:{port}?from=unauthorised%40example.com"
-        ))))
-    };
-    let loop_ = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let id = queue_email(&stack.pool, user, "alice@example.com", 0).await;
+    let (shutdown, loop_) = smtp_sender(&stack.pool, port, "from=unauthorised%40example.com");
     let (state, error, later) = poll_until(Duration::from_secs(20), "the email to be attempted", || async {
         let row: (String, i32, Option<String>, bool) = sqlx::query_as(
             "SELECT status, attempts, last_error, next_attempt_at > now() + interval '30 seconds'
@@ -823,33 +821,15 @@ async fn an_email_the_relay_refuses_for_want_of_authentication_waits_to_be_retri
 /// during that send (here: a send the relay holds unanswered) cannot send the first again.
 #[tokio::test]
 async fn with_a_slow_relay_each_email_is_recorded_before_the_next_send() {
-    use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, gate) = fake_smtp().await;
     let (user, _) = stack.user().await;
-    let mut ids = Vec::new();
     // Claimed in this order: the first takes a second, the second is held.
-    for (to, due) in [("slow@example.com", "2 seconds"), ("hold@example.com", "1 second")] {
-        let id = Uuid::now_v7();
-        sqlx::query(&format!(
-            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body, next_attempt_at)
-             VALUES ($1, $2, $3, $4, 'New sign-in', 'A new sign-in.', now() - interval '{due}')"
-        ))
-        .bind(id)
-        .bind(user)
-        .bind(Uuid::now_v7())
-        .bind(to)
-        .execute(&stack.pool)
-        .await
-        .expect("email row");
-        ids.push(id);
-    }
-    let shutdown = CancellationToken::new();
-    let config = EmailConfig {
-        poll_interval: Duration::from_millis(10),
-        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
-    };
-    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let ids = [
+        queue_email(&stack.pool, user, "slow@example.com", 2).await,
+        queue_email(&stack.pool, user, "hold@example.com", 1).await,
+    ];
+    let (shutdown, sender) = smtp_sender(&stack.pool, port, "");
     poll_until(Duration::from_secs(20), "the second email held by the relay", || async {
         (messages.lock().expect("lock").len() == 2).then_some(())
     })
@@ -870,27 +850,11 @@ async fn with_a_slow_relay_each_email_is_recorded_before_the_next_send() {
 /// the gate, the sender's shutdown token and its task.
 async fn an_email_held_by_smtp()
 -> (Stack, Uuid, Arc<tokio::sync::Notify>, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    use vault_workers::notify::email::{EmailConfig, run_emails};
     let stack = Stack::start().await;
     let (port, messages, gate) = fake_smtp().await;
     let (user, _) = stack.user().await;
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-         VALUES ($1, $2, $3, 'hold@example.com', 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
-    )
-    .bind(id)
-    .bind(user)
-    .bind(Uuid::now_v7())
-    .execute(&stack.pool)
-    .await
-    .expect("email row");
-    let shutdown = CancellationToken::new();
-    let config = EmailConfig {
-        poll_interval: Duration::from_millis(10),
-        ..EmailConfig::new(Some(vault_core::config::Secret::new(format!("smtp://127.0.0.1:{port}"))))
-    };
-    let sender = tokio::spawn(run_emails(stack.pool.clone(), config, Wakers::default().emails, shutdown.clone()));
+    let id = queue_email(&stack.pool, user, "hold@example.com", 0).await;
+    let (shutdown, sender) = smtp_sender(&stack.pool, port, "");
     poll_until(Duration::from_secs(20), "the email to be on its way", || async {
         (!messages.lock().expect("lock").is_empty()).then_some(())
     })
@@ -1067,17 +1031,7 @@ async fn two_email_senders_with_a_slow_relay_send_every_email_once() {
     let (port, messages, _) = fake_smtp().await;
     let (user, _) = stack.user().await;
     for n in 0..10 {
-        sqlx::query(
-            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-             VALUES ($1, $2, $3, $4, 'Your BTC-USD buy order filled', 'Filled at 50000.00.')",
-        )
-        .bind(Uuid::now_v7())
-        .bind(user)
-        .bind(Uuid::now_v7())
-        .bind(format!("slow{n}@example.com"))
-        .execute(&stack.pool)
-        .await
-        .expect("email row");
+        queue_email(&stack.pool, user, &format!("slow{n}@example.com"), 0).await;
     }
     // Each send takes a second; a claim of ten would need ten seconds of an eight-second lease.
     let config = EmailConfig {
