@@ -26,6 +26,14 @@ async fn rows(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM audit_log").fetch_one(pool).await.expect("count")
 }
 
+/// The audit rows of each stream, by stream name.
+async fn rows_per_stream(pool: &PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT stream, count(*) FROM audit_log GROUP BY stream ORDER BY stream")
+        .fetch_all(pool)
+        .await
+        .expect("rows")
+}
+
 async fn publish_mix(bus: &Bus, user: Uuid, n: usize) {
     for i in 0..n {
         let request_id = Some(format!("req-{i}"));
@@ -107,12 +115,10 @@ async fn every_message_becomes_one_chained_row_even_across_a_kill_9() {
     // Messages in flight at the kill come back after the 30 s ack wait.
     poll_until(Duration::from_secs(60), "all 360 rows", || async { (rows(&pool).await >= 360).then_some(()) }).await;
     assert_eq!(rows(&pool).await, 360, "nothing doubled");
-    let per_stream: Vec<(String, i64)> =
-        sqlx::query_as("SELECT stream, count(*) FROM audit_log GROUP BY stream ORDER BY stream")
-            .fetch_all(&pool)
-            .await
-            .expect("rows");
-    assert_eq!(per_stream, [("AUTH".to_owned(), 120), ("EVENTS".to_owned(), 120), ("ORDERS".to_owned(), 120)]);
+    assert_eq!(
+        rows_per_stream(&pool).await,
+        [("AUTH".to_owned(), 120), ("EVENTS".to_owned(), 120), ("ORDERS".to_owned(), 120)]
+    );
     let (action, actor, request_id): (String, Option<Uuid>, Option<String>) =
         sqlx::query_as("SELECT action, actor_id, request_id FROM audit_log WHERE stream = 'AUTH' AND stream_seq = 1")
             .fetch_one(&pool)
@@ -228,12 +234,10 @@ async fn a_consumer_deleted_under_the_worker_is_declared_again_and_read_on() {
     assert!(auth.delete_consumer("audit-auth").await.expect("delete").success, "deleted");
     publish_mix(&bus, user, 30).await;
     poll_until(Duration::from_secs(30), "all 60 rows", || async { (rows(&pool).await >= 60).then_some(()) }).await;
-    let per_stream: Vec<(String, i64)> =
-        sqlx::query_as("SELECT stream, count(*) FROM audit_log GROUP BY stream ORDER BY stream")
-            .fetch_all(&pool)
-            .await
-            .expect("rows");
-    assert_eq!(per_stream, [("AUTH".to_owned(), 20), ("EVENTS".to_owned(), 20), ("ORDERS".to_owned(), 20)]);
+    assert_eq!(
+        rows_per_stream(&pool).await,
+        [("AUTH".to_owned(), 20), ("EVENTS".to_owned(), 20), ("ORDERS".to_owned(), 20)]
+    );
     let (code, out) = verify(&db);
     assert_eq!(code, 0, "{out}");
     assert!(worker.is_running(), "{}", worker.output());
