@@ -564,10 +564,16 @@ fn symbol_of(work: &Work) -> Option<&Symbol> {
     }
 }
 
-/// Whether Postgres refused the work for its content (SQLSTATE class 22, data exception: a NUL
-/// character in a client id, a value out of range): the same work fails the same way every time.
-fn is_permanent(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
+/// Whether Postgres refused the work for its content, so that the same work fails the same way
+/// every time: SQLSTATE class 22 (data exception: a NUL character in a client id, a value out of
+/// range) and class 23 (integrity constraint violation: a command for a user without an account,
+/// from a stray publisher or a database restored from an older backup, fails its foreign key) —
+/// but for a unique violation (23505), which a concurrent writer can cause and a retry then
+/// recognises as a duplicate. (Retried in place, such work held its partition for good: every
+/// ack wait added a copy behind it until the consumer's in-flight limit stopped the pulls.)
+pub(crate) fn is_permanent(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || (c.starts_with("23") && c != "23505")))
 }
 
 /// Loads (when needed) and commits, retrying version conflicts with a reload and database

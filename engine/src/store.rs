@@ -38,6 +38,16 @@ pub enum StoreError {
     Corrupt { user: Uuid, reason: String },
 }
 
+impl StoreError {
+    /// A database failure that says nothing about the work itself (a connection lost, a pool
+    /// exhausted, a timeout): the same work can pass later. Such a failure reaches the consumer
+    /// only when retrying stopped at shutdown or on a lost lease, and must then never park the
+    /// command, however many deliveries it shows.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Database(e) if !crate::actors::is_permanent(e))
+    }
+}
+
 /// One unit of work for a user's actor.
 #[derive(Debug, Clone)]
 pub enum Work {

@@ -122,6 +122,54 @@ async fn poisoned_commands_are_parked_and_counted_and_the_users_next_command_app
     assert_eq!(total, dec!(101), "only the good deposits moved money");
 }
 
+/// A well-formed command for a user without an account (a stray publisher, a database restored
+/// from an older backup) fails its foreign key every time. It is given back and parked like any
+/// command Postgres refuses, and the partition's other users go on. (Before, only data
+/// exceptions counted as the command's own failure: this one was retried in place for ever, and
+/// each ack wait added a copy behind it.)
+#[tokio::test]
+async fn a_command_for_a_user_without_an_account_is_parked_and_holds_no_one_up() {
+    let s = Stack::start().await;
+    let user = s.user().await;
+    let partition = subjects::partition_of(user);
+    let consumer = format!("engine-p{partition:02}");
+    let stranger = std::iter::repeat_with(Uuid::now_v7)
+        .find(|u| subjects::partition_of(*u) == partition)
+        .expect("a user id on the same partition");
+    s.send(
+        stranger,
+        CommandBody::Deposit {
+            deposit_id: Uuid::now_v7(),
+            client_deposit_id: "from-nowhere".to_owned(),
+            asset: Asset::usd(),
+            amount: Positive::new(dec!(5)).expect("positive"),
+        },
+    )
+    .await;
+
+    let deposit = s.deposit(user, "USD", dec!(100)).await;
+    s.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
+    let (subject, reason): (String, String) = poll_until(WAIT, "the stranger's command parked", || async {
+        sqlx::query_as("SELECT subject, reason FROM parked_messages WHERE stream = 'ORDERS' AND consumer = $1")
+            .bind(&consumer)
+            .fetch_optional(&s.pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(subject, subjects::order_command(stranger));
+    assert!(reason.contains("failed on delivery 10") && reason.contains("foreign key"), "{reason}");
+    let later = s.deposit(user, "USD", dec!(1)).await;
+    s.wait_status("deposits", later, "completed", Duration::from_secs(20)).await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM applied_commands WHERE user_id = $1")
+        .bind(stranger)
+        .fetch_one(&s.pool)
+        .await
+        .expect("count");
+    assert_eq!(stored, 0, "nothing of the stranger's command was stored");
+}
+
 #[tokio::test]
 async fn a_poisoned_price_tick_is_skipped_and_counted_and_the_next_tick_still_fills() {
     let s = Stack::start().await;
