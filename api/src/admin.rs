@@ -166,8 +166,9 @@ pub async fn resume_market(
     set_market_status(&state, &caller, &symbol, "trading").await
 }
 
-/// Writes `markets.status` (one of the two things the API writes in the trading schema) and
-/// refreshes this replica's market cache at once; other replicas follow within their refresh.
+/// Writes `markets.status` (one of the two things the API writes in the trading schema),
+/// refreshes this replica's market cache and has the engines reload their rules, all before it
+/// answers; other API replicas' caches follow within their refresh.
 async fn set_market_status(
     state: &AppState,
     caller: &Caller,
@@ -188,8 +189,22 @@ async fn set_market_status(
     if let Err(e) = state.markets.refresh(&state.pool).await {
         tracing::warn!(error = %e, "market cache not refreshed; the periodic refresh will catch up");
     }
+    // The engines reload the rules at once and answer: the 204 then means the market's next
+    // orders are decided under the new status. With no engine answering (none running, NATS
+    // down) the change is still made; engines read it within their 2 s refresh.
+    let asked = state.bus.client().request(vault_bus::subjects::MARKETS_CHANGED, Default::default());
+    match tokio::time::timeout(ENGINES_CONFIRM_WITHIN, asked).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, symbol, "no engine confirmed the market change; they read it within 2 s")
+        }
+        Err(_) => tracing::warn!(symbol, "no engine confirmed the market change in time; they read it within 2 s"),
+    }
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// How long a halt or resume waits for an engine to confirm it reloaded the market rules.
+const ENGINES_CONFIRM_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `vault-api admin create --email E`: promotes E to admin, or creates E as an admin with the
 /// password `read_password` returns (read only when E does not exist). Returns what was done.

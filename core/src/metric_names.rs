@@ -95,6 +95,7 @@ pub const ENGINE_MAILBOX_DEPTH: &str = "vault_engine_mailbox_depth";
 pub const ENGINE_VERSION_CONFLICTS: &str = "vault_engine_version_conflicts_total";
 pub const ENGINE_COMMIT_RETRIES: &str = "vault_engine_commit_retries_total";
 pub const ENGINE_BAD_TICKS: &str = "vault_engine_bad_ticks_total";
+pub const ENGINE_PRICE_FEED_OPEN_FAILURES: &str = "vault_engine_price_feed_open_failures_total";
 pub const ENGINE_REWINDS: &str = "vault_engine_rewinds_total";
 pub const ENGINE_PARTITIONS_HELD: &str = "vault_engine_partitions_held";
 pub const OUTBOX_PUBLISHED: &str = "vault_outbox_published_total";
@@ -291,6 +292,13 @@ pub const CATALOG: &[Metric] = &[
         Plain,
     ),
     m(ENGINE_BAD_TICKS, C, "Price ticks the engine could not decode", ENGINE, Plain),
+    m(
+        ENGINE_PRICE_FEED_OPEN_FAILURES,
+        C,
+        "Attempts to open the engine's price feed that NATS refused (retried every 0.5 s)",
+        ENGINE,
+        Plain,
+    ),
     m(
         ENGINE_REWINDS,
         C,

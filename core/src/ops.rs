@@ -3,7 +3,7 @@
 //! - `/health` answers 200 while the process lives: a liveness probe must not restart a process
 //!   because a dependency is down.
 //! - `/readyz` answers 200 only when every registered [`Check`] passes, else 503 with a JSON body
-//!   naming what is down. Checks run in the background every [`REFRESH`] (and once before the
+//!   naming what is down (and `Retry-After`, as every 503 of the API has). Checks run in the background every [`REFRESH`] (and once before the
 //!   server starts), so a probe storm never becomes a load on Postgres or NATS, and the answer
 //!   returns to 200 on its own when the dependency does. Shutdown turns it 503 at once
 //!   (`draining`) so load balancers stop sending work while in-flight requests finish.
@@ -161,8 +161,12 @@ async fn health() -> Json<serde_json::Value> {
 
 async fn readyz(State(readiness): State<Readiness>) -> Response {
     let report = readiness.report();
-    let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(report)).into_response()
+    if report.ready {
+        return (StatusCode::OK, Json(report)).into_response();
+    }
+    // The answer can change at the next round of checks.
+    let retry_after = REFRESH.as_secs().max(1).to_string();
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, retry_after)], Json(report)).into_response()
 }
 
 async fn metrics_text() -> Response {

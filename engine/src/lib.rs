@@ -33,6 +33,10 @@ use crate::actors::{IDLE, Shard};
 use crate::runtime::Router;
 use crate::store::PgStore;
 
+/// How long an engine that could not start serving (its state did not load) stands by before
+/// it takes the lease again.
+const RETRY_SERVING_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the engine until `shutdown` fires, then drains and returns. Must run inside an actix
 /// `System` (the binary's `main` provides one).
 ///
@@ -70,7 +74,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 // Not ready from now on, not from the next periodic check.
                 process.readiness.refresh().await;
             }
-            Err(e) => break Err(e),
+            // Loading its state failed after it took the lease (the lease went back with it):
+            // a database that fails now may answer in a moment, so it stands by again rather
+            // than exiting, which nothing here would undo.
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "could not start serving; standing by to try again");
+                process.readiness.refresh().await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(RETRY_SERVING_AFTER) => {}
+                }
+            }
         }
     };
     process.finish().await?;
@@ -131,7 +145,7 @@ async fn serve(
 
     let mut consumers = FuturesUnordered::new();
     let background = vec![
-        actix::spawn(runtime::refresh_markets(pool.clone(), shared.clone(), serving.clone())),
+        actix::spawn(runtime::refresh_markets(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
         actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
     ];
     let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));
@@ -148,9 +162,7 @@ async fn serve(
         tracing::error!(reason, "a partition consumer stopped while serving; serving everything again");
     }
     while consumers.next().await.is_some() {}
-    if let Ok(Err(e)) = feed.await {
-        tracing::warn!(error = format!("{e:#}"), "price feed ended with an error");
-    }
+    let _ = feed.await;
     for task in background {
         let _ = task.await;
     }

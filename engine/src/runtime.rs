@@ -12,8 +12,8 @@
 //!   crosses; opened again after the last tick seen when its consumer vanishes with a server;
 //! - the outbox relay ([`relay_outbox`]): publishes committed events to EVENTS (dedupe id = the
 //!   outbox row id, so a crash between publish and mark re-publishes harmlessly);
-//! - the market rules refresher ([`refresh_markets`]): halts and resumes take effect within
-//!   seconds.
+//! - the market rules refresher ([`refresh_markets`]): halts and resumes take effect at once
+//!   (the API asks every engine to reload the rules), and within two seconds in any case.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -109,20 +109,44 @@ pub async fn load_markets(pool: &PgPool) -> Result<Vec<Market>, sqlx::Error> {
         .collect())
 }
 
-/// Reloads market rules every two seconds until shutdown.
-pub async fn refresh_markets(pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+/// Reloads market rules every two seconds until shutdown, and at once when an administrator's
+/// change is announced on [`subjects::MARKETS_CHANGED`]: that request is answered after the
+/// reload, so the API answers a halt only once an engine rejects the market's next orders
+/// (with the timer alone, orders placed in the 2 s after a halt's 204 still filled).
+pub async fn refresh_markets(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut changes = match bus.client().subscribe(subjects::MARKETS_CHANGED).await {
+        Ok(changes) => Some(changes),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow market changes; they take effect within the periodic refresh");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
-        tokio::select! {
+        let asked = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+            _ = tick.tick() => None,
+            Some(change) = async {
+                match changes.as_mut() {
+                    Some(changes) => changes.next().await,
+                    None => std::future::pending().await,
+                }
+            } => Some(change),
+        };
         // Raced with the shutdown too: a database that does not answer must not hold the exit.
         let Some(loaded) = shutdown.run_until_cancelled(load_markets(&pool)).await else { return };
         match loaded {
             Ok(markets) => {
-                let mut m = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
-                m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
+                {
+                    let mut m =
+                        shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
+                    m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
+                }
+                if let Some(reply) = asked.and_then(|change| change.reply)
+                    && let Err(e) = bus.client().publish(reply, Default::default()).await
+                {
+                    tracing::warn!(error = %e, "could not confirm a market change");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not refresh market rules; keeping the last ones"),
         }
@@ -348,7 +372,7 @@ async fn settle(
         }
         Err(e) => {
             let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-            if delivered >= MAX_DELIVER {
+            if parks(delivered, &e) {
                 park_and_term(pool, durable, &msg, &format!("failed on delivery {delivered}: {e}")).await
             } else {
                 tracing::warn!(consumer = durable, delivered, error = %e, "command failed; will be redelivered");
@@ -357,6 +381,16 @@ async fn settle(
             }
         }
     }
+}
+
+/// Whether a command that failed on its `delivered`-th delivery is parked: on its last one, for
+/// a failure of its own ([`StoreError::is_transient`] is not). A transient failure is returned
+/// only when the engine stops serving (shutdown, a lost lease) while a commit is being retried:
+/// the command was never refused, so it goes back to the next engine whatever its count. (It was
+/// parked and terminated, a command answered 202 and never applied, after a long outage had
+/// raised its count.)
+fn parks(delivered: i64, error: &StoreError) -> bool {
+    delivered >= MAX_DELIVER && !error.is_transient()
 }
 
 /// Parks and terminates `msg`; [`Settled::Retry`] when it could not be parked.
@@ -400,23 +434,38 @@ async fn open_feed(bus: &Bus, after: Option<u64>) -> anyhow::Result<pull::Ordere
     Ok(consumer.messages().await?)
 }
 
+/// [`open_feed`], again every half second until it opens; `None` at shutdown.
+async fn open_feed_until_open(bus: &Bus, after: Option<u64>, shutdown: &CancellationToken) -> Option<pull::Ordered> {
+    loop {
+        match open_feed(bus, after).await {
+            Ok(messages) => return Some(messages),
+            Err(e) => {
+                metrics::counter!(names::ENGINE_PRICE_FEED_OPEN_FAILURES).increment(1);
+                tracing::warn!(error = format!("{e:#}"), "cannot open the price feed yet");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 /// Follows PRICES from the last tick of every market: keeps the latest price per symbol and
-/// sends a trigger to the owner of every resting order a tick crosses. When the feed fails
-/// (its consumer vanished with a server), it is opened again after the last tick seen, every
-/// half second until NATS answers.
-pub async fn price_feed(
-    bus: Bus,
-    shared: Arc<Shared>,
-    router: Router,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let mut messages = open_feed(&bus, None).await?;
+/// sends a trigger to the owner of every resting order a tick crosses. The feed is opened until
+/// it is open, every half second until NATS answers — at start too: an engine that begins
+/// serving during a NATS blip (a standby taking over, the lease taken back) used to end its
+/// feed on the first refusal and trade on without prices, ready, until a restart. When the feed
+/// fails or ends (its consumer vanished with a server), it is opened again after the last tick
+/// seen. Returns only at shutdown.
+pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown: CancellationToken) {
     let mut last_seq = None;
+    let Some(mut messages) = open_feed_until_open(&bus, last_seq, &shutdown).await else { return };
     let mut connects = bus.connects();
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     loop {
         let next = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return,
             next = messages.next() => next.map(|r| r.map_err(anyhow::Error::from)),
             () = shared.recross.asked() => {
                 for symbol in shared.recross.take() {
@@ -436,21 +485,16 @@ pub async fn price_feed(
         };
         let msg = match next {
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, after = ?last_seq, "price feed interrupted; opening it again");
-                messages = loop {
-                    match open_feed(&bus, last_seq).await {
-                        Ok(messages) => break messages,
-                        Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot open the price feed yet"),
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
+            failed => {
+                let why = match failed {
+                    Some(Err(e)) => format!("{e:#}"),
+                    _ => "the feed ended".to_owned(),
                 };
+                tracing::warn!(error = why, after = ?last_seq, "price feed interrupted; opening it again");
+                let Some(reopened) = open_feed_until_open(&bus, last_seq, &shutdown).await else { return };
+                messages = reopened;
                 continue;
             }
-            None => return Ok(()),
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         last_seq = Some(seq);
@@ -622,4 +666,20 @@ pub fn shared(
         shutdown,
         recross: Default::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_failure_of_the_command_itself_parks_it_on_its_last_delivery() {
+        let lost_connection = || StoreError::Database(sqlx::Error::PoolTimedOut);
+        let corrupt = || StoreError::Corrupt { user: Uuid::nil(), reason: "a balance of an unknown asset".into() };
+        assert!(!parks(MAX_DELIVER, &lost_connection()), "a retry stopped by shutdown goes to the next engine");
+        assert!(!parks(MAX_DELIVER * 3, &lost_connection()), "however many deliveries it shows");
+        assert!(parks(MAX_DELIVER, &corrupt()));
+        assert!(parks(MAX_DELIVER, &StoreError::VersionConflict(Uuid::nil())));
+        assert!(!parks(MAX_DELIVER - 1, &corrupt()), "not before its last delivery");
+    }
 }

@@ -429,14 +429,16 @@ async fn a_second_engine_on_the_same_partitions_stands_by_and_takes_over_when_th
     .await;
     let applied_by_standby = scrape_metric(&standby_ops, "vault_engine_commands_total", &[]).await;
     let held_by_standby = scrape_metric(&standby_ops, "vault_engine_partitions_held", &[]).await;
-    let standby_ready =
-        http_client().get(format!("http://{standby_ops}/readyz")).send().await.expect("readyz").status();
+    let standby_readyz = http_client().get(format!("http://{standby_ops}/readyz")).send().await.expect("readyz");
+    let standby_ready = standby_readyz.status();
+    let retry_after = standby_readyz.headers().get("retry-after").map(|v| v.to_str().unwrap_or("").to_owned());
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(10)).await;
     let at_kill = applied(&pool).await;
     assert_eq!(applied_by_standby, 0.0, "the standby applied nothing while the first engine ran");
     assert_eq!(held_by_standby, 0.0, "the standby held no partition");
     assert_eq!(standby_ready.as_u16(), 503, "the standby is not ready");
+    assert_eq!(retry_after.as_deref(), Some("1"), "a 503 says when to ask again");
 
     second.wait_http_status(&standby_ops, "/readyz", 200, Duration::from_secs(30)).await;
     publisher.await.expect("the publisher finishes");
@@ -471,6 +473,56 @@ async fn a_second_engine_on_the_same_partitions_stands_by_and_takes_over_when_th
         "reconcile (with stream order) found violations (exit {code}):\n{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
+}
+
+/// An engine that takes over while its price feed cannot be opened (here NATS is down when the
+/// lease, held in Postgres, passes to it) opens the feed as soon as NATS answers, and trades at
+/// the prices that come. Before, the feed ended on that first refusal, and the engine served
+/// on — ready — rejecting every market order `no_price` until a restart.
+#[tokio::test]
+async fn a_standby_that_takes_over_while_nats_is_down_follows_prices_once_it_is_back() {
+    let (mut nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let mut desk = common::Desk::connect(pool.clone(), &nats).await;
+    let (mut first, _) = start_engine_at(&db, &nats, &[]).await;
+    let (mut second, standby_ops) = spawn_engine(&db, &nats, &[]);
+    poll_until(Duration::from_secs(30), "the second engine to stand by", || async {
+        second.output().contains("standing by").then_some(())
+    })
+    .await;
+    let user = desk.user().await;
+    let deposit = desk.deposit(user, "USD", dec!(100000)).await;
+    desk.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
+
+    nats.kill();
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    poll_until(Duration::from_secs(30), "the second engine to take the partitions over", || async {
+        (scrape_metric(&standby_ops, "vault_engine_partitions_held", &[]).await == 16.0).then_some(())
+    })
+    .await;
+    // Down long enough for the feed's first opening to be refused, not merely held back.
+    poll_until(Duration::from_secs(30), "the second engine to be refused its price feed", || async {
+        (scrape_metric(&standby_ops, "vault_engine_price_feed_open_failures_total", &[]).await >= 1.0).then_some(())
+    })
+    .await;
+    nats.restart().await;
+    second.wait_http_status(&standby_ops, "/readyz", 200, Duration::from_secs(30)).await;
+
+    desk.tick(dec!(42000)).await;
+    let order = poll_until(Duration::from_secs(30), "a market buy filled at the new price", || async {
+        let (order, _) = desk.place(user, Side::Buy, TimeInForce::Ioc, dec!(0.01), None).await;
+        let status = desk.decided(order, Duration::from_secs(10)).await;
+        (status == "filled").then_some(order)
+    })
+    .await;
+    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+        .bind(order)
+        .fetch_one(&pool)
+        .await
+        .expect("fill");
+    assert_eq!(price, dec!(42000));
+    second.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 /// Terminates the Postgres session that holds the engines' partition locks (there is one).

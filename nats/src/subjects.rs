@@ -5,7 +5,9 @@
 //! - `auth.<type>`: authentication events;
 //! - `prices.<SYMBOL>`: price ticks;
 //! - `notifications.<user_id>`: in-app notifications pushed by the notify worker on core NATS
-//!   (no stream stores them: a best-effort push, the durable copy is the `notifications` table).
+//!   (no stream stores them: a best-effort push, the durable copy is the `notifications` table);
+//! - `control.markets.changed`: a request on core NATS after an administrator halted or resumed
+//!   a market; every engine reloads the market rules and answers.
 
 use uuid::Uuid;
 use vault_core::config::PARTITIONS;
@@ -58,6 +60,9 @@ pub const ORDERS_ALL: &str = "orders.*.*";
 pub const EVENTS_ALL: &str = "events.>";
 pub const AUTH_ALL: &str = "auth.>";
 pub const PRICES_ALL: &str = "prices.*";
+
+/// Asked (core NATS request) after `markets` changed; engines reload their rules, then answer.
+pub const MARKETS_CHANGED: &str = "control.markets.changed";
 
 #[cfg(test)]
 mod tests {
