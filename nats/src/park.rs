@@ -20,7 +20,9 @@ use sqlx::PgPool;
 /// How long parking one message may take.
 pub const PARK_WITHIN: std::time::Duration = vault_core::shutdown::GRACE;
 
-/// Parks `msg`; idempotent per (stream, consumer, stream sequence).
+/// Parks `msg`; idempotent per (stream, consumer, stream sequence, payload): the same message
+/// parked again (its terminate was lost, so it came back) is stored, counted and logged once,
+/// and a different one at the same sequence (a stream re-created) is stored beside it.
 pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, reason: &str) -> Result<(), sqlx::Error> {
     let seq = msg.info().map(|i| i.stream_sequence as i64).unwrap_or(-1);
     let headers: BTreeMap<String, String> = msg
@@ -42,7 +44,10 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
     .bind(msg.payload.as_ref())
     .bind(sqlx::types::Json(headers))
     .execute(pool);
-    vault_core::db::within(PARK_WITHIN, insert).await?;
+    if vault_core::db::within(PARK_WITHIN, insert).await?.rows_affected() == 0 {
+        tracing::info!(stream, consumer, stream_seq = seq, subject = %msg.subject, "message parked before; terminating it again");
+        return Ok(());
+    }
     metrics::counter!("vault_parked_messages_total", "stream" => stream.to_owned(), "consumer" => consumer.to_owned())
         .increment(1);
     tracing::error!(stream, consumer, stream_seq = seq, subject = %msg.subject, reason, "message parked");

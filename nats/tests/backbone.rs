@@ -258,3 +258,39 @@ async fn a_batch_lingers_from_its_first_message_even_after_an_idle_spell() {
     consumed.expect("stops cleanly");
     assert_eq!(first, 5, "the burst in one batch");
 }
+
+/// Parking keeps every message: a second, different message at a sequence already parked (a
+/// stream re-created starts its sequences again) is stored beside the first, and the same
+/// message parked again (its terminate lost, so it came back) is stored once. (Unique on the
+/// sequence alone, the second was counted and logged as parked, terminated, and stored nowhere.)
+#[tokio::test]
+async fn parking_keeps_every_message_and_the_same_message_once() {
+    use async_nats::jetstream::{consumer::pull, stream};
+    let (nats, db) = (NatsServer::start().await, vault_testkit::TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    let js = bus.jetstream();
+    let config = stream::Config { name: "SCRATCH".into(), subjects: vec!["scratch.>".into()], ..Default::default() };
+    let mut parked = Vec::new();
+    for payload in ["first poison", "second poison"] {
+        let stream = js.get_or_create_stream(config.clone()).await.expect("stream");
+        js.publish("scratch.x", payload.into()).await.expect("sent").await.expect("stored");
+        let consumer = stream
+            .create_consumer(pull::Config { durable_name: Some("c".into()), ..Default::default() })
+            .await
+            .expect("consumer");
+        let mut batch = consumer.fetch().max_messages(1).messages().await.expect("fetch");
+        let msg = batch.next().await.expect("a message").expect("no error");
+        assert_eq!(msg.info().expect("info").stream_sequence, 1);
+        vault_bus::park::park(&pool, "SCRATCH", "c", &msg, "poison").await.expect("parked");
+        parked.push(msg);
+        js.delete_stream("SCRATCH").await.expect("deleted");
+    }
+    vault_bus::park::park(&pool, "SCRATCH", "c", &parked[0], "poison").await.expect("parked again");
+    let payloads: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM parked_messages WHERE stream = 'SCRATCH' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(payloads, vec![b"first poison".to_vec(), b"second poison".to_vec()]);
+}
