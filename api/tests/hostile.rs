@@ -608,4 +608,27 @@ async fn unknown_methods_and_routes_answer_problems() {
     }
     let resp = api.get("/nowhere/%FF", None).await;
     problem(resp, 404, "not_found").await;
+
+    // Made-up methods are counted under one label: raw, each added series to the registry for
+    // good, and anyone who can reach the port could make as many as they liked.
+    for i in 0..20 {
+        let method = Method::from_bytes(format!("BREW{i}").as_bytes()).expect("a method");
+        api.client.request(method, api.url("/me")).send().await.expect("answer");
+    }
+    let metrics = api
+        .client
+        .get(format!("http://{}/metrics", api.addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let methods: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(methods.contains("other"), "{methods:?}");
+    assert!(methods.iter().all(|m| !m.starts_with("BREW")), "a series per made-up method: {methods:?}");
 }

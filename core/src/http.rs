@@ -154,15 +154,34 @@ fn requests_in_flight() -> &'static metrics::Gauge {
     GAUGE.get_or_init(|| metrics::gauge!("http_requests_in_flight"))
 }
 
+/// The `method` label of a request: one of the nine methods of RFC 9110 (and PATCH), or
+/// `other`. hyper accepts any token as a method, so labelling the raw one let anyone who can
+/// reach a port add a counter and a histogram to the registry per made-up method, for good.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn record_metrics(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let _in_flight = Held::new(requests_in_flight().clone());
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
         .record(started.elapsed().as_secs_f64());
