@@ -145,6 +145,48 @@ impl DatabaseUrl {
     }
 }
 
+/// `NATS_URL`: comma-separated server URLs, which may carry credentials
+/// (`nats://user:password@host`, `nats://token@host`). It reads as the text it holds; `Debug`
+/// and [`NatsUrl::redacted`] show it with every user part as `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsUrl(String);
+
+impl NatsUrl {
+    pub fn redacted(&self) -> String {
+        redact_url_credentials(&self.0)
+    }
+}
+
+impl std::ops::Deref for NatsUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NatsUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `urls` (comma-separated) with the user part of each (`user:password@`, `token@`) written as
+/// `[redacted]@`: what may be printed of a URL that can hold a secret.
+pub fn redact_url_credentials(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+            match authority.rfind('@') {
+                Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -268,8 +310,8 @@ pub struct Settings {
     pub role: Role,
     pub app_env: AppEnv,
     pub database_url: DatabaseUrl,
-    /// Comma-separated NATS server URLs.
-    pub nats_url: String,
+    /// Comma-separated NATS server URLs (credentials hidden from `Debug`).
+    pub nats_url: NatsUrl,
     /// Copies JetStream keeps of every stream: 1 on a single server, 3 on a cluster.
     pub nats_replicas: usize,
     /// `None` outside the API; the API refuses to start without it.
@@ -466,7 +508,7 @@ impl Settings {
                 role,
                 app_env,
                 database_url: database_url.for_role(role),
-                nats_url,
+                nats_url: NatsUrl(nats_url),
                 nats_replicas,
                 jwt_secret,
                 api_addr: api_addr.unwrap_or_else(|| Role::Api.default_ops_addr()),
@@ -504,7 +546,7 @@ impl Settings {
         BTreeMap::from([
             ("APP_ENV", format!("{:?}", self.app_env).to_lowercase()),
             ("DATABASE_URL", format!("{:?}", self.database_url)),
-            ("NATS_URL", self.nats_url.clone()),
+            ("NATS_URL", self.nats_url.redacted()),
             ("NATS_REPLICAS", self.nats_replicas.to_string()),
             ("JWT_SECRET", secret(&self.jwt_secret)),
             ("API_ADDR", self.api_addr.to_string()),
@@ -752,11 +794,20 @@ mod tests {
                 ("JWT_SECRET", SECRET),
                 ("SMTP_URL", "smtp://mailer:mailpass@127.0.0.1:2525"),
                 ("SENTRY_DSN", "https://sentrykey@sentry.example/1"),
+                ("NATS_URL", "nats://bus:natspass@10.0.0.1:4222, nats://natstoken@10.0.0.2:4222,nats://10.0.0.3:4222"),
             ],
         )
         .expect("valid");
+        assert_eq!(
+            s.redacted()["NATS_URL"],
+            "nats://[redacted]@10.0.0.1:4222,nats://[redacted]@10.0.0.2:4222,nats://10.0.0.3:4222"
+        );
+        assert_eq!(
+            &*s.nats_url,
+            "nats://bus:natspass@10.0.0.1:4222, nats://natstoken@10.0.0.2:4222,nats://10.0.0.3:4222"
+        );
         let text = format!("{:?} {:?}", s.redacted(), s);
-        for secret in [SECRET, "hunter2", "mailpass", "sentrykey"] {
+        for secret in [SECRET, "hunter2", "mailpass", "sentrykey", "natspass", "natstoken"] {
             assert!(!text.contains(secret), "{secret} leaked in {text}");
         }
     }

@@ -102,7 +102,8 @@ impl Bus {
                     attempt += 1;
                 }
                 Err(err) => {
-                    return Err(BusError::Connect { url: url.to_owned(), reason: err.to_string() });
+                    let url = vault_core::config::redact_url_credentials(url);
+                    return Err(BusError::Connect { url, reason: err.to_string() });
                 }
             }
         };
