@@ -223,7 +223,7 @@ start_proc() {
   say "$name started (pid $pid)"
 }
 
-# SIGTERM, up to 30 s to exit, then SIGKILL. Only ever signals a process `is_running` vouches for.
+# SIGTERM, up to 45 s to exit (the API's bounded drain takes up to 36 s), then SIGKILL. Only ever signals a process `is_running` vouches for.
 stop_proc() {
   local name=$1 pid file deadline
   file=$(pid_file "$name")
@@ -238,10 +238,10 @@ stop_proc() {
   fi
   say "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  deadline=$((SECONDS + 30))
+  deadline=$((SECONDS + 45))
   while is_running "$name" "$pid" && ((SECONDS < deadline)); do sleep 0.5; done
   if is_running "$name" "$pid"; then
-    warn "$name did not exit within 30s; sending SIGKILL"
+    warn "$name did not exit within 45s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
     sleep 0.5
   fi
@@ -562,7 +562,9 @@ cmd_test() {
   if cargo nextest --version >/dev/null 2>&1; then
     run_step "tests (nextest)" cargo nextest run --workspace --no-fail-fast
   else
-    run_step "tests (cargo test)" cargo test --workspace --no-fail-fast
+    # Without nextest's test groups (.config/nextest.toml), whole-stack tests of one binary
+    # would run side by side on a small machine: one at a time instead.
+    run_step "tests (cargo test)" cargo test --workspace --no-fail-fast -- --test-threads=1
   fi
   if [ ${#FAILED[@]} -gt 0 ]; then
     local list

@@ -130,7 +130,9 @@ impl Application {
 
         let pool = db::connect(&settings.database_url, settings.database_pool_size, db::Plans::Custom).await?;
         let bus = Bus::connect(&settings.nats_url, settings.role.as_str()).await?.with_replicas(settings.nats_replicas);
-        bus.ensure_streams().await?;
+        // Retried like the other processes' declaration: a cluster still electing its leader is
+        // waited for, not a reason to exit.
+        bus.declare(&[]).await?;
 
         let readiness = Readiness::new();
         readiness.add("postgres", db::readiness_check(pool.clone()));
