@@ -10,8 +10,10 @@
 //! min-notional pre-check of market orders. The `vault_price_age_seconds` gauge belongs to the
 //! prices worker.
 //!
-//! Ordering: the stream's order is the truth ("anything that publishes a tick moves the
-//! market"), so the last tick delivered for a symbol replaces the one before, whatever its `ts`.
+//! Ordering: a tick replaces the one held for its symbol unless it is older (its `ts` before
+//! the held one's) — the engine's rule, so the price shown is the price the engine trades at.
+//! (Kept in stream order alone, a tick published late with an older `ts` showed here while the
+//! engine went on at the newer one.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -54,10 +56,13 @@ impl PriceBook {
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(symbol).cloned()
     }
 
-    /// Records `tick` as the latest price of its symbol.
+    /// Records `tick` as the latest price of its symbol, unless the one held is newer.
     pub fn apply(&self, tick: PriceTick) {
-        let latest = LatestPrice { price: tick.price.get(), ts: tick.ts, source: tick.source };
-        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(tick.symbol, latest);
+        let mut prices = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if prices.get(&tick.symbol).is_some_and(|held| held.ts > tick.ts) {
+            return;
+        }
+        prices.insert(tick.symbol, LatestPrice { price: tick.price.get(), ts: tick.ts, source: tick.source });
     }
 }
 
@@ -158,19 +163,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_last_tick_delivered_is_the_latest_price() {
+    fn the_newest_tick_is_the_latest_price_as_the_engine_holds_it() {
         let book = PriceBook::new();
         let btc = Symbol::parse("BTC-USD").expect("valid");
         assert_eq!(book.get(&btc), None);
-        let tick = |price: i64, seq| PriceTick {
+        let now = Utc::now();
+        let tick = |price: i64, seq, ts| PriceTick {
             symbol: btc.clone(),
             price: Positive::new(Decimal::new(price, 2)).expect("positive"),
-            ts: Utc::now(),
+            ts,
             source: "sim".to_owned(),
             seq,
         };
-        book.apply(tick(5_000_000, 1));
-        book.apply(tick(5_000_100, 2));
-        assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_100, 2));
+        book.apply(tick(5_000_000, 1, now));
+        book.apply(tick(5_000_100, 2, now));
+        assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_100, 2), "a tick as new replaces it");
+        book.apply(tick(9_000_000, 3, now - chrono::Duration::seconds(5)));
+        assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_100, 2), "an older one does not");
+        book.apply(tick(5_000_200, 4, now + chrono::Duration::seconds(1)));
+        assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_200, 2));
     }
 }
