@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::auth::caller::{Reader, Trader};
+use crate::auth::caller::{Reader, SessionCaller};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::json::ApiJson;
 use crate::pagination::{ApiQuery, Cursor, Page};
@@ -219,10 +219,13 @@ async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError>
 /// Register a webhook.
 #[utoipa::path(post, path = "/api/v1/webhooks", tag = "notifications", security(("bearer" = [])),
     request_body = CreateWebhookRequest,
-    responses((status = 201, body = CreatedWebhook), (status = 422, body = Problem)))]
+    responses((status = 201, body = CreatedWebhook), (status = 403, description = "session_required", body = Problem),
+              (status = 422, body = Problem)))]
 pub async fn create_webhook(
     State(state): State<AppState>,
-    Trader(caller): Trader,
+    // A webhook is a credential: its secret signs what it receives, and it can receive the
+    // user's login events. An API key (whose revocation does not reach webhooks) makes none.
+    SessionCaller(caller): SessionCaller,
     ApiJson(body): ApiJson<CreateWebhookRequest>,
 ) -> Result<(StatusCode, axum::Json<CreatedWebhook>), ApiError> {
     let mut errors = Vec::new();
@@ -271,10 +274,11 @@ pub async fn list_webhooks(
 
 /// Delete one of the caller's webhooks; its pending deliveries end failed.
 #[utoipa::path(delete, path = "/api/v1/webhooks/{id}", tag = "notifications", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
+    params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 403, description = "session_required", body = Problem), (status = 404, body = Problem)))]
 pub async fn delete_webhook(
     State(state): State<AppState>,
-    Trader(caller): Trader,
+    SessionCaller(caller): SessionCaller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
     let found =

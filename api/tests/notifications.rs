@@ -59,20 +59,25 @@ async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it
         api.get(&format!("/webhooks/{id}/deliveries"), Some(&token)).await.json().await.expect("json");
     assert_eq!(deliveries["deliveries"], json!([]));
 
-    // A read-only key cannot register webhooks.
-    let key: Value = api
-        .post("/api-keys", Some(&token), json!({"name": "ro", "scopes": ["read"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
-    let key = key["key"].as_str().expect("key");
-    problem(
-        api.post("/webhooks", Some(key), json!({"url": "http://127.0.0.1:9/h", "events": ["order.filled"]})).await,
-        403,
-        "insufficient_scope",
-    )
-    .await;
+    // No API key registers or deletes webhooks, whatever its scopes: a webhook is a credential
+    // (its secret signs, and it can receive login events), and revoking a key does not reach it.
+    for scopes in [json!(["read"]), json!(["read", "trade"])] {
+        let key: Value = api
+            .post("/api-keys", Some(&token), json!({"name": "k", "scopes": scopes}))
+            .await
+            .json()
+            .await
+            .expect("json");
+        let key = key["key"].as_str().expect("key");
+        problem(
+            api.post("/webhooks", Some(key), json!({"url": "http://127.0.0.1:9/h", "events": ["auth.login"]})).await,
+            403,
+            "session_required",
+        )
+        .await;
+        problem(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(key), None).await, 403, "session_required")
+            .await;
+    }
 
     assert_eq!(api.call(Method::DELETE, &format!("/webhooks/{id}"), Some(&token), None).await.status(), 204);
     let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");

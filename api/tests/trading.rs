@@ -367,7 +367,7 @@ async fn a_read_only_api_key_cannot_trade_but_can_read() {
         .await;
     problem(api.call(Method::DELETE, "/orders/not-an-id", Some(&key), None).await, 403, "insufficient_scope").await;
     problem(api.post("/account/deposits", Some(&key), json!({"amount": "x"})).await, 403, "insufficient_scope").await;
-    problem(api.post("/webhooks", Some(&key), json!({"url": 7})).await, 403, "insufficient_scope").await;
+    problem(api.post("/webhooks", Some(&key), json!({"url": 7})).await, 403, "session_required").await;
 
     let list = json_of(api.get("/orders", Some(&key)).await, 200).await;
     assert_eq!(list["orders"][0]["id"], order["id"]);

@@ -163,6 +163,21 @@ pub struct Reader(pub Caller);
 #[derive(Debug, Clone)]
 pub struct Trader(pub Caller);
 
+/// A caller with a logged-in session, not an API key: for the routes that manage credentials.
+/// Like [`Reader`], refused (403 `session_required`) before the rest of the request is read.
+#[derive(Debug, Clone)]
+pub struct SessionCaller(pub Caller);
+
+impl FromRequestParts<AppState> for SessionCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_session()?;
+        Ok(SessionCaller(caller))
+    }
+}
+
 /// The caller, if its credential carries `scope`.
 async fn scoped(parts: &mut Parts, state: &AppState, scope: Scope) -> Result<Caller, ApiError> {
     let caller = Caller::from_request_parts(parts, state).await?;
