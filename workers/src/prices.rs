@@ -270,7 +270,13 @@ pub async fn publish_from(
                 source: source.name().to_owned(),
                 seq,
             };
-            acks.push((quote, bus.start_publish(&tick, &MessageContext::default()).await?));
+            // A publish the client cannot even queue (NATS gone long enough to fill the client's
+            // buffer) drops this tick; the source goes on, and so does the worker (it ended the
+            // role, and the process, after about 19 minutes of outage).
+            match bus.start_publish(&tick, &MessageContext::default()).await {
+                Ok(ack) => acks.push((quote, ack)),
+                Err(e) => tracing::warn!(symbol = %quote.symbol, error = %e, "tick not sent"),
+            }
         }
         // Awaited together: an ack's timeout (the client's 5 s) starts when it is awaited, so
         // awaiting them one by one after NATS went away mid-round stopped the ticks for 5 s per
