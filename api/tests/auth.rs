@@ -192,6 +192,18 @@ async fn an_email_without_an_account_is_locked_as_an_account_is() {
         problem(locked, 423, "account_locked").await;
     }
 
+    // An email is counted as Postgres lowercases it, as accounts are matched: `İ` is `i` to
+    // Postgres but `i̇` to Rust, and keyed by Rust the unknown email's variant found no lock,
+    // where the account's did — telling which one is registered.
+    api.signup("iris@example.com").await;
+    for email in ["iris@example.com", "ivan@example.com"] {
+        for attempt in 1..=5 {
+            problem(api.login(email, &format!("wrong password {attempt}")).await, 401, "invalid_credentials").await;
+        }
+        let variant = email.replacen('i', "İ", 1);
+        problem(api.login(&variant, PASSWORD).await, 423, "account_locked").await;
+    }
+
     // A day after the last failure, the count starts afresh, for both.
     let pool = api.db.pool().await;
     for table in ["users", "login_failures"] {
@@ -220,8 +232,8 @@ async fn an_email_without_an_account_is_locked_as_an_account_is() {
         .expect("an old count");
     vault_api::startup::forget_login_failures(&pool).await.expect("housekeeping");
     let left: Vec<String> =
-        sqlx::query_scalar("SELECT email FROM login_failures").fetch_all(&pool).await.expect("emails");
-    assert_eq!(left, ["nobody@example.com"], "only the forgotten count is deleted");
+        sqlx::query_scalar("SELECT email FROM login_failures ORDER BY email").fetch_all(&pool).await.expect("emails");
+    assert_eq!(left, ["nobody@example.com"], "only the forgotten counts are deleted");
 
     let long = format!("{}@example.com", "a".repeat(60_000));
     problem(api.login(&long, "wrong password").await, 422, "validation_failed").await;
@@ -498,6 +510,8 @@ fn totp_code(secret: &str, offset_steps: i64) -> String {
 async fn totp_once_enabled_is_required_checked_and_never_accepted_twice() {
     let api = Api::start().await;
     let access = api.user("kate@example.com").await;
+    // Another session of the same account (another device, or an intruder's).
+    let other = api.tokens("kate@example.com").await;
     let setup: Value =
         api.call(Method::POST, "/auth/totp/setup", Some(&access), None).await.json().await.expect("json");
     let secret = setup["secret"].as_str().expect("secret").to_owned();
@@ -511,6 +525,14 @@ async fn totp_once_enabled_is_required_checked_and_never_accepted_twice() {
     assert_eq!(enable.status(), 204);
     let me: Value = api.get("/me", Some(&access)).await.json().await.expect("json");
     assert_eq!(me["totp_enabled"], true);
+    // Turning 2FA on ended every other session, access and refresh tokens alike; the caller's
+    // goes on (the `/me` above).
+    let other_access = other["access_token"].as_str().expect("access");
+    assert_eq!(api.get("/me", Some(other_access)).await.status(), 401, "the other session's access token");
+    let refreshed = api.post("/auth/refresh", None, json!({"refresh_token": other["refresh_token"]})).await;
+    assert_eq!(refreshed.status(), 401, "the other session's refresh token");
+    let (event, _) = wait_for_event(&api, "totp.enabled").await;
+    assert_eq!(event["data"]["sessions_ended"], 1, "{event}");
 
     problem(api.login("kate@example.com", PASSWORD).await, 401, "totp_required").await;
     let bad = api

@@ -78,6 +78,9 @@ pub enum AuthEventKind {
     RefreshTokenReused,
     #[serde(rename = "api_key.created")]
     ApiKeyCreated,
+    /// 2FA turned on; every other session of the account ended with it.
+    #[serde(rename = "totp.enabled")]
+    TotpEnabled,
 }
 
 impl AuthEventKind {
@@ -90,6 +93,7 @@ impl AuthEventKind {
             AuthEventKind::Logout => "logout",
             AuthEventKind::RefreshTokenReused => "refresh_token_reused",
             AuthEventKind::ApiKeyCreated => "api_key.created",
+            AuthEventKind::TotpEnabled => "totp.enabled",
         }
     }
 }

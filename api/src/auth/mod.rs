@@ -311,8 +311,8 @@ pub async fn login(
     let locked_until = match &user {
         Some(user) => user.locked_until,
         None if email_key.contains('\0') => None,
-        None => sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = $1")
-            .bind(&email_key)
+        None => sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = lower($1)")
+            .bind(body.email.trim())
             .fetch_optional(&state.pool)
             .await?
             .flatten(),
@@ -330,7 +330,7 @@ pub async fn login(
             return Err(invalid_credentials());
         }
         None => {
-            record_unknown_failure(&state, &email_key, &meta).await?;
+            record_unknown_failure(&state, body.email.trim(), &meta).await?;
             return Err(invalid_credentials());
         }
     };
@@ -503,8 +503,10 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
     Ok(())
 }
 
-/// Counts a failed attempt for an email without an account (`login_failures`, by the trimmed,
-/// lowercased email) exactly as [`record_failure`] counts one for an account: the 5th in a row
+/// Counts a failed attempt for an email without an account (`login_failures`, by the trimmed
+/// email lowercased by Postgres, as accounts are matched: Rust's `to_lowercase` differs on a few
+/// letters, and `alİce@…` then found Alice's locked account if she had one and a fresh count if
+/// not — telling the two apart) exactly as [`record_failure`] counts one for an account: the 5th in a row
 /// locks it for 15 minutes, and the attempts after it are answered 423 — so the lockout does not
 /// tell which emails are registered. Only the answer is the same: nobody is notified.
 async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMeta) -> Result<(), ApiError> {
@@ -517,7 +519,7 @@ async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMet
     static COUNT: LazyLock<String> = LazyLock::new(|| {
         format!(
             "INSERT INTO login_failures AS f (email, failed_logins, locked_until)
-             VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + make_interval(mins => $3) END)
+             VALUES (lower($1), 1, CASE WHEN 1 >= $2 THEN now() + make_interval(mins => $3) END)
              ON CONFLICT (email) DO UPDATE SET {}
               WHERE f.locked_until IS NULL OR f.locked_until <= now()
              RETURNING failed_logins, locked_until IS NOT NULL",
@@ -534,7 +536,7 @@ async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMet
     let Some((failures, _)) = counted else {
         // Locked by concurrent attempts since the first check: answered as an account would be.
         let locked_until: Option<DateTime<Utc>> =
-            sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = $1")
+            sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = lower($1)")
                 .bind(email)
                 .fetch_optional(&state.pool)
                 .await?
@@ -670,16 +672,18 @@ pub async fn totp_setup(State(state): State<AppState>, caller: Caller) -> Result
     Ok(axum::Json(setup))
 }
 
-/// Confirm enrolment with a current code; from now on login needs `totp_code`.
+/// Confirm enrolment with a current code; from now on login needs `totp_code`, and every other
+/// session of the account ends.
 #[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth", security(("bearer" = [])),
     request_body = TotpEnableRequest,
     responses((status = 204), (status = 422, description = "totp_invalid", body = Problem)))]
 pub async fn totp_enable(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     ApiJson(body): ApiJson<TotpEnableRequest>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_session()?;
+    let (_, family, _) = caller.require_session()?;
     let (pending, email, enabled): (Option<String>, String, bool) =
         sqlx::query_as("SELECT totp_pending_secret, email, totp_enabled FROM users WHERE id = $1")
             .bind(caller.user_id)
@@ -694,6 +698,7 @@ pub async fn totp_enable(
     };
     let pending = pending.ok_or_else(invalid)?;
     let step = totp::verify(&pending, &email, &body.code, Utc::now()).ok_or_else(invalid)?;
+    let mut tx = state.pool.begin().await?;
     let enabled = sqlx::query(
         "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL, totp_enabled = true,
                 totp_last_step = $2, updated_at = now()
@@ -702,9 +707,35 @@ pub async fn totp_enable(
     .bind(caller.user_id)
     .bind(step)
     .bind(&pending)
-    .execute(&state.pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
+    // With 2FA on, a password alone no longer logs in: nor may a session that a password alone
+    // began (an intruder's among them) go on. Every other session of the account ends; the
+    // caller's, which just proved the code, stays.
+    let ended = if enabled == 1 {
+        sqlx::query(
+            "UPDATE token_families SET revoked_at = now(), revoked_why = 'totp_enabled'
+              WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+        )
+        .bind(caller.user_id)
+        .bind(family)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+    } else {
+        0
+    };
+    tx.commit().await?;
+    if enabled == 1 {
+        state.credentials.forget_user(caller.user_id);
+        state.events.emit(
+            AuthEventKind::TotpEnabled,
+            Some(caller.user_id),
+            &meta,
+            serde_json::json!({"sessions_ended": ended}),
+        );
+    }
     if enabled == 0 {
         // Between the read and the update another `/auth/totp/setup` replaced the secret (2FA is
         // not on: this code's secret is gone), or a concurrent enable with this same secret
