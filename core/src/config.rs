@@ -347,6 +347,13 @@ pub struct Settings {
 /// The default of `DATABASE_POOL_SIZE`.
 pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 20;
 
+/// The longest `MAX_PRICE_AGE` (a year): beyond it the engine's clock arithmetic overflows.
+pub const MAX_PRICE_AGE_SECS: u64 = 365 * 24 * 3600;
+
+/// The highest `RATE_LIMIT_*_PER_SEC` (a million a second): beyond a billion the limiter's
+/// refill period would be zero.
+pub const MAX_RATE_PER_SEC: u32 = 1_000_000;
+
 /// The default of `ORDER_BACKLOG_LIMIT`: commands queued for one partition's engine consumer.
 /// On the 2-core reference machine the engine applies ~60–100 commands/s per partition at
 /// saturation, so this bounds an accepted order's wait in the queue at a few seconds
@@ -458,8 +465,8 @@ impl Settings {
             .with("MAX_PRICE_AGE", |s| {
                 let secs = s.strip_suffix('s').unwrap_or(s);
                 match secs.parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-                    _ => Err(format!("expected a positive number of seconds, e.g. 30 or 30s, got {s:?}")),
+                    Ok(n @ 1..=MAX_PRICE_AGE_SECS) => Ok(Duration::from_secs(n)),
+                    _ => Err(format!("expected 1 to {MAX_PRICE_AGE_SECS} seconds (a year), e.g. 30 or 30s, got {s:?}")),
                 }
             })
             .unwrap_or(Duration::from_secs(30));
@@ -472,16 +479,20 @@ impl Settings {
             }
         });
         let sentry_dsn = r.secret("SENTRY_DSN", |s| {
-            if s.starts_with("https://") || s.starts_with("http://") {
-                Ok(())
-            } else {
-                Err("expected a Sentry DSN URL (https://key@host/project)".to_owned())
+            // Parsed as Sentry parses it: a DSN Sentry refuses made every process panic at start.
+            match s.parse::<sentry::types::Dsn>() {
+                Ok(_) if s.starts_with("https://") || s.starts_with("http://") => Ok(()),
+                _ => Err("expected a Sentry DSN URL (https://key@host/project)".to_owned()),
             }
         });
         let order_backlog_limit =
             r.parsed("ORDER_BACKLOG_LIMIT", "a whole number, 0 = off").unwrap_or(DEFAULT_ORDER_BACKLOG_LIMIT);
-        let rate_limit_user_per_sec = r.parsed("RATE_LIMIT_USER_PER_SEC", "a whole number, 0 = off").unwrap_or(20);
-        let rate_limit_ip_per_sec = r.parsed("RATE_LIMIT_IP_PER_SEC", "a whole number, 0 = off").unwrap_or(50);
+        let per_sec = |s: &str| match s.parse::<u32>() {
+            Ok(n @ 0..=MAX_RATE_PER_SEC) => Ok(n),
+            _ => Err(format!("expected a whole number from 0 (off) to {MAX_RATE_PER_SEC}, got {s:?}")),
+        };
+        let rate_limit_user_per_sec = r.with("RATE_LIMIT_USER_PER_SEC", per_sec).unwrap_or(20);
+        let rate_limit_ip_per_sec = r.with("RATE_LIMIT_IP_PER_SEC", per_sec).unwrap_or(50);
         let rate_limit_login_per_min = r.parsed("RATE_LIMIT_LOGIN_PER_MIN", "a whole number, 0 = off").unwrap_or(10);
         let database_pool_size = r
             .with("DATABASE_POOL_SIZE", |s| match s.parse::<u32>() {
@@ -727,6 +738,34 @@ mod tests {
                 .expect_err(bad);
             assert!(err.0[0].starts_with("DATABASE_POOL_SIZE: expected 1 to 100"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn values_the_processes_cannot_use_are_refused_at_start_not_met_later() {
+        for (name, bad, says) in [
+            ("SENTRY_DSN", "https://sentry.example/1", "SENTRY_DSN: expected a Sentry DSN URL"),
+            ("SENTRY_DSN", "https://key@sentry.example/", "SENTRY_DSN: expected a Sentry DSN URL"),
+            ("RATE_LIMIT_USER_PER_SEC", "2000000000", "RATE_LIMIT_USER_PER_SEC: expected a whole number from 0"),
+            ("RATE_LIMIT_IP_PER_SEC", "-1", "RATE_LIMIT_IP_PER_SEC: expected a whole number from 0"),
+            ("MAX_PRICE_AGE", "9300000000000000", "MAX_PRICE_AGE: expected 1 to 31536000 seconds"),
+        ] {
+            let err = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET), (name, bad)]).expect_err(bad);
+            assert!(err.0[0].starts_with(says), "{name}={bad}: {err}");
+        }
+        let s = load_env(
+            Role::Api,
+            &[
+                ("DATABASE_URL", DB),
+                ("JWT_SECRET", SECRET),
+                ("SENTRY_DSN", "https://key@sentry.example/1"),
+                ("RATE_LIMIT_USER_PER_SEC", "1000000"),
+                ("RATE_LIMIT_IP_PER_SEC", "0"),
+                ("MAX_PRICE_AGE", "31536000s"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!((s.rate_limit_user_per_sec, s.rate_limit_ip_per_sec), (1_000_000, 0));
+        assert_eq!(s.max_price_age, Duration::from_secs(31_536_000));
     }
 
     #[test]
