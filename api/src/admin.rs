@@ -52,7 +52,9 @@ pub struct AdminUser {
     pub role: String,
     pub totp_enabled: bool,
     pub failed_logins: i32,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub locked_until: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -266,6 +268,7 @@ pub struct AuditEntry {
     #[serde(serialize_with = "as_string")]
     #[schema(value_type = String)]
     pub id: i64,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub at: DateTime<Utc>,
     pub actor_id: Option<Uuid>,
     pub action: String,

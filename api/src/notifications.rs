@@ -65,7 +65,9 @@ pub struct Notification {
     pub title: String,
     pub body: String,
     pub data: serde_json::Value,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub read_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -157,6 +159,7 @@ pub struct CreatedWebhook {
     pub url: String,
     pub events: Vec<String>,
     pub secret: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -165,6 +168,7 @@ pub struct Webhook {
     pub id: Uuid,
     pub url: String,
     pub events: Vec<String>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -301,6 +305,7 @@ pub struct Delivery {
     pub status: String,
     pub attempts: i32,
     pub last_status_code: Option<i32>,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 

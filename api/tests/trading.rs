@@ -988,29 +988,29 @@ async fn candles_aggregate_the_one_minute_rows_into_the_interval_oldest_first() 
     assert_eq!(
         minutes,
         json!({"candles": [
-            row("2026-01-02T03:00:00Z", "100", "110", "95", "105", "3"),
-            row("2026-01-02T03:01:00Z", "105", "108", "101", "102", "2"),
-            row("2026-01-02T03:03:00Z", "102", "120", "102", "119.5", "4"),
-            row("2026-01-02T03:04:00Z", "119.5", "119.5", "90.25", "91", "5"),
-            row("2026-01-02T03:05:00Z", "91", "93", "89", "92", "1"),
-            row("2026-01-02T03:06:00Z", "92", "92.5", "91.5", "92.1", "2"),
+            row("2026-01-02T03:00:00.000000Z", "100", "110", "95", "105", "3"),
+            row("2026-01-02T03:01:00.000000Z", "105", "108", "101", "102", "2"),
+            row("2026-01-02T03:03:00.000000Z", "102", "120", "102", "119.5", "4"),
+            row("2026-01-02T03:04:00.000000Z", "119.5", "119.5", "90.25", "91", "5"),
+            row("2026-01-02T03:05:00.000000Z", "91", "93", "89", "92", "1"),
+            row("2026-01-02T03:06:00.000000Z", "92", "92.5", "91.5", "92.1", "2"),
         ]}),
-        "1m is the rows themselves, oldest first, decimals as strings"
+        "1m is the rows themselves, oldest first, decimals as strings, times with their fraction"
     );
     let five = candles("interval=5m&start=2026-01-02T03:00:00Z&end=2026-01-02T03:10:00Z").await;
     assert_eq!(
         five,
         json!({"candles": [
-            row("2026-01-02T03:00:00Z", "100", "120", "90.25", "91", "14"),
-            row("2026-01-02T03:05:00Z", "91", "93", "89", "92.1", "3"),
+            row("2026-01-02T03:00:00.000000Z", "100", "120", "90.25", "91", "14"),
+            row("2026-01-02T03:05:00.000000Z", "91", "93", "89", "92.1", "3"),
         ]}),
         "open of the first minute, close of the last, max high, min low, summed volume"
     );
     // A start inside an interval is rounded down to it; `end` is exclusive.
     let hour = candles("interval=1h&start=2026-01-02T03:00:30Z&end=2026-01-02T03:06:00.000001Z").await;
-    assert_eq!(hour, json!({"candles": [row("2026-01-02T03:00:00Z", "100", "120", "89", "92.1", "17")]}));
+    assert_eq!(hour, json!({"candles": [row("2026-01-02T03:00:00.000000Z", "100", "120", "89", "92.1", "17")]}));
     let upto = candles("interval=5m&start=2026-01-02T03:00:00Z&end=2026-01-02T03:06:00Z").await;
-    assert_eq!(upto["candles"][1], row("2026-01-02T03:05:00Z", "91", "93", "89", "92", "1"));
+    assert_eq!(upto["candles"][1], row("2026-01-02T03:05:00.000000Z", "91", "93", "89", "92", "1"));
     // Defaults: 1m, the last 100 minutes until now, which hold none of these old rows.
     assert_eq!(candles("").await, json!({"candles": []}));
 
@@ -1027,7 +1027,7 @@ async fn candles_aggregate_the_one_minute_rows_into_the_interval_oldest_first() 
     let days = json_of(api.get(path, None).await, 200).await;
     assert_eq!(
         days,
-        json!({"candles": [row("2026-01-02T00:00:00Z", "100", "120", "89", "92.1", "17")]}),
+        json!({"candles": [row("2026-01-02T00:00:00.000000Z", "100", "120", "89", "92.1", "17")]}),
         "days start at 00:00 UTC"
     );
     problem(api.get("/markets/BTC-USD/candles?start=yesterday", None).await, 422, "validation_failed").await;

@@ -26,5 +26,6 @@ pub mod net;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;
+pub mod time;
 
 pub use config::{Role, Settings};

@@ -89,6 +89,7 @@ pub struct User {
     /// `user` or `admin`.
     pub role: String,
     pub totp_enabled: bool,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -158,6 +159,7 @@ pub struct CreatedApiKey {
     pub scopes: Vec<Scope>,
     pub key: String,
     pub prefix: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -168,7 +170,9 @@ pub struct ApiKey {
     pub scopes: Vec<String>,
     /// The first characters of the key, to tell keys apart.
     pub prefix: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub last_used_at: Option<DateTime<Utc>>,
 }
 

@@ -292,6 +292,7 @@ pub struct Portfolio {
     /// Cash total + Σ market value (cost basis for a position without a price).
     #[schema(value_type = String, example = "10975")]
     pub equity: Decimal,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub as_of: DateTime<Utc>,
 }
 
@@ -391,6 +392,7 @@ pub struct LedgerEntry {
     /// `deposit`, `trade` or `fee`.
     pub kind: String,
     pub order_id: Option<Uuid>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 

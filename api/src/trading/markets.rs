@@ -190,6 +190,7 @@ pub struct MarketInfo {
     /// The latest price; null until the first tick.
     #[schema(value_type = Option<String>, example = "65000.00")]
     pub last_price: Option<Decimal>,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub last_price_at: Option<DateTime<Utc>>,
 }
 
@@ -206,6 +207,7 @@ pub struct Ticker {
     #[schema(value_type = String, example = "65000.00")]
     pub price: Decimal,
     /// When the source observed the price.
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub ts: DateTime<Utc>,
     /// Where the price came from (`sim`, `coinbase`, `replay`…).
     pub source: String,
@@ -300,6 +302,7 @@ pub struct CandleQuery {
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 pub struct CandleView {
     /// The first instant of the interval.
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub start: DateTime<Utc>,
     #[schema(value_type = String, example = "65000.00")]
     pub open: Decimal,

@@ -303,6 +303,7 @@ pub struct FillDoc {
     pub fee: String,
     /// Always `taker`.
     pub liquidity: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -333,7 +334,9 @@ pub struct OrderDoc {
     pub fee: String,
     /// `insufficient_funds`, `insufficient_position`, `market_halted`, `stale_price`, `no_price`.
     pub reject_reason: Option<String>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub updated_at: DateTime<Utc>,
     pub fills: Vec<FillDoc>,
 }
@@ -350,6 +353,7 @@ pub struct DepositDoc {
     /// `pending` or `completed`.
     pub status: String,
     pub client_deposit_id: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 

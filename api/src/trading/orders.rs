@@ -700,6 +700,7 @@ pub struct FillItem {
     pub fee: Decimal,
     /// Always `taker`.
     pub liquidity: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 

@@ -300,6 +300,7 @@ async fn run_topic(
 struct PriceData<'a> {
     symbol: &'a Symbol,
     price: &'a Price,
+    #[serde(serialize_with = "vault_core::time::micros")]
     ts: DateTime<Utc>,
     source: &'a str,
 }
@@ -311,6 +312,7 @@ struct OrderEventData<'a> {
     id: Uuid,
     #[serde(rename = "type")]
     kind: &'static str,
+    #[serde(serialize_with = "vault_core::time::micros")]
     created_at: DateTime<Utc>,
     data: &'a serde_json::Value,
 }
@@ -323,7 +325,9 @@ struct NotificationData<'a> {
     title: &'a str,
     body: &'a str,
     data: &'a serde_json::Value,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     read_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     created_at: DateTime<Utc>,
 }
 
@@ -402,7 +406,7 @@ mod tests {
         assert_eq!(
             text(&frame),
             json!({"channel": "prices:BTC-USD", "seq": 7,
-                   "data": {"symbol": "BTC-USD", "price": "50000.12", "ts": "2026-11-22T12:00:00Z", "source": "sim"}})
+                   "data": {"symbol": "BTC-USD", "price": "50000.12", "ts": "2026-11-22T12:00:00.000000Z", "source": "sim"}})
         );
         let eth = Topic::Prices(Symbol::parse("ETH-USD").expect("symbol"));
         assert!(frame_of(&eth, &eth.channel(), "prices.ETH-USD", &tick).is_none(), "a tick of another market");
