@@ -769,6 +769,32 @@ async fn upgrades_beyond_the_connection_limit_are_refused_until_a_connection_clo
     .await;
 }
 
+/// One account cannot take every place: the upgrade carries no credential, so without a cap
+/// per user one account could open connections up to the process's limit and shut everyone
+/// else out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_holds_at_most_their_share_of_connections_and_others_still_get_in() {
+    let api = InProcess::start(short(|c| c.max_connections_per_user = 2)).await;
+    let greedy = api.user("greedy@example.com").await;
+    let other = api.user("other@example.com").await;
+    let first = Client::authed(&api.addr, &greedy).await;
+    let _second = Client::authed(&api.addr, &greedy).await;
+    let mut third = Client::connect(&api.addr).await;
+    third.send(json!({"op": "auth", "token": greedy})).await;
+    third.refused("too_many_connections").await;
+    assert_eq!(api.metric("vault_ws_connections_refused_total").await, 1.0);
+    let mut theirs = Client::authed(&api.addr, &other).await;
+    theirs.subscribe(&["orders"]).await;
+    // A closed connection gives its place back.
+    drop(first);
+    poll_until(WAIT, "the greedy user's first place to be free", || async {
+        let mut again = Client::connect(&api.addr).await;
+        again.send(json!({"op": "auth", "token": greedy})).await;
+        (again.next_control().await["op"] == "authenticated").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_flooding_frames_is_closed_while_a_calm_one_is_not() {
     let api = InProcess::start(short(|c| c.max_client_frames_per_sec = 5)).await;

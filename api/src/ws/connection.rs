@@ -198,6 +198,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String
         member,
         queue,
         user: None,
+        place: None,
         channels: HashMap::new(),
         seq: 0,
         last_heard: Instant::now(),
@@ -224,6 +225,8 @@ struct Connection {
     queue: mpsc::Receiver<Arc<DataFrame>>,
     /// Who authenticated, and the credential to re-check; `None` until the auth frame passed.
     user: Option<(Uuid, Presented)>,
+    /// The user's place among their connections (see `WsConfig::max_connections_per_user`).
+    place: Option<super::UserPlace>,
     /// The channels subscribed to, with the hub topic serving each.
     channels: HashMap<Channel, Topic>,
     /// The number of the last data frame written.
@@ -294,6 +297,17 @@ impl Connection {
         };
         let (caller, presented) = checked.map_err(End::from_api_error)?;
         caller.require_scope(Scope::Read).map_err(End::from_api_error)?;
+        let Some(place) = self.gateway.user_place(caller.user_id) else {
+            metrics::counter!("vault_ws_connections_refused_total").increment(1);
+            return Err(End::Refused {
+                code: "too_many_connections",
+                detail: format!(
+                    "This user has {} connections open on this server, the most it may; close one first.",
+                    self.config.max_connections_per_user
+                ),
+            });
+        };
+        self.place = Some(place);
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
         self.user = Some((caller.user_id, presented));
         self.send_control(&ServerFrame::Authenticated { user_id: caller.user_id }).await

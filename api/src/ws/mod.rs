@@ -31,7 +31,8 @@
 //!   a foreign web page cannot ride a user's session (no cross-site WebSocket hijacking);
 //! - memory per connection is kept small for many connections: 4 KiB client frames at most,
 //!   small read and write buffers, one task per connection; a process holds at most
-//!   [`WsConfig::max_connections`], and a client may send at most
+//!   [`WsConfig::max_connections`], of which one user holds at most
+//!   [`WsConfig::max_connections_per_user`], and a client may send at most
 //!   [`WsConfig::max_client_frames_per_sec`].
 //!
 //! Shutdown: when the process's shutdown token fires every connection sends close 1001 (going
@@ -39,13 +40,15 @@
 //!
 //! Metrics: `vault_ws_connections` (gauge), `vault_ws_frames_sent_total{channel}`,
 //! `vault_ws_slow_clients_dropped_total`, `vault_ws_disconnects_total{reason}`,
-//! `vault_ws_connections_refused_total` (over [`WsConfig::max_connections`]),
+//! `vault_ws_connections_refused_total` (over [`WsConfig::max_connections`] or
+//! [`WsConfig::max_connections_per_user`]),
 //! `vault_ws_nats_subscriptions` (gauge), `vault_ws_undecodable_messages_total{channel}`.
 
 mod connection;
 pub mod hub;
 pub mod protocol;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +60,7 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 use vault_bus::Bus;
 use vault_core::http::SendBufferLimit;
 
@@ -93,6 +97,11 @@ pub struct WsConfig {
     /// Open connections per process at most; upgrades beyond are answered 503. (The HTTP
     /// server's connection cap does not count upgraded connections.)
     pub max_connections: usize,
+    /// Authenticated connections of one user per process at most; an `auth` beyond is closed
+    /// 1008 `too_many_connections`. Without it one account could hold every place of
+    /// [`Self::max_connections`] (the upgrade itself carries no credential) and shut everyone
+    /// else out.
+    pub max_connections_per_user: usize,
     /// Frames a client may send per second (each second counted on its own); more closes the
     /// connection (1008 `rate_limited`), so no client can churn subscriptions or flood the task.
     pub max_client_frames_per_sec: u32,
@@ -111,6 +120,7 @@ impl Default for WsConfig {
             write_buffer_bytes: 16 * 1024,
             send_buffer_bytes: 64 * 1024,
             max_connections: 10_000,
+            max_connections_per_user: 32,
             max_client_frames_per_sec: 20,
         }
     }
@@ -123,7 +133,28 @@ pub struct Gateway {
     hub: Hub,
     config: Arc<WsConfig>,
     connections: TaskTracker,
+    /// Authenticated connections per user.
+    per_user: Arc<std::sync::Mutex<HashMap<Uuid, usize>>>,
     shutdown: CancellationToken,
+}
+
+/// A user's place among their connections, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct UserPlace {
+    user: Uuid,
+    per_user: Arc<std::sync::Mutex<HashMap<Uuid, usize>>>,
+}
+
+impl Drop for UserPlace {
+    fn drop(&mut self) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -133,8 +164,21 @@ impl Gateway {
             hub: Hub::new(bus.client().clone(), portfolios, shutdown.clone()),
             config: Arc::new(config),
             connections: TaskTracker::new(),
+            per_user: Arc::default(),
             shutdown,
         }
+    }
+
+    /// A place for one more connection of `user`, if they hold fewer than
+    /// [`WsConfig::max_connections_per_user`].
+    pub(crate) fn user_place(&self, user: Uuid) -> Option<UserPlace> {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = per_user.entry(user).or_insert(0);
+        if *held >= self.config.max_connections_per_user {
+            return None;
+        }
+        *held += 1;
+        Some(UserPlace { user, per_user: self.per_user.clone() })
     }
 
     pub fn hub(&self) -> &Hub {
@@ -171,7 +215,7 @@ pub fn router() -> Router<AppState> {
 /// with `seq` 1, 2, 3… per connection. `prices:<SYMBOL>` data is the ticker object,
 /// `orders` data `{id, type, created_at, data: <order>}` for `order.*` events, `notifications`
 /// data the notification object. Closes: 1008 bad or missing auth, silent for 90 s, slow
-/// consumer, revoked credential, over 20 client frames a second; 1003 binary frame; 1009 frame over 4 KiB; 1001 server
+/// consumer, revoked credential, over 20 client frames a second, over 32 connections of one user; 1003 binary frame; 1009 frame over 4 KiB; 1001 server
 /// shutdown; 1011/1013 server trouble.
 #[utoipa::path(get, path = "/api/v1/ws", tag = "streaming",
     responses((status = 101, description = "Switching Protocols: the WebSocket feed starts"),
