@@ -403,6 +403,34 @@ async fn queue_lag_stays_visible_while_theengine_is_down() {
         "no lag series for ephemeral consumers:\n{text}"
     );
     problem(s.api.get("/admin/queues", Some(&user)).await, 403, "forbidden").await;
+
+    // A durable consumer deleted by an operator keeps no stale value: its gauges go NaN (a
+    // lag alert on its last value fired on, or a 0 hid that nothing reads its stream).
+    let orders = s.bus.jetstream().get_stream("ORDERS").await.expect("ORDERS");
+    orders
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("lag-probe".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("a probe consumer");
+    let gauge_of_probe = || async {
+        let text = s.api.client.get(&metrics_url).send().await.ok()?.text().await.ok()?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("vault_queue_pending_messages{stream=\"ORDERS\",consumer=\"lag-probe\"}"))?
+            .to_owned();
+        line.rsplit(' ').next().map(str::to_owned)
+    };
+    poll_until(Duration::from_secs(15), "the probe's gauge", || async {
+        gauge_of_probe().await.filter(|v| v.parse::<f64>().is_ok_and(|v| v >= 1.0))
+    })
+    .await;
+    orders.delete_consumer("lag-probe").await.expect("deleted");
+    poll_until(Duration::from_secs(15), "the deleted probe's gauge to go NaN", || async {
+        gauge_of_probe().await.filter(|v| v == "NaN")
+    })
+    .await;
 }
 
 #[tokio::test]
