@@ -270,6 +270,13 @@ fn kubernetes_workloads_probe_health_and_readyz_request_resources_and_take_secre
             if ours {
                 assert_eq!(live["path"], "/health", "{what}: liveness must probe /health");
                 assert_eq!(ready["path"], "/readyz", "{what}: readiness must probe /readyz");
+                // /health is served once start-up reached Postgres and NATS (retried for about
+                // a minute): liveness must not count that time, or an outage restarts pods.
+                let startup = &container["startupProbe"];
+                assert_eq!(startup["httpGet"]["path"], "/health", "{what}: a startup probe on /health");
+                let patience =
+                    startup["periodSeconds"].as_u64().unwrap_or(10) * startup["failureThreshold"].as_u64().unwrap_or(3);
+                assert!(patience >= 120, "{what}: the startup probe gives up after {patience} s, before start-up does");
             } else {
                 assert!(live["path"].is_string() && ready["path"].is_string(), "{what}: HTTP probes");
             }
