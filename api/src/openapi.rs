@@ -22,13 +22,14 @@ use crate::{admin, auth, error, notifications, pagination, trading, ws};
 #[openapi(
     info(title = "CryptoVault API", version = "1", description = "Paper-trading crypto brokerage. Decimals are strings; errors are RFC 9457 problem details."),
     paths(
-        auth::signup, auth::login, auth::refresh, auth::logout, auth::me, auth::totp_setup, auth::totp_enable,
+        auth::signup, auth::login, auth::refresh, auth::logout, auth::change_password, auth::me, auth::totp_setup,
+        auth::totp_enable,
         auth::create_api_key, auth::list_api_keys, auth::revoke_api_key,
         markets::list_markets, markets::ticker, markets::candles,
         account::deposit, account::portfolio, account::ledger,
         orders::place_order, orders::list_orders, orders::get_order, orders::get_order_by_client_id,
         orders::cancel_order, orders::cancel_all, orders::list_fills,
-        admin::list_users, admin::lock_user, admin::unlock_user, admin::audit, admin::queues,
+        admin::list_users, admin::lock_user, admin::unlock_user, admin::reset_totp, admin::audit, admin::queues,
         notifications::list_notifications, notifications::mark_read, notifications::create_webhook,
         notifications::list_webhooks, notifications::delete_webhook, notifications::list_deliveries, admin::halt_market, admin::resume_market,
         ws::upgrade,

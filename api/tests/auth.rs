@@ -521,6 +521,9 @@ async fn totp_once_enabled_is_required_checked_and_never_accepted_twice() {
     if totp_code(&secret, 0) != "000000" {
         problem(wrong, 422, "totp_invalid").await;
     }
+    // The other session is used first, so its credential sits in the API's cache: turning 2FA
+    // on must reach the cache too.
+    assert_eq!(api.get("/me", other["access_token"].as_str()).await.status(), 200);
     let enable = api.post("/auth/totp/enable", Some(&access), json!({"code": totp_code(&secret, 0)})).await;
     assert_eq!(enable.status(), 204);
     let me: Value = api.get("/me", Some(&access)).await.json().await.expect("json");
@@ -551,6 +554,135 @@ async fn totp_once_enabled_is_required_checked_and_never_accepted_twice() {
         .await;
     problem(replay, 401, "totp_invalid").await;
     api.assert_never_logged(&[&secret]);
+}
+
+/// A login whose password was verified before 2FA was turned on, and that commits after,
+/// needs the code: it would otherwise begin a session that outlives the revocation of every
+/// other session that turning 2FA on does. (The test holds the account's row while the login
+/// waits for it after its password check, and turns 2FA on meanwhile.)
+#[tokio::test]
+async fn a_login_under_way_when_2fa_is_turned_on_needs_the_code() {
+    let api = Api::start().await;
+    api.signup("noor@example.com").await;
+    let pool = api.db.pool().await;
+    let mut holder = pool.begin().await.expect("tx");
+    sqlx::query("SELECT 1 FROM users WHERE email = 'noor@example.com' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("row held");
+    let watcher = pool.clone();
+    let meanwhile = async move {
+        poll_until(Duration::from_secs(20), "the login to wait for the account's row", || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE 'UPDATE users SET failed_logins = 0%'",
+            )
+            .fetch_one(&watcher)
+            .await
+            .ok()?;
+            (waiting == 1).then_some(())
+        })
+        .await;
+        sqlx::query(
+            "UPDATE users SET totp_enabled = true, totp_secret = 'JBSWY3DPEHPK3PXP' WHERE email = 'noor@example.com'",
+        )
+        .execute(&mut *holder)
+        .await
+        .expect("2FA on");
+        holder.commit().await.expect("committed");
+    };
+    let (login, ()) = tokio::join!(api.login("noor@example.com", PASSWORD), meanwhile);
+    problem(login, 401, "totp_required").await;
+    let families: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM token_families f JOIN users u ON u.id = f.user_id WHERE u.email = 'noor@example.com'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(families, 0, "the login began no session");
+}
+
+/// A user can take their account back from whoever holds another of its sessions: changing
+/// the password (the current one checked, a wrong one counted as a failed login) ends every
+/// other session, and the old password stops working.
+#[tokio::test]
+async fn a_password_change_checks_the_current_one_and_ends_every_other_session() {
+    let api = Api::start().await;
+    let mine = api.user("lena@example.com").await;
+    let other = api.tokens("lena@example.com").await;
+    let other_access = other["access_token"].as_str().expect("access");
+    let change = |current: &str, new: &str| json!({"current_password": current, "new_password": new});
+    let new_password = "a brand new passphrase";
+
+    problem(
+        api.post("/auth/password", Some(&mine), change("not the password", new_password)).await,
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    let failures: i32 = sqlx::query_scalar("SELECT failed_logins FROM users WHERE email = 'lena@example.com'")
+        .fetch_one(&api.db.pool().await)
+        .await
+        .expect("count");
+    assert_eq!(failures, 1, "a wrong current password counts as a failed login");
+    problem(api.post("/auth/password", Some(&mine), change(PASSWORD, "short")).await, 422, "validation_failed").await;
+    let key: Value = api
+        .post("/api-keys", Some(&mine), json!({"name": "bot", "scopes": ["read", "trade"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = key["key"].as_str().expect("key");
+    problem(api.post("/auth/password", Some(key), change(PASSWORD, new_password)).await, 403, "session_required").await;
+    assert_eq!(api.get("/me", Some(other_access)).await.status(), 200, "nothing ended yet");
+
+    assert_eq!(api.post("/auth/password", Some(&mine), change(PASSWORD, new_password)).await.status(), 204);
+    assert_eq!(api.get("/me", Some(&mine)).await.status(), 200, "the caller's session goes on");
+    assert_eq!(api.get("/me", Some(other_access)).await.status(), 401, "the other session's access token");
+    let refreshed = api.post("/auth/refresh", None, json!({"refresh_token": other["refresh_token"]})).await;
+    assert_eq!(refreshed.status(), 401, "the other session's refresh token");
+    problem(api.login("lena@example.com", PASSWORD).await, 401, "invalid_credentials").await;
+    assert_eq!(api.login("lena@example.com", new_password).await.status(), 200);
+    let (event, _) = wait_for_event(&api, "password.changed").await;
+    assert_eq!(event["data"]["sessions_ended"], 1, "{event}");
+    api.assert_never_logged(&[new_password]);
+}
+
+/// An owner locked out of 2FA (a lost phone, or an intruder who enrolled a secret of their own
+/// with a stolen session) is let back in by an administrator: 2FA off, every session ended.
+#[tokio::test]
+async fn an_administrator_turns_a_users_2fa_off_and_ends_their_sessions() {
+    let api = Api::start().await;
+    let admin = api.user("root@example.com").await;
+    api.promote("root@example.com").await;
+    let intruder = api.user("mia@example.com").await;
+    let setup: Value =
+        api.call(Method::POST, "/auth/totp/setup", Some(&intruder), None).await.json().await.expect("json");
+    let secret = setup["secret"].as_str().expect("secret").to_owned();
+    let enabled = api.post("/auth/totp/enable", Some(&intruder), json!({"code": totp_code(&secret, 0)})).await;
+    assert_eq!(enabled.status(), 204);
+    problem(api.login("mia@example.com", PASSWORD).await, 401, "totp_required").await;
+
+    let me: Value = api.get("/me", Some(&intruder)).await.json().await.expect("json");
+    let id = me["id"].as_str().expect("id").to_owned();
+    let path = format!("/admin/users/{id}/totp/reset");
+    problem(api.call(Method::POST, &path, Some(&intruder), None).await, 403, "forbidden").await;
+    problem(
+        api.call(Method::POST, &format!("/admin/users/{}/totp/reset", uuid::Uuid::now_v7()), Some(&admin), None).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(api.call(Method::POST, &path, Some(&admin), None).await.status(), 204);
+
+    assert_eq!(api.get("/me", Some(&intruder)).await.status(), 401, "every session of the account ended");
+    let back = api.login("mia@example.com", PASSWORD).await;
+    assert_eq!(back.status(), 200, "the password alone logs in again");
+    let tokens: Value = back.json().await.expect("json");
+    let me: Value = api.get("/me", tokens["access_token"].as_str()).await.json().await.expect("json");
+    assert_eq!(me["totp_enabled"], false);
+    wait_for_event(&api, "totp.reset").await;
 }
 
 #[tokio::test]

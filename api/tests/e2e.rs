@@ -219,6 +219,8 @@ async fn a_halted_market_rejects_orders_with_a_reason() {
     assert_eq!(resume.status(), 204);
     let filled = place_and_wait(&s, &token, buy).await;
     assert_eq!(filled["status"], "filled", "{filled}");
+    // Confirmed by the engine's answer, not by its periodic refresh happening to pass by.
+    assert!(!s.api.proc.output().contains("not confirmed"), "{}", s.api.proc.output());
 }
 
 async fn place_and_wait(s: &Stack, token: &str, body: Value) -> Value {

@@ -172,6 +172,8 @@ async fn the_openapi_document_lists_every_route_and_the_docs_page_renders_it() {
         ("/api/v1/admin/users", "get"),
         ("/api/v1/admin/users/{id}/lock", "post"),
         ("/api/v1/admin/users/{id}/unlock", "post"),
+        ("/api/v1/admin/users/{id}/totp/reset", "post"),
+        ("/api/v1/auth/password", "post"),
         ("/api/v1/admin/audit", "get"),
         ("/api/v1/admin/queues", "get"),
         ("/api/v1/notifications", "get"),

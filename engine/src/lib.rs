@@ -145,7 +145,13 @@ async fn serve(
 
     let mut consumers = FuturesUnordered::new();
     let background = vec![
-        actix::spawn(runtime::refresh_markets(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
+        actix::spawn(runtime::refresh_markets(
+            process.bus.clone(),
+            pool.clone(),
+            shared.clone(),
+            partitions,
+            serving.clone(),
+        )),
         actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
     ];
     let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));

@@ -113,7 +113,17 @@ pub async fn load_markets(pool: &PgPool) -> Result<Vec<Market>, sqlx::Error> {
 /// change is announced on [`subjects::MARKETS_CHANGED`]: that request is answered after the
 /// reload, so the API answers a halt only once an engine rejects the market's next orders
 /// (with the timer alone, orders placed in the 2 s after a halt's 204 still filled).
-pub async fn refresh_markets(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
+///
+/// The answer names the partitions this engine serves (`first-last`): the API waits until every
+/// partition is confirmed, as several engines share them.
+pub async fn refresh_markets(
+    bus: Bus,
+    pool: PgPool,
+    shared: Arc<Shared>,
+    partitions: PartitionRange,
+    shutdown: CancellationToken,
+) {
+    let served = format!("{}-{}", partitions.first, partitions.last);
     let mut changes = match bus.client().subscribe(subjects::MARKETS_CHANGED).await {
         Ok(changes) => Some(changes),
         Err(e) => {
@@ -143,7 +153,7 @@ pub async fn refresh_markets(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdo
                     m.rules = markets.into_iter().map(|m| (m.symbol.clone(), m)).collect();
                 }
                 if let Some(reply) = asked.and_then(|change| change.reply)
-                    && let Err(e) = bus.client().publish(reply, Default::default()).await
+                    && let Err(e) = bus.client().publish(reply, served.clone().into()).await
                 {
                     tracing::warn!(error = %e, "could not confirm a market change");
                 }

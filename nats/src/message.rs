@@ -81,6 +81,12 @@ pub enum AuthEventKind {
     /// 2FA turned on; every other session of the account ended with it.
     #[serde(rename = "totp.enabled")]
     TotpEnabled,
+    /// The password changed; every other session of the account ended with it.
+    #[serde(rename = "password.changed")]
+    PasswordChanged,
+    /// An administrator turned the account's 2FA off (recovery); all its sessions ended.
+    #[serde(rename = "totp.reset")]
+    TotpReset,
 }
 
 impl AuthEventKind {
@@ -94,6 +100,8 @@ impl AuthEventKind {
             AuthEventKind::RefreshTokenReused => "refresh_token_reused",
             AuthEventKind::ApiKeyCreated => "api_key.created",
             AuthEventKind::TotpEnabled => "totp.enabled",
+            AuthEventKind::PasswordChanged => "password.changed",
+            AuthEventKind::TotpReset => "totp.reset",
         }
     }
 }

@@ -80,6 +80,8 @@ fn auth_event() -> impl Strategy<Value = AuthEvent> {
         AuthEventKind::RefreshTokenReused,
         AuthEventKind::ApiKeyCreated,
         AuthEventKind::TotpEnabled,
+        AuthEventKind::PasswordChanged,
+        AuthEventKind::TotpReset,
     ]);
     (uuid(), kind, prop::option::of(uuid()), prop::option::of(text()), prop::option::of(text()), time(), small_json())
         .prop_map(|(id, kind, user_id, request_id, ip, at, data)| AuthEvent {

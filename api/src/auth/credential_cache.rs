@@ -45,8 +45,13 @@ pub const TTL: Duration = Duration::from_secs(1);
 pub const MAX_ENTRIES: usize = 100_000;
 
 /// The auth events after which a login family's sessions must be checked again.
-const REVOKING_EVENTS: [AuthEventKind; 3] =
-    [AuthEventKind::Logout, AuthEventKind::RefreshTokenReused, AuthEventKind::TotpEnabled];
+const REVOKING_EVENTS: [AuthEventKind; 5] = [
+    AuthEventKind::Logout,
+    AuthEventKind::RefreshTokenReused,
+    AuthEventKind::TotpEnabled,
+    AuthEventKind::PasswordChanged,
+    AuthEventKind::TotpReset,
+];
 
 #[derive(Debug, Clone)]
 struct Entry {

@@ -33,7 +33,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use vault_bus::message::AuthEventKind;
 
-use self::caller::{Caller, Reader, Scope};
+use self::caller::{Caller, Reader, Scope, SessionCaller};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
@@ -56,6 +56,7 @@ pub fn router() -> Router<AppState> {
         .route("/auth/login", post(login))
         .route("/auth/refresh", post(refresh))
         .route("/auth/logout", post(logout))
+        .route("/auth/password", post(change_password))
         .route("/auth/totp/setup", post(totp_setup))
         .route("/auth/totp/enable", post(totp_enable))
         .route("/me", get(me))
@@ -126,6 +127,17 @@ pub struct TotpSetup {
     pub secret: String,
     /// `otpauth://totp/...` for QR codes.
     pub otpauth_url: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordRequest {
+    /// The password the account has now.
+    #[schema(max_length = 128)]
+    pub current_password: String,
+    /// 10 to 128 characters.
+    #[schema(min_length = 10, max_length = 128)]
+    pub new_password: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -358,22 +370,47 @@ pub async fn login(
     }
 
     let mut tx = state.pool.begin().await?;
-    // The lock is checked again here, under the row's lock: the password was verified after the
-    // first check (waiting for a hashing slot), and a lock taken meanwhile — the 5th failure of
-    // concurrent attempts, or an admin's — must hold even against the right password.
+    // The account is checked again here, under the row's lock: the password was verified after
+    // the first read (waiting for a hashing slot), and what changed meanwhile must hold even
+    // against the right password — a lock (the 5th failure of concurrent attempts, or an
+    // admin's), a new password, 2FA turned on (whose revocation of every other session this
+    // login would otherwise outlive).
     let accepted = sqlx::query(
         "UPDATE users SET failed_logins = 0, locked_until = NULL, updated_at = now(),
                 totp_last_step = COALESCE($2, totp_last_step)
           WHERE id = $1 AND (locked_until IS NULL OR locked_until <= now())
-            AND ($2::BIGINT IS NULL OR totp_last_step IS NULL OR totp_last_step < $2)",
+            AND ($2::BIGINT IS NULL OR totp_last_step IS NULL OR totp_last_step < $2)
+            AND password_hash = $3 AND ($2::BIGINT IS NOT NULL OR NOT totp_enabled)",
     )
     .bind(user.id)
     .bind(totp_step)
+    .bind(&user.password_hash)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if accepted == 0 {
         drop(tx);
+        let now_on: Option<(bool, bool)> =
+            sqlx::query_as("SELECT totp_enabled, password_hash = $2 FROM users WHERE id = $1")
+                .bind(user.id)
+                .bind(&user.password_hash)
+                .fetch_optional(&state.pool)
+                .await?;
+        match now_on {
+            // The password changed since it was verified: this one is wrong now.
+            Some((_, false)) | None => {
+                record_failure(&state, user.id, &meta, "invalid_credentials").await?;
+                return Err(invalid_credentials());
+            }
+            // 2FA was turned on since the first read: a code is needed now.
+            Some((true, true)) if totp_step.is_none() => {
+                return Err(ApiError::Unauthorized {
+                    code: "totp_required",
+                    detail: "This account has 2FA: send totp_code.".to_owned(),
+                });
+            }
+            Some(_) => {}
+        }
         // Locked since the first check, or the same TOTP code (time step) was already used: a
         // replay, counted as a failure (which answers 423 itself if the account is locked).
         record_failure(&state, user.id, &meta, "totp_replayed").await?;
@@ -637,6 +674,76 @@ pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Ca
     tx.commit().await?;
     state.credentials.forget_family(family);
     state.events.emit(AuthEventKind::Logout, Some(caller.user_id), &meta, serde_json::json!({"family": family}));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Change the password. The current one is checked (a wrong one counts as a failed login, so
+/// a stolen access token cannot guess it freely); every other session of the account ends, the
+/// caller's goes on.
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", security(("bearer" = [])),
+    request_body = ChangePasswordRequest,
+    responses((status = 204), (status = 401, description = "invalid_credentials", body = Problem),
+              (status = 403, description = "session_required", body = Problem),
+              (status = 422, body = Problem), (status = 423, description = "account_locked", body = Problem)))]
+pub async fn change_password(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    SessionCaller(caller): SessionCaller,
+    ApiJson(body): ApiJson<ChangePasswordRequest>,
+) -> Result<StatusCode, ApiError> {
+    let (_, family, _) = caller.require_session()?;
+    if let Err(message) = password::check_policy(&body.new_password) {
+        return Err(ApiError::Validation {
+            code: "validation_failed",
+            errors: vec![FieldError::new("new_password", message)],
+        });
+    }
+    let (current, locked_until): (String, Option<DateTime<Utc>>) =
+        sqlx::query_as("SELECT password_hash, locked_until FROM users WHERE id = $1")
+            .bind(caller.user_id)
+            .fetch_optional(&state.pool)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+    let now = Utc::now();
+    if let Some(locked_until) = locked_until.filter(|t| *t > now) {
+        return Err(refuse_locked(&state, Some(caller.user_id), &meta, locked_until, now));
+    }
+    if !state.hasher.verify(body.current_password, Some(current.clone())).await? {
+        record_failure(&state, caller.user_id, &meta, "invalid_credentials").await?;
+        return Err(invalid_credentials());
+    }
+    let hash = state.hasher.hash(body.new_password).await?;
+    let mut tx = state.pool.begin().await?;
+    // Against the hash just verified: a concurrent change wins, and this one is refused.
+    let changed = sqlx::query(
+        "UPDATE users SET password_hash = $2, failed_logins = 0, updated_at = now() WHERE id = $1 AND password_hash = $3",
+    )
+    .bind(caller.user_id)
+    .bind(&hash)
+    .bind(&current)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Err(invalid_credentials());
+    }
+    let ended = sqlx::query(
+        "UPDATE token_families SET revoked_at = now(), revoked_why = 'password_changed'
+          WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
+    )
+    .bind(caller.user_id)
+    .bind(family)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    state.credentials.forget_user(caller.user_id);
+    state.events.emit(
+        AuthEventKind::PasswordChanged,
+        Some(caller.user_id),
+        &meta,
+        serde_json::json!({"sessions_ended": ended}),
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 
