@@ -95,6 +95,23 @@ pub fn outcome_unknown(e: &sqlx::Error) -> bool {
     !matches!(e, sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
 }
 
+/// Whether a write that failed with `e` may pass if tried again unchanged: a connection not had
+/// or lost, a statement given up, or Postgres refusing for the moment (SQLSTATE classes 08
+/// connection, 40 rollback — serialization failure, deadlock —, 53 insufficient resources,
+/// 55 lock not available, 57 operator intervention — shutdown, statement timeout —, 58 system
+/// error). Anything else Postgres refuses is about the work itself, and fails again. A consumer
+/// parks a message on its last delivery only for a failure that is not transient: parked for
+/// a database blip, it was terminated unwritten (an audit row or a notification lost from the
+/// live path).
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            db.code().is_none_or(|c| ["08", "40", "53", "55", "57", "58"].iter().any(|class| c.starts_with(class)))
+        }
+        _ => true,
+    }
+}
+
 /// How long a session may sit idle inside a transaction before Postgres ends it (see the module
 /// docs).
 pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -223,7 +240,61 @@ fn short(err: &sqlx::Error) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
+
+    /// A refusal by Postgres with SQLSTATE `code`.
+    #[derive(Debug)]
+    struct Refused(&'static str);
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused with {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Refused {}
+
+    impl sqlx::error::DatabaseError for Refused {
+        fn message(&self) -> &str {
+            "refused"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn only_a_database_that_is_away_or_busy_is_a_transient_failure() {
+        let refused = |code: &'static str| sqlx::Error::Database(Box::new(Refused(code)));
+        for transient in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::Io(std::io::Error::other("connection reset")),
+            refused("08006"),
+            refused("40P01"),
+            refused("53300"),
+            refused("55P03"),
+            refused("57014"),
+        ] {
+            assert!(is_transient(&transient), "{transient}");
+        }
+        for own in [refused("22P05"), refused("23503"), refused("23514"), refused("42703"), refused("P0001")] {
+            assert!(!is_transient(&own), "{own}");
+        }
+    }
 
     #[test]
     fn every_pool_replaces_its_connections_so_their_plans_are_made_again() {

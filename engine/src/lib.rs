@@ -37,6 +37,11 @@ use crate::store::PgStore;
 /// it takes the lease again.
 const RETRY_SERVING_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The markets or the book could not be loaded after the lease was taken.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine's state could not be loaded: {0:#}")]
+struct StateNotLoaded(anyhow::Error);
+
 /// Runs the engine until `shutdown` fires, then drains and returns. Must run inside an actix
 /// `System` (the binary's `main` provides one).
 ///
@@ -76,8 +81,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             }
             // Loading its state failed after it took the lease (the lease went back with it):
             // a database that fails now may answer in a moment, so it stands by again rather
-            // than exiting, which nothing here would undo.
-            Err(e) => {
+            // than exiting, which nothing here would undo. Readiness stays red meanwhile.
+            Err(e) if e.is::<StateNotLoaded>() => {
                 tracing::error!(error = format!("{e:#}"), "could not start serving; standing by to try again");
                 process.readiness.refresh().await;
                 tokio::select! {
@@ -85,6 +90,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                     _ = tokio::time::sleep(RETRY_SERVING_AFTER) => {}
                 }
             }
+            Err(e) => break Err(e),
         }
     };
     process.finish().await?;
@@ -124,7 +130,7 @@ async fn serve(
             // The lease goes back with its connection; the caller decides what comes next.
             release.cancel();
             let _ = keeper.await;
-            return Err(e);
+            return Err(StateNotLoaded(e).into());
         }
     };
     tracing::info!(markets = markets.len(), resting = book.len(), "engine state loaded");

@@ -447,7 +447,9 @@ async fn open_feed(bus: &Bus, after: Option<u64>) -> anyhow::Result<pull::Ordere
 /// [`open_feed`], again every half second until it opens; `None` at shutdown.
 async fn open_feed_until_open(bus: &Bus, after: Option<u64>, shutdown: &CancellationToken) -> Option<pull::Ordered> {
     loop {
-        match open_feed(bus, after).await {
+        // Raced with shutdown: with NATS away each attempt waits for the JetStream request
+        // timeout, and a stop must not wait for it.
+        match shutdown.run_until_cancelled(open_feed(bus, after)).await? {
             Ok(messages) => return Some(messages),
             Err(e) => {
                 metrics::counter!(names::ENGINE_PRICE_FEED_OPEN_FAILURES).increment(1);
@@ -503,6 +505,8 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
                 tracing::warn!(error = why, after = ?last_seq, "price feed interrupted; opening it again");
                 let Some(reopened) = open_feed_until_open(&bus, last_seq, &shutdown).await else { return };
                 messages = reopened;
+                // The reconnect that interrupted it is taken care of by this opening.
+                connects = bus.connects();
                 continue;
             }
         };

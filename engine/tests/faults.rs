@@ -525,6 +525,33 @@ async fn a_standby_that_takes_over_while_nats_is_down_follows_prices_once_it_is_
     second.stop_cleanly(Duration::from_secs(30)).await;
 }
 
+/// An engine that takes the lease over but cannot load its state (here the markets table is
+/// away: a database mid-restore, a failover) stands by and tries again, and serves once the
+/// database answers. It used to exit with an error, and nothing restarted it.
+#[tokio::test]
+async fn a_standby_that_cannot_load_its_state_tries_again_instead_of_exiting() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let (mut first, _) = start_engine_at(&db, &nats, &[]).await;
+    let (mut second, standby_ops) = spawn_engine(&db, &nats, &[]);
+    poll_until(Duration::from_secs(30), "the second engine to stand by", || async {
+        second.output().contains("standing by").then_some(())
+    })
+    .await;
+    sqlx::query("ALTER TABLE markets RENAME TO markets_away").execute(&pool).await.expect("markets away");
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    poll_until(Duration::from_secs(30), "the second engine to fail loading its state", || async {
+        second.output().contains("could not start serving").then_some(())
+    })
+    .await;
+    assert!(second.is_running(), "the engine exited:\n{}", second.output());
+    sqlx::query("ALTER TABLE markets_away RENAME TO markets").execute(&pool).await.expect("markets back");
+    second.wait_http_status(&standby_ops, "/readyz", 200, Duration::from_secs(30)).await;
+    assert_eq!(scrape_metric(&standby_ops, "vault_engine_partitions_held", &[]).await, 16.0);
+    second.stop_cleanly(Duration::from_secs(30)).await;
+}
+
 /// Terminates the Postgres session that holds the engines' partition locks (there is one).
 async fn drop_lease_session(pool: &PgPool) {
     let dropped: Vec<bool> = sqlx::query_scalar(

@@ -39,6 +39,7 @@ pub struct ConsumerLag {
     pub num_redelivered: u64,
     /// Age of the oldest message not acked yet (0 when there is none).
     pub oldest_pending_age_seconds: f64,
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub last_active: Option<DateTime<Utc>>,
     /// Whether it is a durable consumer (only those get gauges, see the module docs).
     #[serde(skip)]

@@ -17,6 +17,7 @@ pub struct FillView {
     pub fee: Decimal,
     /// Always `taker` in this paper-trading model.
     pub liquidity: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -38,7 +39,9 @@ pub struct OrderView {
     pub average_fill_price: Option<Decimal>,
     pub fee: Decimal,
     pub reject_reason: Option<String>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub updated_at: DateTime<Utc>,
     #[sqlx(skip)]
     pub fills: Vec<FillView>,
@@ -56,6 +59,7 @@ pub struct DepositView {
     pub amount: Decimal,
     pub status: String,
     pub client_deposit_id: String,
+    #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
 }
 

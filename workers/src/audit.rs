@@ -308,10 +308,14 @@ fn is_refused_content(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
 }
 
-/// A message that could not be written: redelivered later, or parked on its last delivery.
+/// A message that could not be written: redelivered later, or parked on its last delivery if
+/// the failure is its own (never for a database that is away: see [`vault_core::db::is_transient`]).
 async fn give_back(pool: &PgPool, d: &Delivered<Entry>, error: &sqlx::Error) {
     let delivered = d.msg.info().map(|i| i.delivered).unwrap_or(1);
-    if delivered >= MAX_DELIVER && d.park(pool, &format!("not written after {delivered} deliveries: {error}")).await {
+    if delivered >= MAX_DELIVER
+        && !vault_core::db::is_transient(error)
+        && d.park(pool, &format!("not written after {delivered} deliveries: {error}")).await
+    {
         return;
     }
     tracing::warn!(error = %error, delivered, "audit message not written; it will be redelivered");

@@ -304,7 +304,10 @@ pub async fn login(
             errors: vec![FieldError::new("email", "must be a valid email address")],
         });
     }
-    let email_key = body.email.trim().to_lowercase();
+    // Lowercased letter by letter (each letter's simple mapping), as Postgres lowercases the
+    // email to find the account: with Rust's full mapping, `İ` became `i̇`, and each variant of
+    // an email had a rate-limit bucket of its own while reaching the same account.
+    let email_key: String = body.email.trim().chars().map(|c| c.to_lowercase().next().unwrap_or(c)).collect();
     let verdict = state.limits.check_login(&email_key)?;
 
     // No account has a NUL in its email (signup refuses control characters), and Postgres text

@@ -371,23 +371,24 @@ async fn flush(bus: &Bus, pool: &PgPool, wake: &Wakers, batch: Vec<Pending>) {
                         push(bus, &written).await;
                         p.ack().await;
                     }
-                    Err(e) => give_back(pool, p, &e.to_string()).await,
+                    Err(e) => give_back(pool, p, &e).await,
                 }
             }
         }
     }
 }
 
-/// A message that could not be written: redelivered later, or parked on its last delivery.
-async fn give_back(pool: &PgPool, p: Pending, error: &str) {
+/// A message that could not be written: redelivered later, or parked on its last delivery if
+/// the failure is its own (never for a database that is away: see [`vault_core::db::is_transient`]).
+async fn give_back(pool: &PgPool, p: Pending, error: &sqlx::Error) {
     metrics::counter!("vault_notify_write_failures_total").increment(1);
     let delivered = p.msg.info().map(|i| i.delivered).unwrap_or(1);
-    if delivered >= MAX_DELIVER {
+    if delivered >= MAX_DELIVER && !vault_core::db::is_transient(error) {
         let reason = format!("not written after {delivered} deliveries: {error}");
         if p.park(pool, &reason).await {
             return;
         }
     }
-    tracing::warn!(error, event = %p.value.event_id(), delivered, "notify message not written; it will be redelivered");
+    tracing::warn!(error = %error, event = %p.value.event_id(), delivered, "notify message not written; it will be redelivered");
     p.retry(Duration::from_secs(1)).await;
 }
