@@ -2,8 +2,9 @@
 //!
 //! Events are published *after* the decision they report, on a spawned task: a slow or absent
 //! NATS can neither delay an answer nor change it (a refused login stays refused). A publish
-//! that fails is counted (`vault_auth_events_failed_total{kind}`) and logged with the event id,
-//! never silently dropped.
+//! that fails is counted (`vault_auth_events_failed_total{kind}`), logged with the event id and
+//! parked in `parked_messages` (stream `AUTH`, consumer `vault-api`, with its `Nats-Msg-Id`), so
+//! the audit trail's gap is on record with what it should have held — never silently dropped.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -45,11 +46,12 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
 #[derive(Debug, Clone)]
 pub struct AuthEvents {
     bus: Bus,
+    pool: sqlx::PgPool,
 }
 
 impl AuthEvents {
-    pub fn new(bus: Bus) -> Self {
-        AuthEvents { bus }
+    pub fn new(bus: Bus, pool: sqlx::PgPool) -> Self {
+        AuthEvents { bus, pool }
     }
 
     /// Publishes one event; returns at once. `data` must never hold a password, token or key.
@@ -63,21 +65,51 @@ impl AuthEvents {
             at: Utc::now(),
             data,
         };
-        let bus = self.bus.clone();
+        let (bus, pool) = (self.bus.clone(), self.pool.clone());
         let ctx = MessageContext { request_id: meta.request_id.clone() };
         tokio::spawn(async move {
             let kind = event.kind.as_str();
-            match tokio::time::timeout(PUBLISH_TIMEOUT, bus.publish(&event, &ctx)).await {
-                Ok(Ok(_)) => metrics::counter!("vault_auth_events_published_total", "kind" => kind).increment(1),
-                Ok(Err(err)) => {
-                    metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
-                    tracing::error!(event_id = %event.id, kind, error = %err, "auth event not published");
+            let failed = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.publish(&event, &ctx)).await {
+                Ok(Ok(_)) => {
+                    metrics::counter!("vault_auth_events_published_total", "kind" => kind).increment(1);
+                    return;
                 }
-                Err(_) => {
-                    metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
-                    tracing::error!(event_id = %event.id, kind, "auth event not published within {PUBLISH_TIMEOUT:?}");
-                }
-            }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("not acknowledged within {PUBLISH_TIMEOUT:?}"),
+            };
+            metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
+            tracing::error!(event_id = %event.id, kind, error = failed, "auth event not published");
+            park(&pool, &event, &ctx, &failed).await;
         });
+    }
+}
+
+/// Stores an event that could not be published in `parked_messages`, as it would have gone out.
+async fn park(pool: &sqlx::PgPool, event: &AuthEvent, ctx: &MessageContext, failed: &str) {
+    use vault_bus::BusMessage;
+    let payload = match vault_bus::message::encode(event) {
+        Ok(payload) => payload,
+        Err(e) => {
+            tracing::error!(event_id = %event.id, error = %e, "an unpublished auth event cannot be encoded to be parked");
+            return;
+        }
+    };
+    let mut headers = std::collections::BTreeMap::from([("Nats-Msg-Id".to_owned(), event.msg_id())]);
+    if let Some(request_id) = &ctx.request_id {
+        headers.insert("X-Request-Id".to_owned(), request_id.clone());
+    }
+    let reason = format!("not published: {failed}");
+    let parked = vault_bus::park::park_unpublished(
+        pool,
+        vault_bus::streams::AUTH.name,
+        "vault-api",
+        &event.subject(),
+        &payload,
+        headers,
+        &reason,
+    )
+    .await;
+    if let Err(e) = parked {
+        tracing::error!(event_id = %event.id, error = %e, "an unpublished auth event could not be parked either");
     }
 }

@@ -734,6 +734,27 @@ async fn with_nats_down_logins_are_decided_as_usual_and_lost_events_are_counted(
     .await;
     assert!(failed >= 2.0);
     assert!(api.proc.output().contains("auth event not published"), "the loss is logged");
+    // And parked, as it would have gone out: nothing the audit trail should hold is only a log
+    // line.
+    let pool = api.db.pool().await;
+    let parked: Vec<(String, Vec<u8>, Value)> = poll_until(Duration::from_secs(30), "the events parked", || async {
+        let rows: Vec<(String, Vec<u8>, Value)> = sqlx::query_as(
+            "SELECT subject, payload, headers FROM parked_messages WHERE stream = 'AUTH' AND consumer = 'vault-api'
+              ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .ok()?;
+        (rows.len() >= 2).then_some(rows)
+    })
+    .await;
+    let subjects: Vec<&str> = parked.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert!(subjects.contains(&"auth.login.failed") && subjects.contains(&"auth.login.succeeded"), "{subjects:?}");
+    for (subject, payload, headers) in &parked {
+        let event: Value = serde_json::from_slice(payload).expect("the event as published");
+        assert_eq!(format!("auth.{}", event["kind"].as_str().expect("kind")), *subject);
+        assert_eq!(headers["Nats-Msg-Id"], event["id"], "{headers}");
+    }
 }
 
 /// A second API process (a replica) on `api`'s database and nats-server; its address.

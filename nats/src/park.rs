@@ -2,6 +2,8 @@
 //! last delivery, is stored in `parked_messages` with the reason, counted
 //! (`vault_parked_messages_total{stream,consumer}`) and logged — never silently dropped.
 //! The caller then terminates the message (`AckKind::Term`) so JetStream stops redelivering it.
+//! A publisher parks a message JetStream would not store ([`park_unpublished`]: the API's auth
+//! events, published after the answer with nobody to retry them).
 //!
 //! Parking must work for exactly the messages nothing else can store: the payload is kept as
 //! bytes, and in the text columns (subject, reason, headers) a NUL character, which Postgres
@@ -29,9 +31,39 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
         .headers
         .iter()
         .flat_map(|h| h.iter())
-        .map(|(k, v)| (storable(k.as_ref()), storable(&v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(","))))
+        .map(|(k, v)| (AsRef::<str>::as_ref(k).to_owned(), v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",")))
         .collect();
-    let (subject, reason) = (storable(msg.subject.as_str()), storable(reason));
+    store(pool, stream, consumer, seq, msg.subject.as_str(), &msg.payload, headers, reason).await
+}
+
+/// Parks a message a publisher could not get stored in `stream` (JetStream did not acknowledge
+/// it), with sequence -1 and the publisher as the consumer: what it would have published,
+/// headers included (`Nats-Msg-Id` dedupes it if an operator publishes it again).
+pub async fn park_unpublished(
+    pool: &PgPool,
+    stream: &str,
+    publisher: &str,
+    subject: &str,
+    payload: &[u8],
+    headers: BTreeMap<String, String>,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    store(pool, stream, publisher, -1, subject, payload, headers, reason).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn store(
+    pool: &PgPool,
+    stream: &str,
+    consumer: &str,
+    seq: i64,
+    subject: &str,
+    payload: &[u8],
+    headers: BTreeMap<String, String>,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    let headers: BTreeMap<String, String> = headers.into_iter().map(|(k, v)| (storable(&k), storable(&v))).collect();
+    let (subject, reason) = (storable(subject), storable(reason));
     let insert = sqlx::query(
         "INSERT INTO parked_messages (stream, consumer, stream_seq, subject, reason, payload, headers)
          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
@@ -41,16 +73,16 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
     .bind(seq)
     .bind(&subject)
     .bind(&reason)
-    .bind(msg.payload.as_ref())
+    .bind(payload)
     .bind(sqlx::types::Json(headers))
     .execute(pool);
     if vault_core::db::within(PARK_WITHIN, insert).await?.rows_affected() == 0 {
-        tracing::info!(stream, consumer, stream_seq = seq, subject = %msg.subject, "message parked before; terminating it again");
+        tracing::info!(stream, consumer, stream_seq = seq, subject, "message parked before; terminating it again");
         return Ok(());
     }
     metrics::counter!("vault_parked_messages_total", "stream" => stream.to_owned(), "consumer" => consumer.to_owned())
         .increment(1);
-    tracing::error!(stream, consumer, stream_seq = seq, subject = %msg.subject, reason, "message parked");
+    tracing::error!(stream, consumer, stream_seq = seq, subject, reason, "message parked");
     Ok(())
 }
 
