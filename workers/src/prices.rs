@@ -194,6 +194,7 @@ pub async fn publish_from(
     let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
     let mut seqs: HashMap<Symbol, u64> = HashMap::new();
     let mut last_at: HashMap<Symbol, DateTime<Utc>> = HashMap::new();
+    seed_ages(&stream, pool, &mut last_at, &mut seqs).await;
     let mut validator = Validator::default();
     let mut candles = Candles::default();
     let mut exhausted = false;
@@ -285,6 +286,12 @@ pub async fn publish_from(
             futures::future::join_all(acks.into_iter().map(|(quote, ack)| async move { (quote, ack.await) })).await;
         for (quote, result) in settled {
             match result {
+                // A tick the stream already held under this id (another worker, or a restart
+                // that read the last sequence before a dead worker's publish landed) was not
+                // stored: it moves no candle and no age.
+                Ok(ack) if ack.duplicate => {
+                    tracing::warn!(symbol = %quote.symbol, "tick dropped by the stream as a duplicate");
+                }
                 Ok(_) => {
                     metrics::counter!("vault_price_ticks_published_total", "symbol" => quote.symbol.to_string())
                         .increment(1);
@@ -302,11 +309,45 @@ pub async fn publish_from(
     Ok(())
 }
 
-/// One flush; a failure is counted and logged, and the candles stay pending for the next one.
+/// One flush; a failure is counted and logged, and the candles stay pending for the next one —
+/// unless the write may have committed (a connection lost mid-statement): written again, their
+/// volume would count twice, so they are given up as a timed-out write is.
 async fn write_candles(candles: &mut Candles, pool: &PgPool) {
     if let Err(e) = candles.flush(pool).await {
         metrics::counter!("vault_candle_flush_failures_total").increment(1);
-        tracing::warn!(error = %e, "candles not written; retrying with the next flush");
+        if vault_core::db::outcome_unknown(&e) {
+            let dropped = candles.discard();
+            tracing::error!(error = %e, dropped, "a candle write may have committed; given up rather than counted twice");
+        } else {
+            tracing::warn!(error = %e, "candles not written; retrying with the next flush");
+        }
+    }
+}
+
+/// Every market's age from the start: from its last tick on the stream, or from now for a market
+/// that has none. The age gauge was set only for ticks published since start, so a restarted
+/// worker whose source stayed silent (an unreachable feed, a replay without that market) had no
+/// series for VaultPriceStale to fire on. Also learns each market's last sequence.
+async fn seed_ages(
+    stream: &async_nats::jetstream::stream::Stream,
+    pool: &PgPool,
+    last_at: &mut HashMap<Symbol, DateTime<Utc>>,
+    seqs: &mut HashMap<Symbol, u64>,
+) {
+    let symbols: Vec<String> = match sqlx::query_scalar("SELECT symbol FROM markets").fetch_all(pool).await {
+        Ok(symbols) => symbols,
+        Err(e) => {
+            tracing::warn!(error = %e, "market list not read; price ages show once ticks are published");
+            return;
+        }
+    };
+    let now = Utc::now();
+    for symbol in symbols.iter().filter_map(|s| Symbol::parse(s).ok()) {
+        let last = last_tick(stream, &symbol).await;
+        if let Some(tick) = &last {
+            seqs.insert(symbol.clone(), tick.seq);
+        }
+        last_at.insert(symbol, last.map_or(now, |tick| tick.ts.min(now)));
     }
 }
 

@@ -202,3 +202,38 @@ async fn a_malformed_replay_file_stops_the_worker_at_start_naming_the_line_and_p
     assert_ne!(missing.wait_exit(Duration::from_secs(30)).await.code(), Some(0));
     assert!(missing.output().contains("cannot read the replay file ticks.csv"), "{}", missing.output());
 }
+
+/// A worker whose source never delivers (here an unreachable Coinbase feed) still reports every
+/// market's price age, from its last tick on the stream or from the worker's start: the gauge
+/// was set only for ticks published since start, so a restart with a silent source left no
+/// series, and the stale-price alert nothing to fire on.
+#[tokio::test]
+async fn a_silent_source_still_shows_how_old_every_markets_price_is() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let bus = vault_bus::Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let old = PriceTick {
+        symbol: vault_core::domain::Symbol::parse("BTC-USD").expect("symbol"),
+        price: vault_core::domain::Positive::new(Decimal::from(60_000)).expect("positive"),
+        ts: Utc::now() - chrono::Duration::seconds(120),
+        source: "coinbase".into(),
+        seq: 7,
+    };
+    bus.publish(&old, &vault_bus::MessageContext::default()).await.expect("published");
+
+    let mut envs = base_env(&db, &nats);
+    envs.push(("PRICE_SOURCE", "coinbase".to_owned()));
+    envs.push(("COINBASE_WS_URL", "ws://127.0.0.1:1".to_owned()));
+    let (_worker, addr) = Proc::start_ready(BIN, &["prices"], &envs).await;
+    let age = |text: &str, symbol: &str| -> Option<f64> {
+        let prefix = format!("vault_price_age_seconds{{symbol=\"{symbol}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    };
+    let (btc, eth) = poll_until(READY_DEADLINE, "every market's price age", || async {
+        let text = http_client().get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+        Some((age(&text, "BTC-USD")?, age(&text, "ETH-USD")?))
+    })
+    .await;
+    assert!(btc >= 120.0, "BTC-USD's age counts from its last tick: {btc}");
+    assert!(eth >= 0.0, "ETH-USD never had a tick; its age counts from the worker's start: {eth}");
+}

@@ -128,7 +128,10 @@ impl PriceSource for Replay {
         }
         self.due = None;
         let first = self.next.take()?;
-        self.previous = Some(first.at);
+        // The clock of the file only goes forward: after a line that goes back, the next ones
+        // are timed from the latest time seen (timed from the earlier one, a line an hour back
+        // held the rest of the file, every market stale, for that hour).
+        self.previous = Some(self.previous.map_or(first.at, |previous| previous.max(first.at)));
         let now = Utc::now();
         let mut batch = vec![Quote { symbol: first.symbol, price: first.price, ts: now }];
         for tick in self.ticks.by_ref() {
@@ -228,5 +231,22 @@ mod tests {
         assert_eq!(second[0].price.get(), dec!(2));
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(400), "the recorded gap is waited: {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn after_a_line_that_goes_back_the_next_ones_keep_the_files_pace() {
+        let text = "2026-01-02T10:00:00Z,BTC-USD,1\n2026-01-02T10:00:00.2Z,BTC-USD,2\n\
+                    2026-01-02T09:00:00Z,BTC-USD,3\n2026-01-02T10:00:00.4Z,BTC-USD,4\n";
+        let mut replay = Replay::new(parse(text).expect("valid"));
+        for price in [dec!(1), dec!(2), dec!(3)] {
+            assert_eq!(replay.next_batch().await.expect("a batch")[0].price.get(), price);
+        }
+        // Interrupted at once: the fourth line's due time is set, 0.2 s after the latest time
+        // seen (10:00:00.2) — not an hour and 0.4 s after the line that went back.
+        let interrupted = tokio::time::timeout(Duration::from_millis(20), replay.next_batch()).await;
+        assert!(interrupted.is_err(), "not due yet");
+        let wait = replay.due.expect("waiting for the fourth line") - tokio::time::Instant::now();
+        assert!(wait <= Duration::from_millis(200), "{wait:?}");
+        assert_eq!(replay.next_batch().await.expect("the fourth")[0].price.get(), dec!(4));
     }
 }
