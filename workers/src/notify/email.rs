@@ -69,7 +69,10 @@ impl EmailConfig {
     pub fn new(smtp_url: Option<Secret>) -> Self {
         EmailConfig {
             smtp_url,
-            max_attempts: 6,
+            // 60 s × 3ⁿ capped at 6 h: ten attempts span about a day, so a relay misconfigured
+            // over a night or a weekend day loses nothing once it is fixed (six gave up after
+            // about two hours).
+            max_attempts: 10,
             backoff_base: Duration::from_secs(60),
             batch: 32,
             lease: Duration::from_secs(300),
@@ -407,6 +410,30 @@ mod tests {
         assert!(lease_left_for_a_send(&config, Duration::ZERO));
         assert!(lease_left_for_a_send(&config, Duration::from_secs(44)));
         assert!(!lease_left_for_a_send(&config, Duration::from_secs(45)), "10 s to send, 5.1 s to record");
+    }
+
+    #[test]
+    fn a_relay_refusing_for_want_of_authentication_is_retried_for_about_a_day() {
+        let config = EmailConfig::new(None);
+        let email = |attempts| Email {
+            id: Uuid::nil(),
+            to_address: "a@example.com".into(),
+            subject: "s".into(),
+            body: "b".into(),
+            attempts,
+        };
+        let refused = Err(SendError::Transient("535 authentication failed".into()));
+        let mut waited = Duration::ZERO;
+        for done in 0..config.max_attempts - 1 {
+            let this = email(done);
+            let next = attempted(&config, &this, &refused);
+            assert_eq!(next.status, "pending", "attempt {}", done + 1);
+            waited += next.wait;
+        }
+        assert!(waited >= Duration::from_secs(20 * 3600), "retried over {waited:?}");
+        assert_eq!(attempted(&config, &email(config.max_attempts - 1), &refused).status, "failed");
+        let gone = Err(SendError::Permanent("550 no such mailbox".into()));
+        assert_eq!(attempted(&config, &email(0), &gone).status, "failed", "a refusal of the email itself");
     }
 
     // The SMTP pool spawns on the runtime it is built in.
