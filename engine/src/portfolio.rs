@@ -447,13 +447,25 @@ impl Portfolio {
                     Side::Buy => {
                         self.balances.entry(quote).or_default().total -= fill.notional + fill.fee;
                         self.balances.entry(base.clone()).or_default().total += qty;
-                        *self.cost_basis.entry(base).or_default() += fill.notional;
+                        let cost = self.cost_basis.entry(base).or_default();
+                        *cost = cost.saturating_add(fill.notional);
                     }
                     Side::Sell => {
                         let held = self.balance(&base).total;
                         let cost = self.cost_basis.get(&base).copied().unwrap_or_default();
-                        // The cost leaves in proportion to the quantity sold.
-                        let remaining_cost = if held.is_zero() { Decimal::ZERO } else { cost * (held - qty) / held };
+                        // The cost leaves in proportion to the quantity sold: cost × (held −
+                        // sold) ÷ held, whose product overflows a `Decimal` for absurd holdings
+                        // (it panicked the user's shard); then cost ÷ held × (held − sold),
+                        // which cannot overflow when the first form does (it needs held ≥ 1).
+                        let left = held - qty;
+                        let remaining_cost = if held.is_zero() {
+                            Decimal::ZERO
+                        } else {
+                            cost.checked_mul(left)
+                                .and_then(|c| c.checked_div(held))
+                                .or_else(|| cost.checked_div(held)?.checked_mul(left))
+                                .unwrap_or(cost)
+                        };
                         self.cost_basis.insert(base.clone(), remaining_cost.round_dp(vault_core::domain::MONEY_SCALE));
                         self.balances.entry(base).or_default().total -= qty;
                         self.balances.entry(quote).or_default().total += fill.notional - fill.fee;

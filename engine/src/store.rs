@@ -236,6 +236,11 @@ impl Store for MemoryStore {
 /// Loads a user's balances, open orders and version (version 0 for a new user).
 pub async fn load(pool: &PgPool, user_id: Uuid) -> Result<UserState, StoreError> {
     let mut conn = pool.acquire().await?;
+    // One snapshot for the three reads: a reload comes after a version conflict, exactly when
+    // another writer is committing, and balances from before a cancel with open orders from
+    // after it (a hold with no order) failed the state's invariants — `Corrupt`, which parks
+    // the command — where the version check alone would have said "load again".
+    let mut conn = vault_bus::views::snapshot(&mut conn).await?;
     let version: Option<i64> = sqlx::query_scalar("SELECT version FROM portfolios WHERE user_id = $1")
         .bind(user_id)
         .fetch_optional(&mut *conn)
@@ -276,6 +281,7 @@ pub async fn load(pool: &PgPool, user_id: Uuid) -> Result<UserState, StoreError>
         portfolio.open_orders.insert(id, order);
     }
     portfolio.check_invariants().map_err(corrupt)?;
+    conn.commit().await?;
     Ok(UserState { user_id, version: version.unwrap_or(0), portfolio })
 }
 

@@ -358,3 +358,21 @@ fn amounts_too_large_to_compute_are_refused_never_a_panic() {
     // A sane tick still fills them.
     assert!(matches!(trigger(&mut p, two, pos(dec!(61000))).as_slice(), [Event::OrderFilled(_)]));
 }
+
+/// The cost left after a sell is cost × (held − sold) ÷ held: for an absurd holding that
+/// product overflows a `Decimal`, and the engine computes it the other way round rather than
+/// panic (a panic stopped the user's shard, and a resting sell did it again on every tick).
+#[test]
+fn the_cost_left_after_selling_part_of_an_absurd_holding_is_computed_never_a_panic() {
+    let m = market(MarketStatus::Trading);
+    let mut p = funded(dec!(50_000_000_000_000_000_000_000_000_000), Decimal::ZERO); // 5e28 USD
+    let qty = dec!(1_200_000_000_000); // 1.2e12 BTC at 65,000: a cost of 7.8e16
+    let price = Some(dec!(65000));
+    p.execute(&order(Side::Buy, OrderType::Market, TimeInForce::Ioc, qty, None), Some(&view(&m, price)))
+        .expect("bought");
+    assert_eq!(p.cost_basis[&btc()], dec!(78_000_000_000_000_000));
+    p.execute(&order(Side::Sell, OrderType::Market, TimeInForce::Ioc, dec!(1), None), Some(&view(&m, price)))
+        .expect("sold");
+    // 7.8e16 × (1.2e12 − 1) does not fit; 7.8e16 ÷ 1.2e12 × (1.2e12 − 1) = 65,000 × (1.2e12 − 1).
+    assert_eq!(p.cost_basis[&btc()], dec!(65000) * (qty - dec!(1)));
+}
