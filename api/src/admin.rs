@@ -417,7 +417,8 @@ pub async fn queues(State(state): State<AppState>, caller: Caller) -> Result<axu
         tracing::warn!(error = %e, "queue snapshot failed");
         ApiError::Unavailable("nats")
     })?;
-    vault_bus::lag::record(&streams);
+    // The gauges are the reporter's alone (every 5 s): it also turns those of consumers that
+    // are gone to NaN, which a series set here, unknown to it, would never be.
     Ok(axum::Json(serde_json::json!({ "streams": streams })))
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Rows are claimed like webhook deliveries (due `pending` rows, `FOR UPDATE SKIP LOCKED`, the
 //! lease pushed into `next_attempt_at` in the same statement), so a crash delays an email and
-//! never loses it; an email may, rarely, go out twice (sent, then the process died before
-//! recording it), never zero times. Attempts are recorded together, at the end of the claimed
+//! never loses it; an email may, rarely, go out twice (sent, then the process died, or the
+//! database failed, before recording it: the lease brings the row back), never zero times. Attempts are recorded together, at the end of the claimed
 //! batch or once the oldest unrecorded is `RECORD_WITHIN` old, so a crash can send again only
 //! what went out in that window.
 //!

@@ -9,8 +9,9 @@
 //!
 //! **Isolation.** Each claimed row is attempted on its own task holding one permit of a
 //! semaphore ([`DeliveryConfig::concurrency`]); the loop claims only as many rows as there are
-//! free permits. A slow or hanging receiver holds one permit for at most the request timeout;
-//! every other delivery goes on.
+//! free permits. A slow or hanging receiver holds one permit for at most twice the request
+//! timeout (resolving its host, then the request, each bounded by it); every other delivery
+//! goes on.
 //!
 //! **Outcome.** 2xx → `delivered`. A network error, timeout or any other status (redirects are
 //! not followed) → `attempts + 1` and the next attempt after [`backoff`] (base ×3 per attempt,
@@ -263,8 +264,16 @@ async fn attempt(client: &reqwest::Client, config: &DeliveryConfig, row: &Claime
         Ok(_) => return Attempt::Refused("only http and https URLs are delivered to".into()),
         Err(e) => return Attempt::Refused(format!("invalid URL: {e}")),
     };
-    if let Err(refused_or_retry) = check_destination(&url, config.allow_private).await {
-        return refused_or_retry;
+    // Bounded like the request: the system resolver's own timeouts (per nameserver, attempt and
+    // search domain) can run past a minute on a black-holed nameserver, beyond the delivery's
+    // lease, and the row would be claimed and sent again while this attempt still ran.
+    match tokio::time::timeout(config.request_timeout, check_destination(&url, config.allow_private)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refused_or_retry)) => return refused_or_retry,
+        Err(_) => {
+            let error = format!("resolving the host took longer than {:?}", config.request_timeout);
+            return Attempt::Retry { status: None, error };
+        }
     }
     let body = match serde_json::to_vec(&row.payload) {
         Ok(body) => body,
