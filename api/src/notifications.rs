@@ -312,16 +312,33 @@ pub struct Delivery {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryList {
     pub deliveries: Vec<Delivery>,
+    /// The cursor of the next (older) page; `null` on the last one.
+    pub next_cursor: Option<String>,
 }
 
-/// The latest deliveries (at most 100) of one of the caller's webhooks.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveryFilter {
+    /// 1..500, default 100.
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<Cursor>)]
+    pub cursor: Option<String>,
+}
+
+/// The deliveries of one of the caller's webhooks, newest first, a page at a time.
 #[utoipa::path(get, path = "/api/v1/webhooks/{id}/deliveries", tag = "notifications", security(("bearer" = []), ("api_key" = [])),
-    params(("id" = Uuid, Path)), responses((status = 200, body = DeliveryList), (status = 404, body = Problem)))]
+    params(("id" = Uuid, Path), DeliveryFilter),
+    responses((status = 200, body = DeliveryList), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn list_deliveries(
     State(state): State<AppState>,
     Reader(caller): Reader,
     ResourceId(id): ResourceId,
+    ApiQuery(filter): ApiQuery<DeliveryFilter>,
 ) -> Result<axum::Json<DeliveryList>, ApiError> {
+    let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     // A deleted webhook is gone for this route too, as for a second delete and the list.
     let mine: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM webhooks WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL")
@@ -330,13 +347,18 @@ pub async fn list_deliveries(
             .fetch_optional(&state.pool)
             .await?;
     mine.ok_or(ApiError::NotFound)?;
-    let deliveries: Vec<Delivery> = sqlx::query_as(
+    let mut deliveries: Vec<Delivery> = sqlx::query_as(
         "SELECT id, event_type, status, attempts, last_status_code,
                 CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at
-           FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY id DESC LIMIT 100",
+           FROM webhook_deliveries WHERE webhook_id = $1 AND ($2::UUID IS NULL OR id < $2)
+          ORDER BY id DESC LIMIT $3",
     )
     .bind(id)
+    .bind(page.before)
+    .bind(page.fetch_limit())
     .fetch_all(&state.pool)
     .await?;
-    Ok(axum::Json(DeliveryList { deliveries }))
+    // Pages, as every list has (the first 100 used to be all there was).
+    let next_cursor = page.finish(&mut deliveries, |d| d.id);
+    Ok(axum::Json(DeliveryList { deliveries, next_cursor }))
 }

@@ -58,6 +58,38 @@ async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it
     let deliveries: Value =
         api.get(&format!("/webhooks/{id}/deliveries"), Some(&token)).await.json().await.expect("json");
     assert_eq!(deliveries["deliveries"], json!([]));
+    assert_eq!(deliveries["next_cursor"], Value::Null);
+
+    // Deliveries come a page at a time, newest first (the first 100 were all there was).
+    let pool = api.db.pool().await;
+    let made: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    for delivery in &made {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, webhook_id, event_id, event_type, payload, status)
+             VALUES ($1, $2::uuid, $1, 'order.filled', '{}', 'delivered')",
+        )
+        .bind(delivery)
+        .bind(id.as_str())
+        .execute(&pool)
+        .await
+        .expect("a delivery");
+    }
+    let first: Value =
+        api.get(&format!("/webhooks/{id}/deliveries?limit=2"), Some(&token)).await.json().await.expect("json");
+    let ids = |page: &Value| -> Vec<String> {
+        page["deliveries"].as_array().expect("list").iter().map(|d| d["id"].as_str().expect("id").to_owned()).collect()
+    };
+    assert_eq!(ids(&first), [made[2].to_string(), made[1].to_string()]);
+    let cursor = first["next_cursor"].as_str().expect("a next page");
+    let second: Value = api
+        .get(&format!("/webhooks/{id}/deliveries?limit=2&cursor={cursor}"), Some(&token))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ids(&second), [made[0].to_string()]);
+    assert_eq!(second["next_cursor"], Value::Null);
+    problem(api.get(&format!("/webhooks/{id}/deliveries?limit=0"), Some(&token)).await, 422, "validation_failed").await;
 
     // No API key registers or deletes webhooks, whatever its scopes: a webhook is a credential
     // (its secret signs, and it can receive login events), and revoking a key does not reach it.
