@@ -45,6 +45,27 @@ impl WorkerRole {
     }
 }
 
+/// What the role's configuration holds beyond what [`Settings`] checks, checked before anything
+/// is started: the SMTP relay URL's parameters (notify) and the replay file (prices). Each failed
+/// only once the worker was serving and ready, exiting 1 where every other configuration error
+/// exits 2 before start. The message names the variable, never a secret.
+pub fn check_role_settings(role: WorkerRole, settings: &Settings) -> Result<(), String> {
+    match role {
+        WorkerRole::Notify => {
+            notify::email::Mailer::new(settings.smtp_url.as_ref(), std::time::Duration::from_secs(30))
+                .map(|_| ())
+                .map_err(|e| format!("SMTP_URL: {e:#}"))
+        }
+        WorkerRole::Prices => match &settings.price_source {
+            vault_core::config::PriceSource::Replay(path) => {
+                prices::load_replay(path).map(|_| ()).map_err(|e| format!("PRICE_SOURCE: {e:#}"))
+            }
+            _ => Ok(()),
+        },
+        WorkerRole::Audit => Ok(()),
+    }
+}
+
 /// Runs one worker role until `shutdown` fires, then drains and returns.
 pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Start-up retries Postgres and NATS for minutes; a stop asked meanwhile is taken at once.

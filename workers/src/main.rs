@@ -33,6 +33,11 @@ async fn main() -> std::process::ExitCode {
         return verify_audit().await;
     }
     let settings = Settings::load_or_exit(cli.role.role());
+    if let Err(problem) = vault_workers::check_role_settings(cli.role, &settings) {
+        eprintln!("configuration error: {problem}");
+        eprintln!("{}: refusing to start with an invalid configuration", cli.role.role().as_str());
+        return std::process::ExitCode::from(2);
+    }
     let _telemetry = telemetry::init(&settings);
     tracing::info!(config = ?settings.redacted(), role = ?cli.role, "starting vault-worker");
     let shutdown = shutdown::install();

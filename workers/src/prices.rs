@@ -140,6 +140,12 @@ async fn last_tick(stream: &async_nats::jetstream::stream::Stream, symbol: &Symb
     decode::<PriceTick>(&subject, &msg.payload).ok()
 }
 
+/// Reads and parses a replay file (`PRICE_SOURCE=replay:<path>`); the error names the file and
+/// the first bad line.
+pub fn load_replay(path: &str) -> anyhow::Result<Replay> {
+    Replay::load(path)
+}
+
 /// Runs the configured source (`PRICE_SOURCE`) until shutdown.
 pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: CancellationToken) -> anyhow::Result<()> {
     match &settings.price_source {

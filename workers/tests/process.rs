@@ -47,6 +47,24 @@ async fn every_worker_role_refuses_bad_configuration_with_exit_code_two() {
         &["secret-pass"],
     )
     .await;
+    // Refused at start too, not once the worker is serving: the relay URL's parameters and the
+    // replay file (each failed after the worker was ready, exiting 1).
+    assert_config_error(
+        BIN,
+        &["notify"],
+        &offline_env("SMTP_URL", "smtp://mailer:secret-pass@127.0.0.1:2525?tls=sometimes"),
+        "SMTP_URL",
+        &["secret-pass"],
+    )
+    .await;
+    assert_config_error(
+        BIN,
+        &["prices"],
+        &offline_env("PRICE_SOURCE", "replay:no-such-file.csv"),
+        "PRICE_SOURCE",
+        &["db-password-not-printed"],
+    )
+    .await;
 }
 
 #[tokio::test]
