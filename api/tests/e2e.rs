@@ -417,20 +417,14 @@ async fn queue_lag_stays_visible_while_theengine_is_down() {
         .await
         .expect("a probe consumer");
     let gauge_of_probe = || async {
-        let text = s.api.client.get(&metrics_url).send().await.ok()?.text().await.ok()?;
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("vault_queue_pending_messages{stream=\"ORDERS\",consumer=\"lag-probe\"}"))?
-            .to_owned();
-        line.rsplit(' ').next().map(str::to_owned)
+        let text = vault_testkit::metrics_text(&s.api.addr).await;
+        vault_testkit::sample(&text, "vault_queue_pending_messages{", &["stream=\"ORDERS\"", "consumer=\"lag-probe\""])
     };
-    poll_until(Duration::from_secs(15), "the probe's gauge", || async {
-        gauge_of_probe().await.filter(|v| v.parse::<f64>().is_ok_and(|v| v >= 1.0))
-    })
-    .await;
+    poll_until(Duration::from_secs(15), "the probe's gauge", || async { gauge_of_probe().await.filter(|v| *v >= 1.0) })
+        .await;
     orders.delete_consumer("lag-probe").await.expect("deleted");
     poll_until(Duration::from_secs(15), "the deleted probe's gauge to go NaN", || async {
-        gauge_of_probe().await.filter(|v| v == "NaN")
+        gauge_of_probe().await.filter(|v| v.is_nan())
     })
     .await;
 }

@@ -615,15 +615,7 @@ async fn unknown_methods_and_routes_answer_problems() {
         let method = Method::from_bytes(format!("BREW{i}").as_bytes()).expect("a method");
         api.client.request(method, api.url("/me")).send().await.expect("answer");
     }
-    let metrics = api
-        .client
-        .get(format!("http://{}/metrics", api.addr))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = vault_testkit::metrics_text(&api.addr).await;
     let methods: std::collections::BTreeSet<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("http_requests_total{"))

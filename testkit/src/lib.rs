@@ -664,15 +664,24 @@ pub fn http_client() -> reqwest::Client {
         .expect("an HTTP client builds")
 }
 
+/// The text of `http://{ops}/metrics`.
+pub async fn metrics_text(ops: &str) -> String {
+    let response = http_client().get(format!("http://{ops}/metrics")).send().await.expect("metrics");
+    response.text().await.expect("metrics text")
+}
+
+/// The value of the first sample of `text` whose line starts with `prefix` and contains every
+/// one of `labels` (`None` when there is none; `NaN` is a value).
+pub fn sample(text: &str, prefix: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// The value of the first sample on `http://{ops}/metrics` whose line starts with `prefix` and
 /// contains every one of `labels` (0 when there is none).
 pub async fn scrape_metric(ops: &str, prefix: &str, labels: &[&str]) -> f64 {
-    let text = http_client().get(format!("http://{ops}/metrics")).send().await.expect("metrics").text().await;
-    text.expect("metrics text")
-        .lines()
-        .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    sample(&metrics_text(ops).await, prefix, labels).unwrap_or(0.0)
 }
 
 /// Checks that `text` is valid Prometheus exposition format: comment lines are `# HELP` or

@@ -225,12 +225,11 @@ async fn a_silent_source_still_shows_how_old_every_markets_price_is() {
     envs.push(("PRICE_SOURCE", "coinbase".to_owned()));
     envs.push(("COINBASE_WS_URL", "ws://127.0.0.1:1".to_owned()));
     let (_worker, addr) = Proc::start_ready(BIN, &["prices"], &envs).await;
-    let age = |text: &str, symbol: &str| -> Option<f64> {
-        let prefix = format!("vault_price_age_seconds{{symbol=\"{symbol}\"}} ");
-        text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+    let age = |text: &str, symbol: &str| {
+        vault_testkit::sample(text, "vault_price_age_seconds{", &[&format!("symbol=\"{symbol}\"")])
     };
     let (btc, eth) = poll_until(READY_DEADLINE, "every market's price age", || async {
-        let text = http_client().get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+        let text = vault_testkit::metrics_text(&addr).await;
         Some((age(&text, "BTC-USD")?, age(&text, "ETH-USD")?))
     })
     .await;
