@@ -14,6 +14,7 @@ use uuid::Uuid;
 use vault_bus::message::AuthEventKind;
 
 use crate::auth::caller::Caller;
+use crate::auth::end_sessions;
 use crate::error::{ApiError, Problem};
 use crate::events::RequestMeta;
 use crate::pagination::{ApiQuery, Cursor, Page, SeqCursor, SeqPage};
@@ -117,13 +118,7 @@ pub async fn lock_user(
     if found == 0 {
         return Err(ApiError::NotFound);
     }
-    sqlx::query(
-        "UPDATE token_families SET revoked_at = now(), revoked_why = 'admin_lock'
-          WHERE user_id = $1 AND revoked_at IS NULL",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    end_sessions(&mut tx, id, None, "admin_lock").await?;
     tx.commit().await?;
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
@@ -156,14 +151,7 @@ pub async fn reset_totp(
     if found == 0 {
         return Err(ApiError::NotFound);
     }
-    let ended = sqlx::query(
-        "UPDATE token_families SET revoked_at = now(), revoked_why = 'totp_reset'
-          WHERE user_id = $1 AND revoked_at IS NULL",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let ended = end_sessions(&mut tx, id, None, "totp_reset").await?;
     tx.commit().await?;
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "2FA turned off by an administrator");

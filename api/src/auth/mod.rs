@@ -357,10 +357,7 @@ pub async fn login(
     let mut totp_step = None;
     if user.totp_enabled {
         let Some(code) = body.totp_code else {
-            return Err(ApiError::Unauthorized {
-                code: "totp_required",
-                detail: "This account has 2FA: send totp_code.".to_owned(),
-            });
+            return Err(totp_required());
         };
         let secret = user.totp_secret.as_deref().unwrap_or_default();
         match totp::verify(secret, &user.email, &code, now) {
@@ -407,10 +404,7 @@ pub async fn login(
             }
             // 2FA was turned on since the first read: a code is needed now.
             Some((true, true)) if totp_step.is_none() => {
-                return Err(ApiError::Unauthorized {
-                    code: "totp_required",
-                    detail: "This account has 2FA: send totp_code.".to_owned(),
-                });
+                return Err(totp_required());
             }
             Some(_) => {}
         }
@@ -435,6 +429,31 @@ pub async fn login(
         rate_limit::set_headers(response.headers_mut(), &v);
     }
     Ok(response)
+}
+
+/// Ends every login family of `user` but `keep` (the caller's own, when it stays), recording
+/// `why`: its refresh tokens die, and its access tokens with it (checked on every request).
+/// Returns how many ended. The caller forgets the user's cached credentials after the commit.
+pub(crate) async fn end_sessions(
+    conn: &mut sqlx::PgConnection,
+    user: Uuid,
+    keep: Option<Uuid>,
+    why: &str,
+) -> Result<u64, sqlx::Error> {
+    let ended = sqlx::query(
+        "UPDATE token_families SET revoked_at = now(), revoked_why = $3
+          WHERE user_id = $1 AND id IS DISTINCT FROM $2 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .bind(keep)
+    .bind(why)
+    .execute(conn)
+    .await?;
+    Ok(ended.rows_affected())
+}
+
+fn totp_required() -> ApiError {
+    ApiError::Unauthorized { code: "totp_required", detail: "This account has 2FA: send totp_code.".to_owned() }
 }
 
 fn totp_invalid() -> ApiError {
@@ -730,15 +749,7 @@ pub async fn change_password(
     if changed == 0 {
         return Err(invalid_credentials());
     }
-    let ended = sqlx::query(
-        "UPDATE token_families SET revoked_at = now(), revoked_why = 'password_changed'
-          WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
-    )
-    .bind(caller.user_id)
-    .bind(family)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let ended = end_sessions(&mut tx, caller.user_id, Some(family), "password_changed").await?;
     tx.commit().await?;
     state.credentials.forget_user(caller.user_id);
     state.events.emit(
@@ -827,19 +838,8 @@ pub async fn totp_enable(
     // With 2FA on, a password alone no longer logs in: nor may a session that a password alone
     // began (an intruder's among them) go on. Every other session of the account ends; the
     // caller's, which just proved the code, stays.
-    let ended = if enabled == 1 {
-        sqlx::query(
-            "UPDATE token_families SET revoked_at = now(), revoked_why = 'totp_enabled'
-              WHERE user_id = $1 AND id <> $2 AND revoked_at IS NULL",
-        )
-        .bind(caller.user_id)
-        .bind(family)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-    } else {
-        0
-    };
+    let ended =
+        if enabled == 1 { end_sessions(&mut tx, caller.user_id, Some(family), "totp_enabled").await? } else { 0 };
     tx.commit().await?;
     if enabled == 1 {
         state.credentials.forget_user(caller.user_id);
