@@ -572,18 +572,8 @@ async fn a_login_under_way_when_2fa_is_turned_on_needs_the_code() {
         .expect("row held");
     let watcher = pool.clone();
     let meanwhile = async move {
-        poll_until(Duration::from_secs(20), "the login to wait for the account's row", || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                    AND query LIKE 'UPDATE users SET failed_logins = 0%'",
-            )
-            .fetch_one(&watcher)
-            .await
-            .ok()?;
-            (waiting == 1).then_some(())
-        })
-        .await;
+        vault_testkit::wait_for_lock_wait(&watcher, "UPDATE users SET failed_logins = 0%", Duration::from_secs(20))
+            .await;
         sqlx::query(
             "UPDATE users SET totp_enabled = true, totp_secret = 'JBSWY3DPEHPK3PXP' WHERE email = 'noor@example.com'",
         )

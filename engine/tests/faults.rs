@@ -516,12 +516,7 @@ async fn a_standby_that_takes_over_while_nats_is_down_follows_prices_once_it_is_
         (status == "filled").then_some(order)
     })
     .await;
-    let price: Decimal = sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
-        .bind(order)
-        .fetch_one(&pool)
-        .await
-        .expect("fill");
-    assert_eq!(price, dec!(42000));
+    assert_eq!(desk.fill_price(order).await, dec!(42000));
     second.stop_cleanly(Duration::from_secs(30)).await;
 }
 

@@ -78,15 +78,6 @@ impl Stack {
             .unwrap_or_default()
     }
 
-    /// The price of the order's fill.
-    async fn fill_price(&self, order: Uuid) -> Decimal {
-        sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
-            .bind(order)
-            .fetch_one(&self.pool)
-            .await
-            .expect("fill")
-    }
-
     /// Waits until the engine's price feed has handled every tick published so far: a marker
     /// it cannot decode goes on the stream behind them (on another market, so no market's last
     /// tick changes), and the feed, which reads the stream in order, counts it.

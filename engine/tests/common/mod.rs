@@ -180,6 +180,15 @@ impl Desk {
         self.wait_for(table, id, within, |s| s == want).await;
     }
 
+    /// The price of the order's fill.
+    pub async fn fill_price(&self, order: Uuid) -> Decimal {
+        sqlx::query_scalar("SELECT price FROM fills WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(&self.pool)
+            .await
+            .expect("fill")
+    }
+
     /// The engine's verdict on an order: its first status other than `pending`.
     pub async fn decided(&self, id: Uuid, within: Duration) -> String {
         self.wait_for("orders", id, within, |s| s != "pending").await
