@@ -95,6 +95,17 @@ pub fn outcome_unknown(e: &sqlx::Error) -> bool {
     !matches!(e, sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
 }
 
+/// Whether Postgres refused a write for its content, so that the same write fails the same way
+/// every time: SQLSTATE class 22 (data exception: a NUL character, a value out of range) and
+/// class 23 (integrity constraint violation: a foreign key, a check) — but for a unique
+/// violation (23505), which a concurrent writer can cause and a retry then recognises as a
+/// duplicate. The engine gives such a command back (parked on its last delivery) rather than
+/// retrying it in place; the audit worker parks such a row at once.
+pub fn refuses_content(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || (c.starts_with("23") && c != "23505")))
+}
+
 /// Whether a write that failed with `e` may pass if tried again unchanged: a connection not had
 /// or lost, a statement given up, or Postgres refusing for the moment (SQLSTATE classes 08
 /// connection, 40 rollback — serialization failure, deadlock —, 53 insufficient resources,
@@ -293,6 +304,12 @@ mod tests {
         }
         for own in [refused("22P05"), refused("23503"), refused("23514"), refused("42703"), refused("P0001")] {
             assert!(!is_transient(&own), "{own}");
+        }
+        for content in [refused("22P05"), refused("22003"), refused("23503"), refused("23514")] {
+            assert!(refuses_content(&content), "{content}");
+        }
+        for other in [refused("23505"), refused("42703"), refused("40P01"), sqlx::Error::PoolTimedOut] {
+            assert!(!refuses_content(&other), "{other}");
         }
     }
 

@@ -564,23 +564,12 @@ fn symbol_of(work: &Work) -> Option<&Symbol> {
     }
 }
 
-/// Whether Postgres refused the work for its content, so that the same work fails the same way
-/// every time: SQLSTATE class 22 (data exception: a NUL character in a client id, a value out of
-/// range) and class 23 (integrity constraint violation: a command for a user without an account,
-/// from a stray publisher or a database restored from an older backup, fails its foreign key) —
-/// but for a unique violation (23505), which a concurrent writer can cause and a retry then
-/// recognises as a duplicate. (Retried in place, such work held its partition for good: every
-/// ack wait added a copy behind it until the consumer's in-flight limit stopped the pulls.)
-pub(crate) fn is_permanent(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db)
-        if db.code().is_some_and(|c| c.starts_with("22") || (c.starts_with("23") && c != "23505")))
-}
-
 /// Loads (when needed) and commits, retrying version conflicts with a reload and database
 /// failures with backoff until they pass or shutdown starts — except a failure of the work's
-/// own content ([`is_permanent`]), which no retry can pass: retried in place it would hold the
-/// user's later commands forever; returned, its message is redelivered and parked on its last
-/// delivery while the user's next commands go on.
+/// own content ([`vault_core::db::refuses_content`]), which no retry can pass: retried in place
+/// it would hold the user's later commands, and its partition, for good (every ack wait adding
+/// a copy behind it); returned, its message is redelivered and parked on its last delivery
+/// while the user's next commands go on.
 async fn apply_with_retries<S: Store>(
     user: Uuid,
     shared: &Shared,
@@ -629,7 +618,7 @@ async fn apply_with_retries<S: Store>(
                 metrics::counter!("vault_engine_version_conflicts_total").increment(1);
                 tracing::warn!(user_id = %user, "version conflict; reloading and retrying");
             }
-            Err(StoreError::Database(e)) if is_permanent(&e) => {
+            Err(StoreError::Database(e)) if vault_core::db::refuses_content(&e) => {
                 tracing::error!(user_id = %user, error = %e, "the work's content cannot be stored; giving it back");
                 return Err(StoreError::Database(e));
             }

@@ -44,7 +44,7 @@ impl StoreError {
     /// only when retrying stopped at shutdown or on a lost lease, and must then never park the
     /// command, however many deliveries it shows.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Database(e) if !crate::actors::is_permanent(e))
+        matches!(self, StoreError::Database(e) if !vault_core::db::refuses_content(e))
     }
 }
 

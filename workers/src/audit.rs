@@ -277,7 +277,7 @@ async fn flush(pool: &PgPool, batch: Vec<Delivered<Entry>>) {
                         metrics::counter!("vault_audit_rows_total").increment(appended.written as u64);
                         d.ack().await;
                     }
-                    Err(e) if is_refused_content(&e) => {
+                    Err(e) if vault_core::db::refuses_content(&e) => {
                         if !d.park(pool, &format!("the audit log cannot store it: {e}")).await {
                             d.retry(Duration::from_secs(1)).await;
                         }
@@ -300,12 +300,6 @@ async fn park_conflict(pool: &PgPool, d: &Delivered<Entry>) {
     if !d.park(pool, &reason).await {
         d.retry(Duration::from_secs(1)).await;
     }
-}
-
-/// Whether Postgres refused the row for its content (SQLSTATE class 22, data exception: a NUL
-/// in text or in JSON text, a value out of range), which no retry can change.
-fn is_refused_content(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")))
 }
 
 /// A message that could not be written: redelivered later, or parked on its last delivery if
