@@ -135,6 +135,7 @@ async fn serve(
     };
     tracing::info!(markets = markets.len(), resting = book.len(), "engine state loaded");
     let shared = runtime::shared(&process.settings, markets, book, serving.clone());
+    let primed = runtime::prime_prices(&process.bus, &shared, &serving).await;
 
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
@@ -168,7 +169,7 @@ async fn serve(
             (name, runtime::consume_partition(bus, pool, router, spec, serving).await)
         }));
     }
-    tracing::info!(partitions = ?partitions, shards = cores, ops = %process.ops_addr, "engine ready");
+    tracing::info!(partitions = ?partitions, shards = cores, primed, ops = %process.ops_addr, "engine ready");
 
     if let Some(reason) = until_one_ends(&mut consumers, &serving).await {
         tracing::error!(reason, "a partition consumer stopped while serving; serving everything again");

@@ -524,26 +524,81 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
     }
 }
 
+/// How long an engine that starts serving waits for the last tick of every market before it
+/// takes commands (see [`prime_prices`]).
+const PRIME_WITHIN: Duration = Duration::from_secs(5);
+
+/// Records the last tick of every market, read straight from PRICES, before the first command
+/// is served. The feed delivers the same ticks when it opens, but it opens beside the partition
+/// consumers: the commands queued while no engine served (a restart, a deploy, a takeover) were
+/// decided before its first ticks arrived, and every market order among them was refused
+/// `no_price`. Triggers nothing: the feed's copy of each tick does that, once the shards run.
+/// What cannot be read within [`PRIME_WITHIN`] (NATS away) is left to the feed, as before.
+/// Returns how many markets got a price.
+pub async fn prime_prices(bus: &Bus, shared: &Shared, shutdown: &CancellationToken) -> usize {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+
+    let symbols: Vec<Symbol> = {
+        let markets = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it");
+        markets.rules.keys().cloned().collect()
+    };
+    let mut primed = 0;
+    let read = async {
+        let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
+        for symbol in &symbols {
+            let subject = subjects::price(&symbol.to_string());
+            let msg = match stream.direct_get_last_for_subject(subject.as_str()).await {
+                Ok(msg) => msg,
+                // No tick yet for this market: nothing to wait for.
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => continue,
+                Err(e) => return Err(anyhow::Error::from(e)),
+            };
+            match decode::<PriceTick>(&subject, &msg.payload) {
+                Ok(tick) => {
+                    record_tick(shared, tick, msg.sequence);
+                    primed += 1;
+                }
+                Err(e) => tracing::warn!(%symbol, error = %e, "ignoring an undecodable last tick"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(PRIME_WITHIN, shutdown.run_until_cancelled(read)).await {
+        Ok(None) | Ok(Some(Ok(()))) => {}
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = format!("{e:#}"), primed, "cannot read the last prices; the feed brings them")
+        }
+        Err(_) => tracing::warn!(waited = ?PRIME_WITHIN, primed, "last prices not read in time; the feed brings them"),
+    }
+    primed
+}
+
+/// Records a tick unless a newer one is recorded already; whether it was.
+fn record_tick(shared: &Shared, tick: PriceTick, seq: u64) -> bool {
+    let mut markets = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
+    let newer = markets.prices.get(&tick.symbol).is_none_or(|(_, at): &(Positive, DateTime<Utc>)| *at <= tick.ts);
+    if newer {
+        markets.tick_seqs.insert(tick.symbol.clone(), seq);
+        markets.prices.insert(tick.symbol, (tick.price, tick.ts));
+    }
+    newer
+}
+
 /// Records a tick (unless an older one arrives late) and triggers the orders it crosses, if it
 /// is fresh.
 pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u64) {
-    {
-        let mut markets = shared.markets.write().expect("markets lock is never poisoned: no code panics holding it");
-        let newer = markets.prices.get(&tick.symbol).is_none_or(|(_, at): &(Positive, DateTime<Utc>)| *at <= tick.ts);
-        if !newer {
-            return;
-        }
-        markets.prices.insert(tick.symbol.clone(), (tick.price, tick.ts));
-        markets.tick_seqs.insert(tick.symbol.clone(), seq);
+    let (symbol, price, ts) = (tick.symbol.clone(), tick.price, tick.ts);
+    if !record_tick(shared, tick, seq) {
+        return;
     }
     // A tick older than `MAX_PRICE_AGE` — above all the last tick of a market gone quiet,
     // delivered again when the feed opens at start — stays the market's last price (orders find
     // it stale, as before), but triggers nothing: a resting order must not fill at a price the
     // engine refuses to trade at, and may have rested because that price was stale.
-    if !shared.is_fresh(tick.ts) {
+    if !shared.is_fresh(ts) {
         return;
     }
-    trigger_crossed(shared, router, &tick.symbol, tick.price, seq);
+    trigger_crossed(shared, router, &symbol, price, seq);
 }
 
 /// Triggers again what the latest price of `symbol` crosses, if it is fresh: an order that went

@@ -456,6 +456,48 @@ async fn rejections_carry_their_reason_and_poison_messages_are_parked() {
     assert!(metrics.text().await.expect("text").contains("vault_parked_messages_total"));
 }
 
+/// Market orders that queued while no engine served (a restart, a deploy, a takeover) are
+/// decided at the last price of their market, which the engine reads before it takes its first
+/// command. The price feed opens beside the partition consumers: the commands waiting for them
+/// were decided before its first ticks arrived, and the market orders among them were refused
+/// `no_price`.
+#[tokio::test]
+async fn market_orders_queued_while_no_engine_served_fill_at_the_last_price() {
+    const USERS: usize = 24;
+    let mut s = Stack::start().await;
+    let mut users = Vec::new();
+    for _ in 0..USERS {
+        let user = s.user().await;
+        s.deposit(user, "USD", dec!(1000)).await;
+        users.push(user);
+    }
+    s.tick(dec!(40000)).await;
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
+    let mut orders = Vec::new();
+    for user in &users {
+        let (order, _) = s.place(*user, Side::Buy, TimeInForce::Ioc, dec!(0.01), None).await;
+        orders.push(order);
+    }
+
+    let (engine, ops) = start_engine(&s.db, &s.nats, &[]).await;
+    (s.engine, s.ops) = (engine, ops);
+    let mut verdicts = Vec::new();
+    for order in &orders {
+        verdicts.push(s.decided(*order, WAIT).await);
+    }
+    let refused: Vec<String> =
+        sqlx::query_scalar("SELECT coalesce(reject_reason, '') FROM orders WHERE id = ANY($1) AND status = 'rejected'")
+            .bind(&orders)
+            .fetch_all(&s.pool)
+            .await
+            .expect("rejections");
+    assert!(verdicts.iter().all(|v| v == "filled"), "verdicts {verdicts:?}, rejections {refused:?}");
+    for order in &orders {
+        assert_eq!(s.fill_price(*order).await, dec!(40000));
+    }
+    s.assert_books_balance().await;
+}
+
 #[tokio::test]
 async fn resting_orders_survive_an_engine_restart() {
     let mut s = Stack::start().await;
