@@ -788,7 +788,8 @@ async fn portfolio_ledger_and_fills_show_what_the_engine_wrote_marked_to_the_lat
     for (asset, amount, after, kind, with_order) in [
         ("USD", "31000", "31000", "deposit", false),
         ("BTC", "0.5", "0.5", "trade", true),
-        ("USD", "-30000", "1000", "trade", true),
+        // As the engine stored a notional: with the scale of its factors (0.50 × 60000.0).
+        ("USD", "-30000.000", "1000.000", "trade", true),
     ] {
         sqlx::query(
             "INSERT INTO ledger_entries (tx_id, account, user_id, asset, amount, balance_after, kind, order_id)

@@ -402,7 +402,9 @@ impl Portfolio {
         price: Price,
         market: &Market,
     ) -> Option<(Decimal, Decimal)> {
-        let notional = quantity.get().checked_mul(price.get())?;
+        // Normalized: a product keeps both factors' scales (0.015 × 65000 = 975.000), and the
+        // ledger would show its trailing zeros.
+        let notional = quantity.get().checked_mul(price.get())?.normalize();
         let fee = market.checked_fee(notional)?;
         match side {
             Side::Buy => {

@@ -75,10 +75,15 @@ struct ValidDeposit {
     client_deposit_id: Option<String>,
 }
 
-fn validate_deposit(req: DepositRequest, known_asset: impl Fn(&str) -> bool) -> Result<ValidDeposit, ApiError> {
+/// `increment_of` gives the step a deposit of an asset must be a multiple of (`None`: not an
+/// asset that can be deposited).
+fn validate_deposit(
+    req: DepositRequest,
+    increment_of: impl Fn(&str) -> Option<Decimal>,
+) -> Result<ValidDeposit, ApiError> {
     let mut errors = Vec::new();
-    let asset = Asset::parse(&req.asset).ok().filter(|a| known_asset(a.as_str()));
-    if asset.is_none() {
+    let increment = Asset::parse(&req.asset).ok().and_then(|a| increment_of(a.as_str()).map(|step| (a, step)));
+    if increment.is_none() {
         errors.push(FieldError::new("asset", "must be USD or the base asset of a market"));
     }
     let amount = req.amount.get().normalize();
@@ -88,6 +93,13 @@ fn validate_deposit(req: DepositRequest, known_asset: impl Fn(&str) -> bool) -> 
     } else if amount.scale() > MONEY_SCALE {
         errors.push(FieldError::new("amount", format!("must have at most {MONEY_SCALE} decimal places")));
         None
+    } else if let Some((_, step)) = &increment
+        && !(amount % step).is_zero()
+    {
+        // Coins are sold in multiples of their market's quantity increment: 0.5 DOGE on a
+        // market trading whole coins could never be sold.
+        errors.push(FieldError::new("amount", format!("must be a multiple of {}", step.normalize())));
+        None
     } else {
         Positive::new(amount).map_err(|e| errors.push(FieldError::new("amount", e))).ok()
     };
@@ -96,8 +108,8 @@ fn validate_deposit(req: DepositRequest, known_asset: impl Fn(&str) -> bool) -> 
     {
         errors.push(e);
     }
-    match (asset, amount) {
-        (Some(asset), Some(amount)) if errors.is_empty() => {
+    match (increment, amount) {
+        (Some((asset, _)), Some(amount)) if errors.is_empty() => {
             Ok(ValidDeposit { asset, amount, client_deposit_id: req.client_deposit_id })
         }
         _ => Err(ApiError::Validation { code: "validation_failed", errors }),
@@ -122,7 +134,7 @@ pub async fn deposit(
     meta: RequestMeta,
     ApiJson(body): ApiJson<DepositRequest>,
 ) -> Result<(StatusCode, Json<DepositView>), ApiError> {
-    let deposit = validate_deposit(body, |a| state.markets.is_known_asset(a))?;
+    let deposit = validate_deposit(body, |a| state.markets.deposit_increment(a))?;
     let user = caller.user_id;
     let (view, fresh) = insert_intake(&state, user, &deposit, &meta).await?;
     if view.status != "pending" {
@@ -438,6 +450,12 @@ pub async fn ledger(
     .fetch_all(&state.pool)
     .await?;
     let next_cursor = page.finish(&mut entries, |e| e.id);
+    // Stored as computed, with the scale of their factors (a notional of 0.015 × 65000 is
+    // 975.000): written without trailing zeros, as every other amount.
+    for entry in &mut entries {
+        entry.amount = entry.amount.normalize();
+        entry.balance_after = entry.balance_after.normalize();
+    }
     Ok(Json(LedgerPage { entries, next_cursor }))
 }
 
@@ -449,7 +467,13 @@ mod tests {
 
     fn check(json: serde_json::Value) -> Result<ValidDeposit, Vec<String>> {
         let req: DepositRequest = serde_json::from_value(json).expect("a request");
-        validate_deposit(req, |a| ["USD", "BTC"].contains(&a)).map_err(|e| match e {
+        let increment = |a: &str| match a {
+            "USD" => Some(dec!(0.00000001)),
+            "BTC" => Some(dec!(0.00001)),
+            "DOGE" => Some(dec!(1)),
+            _ => None,
+        };
+        validate_deposit(req, increment).map_err(|e| match e {
             ApiError::Validation { errors, .. } => errors.into_iter().map(|e| e.field).collect(),
             other => panic!("{other:?}"),
         })
@@ -468,7 +492,14 @@ mod tests {
     fn deposits_are_positive_bounded_known_and_at_most_8_decimals() {
         let ok = check(serde_json::json!({"asset": "USD", "amount": "1000000"})).expect("the maximum");
         assert_eq!(ok.amount.get(), dec!(1000000));
-        assert!(check(serde_json::json!({"asset": "BTC", "amount": "0.00000001"})).is_ok());
+        assert!(check(serde_json::json!({"asset": "BTC", "amount": "0.00001"})).is_ok());
+        // Coins in multiples of their market's quantity increment: nothing that cannot be sold.
+        assert_eq!(
+            check(serde_json::json!({"asset": "BTC", "amount": "0.00000001"})).err(),
+            Some(vec!["amount".into()])
+        );
+        assert_eq!(check(serde_json::json!({"asset": "DOGE", "amount": "1.5"})).err(), Some(vec!["amount".into()]));
+        assert!(check(serde_json::json!({"asset": "DOGE", "amount": "15"})).is_ok());
         assert_eq!(
             check(serde_json::json!({"asset": "USD", "amount": "1000000.00000001"})).err(),
             Some(vec!["amount".into()])

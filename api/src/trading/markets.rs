@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use utoipa::{IntoParams, ToSchema};
 use vault_core::db;
-use vault_core::domain::{Market, MarketStatus, Symbol};
+use vault_core::domain::{MONEY_SCALE, Market, MarketStatus, Symbol};
 
 use crate::error::{ApiError, Problem};
 use crate::pagination::ApiQuery;
@@ -146,9 +146,14 @@ impl MarketCache {
             .cloned()
     }
 
-    /// Whether `asset` can be deposited: USD or the base asset of a market.
-    pub fn is_known_asset(&self, asset: &str) -> bool {
-        asset == "USD" || self.snapshot().list.iter().any(|m| m.symbol.base().as_str() == asset)
+    /// The step a deposit of `asset` must be a multiple of: a hundred-millionth for USD, the
+    /// quantity increment of the asset's market for a coin (the finest, if it has several);
+    /// `None` for an asset that is neither.
+    pub fn deposit_increment(&self, asset: &str) -> Option<Decimal> {
+        if asset == "USD" {
+            return Some(Decimal::new(1, MONEY_SCALE));
+        }
+        self.snapshot().list.iter().filter(|m| m.symbol.base().as_str() == asset).map(|m| m.quantity_increment).min()
     }
 }
 

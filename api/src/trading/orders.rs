@@ -12,7 +12,9 @@
 //!   carries `Preference-Applied: wait=N`; it is 201 when the engine decided within N seconds
 //!   and 202 (still `pending`) when it did not;
 //! - the min-notional check of a market order uses the latest price this API knows; without one
-//!   it is skipped and the engine decides (`no_price`);
+//!   it is skipped and the engine decides (`no_price`). A buy limit is checked at the lower of
+//!   its limit and that price (above the market it fills at once, at the market's price), a
+//!   sell limit at its limit (it fills there or better);
 //! - `status=open` lists `pending` and `open` orders, `closed` the terminal ones, `all` (the
 //!   default) every order; `DELETE /orders` cancels every `pending` or `open` order.
 
@@ -163,7 +165,15 @@ pub fn validate(
     let (Some(market), Some(quantity), true) = (found, quantity, errors.is_empty()) else {
         return Err(ApiError::Validation { code: "validation_failed", errors });
     };
-    let price = limit_price.map(Positive::get).or_else(|| latest(&market.symbol));
+    // The price the order fills at, at the least: a buy limit above the market fills at once at
+    // the market's price (checked at its limit alone, a buy of 0.00001 BTC at a limit of 100,000
+    // passed a minimum of 1 and filled at 50,000 for 0.50); a sell limit fills at its limit or
+    // better, so its limit is the bound.
+    let price = match (limit_price.map(Positive::get), req.side) {
+        (Some(limit), Side::Buy) => Some(latest(&market.symbol).map_or(limit, |last| last.min(limit))),
+        (Some(limit), Side::Sell) => Some(limit),
+        (None, _) => latest(&market.symbol),
+    };
     if let Some(price) = price {
         match quantity.get().checked_mul(price) {
             None => errors.push(FieldError::new("quantity", "quantity × price is too large")),
@@ -814,6 +824,13 @@ mod tests {
         assert_eq!(fields(check(with("limit_price", serde_json::Value::Null), None)), ["limit_price"]);
         assert_eq!(fields(check(with("client_order_id", "no spaces".into()), None)), ["client_order_id"]);
         assert_eq!(fields(check(with("quantity", "0.00001".into()), None)), ["quantity"], "notional 0.5 < 1");
+        // A buy limit above the market fills at the market's price: its notional is 0.5 there.
+        let marketable = serde_json::json!({"symbol": "BTC-USD", "side": "buy", "type": "limit", "quantity": "0.00002", "limit_price": "100000"});
+        assert!(check(marketable.clone(), None).is_ok(), "1 at the limit, no price known");
+        assert_eq!(fields(check(marketable.clone(), Some(dec!(25000)))), ["quantity"], "0.5 at the market's 25,000");
+        assert!(check(marketable, Some(dec!(150000))).is_ok(), "rests: fills at 100,000 at most");
+        let sell = serde_json::json!({"symbol": "BTC-USD", "side": "sell", "type": "limit", "quantity": "0.00002", "limit_price": "50000"});
+        assert!(check(sell, Some(dec!(25000))).is_ok(), "a sell fills at its limit or better");
         let market = serde_json::json!({"symbol": "BTC-USD", "side": "buy", "type": "market", "quantity": "0.00001"});
         assert!(check(market.clone(), None).is_ok(), "no price known: the engine decides");
         assert_eq!(fields(check(market.clone(), Some(dec!(50000)))), ["quantity"], "notional 0.5 < 1");
