@@ -105,6 +105,7 @@ pub async fn list_users(
     params(("id" = Uuid, Path)), responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn lock_user(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
@@ -118,10 +119,16 @@ pub async fn lock_user(
     if found == 0 {
         return Err(ApiError::NotFound);
     }
-    end_sessions(&mut tx, id, None, "admin_lock").await?;
+    let ended = end_sessions(&mut tx, id, None, "admin_lock").await?;
     tx.commit().await?;
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
+    state.events.emit(
+        AuthEventKind::AdminUserLocked,
+        Some(id),
+        &meta,
+        serde_json::json!({"admin": caller.user_id, "sessions_ended": ended}),
+    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -169,6 +176,7 @@ pub async fn reset_totp(
     params(("id" = Uuid, Path)), responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn unlock_user(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
@@ -179,7 +187,12 @@ pub async fn unlock_user(
             .execute(&state.pool)
             .await?
             .rows_affected();
-    if found == 0 { Err(ApiError::NotFound) } else { Ok(StatusCode::NO_CONTENT) }
+    if found == 0 {
+        return Err(ApiError::NotFound);
+    }
+    tracing::warn!(admin = %caller.user_id, user_id = %id, "account unlocked by an administrator");
+    state.events.emit(AuthEventKind::AdminUserUnlocked, Some(id), &meta, serde_json::json!({"admin": caller.user_id}));
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Halt a market: from now on the engine rejects its orders `market_halted`. Idempotent.
@@ -188,10 +201,11 @@ pub async fn unlock_user(
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn halt_market(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
-    set_market_status(&state, &caller, &symbol, "halted").await
+    set_market_status(&state, &meta, &caller, &symbol, "halted").await
 }
 
 /// Resume trading on a halted market. Idempotent.
@@ -200,10 +214,11 @@ pub async fn halt_market(
     responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn resume_market(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
-    set_market_status(&state, &caller, &symbol, "trading").await
+    set_market_status(&state, &meta, &caller, &symbol, "trading").await
 }
 
 /// Writes `markets.status` (one of the two things the API writes in the trading schema),
@@ -211,6 +226,7 @@ pub async fn resume_market(
 /// answers; other API replicas' caches follow within their refresh.
 async fn set_market_status(
     state: &AppState,
+    meta: &RequestMeta,
     caller: &Caller,
     symbol: &str,
     status: &str,
@@ -226,6 +242,8 @@ async fn set_market_status(
         return Err(ApiError::NotFound);
     }
     tracing::warn!(admin = %caller.user_id, symbol, status, "market status changed by an administrator");
+    let kind = if status == "halted" { AuthEventKind::AdminMarketHalted } else { AuthEventKind::AdminMarketResumed };
+    state.events.emit(kind, Some(caller.user_id), meta, serde_json::json!({"admin": caller.user_id, "symbol": symbol}));
     if let Err(e) = state.markets.refresh(&state.pool).await {
         tracing::warn!(error = %e, "market cache not refreshed; the periodic refresh will catch up");
     }

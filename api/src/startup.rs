@@ -169,7 +169,7 @@ impl Application {
             backlog,
             events: AuthEvents::new(bus.clone(), pool.clone()),
             pool,
-            ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), shutdown.clone()),
+            ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), credentials.revocations(), shutdown.clone()),
             bus,
             hasher: Hasher::new(hashing_slots),
             jwt,

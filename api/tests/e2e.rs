@@ -357,6 +357,47 @@ async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
         "validation_failed",
     )
     .await;
+    // What administrators do, and a key's revocation, are in the trail too: who, to whom, when
+    // (the lock ends the user's sessions: last).
+    let admin_me: Value = s.api.get("/me", Some(&admin)).await.json().await.expect("json");
+    let user_id = me["id"].as_str().expect("id");
+    for path in [format!("/admin/users/{user_id}/lock"), format!("/admin/users/{user_id}/unlock")] {
+        assert_eq!(s.api.call(Method::POST, &path, Some(&admin), None).await.status(), 204, "{path}");
+    }
+    for path in ["/admin/markets/SOL-USD/halt", "/admin/markets/SOL-USD/resume"] {
+        assert_eq!(s.api.call(Method::POST, path, Some(&admin), None).await.status(), 204, "{path}");
+    }
+    let key: Value = s
+        .api
+        .post("/api-keys", Some(&admin), json!({"name": "ops", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("key");
+    let path = format!("/api-keys/{}", key["id"].as_str().expect("id"));
+    assert_eq!(s.api.call(Method::DELETE, &path, Some(&admin), None).await.status(), 204);
+    let expected = [
+        ("auth.admin.user_locked", &me["id"], json!(user_id)),
+        ("auth.admin.user_unlocked", &me["id"], json!(user_id)),
+        ("auth.admin.market_halted", &admin_me["id"], json!("SOL-USD")),
+        ("auth.admin.market_resumed", &admin_me["id"], json!("SOL-USD")),
+        ("auth.api_key.revoked", &admin_me["id"], admin_me["id"].clone()),
+    ];
+    for (action, actor, subject) in expected {
+        let entry = poll_until(WAIT, &format!("{action} in the audit trail"), || async {
+            let page: Value =
+                s.api.get(&format!("/admin/audit?action={action}"), Some(&admin)).await.json().await.ok()?;
+            page["entries"].as_array()?.first().cloned()
+        })
+        .await;
+        assert_eq!((&entry["actor_id"], &entry["subject"]), (actor, &subject), "{entry}");
+        if action.starts_with("auth.admin.") {
+            assert_eq!(entry["data"]["data"]["admin"], admin_me["id"], "{entry}");
+        } else {
+            assert_eq!(entry["data"]["data"]["api_key_id"], key["id"], "{entry}");
+        }
+    }
+
     auditor.stop_cleanly(Duration::from_secs(30)).await;
 }
 

@@ -705,6 +705,97 @@ async fn a_logout_closes_an_open_socket_at_its_next_credential_check() {
     .await;
 }
 
+/// When the API's NATS connection is lost and made again, whatever was published meanwhile never
+/// reached the process (the feed is core NATS): every client is told so, per channel it
+/// subscribed, with a `feed_interrupted` error frame, and the feed goes on, numbered without a
+/// gap. (Before, nothing told the client: a fill published while the API was reconnecting was
+/// simply never shown.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_told_its_feed_was_interrupted_and_the_feed_goes_on() {
+    let mut api = InProcess::start(WsConfig::default()).await;
+    let token = api.user("gap@example.com").await;
+    let mut client = Client::authed(&api.addr, &token).await;
+    client.subscribe(&["orders", "prices:BTC-USD"]).await;
+    api.nats.kill();
+    api.nats.restart().await;
+    let mut told = Vec::new();
+    for _ in 0..2 {
+        let frame = client.next_control().await;
+        assert_eq!(
+            (frame["op"].as_str(), frame["code"].as_str()),
+            (Some("error"), Some("feed_interrupted")),
+            "{frame}"
+        );
+        assert!(frame["detail"].as_str().is_some_and(|d| d.contains("REST")), "{frame}");
+        told.push(frame["channel"].as_str().expect("channel").to_owned());
+    }
+    told.sort();
+    assert_eq!(told, ["orders", "prices:BTC-USD"]);
+
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("connects");
+    // Ticks until one comes through (the first may be published before the hub's subscription
+    // is back in place on the server).
+    let deadline = Instant::now() + WAIT;
+    let mut seq = 0;
+    let frame = loop {
+        seq += 1;
+        bus.publish(&price_tick("BTC-USD", "61000", seq), &MessageContext::default()).await.expect("tick");
+        if let Ok(frame) = tokio::time::timeout(Duration::from_secs(1), client.next_data()).await {
+            break frame;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for a tick after the interruption");
+    };
+    assert_eq!((frame["channel"].as_str(), frame["data"]["price"].as_str()), (Some("prices:BTC-USD"), Some("61000")));
+}
+
+/// A revocation ends the socket of the credential it revoked at once — here the periodic
+/// re-check is an hour away — whether the socket is a logged-out session's or a revoked API
+/// key's; the user's other session goes on. (A revoked credential's socket went on receiving
+/// the user's order and notification frames until its next periodic check, up to a minute.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_credentials_socket_ends_at_once_and_the_users_others_go_on() {
+    let api = InProcess::start(short(|c| c.recheck_interval = Duration::from_secs(3600))).await;
+    let leaving = api.user("revoked@example.com").await;
+    let body = json!({"email": "revoked@example.com", "password": support::PASSWORD});
+    let login = api.http.post(api.url("/auth/login")).json(&body).send().await.expect("login");
+    let staying = login.json::<Value>().await.expect("json")["access_token"].as_str().expect("token").to_owned();
+    let created: Value = api
+        .http
+        .post(api.url("/api-keys"))
+        .bearer_auth(&staying)
+        .json(&json!({"name": "bot", "scopes": ["read"]}))
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key");
+
+    let mut logged_out = Client::authed(&api.addr, &leaving).await;
+    logged_out.subscribe(&["orders"]).await;
+    let mut other_session = Client::authed(&api.addr, &staying).await;
+    other_session.subscribe(&["orders"]).await;
+    let mut bot = Client::authed(&api.addr, key).await;
+    bot.subscribe(&["orders"]).await;
+
+    let logout = api.http.post(api.url("/auth/logout")).bearer_auth(&leaving).send().await.expect("logout");
+    assert_eq!(logout.status(), 204);
+    logged_out.refused("token_revoked").await;
+    let revoke = api
+        .http
+        .delete(api.url(&format!("/api-keys/{}", created["id"].as_str().expect("id"))))
+        .bearer_auth(&staying)
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoke.status(), 204);
+    bot.refused("invalid_api_key").await;
+    // Checked again twice, and found live both times.
+    other_session.send(json!({"op": "ping"})).await;
+    assert_eq!(other_session.next_control().await, json!({"op": "pong"}));
+}
+
 /// A session's socket ends when its access token expires (as a request with it would be
 /// refused), unless the client renews it first with another `auth` frame carrying a fresh token
 /// of the same user; a token of another user does not take over the connection.

@@ -63,6 +63,7 @@ pub const WS_FRAMES_SENT: &str = "vault_ws_frames_sent_total";
 pub const WS_SLOW_CLIENTS_DROPPED: &str = "vault_ws_slow_clients_dropped_total";
 pub const WS_DISCONNECTS: &str = "vault_ws_disconnects_total";
 pub const WS_UNDECODABLE: &str = "vault_ws_undecodable_messages_total";
+pub const WS_FEED_INTERRUPTIONS: &str = "vault_ws_feed_interruptions_total";
 /// The channel kinds of the WebSocket feed (`channel` label).
 pub const WS_CHANNELS: &[&str] = &["prices", "orders", "notifications"];
 /// Why a WebSocket connection ended (`reason` of [`WS_DISCONNECTS`]).
@@ -260,6 +261,13 @@ pub const CATALOG: &[Metric] = &[
         "NATS messages the WebSocket hub could not turn into a frame",
         API,
         Each("channel", WS_CHANNELS),
+    ),
+    m(
+        WS_FEED_INTERRUPTIONS,
+        C,
+        "Times the API's NATS connection was made again and every WebSocket client was told of the gap",
+        API,
+        Plain,
     ),
     m(
         ENGINE_COMMANDS,

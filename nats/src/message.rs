@@ -87,6 +87,21 @@ pub enum AuthEventKind {
     /// An administrator turned the account's 2FA off (recovery); all its sessions ended.
     #[serde(rename = "totp.reset")]
     TotpReset,
+    /// The owner revoked an API key (`data.api_key_id`).
+    #[serde(rename = "api_key.revoked")]
+    ApiKeyRevoked,
+    /// An administrator (`data.admin`) locked the account: its sessions ended, its keys suspended.
+    #[serde(rename = "admin.user_locked")]
+    AdminUserLocked,
+    /// An administrator (`data.admin`) unlocked the account.
+    #[serde(rename = "admin.user_unlocked")]
+    AdminUserUnlocked,
+    /// An administrator (`user_id`, and `data.admin`) halted the market `data.symbol`.
+    #[serde(rename = "admin.market_halted")]
+    AdminMarketHalted,
+    /// An administrator (`user_id`, and `data.admin`) resumed the market `data.symbol`.
+    #[serde(rename = "admin.market_resumed")]
+    AdminMarketResumed,
 }
 
 impl AuthEventKind {
@@ -102,6 +117,11 @@ impl AuthEventKind {
             AuthEventKind::TotpEnabled => "totp.enabled",
             AuthEventKind::PasswordChanged => "password.changed",
             AuthEventKind::TotpReset => "totp.reset",
+            AuthEventKind::ApiKeyRevoked => "api_key.revoked",
+            AuthEventKind::AdminUserLocked => "admin.user_locked",
+            AuthEventKind::AdminUserUnlocked => "admin.user_unlocked",
+            AuthEventKind::AdminMarketHalted => "admin.market_halted",
+            AuthEventKind::AdminMarketResumed => "admin.market_resumed",
         }
     }
 }

@@ -82,6 +82,11 @@ fn auth_event() -> impl Strategy<Value = AuthEvent> {
         AuthEventKind::TotpEnabled,
         AuthEventKind::PasswordChanged,
         AuthEventKind::TotpReset,
+        AuthEventKind::ApiKeyRevoked,
+        AuthEventKind::AdminUserLocked,
+        AuthEventKind::AdminUserUnlocked,
+        AuthEventKind::AdminMarketHalted,
+        AuthEventKind::AdminMarketResumed,
     ]);
     (uuid(), kind, prop::option::of(uuid()), prop::option::of(text()), prop::option::of(text()), time(), small_json())
         .prop_map(|(id, kind, user_id, request_id, ip, at, data)| AuthEvent {

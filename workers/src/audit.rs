@@ -75,7 +75,9 @@ pub fn entry(
         }
         "AUTH" => {
             let e: AuthEvent = decode(subject, payload).map_err(|e| e.to_string())?;
-            (e.at, e.user_id, format!("auth.{}", e.kind.as_str()), e.user_id.map(|u| u.to_string()), e.request_id)
+            // What the event is about: a market an administrator halted or resumed, else the user.
+            let about = e.data["symbol"].as_str().map(str::to_owned).or_else(|| e.user_id.map(|u| u.to_string()));
+            (e.at, e.user_id, format!("auth.{}", e.kind.as_str()), about, e.request_id)
         }
         other => return Err(format!("not an audited stream: {other}")),
     };

@@ -14,12 +14,17 @@
 //!   store its now stale answer afterwards: every invalidation bumps a generation, and an answer
 //!   is stored only if the generation it started under (its [`Ticket`]) is still current,
 //!   compared under the same lock the invalidation holds;
-//! - **in other API processes, at most [`TTL`] (1 s).** Logout and refresh-token reuse are
-//!   published on the AUTH stream (`auth.logout`, `auth.refresh_token_reused`) and every API
-//!   process drops that login family's entries when the event arrives ([`spawn_invalidator`]),
-//!   usually within milliseconds. An admin lock and an API key's revocation publish no event,
-//!   and an event can be lost while NATS is down: for those the TTL is the bound. A role
-//!   changed in the database (`vault-api admin create`) also applies within the TTL.
+//! - **in other API processes, at most [`TTL`] (1 s).** Every revocation is published on the
+//!   AUTH stream (`auth.logout`, `auth.refresh_token_reused`, `auth.totp.enabled`,
+//!   `auth.password.changed`, `auth.totp.reset`, `auth.api_key.revoked`,
+//!   `auth.admin.user_locked`) and every API process drops the entries concerned when the event
+//!   arrives ([`spawn_invalidator`]), usually within milliseconds; an event can be lost while
+//!   NATS is down, and then the TTL is the bound. A role changed in the database (`vault-api
+//!   admin create`) also applies within the TTL.
+//!
+//! Every invalidation also names the user concerned on [`CredentialCache::revocations`]: an
+//! open WebSocket checks its credential again at once (`crate::ws`), rather than at its next
+//! periodic check a minute later.
 //!
 //! Memory is bounded: at most [`MAX_ENTRIES`] entries of each kind; when full, expired entries
 //! are swept, and if none had expired the answer is simply not stored.
@@ -30,6 +35,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind, decode};
@@ -44,13 +50,19 @@ pub const TTL: Duration = Duration::from_secs(1);
 /// The most entries kept of each kind (sessions, API keys).
 pub const MAX_ENTRIES: usize = 100_000;
 
-/// The auth events after which a login family's sessions must be checked again.
-const REVOKING_EVENTS: [AuthEventKind; 5] = [
+/// Revocations a slow listener may fall behind by before it is told it lagged (and then checks
+/// everyone).
+const REVOCATIONS_QUEUED: usize = 1024;
+
+/// The auth events after which some of a user's credentials must be checked again.
+const REVOKING_EVENTS: [AuthEventKind; 7] = [
     AuthEventKind::Logout,
     AuthEventKind::RefreshTokenReused,
     AuthEventKind::TotpEnabled,
     AuthEventKind::PasswordChanged,
     AuthEventKind::TotpReset,
+    AuthEventKind::ApiKeyRevoked,
+    AuthEventKind::AdminUserLocked,
 ];
 
 #[derive(Debug, Clone)]
@@ -74,6 +86,8 @@ struct Inner {
     generation: AtomicU64,
     // A std lock: every critical section is a few map operations, never held across an await.
     maps: RwLock<Maps>,
+    /// The user of every invalidation; `None` when everyone's entries were dropped.
+    revoked: broadcast::Sender<Option<Uuid>>,
 }
 
 /// The generation a database check started under; see the module docs.
@@ -96,8 +110,19 @@ impl CredentialCache {
     /// A cache trusting a check for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         CredentialCache {
-            inner: Arc::new(Inner { ttl, generation: AtomicU64::new(0), maps: RwLock::new(Maps::default()) }),
+            inner: Arc::new(Inner {
+                ttl,
+                generation: AtomicU64::new(0),
+                maps: RwLock::new(Maps::default()),
+                revoked: broadcast::channel(REVOCATIONS_QUEUED).0,
+            }),
         }
+    }
+
+    /// The users whose credentials were invalidated from now on (`None`: everyone's), in this
+    /// process or, through their events, in another.
+    pub fn revocations(&self) -> broadcast::Receiver<Option<Uuid>> {
+        self.inner.revoked.subscribe()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Maps> {
@@ -155,30 +180,46 @@ impl CredentialCache {
         }
     }
 
-    /// Drops what matches, and makes every check under way store nothing.
-    fn forget(&self, session: impl Fn(&Entry) -> bool, api_key: impl Fn(&Entry) -> bool) {
-        let mut maps = self.write();
-        self.inner.generation.fetch_add(1, Ordering::SeqCst);
-        maps.sessions.retain(|_, e| !session(e));
-        maps.api_keys.retain(|_, e| !api_key(e));
+    /// Drops what matches, makes every check under way store nothing, and names `user` (`None`:
+    /// everyone) on [`Self::revocations`].
+    fn forget(&self, user: Option<Uuid>, session: impl Fn(&Entry) -> bool, api_key: impl Fn(&Entry) -> bool) {
+        {
+            let mut maps = self.write();
+            self.inner.generation.fetch_add(1, Ordering::SeqCst);
+            maps.sessions.retain(|_, e| !session(e));
+            maps.api_keys.retain(|_, e| !api_key(e));
+        }
+        // No receiver (no WebSocket gateway, as in unit tests) is not an error.
+        let _ = self.inner.revoked.send(user);
     }
 
-    /// After a login family was revoked (logout, refresh-token reuse).
-    pub fn forget_family(&self, family: Uuid) {
+    /// After a login family of `user` was revoked (logout, refresh-token reuse).
+    pub fn forget_family(&self, user: Uuid, family: Uuid) {
         self.forget(
+            Some(user),
             |e| matches!(&e.caller.credential, Credential::Session { family: f, .. } if *f == family),
             |_| false,
         );
     }
 
-    /// After every session of `user` was revoked and their keys suspended (admin lock).
+    /// After sessions of `user` were revoked, or their keys suspended (admin lock, password
+    /// change, 2FA turned on or reset).
     pub fn forget_user(&self, user: Uuid) {
-        self.forget(|e| e.caller.user_id == user, |e| e.caller.user_id == user);
+        self.forget(Some(user), |e| e.caller.user_id == user, |e| e.caller.user_id == user);
     }
 
-    /// After an API key was revoked.
-    pub fn forget_api_key(&self, id: Uuid) {
-        self.forget(|_| false, |e| matches!(&e.caller.credential, Credential::ApiKey { id: k, .. } if *k == id));
+    /// After `user`'s API key `id` was revoked.
+    pub fn forget_api_key(&self, user: Uuid, id: Uuid) {
+        self.forget(
+            Some(user),
+            |_| false,
+            |e| matches!(&e.caller.credential, Credential::ApiKey { id: k, .. } if *k == id),
+        );
+    }
+
+    /// After an invalidation that could not be read: everything.
+    fn forget_everything(&self) {
+        self.forget(None, |_| true, |_| true);
     }
 
     /// How many entries are held (fresh or not), sessions and API keys.
@@ -227,7 +268,7 @@ pub fn spawn_invalidator(bus: &Bus, cache: CredentialCache, shutdown: Cancellati
                 Err(e) => {
                     // Unreadable: be safe and forget everything.
                     tracing::warn!(error = %e, "unreadable auth event; credential cache cleared");
-                    cache.forget(|_| true, |_| true);
+                    cache.forget_everything();
                 }
             }
         }
@@ -238,11 +279,14 @@ fn invalidate_for(cache: &CredentialCache, event: &AuthEvent) {
     if !REVOKING_EVENTS.contains(&event.kind) {
         return;
     }
-    let family = event.data.get("family").and_then(|f| f.as_str()).and_then(|f| f.parse::<Uuid>().ok());
-    match (family, event.user_id) {
-        (Some(family), _) => cache.forget_family(family),
-        (None, Some(user)) => cache.forget_user(user),
-        (None, None) => cache.forget(|_| true, |_| true),
+    let id = |field: &str| event.data.get(field).and_then(|f| f.as_str()).and_then(|f| f.parse::<Uuid>().ok());
+    match (event.kind, id("family"), id("api_key_id"), event.user_id) {
+        (AuthEventKind::ApiKeyRevoked, _, Some(key), Some(user)) => cache.forget_api_key(user, key),
+        (AuthEventKind::Logout | AuthEventKind::RefreshTokenReused, Some(family), _, Some(user)) => {
+            cache.forget_family(user, family)
+        }
+        (_, _, _, Some(user)) => cache.forget_user(user),
+        (_, _, _, None) => cache.forget_everything(),
     }
 }
 
@@ -273,9 +317,9 @@ mod tests {
         assert_eq!(cache.session(jti, user, family), Some(caller.clone()));
         assert!(cache.session(jti, Uuid::now_v7(), family).is_none(), "another subject never matches");
         assert!(cache.session(jti, user, Uuid::now_v7()).is_none(), "another family never matches");
-        cache.forget_family(Uuid::now_v7());
+        cache.forget_family(user, Uuid::now_v7());
         assert!(cache.session(jti, user, family).is_some(), "other families do not touch it");
-        cache.forget_family(family);
+        cache.forget_family(user, family);
         assert!(cache.session(jti, user, family).is_none());
 
         let expired = CredentialCache::new(Duration::ZERO);
@@ -291,7 +335,7 @@ mod tests {
         let ticket = cache.ticket();
         // The database said "live", then a logout committed and invalidated, then the answer
         // arrives: it must not be stored.
-        cache.forget_family(family);
+        cache.forget_family(user, family);
         cache.put_session(ticket, jti, &caller);
         assert!(cache.session(jti, user, family).is_none());
     }
@@ -310,7 +354,7 @@ mod tests {
         cache.put_session(cache.ticket(), jti, &caller);
         cache.put_api_key(cache.ticket(), b"hash-1", &key(k1));
         cache.put_api_key(cache.ticket(), b"hash-2", &key(k2));
-        cache.forget_api_key(k1);
+        cache.forget_api_key(user, k1);
         assert!(cache.api_key(b"hash-1").is_none());
         assert_eq!(cache.api_key(b"hash-2"), Some(key(k2)));
         cache.forget_user(user);
@@ -347,5 +391,40 @@ mod tests {
         cache.put_session(cache.ticket(), jti, &caller);
         invalidate_for(&cache, &event(AuthEventKind::RefreshTokenReused));
         assert!(cache.session(jti, user, family).is_none());
+    }
+
+    #[test]
+    fn every_invalidation_names_its_user_for_the_open_sockets() {
+        let cache = CredentialCache::new(Duration::from_secs(60));
+        let mut revoked = cache.revocations();
+        let (user, kept, gone) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let key = |id| Caller {
+            user_id: user,
+            role: "user".into(),
+            credential: Credential::ApiKey { id, scopes: vec![Scope::Read] },
+        };
+        cache.put_api_key(cache.ticket(), b"kept", &key(kept));
+        cache.put_api_key(cache.ticket(), b"gone", &key(gone));
+        let event = |kind, data| AuthEvent {
+            id: Uuid::now_v7(),
+            kind,
+            user_id: Some(user),
+            request_id: None,
+            ip: None,
+            at: Utc::now(),
+            data,
+        };
+        // Another process revoked a key: that key only, and the user's sockets are told.
+        invalidate_for(&cache, &event(AuthEventKind::ApiKeyRevoked, serde_json::json!({"api_key_id": gone})));
+        assert!(cache.api_key(b"gone").is_none());
+        assert!(cache.api_key(b"kept").is_some());
+        assert_eq!(revoked.try_recv().ok(), Some(Some(user)));
+        invalidate_for(&cache, &event(AuthEventKind::AdminUserLocked, serde_json::json!({"admin": Uuid::now_v7()})));
+        assert!(cache.api_key(b"kept").is_none(), "a lock suspends every key");
+        assert_eq!(revoked.try_recv().ok(), Some(Some(user)));
+        invalidate_for(&cache, &event(AuthEventKind::ApiKeyCreated, serde_json::json!({"api_key_id": gone})));
+        assert!(revoked.try_recv().is_err(), "a new key revokes nothing");
+        cache.forget_everything();
+        assert_eq!(revoked.try_recv().ok(), Some(None));
     }
 }

@@ -655,7 +655,7 @@ pub async fn refresh(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        state.credentials.forget_family(family);
+        state.credentials.forget_family(user, family);
         tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
         state.events.emit(AuthEventKind::RefreshTokenReused, Some(user), &meta, serde_json::json!({"family": family}));
         return Err(ApiError::Unauthorized {
@@ -694,7 +694,7 @@ pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Ca
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    state.credentials.forget_family(family);
+    state.credentials.forget_family(caller.user_id, family);
     state.events.emit(AuthEventKind::Logout, Some(caller.user_id), &meta, serde_json::json!({"family": family}));
     Ok(StatusCode::NO_CONTENT)
 }
@@ -960,6 +960,7 @@ pub async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> Res
     params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
 pub async fn revoke_api_key(
     State(state): State<AppState>,
+    meta: RequestMeta,
     caller: Caller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
@@ -974,7 +975,8 @@ pub async fn revoke_api_key(
     if revoked == 0 {
         return Err(ApiError::NotFound);
     }
-    state.credentials.forget_api_key(id);
+    state.credentials.forget_api_key(caller.user_id, id);
+    state.events.emit(AuthEventKind::ApiKeyRevoked, Some(caller.user_id), &meta, serde_json::json!({"api_key_id": id}));
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -19,14 +19,14 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::hub::{Member, Topic};
-use super::protocol::{Channel, ClientFrame, DataFrame, MAX_CHANNELS_PER_FRAME, ServerFrame};
+use super::hub::{Member, Outbound, Topic};
+use super::protocol::{Channel, ClientFrame, MAX_CHANNELS_PER_FRAME, ServerFrame};
 use super::{Gateway, WsConfig};
 use crate::auth::caller::{self, Presented, Scope};
 use crate::error::ApiError;
@@ -222,7 +222,7 @@ struct Connection {
     config: Arc<WsConfig>,
     shutdown: CancellationToken,
     member: Arc<Member>,
-    queue: mpsc::Receiver<Arc<DataFrame>>,
+    queue: mpsc::Receiver<Outbound>,
     /// Who authenticated, and the credential to re-check; `None` until the auth frame passed.
     user: Option<(Uuid, Presented)>,
     /// The user's place among their connections (see `WsConfig::max_connections_per_user`).
@@ -252,6 +252,20 @@ fn expires_at(presented: &Presented) -> Instant {
 }
 
 /// The close for a session whose access token expired.
+/// Resolves when `revoked` changes; never without one, nor once its sender is gone.
+async fn changed(revoked: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    if let Some(receiver) = revoked
+        && receiver.changed().await.is_ok()
+    {
+        return Some(());
+    }
+    std::future::pending().await
+}
+
+/// The `detail` of a `feed_interrupted` error frame.
+const FEED_INTERRUPTED: &str = "The server lost its message feed for a moment; frames of this channel published \
+     meanwhile were not sent. Read the current state over REST; the feed goes on.";
+
 fn token_expired() -> End {
     End::Refused {
         code: "token_expired",
@@ -327,6 +341,8 @@ impl Connection {
         tokio::pin!(idle);
         let expiry = sleep_until(self.user.as_ref().map_or_else(Instant::now, |(_, presented)| expires_at(presented)));
         tokio::pin!(expiry);
+        // Changes when a credential of the user was revoked, here or on another API process.
+        let mut revoked = self.place.as_ref().map(|place| place.revoked.clone());
         loop {
             // Biased: stop conditions first, then the client and the timers, data last, so a
             // busy feed can starve neither the client's frames nor the pings.
@@ -357,6 +373,7 @@ impl Connection {
                 }
                 _ = ping.tick() => self.send_control(&ServerFrame::Ping).await,
                 _ = recheck.tick() => self.recheck().await,
+                Some(()) = changed(&mut revoked) => self.recheck().await,
                 Some(frame) = self.queue.recv() => self.forward(frame).await,
             };
             if let Err(end) = step {
@@ -522,18 +539,28 @@ impl Connection {
     }
 
     /// Writes `first` and whatever else is queued (up to a batch), numbering each, then flushes.
-    async fn forward(&mut self, first: Arc<DataFrame>) -> Result<(), End> {
+    async fn forward(&mut self, first: Outbound) -> Result<(), End> {
         let mut next = Some(first);
         let mut taken = 0;
         let mut written = false;
-        while let Some(frame) = next {
+        while let Some(item) = next {
             taken += 1;
-            // Frames of a channel unsubscribed since they were queued are dropped unnumbered.
-            if self.channels.contains_key(&frame.channel) {
-                self.seq += 1;
-                self.write(Some(Message::text(frame.text(self.seq)))).await?;
-                self.sent.of(&frame.channel).increment(1);
-                written = true;
+            match item {
+                // Frames of a channel unsubscribed since they were queued are dropped unnumbered.
+                Outbound::Data(frame) if self.channels.contains_key(&frame.channel) => {
+                    self.seq += 1;
+                    self.write(Some(Message::text(frame.text(self.seq)))).await?;
+                    self.sent.of(&frame.channel).increment(1);
+                    written = true;
+                }
+                Outbound::Interrupted(channel) if self.channels.contains_key(&channel) => {
+                    let name = channel.name();
+                    let frame =
+                        ServerFrame::Error { code: "feed_interrupted", detail: FEED_INTERRUPTED, channel: Some(&name) };
+                    self.write(Some(Message::text(frame.to_text()))).await?;
+                    written = true;
+                }
+                Outbound::Data(_) | Outbound::Interrupted(_) => {}
             }
             next = if taken < WRITE_BATCH { self.queue.try_recv().ok() } else { None };
         }
@@ -544,7 +571,8 @@ impl Connection {
     }
 
     /// Re-checks the credential: a refusal ends the connection; a database that cannot answer
-    /// does not (the next round will tell).
+    /// does not (the next round will tell). Periodically, and whenever a credential of the user
+    /// was revoked (which may be another one: this one is then found live).
     async fn recheck(&mut self) -> Result<(), End> {
         let Some((_, presented)) = &self.user else { return Ok(()) };
         let checked = tokio::select! {

@@ -23,7 +23,13 @@
 //! Ordering: a topic's messages reach each member in NATS order (one task per topic). Delivery
 //! is at most once: these are core NATS subscriptions, so anything published while NATS is
 //! disconnected, or before a topic's subscription exists, is not seen (the durable state is in
-//! Postgres; clients resync over REST after reconnecting).
+//! Postgres; clients resync over REST after reconnecting). A connection is told when that
+//! happened under it: once the process's NATS connection is back after a loss, every member of
+//! every topic gets [`Outbound::Interrupted`] for the topic's channel, after the frames from
+//! before the loss and before those after it — the connection sends the client a
+//! `feed_interrupted` error frame for the channel, and the client reads the current state over
+//! REST. (Before, the socket stayed open and its `seq` went on without a gap: a fill published
+//! while the API was reconnecting was never shown, and the client had no way to know.)
 //!
 //! Order events and notifications also drop the user's cached balances
 //! ([`PortfolioCache::forget`]) before they are offered to anyone: a client that has seen an
@@ -47,12 +53,25 @@ use uuid::Uuid;
 use vault_bus::message::{EngineEvent, NotificationPush, PriceTick, decode};
 use vault_bus::subjects;
 use vault_core::domain::{Price, Symbol};
+use vault_core::metric_names as names;
 
 use super::protocol::{Channel, DataFrame};
 use crate::trading::portfolio_cache::PortfolioCache;
 
 /// How long joining a topic may wait for its NATS subscription to be in place.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the hub looks whether the NATS connection was made again.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+
+/// What the hub queues for a connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A message of a topic, as a frame.
+    Data(Arc<DataFrame>),
+    /// The process's NATS connection was lost and made again: what the channel published in
+    /// between never reached this process.
+    Interrupted(Channel),
+}
 
 /// One NATS subject that connections can share.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -93,7 +112,7 @@ impl Topic {
 #[derive(Debug)]
 pub struct Member {
     id: u64,
-    queue: mpsc::Sender<Arc<DataFrame>>,
+    queue: mpsc::Sender<Outbound>,
     slow: CancellationToken,
 }
 
@@ -109,7 +128,13 @@ impl Member {
 
     /// Offers `frame` without waiting; a full queue marks the member slow.
     fn offer(&self, frame: &Arc<DataFrame>) {
-        match self.queue.try_send(frame.clone()) {
+        self.queue_up(Outbound::Data(frame.clone()));
+    }
+
+    /// Queues `item` without waiting; a full queue marks the member slow (its connection closes,
+    /// which tells the client too).
+    fn queue_up(&self, item: Outbound) {
+        match self.queue.try_send(item) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.slow.cancel(),
             // The connection is finishing; it leaves its topics on its way out.
@@ -162,7 +187,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(client: async_nats::Client, portfolios: PortfolioCache, shutdown: CancellationToken) -> Hub {
-        Hub {
+        let hub = Hub {
             inner: Arc::new(Inner {
                 client,
                 portfolios,
@@ -170,11 +195,13 @@ impl Hub {
                 next_member: AtomicU64::new(1),
                 shutdown,
             }),
-        }
+        };
+        tokio::spawn(tell_of_reconnects(hub.clone()));
+        hub
     }
 
     /// A new member with a queue of `capacity` frames, and the receiving end of that queue.
-    pub fn member(&self, capacity: usize) -> (Arc<Member>, mpsc::Receiver<Arc<DataFrame>>) {
+    pub fn member(&self, capacity: usize) -> (Arc<Member>, mpsc::Receiver<Outbound>) {
         let (queue, receiver) = mpsc::channel(capacity.max(1));
         let id = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
         (Arc::new(Member { id, queue, slow: CancellationToken::new() }), receiver)
@@ -234,6 +261,35 @@ impl Hub {
             ready_tx,
         ));
         state
+    }
+}
+
+/// Tells every member of every topic when the NATS connection was made again (see the module
+/// docs), until shutdown.
+async fn tell_of_reconnects(hub: Hub) {
+    let statistics = hub.inner.client.statistics();
+    let mut seen = statistics.connects.load(Ordering::Relaxed);
+    let mut every = tokio::time::interval(RECONNECT_CHECK);
+    loop {
+        tokio::select! {
+            _ = hub.inner.shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let connects = statistics.connects.load(Ordering::Relaxed);
+        if connects == seen {
+            continue;
+        }
+        seen = connects;
+        let topics: Vec<(Topic, Arc<TopicState>)> =
+            lock(&hub.inner.topics).iter().map(|(topic, state)| (topic.clone(), state.clone())).collect();
+        metrics::counter!(names::WS_FEED_INTERRUPTIONS).increment(1);
+        tracing::warn!(topics = topics.len(), "NATS connection made again; telling the WebSocket clients of the gap");
+        for (topic, state) in topics {
+            let channel = topic.channel();
+            for member in lock(&state.members).iter() {
+                member.queue_up(Outbound::Interrupted(channel.clone()));
+            }
+        }
     }
 }
 

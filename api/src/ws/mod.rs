@@ -22,11 +22,14 @@
 //!   process its memory nor delay anyone else, and must not be fed prices seconds old. A closed
 //!   client reconnects and resyncs over REST, which is the truth anyway: the feed is at most
 //!   once (core NATS, nothing is replayed);
-//! - a connection re-checks its credential every [`WsConfig::recheck_interval`], so a logout,
-//!   a revoked API key or an administrator's lock ends an open socket too, not just new
-//!   requests; and a session's socket ends when its access token expires (a leaked token must
-//!   not stream for ever), unless a later `auth` frame renews it with a fresh token of the same
-//!   user;
+//! - a connection re-checks its credential as soon as any credential of its user is revoked —
+//!   a logout, a revoked API key, an administrator's lock, a password change, 2FA turned on, in
+//!   this process or (through the AUTH event) another
+//!   ([`crate::auth::credential_cache::CredentialCache::revocations`]) — so
+//!   the socket of a credential that died ends within moments, not just its new requests; and
+//!   every [`WsConfig::recheck_interval`] in any case (an event lost while NATS was down). A
+//!   session's socket ends when its access token expires (a leaked token must not stream for
+//!   ever), unless a later `auth` frame renews it with a fresh token of the same user;
 //! - credentials travel in the first frame, not the URL (URLs end up in logs) nor cookies, so
 //!   a foreign web page cannot ride a user's session (no cross-site WebSocket hijacking);
 //! - memory per connection is kept small for many connections: 4 KiB client frames at most,
@@ -58,6 +61,7 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -134,23 +138,33 @@ pub struct Gateway {
     config: Arc<WsConfig>,
     connections: TaskTracker,
     /// Authenticated connections per user.
-    per_user: Arc<std::sync::Mutex<HashMap<Uuid, usize>>>,
+    per_user: Arc<std::sync::Mutex<HashMap<Uuid, Places>>>,
     shutdown: CancellationToken,
+}
+
+/// One user's connections on this process: how many, and the signal that asks them to check
+/// their credentials again.
+#[derive(Debug)]
+struct Places {
+    held: usize,
+    revoked: watch::Sender<u64>,
 }
 
 /// A user's place among their connections, given back when dropped.
 #[derive(Debug)]
 pub(crate) struct UserPlace {
     user: Uuid,
-    per_user: Arc<std::sync::Mutex<HashMap<Uuid, usize>>>,
+    per_user: Arc<std::sync::Mutex<HashMap<Uuid, Places>>>,
+    /// Changes when a credential of the user was revoked (see [`Gateway::new`]).
+    pub(crate) revoked: watch::Receiver<u64>,
 }
 
 impl Drop for UserPlace {
     fn drop(&mut self) {
         let mut per_user = self.per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(places) = per_user.get_mut(&self.user) {
+            places.held -= 1;
+            if places.held == 0 {
                 per_user.remove(&self.user);
             }
         }
@@ -159,12 +173,22 @@ impl Drop for UserPlace {
 
 impl Gateway {
     /// `portfolios`: the hub drops a user's cached balances before it sends them an order event.
-    pub fn new(bus: &Bus, config: WsConfig, portfolios: PortfolioCache, shutdown: CancellationToken) -> Gateway {
+    /// `revocations` names the users some of whose credentials were revoked: their connections
+    /// check theirs again at once.
+    pub fn new(
+        bus: &Bus,
+        config: WsConfig,
+        portfolios: PortfolioCache,
+        revocations: broadcast::Receiver<Option<Uuid>>,
+        shutdown: CancellationToken,
+    ) -> Gateway {
+        let per_user: Arc<std::sync::Mutex<HashMap<Uuid, Places>>> = Arc::default();
+        tokio::spawn(pass_on_revocations(revocations, per_user.clone(), shutdown.clone()));
         Gateway {
             hub: Hub::new(bus.client().clone(), portfolios, shutdown.clone()),
             config: Arc::new(config),
             connections: TaskTracker::new(),
-            per_user: Arc::default(),
+            per_user,
             shutdown,
         }
     }
@@ -173,12 +197,13 @@ impl Gateway {
     /// [`WsConfig::max_connections_per_user`].
     pub(crate) fn user_place(&self, user: Uuid) -> Option<UserPlace> {
         let mut per_user = self.per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let held = per_user.entry(user).or_insert(0);
-        if *held >= self.config.max_connections_per_user {
+        let places = per_user.entry(user).or_insert_with(|| Places { held: 0, revoked: watch::channel(0).0 });
+        if places.held >= self.config.max_connections_per_user {
             return None;
         }
-        *held += 1;
-        Some(UserPlace { user, per_user: self.per_user.clone() })
+        places.held += 1;
+        let revoked = places.revoked.subscribe();
+        Some(UserPlace { user, per_user: self.per_user.clone(), revoked })
     }
 
     pub fn hub(&self) -> &Hub {
@@ -194,6 +219,32 @@ impl Gateway {
             tracing::warn!(open = self.connections.len(), "WebSocket connections did not close within {grace:?}");
         } else if open > 0 {
             tracing::info!(closed = open, "WebSocket connections closed");
+        }
+    }
+}
+
+/// Asks the connections of every user named on `revocations` to check their credentials again
+/// (everyone's, for `None` or when this task fell behind), until `shutdown`.
+async fn pass_on_revocations(
+    mut revocations: broadcast::Receiver<Option<Uuid>>,
+    per_user: Arc<std::sync::Mutex<HashMap<Uuid, Places>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let revoked = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            revoked = revocations.recv() => revoked,
+        };
+        let user = match revoked {
+            Ok(user) => user,
+            Err(broadcast::error::RecvError::Lagged(_)) => None,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let per_user = per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let ask = |places: &Places| places.revoked.send_modify(|generation| *generation += 1);
+        match user {
+            Some(user) => per_user.get(&user).into_iter().for_each(ask),
+            None => per_user.values().for_each(ask),
         }
     }
 }
