@@ -202,14 +202,21 @@ impl IntoResponse for ApiError {
 
 /// Database errors are internal unless a caller maps them first (e.g. a unique violation).
 ///
-/// One class is the client's: text Postgres cannot store (a NUL character: SQLSTATE 22021).
-/// Handlers refuse it on the fields they know; this is the net under them, so a field someone
-/// forgets answers 422, not 500.
+/// Two classes are not: a database that is away or busy ([`vault_core::db::is_transient`]: no
+/// connection, a session Postgres ended in a restart or failover (57P01), a deadlock, a read-only
+/// node after a failover…) is 503 with `Retry-After`, as an unreachable one is — it was a 500,
+/// which tells the client its request was at fault; and text Postgres cannot store (a NUL
+/// character: SQLSTATE 22021) is the client's. Handlers refuse that on the fields they know;
+/// this is the net under them, so a field someone forgets answers 422, not 500.
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         match err {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
                 tracing::warn!(error = %err, "postgres unavailable");
+                ApiError::Unavailable("database")
+            }
+            sqlx::Error::Database(_) if vault_core::db::is_transient(&err) => {
+                tracing::warn!(error = %err, "postgres away or busy");
                 ApiError::Unavailable("database")
             }
             sqlx::Error::Database(db) if db.code().as_deref() == Some("22021") => {

@@ -1215,3 +1215,36 @@ async fn an_engine_consumer_deleted_while_the_api_runs_is_created_again_and_its_
     let (_, accepted) = place_until_overloaded(&api, &token, "again").await;
     assert!(accepted > 2, "refused only above the limit of 2 (accepted {accepted})");
 }
+
+/// Postgres ending the API's sessions — a restart, a failover, an operator's
+/// `pg_terminate_backend` — fails the next statement of each pooled connection with SQLSTATE
+/// 57P01. That is answered 503 with `Retry-After`, as an unreachable database is: never 500, which
+/// told clients the request itself was at fault and counted toward the 5xx alert as a bug.
+#[tokio::test]
+async fn sessions_postgres_ended_are_answered_503_never_500() {
+    let api = Api::start().await;
+    let (token, _) = trader(&api, "restart@example.com").await;
+    let direct = api.db.pool().await;
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        for _ in 0..4 {
+            assert_eq!(api.get("/orders", Some(&token)).await.status(), 200);
+        }
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .execute(&direct)
+        .await
+        .expect("sessions ended");
+        for _ in 0..4 {
+            let resp = api.get("/orders", Some(&token)).await;
+            let retry_after = resp.headers().get("retry-after").is_some();
+            answers.push((resp.status().as_u16(), retry_after));
+        }
+    }
+    assert!(answers.iter().all(|(status, _)| [200, 503].contains(status)), "{answers:?}");
+    assert!(answers.iter().filter(|(status, _)| *status == 503).all(|(_, retry_after)| *retry_after), "{answers:?}");
+    assert!(answers.iter().any(|(status, _)| *status == 503), "the ended sessions were met: {answers:?}");
+    assert_eq!(api.get("/orders", Some(&token)).await.status(), 200, "healed on fresh connections");
+}

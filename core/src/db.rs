@@ -110,14 +110,17 @@ pub fn refuses_content(e: &sqlx::Error) -> bool {
 /// or lost, a statement given up, or Postgres refusing for the moment (SQLSTATE classes 08
 /// connection, 40 rollback — serialization failure, deadlock —, 53 insufficient resources,
 /// 55 lock not available, 57 operator intervention — shutdown, statement timeout —, 58 system
-/// error). Anything else Postgres refuses is about the work itself, and fails again. A consumer
+/// error), and 25006, a write on a node a failover made read-only. Anything else Postgres refuses is about the work itself, and fails again. A consumer
 /// parks a message on its last delivery only for a failure that is not transient: parked for
 /// a database blip, it was terminated unwritten (an audit row or a notification lost from the
 /// live path).
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            db.code().is_none_or(|c| ["08", "40", "53", "55", "57", "58"].iter().any(|class| c.starts_with(class)))
+            // 25006: a write on a node that became read-only (a failover under way).
+            db.code().is_none_or(|c| {
+                c == "25006" || ["08", "40", "53", "55", "57", "58"].iter().any(|class| c.starts_with(class))
+            })
         }
         _ => true,
     }
@@ -299,10 +302,14 @@ mod tests {
             refused("53300"),
             refused("55P03"),
             refused("57014"),
+            refused("57P01"),
+            refused("25006"),
         ] {
             assert!(is_transient(&transient), "{transient}");
         }
-        for own in [refused("22P05"), refused("23503"), refused("23514"), refused("42703"), refused("P0001")] {
+        for own in
+            [refused("22P05"), refused("23503"), refused("23514"), refused("25P02"), refused("42703"), refused("P0001")]
+        {
             assert!(!is_transient(&own), "{own}");
         }
         for content in [refused("22P05"), refused("22003"), refused("23503"), refused("23514")] {
