@@ -78,6 +78,9 @@ const CONNECTION_POLL: Duration = Duration::from_millis(100);
 /// client's default (15 s) the ticker stood still for about half a minute.
 const FEED_EXPIRES: Duration = Duration::from_secs(4);
 
+/// How often the feed checks that PRICES is still the stream it opened.
+const STREAM_CHECK: Duration = Duration::from_secs(5);
+
 /// Follows PRICES until `shutdown` fires. Ticks of symbols that are not markets are ignored
 /// (they would only grow the map).
 ///
@@ -131,15 +134,29 @@ async fn follow(bus: &Bus, book: &PriceBook, markets: &MarketCache, backoff: &mu
         max_expires: FEED_EXPIRES,
         ..Default::default()
     };
-    let consumer = bus.jetstream().create_consumer_on_stream(config, streams::PRICES.name).await?;
-    let mut messages = consumer.messages().await?;
+    let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
+    let born = stream.cached_info().created;
+    let mut messages = stream.create_consumer(config).await?.messages().await?;
     tracing::info!("following the price feed");
     let mut poll = tokio::time::interval(CONNECTION_POLL);
+    let mut checked = tokio::time::Instant::now();
     loop {
         let message = tokio::select! {
             message = messages.next() => message,
             _ = poll.tick() => {
-                if is_connected(bus) { continue } else { anyhow::bail!("NATS disconnected") }
+                if !is_connected(bus) {
+                    anyhow::bail!("NATS disconnected");
+                }
+                // The client re-creates a vanished consumer by itself, after the last sequence
+                // it saw: on a stream created again (deleted and declared, restored) that waits
+                // for good, and the ticker showed the old stream's last price for ever.
+                if checked.elapsed() >= STREAM_CHECK {
+                    checked = tokio::time::Instant::now();
+                    if bus.stream_created(streams::PRICES.name).await.is_some_and(|now| now != born) {
+                        anyhow::bail!("PRICES was created again");
+                    }
+                }
+                continue;
             }
         };
         let Some(message) = message else { anyhow::bail!("the price feed ended") };

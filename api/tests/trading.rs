@@ -1248,3 +1248,20 @@ async fn sessions_postgres_ended_are_answered_503_never_500() {
     assert!(answers.iter().any(|(status, _)| *status == 503), "the ended sessions were met: {answers:?}");
     assert_eq!(api.get("/orders", Some(&token)).await.status(), 200, "healed on fresh connections");
 }
+
+/// PRICES deleted and declared again (or restored from a backup) numbers its ticks from 1 again;
+/// the ticker follows the new stream. (The NATS client re-created the API's consumer by itself
+/// after the old stream's last sequence, and the ticker showed the old price for good.)
+#[tokio::test]
+async fn the_ticker_follows_prices_when_the_stream_is_created_again() {
+    let api = Api::start().await;
+    for (seq, price) in [(1, "40000"), (2, "40100"), (3, "40200")] {
+        publish_tick(&api, "BTC-USD", price, seq).await;
+    }
+    wait_for_price(&api, "BTC-USD", "40200").await;
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("bus");
+    bus.jetstream().delete_stream("PRICES").await.expect("PRICES deleted");
+    bus.declare(&[]).await.expect("PRICES declared again");
+    publish_tick(&api, "BTC-USD", "42000", 4).await;
+    wait_for_price(&api, "BTC-USD", "42000").await;
+}

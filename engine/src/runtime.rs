@@ -425,13 +425,27 @@ async fn park_and_term(pool: &PgPool, durable: &str, msg: &async_nats::jetstream
 /// about 17 s after a nats-server restart; with this it notices within seconds.
 const FEED_EXPIRES: Duration = Duration::from_secs(4);
 
+/// Which PRICES stream the feed reads: when it was created. A stream deleted and declared
+/// again, or restored from a backup, numbers its messages from 1 again.
+type StreamBirth = async_nats::datetime::DateTime;
+
+/// How often the feed checks that PRICES is still the stream it opened (see [`price_feed`]).
+const FEED_STREAM_CHECK: Duration = Duration::from_secs(5);
+
 /// Opens the price feed: from the last tick of every market at start, or right after the last
-/// tick seen (`after`) when it is opened again, so no tick in between is skipped.
-async fn open_feed(bus: &Bus, after: Option<u64>) -> anyhow::Result<pull::Ordered> {
+/// tick seen (`after`: the stream it was seen on and its sequence) when it is opened again, so
+/// no tick in between is skipped — unless the stream is not the one that tick was seen on (or
+/// holds fewer messages): its numbers started over, and the feed opens at its last tick of
+/// every market as at start (it opened far beyond the new stream's end, and the engine heard no
+/// price again until a restart). Returns the feed and the stream's birth.
+async fn open_feed(bus: &Bus, after: Option<(StreamBirth, u64)>) -> anyhow::Result<(pull::Ordered, StreamBirth)> {
     let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
+    let (born, last) = (stream.cached_info().created, stream.cached_info().state.last_sequence);
     let deliver_policy = match after {
-        Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
-        None => DeliverPolicy::LastPerSubject,
+        Some((seen_on, seq)) if seen_on == born && seq <= last => {
+            DeliverPolicy::ByStartSequence { start_sequence: seq + 1 }
+        }
+        _ => DeliverPolicy::LastPerSubject,
     };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -441,11 +455,15 @@ async fn open_feed(bus: &Bus, after: Option<u64>) -> anyhow::Result<pull::Ordere
             ..Default::default()
         })
         .await?;
-    Ok(consumer.messages().await?)
+    Ok((consumer.messages().await?, born))
 }
 
 /// [`open_feed`], again every half second until it opens; `None` at shutdown.
-async fn open_feed_until_open(bus: &Bus, after: Option<u64>, shutdown: &CancellationToken) -> Option<pull::Ordered> {
+async fn open_feed_until_open(
+    bus: &Bus,
+    after: Option<(StreamBirth, u64)>,
+    shutdown: &CancellationToken,
+) -> Option<(pull::Ordered, StreamBirth)> {
     loop {
         // Raced with shutdown: with NATS away each attempt waits for the JetStream request
         // timeout, and a stop must not wait for it.
@@ -469,12 +487,16 @@ async fn open_feed_until_open(bus: &Bus, after: Option<u64>, shutdown: &Cancella
 /// serving during a NATS blip (a standby taking over, the lease taken back) used to end its
 /// feed on the first refusal and trade on without prices, ready, until a restart. When the feed
 /// fails or ends (its consumer vanished with a server), it is opened again after the last tick
-/// seen. Returns only at shutdown.
+/// seen. Every [`FEED_STREAM_CHECK`] it also checks that PRICES is the stream it opened: the
+/// client re-creates a vanished ordered consumer by itself, after the last sequence it saw, so
+/// a stream deleted and declared again (or restored) left the feed silent for good, and every
+/// market order was refused `stale_price`. Returns only at shutdown.
 pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown: CancellationToken) {
     let mut last_seq = None;
-    let Some(mut messages) = open_feed_until_open(&bus, last_seq, &shutdown).await else { return };
+    let Some((mut messages, mut born)) = open_feed_until_open(&bus, None, &shutdown).await else { return };
     let mut connects = bus.connects();
     let mut watch = tokio::time::interval(Duration::from_millis(500));
+    let mut checked = Instant::now();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -488,11 +510,18 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
             // A reconnect means a restarted server or another cluster node: the feed's consumer
             // may be gone, and the client would notice only after two missed heartbeats.
             _ = watch.tick() => {
-                if bus.connects() == connects {
+                if bus.connects() != connects {
+                    connects = bus.connects();
+                    Some(Err(anyhow::anyhow!("reconnected to NATS")))
+                } else if checked.elapsed() >= FEED_STREAM_CHECK {
+                    checked = Instant::now();
+                    match bus.stream_created(streams::PRICES.name).await {
+                        Some(now) if now != born => Some(Err(anyhow::anyhow!("PRICES was created again"))),
+                        _ => continue,
+                    }
+                } else {
                     continue;
                 }
-                connects = bus.connects();
-                Some(Err(anyhow::anyhow!("reconnected to NATS")))
             }
         };
         let msg = match next {
@@ -503,8 +532,9 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
                     _ => "the feed ended".to_owned(),
                 };
                 tracing::warn!(error = why, after = ?last_seq, "price feed interrupted; opening it again");
-                let Some(reopened) = open_feed_until_open(&bus, last_seq, &shutdown).await else { return };
-                messages = reopened;
+                let after = last_seq.map(|seq| (born, seq));
+                let Some(reopened) = open_feed_until_open(&bus, after, &shutdown).await else { return };
+                (messages, born) = reopened;
                 // The reconnect that interrupted it is taken care of by this opening.
                 connects = bus.connects();
                 continue;

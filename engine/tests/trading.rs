@@ -498,6 +498,32 @@ async fn market_orders_queued_while_no_engine_served_fill_at_the_last_price() {
     s.assert_books_balance().await;
 }
 
+/// PRICES deleted and declared again (or restored from a backup) numbers its ticks from 1
+/// again. The engine's feed follows the new stream: a market order fills at the first price
+/// published on it. (The feed used to wait, silently, for sequence numbers the new stream would
+/// reach only days later; the engine traded at its last price until that went stale, then
+/// refused every market order `stale_price` until a restart.)
+#[tokio::test]
+async fn the_feed_follows_prices_when_the_stream_is_created_again() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(100000)).await;
+    for price in [dec!(40000), dec!(40100), dec!(40200)] {
+        s.tick(price).await;
+    }
+    s.feed_caught_up().await;
+    s.bus.jetstream().delete_stream("PRICES").await.expect("PRICES deleted");
+    s.bus.declare(&[]).await.expect("PRICES declared again");
+    s.tick(dec!(42000)).await;
+    let order = poll_until(Duration::from_secs(30), "a market buy filled at the new stream's price", || async {
+        let (order, _) = s.place(user, Side::Buy, TimeInForce::Ioc, dec!(0.01), None).await;
+        (s.decided(order, WAIT).await == "filled" && s.fill_price(order).await == dec!(42000)).then_some(order)
+    })
+    .await;
+    assert_eq!(s.fill_price(order).await, dec!(42000));
+    s.assert_books_balance().await;
+}
+
 #[tokio::test]
 async fn resting_orders_survive_an_engine_restart() {
     let mut s = Stack::start().await;

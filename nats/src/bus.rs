@@ -151,6 +151,16 @@ impl Bus {
         &self.js
     }
 
+    /// When the stream `name` was created; `None` when NATS does not say within a second. A
+    /// stream deleted and declared again, or restored from a backup, numbers its messages from 1
+    /// again, and an ordered consumer the client re-creates by itself after a sequence of the old
+    /// stream waits for good: readers that follow a stream compare this with the value at their
+    /// opening.
+    pub async fn stream_created(&self, name: &str) -> Option<async_nats::datetime::DateTime> {
+        let stream = tokio::time::timeout(Duration::from_secs(1), self.js.get_stream(name)).await.ok()?.ok()?;
+        Some(stream.cached_info().created)
+    }
+
     /// Publishes `msg` on its subject with `Nats-Msg-Id` and `X-Request-Id`, and waits for the
     /// JetStream ack: when this returns `Ok`, the message is durably stored (or was a
     /// duplicate of one that is: see [`PublishAck::duplicate`]).
