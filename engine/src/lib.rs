@@ -151,6 +151,10 @@ async fn serve(
     );
 
     let mut consumers = FuturesUnordered::new();
+    // The relay's last pass comes after the partitions drained: at the signal itself it would
+    // miss what the commits under way write in the grace they get, and those events waited in
+    // the outbox until an engine served again.
+    let relay_stop = CancellationToken::new();
     let background = vec![
         actix::spawn(runtime::refresh_markets(
             process.bus.clone(),
@@ -159,7 +163,7 @@ async fn serve(
             partitions,
             serving.clone(),
         )),
-        actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), serving.clone())),
+        actix::spawn(runtime::relay_outbox(process.bus.clone(), pool.clone(), shared.clone(), relay_stop.clone())),
     ];
     let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));
     for spec in specs.iter().cloned() {
@@ -175,6 +179,7 @@ async fn serve(
         tracing::error!(reason, "a partition consumer stopped while serving; serving everything again");
     }
     while consumers.next().await.is_some() {}
+    relay_stop.cancel();
     let _ = feed.await;
     for task in background {
         let _ = task.await;

@@ -112,6 +112,42 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
     next.stop_cleanly(Duration::from_secs(30)).await;
 }
 
+/// A commit that lands while the engine stops — within the grace the partitions get to drain —
+/// has its events published before the engine exits: the outbox relay's last pass comes after
+/// the drain. (It came at the signal, and such events waited in the outbox until an engine
+/// served again: no webhook, notification or `Prefer: wait` verdict meanwhile.)
+#[tokio::test]
+async fn events_of_a_commit_that_lands_during_the_stop_are_published_before_the_engine_exits() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let (mut engine, _) = start_engine(&db, &nats, "0-15").await;
+    let desk = Desk::connect(db.pool().await, &nats).await;
+    let user = desk.user().await;
+
+    let mut blocker = desk.pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE balances IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
+    vault_testkit::wait_for_lock_wait(&desk.pool, "%", Duration::from_secs(30)).await;
+    engine.signal("TERM");
+    poll_until(Duration::from_secs(10), "the engine to start draining", || async {
+        engine.output().contains("shutdown requested").then_some(())
+    })
+    .await;
+    blocker.rollback().await.expect("unlock");
+    assert!(engine.wait_exit(Duration::from_secs(30)).await.success(), "{}", engine.output());
+
+    let status: String = sqlx::query_scalar("SELECT status FROM deposits WHERE id = $1")
+        .bind(deposit)
+        .fetch_one(&desk.pool)
+        .await
+        .expect("deposit");
+    assert_eq!(status, "completed", "the commit landed in the grace");
+    let unpublished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&desk.pool).await.expect("outbox");
+    assert_eq!(unpublished, 0, "every event of the commit published before the exit");
+    let events = desk.bus.jetstream().get_stream("EVENTS").await.expect("EVENTS").cached_info().state.messages;
+    assert!(events >= 1, "the deposit's event is on EVENTS");
+}
+
 /// Loading the state after the lease is taken waits on the database too, and is raced with the
 /// shutdown: with the markets table locked, the engine's first read waits, and SIGTERM still
 /// stops it.
