@@ -255,6 +255,8 @@ pub struct Shard<S: Store> {
     replies: Vec<(oneshot::Sender<Applied>, Applied)>,
     /// Change of the mailbox depth gauge not yet recorded (recorded once per turn).
     depth: i64,
+    /// What this shard has added to the mailbox depth gauge, net: taken back when it is dropped.
+    recorded_depth: i64,
     /// Whether a commit in this turn wrote outbox rows (the relay is woken once per turn).
     wrote_outbox: bool,
     idle: Duration,
@@ -282,6 +284,7 @@ impl<S: Store> Shard<S> {
             batch: Vec::with_capacity(BATCH),
             replies: Vec::with_capacity(BATCH),
             depth: 0,
+            recorded_depth: 0,
             wrote_outbox: false,
             idle,
         })
@@ -397,12 +400,22 @@ impl<S: Store> Shard<S> {
         }
         if self.depth != 0 {
             METRICS.mailbox_depth.increment(self.depth as f64);
+            self.recorded_depth += self.depth;
             self.depth = 0;
         }
         if std::mem::take(&mut self.wrote_outbox) {
             self.env.shared.outbox.notify_one();
         }
         used_up
+    }
+}
+
+/// A shard is dropped with its arbiter (a lost lease, a stop), its actors and queued work with
+/// it: so is their share of the gauges. (It stayed, and every lost lease raised them for good.)
+impl<S: Store> Drop for Shard<S> {
+    fn drop(&mut self) {
+        METRICS.actors.decrement(self.actors.len() as f64);
+        METRICS.mailbox_depth.decrement(self.recorded_depth as f64);
     }
 }
 

@@ -619,6 +619,9 @@ async fn an_engine_whose_lease_connection_is_dropped_stops_serving_and_stands_by
     })
     .await;
     second.wait_http_status(&second_ops, "/readyz", 200, Duration::from_secs(30)).await;
+    // The shards of the lost lease went with their actors: none is counted until work comes.
+    assert_eq!(scrape_metric(&second_ops, "vault_engine_actors", &[]).await, 0.0, "actors of the lost lease");
+    assert_eq!(scrape_metric(&second_ops, "vault_engine_mailbox_depth", &[]).await, 0.0);
     publish_all(&bus, rest).await;
     poll_until(Duration::from_secs(30), "every command to be applied", || async {
         (applied(&pool).await == commands.len() as i64).then_some(())
