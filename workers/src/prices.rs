@@ -200,8 +200,8 @@ pub async fn publish_from(
     let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
     let mut seqs: HashMap<Symbol, u64> = HashMap::new();
     let mut last_at: HashMap<Symbol, DateTime<Utc>> = HashMap::new();
-    seed_ages(&stream, pool, &mut last_at, &mut seqs).await;
     let mut validator = Validator::default();
+    seed_from_stream(&stream, pool, &mut last_at, &mut seqs, &mut validator).await;
     let mut candles = Candles::default();
     let mut exhausted = false;
     let mut age = tokio::time::interval(Duration::from_secs(1));
@@ -330,15 +330,19 @@ async fn write_candles(candles: &mut Candles, pool: &PgPool) {
     }
 }
 
-/// Every market's age from the start: from its last tick on the stream, or from now for a market
-/// that has none. The age gauge was set only for ticks published since start, so a restarted
-/// worker whose source stayed silent (an unreachable feed, a replay without that market) had no
-/// series for VaultPriceStale to fire on. Also learns each market's last sequence.
-async fn seed_ages(
+/// Starts where the stream stands, for every market: its age from its last tick on the stream,
+/// or from now for a market that has none (the age gauge was set only for ticks published since
+/// start, so a restarted worker whose source stayed silent — an unreachable feed, a replay
+/// without that market — had no series for VaultPriceStale to fire on); its last sequence; and
+/// that tick as the validator's reference, so a restarted worker's first tick of a market is
+/// checked for a jump like every other (a replay file played again from its first line, or a
+/// feed's bad first print, moved the market by any amount and filled the limits in between).
+async fn seed_from_stream(
     stream: &async_nats::jetstream::stream::Stream,
     pool: &PgPool,
     last_at: &mut HashMap<Symbol, DateTime<Utc>>,
     seqs: &mut HashMap<Symbol, u64>,
+    validator: &mut Validator,
 ) {
     let symbols: Vec<String> = match sqlx::query_scalar("SELECT symbol FROM markets").fetch_all(pool).await {
         Ok(symbols) => symbols,
@@ -352,6 +356,7 @@ async fn seed_ages(
         let last = last_tick(stream, &symbol).await;
         if let Some(tick) = &last {
             seqs.insert(symbol.clone(), tick.seq);
+            validator.seed(&symbol, tick.price.get(), tick.ts.min(now));
         }
         last_at.insert(symbol, last.map_or(now, |tick| tick.ts.min(now)));
     }

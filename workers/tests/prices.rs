@@ -174,6 +174,49 @@ async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_in
     pool.close().await;
 }
 
+/// A restarted worker checks each market's first tick against the market's last on the stream,
+/// as it checks every later one: a replay file played again from a first line far from where the
+/// market stands (or a feed's bad first print) is refused as a jump. (A restart accepted any
+/// first tick: the market moved 40 % and the next, sane tick was refused against it.)
+#[tokio::test]
+async fn after_a_restart_the_first_tick_is_checked_against_the_last_on_the_stream() {
+    use vault_bus::{Bus, MessageContext};
+    use vault_core::domain::{Positive, Symbol};
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.declare(&[]).await.expect("streams");
+    let earlier = PriceTick {
+        symbol: Symbol::parse("BTC-USD").expect("symbol"),
+        price: Positive::new(Decimal::from(50000)).expect("positive"),
+        ts: Utc::now(),
+        source: "replay".to_owned(),
+        seq: 7,
+    };
+    bus.publish(&earlier, &MessageContext::default()).await.expect("an earlier run's tick");
+    let file = "timestamp,symbol,price
+2026-01-02T03:04:05.000Z,BTC-USD,70000
+2026-01-02T03:04:05.100Z,BTC-USD,50100
+";
+    let mut envs = base_env(&db, &nats);
+    envs.push(("PRICE_SOURCE", "replay:ticks.csv".to_owned()));
+    let (mut worker, addr) = Proc::spawn_with_ops_and_files(BIN, &["prices"], &envs, &[("ticks.csv", file)]);
+    worker.wait_http_status(&addr, "/readyz", 200, READY_DEADLINE).await;
+    let rejected = poll_until(Duration::from_secs(15), "the replay's first tick refused", || async {
+        let text = http_client().get(format!("http://{addr}/metrics")).send().await.ok()?.text().await.ok()?;
+        text.lines()
+            .find(|l| l.starts_with("vault_price_ticks_rejected_total{") && l.contains("reason=\"jump\""))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(rejected.contains("symbol=\"BTC-USD\"") && rejected.ends_with(" 1"), "{rejected}");
+    let btc = poll_until(Duration::from_secs(15), "the next BTC tick", || async {
+        last_tick(&nats, "BTC-USD").await.filter(|t| t.seq == 8)
+    })
+    .await;
+    assert_eq!(btc.price.get(), Decimal::from(50100), "70,000 was never published");
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+}
+
 #[tokio::test]
 async fn a_malformed_replay_file_stops_the_worker_at_start_naming_the_line_and_publishes_nothing() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);

@@ -4,8 +4,9 @@
 //! that a tick is refused when it is older than the previous accepted tick of its symbol
 //! (`out_of_order`: the stream and the engine must see time move forward) or more than
 //! [`MAX_JUMP`] away from it (`jump`: a fat finger or a broken feed must not move the market
-//! and trigger limit orders). The first tick of a symbol has nothing to compare with and is
-//! accepted. A refused tick does not become the reference: the next tick is compared with the
+//! and trigger limit orders). The first tick of a symbol is compared with the last one on the
+//! stream ([`Validator::seed`]); a symbol the stream has never seen has nothing to compare with,
+//! and its first tick is accepted. A refused tick does not become the reference: the next tick is compared with the
 //! last *accepted* one, so a single bad print cannot drag the reference along.
 //!
 //! But a market can really move more than that — while its feed was down for hours, or in a
@@ -88,6 +89,12 @@ fn jumps(from: Decimal, price: Decimal) -> bool {
 }
 
 impl Validator {
+    /// Makes `price` at `at` the reference of `symbol`, if it has none yet: the last tick an
+    /// earlier run published.
+    pub fn seed(&mut self, symbol: &Symbol, price: Decimal, at: DateTime<Utc>) {
+        self.last.entry(symbol.clone()).or_insert(Reference { price, at, candidate: None });
+    }
+
     /// Accepts `quote` (and makes it the reference for its symbol) or says why not.
     pub fn check(&mut self, quote: &Quote) -> Result<Accepted, Rejection> {
         let (price, ts) = (quote.price.get(), quote.ts);
