@@ -39,7 +39,7 @@
 //! Shutdown: every topic task stops with the process's shutdown token, dropping (and so
 //! unsubscribing) its subscription.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -327,6 +327,7 @@ async fn run_topic(
     let gauge = metrics::gauge!("vault_ws_nats_subscriptions");
     gauge.increment(1.0);
     let channel = topic.channel();
+    let mut sent = OrderFeed::default();
     loop {
         let message = tokio::select! {
             _ = state.stop.cancelled() => break,
@@ -342,7 +343,9 @@ async fn run_topic(
             // notification of a fill or a deposit is written after the engine's commit).
             portfolios.forget(user);
         }
-        let Some(frame) = frame_of(&topic, &channel, message.subject.as_str(), &message.payload) else { continue };
+        let Some(frame) = frame_of(&topic, &channel, message.subject.as_str(), &message.payload, &mut sent) else {
+            continue;
+        };
         let frame = Arc::new(frame);
         for member in lock(&state.members).iter() {
             member.offer(&frame);
@@ -387,24 +390,91 @@ struct NotificationData<'a> {
     created_at: DateTime<Utc>,
 }
 
+/// How many events, and orders, an order topic remembers ([`OrderFeed`]).
+const ORDER_FEED_MEMORY: usize = 256;
+
+/// What an order topic sent lately, so that it sends no event twice and no state of an order
+/// older than one it sent. The engine's outbox relay publishes a row again when its
+/// acknowledgement was lost or its pass did not finish — JetStream keeps one copy, but every core
+/// subscriber, this hub included, receives each publish — and a row published again after a
+/// later one of the same order came in between: a client saw the order filled, then open again.
+#[derive(Debug, Default)]
+struct OrderFeed {
+    /// Ids of the last events sent, oldest first.
+    events: VecDeque<Uuid>,
+    /// The `updated_at` of the latest state sent of each order remembered.
+    orders: HashMap<String, DateTime<Utc>>,
+    /// The orders remembered, oldest first.
+    order_ids: VecDeque<String>,
+}
+
+impl OrderFeed {
+    /// Whether `event` is to be sent: not sent already, and its order (`data.id`) not sent in a
+    /// later state (`data.updated_at`). Remembers it if so.
+    fn admit(&mut self, event: &EngineEvent) -> bool {
+        if self.events.contains(&event.id) {
+            return false;
+        }
+        let order = event.data.get("id").and_then(|v| v.as_str());
+        let updated = event
+            .data
+            .get("updated_at")
+            .and_then(|v| v.as_str())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        if let (Some(order), Some(updated)) = (order, updated) {
+            match self.orders.get_mut(order) {
+                // Equal is not older: one commit can change an order twice (accepted, then
+                // filled at once), with one time.
+                Some(latest) if updated < *latest => return false,
+                Some(latest) => *latest = updated,
+                None => {
+                    if self.order_ids.len() == ORDER_FEED_MEMORY
+                        && let Some(oldest) = self.order_ids.pop_front()
+                    {
+                        self.orders.remove(&oldest);
+                    }
+                    self.order_ids.push_back(order.to_owned());
+                    self.orders.insert(order.to_owned(), updated);
+                }
+            }
+        }
+        if self.events.len() == ORDER_FEED_MEMORY {
+            self.events.pop_front();
+        }
+        self.events.push_back(event.id);
+        true
+    }
+}
+
 /// Decodes one NATS message of `topic` into a data frame. A message that does not decode or
-/// does not belong to the topic (a foreign publisher) is counted, logged and skipped.
-fn frame_of(topic: &Topic, channel: &Channel, subject: &str, payload: &[u8]) -> Option<DataFrame> {
+/// does not belong to the topic (a foreign publisher) is counted, logged and skipped; an order
+/// event `sent` already, or older than what was sent of its order, is skipped.
+fn frame_of(
+    topic: &Topic,
+    channel: &Channel,
+    subject: &str,
+    payload: &[u8],
+    sent: &mut OrderFeed,
+) -> Option<DataFrame> {
     let frame = match topic {
         Topic::Prices(symbol) => decode::<PriceTick>(subject, payload).map_err(|e| e.to_string()).and_then(|tick| {
             if &tick.symbol != symbol {
                 return Err(format!("a tick of {} on the subject of {symbol}", tick.symbol));
             }
             let data = PriceData { symbol: &tick.symbol, price: &tick.price, ts: tick.ts, source: &tick.source };
-            DataFrame::new(channel.clone(), &data).map_err(|e| e.to_string())
+            DataFrame::new(channel.clone(), &data).map(Some).map_err(|e| e.to_string())
         }),
         Topic::Orders(user) => decode::<EngineEvent>(subject, payload).map_err(|e| e.to_string()).and_then(|event| {
             if event.user_id != *user {
                 return Err("an event of another user on this user's subject".to_owned());
             }
+            if !sent.admit(&event) {
+                return Ok(None);
+            }
             let data =
                 OrderEventData { id: event.id, kind: event.kind.as_str(), created_at: event.at, data: &event.data };
-            DataFrame::new(channel.clone(), &data).map_err(|e| e.to_string())
+            DataFrame::new(channel.clone(), &data).map(Some).map_err(|e| e.to_string())
         }),
         Topic::Notifications(user) => {
             decode::<NotificationPush>(subject, payload).map_err(|e| e.to_string()).and_then(|push| {
@@ -420,12 +490,12 @@ fn frame_of(topic: &Topic, channel: &Channel, subject: &str, payload: &[u8]) -> 
                     read_at: None,
                     created_at: push.created_at,
                 };
-                DataFrame::new(channel.clone(), &data).map_err(|e| e.to_string())
+                DataFrame::new(channel.clone(), &data).map(Some).map_err(|e| e.to_string())
             })
         }
     };
     match frame {
-        Ok(frame) => Some(frame),
+        Ok(frame) => frame,
         Err(reason) => {
             metrics::counter!("vault_ws_undecodable_messages_total", "channel" => channel.kind()).increment(1);
             tracing::warn!(subject, reason, "message for the WebSocket feed skipped");
@@ -458,14 +528,18 @@ mod tests {
         })
         .expect("encodes");
         let topic = Topic::Prices(btc.clone());
-        let frame = frame_of(&topic, &topic.channel(), "prices.BTC-USD", &tick).expect("a frame");
+        let frame =
+            frame_of(&topic, &topic.channel(), "prices.BTC-USD", &tick, &mut OrderFeed::default()).expect("a frame");
         assert_eq!(
             text(&frame),
             json!({"channel": "prices:BTC-USD", "seq": 7,
                    "data": {"symbol": "BTC-USD", "price": "50000.12", "ts": "2026-11-22T12:00:00.000000Z", "source": "sim"}})
         );
         let eth = Topic::Prices(Symbol::parse("ETH-USD").expect("symbol"));
-        assert!(frame_of(&eth, &eth.channel(), "prices.ETH-USD", &tick).is_none(), "a tick of another market");
+        assert!(
+            frame_of(&eth, &eth.channel(), "prices.ETH-USD", &tick, &mut OrderFeed::default()).is_none(),
+            "a tick of another market"
+        );
 
         let event = EngineEvent {
             id: Uuid::now_v7(),
@@ -477,15 +551,60 @@ mod tests {
         };
         let bytes = encode(&event).expect("encodes");
         let mine = Topic::Orders(user);
-        let frame = frame_of(&mine, &mine.channel(), "events.order.filled.x", &bytes).expect("a frame");
+        let frame = frame_of(&mine, &mine.channel(), "events.order.filled.x", &bytes, &mut OrderFeed::default())
+            .expect("a frame");
         let value = text(&frame);
         assert_eq!(value["channel"], "orders");
         assert_eq!(value["data"]["type"], "order.filled");
         assert_eq!(value["data"]["id"], event.id.to_string());
         assert_eq!(value["data"]["data"], json!({"id": "o1", "status": "filled"}));
         let theirs = Topic::Orders(Uuid::now_v7());
-        assert!(frame_of(&theirs, &theirs.channel(), "events.order.filled.x", &bytes).is_none(), "another user's");
-        assert!(frame_of(&mine, &mine.channel(), "events.order.filled.x", b"{}").is_none(), "undecodable");
+        assert!(
+            frame_of(&theirs, &theirs.channel(), "events.order.filled.x", &bytes, &mut OrderFeed::default()).is_none(),
+            "another user's"
+        );
+        assert!(
+            frame_of(&mine, &mine.channel(), "events.order.filled.x", b"{}", &mut OrderFeed::default()).is_none(),
+            "undecodable"
+        );
+    }
+
+    /// The outbox relay publishes a row again when an acknowledgement was lost (every core
+    /// subscriber receives both copies), and can publish an earlier row of an order after a later
+    /// one: neither reaches the client, which would have seen its order filled, then open again.
+    #[test]
+    fn an_order_event_sent_already_or_older_than_one_sent_is_skipped() {
+        let user = Uuid::now_v7();
+        let topic = Topic::Orders(user);
+        let mut sent = OrderFeed::default();
+        let event = |kind, status: &str, updated_at: &str| EngineEvent {
+            id: Uuid::now_v7(),
+            kind,
+            user_id: user,
+            request_id: None,
+            at: Utc::now(),
+            data: json!({"id": "o1", "status": status, "updated_at": updated_at}),
+        };
+        let accepted = event(EventKind::OrderAccepted, "open", "2026-11-22T12:00:00.000001Z");
+        let filled = event(EventKind::OrderFilled, "filled", "2026-11-22T12:00:05.000000Z");
+        let mut frames = Vec::new();
+        for event in [&accepted, &filled, &accepted, &filled] {
+            let bytes = encode(event).expect("encodes");
+            frames.push(frame_of(&topic, &topic.channel(), "events.order.x.y", &bytes, &mut sent).map(|f| text(&f)));
+        }
+        let statuses: Vec<_> = frames.iter().map(|f| f.as_ref().map(|f| f["data"]["data"]["status"].clone())).collect();
+        assert_eq!(statuses, [Some(json!("open")), Some(json!("filled")), None, None]);
+        // Another event of the order in an older state (an earlier row published late): skipped;
+        // one at the same time (two changes in one commit) or later: sent.
+        let late = event(EventKind::OrderAccepted, "open", "2026-11-22T12:00:00.000001Z");
+        let same = event(EventKind::OrderFilled, "filled", "2026-11-22T12:00:05.000000Z");
+        let other = EngineEvent {
+            data: json!({"id": "o2", "status": "open", "updated_at": "2026-11-22T11:00:00Z"}),
+            ..late.clone()
+        };
+        let other = EngineEvent { id: Uuid::now_v7(), ..other };
+        let admitted: Vec<bool> = [&late, &same, &other].iter().map(|e| sent.admit(e)).collect();
+        assert_eq!(admitted, [false, true, true]);
     }
 
     #[test]
