@@ -597,8 +597,8 @@ async fn write_fills(
     let sql = format!(
         "WITH u AS (
              SELECT * FROM UNNEST($1::uuid[], $2::numeric[], $3::numeric[], $4::timestamptz[], $5::uuid[], $6::uuid[],
-                                  $7::text[], $8::text[], $9::numeric[])
-                 AS u(order_id, price, fee, at, fill_id, user_id, symbol, side, quantity)
+                                  $7::text[], $8::text[], $9::numeric[], $10::numeric[])
+                 AS u(order_id, price, fee, at, fill_id, user_id, symbol, side, quantity, fee_rate)
          ), o AS (
              UPDATE orders SET status = 'filled', filled_quantity = orders.quantity, average_fill_price = u.price,
                     fee = u.fee, hold = 0, updated_at = u.at
@@ -606,8 +606,8 @@ async fn write_fills(
               WHERE orders.id = u.order_id
              RETURNING {}
          ), f AS (
-             INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, created_at)
-             SELECT fill_id, order_id, user_id, symbol, side, price, quantity, fee, at FROM u
+             INSERT INTO fills (id, order_id, user_id, symbol, side, price, quantity, fee, fee_rate, created_at)
+             SELECT fill_id, order_id, user_id, symbol, side, price, quantity, fee, fee_rate, at FROM u
              RETURNING id, order_id, price, quantity, fee, liquidity, created_at
          )
          SELECT {}, f.id AS fill_id, f.price AS fill_price, f.quantity AS fill_quantity,
@@ -634,6 +634,7 @@ async fn write_fills(
                 .collect::<Vec<_>>(),
         )
         .bind(filled.iter().map(|(_, f)| f.quantity.get()).collect::<Vec<_>>())
+        .bind(filled.iter().map(|(_, f)| f.fee_rate).collect::<Vec<_>>())
         .fetch_all(&mut *conn)
         .await?;
     Ok(rows

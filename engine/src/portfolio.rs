@@ -153,6 +153,9 @@ pub struct Fill {
     pub notional: Decimal,
     /// In the quote asset.
     pub fee: Decimal,
+    /// The taker fee rate in force when it filled (the fee is this rate's, or less: see
+    /// [`Command::Trigger`]).
+    pub fee_rate: Decimal,
     /// The hold released by this fill (resting orders only).
     pub released: Option<(Asset, Decimal)>,
 }
@@ -311,6 +314,7 @@ impl Portfolio {
                     price: *price,
                     notional,
                     fee,
+                    fee_rate: view.market.taker_fee_rate,
                     released: Some((order.hold_asset.clone(), order.hold)),
                 })])
             }
@@ -345,6 +349,7 @@ impl Portfolio {
                     price,
                     notional,
                     fee,
+                    fee_rate: market.taker_fee_rate,
                     released: None,
                 })]),
             }

@@ -459,6 +459,23 @@ SELECT 'order ' || o.id AS subject, 1::int8 AS n,
  GROUP BY o.id",
     },
     Check {
+        name: "fill_fees",
+        holds: "every fill's fee is its notional times the fee rate it records, rounded up to 8 decimals \
+                (a buy limit's may be less: a resting buy pays no more than its hold left)",
+        unit: "fills with a recorded fee rate",
+        uses_bound: false,
+        sql: "
+SELECT 'fill ' || f.id AS subject, 1::int8 AS n,
+       CASE WHEN f.fee > x.due OR (f.fee < x.due AND NOT (o.side = 'buy' AND o.type = 'limit'))
+                 THEN 'fee ' || trim_scale(f.fee) || ' but ' || trim_scale(f.price * f.quantity) || ' at '
+                      || trim_scale(f.fee_rate) || ' is ' || trim_scale(x.due)
+       END AS detail
+  FROM fills f
+  JOIN orders o ON o.id = f.order_id
+ CROSS JOIN LATERAL (SELECT ceil(f.price * f.quantity * f.fee_rate * 100000000) / 100000000 AS due) x
+ WHERE f.fee_rate IS NOT NULL",
+    },
+    Check {
         name: "fills_match_ledger",
         holds: "the trade and fee postings of every order are exactly its fills' (base quantity, quote notional, fee)",
         unit: "orders with fills or trade postings",

@@ -185,7 +185,7 @@ async fn assert_fails(t: &Traded, args: &[&str], expected: &[&str]) -> Value {
     report
 }
 
-const CHECKS: [&str; 13] = [
+const CHECKS: [&str; 14] = [
     "balances_match_ledger",
     "ledger_running_balances",
     "transactions_balance",
@@ -194,6 +194,7 @@ const CHECKS: [&str; 13] = [
     "reserved_matches_holds",
     "order_holds",
     "order_fills",
+    "fill_fees",
     "fills_match_ledger",
     "deposits_match_ledger",
     "command_versions",
@@ -398,6 +399,26 @@ async fn a_limit_order_filled_beyond_its_limit_is_named() {
     let report = assert_fails(&t, &[], &["order_fills"]).await;
     let lines = listed(&report, "order_fills");
     assert!(lines.len() == 1 && lines[0].contains("beyond its limit"), "{lines:?}");
+}
+
+/// A fee that is not its notional at the recorded rate, rounded up — a cent more, here, on the
+/// fill and on everything that agrees with it (the order and the fee posting) — is named: the
+/// other checks only compare the fee's copies with each other.
+#[tokio::test]
+async fn a_fee_that_is_not_the_recorded_rates_is_named() {
+    let t = traded().await;
+    let rate: Option<Decimal> = sqlx::query_scalar("SELECT fee_rate FROM fills WHERE order_id = $1")
+        .bind(t.market_buy)
+        .fetch_one(&t.pool)
+        .await
+        .expect("fill");
+    assert!(rate.is_some_and(|r| r > Decimal::ZERO), "the engine records the rate: {rate:?}");
+    let id = t.market_buy;
+    execute(&t.pool, &format!("UPDATE fills SET fee = fee + 0.01 WHERE order_id = '{id}'")).await;
+    execute(&t.pool, &format!("UPDATE orders SET fee = fee + 0.01 WHERE id = '{id}'")).await;
+    let report = assert_fails(&t, &[], &["fill_fees", "fills_match_ledger"]).await;
+    let lines = listed(&report, "fill_fees");
+    assert!(lines.len() == 1 && lines[0].contains(" at ") && lines[0].contains(" is "), "{lines:?}");
 }
 
 #[tokio::test]
