@@ -748,6 +748,40 @@ async fn a_client_is_told_its_feed_was_interrupted_and_the_feed_goes_on() {
     assert_eq!((frame["channel"].as_str(), frame["data"]["price"].as_str()), (Some("prices:BTC-USD"), Some("61000")));
 }
 
+/// A credential re-check that the database is slow to answer runs beside the feed: frames keep
+/// flowing meanwhile and the client is not closed as a slow consumer. (Awaited in the
+/// connection's loop, it held the queue undrained for up to its 5 s: a healthy client on a busy
+/// feed was closed 1008 "slow consumer" whenever Postgres was slow.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_credential_check_holds_up_no_frame() {
+    let api = InProcess::start(short(|c| {
+        c.recheck_interval = Duration::from_secs(2);
+        c.queue_capacity = 8;
+    }))
+    .await;
+    let token = api.user("patient@example.com").await;
+    let mut client = Client::authed(&api.addr, &token).await;
+    client.subscribe(&["prices:BTC-USD"]).await;
+    let pool = api._db.pool().await;
+    let mut blocker = pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE token_families IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    vault_testkit::wait_for_lock_wait(&pool, "%token_families%", WAIT).await;
+
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("connects");
+    for seq in 1..=24 {
+        bus.publish(&price_tick("BTC-USD", &format!("{}", 60000 + seq), seq), &MessageContext::default())
+            .await
+            .expect("tick");
+    }
+    for seq in 1..=24 {
+        let frame = client.next_data().await;
+        assert_eq!(frame["data"]["price"], format!("{}", 60000 + seq), "{frame}");
+    }
+    blocker.rollback().await.expect("unlock");
+    client.send(json!({"op": "ping"})).await;
+    assert_eq!(client.next_control().await, json!({"op": "pong"}));
+}
+
 /// A revocation ends the socket of the credential it revoked at once — here the periodic
 /// re-check is an hour away — whether the socket is a logged-out session's or a revoked API
 /// key's; the user's other session goes on. (A revoked credential's socket went on receiving

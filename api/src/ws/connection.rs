@@ -2,7 +2,8 @@
 //!
 //! One task per connection runs [`Connection::run`]: the auth phase (one frame, bounded by
 //! `auth_timeout`), then a loop over the client's frames, the connection's data queue, the
-//! ping timer, the idle deadline, the credential re-check, the shutdown token and the hub's
+//! ping timer, the idle deadline, the credential re-check (which runs beside the loop: a
+//! database slow to answer never holds the queue), the shutdown token and the hub's
 //! slow-consumer signal. Every write races the same stop conditions, so a client that stopped
 //! reading cannot hold the task in a blocked write past shutdown, its idle deadline or its
 //! queue filling up. Whatever ends the connection is an [`End`], which says which close code,
@@ -14,12 +15,14 @@
 //! number, and a frame that could not be queued closes the connection instead of leaving a hole.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
+use tokio::time::error::Elapsed;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,7 +31,7 @@ use uuid::Uuid;
 use super::hub::{Member, Outbound, Topic};
 use super::protocol::{Channel, ClientFrame, MAX_CHANNELS_PER_FRAME, ServerFrame};
 use super::{Gateway, WsConfig};
-use crate::auth::caller::{self, Presented, Scope};
+use crate::auth::caller::{self, Caller, Presented, Scope};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -252,6 +255,30 @@ fn expires_at(presented: &Presented) -> Instant {
 }
 
 /// The close for a session whose access token expired.
+/// A credential re-check under way: the database's answer, or `Err` when it took longer than
+/// [`RECHECK_TIMEOUT`].
+type Recheck = Pin<Box<dyn Future<Output = Result<Result<Caller, ApiError>, Elapsed>> + Send>>;
+
+/// What a re-check comes to: a refusal ends the connection; a database that cannot answer does
+/// not (the next round will tell).
+fn settle_recheck(checked: Result<Result<Caller, ApiError>, Elapsed>) -> Result<(), End> {
+    match checked {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e @ (ApiError::Unauthorized { .. } | ApiError::Forbidden { .. }))) => {
+            tracing::info!(code = e.code(), "credential no longer valid; closing the WebSocket");
+            Err(End::from_api_error(e))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "WebSocket credential re-check failed; keeping the connection until the next one");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("WebSocket credential re-check timed out; keeping the connection until the next one");
+            Ok(())
+        }
+    }
+}
+
 /// Resolves when `revoked` changes; never without one, nor once its sender is gone.
 async fn changed(revoked: &mut Option<watch::Receiver<u64>>) -> Option<()> {
     if let Some(receiver) = revoked
@@ -343,6 +370,10 @@ impl Connection {
         tokio::pin!(expiry);
         // Changes when a credential of the user was revoked, here or on another API process.
         let mut revoked = self.place.as_ref().map(|place| place.revoked.clone());
+        // A re-check under way. It runs beside the feed: awaited in the loop, a database slow to
+        // answer held the queue undrained for up to its 5 s, and a healthy client on a busy feed
+        // was closed as a slow consumer.
+        let mut checking: Option<Recheck> = None;
         loop {
             // Biased: stop conditions first, then the client and the timers, data last, so a
             // busy feed can starve neither the client's frames nor the pings.
@@ -372,8 +403,21 @@ impl Connection {
                     }
                 }
                 _ = ping.tick() => self.send_control(&ServerFrame::Ping).await,
-                _ = recheck.tick() => self.recheck().await,
-                Some(()) = changed(&mut revoked) => self.recheck().await,
+                _ = recheck.tick(), if checking.is_none() => {
+                    checking = self.start_recheck();
+                    Ok(())
+                }
+                // Not while a check is under way: one that read the database before this
+                // revocation committed may find the credential live; the change stays unseen
+                // and starts another check once this one is done.
+                Some(()) = changed(&mut revoked), if checking.is_none() => {
+                    checking = self.start_recheck();
+                    Ok(())
+                }
+                checked = async { checking.as_mut().expect("polled only while a check is under way").await }, if checking.is_some() => {
+                    checking = None;
+                    settle_recheck(checked)
+                }
                 Some(frame) = self.queue.recv() => self.forward(frame).await,
             };
             if let Err(end) = step {
@@ -570,30 +614,13 @@ impl Connection {
         Ok(())
     }
 
-    /// Re-checks the credential: a refusal ends the connection; a database that cannot answer
-    /// does not (the next round will tell). Periodically, and whenever a credential of the user
-    /// was revoked (which may be another one: this one is then found live).
-    async fn recheck(&mut self) -> Result<(), End> {
-        let Some((_, presented)) = &self.user else { return Ok(()) };
-        let checked = tokio::select! {
-            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-            checked = timeout(RECHECK_TIMEOUT, caller::recheck(&self.state, presented)) => checked,
-        };
-        match checked {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e @ (ApiError::Unauthorized { .. } | ApiError::Forbidden { .. }))) => {
-                tracing::info!(code = e.code(), "credential no longer valid; closing the WebSocket");
-                Err(End::from_api_error(e))
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "WebSocket credential re-check failed; keeping the connection until the next one");
-                Ok(())
-            }
-            Err(_) => {
-                tracing::warn!("WebSocket credential re-check timed out; keeping the connection until the next one");
-                Ok(())
-            }
-        }
+    /// Starts re-checking the credential — periodically, and whenever a credential of the user
+    /// was revoked (which may be another one: this one is then found live); see
+    /// [`settle_recheck`].
+    fn start_recheck(&self) -> Option<Recheck> {
+        let (_, presented) = self.user.as_ref()?;
+        let (state, presented) = (self.state.clone(), presented.clone());
+        Some(Box::pin(async move { timeout(RECHECK_TIMEOUT, caller::recheck(&state, &presented)).await }))
     }
 
     async fn send_control(&mut self, frame: &ServerFrame<'_>) -> Result<(), End> {
