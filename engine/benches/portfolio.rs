@@ -85,7 +85,10 @@ fn bench_book(c: &mut Criterion) {
         // Buys below 40000, sells above 60000: a tick at 50000 crosses nothing.
         let limit =
             if side == Side::Buy { Decimal::from(30_000 + i % 10_000) } else { Decimal::from(60_000 + i % 10_000) };
-        book.insert(&symbol, Resting { order_id: Uuid::now_v7(), user_id: Uuid::now_v7(), side, limit });
+        book.insert(
+            &symbol,
+            Resting { order_id: Uuid::now_v7(), user_id: Uuid::now_v7(), side, limit, since: chrono::Utc::now() },
+        );
     }
     let mut group = c.benchmark_group("price_book_100k_resting");
     group.throughput(Throughput::Elements(1));

@@ -499,7 +499,13 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
                 Some(o) => {
                     book.insert(
                         &o.symbol,
-                        Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() },
+                        Resting {
+                            order_id: o.id,
+                            user_id,
+                            side: o.side,
+                            limit: o.limit_price.get(),
+                            since: Utc::now(),
+                        },
                     );
                     Some(o)
                 }
@@ -530,8 +536,10 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
         for event in events {
             match event {
-                Event::OrderAccepted(o) => book
-                    .insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() }),
+                Event::OrderAccepted(o) => book.insert(
+                    &o.symbol,
+                    Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() },
+                ),
                 Event::OrderFilled(f) if f.released.is_some() => book.remove(f.order_id),
                 Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
                 _ => {}
@@ -542,7 +550,10 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         if let Work::Trigger { order_id, .. } = work
             && let Some(o) = next.portfolio.open_orders.get(order_id)
         {
-            book.insert(&o.symbol, Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get() });
+            book.insert(
+                &o.symbol,
+                Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() },
+            );
         }
     }
     // An order that rests now was decided against an older price: if a tick crossed it while

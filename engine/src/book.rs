@@ -5,10 +5,15 @@
 //! rebuilt from the open orders in the database. It only *finds* candidates: the user's actor
 //! decides whether the order still fills. An order taken out by [`PriceBook::crossed`] is put
 //! back by its actor when it is still open after the trigger (e.g. the fill could not commit).
+//!
+//! Each order also keeps when it started resting, so that the ticks an engine replays when it
+//! starts — those published while no engine served, which may have crossed it and gone back —
+//! fill only orders that were resting when the tick came ([`PriceBook::crossed_resting_at`]).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 use vault_core::domain::{Side, Symbol};
@@ -20,14 +25,17 @@ pub struct Resting {
     pub user_id: Uuid,
     pub side: Side,
     pub limit: Decimal,
+    /// When it started resting (its commit as `open`; for an order put back after a trigger
+    /// that did not fill it, when it was put back).
+    pub since: DateTime<Utc>,
 }
 
 #[derive(Debug, Default)]
 struct SymbolBook {
     /// Buys fill when price ≤ limit: highest limit first.
-    buys: BTreeMap<(Reverse<Decimal>, Uuid), Uuid>,
+    buys: BTreeMap<(Reverse<Decimal>, Uuid), (Uuid, DateTime<Utc>)>,
     /// Sells fill when price ≥ limit: lowest limit first.
-    sells: BTreeMap<(Decimal, Uuid), Uuid>,
+    sells: BTreeMap<(Decimal, Uuid), (Uuid, DateTime<Utc>)>,
 }
 
 /// All resting orders, by symbol.
@@ -52,8 +60,8 @@ impl PriceBook {
         self.remove(order.order_id);
         let book = self.books.entry(symbol.clone()).or_default();
         match order.side {
-            Side::Buy => book.buys.insert((Reverse(order.limit), order.order_id), order.user_id),
-            Side::Sell => book.sells.insert((order.limit, order.order_id), order.user_id),
+            Side::Buy => book.buys.insert((Reverse(order.limit), order.order_id), (order.user_id, order.since)),
+            Side::Sell => book.sells.insert((order.limit, order.order_id), (order.user_id, order.since)),
         };
         self.index.insert(order.order_id, (symbol.clone(), order.side, order.limit));
     }
@@ -71,24 +79,45 @@ impl PriceBook {
 
     /// Takes out and returns every order of `symbol` that `price` crosses ([`crosses`]).
     pub fn crossed(&mut self, symbol: &Symbol, price: Decimal) -> Vec<Resting> {
+        self.crossed_resting_at(symbol, price, None)
+    }
+
+    /// [`Self::crossed`], but with `at`, only the orders resting at that time: a tick of `at`
+    /// leaves the orders that started resting after it where they are.
+    pub fn crossed_resting_at(&mut self, symbol: &Symbol, price: Decimal, at: Option<DateTime<Utc>>) -> Vec<Resting> {
         let Some(book) = self.books.get_mut(symbol) else { return Vec::new() };
-        let mut out = Vec::new();
-        while let Some(entry) = book.buys.first_entry() {
-            let (Reverse(limit), order_id) = *entry.key();
-            if limit < price {
-                break;
-            }
-            let user_id = entry.remove();
-            out.push(Resting { order_id, user_id, side: Side::Buy, limit });
+        let resting_then = |since: &DateTime<Utc>| at.is_none_or(|at| *since <= at);
+        let buys: Vec<Resting> = book
+            .buys
+            .range(..=(Reverse(price), Uuid::max()))
+            .filter(|(_, (_, since))| resting_then(since))
+            .map(|((Reverse(limit), order_id), (user_id, since))| Resting {
+                order_id: *order_id,
+                user_id: *user_id,
+                side: Side::Buy,
+                limit: *limit,
+                since: *since,
+            })
+            .collect();
+        let sells: Vec<Resting> = book
+            .sells
+            .range(..=(price, Uuid::max()))
+            .filter(|(_, (_, since))| resting_then(since))
+            .map(|((limit, order_id), (user_id, since))| Resting {
+                order_id: *order_id,
+                user_id: *user_id,
+                side: Side::Sell,
+                limit: *limit,
+                since: *since,
+            })
+            .collect();
+        for r in &buys {
+            book.buys.remove(&(Reverse(r.limit), r.order_id));
         }
-        while let Some(entry) = book.sells.first_entry() {
-            let (limit, order_id) = *entry.key();
-            if limit > price {
-                break;
-            }
-            let user_id = entry.remove();
-            out.push(Resting { order_id, user_id, side: Side::Sell, limit });
+        for r in &sells {
+            book.sells.remove(&(r.limit, r.order_id));
         }
+        let out: Vec<Resting> = buys.into_iter().chain(sells).collect();
         for r in &out {
             self.index.remove(&r.order_id);
         }
@@ -116,7 +145,7 @@ mod tests {
     }
 
     fn resting(side: Side, limit: Decimal) -> Resting {
-        Resting { order_id: Uuid::now_v7(), user_id: Uuid::now_v7(), side, limit }
+        Resting { order_id: Uuid::now_v7(), user_id: Uuid::now_v7(), side, limit, since: Utc::now() }
     }
 
     #[test]
@@ -140,6 +169,20 @@ mod tests {
         book.remove(b2.order_id);
         assert!(book.is_empty());
         assert!(book.crossed(&Symbol::parse("ETH-USD").expect("valid"), dec!(1)).is_empty());
+    }
+
+    #[test]
+    fn a_tick_of_a_past_time_takes_only_the_orders_resting_then() {
+        let mut book = PriceBook::default();
+        let t0 = Utc::now();
+        let early = Resting { since: t0 - chrono::Duration::seconds(20), ..resting(Side::Buy, dec!(100)) };
+        let late = Resting { since: t0, ..resting(Side::Buy, dec!(101)) };
+        book.insert(&sym(), early);
+        book.insert(&sym(), late);
+        let tick_at = t0 - chrono::Duration::seconds(10);
+        assert_eq!(book.crossed_resting_at(&sym(), dec!(99), Some(tick_at)), vec![early]);
+        assert_eq!(book.len(), 1, "the order that started resting after the tick stays");
+        assert_eq!(book.crossed_resting_at(&sym(), dec!(99), Some(t0)), vec![late]);
     }
 
     proptest! {

@@ -165,20 +165,23 @@ pub async fn refresh_markets(
 
 /// The price book of the owned partitions, rebuilt from the open orders.
 pub async fn rebuild_book(pool: &PgPool, partitions: PartitionRange) -> Result<PriceBook, sqlx::Error> {
-    let rows: Vec<(Uuid, Uuid, String, String, Decimal)> = sqlx::query_as(
-        "SELECT id, user_id, symbol, side, limit_price FROM orders WHERE status = 'open' AND limit_price IS NOT NULL",
+    // An open order's `updated_at` is when it was committed open: nothing changes it while it
+    // rests.
+    let rows: Vec<(Uuid, Uuid, String, String, Decimal, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, user_id, symbol, side, limit_price, updated_at FROM orders
+          WHERE status = 'open' AND limit_price IS NOT NULL",
     )
     .fetch_all(pool)
     .await?;
     let mut book = PriceBook::default();
-    for (order_id, user_id, symbol, side, limit) in rows {
+    for (order_id, user_id, symbol, side, limit, since) in rows {
         let p = subjects::partition_of(user_id);
         if p < partitions.first || p > partitions.last {
             continue;
         }
         let Ok(symbol) = Symbol::parse(&symbol) else { continue };
         let side = if side == "buy" { Side::Buy } else { Side::Sell };
-        book.insert(&symbol, Resting { order_id, user_id, side, limit });
+        book.insert(&symbol, Resting { order_id, user_id, side, limit, since });
     }
     Ok(book)
 }
@@ -432,20 +435,32 @@ type StreamBirth = async_nats::datetime::DateTime;
 /// How often the feed checks that PRICES is still the stream it opened (see [`price_feed`]).
 const FEED_STREAM_CHECK: Duration = Duration::from_secs(5);
 
-/// Opens the price feed: from the last tick of every market at start, or right after the last
-/// tick seen (`after`: the stream it was seen on and its sequence) when it is opened again, so
-/// no tick in between is skipped — unless the stream is not the one that tick was seen on (or
-/// holds fewer messages): its numbers started over, and the feed opens at its last tick of
-/// every market as at start (it opened far beyond the new stream's end, and the engine heard no
-/// price again until a restart). Returns the feed and the stream's birth.
-async fn open_feed(bus: &Bus, after: Option<(StreamBirth, u64)>) -> anyhow::Result<(pull::Ordered, StreamBirth)> {
+/// Opens the price feed: at start, from the ticks of the last `replay` (the engine's
+/// `MAX_PRICE_AGE`: older ones trigger nothing), so that a tick published while no engine served
+/// — which may have crossed a resting order, the market going back before the next engine's
+/// start — still fills what rested then (the feed began at each market's last tick, and such an
+/// order stayed open); when opened again, right after the last tick seen (`after`: the stream it
+/// was seen on and its sequence), so no tick in between is skipped — unless the stream is not
+/// the one that tick was seen on (or holds fewer messages): its numbers started over, and the
+/// feed opens at its last tick of every market (it opened far beyond the new stream's end, and
+/// the engine heard no price again until a restart). Returns the feed and the stream's birth.
+async fn open_feed(
+    bus: &Bus,
+    after: Option<(StreamBirth, u64)>,
+    replay: chrono::Duration,
+) -> anyhow::Result<(pull::Ordered, StreamBirth)> {
     let stream = bus.jetstream().get_stream(streams::PRICES.name).await?;
     let (born, last) = (stream.cached_info().created, stream.cached_info().state.last_sequence);
     let deliver_policy = match after {
         Some((seen_on, seq)) if seen_on == born && seq <= last => {
             DeliverPolicy::ByStartSequence { start_sequence: seq + 1 }
         }
-        _ => DeliverPolicy::LastPerSubject,
+        Some(_) => DeliverPolicy::LastPerSubject,
+        None => {
+            let from = (Utc::now() - replay).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+            let start_time = async_nats::datetime::parse_rfc3339(&from).map_err(|e| anyhow::anyhow!("{e}"))?;
+            DeliverPolicy::ByStartTime { start_time }
+        }
     };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -462,12 +477,13 @@ async fn open_feed(bus: &Bus, after: Option<(StreamBirth, u64)>) -> anyhow::Resu
 async fn open_feed_until_open(
     bus: &Bus,
     after: Option<(StreamBirth, u64)>,
+    replay: chrono::Duration,
     shutdown: &CancellationToken,
 ) -> Option<(pull::Ordered, StreamBirth)> {
     loop {
         // Raced with shutdown: with NATS away each attempt waits for the JetStream request
         // timeout, and a stop must not wait for it.
-        match shutdown.run_until_cancelled(open_feed(bus, after)).await? {
+        match shutdown.run_until_cancelled(open_feed(bus, after, replay)).await? {
             Ok(messages) => return Some(messages),
             Err(e) => {
                 metrics::counter!(names::ENGINE_PRICE_FEED_OPEN_FAILURES).increment(1);
@@ -493,7 +509,10 @@ async fn open_feed_until_open(
 /// market order was refused `stale_price`. Returns only at shutdown.
 pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown: CancellationToken) {
     let mut last_seq = None;
-    let Some((mut messages, mut born)) = open_feed_until_open(&bus, None, &shutdown).await else { return };
+    // Ticks stamped before this are replayed (see `open_feed`).
+    let serving_since = Utc::now();
+    let replay = shared.max_price_age;
+    let Some((mut messages, mut born)) = open_feed_until_open(&bus, None, replay, &shutdown).await else { return };
     let mut connects = bus.connects();
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     let mut checked = Instant::now();
@@ -533,7 +552,7 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
                 };
                 tracing::warn!(error = why, after = ?last_seq, "price feed interrupted; opening it again");
                 let after = last_seq.map(|seq| (born, seq));
-                let Some(reopened) = open_feed_until_open(&bus, after, &shutdown).await else { return };
+                let Some(reopened) = open_feed_until_open(&bus, after, replay, &shutdown).await else { return };
                 (messages, born) = reopened;
                 // The reconnect that interrupted it is taken care of by this opening.
                 connects = bus.connects();
@@ -550,7 +569,7 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
                 continue;
             }
         };
-        apply_tick(&shared, &router, tick, seq);
+        apply_tick(&shared, &router, tick, seq, serving_since);
     }
 }
 
@@ -615,10 +634,13 @@ fn record_tick(shared: &Shared, tick: PriceTick, seq: u64) -> bool {
 }
 
 /// Records a tick (unless an older one arrives late) and triggers the orders it crosses, if it
-/// is fresh.
-pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u64) {
+/// is fresh. A tick stamped before `serving_since` is one the feed replays at start (see
+/// [`open_feed`]): older than the price recorded (the last one, read before serving), it still
+/// triggers — but only the orders that were resting when it came.
+pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u64, serving_since: DateTime<Utc>) {
     let (symbol, price, ts) = (tick.symbol.clone(), tick.price, tick.ts);
-    if !record_tick(shared, tick, seq) {
+    let replayed = ts < serving_since;
+    if !record_tick(shared, tick, seq) && !replayed {
         return;
     }
     // A tick older than `MAX_PRICE_AGE` — above all the last tick of a market gone quiet,
@@ -628,7 +650,7 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     if !shared.is_fresh(ts) {
         return;
     }
-    trigger_crossed(shared, router, &symbol, price, seq);
+    trigger_crossed(shared, router, &symbol, price, seq, replayed.then_some(ts));
 }
 
 /// Triggers again what the latest price of `symbol` crosses, if it is fresh: an order that went
@@ -641,16 +663,24 @@ fn recross(shared: &Arc<Shared>, router: &Router, symbol: &Symbol) {
     if let Some(((price, at), seq)) = latest
         && shared.is_fresh(at)
     {
-        trigger_crossed(shared, router, symbol, price, seq);
+        trigger_crossed(shared, router, symbol, price, seq, None);
     }
 }
 
-/// Takes the orders `price` crosses out of the book and sends each owner a trigger; one that
-/// fails goes back into the book for the next tick.
-fn trigger_crossed(shared: &Arc<Shared>, router: &Router, symbol: &Symbol, price: Positive, seq: u64) {
+/// Takes the orders `price` crosses out of the book (with `resting_at`, only those resting at
+/// that time) and sends each owner a trigger; one that fails goes back into the book for the
+/// next tick.
+fn trigger_crossed(
+    shared: &Arc<Shared>,
+    router: &Router,
+    symbol: &Symbol,
+    price: Positive,
+    seq: u64,
+    resting_at: Option<DateTime<Utc>>,
+) {
     let crossed = {
         let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
-        book.crossed(symbol, price.get())
+        book.crossed_resting_at(symbol, price.get(), resting_at)
     };
     for resting in crossed {
         let work = Work::Trigger { order_id: resting.order_id, symbol: symbol.clone(), price, tick_seq: seq };

@@ -524,6 +524,41 @@ async fn the_feed_follows_prices_when_the_stream_is_created_again() {
     s.assert_books_balance().await;
 }
 
+/// Ticks published while no engine served — a restart, a deploy, a takeover — are replayed when
+/// the next one starts (those of the last `MAX_PRICE_AGE`): one that crossed a resting order
+/// fills it at its price, though the market went back before the engine came; and one stamped
+/// before an order started resting does not fill it. (The feed began at each market's last
+/// tick: the sell limit below stayed open, its crossing never seen.)
+#[tokio::test]
+async fn ticks_published_while_no_engine_served_fill_the_orders_resting_then() {
+    let mut s = Stack::start().await;
+    let user = s.user().await;
+    s.deposit(user, "USD", dec!(10000)).await;
+    s.deposit(user, "BTC", dec!(1)).await;
+    s.tick(dec!(99)).await;
+    s.feed_caught_up().await;
+    s.tick(dec!(105)).await;
+    s.feed_caught_up().await;
+    // Placed after the tick at 99: a replay of that tick must not fill the buy.
+    let (buy, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.1), Some(dec!(100))).await;
+    let (sell, _) = s.place(user, Side::Sell, TimeInForce::Gtc, dec!(0.1), Some(dec!(110))).await;
+    s.wait_status("orders", buy, "open").await;
+    s.wait_status("orders", sell, "open").await;
+
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
+    s.tick(dec!(111)).await;
+    s.tick(dec!(104)).await;
+    let (engine, ops) = start_engine(&s.db, &s.nats, &[]).await;
+    (s.engine, s.ops) = (engine, ops);
+    s.wait_status("orders", sell, "filled").await;
+    assert_eq!(s.fill_price(sell).await, dec!(111), "at the tick that crossed it while no engine served");
+    s.feed_caught_up().await;
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(buy).fetch_one(&s.pool).await.expect("buy");
+    assert_eq!(status, "open", "the tick at 99 came before the buy rested");
+    s.assert_books_balance().await;
+}
+
 #[tokio::test]
 async fn resting_orders_survive_an_engine_restart() {
     let mut s = Stack::start().await;
