@@ -16,7 +16,10 @@
 //!   or the order is refused;
 //! - notional = price × quantity, exact;
 //! - fee = notional × taker fee rate, rounded **up** (away from zero) to [`MONEY_SCALE`]
-//!   decimal places, so rounding never favours the user against the ledger.
+//!   decimal places, so rounding never favours the user against the ledger;
+//! - the cost basis left after a partial sell (cost × what is left ÷ what was held) and the
+//!   shown `avg_cost` and `market_value` are rounded half-even to [`MONEY_SCALE`] places: they
+//!   are reports, never amounts the ledger moves.
 
 use std::fmt;
 use std::str::FromStr;

@@ -473,7 +473,12 @@ impl Portfolio {
                                 .or_else(|| cost.checked_div(held)?.checked_mul(left))
                                 .unwrap_or(cost)
                         };
-                        self.cost_basis.insert(base.clone(), remaining_cost.round_dp(vault_core::domain::MONEY_SCALE));
+                        // Half-even, as the domain's rounding rules state.
+                        let remaining_cost = remaining_cost.round_dp_with_strategy(
+                            vault_core::domain::MONEY_SCALE,
+                            rust_decimal::RoundingStrategy::MidpointNearestEven,
+                        );
+                        self.cost_basis.insert(base.clone(), remaining_cost);
                         self.balances.entry(base).or_default().total -= qty;
                         self.balances.entry(quote).or_default().total += fill.notional - fill.fee;
                     }
