@@ -54,6 +54,8 @@ fn shared() -> Arc<Shared> {
         max_price_age: chrono::Duration::days(1),
         shutdown: CancellationToken::new(),
         recross: Default::default(),
+        start_backlog: Default::default(),
+        triggers: Default::default(),
     })
 }
 

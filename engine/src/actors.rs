@@ -128,6 +128,44 @@ pub struct Shared {
     pub max_price_age: chrono::Duration,
     pub shutdown: CancellationToken,
     pub recross: Recross,
+    /// The owned partitions that have not yet applied the commands that waited for them when
+    /// serving began (see `runtime::price_feed`).
+    pub start_backlog: StartBacklog,
+    /// Triggers routed to the shards and not yet settled: the outbox relay's last pass waits for
+    /// them, as for the partitions' commands.
+    pub triggers: tokio_util::task::TaskTracker,
+}
+
+/// Counts down the partitions still applying what waited for them when the engine began to
+/// serve. The price feed replays the ticks published while no engine served only after that
+/// (see `runtime::price_feed`): a cancel accepted before such a tick is applied before the tick
+/// can fill its order.
+#[derive(Debug)]
+pub struct StartBacklog {
+    left: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for StartBacklog {
+    fn default() -> Self {
+        StartBacklog { left: tokio::sync::watch::channel(0).0 }
+    }
+}
+
+impl StartBacklog {
+    /// Expects `partitions` to say they applied their backlog.
+    pub fn expect(&self, partitions: usize) {
+        self.left.send_replace(partitions);
+    }
+
+    /// One partition applied its backlog (call once per partition).
+    pub fn applied(&self) {
+        self.left.send_modify(|left| *left = left.saturating_sub(1));
+    }
+
+    /// Returns once every partition applied its backlog.
+    pub async fn wait(&self) {
+        let _ = self.left.subscribe().wait_for(|left| *left == 0).await;
+    }
 }
 
 impl Shared {
@@ -727,6 +765,8 @@ mod tests {
             max_price_age: chrono::Duration::seconds(30),
             shutdown: CancellationToken::new(),
             recross: Recross::default(),
+            start_backlog: StartBacklog::default(),
+            triggers: Default::default(),
         };
         let body = CommandBody::Deposit {
             deposit_id: Uuid::now_v7(),

@@ -44,6 +44,11 @@ pub struct PriceBook {
     books: HashMap<Symbol, SymbolBook>,
     /// order id → (symbol, side, limit), to remove an order without knowing its place.
     index: HashMap<Uuid, (Symbol, Side, Decimal)>,
+    /// When each order started resting. Kept while the order is out for a trigger and when it
+    /// is put in again (put back after a trigger that did not fill it, or by a command delivered
+    /// again): only [`PriceBook::remove`] (a fill, a cancel) forgets it. An order put back at the
+    /// time it was put back missed the ticks replayed after that (see the module docs).
+    since: HashMap<Uuid, DateTime<Utc>>,
 }
 
 impl PriceBook {
@@ -55,19 +60,26 @@ impl PriceBook {
         self.index.is_empty()
     }
 
-    /// Adds (or re-adds) a resting order.
+    /// Adds (or re-adds) a resting order; one the book knew keeps the time it started resting.
     pub fn insert(&mut self, symbol: &Symbol, order: Resting) {
-        self.remove(order.order_id);
+        self.take_out(order.order_id);
+        let since = *self.since.entry(order.order_id).or_insert(order.since);
         let book = self.books.entry(symbol.clone()).or_default();
         match order.side {
-            Side::Buy => book.buys.insert((Reverse(order.limit), order.order_id), (order.user_id, order.since)),
-            Side::Sell => book.sells.insert((order.limit, order.order_id), (order.user_id, order.since)),
+            Side::Buy => book.buys.insert((Reverse(order.limit), order.order_id), (order.user_id, since)),
+            Side::Sell => book.sells.insert((order.limit, order.order_id), (order.user_id, since)),
         };
         self.index.insert(order.order_id, (symbol.clone(), order.side, order.limit));
     }
 
     /// Removes an order (filled or canceled); unknown ids are ignored.
     pub fn remove(&mut self, order_id: Uuid) {
+        self.take_out(order_id);
+        self.since.remove(&order_id);
+    }
+
+    /// Takes an order out of its symbol's book, remembering when it started resting.
+    fn take_out(&mut self, order_id: Uuid) {
         let Some((symbol, side, limit)) = self.index.remove(&order_id) else { return };
         if let Some(book) = self.books.get_mut(&symbol) {
             match side {
@@ -183,6 +195,14 @@ mod tests {
         assert_eq!(book.crossed_resting_at(&sym(), dec!(99), Some(tick_at)), vec![early]);
         assert_eq!(book.len(), 1, "the order that started resting after the tick stays");
         assert_eq!(book.crossed_resting_at(&sym(), dec!(99), Some(t0)), vec![late]);
+        // Put back (a trigger that did not fill it, a command delivered again) with a later
+        // time, an order keeps the one it started resting at; removed, it is forgotten.
+        book.insert(&sym(), Resting { since: t0 + chrono::Duration::seconds(5), ..early });
+        assert_eq!(book.crossed_resting_at(&sym(), dec!(99), Some(tick_at)), vec![early]);
+        book.insert(&sym(), Resting { since: t0 + chrono::Duration::seconds(5), ..early });
+        book.remove(early.order_id);
+        book.insert(&sym(), Resting { since: t0 + chrono::Duration::seconds(5), ..early });
+        assert!(book.crossed_resting_at(&sym(), dec!(99), Some(tick_at)).is_empty());
     }
 
     proptest! {

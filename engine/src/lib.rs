@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use vault_bus::consumers::ConsumerSpec;
 use vault_bus::{Process, consumers};
 use vault_core::Settings;
+use vault_core::shutdown::GRACE;
 
 use crate::actors::{IDLE, Shard};
 use crate::runtime::Router;
@@ -136,6 +137,8 @@ async fn serve(
     tracing::info!(markets = markets.len(), resting = book.len(), "engine state loaded");
     let shared = runtime::shared(&process.settings, markets, book, serving.clone());
     let primed = runtime::prime_prices(&process.bus, &shared, &serving).await;
+    // Before the feed starts: it waits for every partition's word (see `StartBacklog`).
+    shared.start_backlog.expect(specs.len());
 
     let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
     let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
@@ -168,9 +171,10 @@ async fn serve(
     let feed = actix::spawn(runtime::price_feed(process.bus.clone(), shared.clone(), router.clone(), serving.clone()));
     for spec in specs.iter().cloned() {
         let (bus, pool, router, serving) = (process.bus.clone(), pool.clone(), router.clone(), serving.clone());
+        let shared = shared.clone();
         consumers.push(actix::spawn(async move {
             let name = spec.durable.clone();
-            (name, runtime::consume_partition(bus, pool, router, spec, serving).await)
+            (name, runtime::consume_partition(bus, pool, router, shared, spec, serving).await)
         }));
     }
     tracing::info!(partitions = ?partitions, shards = cores, primed, ops = %process.ops_addr, "engine ready");
@@ -179,8 +183,13 @@ async fn serve(
         tracing::error!(reason, "a partition consumer stopped while serving; serving everything again");
     }
     while consumers.next().await.is_some() {}
-    relay_stop.cancel();
+    // The feed stops with `serving`; the fills it routed get the same grace as the commands.
     let _ = feed.await;
+    shared.triggers.close();
+    if tokio::time::timeout(GRACE, shared.triggers.wait()).await.is_err() {
+        tracing::warn!(waited = ?GRACE, "fills by trigger still committing; their events stay for the next start");
+    }
+    relay_stop.cancel();
     for task in background {
         let _ = task.await;
     }

@@ -7,9 +7,11 @@
 //!   cannot be decoded, or still fails on its last delivery, is parked and terminated. Every
 //!   settled message is counted with its latency from the pull (`vault_messages_processed_total`,
 //!   `vault_message_processing_seconds`), so the processing rate can be set against the lag;
-//! - the price feed ([`price_feed`]): an ordered consumer on PRICES starting at the last tick of
-//!   every market, keeping the latest price per symbol and triggering the resting orders a tick
-//!   crosses; opened again after the last tick seen when its consumer vanishes with a server;
+//! - the price feed ([`price_feed`]): an ordered consumer on PRICES, keeping the latest price
+//!   per symbol (read for every market before the first command, [`prime_prices`]) and
+//!   triggering the resting orders a tick crosses; it starts by replaying the ticks of the last
+//!   `MAX_PRICE_AGE` (after the partitions applied their backlog), and is opened again after the
+//!   last tick seen when its consumer vanishes with a server;
 //! - the outbox relay ([`relay_outbox`]): publishes committed events to EVENTS (dedupe id = the
 //!   outbox row id, so a crash between publish and mark re-publishes harmlessly);
 //! - the market rules refresher ([`refresh_markets`]): halts and resumes take effect at once
@@ -237,9 +239,19 @@ pub async fn consume_partition(
     bus: Bus,
     pool: PgPool,
     router: Router,
+    shared: Arc<Shared>,
     spec: ConsumerSpec,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Owes the price feed word once the commands that waited for this partition when serving
+    // began are applied (see `StartBacklog`): nothing waited, or the last of them — a delivery
+    // with nothing pending behind it — is settled.
+    let mut owes_backlog = true;
+    let backlog_applied = |owes: &mut bool| {
+        if std::mem::take(owes) {
+            shared.start_backlog.applied();
+        }
+    };
     // Set-up and repositioning wait for NATS (and stop when asked) rather than end the
     // partition's loop: an engine whose NATS blinked at that moment kept running, ready, with
     // the partition unserved.
@@ -262,6 +274,13 @@ pub async fn consume_partition(
             let repositioned =
                 vault_bus::until_done_or_shutdown(durable, &shutdown, || reposition(&bus, &consumer, durable)).await;
             let Some(position) = repositioned else { break };
+            if owes_backlog
+                && let Ok(info) = consumer.get_info().await
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+            {
+                backlog_applied(&mut owes_backlog);
+            }
             if std::mem::take(&mut after_gap) {
                 metrics::counter!(names::ENGINE_REWINDS, "consumer" => durable.to_owned()).increment(1);
                 last_rewind = Some(Instant::now());
@@ -272,8 +291,13 @@ pub async fn consume_partition(
             biased;
             _ = shutdown.cancelled() => break,
             Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let msg: async_nats::jetstream::Message = msg;
+                let last_waiting = owes_backlog && msg.info().is_ok_and(|info| info.pending == 0);
                 let outcome = settle(&pool, durable, msg, result).await;
                 metrics.record(outcome, received);
+                if last_waiting {
+                    backlog_applied(&mut owes_backlog);
+                }
             }
             _ = tokio::time::sleep_until(position_at.into()), if pulling.is_none() => {}
             // (A disabled branch's expression is still evaluated: it must not assume `Some`.)
@@ -358,6 +382,8 @@ pub async fn consume_partition(
             "commands still committing at shutdown; un-acked, they come back to the next engine"
         );
     }
+    // Stopping: the feed stops too, and must not wait for word that will not come.
+    backlog_applied(&mut owes_backlog);
     tracing::info!(consumer = durable, "consumer drained");
     Ok(())
 }
@@ -455,8 +481,9 @@ async fn open_feed(
         Some((seen_on, seq)) if seen_on == born && seq <= last => {
             DeliverPolicy::ByStartSequence { start_sequence: seq + 1 }
         }
-        Some(_) => DeliverPolicy::LastPerSubject,
-        None => {
+        // At start, or on a stream created again (whose ticks since then may have crossed
+        // orders as well).
+        _ => {
             let from = (Utc::now() - replay).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
             let start_time = async_nats::datetime::parse_rfc3339(&from).map_err(|e| anyhow::anyhow!("{e}"))?;
             DeliverPolicy::ByStartTime { start_time }
@@ -497,8 +524,11 @@ async fn open_feed_until_open(
     }
 }
 
-/// Follows PRICES from the last tick of every market: keeps the latest price per symbol and
-/// sends a trigger to the owner of every resting order a tick crosses. The feed is opened until
+/// Follows PRICES from the ticks of the last `MAX_PRICE_AGE` (at most [`MAX_REPLAY`]; see
+/// [`open_feed`]): keeps the latest price per symbol and sends a trigger to the owner of every
+/// resting order a tick crosses. Replayed ticks — stamped before this engine began to serve —
+/// wait until every partition applied the commands that waited for it ([`BACKLOG_WAIT`] at
+/// most), and fill only the orders resting at their time. The feed is opened until
 /// it is open, every half second until NATS answers — at start too: an engine that begins
 /// serving during a NATS blip (a standby taking over, the lease taken back) used to end its
 /// feed on the first refusal and trade on without prices, ready, until a restart. When the feed
@@ -511,8 +541,17 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
     let mut last_seq = None;
     // Ticks stamped before this are replayed (see `open_feed`).
     let serving_since = Utc::now();
-    let replay = shared.max_price_age;
+    let replay = shared.max_price_age.min(MAX_REPLAY);
+    // A market whose last tick could not be read before serving (NATS slow to answer) is read
+    // now: the replay must not make an older tick its latest price, even for a moment.
+    let markets = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it").rules.len();
+    let priced = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it").prices.len();
+    if priced < markets {
+        prime_prices(&bus, &shared, &shutdown).await;
+    }
     let Some((mut messages, mut born)) = open_feed_until_open(&bus, None, replay, &shutdown).await else { return };
+    // Replayed ticks wait until every partition applied what waited for it at start.
+    let mut backlog_applied = false;
     let mut connects = bus.connects();
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     let mut checked = Instant::now();
@@ -569,9 +608,26 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
                 continue;
             }
         };
+        if tick.ts < serving_since && !std::mem::replace(&mut backlog_applied, true) {
+            // A tick published while no engine served waits for the commands that waited too:
+            // a cancel accepted before it must be applied before it can fill the order. (Those
+            // accepted after it win as well: an order is never filled behind a cancel.) Bounded:
+            // a backlog that takes longer leaves the replay to race it.
+            let waited = tokio::time::timeout(BACKLOG_WAIT, shared.start_backlog.wait());
+            if shutdown.run_until_cancelled(waited).await.is_none() {
+                return;
+            }
+        }
         apply_tick(&shared, &router, tick, seq, serving_since);
     }
 }
+
+/// The longest window of ticks an engine replays when it starts (its `MAX_PRICE_AGE`, at most
+/// this): a longer one would hold the live ticks back behind a replay of hours.
+const MAX_REPLAY: chrono::Duration = chrono::Duration::minutes(5);
+
+/// How long replayed ticks wait for the partitions' backlogs at start (see [`price_feed`]).
+const BACKLOG_WAIT: Duration = Duration::from_secs(10);
 
 /// How long an engine that starts serving waits for the last tick of every market before it
 /// takes commands (see [`prime_prices`]).
@@ -643,11 +699,14 @@ pub fn apply_tick(shared: &Arc<Shared>, router: &Router, tick: PriceTick, seq: u
     if !record_tick(shared, tick, seq) && !replayed {
         return;
     }
+    // A replayed tick is judged as it was when the engine began to serve: it may have waited
+    // for the backlog since.
+    let fresh = if replayed { serving_since - ts <= shared.max_price_age } else { shared.is_fresh(ts) };
     // A tick older than `MAX_PRICE_AGE` — above all the last tick of a market gone quiet,
     // delivered again when the feed opens at start — stays the market's last price (orders find
     // it stale, as before), but triggers nothing: a resting order must not fill at a price the
     // engine refuses to trade at, and may have rested because that price was stale.
-    if !shared.is_fresh(ts) {
+    if !fresh {
         return;
     }
     trigger_crossed(shared, router, &symbol, price, seq, replayed.then_some(ts));
@@ -685,12 +744,13 @@ fn trigger_crossed(
     for resting in crossed {
         let work = Work::Trigger { order_id: resting.order_id, symbol: symbol.clone(), price, tick_seq: seq };
         let done = router.route(resting.user_id, work);
-        let (shared, symbol) = (shared.clone(), symbol.clone());
-        actix::spawn(async move {
+        let (task_shared, symbol) = (shared.clone(), symbol.clone());
+        // Tracked: the outbox relay's last pass waits for the fills under way.
+        shared.triggers.spawn_local(async move {
             if let Err(e) = done.await {
                 // Not filled: back into the book for the next tick.
                 tracing::warn!(order_id = %resting.order_id, error = %e, "trigger failed; order stays resting");
-                shared
+                task_shared
                     .book
                     .lock()
                     .expect("book lock is never poisoned: no code panics holding it")
@@ -794,6 +854,8 @@ pub fn shared(
         max_price_age: chrono::Duration::from_std(settings.max_price_age).unwrap_or(chrono::Duration::seconds(30)),
         shutdown,
         recross: Default::default(),
+        start_backlog: Default::default(),
+        triggers: Default::default(),
     })
 }
 

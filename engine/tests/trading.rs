@@ -298,31 +298,51 @@ async fn a_cancel_that_comes_before_its_orders_place_cancels_it_and_the_place_ch
     vault_testkit::assert_reconciled(&vault_testkit::workspace_binary("vault-engine"), &s.db).await;
 }
 
-/// The last tick of a market that went quiet is delivered again when the engine starts (its
-/// price feed opens at the last tick of every market). Older than `MAX_PRICE_AGE`, it triggers
-/// nothing: a buy limit above it, which rested because that price was stale, does not fill at
-/// it after a restart; the next fresh tick that crosses fills it, at its own price.
+/// A tick older than `MAX_PRICE_AGE` triggers nothing, even one stamped after an order began
+/// to rest (a print that arrives late): a buy limit above it does not fill at it, before or
+/// after a restart; the next fresh tick that crosses fills it, at its own price. (Here
+/// `MAX_PRICE_AGE` is 2 s, so that a tick can be stamped after the order rested and still be
+/// stale.)
 #[tokio::test]
-async fn a_stale_tick_delivered_again_at_start_fills_no_resting_order() {
-    let mut s = Stack::start().await;
+async fn a_stale_tick_fills_no_resting_order_even_one_stamped_after_it_rested() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let max_age = [("MAX_PRICE_AGE", "2".to_owned())];
+    let (engine, ops) = start_engine(&db, &nats, &max_age).await;
+    let desk = Desk::connect(db.pool().await, &nats).await;
+    let mut s = Stack { nats, db, desk, engine, ops, markers: 0 };
     let user = s.user().await;
     s.deposit(user, "USD", dec!(1000)).await;
-    s.tick_at(dec!(50000), Utc::now() - chrono::Duration::minutes(5)).await;
+    s.tick(dec!(52000)).await;
     let (order, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(51000))).await;
     s.wait_status("orders", order, "open").await;
+    let rested = Utc::now();
+    // Time itself is the condition: the print below must be older than MAX_PRICE_AGE.
+    poll_until(WAIT, "the print's time to be 2 s old", || async {
+        (Utc::now() - rested > chrono::Duration::milliseconds(2500)).then_some(())
+    })
+    .await;
 
-    s.restart_engine().await;
-    // The restarted feed delivers the last tick of each market first, in stream order: once
-    // it is past the marker, the stale tick has been handled — and any trigger it made was
-    // routed to the user's actor before the deposit below, which the actor applies after it.
+    // Stamped after the order rested, but stale when it comes. Once the feed is past the marker
+    // it has been handled — and any trigger it made was routed to the user's actor before the
+    // deposit below, which the actor applies after it.
+    s.tick_at(dec!(50000), rested + chrono::Duration::milliseconds(100)).await;
     s.feed_caught_up().await;
     s.deposit(user, "USD", dec!(1)).await;
-    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-        .bind(order)
-        .fetch_one(&s.pool)
-        .await
-        .expect("order");
-    assert_eq!(status, "open", "not filled at the stale 50,000");
+    let pool = s.pool.clone();
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
+            .bind(order)
+            .fetch_one(&pool)
+            .await
+            .expect("order")
+    };
+    assert_eq!(status().await, "open", "not filled at the stale 50,000");
+    s.engine.stop_cleanly(Duration::from_secs(30)).await;
+    let (engine, ops) = start_engine(&s.db, &s.nats, &max_age).await;
+    (s.engine, s.ops, s.markers) = (engine, ops, 0);
+    s.feed_caught_up().await;
+    s.deposit(user, "USD", dec!(1)).await;
+    assert_eq!(status().await, "open", "nor after a restart");
 
     s.tick(dec!(50500)).await;
     s.wait_status("orders", order, "filled").await;
@@ -525,10 +545,11 @@ async fn the_feed_follows_prices_when_the_stream_is_created_again() {
 }
 
 /// Ticks published while no engine served — a restart, a deploy, a takeover — are replayed when
-/// the next one starts (those of the last `MAX_PRICE_AGE`): one that crossed a resting order
-/// fills it at its price, though the market went back before the engine came; and one stamped
-/// before an order started resting does not fill it. (The feed began at each market's last
-/// tick: the sell limit below stayed open, its crossing never seen.)
+/// the next one starts (those of the last `MAX_PRICE_AGE`), after the commands that waited too:
+/// one that crossed a resting order fills it at its price, though the market went back before
+/// the engine came; one stamped before an order started resting does not fill it; and an order
+/// whose cancel was accepted before the tick is canceled, not filled. (The feed began at each
+/// market's last tick: the sell limit below stayed open, its crossing never seen.)
 #[tokio::test]
 async fn ticks_published_while_no_engine_served_fill_the_orders_resting_then() {
     let mut s = Stack::start().await;
@@ -542,16 +563,20 @@ async fn ticks_published_while_no_engine_served_fill_the_orders_resting_then() {
     // Placed after the tick at 99: a replay of that tick must not fill the buy.
     let (buy, _) = s.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.1), Some(dec!(100))).await;
     let (sell, _) = s.place(user, Side::Sell, TimeInForce::Gtc, dec!(0.1), Some(dec!(110))).await;
-    s.wait_status("orders", buy, "open").await;
-    s.wait_status("orders", sell, "open").await;
+    let (canceled, _) = s.place(user, Side::Sell, TimeInForce::Gtc, dec!(0.1), Some(dec!(112))).await;
+    for order in [buy, sell, canceled] {
+        s.wait_status("orders", order, "open").await;
+    }
 
     s.engine.stop_cleanly(Duration::from_secs(30)).await;
-    s.tick(dec!(111)).await;
+    s.send(user, CommandBody::Cancel { order_id: canceled }).await;
+    s.tick(dec!(113)).await;
     s.tick(dec!(104)).await;
     let (engine, ops) = start_engine(&s.db, &s.nats, &[]).await;
     (s.engine, s.ops) = (engine, ops);
     s.wait_status("orders", sell, "filled").await;
-    assert_eq!(s.fill_price(sell).await, dec!(111), "at the tick that crossed it while no engine served");
+    assert_eq!(s.fill_price(sell).await, dec!(113), "at the tick that crossed it while no engine served");
+    s.wait_status("orders", canceled, "canceled").await;
     s.feed_caught_up().await;
     let status: String =
         sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(buy).fetch_one(&s.pool).await.expect("buy");
