@@ -56,6 +56,14 @@ impl PriceBook {
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(symbol).cloned()
     }
 
+    /// The latest price of `symbol` if it is no older than `max_age`: the price the engine
+    /// would trade at now (it refuses an older one, `stale_price`).
+    pub fn fresh(&self, symbol: &Symbol, max_age: Duration) -> Option<Decimal> {
+        let latest = self.get(symbol)?;
+        let age = (Utc::now() - latest.ts).to_std().unwrap_or_default();
+        (age <= max_age).then_some(latest.price)
+    }
+
     /// Records `tick` as the latest price of its symbol, unless the one held is newer.
     pub fn apply(&self, tick: PriceTick) {
         let mut prices = self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -199,5 +207,23 @@ mod tests {
         assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_100, 2), "an older one does not");
         book.apply(tick(5_000_200, 4, now + chrono::Duration::seconds(1)));
         assert_eq!(book.get(&btc).expect("a price").price, Decimal::new(5_000_200, 2));
+    }
+
+    #[test]
+    fn only_a_price_the_engine_would_trade_at_is_fresh() {
+        let book = PriceBook::new();
+        let btc = Symbol::parse("BTC-USD").expect("valid");
+        let at = |ts| PriceTick {
+            symbol: btc.clone(),
+            price: Positive::new(Decimal::new(25_000, 0)).expect("positive"),
+            ts,
+            source: "sim".to_owned(),
+            seq: 1,
+        };
+        book.apply(at(Utc::now() - chrono::Duration::seconds(40)));
+        assert_eq!(book.fresh(&btc, Duration::from_secs(30)), None, "40 s old");
+        assert_eq!(book.fresh(&btc, Duration::from_secs(60)), Some(Decimal::new(25_000, 0)));
+        book.apply(at(Utc::now()));
+        assert_eq!(book.fresh(&btc, Duration::from_secs(30)), Some(Decimal::new(25_000, 0)));
     }
 }

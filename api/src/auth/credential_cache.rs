@@ -91,7 +91,7 @@ struct Inner {
 }
 
 /// The generation a database check started under; see the module docs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket(u64);
 
 /// Recent positive credential checks. Cheap to clone (shared).

@@ -396,10 +396,10 @@ pub struct LedgerEntry {
     #[schema(example = "USD")]
     pub asset: String,
     /// Signed: credits positive, debits negative.
-    #[schema(value_type = String, example = "-975.00")]
+    #[schema(value_type = String, example = "-975")]
     pub amount: Decimal,
     /// The caller's balance of `asset` after this entry.
-    #[schema(value_type = String, example = "9025.00")]
+    #[schema(value_type = String, example = "9025")]
     pub balance_after: Decimal,
     /// `deposit`, `trade` or `fee`.
     pub kind: String,

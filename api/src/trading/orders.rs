@@ -11,8 +11,9 @@
 //!   unparseable (or 0) is ignored, as RFC 7240 lets a server ignore a preference. The answer
 //!   carries `Preference-Applied: wait=N`; it is 201 when the engine decided within N seconds
 //!   and 202 (still `pending`) when it did not;
-//! - the min-notional check of a market order uses the latest price this API knows; without one
-//!   it is skipped and the engine decides (`no_price`). A buy limit is checked at the lower of
+//! - the min-notional check of a market order uses the latest price this API knows, if no older
+//!   than `MAX_PRICE_AGE`; without one it is skipped and the engine decides (`no_price`,
+//!   `stale_price`). A buy limit is checked at the lower of
 //!   its limit and that price (above the market it fills at once, at the market's price), a
 //!   sell limit at its limit (it fills there or better);
 //! - `status=open` lists `pending` and `open` orders, `closed` the terminal ones, `all` (the
@@ -247,7 +248,10 @@ pub async fn place_order(
     let wait = prefer_wait(&headers);
     let user = caller.user_id;
     let client_order_id = body.client_order_id.clone();
-    let (view, fresh) = match validate(body, |s| state.markets.get(s), |s| state.prices.get(s).map(|p| p.price)) {
+    // A stale price is none for the notional check: the engine would not trade at it (a buy
+    // limit far above a stale low was refused 422 where the engine would let it rest).
+    let max_age = state.settings.max_price_age;
+    let (view, fresh) = match validate(body, |s| state.markets.get(s), |s| state.prices.fresh(s, max_age)) {
         Ok(order) => match admit(&state, user, &order).await? {
             Some(existing) => (existing, false),
             None => insert_intake(&state, user, &order, &meta).await?,

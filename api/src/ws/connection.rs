@@ -15,16 +15,17 @@
 //! number, and a frame that could not be queued closes the connection instead of leaving a hole.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinError;
 use tokio::time::error::Elapsed;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -254,14 +255,17 @@ fn expires_at(presented: &Presented) -> Instant {
     }
 }
 
-/// The close for a session whose access token expired.
 /// A credential re-check under way: the database's answer, or `Err` when it took longer than
 /// [`RECHECK_TIMEOUT`].
-type Recheck = Pin<Box<dyn Future<Output = Result<Result<Caller, ApiError>, Elapsed>> + Send>>;
+type Recheck = AbortOnDropHandle<Result<Result<Caller, ApiError>, Elapsed>>;
 
-/// What a re-check comes to: a refusal ends the connection; a database that cannot answer does
-/// not (the next round will tell).
-fn settle_recheck(checked: Result<Result<Caller, ApiError>, Elapsed>) -> Result<(), End> {
+/// What a re-check comes to: a refusal ends the connection; a database that cannot answer (or
+/// a check task that failed) does not (the next round will tell).
+fn settle_recheck(checked: Result<Result<Result<Caller, ApiError>, Elapsed>, JoinError>) -> Result<(), End> {
+    let Ok(checked) = checked else {
+        tracing::warn!("WebSocket credential re-check failed; keeping the connection until the next one");
+        return Ok(());
+    };
     match checked {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e @ (ApiError::Unauthorized { .. } | ApiError::Forbidden { .. }))) => {
@@ -293,6 +297,7 @@ async fn changed(revoked: &mut Option<watch::Receiver<u64>>) -> Option<()> {
 const FEED_INTERRUPTED: &str = "The server lost its message feed for a moment; frames of this channel published \
      meanwhile were not sent. Read the current state over REST; the feed goes on.";
 
+/// The close for a session whose access token expired.
 fn token_expired() -> End {
     End::Refused {
         code: "token_expired",
@@ -330,6 +335,9 @@ impl Connection {
                 detail: "The first frame must be {\"op\":\"auth\",\"token\":\"<access JWT or API key>\"}.".to_owned(),
             });
         };
+        // Any revocation from here on is told to the user's sockets before this one is among
+        // them (see below).
+        let generation = self.state.credentials.ticket();
         let checked = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
             // The client did its part in time; a database too slow to answer is ours.
@@ -348,6 +356,12 @@ impl Connection {
                 ),
             });
         };
+        let mut place = place;
+        if self.state.credentials.ticket() != generation {
+            // A credential was revoked while this one was being checked, maybe this one, after
+            // the check read it as live: check again as soon as the connection streams.
+            place.revoked.mark_changed();
+        }
         self.place = Some(place);
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
         self.user = Some((caller.user_id, presented));
@@ -620,7 +634,12 @@ impl Connection {
     fn start_recheck(&self) -> Option<Recheck> {
         let (_, presented) = self.user.as_ref()?;
         let (state, presented) = (self.state.clone(), presented.clone());
-        Some(Box::pin(async move { timeout(RECHECK_TIMEOUT, caller::recheck(&state, &presented)).await }))
+        // A task of its own: polled only by the connection's loop, it would stand still (its
+        // pool connection held, its timeout unseen) while the loop waits on a slow client's
+        // write. Aborted if the connection ends first.
+        Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            timeout(RECHECK_TIMEOUT, caller::recheck(&state, &presented)).await
+        })))
     }
 
     async fn send_control(&mut self, frame: &ServerFrame<'_>) -> Result<(), End> {

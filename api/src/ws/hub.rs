@@ -26,7 +26,8 @@
 //! Postgres; clients resync over REST after reconnecting). A connection is told when that
 //! happened under it: once the process's NATS connection is back after a loss, every member of
 //! every topic gets [`Outbound::Interrupted`] for the topic's channel, after the frames from
-//! before the loss and before those after it — the connection sends the client a
+//! before the loss and before those after it (each topic compares the connection count on every
+//! message, and a watcher tells the quiet ones) — the connection sends the client a
 //! `feed_interrupted` error frame for the channel, and the client reads the current state over
 //! REST. (Before, the socket stayed open and its `seq` went on without a gap: a fill published
 //! while the API was reconnecting was never shown, and the client had no way to know.)
@@ -177,6 +178,8 @@ struct Inner {
     topics: Mutex<HashMap<Topic, Arc<TopicState>>>,
     next_member: AtomicU64,
     shutdown: CancellationToken,
+    /// How many times the NATS connection was made (see [`watch_connects`]).
+    connects: watch::Receiver<u64>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,17 +190,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hub {
     pub fn new(client: async_nats::Client, portfolios: PortfolioCache, shutdown: CancellationToken) -> Hub {
-        let hub = Hub {
+        let (made, connects) = watch::channel(connects_of(&client));
+        tokio::spawn(watch_connects(client.clone(), made, shutdown.clone()));
+        Hub {
             inner: Arc::new(Inner {
                 client,
                 portfolios,
                 topics: Mutex::new(HashMap::new()),
                 next_member: AtomicU64::new(1),
                 shutdown,
+                connects,
             }),
-        };
-        tokio::spawn(tell_of_reconnects(hub.clone()));
-        hub
+        }
     }
 
     /// A new member with a queue of `capacity` frames, and the receiving end of that queue.
@@ -256,6 +260,7 @@ impl Hub {
         tokio::spawn(run_topic(
             self.inner.client.clone(),
             self.inner.portfolios.clone(),
+            self.inner.connects.clone(),
             topic,
             state.clone(),
             ready_tx,
@@ -264,32 +269,35 @@ impl Hub {
     }
 }
 
-/// Tells every member of every topic when the NATS connection was made again (see the module
-/// docs), until shutdown.
-async fn tell_of_reconnects(hub: Hub) {
-    let statistics = hub.inner.client.statistics();
-    let mut seen = statistics.connects.load(Ordering::Relaxed);
+fn connects_of(client: &async_nats::Client) -> u64 {
+    client.statistics().connects.load(Ordering::Relaxed)
+}
+
+/// Publishes how many times the NATS connection was made, checked every [`RECONNECT_CHECK`],
+/// until shutdown: a topic with no message to compare it on learns of a reconnect here.
+async fn watch_connects(client: async_nats::Client, made: watch::Sender<u64>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(RECONNECT_CHECK);
     loop {
         tokio::select! {
-            _ = hub.inner.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let connects = statistics.connects.load(Ordering::Relaxed);
-        if connects == seen {
-            continue;
-        }
-        seen = connects;
-        let topics: Vec<(Topic, Arc<TopicState>)> =
-            lock(&hub.inner.topics).iter().map(|(topic, state)| (topic.clone(), state.clone())).collect();
-        metrics::counter!(names::WS_FEED_INTERRUPTIONS).increment(1);
-        tracing::warn!(topics = topics.len(), "NATS connection made again; telling the WebSocket clients of the gap");
-        for (topic, state) in topics {
-            let channel = topic.channel();
-            for member in lock(&state.members).iter() {
-                member.queue_up(Outbound::Interrupted(channel.clone()));
-            }
-        }
+        let connects = connects_of(&client);
+        made.send_if_modified(|seen| std::mem::replace(seen, connects) != connects);
+    }
+}
+
+/// Tells the members of a topic that the connection its subscription lives on was made again
+/// (see the module docs), if it was since `seen`.
+fn tell_of_reconnect(client: &async_nats::Client, seen: &mut u64, channel: &Channel, state: &TopicState) {
+    let connects = connects_of(client);
+    if connects == std::mem::replace(seen, connects) {
+        return;
+    }
+    metrics::counter!(names::WS_FEED_INTERRUPTIONS).increment(1);
+    tracing::warn!(channel = channel.name(), "NATS connection made again; telling the WebSocket clients of the gap");
+    for member in lock(&state.members).iter() {
+        member.queue_up(Outbound::Interrupted(channel.clone()));
     }
 }
 
@@ -297,6 +305,7 @@ async fn tell_of_reconnects(hub: Hub) {
 async fn run_topic(
     client: async_nats::Client,
     portfolios: PortfolioCache,
+    mut connects: watch::Receiver<u64>,
     topic: Topic,
     state: Arc<TopicState>,
     ready: watch::Sender<Readiness>,
@@ -328,16 +337,25 @@ async fn run_topic(
     gauge.increment(1.0);
     let channel = topic.channel();
     let mut sent = OrderFeed::default();
+    // The connection the subscription was made on: a later one lost what came in between.
+    let mut seen = connects_of(&client);
+    connects.mark_unchanged();
     loop {
         let message = tokio::select! {
             _ = state.stop.cancelled() => break,
             message = subscription.next() => message,
+            Ok(()) = connects.changed() => {
+                tell_of_reconnect(&client, &mut seen, &channel, &state);
+                continue;
+            }
         };
         let Some(message) = message else {
             // The client closed the subscription (the connection is shutting down).
             let _ = ready.send(Readiness::Failed);
             break;
         };
+        // Before the first message after a reconnect, whichever of the two sees it first.
+        tell_of_reconnect(&client, &mut seen, &channel, &state);
         if let Topic::Orders(user) | Topic::Notifications(user) = topic {
             // Even for a message that does not decode: the user's balances may have changed (a
             // notification of a fill or a deposit is written after the engine's commit).

@@ -240,14 +240,32 @@ async fn pass_on_revocations(
             Err(broadcast::error::RecvError::Lagged(_)) => None,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let per_user = per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ask = |places: &Places| places.revoked.send_modify(|generation| *generation += 1);
-        match user {
-            Some(user) => per_user.get(&user).into_iter().for_each(ask),
-            None => per_user.values().for_each(ask),
-        }
+        let ask = |revoked: &watch::Sender<u64>| revoked.send_modify(|generation| *generation += 1);
+        let everyone: Vec<watch::Sender<u64>> = {
+            let per_user = per_user.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match user {
+                Some(user) => {
+                    per_user.get(&user).into_iter().for_each(|places| ask(&places.revoked));
+                    continue;
+                }
+                None => per_user.values().map(|places| places.revoked.clone()).collect(),
+            }
+        };
+        // Everyone: spread over a few seconds, as the periodic checks are, rather than every
+        // socket's check at once on a cache just emptied (a pool run dry, REST answering 503).
+        let pause = EVERYONE_SPREAD / u32::try_from(everyone.len().max(1)).unwrap_or(u32::MAX);
+        tokio::spawn(async move {
+            for revoked in everyone {
+                ask(&revoked);
+                tokio::time::sleep(pause).await;
+            }
+        });
     }
 }
+
+/// Over how long the sockets of every user check their credentials again when everyone's were
+/// invalidated.
+const EVERYONE_SPREAD: Duration = Duration::from_secs(5);
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/ws", get(upgrade))
