@@ -577,8 +577,11 @@ cmd_test() {
 # ---------------------------------------------------------------------------------------------
 # backup
 
-# A logical Postgres dump of the stack's database, and a JetStream snapshot of the dev NATS,
-# which is stopped for it (the API answers 503 to writes meanwhile) and started again.
+# A JetStream snapshot of the dev NATS, which is stopped for it (the API answers 503 to writes
+# meanwhile) and started again, then a logical Postgres dump of the stack's database — in that
+# order: restored together, the database is then at or after the streams, so a command the
+# snapshot still holds un-acked is found applied by its key and skipped, where a database older
+# than the streams would lack work the streams count as done (applied, acked, never redelivered).
 cmd_backup() {
   local dir=${1:-backups} pid was_running=0
   [ -s "$STACK_ENV" ] || die "no stack environment: run $0 up first"
@@ -586,8 +589,9 @@ cmd_backup() {
   # shellcheck disable=SC1090
   . "$STACK_ENV"
   set +a
-  say "Postgres: logical backup of $DB_NAME"
-  "$ROOT/deploy/backup.sh" postgres-logical "$dir"
+  if [ "${NATS_REPLICAS:-1}" != 1 ]; then
+    die "backup takes the single dev NATS of 'up'; for the cluster, snapshot each node's store with deploy/backup.sh jetstream (nodes stopped), then deploy/backup.sh postgres-logical"
+  fi
   pid=$(read_pid nats)
   if is_running nats "$pid"; then
     say "JetStream: stopping the dev NATS for a consistent snapshot"
@@ -600,6 +604,8 @@ cmd_backup() {
     wait_ready 20 nats
     say "NATS is back"
   fi
+  say "Postgres: logical backup of $DB_NAME"
+  "$ROOT/deploy/backup.sh" postgres-logical "$dir"
 }
 
 # ---------------------------------------------------------------------------------------------

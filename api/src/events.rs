@@ -15,7 +15,8 @@ use chrono::Utc;
 use tower_http::request_id::RequestId;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind};
-use vault_bus::{Bus, MessageContext};
+use vault_bus::{Bus, MessageContext, streams};
+use vault_core::metric_names as names;
 
 /// How long one publish may take before it counts as failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +52,9 @@ pub struct AuthEvents {
 
 impl AuthEvents {
     pub fn new(bus: Bus, pool: sqlx::PgPool) -> Self {
+        // At zero from the start: a series that first appears at 1 shows no increase, and the
+        // first auth event parked in a process's life would not raise VaultMessagesParked.
+        let _ = metrics::counter!(names::PARKED_MESSAGES, "stream" => streams::AUTH.name, "consumer" => PARKED_AS);
         AuthEvents { bus, pool }
     }
 
@@ -84,6 +88,9 @@ impl AuthEvents {
     }
 }
 
+/// The consumer name an auth event the API could not publish is parked under.
+const PARKED_AS: &str = "vault-api";
+
 /// Stores an event that could not be published in `parked_messages`, as it would have gone out.
 async fn park(pool: &sqlx::PgPool, event: &AuthEvent, ctx: &MessageContext, failed: &str) {
     use vault_bus::BusMessage;
@@ -101,8 +108,8 @@ async fn park(pool: &sqlx::PgPool, event: &AuthEvent, ctx: &MessageContext, fail
     let reason = format!("not published: {failed}");
     let parked = vault_bus::park::park_unpublished(
         pool,
-        vault_bus::streams::AUTH.name,
-        "vault-api",
+        streams::AUTH.name,
+        PARKED_AS,
         &event.subject(),
         &payload,
         headers,

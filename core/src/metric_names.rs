@@ -169,6 +169,8 @@ const PRICES: &[Role] = &[Role::Prices];
 const AUDIT: &[Role] = &[Role::Audit];
 const NOTIFY: &[Role] = &[Role::Notify];
 const BATCHING: &[Role] = &[Role::Audit, Role::Notify];
+/// Every process that parks messages: the consumers, and the API (auth events NATS did not take).
+const PARKING: &[Role] = &[Role::Engine, Role::Audit, Role::Notify, Role::Api];
 
 /// `outcome` of [`MESSAGES_PROCESSED`]: see [`Outcome`].
 pub const PROCESSED_OUTCOMES: &[&str] = &["ok", "retry", "parked"];
@@ -214,7 +216,13 @@ pub const CATALOG: &[Metric] = &[
         Dynamic,
     ),
     m(MESSAGE_PROCESSING, H, "From receiving a message to settling it (ack, nak or park)", CONSUMING, Dynamic),
-    m(PARKED_MESSAGES, C, "Poison messages stored in parked_messages and terminated", CONSUMING, Dynamic),
+    m(
+        PARKED_MESSAGES,
+        C,
+        "Messages stored in parked_messages: poison terminated by a consumer, or auth events NATS did not take",
+        PARKING,
+        Dynamic,
+    ),
     m(
         BATCH_WRITES_ABANDONED,
         C,

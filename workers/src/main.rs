@@ -69,9 +69,11 @@ async fn verify_audit() -> std::process::ExitCode {
             eprintln!("audit chain broken at row {id}: {reason}");
             std::process::ExitCode::FAILURE
         }
+        // No verdict (the database unreachable, say): 2, as `vault-engine reconcile` answers,
+        // so a script tells "tampered" (1) from "could not check".
         Err(e) => {
             eprintln!("vault-worker: cannot verify the audit chain: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(2)
         }
     }
 }

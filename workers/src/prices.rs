@@ -20,7 +20,7 @@ mod coinbase;
 mod replay;
 mod validate;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -180,6 +180,17 @@ pub async fn run(settings: &Settings, pool: &PgPool, bus: &Bus, shutdown: Cancel
     }
 }
 
+/// How often the halted markets are read (see [`publish_from`]).
+const HALTS_EVERY: Duration = Duration::from_secs(5);
+
+/// The markets an operator halted; `None` when the database did not answer within a second
+/// (the last answer stands).
+async fn halted_markets(pool: &PgPool) -> Option<HashSet<Symbol>> {
+    let query = sqlx::query_scalar::<_, String>("SELECT symbol FROM markets WHERE status = 'halted'").fetch_all(pool);
+    let symbols = tokio::time::timeout(Duration::from_secs(1), query).await.ok()?.ok()?;
+    Some(symbols.iter().filter_map(|s| Symbol::parse(s).ok()).collect())
+}
+
 /// How long one candle write may take before it is given up (it takes milliseconds; this is
 /// for a statement that will never be answered).
 const CANDLE_WRITE_WITHIN: Duration = Duration::from_secs(5);
@@ -205,6 +216,11 @@ pub async fn publish_from(
     let mut candles = Candles::default();
     let mut exhausted = false;
     let mut age = tokio::time::interval(Duration::from_secs(1));
+    // Halted markets, read every few seconds: their age is not reported (NaN), so that
+    // VaultPriceStale clears once an operator halts a market whose source went quiet for good
+    // (its runbook's remedy) instead of firing on for as long as the halt lasts.
+    let mut halted: HashSet<Symbol> = HashSet::new();
+    let mut halts_read = tokio::time::Instant::now() - HALTS_EVERY;
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -215,9 +231,19 @@ pub async fn publish_from(
             biased;
             _ = shutdown.cancelled() => break,
             _ = age.tick() => {
+                if halts_read.elapsed() >= HALTS_EVERY {
+                    halts_read = tokio::time::Instant::now();
+                    if let Some(now_halted) = halted_markets(pool).await {
+                        halted = now_halted;
+                    }
+                }
                 let now = Utc::now();
                 for (symbol, at) in &last_at {
-                    let secs = (now - *at).num_milliseconds().max(0) as f64 / 1000.0;
+                    let secs = if halted.contains(symbol) {
+                        f64::NAN
+                    } else {
+                        (now - *at).num_milliseconds().max(0) as f64 / 1000.0
+                    };
                     metrics::gauge!("vault_price_age_seconds", "symbol" => symbol.to_string()).set(secs);
                 }
                 continue;

@@ -93,6 +93,17 @@ fn verify(db: &TestDb) -> (i32, String) {
     )
 }
 
+/// A chain that cannot be read gives no verdict: `audit verify` exits 2, as `vault-engine
+/// reconcile` does, and 1 means a broken chain only. (Both were 1: a restore script could not
+/// tell "tampered" from "could not check".)
+#[tokio::test]
+async fn verify_without_a_chain_to_read_gives_no_verdict_and_exits_two() {
+    let db = TestDb::create().await;
+    let (code, output) = verify(&db);
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("cannot verify the audit chain"), "{output}");
+}
+
 #[tokio::test]
 async fn every_message_becomes_one_chained_row_even_across_a_kill_9() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);

@@ -278,4 +278,30 @@ async fn a_silent_source_still_shows_how_old_every_markets_price_is() {
     .await;
     assert!(btc >= 120.0, "BTC-USD's age counts from its last tick: {btc}");
     assert!(eth >= 0.0, "ETH-USD never had a tick; its age counts from the worker's start: {eth}");
+
+    // Halting the quiet market — VaultPriceStale's remedy when the market is really closed —
+    // takes its age out (NaN), so the alert clears; resuming it brings the age back.
+    let pool = db.pool().await;
+    let set = |status: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("UPDATE markets SET status = $1 WHERE symbol = 'BTC-USD'")
+                .bind(status)
+                .execute(&pool)
+                .await
+                .expect("status set");
+        }
+    };
+    set("halted").await;
+    poll_until(Duration::from_secs(15), "a halted market's age to go NaN", || async {
+        let text = vault_testkit::metrics_text(&addr).await;
+        age(&text, "BTC-USD").filter(|a| a.is_nan()).map(|_| ())
+    })
+    .await;
+    set("trading").await;
+    let back = poll_until(Duration::from_secs(15), "a resumed market's age to come back", || async {
+        age(&vault_testkit::metrics_text(&addr).await, "BTC-USD").filter(|a| !a.is_nan())
+    })
+    .await;
+    assert!(back >= 120.0, "{back}");
 }
