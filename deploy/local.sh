@@ -577,11 +577,12 @@ cmd_test() {
 # ---------------------------------------------------------------------------------------------
 # backup
 
-# A JetStream snapshot of the dev NATS, which is stopped for it (the API answers 503 to writes
-# meanwhile) and started again, then a logical Postgres dump of the stack's database — in that
-# order: restored together, the database is then at or after the streams, so a command the
-# snapshot still holds un-acked is found applied by its key and skipped, where a database older
-# than the streams would lack work the streams count as done (applied, acked, never redelivered).
+# A JetStream snapshot of the dev NATS and a logical Postgres dump of the stack's database, both
+# taken while NATS is stopped (the API answers 503 to writes meanwhile; it is started again
+# after, also when a backup fails). Nothing moves between the two: no command is published, none
+# applied, no event relayed — so the pair restores to one moment. (The dump taken first, work the
+# engine applied before the snapshot was acked in the streams and missing from the database; the
+# dump taken after NATS was back, orders accepted in between had intake rows and no command.)
 cmd_backup() {
   local dir=${1:-backups} pid was_running=0
   [ -s "$STACK_ENV" ] || die "no stack environment: run $0 up first"
@@ -598,14 +599,18 @@ cmd_backup() {
     stop_proc nats
     was_running=1
   fi
-  NATS_STORE_DIR=$NATS_DATA "$ROOT/deploy/backup.sh" jetstream "$dir"
+  local failed=0
+  NATS_STORE_DIR=$NATS_DATA "$ROOT/deploy/backup.sh" jetstream "$dir" || failed=1
+  if [ "$failed" -eq 0 ]; then
+    say "Postgres: logical backup of $DB_NAME (NATS still stopped)"
+    "$ROOT/deploy/backup.sh" postgres-logical "$dir" || failed=1
+  fi
   if [ "$was_running" -eq 1 ]; then
     start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT"
     wait_ready 20 nats
     say "NATS is back"
   fi
-  say "Postgres: logical backup of $DB_NAME"
-  "$ROOT/deploy/backup.sh" postgres-logical "$dir"
+  [ "$failed" -eq 0 ] || die "backup failed (see above); NATS was started again"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -136,10 +136,11 @@ pub struct Shared {
     pub triggers: tokio_util::task::TaskTracker,
 }
 
-/// Counts down the partitions still applying what waited for them when the engine began to
-/// serve. The price feed replays the ticks published while no engine served only after that
-/// (see `runtime::price_feed`): a cancel accepted before such a tick is applied before the tick
-/// can fill its order.
+/// Counts down the partitions still handing to the actors what waited for them when the engine
+/// began to serve. The price feed replays the ticks published while no engine served only after
+/// that (see `runtime::price_feed`): an actor applies its user's work in the order it was
+/// handed over, so a cancel accepted before such a tick is applied before the tick can fill its
+/// order.
 #[derive(Debug)]
 pub struct StartBacklog {
     left: tokio::sync::watch::Sender<usize>,
@@ -157,12 +158,12 @@ impl StartBacklog {
         self.left.send_replace(partitions);
     }
 
-    /// One partition applied its backlog (call once per partition).
+    /// One partition handed its backlog over (call once per partition).
     pub fn applied(&self) {
         self.left.send_modify(|left| *left = left.saturating_sub(1));
     }
 
-    /// Returns once every partition applied its backlog.
+    /// Returns once every partition handed its backlog over.
     pub async fn wait(&self) {
         let _ = self.left.subscribe().wait_for(|left| *left == 0).await;
     }

@@ -25,8 +25,8 @@ pub struct Resting {
     pub user_id: Uuid,
     pub side: Side,
     pub limit: Decimal,
-    /// When it started resting (its commit as `open`; for an order put back after a trigger
-    /// that did not fill it, when it was put back).
+    /// When it started resting (its commit as `open`). An order the book knows keeps the first
+    /// time it was given, when it is put back (see [`PriceBook::insert`]).
     pub since: DateTime<Utc>,
 }
 
@@ -46,8 +46,8 @@ pub struct PriceBook {
     index: HashMap<Uuid, (Symbol, Side, Decimal)>,
     /// When each order started resting. Kept while the order is out for a trigger and when it
     /// is put in again (put back after a trigger that did not fill it, or by a command delivered
-    /// again): only [`PriceBook::remove`] (a fill, a cancel) forgets it. An order put back at the
-    /// time it was put back missed the ticks replayed after that (see the module docs).
+    /// again): only [`PriceBook::remove`] (a fill, a cancel) forgets it. (Put back with the time
+    /// of the put-back, an order missed the ticks replayed after that: see the module docs.)
     since: HashMap<Uuid, DateTime<Utc>>,
 }
 

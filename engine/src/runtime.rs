@@ -244,8 +244,11 @@ pub async fn consume_partition(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Owes the price feed word once the commands that waited for this partition when serving
-    // began are applied (see `StartBacklog`): nothing waited, or the last of them — a delivery
-    // with nothing pending behind it — is settled.
+    // began are handed to their users' actors (see `StartBacklog`): nothing waited, or the last
+    // of them — a delivery with nothing pending behind it — is routed or parked. Routed is
+    // enough: an actor applies its user's work in the order it was routed, so a trigger routed
+    // after a cancel is applied after it (and a command retrying a database error, or parked,
+    // holds the feed up no longer than it takes to hand it over).
     let mut owes_backlog = true;
     let backlog_applied = |owes: &mut bool| {
         if std::mem::take(owes) {
@@ -291,13 +294,8 @@ pub async fn consume_partition(
             biased;
             _ = shutdown.cancelled() => break,
             Some((msg, received, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let msg: async_nats::jetstream::Message = msg;
-                let last_waiting = owes_backlog && msg.info().is_ok_and(|info| info.pending == 0);
                 let outcome = settle(&pool, durable, msg, result).await;
                 metrics.record(outcome, received);
-                if last_waiting {
-                    backlog_applied(&mut owes_backlog);
-                }
             }
             _ = tokio::time::sleep_until(position_at.into()), if pulling.is_none() => {}
             // (A disabled branch's expression is still evaluated: it must not assume `Some`.)
@@ -324,7 +322,7 @@ pub async fn consume_partition(
                             true
                         } else {
                             *next_delivery = delivery + 1;
-                            let seq = info.stream_sequence;
+                            let (seq, last_waiting) = (info.stream_sequence, info.pending == 0);
                             match decode::<OrderCommand>(msg.subject.as_str(), &msg.payload) {
                                 Ok(command) if msg.subject.as_str() == subjects::order_command(command.user_id) => {
                                     let user = command.user_id;
@@ -339,6 +337,9 @@ pub async fn consume_partition(
                                     metrics.record(park_and_term(&pool, durable, &msg, &reason).await, received);
                                 }
                                 Err(e) => metrics.record(park_and_term(&pool, durable, &msg, &e.to_string()).await, received),
+                            }
+                            if last_waiting {
+                                backlog_applied(&mut owes_backlog);
                             }
                             false
                         }
@@ -468,8 +469,9 @@ const FEED_STREAM_CHECK: Duration = Duration::from_secs(5);
 /// order stayed open); when opened again, right after the last tick seen (`after`: the stream it
 /// was seen on and its sequence), so no tick in between is skipped — unless the stream is not
 /// the one that tick was seen on (or holds fewer messages): its numbers started over, and the
-/// feed opens at its last tick of every market (it opened far beyond the new stream's end, and
-/// the engine heard no price again until a restart). Returns the feed and the stream's birth.
+/// feed opens at the new stream's ticks of the same window (it opened far beyond the new
+/// stream's end, and the engine heard no price again until a restart). Returns the feed and
+/// the stream's birth.
 async fn open_feed(
     bus: &Bus,
     after: Option<(StreamBirth, u64)>,
@@ -634,9 +636,9 @@ const BACKLOG_WAIT: Duration = Duration::from_secs(10);
 const PRIME_WITHIN: Duration = Duration::from_secs(5);
 
 /// Records the last tick of every market, read straight from PRICES, before the first command
-/// is served. The feed delivers the same ticks when it opens, but it opens beside the partition
-/// consumers: the commands queued while no engine served (a restart, a deploy, a takeover) were
-/// decided before its first ticks arrived, and every market order among them was refused
+/// is served. The feed delivers the same ticks when it opens (those within its replay window),
+/// but it opens beside the partition consumers: the commands queued while no engine served (a
+/// restart, a deploy, a takeover) were decided before its first ticks arrived, and every market order among them was refused
 /// `no_price`. Triggers nothing: the feed's copy of each tick does that, once the shards run.
 /// What cannot be read within [`PRIME_WITHIN`] (NATS away) is left to the feed, as before.
 /// Returns how many markets got a price.

@@ -220,7 +220,7 @@ pub async fn publish_from(
     // VaultPriceStale clears once an operator halts a market whose source went quiet for good
     // (its runbook's remedy) instead of firing on for as long as the halt lasts.
     let mut halted: HashSet<Symbol> = HashSet::new();
-    let mut halts_read = tokio::time::Instant::now() - HALTS_EVERY;
+    let mut halts_read: Option<tokio::time::Instant> = None;
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -231,8 +231,8 @@ pub async fn publish_from(
             biased;
             _ = shutdown.cancelled() => break,
             _ = age.tick() => {
-                if halts_read.elapsed() >= HALTS_EVERY {
-                    halts_read = tokio::time::Instant::now();
+                if halts_read.is_none_or(|at| at.elapsed() >= HALTS_EVERY) {
+                    halts_read = Some(tokio::time::Instant::now());
                     if let Some(now_halted) = halted_markets(pool).await {
                         halted = now_halted;
                     }

@@ -283,7 +283,10 @@ async fn watch_connects(client: async_nats::Client, made: watch::Sender<u64>, sh
             _ = every.tick() => {}
         }
         let connects = connects_of(&client);
-        made.send_if_modified(|seen| std::mem::replace(seen, connects) != connects);
+        if made.send_if_modified(|seen| std::mem::replace(seen, connects) != connects) {
+            metrics::counter!(names::WS_FEED_INTERRUPTIONS).increment(1);
+            tracing::warn!("NATS connection made again; telling the WebSocket clients of the gap");
+        }
     }
 }
 
@@ -294,8 +297,7 @@ fn tell_of_reconnect(client: &async_nats::Client, seen: &mut u64, channel: &Chan
     if connects == std::mem::replace(seen, connects) {
         return;
     }
-    metrics::counter!(names::WS_FEED_INTERRUPTIONS).increment(1);
-    tracing::warn!(channel = channel.name(), "NATS connection made again; telling the WebSocket clients of the gap");
+    tracing::debug!(channel = channel.name(), "telling the topic's members of the gap");
     for member in lock(&state.members).iter() {
         member.queue_up(Outbound::Interrupted(channel.clone()));
     }
