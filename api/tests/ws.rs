@@ -899,6 +899,47 @@ async fn upgrades_beyond_the_connection_limit_are_refused_until_a_connection_clo
     .await;
 }
 
+/// Sockets that never authenticate cannot take every place: one address holds at most
+/// `max_unauthenticated_per_ip` of them (for up to the auth deadline), and a client from another
+/// address still gets in and authenticates. (Idle upgrades counted against the process's cap
+/// alone: one address could hold ~500 of the 10,000 places at a time, twenty all of them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upgrades_from_one_address_hold_only_their_share() {
+    let api = InProcess::start(short(|c| {
+        c.max_connections = 4;
+        c.max_unauthenticated_per_ip = 2;
+    }))
+    .await;
+    let token = api.user("latecomer@example.com").await;
+    let from = |source: &'static str| {
+        let addr = api.addr.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(format!("{source}:0").parse().expect("source")).expect("bound");
+            let stream = socket.connect(addr.parse().expect("addr")).await.expect("connects");
+            tokio_tungstenite::client_async(ws_url(&addr), stream).await
+        }
+    };
+    let _idle = [from("127.0.0.1").await.expect("first idle"), from("127.0.0.1").await.expect("second idle")];
+    match from("127.0.0.1").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!(
+            "a third idle upgrade from one address should be refused with 503, got {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    let (mut ws, _) = from("127.0.0.2").await.expect("another address gets in");
+    ws.send(Message::text(json!({"op": "auth", "token": token}).to_string())).await.expect("auth sent");
+    let ack = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("a frame") {
+            Some(Ok(Message::Text(text))) => break serde_json::from_str::<Value>(&text).expect("json"),
+            Some(Ok(_)) => continue,
+            other => panic!("closed: {other:?}"),
+        }
+    };
+    assert_eq!(ack["op"], "authenticated", "{ack}");
+}
+
 /// One account cannot take every place: the upgrade carries no credential, so without a cap
 /// per user one account could open connections up to the process's limit and shut everyone
 /// else out.

@@ -184,7 +184,7 @@ impl SentCounters {
 }
 
 /// Serves one upgraded socket until it closes.
-pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String) {
+pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String, pending: super::PendingPlace) {
     let gateway = state.ws.clone();
     let (member, queue) = gateway.hub.member(gateway.config.queue_capacity);
     let span = tracing::info_span!(
@@ -202,6 +202,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String
         member,
         queue,
         user: None,
+        pending: Some(pending),
         place: None,
         channels: HashMap::new(),
         seq: 0,
@@ -229,6 +230,9 @@ struct Connection {
     queue: mpsc::Receiver<Outbound>,
     /// Who authenticated, and the credential to re-check; `None` until the auth frame passed.
     user: Option<(Uuid, Presented)>,
+    /// Its place among the connections not yet authenticated, until it authenticates (see
+    /// `WsConfig::max_unauthenticated`).
+    pending: Option<super::PendingPlace>,
     /// The user's place among their connections (see `WsConfig::max_connections_per_user`).
     place: Option<super::UserPlace>,
     /// The channels subscribed to, with the hub topic serving each.
@@ -363,6 +367,7 @@ impl Connection {
             place.revoked.mark_changed();
         }
         self.place = Some(place);
+        self.pending = None;
         tracing::Span::current().record("user_id", tracing::field::display(caller.user_id));
         self.user = Some((caller.user_id, presented));
         self.send_control(&ServerFrame::Authenticated { user_id: caller.user_id }).await

@@ -52,6 +52,7 @@ pub mod hub;
 pub mod protocol;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,7 @@ use vault_core::http::SendBufferLimit;
 
 use self::hub::Hub;
 use crate::error::{ApiError, Problem, REQUEST_ID};
+use crate::events::RequestMeta;
 use crate::startup::AppState;
 use crate::trading::portfolio_cache::PortfolioCache;
 
@@ -106,6 +108,13 @@ pub struct WsConfig {
     /// [`Self::max_connections`] (the upgrade itself carries no credential) and shut everyone
     /// else out.
     pub max_connections_per_user: usize,
+    /// Connections not yet authenticated from one client IP at most; upgrades beyond are
+    /// answered 503. An upgrade carries no credential and may wait [`Self::auth_timeout`] for
+    /// its `auth` frame: without this a few addresses opening idle sockets could hold every
+    /// place of [`Self::max_connections`] (one address ~500 at the per-IP request rate). A
+    /// client that authenticates at once holds such a place for a round trip. (A cap on all of
+    /// them together would not help: idle sockets would fill it and refuse everyone new.)
+    pub max_unauthenticated_per_ip: usize,
     /// Frames a client may send per second (each second counted on its own); more closes the
     /// connection (1008 `rate_limited`), so no client can churn subscriptions or flood the task.
     pub max_client_frames_per_sec: u32,
@@ -125,6 +134,7 @@ impl Default for WsConfig {
             send_buffer_bytes: 64 * 1024,
             max_connections: 10_000,
             max_connections_per_user: 32,
+            max_unauthenticated_per_ip: 20,
             max_client_frames_per_sec: 20,
         }
     }
@@ -139,7 +149,57 @@ pub struct Gateway {
     connections: TaskTracker,
     /// Authenticated connections per user.
     per_user: Arc<std::sync::Mutex<HashMap<Uuid, Places>>>,
+    /// Connections not yet authenticated.
+    pending: Arc<std::sync::Mutex<Pending>>,
     shutdown: CancellationToken,
+}
+
+/// The connections not yet authenticated, per client IP (a connection whose IP is unknown is
+/// not counted).
+#[derive(Debug, Default)]
+struct Pending {
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+impl Pending {
+    /// Counts one more for `ip` unless that would pass `max_per_ip` for it.
+    fn take(&mut self, ip: Option<IpAddr>, max_per_ip: usize) -> bool {
+        let Some(ip) = ip else { return true };
+        let of_ip = self.by_ip.entry(ip).or_insert(0);
+        if *of_ip >= max_per_ip {
+            if *of_ip == 0 {
+                self.by_ip.remove(&ip);
+            }
+            return false;
+        }
+        *of_ip += 1;
+        true
+    }
+
+    fn give_back(&mut self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip
+            && let Some(n) = self.by_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A connection's place among those not yet authenticated, given back when dropped (once it
+/// authenticated, or when it ends).
+#[derive(Debug)]
+pub(crate) struct PendingPlace {
+    ip: Option<IpAddr>,
+    pending: Arc<std::sync::Mutex<Pending>>,
+}
+
+impl Drop for PendingPlace {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).give_back(self.ip);
+    }
 }
 
 /// One user's connections on this process: how many, and the signal that asks them to check
@@ -189,6 +249,7 @@ impl Gateway {
             config: Arc::new(config),
             connections: TaskTracker::new(),
             per_user,
+            pending: Arc::default(),
             shutdown,
         }
     }
@@ -204,6 +265,15 @@ impl Gateway {
         places.held += 1;
         let revoked = places.revoked.subscribe();
         Some(UserPlace { user, per_user: self.per_user.clone(), revoked })
+    }
+
+    /// A place for one more connection not yet authenticated, from `ip`, if there is one (see
+    /// [`WsConfig::max_unauthenticated_per_ip`]).
+    fn pending_place(&self, ip: Option<IpAddr>) -> Option<PendingPlace> {
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending
+            .take(ip, self.config.max_unauthenticated_per_ip)
+            .then(|| PendingPlace { ip, pending: self.pending.clone() })
     }
 
     pub fn hub(&self) -> &Hub {
@@ -296,6 +366,7 @@ pub fn router() -> Router<AppState> {
                body = Problem)))]
 pub async fn upgrade(
     State(state): State<AppState>,
+    meta: RequestMeta,
     send_buffer: Option<Extension<SendBufferLimit>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
@@ -320,6 +391,12 @@ pub async fn upgrade(
         tracing::warn!(max = config.max_connections, "WebSocket upgrade refused: connection limit reached");
         return ApiError::Unavailable("WebSocket connection limit").into_response();
     }
+    let Some(pending) = gateway.pending_place(meta.ip) else {
+        metrics::counter!("vault_ws_connections_refused_total").increment(1);
+        tracing::warn!(ip = ?meta.ip, "WebSocket upgrade refused: too many connections from one address awaiting authentication");
+        return ApiError::Unavailable("WebSocket connections awaiting authentication from this address")
+            .into_response();
+    };
     // From the 101 on: see `WsConfig::send_buffer_bytes`.
     if let Some(Extension(send_buffer)) = send_buffer {
         send_buffer.set(config.send_buffer_bytes);
@@ -335,7 +412,32 @@ pub async fn upgrade(
         .write_buffer_size(config.write_buffer_bytes)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
-            connection::serve(socket, state, request_id).await;
+            connection::serve(socket, state, request_id, pending).await;
             drop(open);
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_awaiting_authentication_are_capped_per_address() {
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let mut pending = Pending::default();
+        assert!(pending.take(Some(a), 2));
+        assert!(pending.take(Some(a), 2));
+        assert!(!pending.take(Some(a), 2), "the address's two are taken");
+        assert!(pending.take(Some(b), 2), "another address still gets in");
+        assert!(pending.take(None, 2), "an unknown address is not counted");
+        pending.give_back(Some(a));
+        assert!(pending.take(Some(a), 2), "a place given back is taken again");
+        for ip in [Some(a), Some(a), Some(b), None] {
+            pending.give_back(ip);
+        }
+        assert!(pending.by_ip.is_empty(), "nothing kept for addresses gone");
+        let mut refused = Pending::default();
+        assert!(!refused.take(Some(a), 0));
+        assert!(refused.by_ip.is_empty(), "a refusal keeps no entry");
+    }
 }
