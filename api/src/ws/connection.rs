@@ -231,7 +231,7 @@ struct Connection {
     /// Who authenticated, and the credential to re-check; `None` until the auth frame passed.
     user: Option<(Uuid, Presented)>,
     /// Its place among the connections not yet authenticated, until it authenticates (see
-    /// `WsConfig::max_unauthenticated`).
+    /// `WsConfig::max_unauthenticated_per_ip`).
     pending: Option<super::PendingPlace>,
     /// The user's place among their connections (see `WsConfig::max_connections_per_user`).
     place: Option<super::UserPlace>,

@@ -112,8 +112,10 @@ pub struct WsConfig {
     /// answered 503. An upgrade carries no credential and may wait [`Self::auth_timeout`] for
     /// its `auth` frame: without this a few addresses opening idle sockets could hold every
     /// place of [`Self::max_connections`] (one address ~500 at the per-IP request rate). A
-    /// client that authenticates at once holds such a place for a round trip. (A cap on all of
-    /// them together would not help: idle sockets would fill it and refuse everyone new.)
+    /// client that authenticates at once holds such a place for a round trip; the default, the
+    /// per-IP rate limit's burst, lets that many clients behind one NAT reconnect at once. (A
+    /// cap on all of them together would not help: idle sockets would fill it and refuse
+    /// everyone new.)
     pub max_unauthenticated_per_ip: usize,
     /// Frames a client may send per second (each second counted on its own); more closes the
     /// connection (1008 `rate_limited`), so no client can churn subscriptions or flood the task.
@@ -134,7 +136,7 @@ impl Default for WsConfig {
             send_buffer_bytes: 64 * 1024,
             max_connections: 10_000,
             max_connections_per_user: 32,
-            max_unauthenticated_per_ip: 20,
+            max_unauthenticated_per_ip: 100,
             max_client_frames_per_sec: 20,
         }
     }
