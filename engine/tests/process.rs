@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use rust_decimal::Decimal;
+use uuid::Uuid;
 use vault_testkit::{NatsServer, Proc, TestDb, assert_config_error, assert_ops_endpoints, offline_env, poll_until};
 
 mod common;
@@ -70,31 +71,30 @@ async fn sigterm_stops_the_engine_even_while_nats_is_unreachable() {
     assert!(engine.output().contains("\"stopped\""), "the engine logs its clean stop:\n{}", engine.output());
 }
 
+/// A serving engine, a user, and a deposit whose commit waits on a lock the returned transaction
+/// holds on `balances` (rolled back, it lets the commit through).
+async fn deposit_held_on_a_lock(
+    db: &TestDb,
+    nats: &NatsServer,
+) -> (Proc, Desk, Uuid, sqlx::Transaction<'static, sqlx::Postgres>, Uuid) {
+    let (engine, _) = start_engine(db, nats, "0-15").await;
+    let desk = Desk::connect(db.pool().await, nats).await;
+    let user = desk.user().await;
+    let mut blocker = desk.pool.begin().await.expect("tx");
+    sqlx::query("LOCK TABLE balances IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
+    let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
+    // The engine's is the only statement of this database that can wait on a lock.
+    vault_testkit::wait_for_lock_wait(&desk.pool, "%", Duration::from_secs(30)).await;
+    (engine, desk, user, blocker, deposit)
+}
+
 /// Asked to stop while a commit is blocked in Postgres (here by a lock held on `balances`), the
 /// engine stops within seconds; the blocked commit never lands half-way, and the command, never
 /// acked, is applied once by the next engine.
 #[tokio::test]
 async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_applies_it_once() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (mut engine, _) = start_engine(&db, &nats, "0-15").await;
-    let desk = Desk::connect(db.pool().await, &nats).await;
-    let user = desk.user().await;
-
-    let mut blocker = desk.pool.begin().await.expect("tx");
-    sqlx::query("LOCK TABLE balances IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
-    let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
-    poll_until(Duration::from_secs(30), "the engine's commit to wait on the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND wait_event_type = 'Lock' AND application_name = 'vault-engine'",
-        )
-        .fetch_one(&desk.pool)
-        .await
-        .ok()?;
-        (waiting >= 1).then_some(())
-    })
-    .await;
-
+    let (mut engine, desk, user, blocker, deposit) = deposit_held_on_a_lock(&db, &nats).await;
     engine.stop_cleanly(Duration::from_secs(20)).await;
     blocker.rollback().await.expect("unlock");
 
@@ -119,14 +119,7 @@ async fn sigterm_stops_the_engine_while_a_commit_is_blocked_and_the_next_engine_
 #[tokio::test]
 async fn events_of_a_commit_that_lands_during_the_stop_are_published_before_the_engine_exits() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let (mut engine, _) = start_engine(&db, &nats, "0-15").await;
-    let desk = Desk::connect(db.pool().await, &nats).await;
-    let user = desk.user().await;
-
-    let mut blocker = desk.pool.begin().await.expect("tx");
-    sqlx::query("LOCK TABLE balances IN EXCLUSIVE MODE").execute(&mut *blocker).await.expect("lock");
-    let deposit = desk.deposit(user, "USD", Decimal::from(100)).await;
-    vault_testkit::wait_for_lock_wait(&desk.pool, "%", Duration::from_secs(30)).await;
+    let (mut engine, desk, _, blocker, deposit) = deposit_held_on_a_lock(&db, &nats).await;
     engine.signal("TERM");
     poll_until(Duration::from_secs(10), "the engine to start draining", || async {
         engine.output().contains("shutdown requested").then_some(())

@@ -345,11 +345,7 @@ mod tests {
         let cache = CredentialCache::new(Duration::from_secs(60));
         let user = Uuid::now_v7();
         let (jti, caller) = session(user, Uuid::now_v7());
-        let key = |id| Caller {
-            user_id: user,
-            role: "user".into(),
-            credential: Credential::ApiKey { id, scopes: vec![Scope::Read] },
-        };
+        let key = |id| api_key(user, id);
         let (k1, k2) = (Uuid::now_v7(), Uuid::now_v7());
         cache.put_session(cache.ticket(), jti, &caller);
         cache.put_api_key(cache.ticket(), b"hash-1", &key(k1));
@@ -369,21 +365,23 @@ mod tests {
         }
     }
 
+    /// The caller of `user`'s read-scoped API key `id`.
+    fn api_key(user: Uuid, id: Uuid) -> Caller {
+        Caller { user_id: user, role: "user".into(), credential: Credential::ApiKey { id, scopes: vec![Scope::Read] } }
+    }
+
+    /// An auth event of `kind` about `user`, as another API process publishes it.
+    fn event(kind: AuthEventKind, user: Uuid, data: serde_json::Value) -> AuthEvent {
+        AuthEvent { id: Uuid::now_v7(), kind, user_id: Some(user), request_id: None, ip: None, at: Utc::now(), data }
+    }
+
     #[test]
     fn auth_events_from_other_processes_forget_the_family() {
         let cache = CredentialCache::new(Duration::from_secs(60));
         let (user, family) = (Uuid::now_v7(), Uuid::now_v7());
         let (jti, caller) = session(user, family);
         cache.put_session(cache.ticket(), jti, &caller);
-        let event = |kind| AuthEvent {
-            id: Uuid::now_v7(),
-            kind,
-            user_id: Some(user),
-            request_id: None,
-            ip: None,
-            at: Utc::now(),
-            data: serde_json::json!({"family": family}),
-        };
+        let event = |kind| event(kind, user, serde_json::json!({"family": family}));
         invalidate_for(&cache, &event(AuthEventKind::LoginSucceeded));
         assert!(cache.session(jti, user, family).is_some(), "a login revokes nothing");
         invalidate_for(&cache, &event(AuthEventKind::Logout));
@@ -398,22 +396,9 @@ mod tests {
         let cache = CredentialCache::new(Duration::from_secs(60));
         let mut revoked = cache.revocations();
         let (user, kept, gone) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        let key = |id| Caller {
-            user_id: user,
-            role: "user".into(),
-            credential: Credential::ApiKey { id, scopes: vec![Scope::Read] },
-        };
-        cache.put_api_key(cache.ticket(), b"kept", &key(kept));
-        cache.put_api_key(cache.ticket(), b"gone", &key(gone));
-        let event = |kind, data| AuthEvent {
-            id: Uuid::now_v7(),
-            kind,
-            user_id: Some(user),
-            request_id: None,
-            ip: None,
-            at: Utc::now(),
-            data,
-        };
+        cache.put_api_key(cache.ticket(), b"kept", &api_key(user, kept));
+        cache.put_api_key(cache.ticket(), b"gone", &api_key(user, gone));
+        let event = |kind, data| event(kind, user, data);
         // Another process revoked a key: that key only, and the user's sockets are told.
         invalidate_for(&cache, &event(AuthEventKind::ApiKeyRevoked, serde_json::json!({"api_key_id": gone})));
         assert!(cache.api_key(b"gone").is_none());
