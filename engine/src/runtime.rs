@@ -546,9 +546,11 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
     let replay = shared.max_price_age.min(MAX_REPLAY);
     // A market whose last tick could not be read before serving (NATS slow to answer) is read
     // now: the replay must not make an older tick its latest price, even for a moment.
-    let markets = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it").rules.len();
-    let priced = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it").prices.len();
-    if priced < markets {
+    let unpriced = {
+        let markets = shared.markets.read().expect("markets lock is never poisoned: no code panics holding it");
+        markets.prices.len() < markets.rules.len()
+    };
+    if unpriced {
         prime_prices(&bus, &shared, &shutdown).await;
     }
     let Some((mut messages, mut born)) = open_feed_until_open(&bus, None, replay, &shutdown).await else { return };
