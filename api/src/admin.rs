@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use vault_bus::message::AuthEventKind;
 
-use crate::auth::caller::Caller;
+use crate::auth::caller::{AdminReader, AdminSession, Caller};
 use crate::auth::end_sessions;
 use crate::error::{ApiError, Problem};
 use crate::events::RequestMeta;
@@ -74,10 +74,9 @@ pub struct AdminUserList {
     responses((status = 200, body = AdminUserList), (status = 403, body = Problem)))]
 pub async fn list_users(
     State(state): State<AppState>,
-    caller: Caller,
+    AdminReader(_caller): AdminReader,
     ApiQuery(filter): ApiQuery<UserFilter>,
 ) -> Result<axum::Json<AdminUserList>, ApiError> {
-    caller.require_admin_read()?;
     let page = Page::parse(filter.limit, filter.cursor.as_deref())?;
     if filter.email.as_deref().is_some_and(|e| e.contains('\0')) {
         return Err(ApiError::invalid("email", "must not contain NUL characters"));
@@ -106,10 +105,9 @@ pub async fn list_users(
 pub async fn lock_user(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    AdminSession(caller): AdminSession,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin_session()?;
     let mut tx = state.pool.begin().await?;
     let found = sqlx::query("UPDATE users SET locked_until = '9999-12-31T00:00:00Z', updated_at = now() WHERE id = $1")
         .bind(id)
@@ -141,10 +139,9 @@ pub async fn lock_user(
 pub async fn reset_totp(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    AdminSession(caller): AdminSession,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin_session()?;
     let mut tx = state.pool.begin().await?;
     let found = sqlx::query(
         "UPDATE users SET totp_enabled = false, totp_secret = NULL, totp_pending_secret = NULL, totp_last_step = NULL,
@@ -177,10 +174,9 @@ pub async fn reset_totp(
 pub async fn unlock_user(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    AdminSession(caller): AdminSession,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin_session()?;
     let found =
         sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = now() WHERE id = $1")
             .bind(id)
@@ -202,7 +198,7 @@ pub async fn unlock_user(
 pub async fn halt_market(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    AdminSession(caller): AdminSession,
     PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
     set_market_status(&state, &meta, &caller, &symbol, "halted").await
@@ -215,7 +211,7 @@ pub async fn halt_market(
 pub async fn resume_market(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    AdminSession(caller): AdminSession,
     PathText(symbol): PathText,
 ) -> Result<StatusCode, ApiError> {
     set_market_status(&state, &meta, &caller, &symbol, "trading").await
@@ -231,7 +227,6 @@ async fn set_market_status(
     symbol: &str,
     status: &str,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_admin_session()?;
     let found = sqlx::query("UPDATE markets SET status = $2, updated_at = now() WHERE symbol = $1")
         .bind(symbol)
         .bind(status)
@@ -381,10 +376,9 @@ pub struct AuditPage {
     responses((status = 200, body = AuditPage), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn audit(
     State(state): State<AppState>,
-    caller: Caller,
+    AdminReader(_caller): AdminReader,
     ApiQuery(filter): ApiQuery<AuditFilter>,
 ) -> Result<axum::Json<AuditPage>, ApiError> {
-    caller.require_admin_read()?;
     let page = SeqPage::parse(filter.limit, filter.cursor.as_deref())?;
     if let (Some(from), Some(to)) = (filter.from, filter.to)
         && from >= to
@@ -417,8 +411,10 @@ pub async fn audit(
 #[utoipa::path(get, path = "/api/v1/admin/queues", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "{streams: [{name, messages, bytes, first_seq, last_seq, consumers: [{name, num_pending, num_ack_pending, num_redelivered, oldest_pending_age_seconds, last_active}]}]}"),
               (status = 403, body = Problem), (status = 503, body = Problem)))]
-pub async fn queues(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    caller.require_admin_read()?;
+pub async fn queues(
+    State(state): State<AppState>,
+    AdminReader(_caller): AdminReader,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let streams = vault_bus::lag::snapshot(&state.bus, None).await.map_err(|e| {
         tracing::warn!(error = %e, "queue snapshot failed");
         ApiError::Unavailable("nats")

@@ -2,8 +2,8 @@
 //!
 //! | limiter | key | rate | burst | where |
 //! |---|---|---|---|---|
-//! | user | user id (JWT `sub`) or API key | `RATE_LIMIT_USER_PER_SEC` /s | ×2 | requests with a valid JWT, or an API key found live in the credential cache |
-//! | ip | client IP | `RATE_LIMIT_IP_PER_SEC` /s | ×2 | every other request (an API key not checked in the last second included) |
+//! | user | user id (JWT `sub`) or API key | `RATE_LIMIT_USER_PER_SEC` /s | ×2 | requests with a valid JWT, or an API key found live in the credential cache, except the routes below |
+//! | ip | client IP | `RATE_LIMIT_IP_PER_SEC` /s | ×2 | every other request (an API key not checked in the last second included), and `/auth/login`, `/auth/signup`, `/auth/refresh` whatever they carry |
 //! | login | lowercased email | `RATE_LIMIT_LOGIN_PER_MIN` /min | = rate | `POST /auth/login` |
 //!
 //! A rate of 0 turns a limiter off. Limited responses carry `X-RateLimit-Limit` (the bucket
@@ -127,8 +127,9 @@ impl RateLimits {
         }
     }
 
-    /// Checks the per-email login bucket: `Err(429)` when exhausted.
-    pub fn check_login(&self, email_lower: &str) -> Result<Option<Verdict>, ApiError> {
+    /// Checks the per-email login bucket: when it is empty, the 429 to answer, carrying this
+    /// bucket's headers.
+    pub fn check_login(&self, email_lower: &str) -> Result<Option<Verdict>, Response> {
         match &self.login {
             None => Ok(None),
             Some(limiter) => {
@@ -136,7 +137,10 @@ impl RateLimits {
                 if verdict.allowed {
                     Ok(Some(verdict))
                 } else {
-                    Err(ApiError::RateLimited { retry_after_secs: verdict.reset_secs })
+                    metrics::counter!("vault_rate_limited_total").increment(1);
+                    let mut refused = ApiError::RateLimited { retry_after_secs: verdict.reset_secs }.into_response();
+                    set_headers(refused.headers_mut(), &verdict);
+                    Err(refused)
                 }
             }
         }
@@ -172,18 +176,16 @@ pub fn set_headers(headers: &mut HeaderMap, verdict: &Verdict) {
 /// A valid JWT verified here is handed to the [`crate::auth::caller::Caller`] extractor.
 pub async fn limit(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let limits = &state.limits;
-    let verdict = if let Some(claims) = bearer_claims(&state, req.headers()) {
+    let verdict = if needs_no_login(req.uri().path()) {
+        client_ip_verdict(limits, &req)
+    } else if let Some(claims) = bearer_claims(&state, req.headers()) {
         let verdict = limits.user.as_ref().map(|l| l.check(&format!("u:{}", claims.sub)));
         req.extensions_mut().insert(VerifiedClaims(claims));
         verdict
     } else if let Some(key) = live_api_key(&state, req.headers()) {
         limits.user.as_ref().map(|l| l.check(&format!("k:{key}")))
     } else {
-        let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
-        match (ip, &limits.ip) {
-            (Some(ip), Some(l)) => Some(l.check(&ip)),
-            _ => None,
-        }
+        client_ip_verdict(limits, &req)
     };
     let mut response = match verdict {
         Some(v) if !v.allowed => {
@@ -192,10 +194,30 @@ pub async fn limit(State(state): State<AppState>, mut req: Request, next: Next) 
         }
         _ => next.run(req).await,
     };
-    if let Some(v) = verdict {
+    // A handler that answered with a tighter bucket's headers (the login's per-email bucket)
+    // keeps them: they are the ones that tell the client when to come back.
+    if let Some(v) = verdict
+        && !response.headers().contains_key("x-ratelimit-limit")
+    {
         set_headers(response.headers_mut(), &v);
     }
     response
+}
+
+/// The routes a client calls without being logged in. They are charged to the client's IP
+/// whatever credential the request carries: a token of the caller's own account would
+/// otherwise buy a bucket beside the IP's for logins and signups (each an argon2 hash).
+fn needs_no_login(path: &str) -> bool {
+    // Seen inside the `/api/v1` nest, which strips its prefix.
+    matches!(path.trim_end_matches('/'), "/auth/login" | "/auth/signup" | "/auth/refresh")
+}
+
+fn client_ip_verdict(limits: &RateLimits, req: &Request) -> Option<Verdict> {
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    match (ip, &limits.ip) {
+        (Some(ip), Some(l)) => Some(l.check(&ip)),
+        _ => None,
+    }
 }
 
 /// The id of the request's API key if the credential cache found it live within its TTL (no

@@ -73,7 +73,7 @@ async fn signup_login_and_me_work_and_passwords_are_stored_as_argon2id() {
     let hashes: Vec<Vec<u8>> =
         sqlx::query_scalar("SELECT token_hash FROM refresh_tokens").fetch_all(&pool).await.expect("rows");
     assert_eq!(hashes.len(), 1);
-    assert_ne!(hashes[0], refresh.as_bytes(), "refresh tokens are stored hashed");
+    assert_eq!(hashes[0], sha256(refresh), "refresh tokens are stored as their SHA-256, nothing else");
 
     // Both events reached the AUTH stream with the request id and the client IP.
     let (signup, header_id) = wait_for_event(&api, "signup").await;
@@ -340,6 +340,19 @@ async fn a_refresh_token_works_once_and_reuse_revokes_the_whole_family() {
         .await;
     problem(api.get("/me", Some(access2)).await, 401, "token_revoked").await;
     wait_for_event(&api, "refresh_token_reused").await;
+    // Replayed again and again, the dead tokens change nothing more: one event for the family,
+    // not one per replay (each an audit row and a re-check of the user's every socket).
+    for _ in 0..3 {
+        problem(api.post("/auth/refresh", None, json!({"refresh_token": refresh1})).await, 401, "refresh_token_reused")
+            .await;
+    }
+    let marker = api.signup("marker@example.com").await;
+    poll_until(Duration::from_secs(10), "the marker's signup event", || async {
+        auth_events(&api).await.iter().any(|(k, v, _)| k == "signup" && v["user_id"] == marker["id"]).then_some(())
+    })
+    .await;
+    let reused = auth_events(&api).await.into_iter().filter(|(k, _, _)| k == "refresh_token_reused").count();
+    assert_eq!(reused, 1, "one reuse event for the family");
 
     // Another login is a new family and works.
     let other = api.tokens("gina@example.com").await;
@@ -385,6 +398,11 @@ fn forge(header: &Value, claims: &Value, key: &[u8]) -> String {
     let c = URL_SAFE_NO_PAD.encode(claims.to_string());
     let mac = hmac_sha256(key, format!("{h}.{c}").as_bytes());
     format!("{h}.{c}.{}", URL_SAFE_NO_PAD.encode(mac))
+}
+
+fn sha256(text: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes()).to_vec()
 }
 
 /// HMAC-SHA256 written out (RFC 2104), independent of the code under test.
@@ -494,9 +512,98 @@ async fn api_keys_are_shown_once_stored_hashed_scoped_and_revocable() {
 
     let pool = api.db.pool().await;
     let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_one(&pool).await.expect("row");
-    assert_eq!(stored.len(), 32, "only a SHA-256 is stored");
+    assert_eq!(stored, sha256(&key), "only the key's SHA-256 is stored");
     wait_for_event(&api, "api_key.created").await;
     api.assert_never_logged(&[&key]);
+}
+
+/// The credential routes refuse an API key, and the admin routes a non-administrator, before
+/// anything else of the request is read (README, SECURITY.md): a malformed body, id or query
+/// answered 422 or 404 first and told the caller about the route.
+#[tokio::test]
+async fn credential_and_admin_routes_refuse_before_reading_the_request() {
+    let api = Api::start().await;
+    let access = api.user("kim@example.com").await;
+    let created: Value = api
+        .post("/api-keys", Some(&access), json!({"name": "bot", "scopes": ["read"]}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = created["key"].as_str().expect("key");
+    for (method, path, body) in [
+        (Method::POST, "/api-keys", Some(json!({}))),
+        (Method::POST, "/auth/totp/enable", Some(json!({}))),
+        (Method::POST, "/auth/totp/setup", None),
+        (Method::GET, "/api-keys", None),
+        (Method::DELETE, "/api-keys/not-an-id", None),
+        (Method::POST, "/auth/logout", None),
+    ] {
+        let resp = api.call(method.clone(), path, Some(key), body).await;
+        let body = problem(resp, 403, "session_required").await;
+        assert!(body["detail"].as_str().is_some_and(|d| d.contains("session")), "{method} {path}: {body}");
+    }
+    for (method, path) in [
+        (Method::POST, "/admin/users/not-an-id/lock"),
+        (Method::POST, "/admin/users/not-an-id/unlock"),
+        (Method::POST, "/admin/users/not-an-id/totp/reset"),
+        (Method::POST, "/admin/markets/NOPE/halt"),
+        (Method::GET, "/admin/users?limit=0"),
+        (Method::GET, "/admin/audit?from=yesterday"),
+        (Method::GET, "/admin/queues"),
+    ] {
+        problem(api.call(method, path, Some(&access), None).await, 403, "forbidden").await;
+    }
+}
+
+/// An account an administrator locked does not tell that it exists: without its password it is
+/// answered as an email without an account is (401, then locked after five failures like one),
+/// and only the right password learns of the lock.
+#[tokio::test]
+async fn an_administrators_lock_does_not_tell_that_the_email_has_an_account() {
+    let api = Api::start().await;
+    let user = api.signup("locked@example.com").await;
+    let admin = api.user("boss@example.com").await;
+    api.promote("boss@example.com").await;
+    let id = user["id"].as_str().expect("id");
+    assert_eq!(api.call(Method::POST, &format!("/admin/users/{id}/lock"), Some(&admin), None).await.status(), 204);
+
+    for n in 1..=5 {
+        let locked = api.login("locked@example.com", &format!("guess {n}")).await;
+        let unknown = api.login("nobody@example.com", &format!("guess {n}")).await;
+        assert_eq!(locked.headers().get("retry-after"), unknown.headers().get("retry-after"), "attempt {n}");
+        let (locked, unknown) =
+            (problem(locked, 401, "invalid_credentials").await, problem(unknown, 401, "invalid_credentials").await);
+        assert_eq!(locked["detail"], unknown["detail"]);
+    }
+    // The sixth: both locked for the same 15 minutes.
+    let retry_after = |resp: &reqwest::Response| -> u64 {
+        resp.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds")
+    };
+    let (locked, unknown) =
+        (api.login("locked@example.com", "guess 6").await, api.login("nobody@example.com", "guess 6").await);
+    assert!((800..=900).contains(&retry_after(&locked)) && (800..=900).contains(&retry_after(&unknown)));
+    problem(locked, 423, "account_locked").await;
+    problem(unknown, 423, "account_locked").await;
+
+    // The owner, with the right password, learns of the administrator's lock — once the
+    // guesses' lock has passed.
+    let pool = api.db.pool().await;
+    sqlx::query("UPDATE login_failures SET locked_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .expect("guesses' lock passed");
+    let owner = api.login("locked@example.com", PASSWORD).await;
+    assert!(retry_after(&owner) > 3600, "the administrator's lock has no end: {:?}", owner.headers());
+    problem(owner, 423, "account_locked").await;
+    let (failed_logins, locked_until): (i32, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT failed_logins, locked_until FROM users WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!(failed_logins, 0, "the guesses did not touch the account's own count");
+    assert!(locked_until.format("%Y").to_string() == "9999", "still the administrator's lock: {locked_until}");
 }
 
 fn totp_code(secret: &str, offset_steps: i64) -> String {

@@ -136,6 +136,44 @@ async fn made_up_api_keys_are_charged_to_the_ip() {
     assert_eq!(statuses, [422, 422, 429], "the third signup from one IP is over its burst whatever the key");
 }
 
+/// The routes that need no login are charged to the IP whatever they carry: a token of the
+/// caller's own account bought a bucket of its own (the user's 20/s, burst 40) for signups and
+/// logins beside the IP's.
+#[tokio::test]
+async fn logins_and_signups_carrying_a_token_are_charged_to_the_ip() {
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "1")]).await;
+    // The signup and the login take the IP's burst of two.
+    let token = api.user("holder@example.com").await;
+    let mut statuses = Vec::new();
+    for n in 0..10 {
+        // Refused for its password before any hashing: ten arrive within a second or two.
+        let resp = api
+            .post("/auth/signup", Some(&token), json!({"email": format!("spray{n}@example.com"), "password": "short"}))
+            .await;
+        statuses.push(resp.status().as_u16());
+    }
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(refused >= 5, "the IP's bucket (1/s) holds them back whatever the token: {statuses:?}");
+    // A route that needs the login is still the user's: the IP's empty bucket does not refuse it.
+    assert_eq!(api.get("/me", Some(&token)).await.status(), 200);
+}
+
+/// A login refused by its email's bucket says so in its headers: the IP's bucket (with
+/// requests left) overwrote them, so a client read "99 remaining" on a 429.
+#[tokio::test]
+async fn a_login_refused_by_its_emails_bucket_carries_that_buckets_headers() {
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "50"), ("RATE_LIMIT_LOGIN_PER_MIN", "2")]).await;
+    for _ in 0..2 {
+        assert_eq!(api.login("bucket@example.com", "wrong password").await.status(), 401);
+    }
+    let limited = api.login("bucket@example.com", "wrong password").await;
+    let header = |name: &str| -> u64 { limited.headers()[name].to_str().expect("ascii").parse().expect("a number") };
+    assert_eq!(header("x-ratelimit-limit"), 2, "the email's bucket");
+    assert_eq!(header("x-ratelimit-remaining"), 0);
+    assert!(header("x-ratelimit-reset") >= header("retry-after"), "full again no sooner than the retry");
+    problem(limited, 429, "rate_limited").await;
+}
+
 #[tokio::test]
 async fn logins_are_limited_per_email_whatever_the_ip_allows() {
     let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "0"), ("RATE_LIMIT_LOGIN_PER_MIN", "2")]).await;

@@ -178,6 +178,37 @@ impl FromRequestParts<AppState> for SessionCaller {
     }
 }
 
+/// An administrator whose credential may read (a session, or an API key with `read`): for the
+/// admin reads. Like [`Reader`], refused (403) before the rest of the request is read, so a
+/// non-administrator learns nothing from a malformed id or query.
+#[derive(Debug, Clone)]
+pub struct AdminReader(pub Caller);
+
+impl FromRequestParts<AppState> for AdminReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_admin_read()?;
+        Ok(AdminReader(caller))
+    }
+}
+
+/// An administrator's logged-in session: for admin actions (see
+/// [`Caller::require_admin_session`]), refused (403) before the rest of the request is read.
+#[derive(Debug, Clone)]
+pub struct AdminSession(pub Caller);
+
+impl FromRequestParts<AppState> for AdminSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require_admin_session()?;
+        Ok(AdminSession(caller))
+    }
+}
+
 /// The caller, if its credential carries `scope`.
 async fn scoped(parts: &mut Parts, state: &AppState, scope: Scope) -> Result<Caller, ApiError> {
     let caller = Caller::from_request_parts(parts, state).await?;

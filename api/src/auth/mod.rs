@@ -27,13 +27,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 use vault_bus::message::AuthEventKind;
 
-use self::caller::{Caller, Reader, Scope, SessionCaller};
+use self::caller::{Reader, Scope, SessionCaller};
 use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
@@ -308,7 +308,11 @@ pub async fn login(
     // email to find the account: with Rust's full mapping, `İ` became `i̇`, and each variant of
     // an email had a rate-limit bucket of its own while reaching the same account.
     let email_key: String = body.email.trim().chars().map(|c| c.to_lowercase().next().unwrap_or(c)).collect();
-    let verdict = state.limits.check_login(&email_key)?;
+    let verdict = match state.limits.check_login(&email_key) {
+        Ok(verdict) => verdict,
+        // The refusal carries the email bucket's headers (the IP's would say requests are left).
+        Err(refused) => return Ok(refused),
+    };
 
     // No account has a NUL in its email (signup refuses control characters), and Postgres text
     // cannot hold one: such an email is unknown without asking, and takes the same path.
@@ -326,11 +330,15 @@ pub async fn login(
         .await?
     };
 
+    // An account an administrator locked answers as an email without an account does until the
+    // right password comes (its failures counted by email, as an unknown email's): a 423 with a
+    // day's Retry-After at the first attempt told anyone that the email had an account.
+    let admin_locked = user.as_ref().and_then(|u| u.locked_until).is_some_and(is_admin_lock);
     // An email without an account is locked as an account is (see `record_unknown_failure`).
     let locked_until = match &user {
-        Some(user) => user.locked_until,
+        Some(user) if !admin_locked => user.locked_until,
         None if email_key.contains('\0') => None,
-        None => sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = lower($1)")
+        _ => sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = lower($1)")
             .bind(body.email.trim())
             .fetch_optional(&state.pool)
             .await?
@@ -343,13 +351,20 @@ pub async fn login(
 
     let matches = state.hasher.verify(body.password, user.as_ref().map(|u| u.password_hash.clone())).await?;
     let user = match user {
+        Some(user) if admin_locked => {
+            if matches {
+                return Err(refuse_locked(&state, Some(user.id), &meta, user.locked_until.unwrap_or(now), now));
+            }
+            record_unknown_failure(&state, body.email.trim(), Some(user.id), &meta).await?;
+            return Err(invalid_credentials());
+        }
         Some(user) if matches => user,
         Some(user) => {
             record_failure(&state, user.id, &meta, "invalid_credentials").await?;
             return Err(invalid_credentials());
         }
         None => {
-            record_unknown_failure(&state, body.email.trim(), &meta).await?;
+            record_unknown_failure(&state, body.email.trim(), None, &meta).await?;
             return Err(invalid_credentials());
         }
     };
@@ -507,6 +522,12 @@ fn counted_failure(t: &str) -> String {
     )
 }
 
+/// Whether `locked_until` is an administrator's lock (`POST /admin/users/{id}/lock` stores the
+/// year 9999; a lock after failures lasts minutes).
+pub(crate) fn is_admin_lock(locked_until: DateTime<Utc>) -> bool {
+    locked_until.year() >= 9999
+}
+
 /// The 423 for an attempt on a locked account (not counted: a lock is never extended).
 fn refuse_locked(
     state: &AppState,
@@ -572,11 +593,20 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
 /// not — telling the two apart) exactly as [`record_failure`] counts one for an account: the 5th in a row
 /// locks it for 15 minutes, and the attempts after it are answered 423 — so the lockout does not
 /// tell which emails are registered. Only the answer is the same: nobody is notified.
-async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMeta) -> Result<(), ApiError> {
+///
+/// An account an administrator locked is counted here too, by its email (`locked_account`: the
+/// audit trail names it, and the reason is `admin_locked`); its own count stays as it was.
+async fn record_unknown_failure(
+    state: &AppState,
+    email: &str,
+    locked_account: Option<Uuid>,
+    meta: &RequestMeta,
+) -> Result<(), ApiError> {
+    let reason = if locked_account.is_some() { "admin_locked" } else { "unknown_email" };
     // No account has a NUL in its email, and Postgres text cannot hold one: not counted (the
     // per-email rate limit still holds it back).
     if email.contains('\0') {
-        state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": "unknown_email"}));
+        state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": reason}));
         return Ok(());
     }
     static COUNT: LazyLock<String> = LazyLock::new(|| {
@@ -605,13 +635,13 @@ async fn record_unknown_failure(state: &AppState, email: &str, meta: &RequestMet
                 .await?
                 .flatten();
         let now = Utc::now();
-        return Err(refuse_locked(state, None, meta, locked_until.unwrap_or(now), now));
+        return Err(refuse_locked(state, locked_account, meta, locked_until.unwrap_or(now), now));
     };
     state.events.emit(
         AuthEventKind::LoginFailed,
-        None,
+        locked_account,
         meta,
-        serde_json::json!({"reason": "unknown_email", "consecutive_failures": failures}),
+        serde_json::json!({"reason": reason, "consecutive_failures": failures}),
     );
     Ok(())
 }
@@ -647,17 +677,26 @@ pub async fn refresh(
         });
     };
     if used_at.is_some() || revoked_at.is_some() {
-        sqlx::query(
-            "UPDATE token_families SET revoked_at = COALESCE(revoked_at, now()),
-                    revoked_why = COALESCE(revoked_why, 'refresh_token_reused') WHERE id = $1",
-        )
-        .bind(family)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        state.credentials.forget_family(user, family);
-        tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
-        state.events.emit(AuthEventKind::RefreshTokenReused, Some(user), &meta, serde_json::json!({"family": family}));
+        // The first reuse ends the family, once: presenting a dead token of a family already
+        // ended (by this, a logout, a lock) changes nothing, and must not cost an audit row, an
+        // event and a credential re-check of every socket of the user each time it is replayed.
+        if revoked_at.is_none() {
+            sqlx::query(
+                "UPDATE token_families SET revoked_at = now(), revoked_why = 'refresh_token_reused' WHERE id = $1",
+            )
+            .bind(family)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            state.credentials.forget_family(user, family);
+            tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
+            state.events.emit(
+                AuthEventKind::RefreshTokenReused,
+                Some(user),
+                &meta,
+                serde_json::json!({"family": family}),
+            );
+        }
         return Err(ApiError::Unauthorized {
             code: "refresh_token_reused",
             detail: "This refresh token was already used; the session has been ended for safety.".to_owned(),
@@ -679,7 +718,11 @@ pub async fn refresh(
 /// End the session: the access token and its whole login family stop working.
 #[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
     responses((status = 204), (status = 401, body = Problem), (status = 403, description = "session_required", body = Problem)))]
-pub async fn logout(State(state): State<AppState>, meta: RequestMeta, caller: Caller) -> Result<StatusCode, ApiError> {
+pub async fn logout(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    SessionCaller(caller): SessionCaller,
+) -> Result<StatusCode, ApiError> {
     let (jti, family, expires_at) = caller.require_session()?;
     let mut tx = state.pool.begin().await?;
     sqlx::query("INSERT INTO revoked_access_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
@@ -778,9 +821,12 @@ pub async fn me(State(state): State<AppState>, Reader(caller): Reader) -> Result
 
 /// Start 2FA enrolment: a new secret, active once confirmed with `/auth/totp/enable`.
 #[utoipa::path(post, path = "/api/v1/auth/totp/setup", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = TotpSetup), (status = 409, description = "totp_already_enabled", body = Problem)))]
-pub async fn totp_setup(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<TotpSetup>, ApiError> {
-    caller.require_session()?;
+    responses((status = 200, body = TotpSetup), (status = 403, description = "session_required", body = Problem),
+              (status = 409, description = "totp_already_enabled", body = Problem)))]
+pub async fn totp_setup(
+    State(state): State<AppState>,
+    SessionCaller(caller): SessionCaller,
+) -> Result<axum::Json<TotpSetup>, ApiError> {
     let (enabled, email): (bool, String) = sqlx::query_as("SELECT totp_enabled, email FROM users WHERE id = $1")
         .bind(caller.user_id)
         .fetch_one(&state.pool)
@@ -801,11 +847,13 @@ pub async fn totp_setup(State(state): State<AppState>, caller: Caller) -> Result
 /// session of the account ends.
 #[utoipa::path(post, path = "/api/v1/auth/totp/enable", tag = "auth", security(("bearer" = [])),
     request_body = TotpEnableRequest,
-    responses((status = 204), (status = 422, description = "totp_invalid", body = Problem)))]
+    responses((status = 204), (status = 403, description = "session_required", body = Problem),
+              (status = 409, description = "totp_already_enabled", body = Problem),
+              (status = 422, description = "totp_invalid", body = Problem)))]
 pub async fn totp_enable(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    SessionCaller(caller): SessionCaller,
     ApiJson(body): ApiJson<TotpEnableRequest>,
 ) -> Result<StatusCode, ApiError> {
     let (_, family, _) = caller.require_session()?;
@@ -884,10 +932,9 @@ pub async fn totp_enable(
 pub async fn create_api_key(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    SessionCaller(caller): SessionCaller,
     ApiJson(body): ApiJson<CreateApiKeyRequest>,
 ) -> Result<(StatusCode, axum::Json<CreatedApiKey>), ApiError> {
-    caller.require_session()?;
     let mut errors = Vec::new();
     // The limit holds for the name as sent (the document says so), before trimming.
     let name = body.name.trim().to_owned();
@@ -930,9 +977,11 @@ pub async fn create_api_key(
 
 /// The caller's live API keys (never the keys themselves).
 #[utoipa::path(get, path = "/api/v1/api-keys", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = ApiKeyList)))]
-pub async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> Result<axum::Json<ApiKeyList>, ApiError> {
-    caller.require_session()?;
+    responses((status = 200, body = ApiKeyList), (status = 403, description = "session_required", body = Problem)))]
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    SessionCaller(caller): SessionCaller,
+) -> Result<axum::Json<ApiKeyList>, ApiError> {
     #[allow(clippy::type_complexity)]
     let rows: Vec<(Uuid, String, Vec<String>, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT id, name, scopes, prefix, created_at, last_used_at FROM api_keys
@@ -957,14 +1006,14 @@ pub async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> Res
 
 /// Revoke one of the caller's API keys; 404 for anyone else's.
 #[utoipa::path(delete, path = "/api/v1/api-keys/{id}", tag = "auth", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses((status = 204), (status = 404, body = Problem)))]
+    params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 403, description = "session_required", body = Problem), (status = 404, body = Problem)))]
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     meta: RequestMeta,
-    caller: Caller,
+    SessionCaller(caller): SessionCaller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_session()?;
     let revoked =
         sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
             .bind(id)
