@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
-use vault_bus::message::{PriceTick, decode};
+use vault_bus::message::{PriceTick, decode_tick};
 use vault_bus::{Bus, streams, subjects};
 use vault_core::domain::Symbol;
 
@@ -170,7 +170,7 @@ async fn follow(bus: &Bus, book: &PriceBook, markets: &MarketCache, backoff: &mu
         let Some(message) = message else { anyhow::bail!("the price feed ended") };
         let message = message?;
         *backoff = Duration::from_millis(250);
-        match decode::<PriceTick>(message.subject.as_str(), &message.payload) {
+        match decode_tick(message.subject.as_str(), &message.payload, Utc::now()) {
             Ok(tick) if markets.get(&tick.symbol).is_some() => book.apply(tick),
             Ok(tick) => tracing::debug!(symbol = %tick.symbol, "tick for a symbol that is not a market; ignored"),
             Err(e) => {

@@ -1253,6 +1253,38 @@ async fn sessions_postgres_ended_are_answered_503_never_500() {
 /// the ticker follows the new stream. (The NATS client re-created the API's consumer by itself
 /// after the old stream's last sequence, and the ticker showed the old price for good.)
 #[tokio::test]
+async fn a_tick_from_the_future_or_on_another_markets_subject_moves_nothing() {
+    let api = Api::start().await;
+    let bus = Bus::connect(&api.nats.url(), "test").await.expect("bus");
+    let tick = |symbol: &str, price: &str, ts: chrono::DateTime<Utc>, seq: u64| PriceTick {
+        symbol: Symbol::parse(symbol).expect("symbol"),
+        price: Positive::new(price.parse::<Decimal>().expect("decimal")).expect("positive"),
+        ts,
+        source: "ops".to_owned(),
+        seq,
+    };
+    let raw = |subject: &'static str, tick: PriceTick| {
+        let js = bus.jetstream().clone();
+        async move {
+            let payload = vault_bus::message::encode(&tick).expect("encodes");
+            js.publish(subject, payload.into()).await.expect("sent").await.expect("stored");
+        }
+    };
+    // Stamped a day ahead: kept, it was the newest price until then, every true tick older.
+    raw("prices.BTC-USD", tick("BTC-USD", "1", Utc::now() + chrono::TimeDelta::days(1), 1)).await;
+    publish_tick(&api, "BTC-USD", "50000", 2).await;
+    wait_for_price(&api, "BTC-USD", "50000").await;
+    // A BTC tick on ETH's subject: markets are keyed by the tick's symbol, so it moved BTC.
+    raw("prices.ETH-USD", tick("BTC-USD", "7", Utc::now(), 3)).await;
+    publish_tick(&api, "ETH-USD", "3000", 4).await;
+    wait_for_price(&api, "ETH-USD", "3000").await;
+    let btc = json_of(api.get("/markets/BTC-USD/ticker", None).await, 200).await;
+    assert_eq!(btc["price"], "50000", "{btc}");
+    let refused = vault_testkit::scrape_metric(&api.addr, "vault_api_price_ticks_undecodable_total", &[]).await;
+    assert_eq!(refused, 2.0, "both refused ticks are counted");
+}
+
+#[tokio::test]
 async fn the_ticker_follows_prices_when_the_stream_is_created_again() {
     let api = Api::start().await;
     for (seq, price) in [(1, "40000"), (2, "40100"), (3, "40200")] {

@@ -31,7 +31,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
-use vault_bus::message::{OrderCommand, PriceTick, decode};
+use vault_bus::message::{OrderCommand, PriceTick, decode, decode_tick};
 use vault_bus::{Bus, MessageContext, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
@@ -604,7 +604,7 @@ pub async fn price_feed(bus: Bus, shared: Arc<Shared>, router: Router, shutdown:
         };
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         last_seq = Some(seq);
-        let tick = match decode::<PriceTick>(msg.subject.as_str(), &msg.payload) {
+        let tick = match decode_tick(msg.subject.as_str(), &msg.payload, Utc::now()) {
             Ok(tick) => tick,
             Err(e) => {
                 metrics::counter!("vault_engine_bad_ticks_total").increment(1);
@@ -662,7 +662,7 @@ pub async fn prime_prices(bus: &Bus, shared: &Shared, shutdown: &CancellationTok
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => continue,
                 Err(e) => return Err(anyhow::Error::from(e)),
             };
-            match decode::<PriceTick>(&subject, &msg.payload) {
+            match decode_tick(&subject, &msg.payload, Utc::now()) {
                 Ok(tick) => {
                     record_tick(shared, tick, msg.sequence);
                     primed += 1;

@@ -51,7 +51,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vault_bus::message::{EngineEvent, NotificationPush, PriceTick, decode};
+use vault_bus::message::{EngineEvent, NotificationPush, decode, decode_tick};
 use vault_bus::subjects;
 use vault_core::domain::{Price, Symbol};
 use vault_core::metric_names as names;
@@ -478,13 +478,15 @@ fn frame_of(
     sent: &mut OrderFeed,
 ) -> Option<DataFrame> {
     let frame = match topic {
-        Topic::Prices(symbol) => decode::<PriceTick>(subject, payload).map_err(|e| e.to_string()).and_then(|tick| {
-            if &tick.symbol != symbol {
-                return Err(format!("a tick of {} on the subject of {symbol}", tick.symbol));
-            }
-            let data = PriceData { symbol: &tick.symbol, price: &tick.price, ts: tick.ts, source: &tick.source };
-            DataFrame::new(channel.clone(), &data).map(Some).map_err(|e| e.to_string())
-        }),
+        Topic::Prices(symbol) => {
+            decode_tick(subject, payload, Utc::now()).map_err(|e| e.to_string()).and_then(|tick| {
+                if &tick.symbol != symbol {
+                    return Err(format!("a tick of {} on the subject of {symbol}", tick.symbol));
+                }
+                let data = PriceData { symbol: &tick.symbol, price: &tick.price, ts: tick.ts, source: &tick.source };
+                DataFrame::new(channel.clone(), &data).map(Some).map_err(|e| e.to_string())
+            })
+        }
         Topic::Orders(user) => decode::<EngineEvent>(subject, payload).map_err(|e| e.to_string()).and_then(|event| {
             if event.user_id != *user {
                 return Err("an event of another user on this user's subject".to_owned());
@@ -527,7 +529,7 @@ fn frame_of(
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
-    use vault_bus::message::{EventKind, encode};
+    use vault_bus::message::{EventKind, PriceTick, encode};
 
     use super::*;
 
