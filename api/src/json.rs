@@ -89,10 +89,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             let path = err.path().to_string();
             let inner = err.into_inner();
             // The document is valid JSON (checked above): whatever stopped serde is its shape.
-            let field = if path == "." { String::new() } else { path };
+            let message = data_message(&inner);
             return Err(ApiError::Validation {
                 code: "validation_failed",
-                errors: vec![FieldError::new(field, data_message(&inner))],
+                errors: vec![FieldError::new(error_field(&path, &message), message)],
             });
         }
     };
@@ -198,6 +198,25 @@ fn malformed(err: &serde_json::Error) -> ApiError {
     ApiError::BadRequest(format!("The body is not valid JSON: {}", syntax_message(err)))
 }
 
+/// The field an error of serde is about, from its path (`serde_path_to_error`, `.` for the
+/// top) and its message. A field missing, given twice or not known is reported on the object
+/// that holds it, so its path names the object (the top: `.`): the field is the one the message
+/// names (`missing field \`password\``), below the object's path. Empty when the error is about
+/// the whole document.
+pub(crate) fn error_field(path: &str, message: &str) -> String {
+    let named = ["missing field `", "duplicate field `", "unknown field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split('`').next())
+        .filter(|name| !name.is_empty());
+    match (path, named) {
+        (".", Some(name)) => name.to_owned(),
+        (".", None) => String::new(),
+        (path, Some(name)) if !path.ends_with(name) => format!("{path}.{name}"),
+        (path, _) => path.to_owned(),
+    }
+}
+
 /// serde's message without the "at line 1 column 9" suffix (the path says where).
 fn data_message(err: &serde_json::Error) -> String {
     let text = err.to_string();
@@ -278,7 +297,22 @@ mod tests {
         assert_eq!(status(parse(br#"{"email":"a@b.c"}"#)), (200, String::new()));
         assert_eq!(status(parse(br#"{"email":"a@b.c","admin":true}"#)).0, 422);
         assert_eq!(status(parse(br#"{"email":"a@b.c","nested":{"count":"x"}}"#)), (422, "nested.count".to_owned()));
-        assert_eq!(status(parse(br#"{}"#)).0, 422);
+        assert_eq!(status(parse(br#"{}"#)), (422, "email".to_owned()), "a missing field is named");
+        assert_eq!(
+            status(parse(br#"{"email":"a@b.c","admin":true}"#)),
+            (422, "admin".to_owned()),
+            "an unknown one too"
+        );
+        assert_eq!(
+            status(parse(br#"{"email":"a@b.c","nested":{}}"#)),
+            (422, "nested.count".to_owned()),
+            "inside the object that lacks it"
+        );
+        assert_eq!(
+            status(parse(br#"{"email":"a@b.c","email":"x@y.z"}"#)),
+            (422, "email".to_owned()),
+            "a field sent twice is named"
+        );
         assert_eq!(status(parse(br#"{"email":"#)).0, 400);
         assert_eq!(status(parse(b"\xff\xfe")).0, 400);
         assert_eq!(status(parse(br#"{"email":"a@b.c"} {}"#)).0, 400);

@@ -6,7 +6,6 @@
 //! (every query still filters by owner).
 
 use axum::extract::FromRequestParts;
-use axum::extract::Query;
 use axum::http::request::Parts;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -58,7 +57,9 @@ fn cursor_schema(pattern: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schem
         .into()
 }
 
-/// Query parameters, deserialized; unknown or malformed ones are a 422.
+/// Query parameters, deserialized; unknown or malformed ones are a 422 naming the parameter.
+/// A parameter sent empty (`?symbol=`, as `API.md` writes its templates) is absent, as an empty
+/// `cursor` always was: an empty `action` filtered for an action named "" and found nothing.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiQuery<T>(pub T);
 
@@ -66,12 +67,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        Query::<T>::try_from_uri(&parts.uri).map(|Query(v)| ApiQuery(v)).map_err(|e| {
-            let text = e.body_text();
-            let message = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text).to_owned();
-            ApiError::Validation { code: "validation_failed", errors: vec![FieldError::new("query", message)] }
-        })
+        parse_query(parts.uri.query().unwrap_or_default()).map(ApiQuery)
     }
+}
+
+/// Deserializes a query string as [`ApiQuery`] does.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let given: Vec<(String, String)> =
+        form_urlencoded::parse(query.as_bytes()).into_owned().filter(|(_, value)| !value.is_empty()).collect();
+    let kept = serde_urlencoded::to_string(&given).map_err(|e| ApiError::invalid("query", e.to_string()))?;
+    let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(kept.as_bytes()));
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        let field = match crate::json::error_field(&path, &message) {
+            field if field.is_empty() => "query".to_owned(),
+            field => field,
+        };
+        ApiError::Validation { code: "validation_failed", errors: vec![FieldError::new(field, message)] }
+    })
 }
 
 /// A validated page request.
@@ -174,6 +188,40 @@ mod tests {
         assert_eq!(SeqPage::parse(None, Some(&next)).expect("valid").before, Some(1042));
         assert!(SeqPage::parse(None, Some(&encode_cursor(Uuid::now_v7()))).is_err());
         assert!(SeqPage::parse(None, Some("!!")).is_err());
+    }
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Filter {
+        limit: Option<i64>,
+        symbol: Option<String>,
+    }
+
+    fn field_of(query: &str) -> String {
+        match parse_query::<Filter>(query) {
+            Err(ApiError::Validation { errors, .. }) => errors[0].field.clone(),
+            other => panic!("{query}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_errors_name_the_parameter_and_empty_values_are_absent() {
+        assert_eq!(field_of("limit=abc"), "limit", "a malformed value");
+        assert_eq!(field_of("symbol=BTC-USD&limit=1&limit=2"), "limit", "a parameter given twice");
+        assert_eq!(field_of("limit=1&colour=red"), "colour", "an unknown parameter");
+        assert_eq!(field_of("limit=99999999999999999999"), "limit", "a number too large");
+        // As API.md writes its templates (`?symbol=&limit=`): empty means absent.
+        assert_eq!(parse_query::<Filter>("symbol=&limit=").expect("valid"), Filter { limit: None, symbol: None });
+        assert_eq!(
+            parse_query::<Filter>("symbol=BTC%2DUSD&limit=+5").ok(),
+            None,
+            "a plus is a space, and ` 5` no number"
+        );
+        assert_eq!(
+            parse_query::<Filter>("symbol=A%26B&limit=5").expect("valid"),
+            Filter { limit: Some(5), symbol: Some("A&B".to_owned()) },
+            "escapes survive"
+        );
     }
 
     #[test]
