@@ -922,9 +922,9 @@ async fn idle_upgrades_from_one_address_hold_only_their_share() {
     };
     let _idle = [from("127.0.0.1").await.expect("first idle"), from("127.0.0.1").await.expect("second idle")];
     match from("127.0.0.1").await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
         other => panic!(
-            "a third idle upgrade from one address should be refused with 503, got {:?}",
+            "a third idle upgrade from one address should be refused with 429, got {:?}",
             other.map(|(_, r)| r.status())
         ),
     }

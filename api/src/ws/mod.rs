@@ -396,8 +396,9 @@ pub async fn upgrade(
     let Some(pending) = gateway.pending_place(meta.ip) else {
         metrics::counter!("vault_ws_connections_refused_total").increment(1);
         tracing::warn!(ip = ?meta.ip, "WebSocket upgrade refused: too many connections from one address awaiting authentication");
-        return ApiError::Unavailable("WebSocket connections awaiting authentication from this address")
-            .into_response();
+        // The client's own quota, not the service down: 429, as every per-client limit.
+        metrics::counter!("vault_rate_limited_total").increment(1);
+        return ApiError::RateLimited { retry_after_secs: 1 }.into_response();
     };
     // From the 101 on: see `WsConfig::send_buffer_bytes`.
     if let Some(Extension(send_buffer)) = send_buffer {
