@@ -70,6 +70,8 @@ pub fn cors(origins: &CorsOrigins) -> CorsLayer {
             HeaderName::from_static("x-ratelimit-remaining"),
             HeaderName::from_static("x-ratelimit-reset"),
             header::RETRY_AFTER,
+            // Whether `Prefer: wait` was honoured (201 with the verdict) or not (202).
+            HeaderName::from_static("preference-applied"),
         ])
         .max_age(Duration::from_secs(600))
 }

@@ -508,10 +508,26 @@ async fn api_keys_are_shown_once_stored_hashed_scoped_and_revocable() {
 
     assert_eq!(api.call(Method::DELETE, &format!("/api-keys/{id}"), Some(&access), None).await.status(), 204);
     problem(api.get("/me", Some(&key)).await, 401, "invalid_api_key").await;
+
+    // At most 25 live keys: the 26th is refused until one is revoked.
+    let create = || api.post("/api-keys", Some(&access), json!({"name": "many", "scopes": ["read"]}));
+    let mut last = String::new();
+    for _ in 0..25 {
+        let created = create().await;
+        assert_eq!(created.status(), 201);
+        last = created.json::<Value>().await.expect("json")["id"].as_str().expect("id").to_owned();
+    }
+    problem(create().await, 409, "too_many_api_keys").await;
+    assert_eq!(api.call(Method::DELETE, &format!("/api-keys/{last}"), Some(&access), None).await.status(), 204);
+    assert_eq!(create().await.status(), 201, "a revoked key frees its place");
     problem(api.get("/me", Some("vk_made-up-key")).await, 401, "invalid_api_key").await;
 
     let pool = api.db.pool().await;
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_one(&pool).await.expect("row");
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
     assert_eq!(stored, sha256(&key), "only the key's SHA-256 is stored");
     wait_for_event(&api, "api_key.created").await;
     api.assert_never_logged(&[&key]);

@@ -90,6 +90,15 @@ async fn cors_preflights_are_answered_only_for_listed_origins() {
     let refused = preflight("https://evil.example.net").await.expect("answer");
     assert!(refused.headers().get("access-control-allow-origin").is_none());
     problem(refused, 403, "cors_origin_refused").await;
+
+    // A browser client reads the headers the contract gives it meaning: the request id, the
+    // rate limit's, Retry-After, and whether `Prefer: wait` was honoured.
+    let answer =
+        api.client.get(api.url("/markets")).header("origin", "https://app.example.com").send().await.expect("answer");
+    let exposed = answer.headers()["access-control-expose-headers"].to_str().expect("ascii").to_lowercase();
+    for name in ["x-request-id", "x-ratelimit-remaining", "retry-after", "preference-applied"] {
+        assert!(exposed.split(',').any(|h| h.trim() == name), "{name} not exposed: {exposed}");
+    }
 }
 
 #[tokio::test]

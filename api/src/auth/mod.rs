@@ -924,11 +924,20 @@ pub async fn totp_enable(
 // ---------------------------------------------------------------------------------------------
 // API keys
 
-/// Create an API key. The key is in this answer only.
+/// Live (not revoked) API keys one user may have: keys are listed whole (`GET /api-keys`), and
+/// each is a credential to watch.
+pub const MAX_API_KEYS_PER_USER: i64 = 25;
+
+/// The advisory lock class ("KEYS") that serializes one user's key creations (the object id is
+/// a hash of the user id).
+const API_KEY_LOCK_CLASS: i32 = 0x4B45_5953;
+
+/// Create an API key. The key is in this answer only. A user has at most 25 live keys (409
+/// `too_many_api_keys` beyond: revoke one first).
 #[utoipa::path(post, path = "/api/v1/api-keys", tag = "auth", security(("bearer" = [])),
     request_body = CreateApiKeyRequest,
     responses((status = 201, body = CreatedApiKey), (status = 403, description = "session_required", body = Problem),
-              (status = 422, body = Problem)))]
+              (status = 409, description = "too_many_api_keys", body = Problem), (status = 422, body = Problem)))]
 pub async fn create_api_key(
     State(state): State<AppState>,
     meta: RequestMeta,
@@ -954,6 +963,23 @@ pub async fn create_api_key(
     let id = Uuid::now_v7();
     let prefix = tokens::api_key_prefix(&key);
     let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    let mut tx = state.pool.begin().await?;
+    // One user's creations one at a time, so two at once cannot both pass the count.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
+        .bind(API_KEY_LOCK_CLASS)
+        .bind(caller.user_id)
+        .execute(&mut *tx)
+        .await?;
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL")
+        .bind(caller.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if live >= MAX_API_KEYS_PER_USER {
+        return Err(ApiError::Conflict {
+            code: "too_many_api_keys",
+            detail: format!("An account may have at most {MAX_API_KEYS_PER_USER} API keys; revoke one first."),
+        });
+    }
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)
          RETURNING created_at",
@@ -964,8 +990,9 @@ pub async fn create_api_key(
     .bind(&prefix)
     .bind(tokens::hash_secret(&key))
     .bind(&scope_names)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     state.events.emit(
         AuthEventKind::ApiKeyCreated,
         Some(caller.user_id),
