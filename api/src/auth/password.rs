@@ -52,6 +52,8 @@ pub struct Hasher {
     /// Jobs for the hashing threads; they stop when the last `Hasher` clone is dropped.
     jobs: Sender<Job>,
     dummy: Arc<String>,
+    /// How long a request waits for a slot ([`QUEUE_TIMEOUT`]; shorter in tests).
+    queue_timeout: Duration,
 }
 
 impl Hasher {
@@ -72,11 +74,11 @@ impl Hasher {
             .hash_password(b"dummy password for unknown users", &salt)
             .expect("hashing a constant with a fresh salt cannot fail")
             .to_string();
-        Hasher { slots: Arc::new(Semaphore::new(slots)), jobs, dummy: Arc::new(dummy) }
+        Hasher { slots: Arc::new(Semaphore::new(slots)), jobs, dummy: Arc::new(dummy), queue_timeout: QUEUE_TIMEOUT }
     }
 
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-        let permit = tokio::time::timeout(QUEUE_TIMEOUT, self.slots.clone().acquire_owned())
+        let permit = tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| {
                 metrics::counter!("vault_password_hash_queue_timeouts_total").increment(1);
@@ -170,7 +172,26 @@ pub fn check_policy(password: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    use axum::response::IntoResponse;
+
     use super::*;
+
+    /// A request that waits longer than [`QUEUE_TIMEOUT`] for a hashing slot is answered 503
+    /// with Retry-After (README "Login"), and the slot's next taker is served as usual.
+    #[tokio::test]
+    async fn a_request_that_cannot_get_a_hashing_slot_in_time_is_answered_503() {
+        let queue_timeout = Duration::from_millis(200);
+        let hasher = Hasher { queue_timeout, ..Hasher::new(1) };
+        let held = hasher.slots.clone().acquire_owned().await.expect("the only slot");
+        let started = tokio::time::Instant::now();
+        let refused = hasher.verify("correct horse battery".into(), None).await.expect_err("no slot in time");
+        assert!(started.elapsed() >= queue_timeout, "it waited its time first: {:?}", started.elapsed());
+        let response = refused.into_response();
+        assert_eq!(response.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key(axum::http::header::RETRY_AFTER), "{:?}", response.headers());
+        drop(held);
+        assert!(!hasher.verify("correct horse battery".into(), None).await.expect("a slot is free again"));
+    }
 
     #[tokio::test]
     async fn hashes_are_argon2id_with_owasp_parameters_and_verify() {
