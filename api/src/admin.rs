@@ -12,6 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use vault_bus::message::AuthEventKind;
+use vault_core::domain::Symbol;
 
 use crate::auth::caller::{AdminReader, AdminSession, Caller};
 use crate::auth::end_sessions;
@@ -227,6 +228,9 @@ async fn set_market_status(
     symbol: &str,
     status: &str,
 ) -> Result<StatusCode, ApiError> {
+    // Not a symbol (a NUL in it reached Postgres and came back as a 422 with no field): no such
+    // market, as the public market routes answer.
+    Symbol::parse(symbol).map_err(|_| ApiError::NotFound)?;
     let found = sqlx::query("UPDATE markets SET status = $2, updated_at = now() WHERE symbol = $1")
         .bind(symbol)
         .bind(status)

@@ -215,6 +215,10 @@ async fn a_halted_market_rejects_orders_with_a_reason() {
     let rejected = place_and_wait(&s, &token, buy.clone()).await;
     assert_eq!((&rejected["status"], &rejected["reject_reason"]), (&json!("rejected"), &json!("market_halted")));
 
+    // Not a market, and not even a symbol (a NUL reached Postgres: 422 with no field): 404.
+    for path in ["/admin/markets/NOPE-USD/halt", "/admin/markets/SOL%00/halt", "/admin/markets/sol-usd/resume"] {
+        assert_eq!(s.api.call(Method::POST, path, Some(&admin), None).await.status(), 404, "{path}");
+    }
     let resume = s.api.call(Method::POST, "/admin/markets/SOL-USD/resume", Some(&admin), None).await;
     assert_eq!(resume.status(), 204);
     let filled = place_and_wait(&s, &token, buy).await;
