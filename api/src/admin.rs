@@ -332,8 +332,9 @@ pub async fn create_admin(
 pub struct AuditFilter {
     /// Entries whose actor is this user.
     pub user_id: Option<Uuid>,
-    /// Exact action, e.g. `order.place`, `order.filled`, `auth.login.failed` (no NUL characters).
-    #[param(pattern = "^[^\\x00]*$")]
+    /// Exact action, e.g. `order.place`, `order.filled`, `auth.login.failed` (not empty, no NUL
+    /// characters).
+    #[param(pattern = "^[^\\x00]+$")]
     pub action: Option<String>,
     /// From this time (inclusive, RFC 3339).
     pub from: Option<DateTime<Utc>>,
@@ -391,6 +392,11 @@ pub async fn audit(
     }
     if filter.action.as_deref().is_some_and(|a| a.contains('\0')) {
         return Err(ApiError::invalid("action", "must not contain NUL characters"));
+    }
+    // An empty action filtered for an action named "" and answered an empty page, as if the
+    // trail held nothing.
+    if filter.action.as_deref() == Some("") {
+        return Err(ApiError::invalid("action", "must not be empty (leave it out for every action)"));
     }
     let mut entries: Vec<AuditEntry> = sqlx::query_as(
         "SELECT id, at, actor_id, action, subject, request_id, data, encode(hash, 'hex') AS hash FROM audit_log

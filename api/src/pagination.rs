@@ -58,8 +58,8 @@ fn cursor_schema(pattern: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schem
 }
 
 /// Query parameters, deserialized; unknown or malformed ones are a 422 naming the parameter.
-/// A parameter sent empty (`?symbol=`, as `API.md` writes its templates) is absent, as an empty
-/// `cursor` always was: an empty `action` filtered for an action named "" and found nothing.
+/// A parameter sent empty is a value like any other (the OpenAPI document's schemas say which
+/// are valid): `?limit=` is a 422 naming `limit`, an empty `cursor` is the first page.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiQuery<T>(pub T);
 
@@ -73,10 +73,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
 /// Deserializes a query string as [`ApiQuery`] does.
 pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
-    let given: Vec<(String, String)> =
-        form_urlencoded::parse(query.as_bytes()).into_owned().filter(|(_, value)| !value.is_empty()).collect();
-    let kept = serde_urlencoded::to_string(&given).map_err(|e| ApiError::invalid("query", e.to_string()))?;
-    let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(kept.as_bytes()));
+    let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
         let message = err.into_inner().to_string();
@@ -205,13 +202,12 @@ mod tests {
     }
 
     #[test]
-    fn query_errors_name_the_parameter_and_empty_values_are_absent() {
+    fn query_errors_name_the_parameter() {
         assert_eq!(field_of("limit=abc"), "limit", "a malformed value");
         assert_eq!(field_of("symbol=BTC-USD&limit=1&limit=2"), "limit", "a parameter given twice");
         assert_eq!(field_of("limit=1&colour=red"), "colour", "an unknown parameter");
         assert_eq!(field_of("limit=99999999999999999999"), "limit", "a number too large");
-        // As API.md writes its templates (`?symbol=&limit=`): empty means absent.
-        assert_eq!(parse_query::<Filter>("symbol=&limit=").expect("valid"), Filter { limit: None, symbol: None });
+        assert_eq!(field_of("symbol=BTC-USD&limit="), "limit", "an empty number");
         assert_eq!(
             parse_query::<Filter>("symbol=BTC%2DUSD&limit=+5").ok(),
             None,
