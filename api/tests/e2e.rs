@@ -342,6 +342,33 @@ async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
     assert_eq!(entry["hash"].as_str().expect("hash").len(), 64);
     assert!(entry["request_id"].as_str().is_some_and(|r| !r.is_empty()));
 
+    // A request id the client sends is the one the trail keeps (API.md: it lands in the audit
+    // log), not one of the API's own.
+    let traced: Value = s
+        .api
+        .client
+        .post(s.api.url("/auth/signup"))
+        .header("x-request-id", "e2e-trace-42")
+        .json(&json!({"email": "traced@example.com", "password": support::PASSWORD}))
+        .send()
+        .await
+        .expect("the API answers")
+        .json()
+        .await
+        .expect("json");
+    let kept = poll_until(WAIT, "the traced signup in the audit trail", || async {
+        let page: Value = s
+            .api
+            .get(&format!("/admin/audit?user_id={}", traced["id"].as_str()?), Some(&admin))
+            .await
+            .json()
+            .await
+            .ok()?;
+        page["entries"].as_array()?.iter().find(|e| e["action"] == "auth.signup").cloned()
+    })
+    .await;
+    assert_eq!(kept["request_id"], "e2e-trace-42", "{kept}");
+
     let theirs: Value = poll_until(WAIT, "the user's deposit in the trail", || async {
         let page: Value =
             s.api.get(&format!("/admin/audit?user_id={}", me["id"].as_str()?), Some(&admin)).await.json().await.ok()?;
