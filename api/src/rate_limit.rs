@@ -129,7 +129,7 @@ impl RateLimits {
 
     /// Checks the per-email login bucket: when it is empty, the 429 to answer, carrying this
     /// bucket's headers.
-    pub fn check_login(&self, email_lower: &str) -> Result<Option<Verdict>, Response> {
+    pub fn check_login(&self, email_lower: &str) -> Result<Option<Verdict>, Box<Response>> {
         match &self.login {
             None => Ok(None),
             Some(limiter) => {
@@ -140,7 +140,7 @@ impl RateLimits {
                     metrics::counter!("vault_rate_limited_total").increment(1);
                     let mut refused = ApiError::RateLimited { retry_after_secs: verdict.reset_secs }.into_response();
                     set_headers(refused.headers_mut(), &verdict);
-                    Err(refused)
+                    Err(Box::new(refused))
                 }
             }
         }

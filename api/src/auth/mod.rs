@@ -311,7 +311,7 @@ pub async fn login(
     let verdict = match state.limits.check_login(&email_key) {
         Ok(verdict) => verdict,
         // The refusal carries the email bucket's headers (the IP's would say requests are left).
-        Err(refused) => return Ok(refused),
+        Err(refused) => return Ok(*refused),
     };
 
     // No account has a NUL in its email (signup refuses control characters), and Postgres text
