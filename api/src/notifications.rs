@@ -3,8 +3,14 @@
 //!
 //! Webhook URLs must be http(s) and resolve only to public addresses (the same rule the
 //! delivery worker applies again before every attempt, against DNS rebinding), unless
-//! `WEBHOOK_ALLOW_PRIVATE=true`. The signing secret (256 random bits, hex) is shown once, at
-//! registration. Every route acts only on the caller's own rows: anyone else's id is a 404.
+//! `WEBHOOK_ALLOW_PRIVATE=true`. A name that does not resolve and one that resolves to a refused
+//! address get the same answer, so registration cannot be used to map internal DNS. The signing
+//! secret (256 random bits, hex) is shown once, at registration. Every route acts only on the
+//! caller's own rows: anyone else's id is a 404.
+//!
+//! A user has at most [`MAX_WEBHOOKS_PER_USER`] live webhooks (409 `too_many_webhooks` beyond):
+//! every event becomes one delivery per matching webhook, and the notifier's fair claim bounds
+//! what one user's receivers hold per process, not how many rows they queue.
 
 use axum::Router;
 use axum::extract::State;
@@ -34,6 +40,13 @@ pub const EVENT_TYPES: [&str; 8] = [
     "auth.login",
     "auth.locked",
 ];
+
+/// Live (not deleted) webhooks one user may have.
+pub const MAX_WEBHOOKS_PER_USER: i64 = 10;
+
+/// The advisory lock class ("WHKS") that serializes one user's registrations (the object id is
+/// a hash of the user id), so two at once cannot both pass the count.
+const REGISTRATION_LOCK_CLASS: i32 = 0x5748_4B53;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -177,6 +190,10 @@ pub struct WebhookList {
     pub webhooks: Vec<Webhook>,
 }
 
+/// The answer for a host that does not resolve or resolves to an address that may not receive
+/// webhooks (the same for both: see the module's documentation).
+pub const UNUSABLE_HOST: &str = "must name a host that resolves, and only to public addresses (private, loopback, link-local and reserved ones may not receive webhooks)";
+
 /// Checks the URL's shape and that every address it resolves to may receive webhooks.
 async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError> {
     let bad = |m: &str| FieldError::new("url", m);
@@ -202,13 +219,13 @@ async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError>
     let host = authority.host().trim_matches(['[', ']']).to_owned();
     let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
     if !allow_private {
+        // One answer whether the name does not resolve or resolves to a refused address: two
+        // would tell a user which internal names exist (`db.internal` vs `nope.internal`).
+        let unusable = || bad(UNUSABLE_HOST);
         let addrs: Vec<std::net::SocketAddr> =
-            tokio::net::lookup_host((host.as_str(), port)).await.map_err(|_| bad("does not resolve"))?.collect();
-        if addrs.is_empty() {
-            return Err(bad("does not resolve"));
-        }
-        if let Some(reason) = addrs.iter().find_map(|a| vault_core::net::refusal(a.ip())) {
-            return Err(bad(&format!("resolves to a {reason} address, which may not receive webhooks")));
+            tokio::net::lookup_host((host.as_str(), port)).await.map_err(|_| unusable())?.collect();
+        if addrs.is_empty() || addrs.iter().any(|a| vault_core::net::refusal(a.ip()).is_some()) {
+            return Err(unusable());
         }
     }
     // The URL is stored as the parser prints it, which can be longer than what was sent
@@ -220,10 +237,11 @@ async fn check_url(raw: &str, allow_private: bool) -> Result<String, FieldError>
     Ok(url)
 }
 
-/// Register a webhook.
+/// Register a webhook; a user has at most 10 (409 `too_many_webhooks` beyond: delete one first).
 #[utoipa::path(post, path = "/api/v1/webhooks", tag = "notifications", security(("bearer" = [])),
     request_body = CreateWebhookRequest,
     responses((status = 201, body = CreatedWebhook), (status = 403, description = "session_required", body = Problem),
+              (status = 409, description = "too_many_webhooks", body = Problem),
               (status = 422, body = Problem)))]
 pub async fn create_webhook(
     State(state): State<AppState>,
@@ -247,6 +265,22 @@ pub async fn create_webhook(
     rand::rng().fill_bytes(&mut bytes);
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let id = Uuid::now_v7();
+    let mut tx = state.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
+        .bind(REGISTRATION_LOCK_CLASS)
+        .bind(caller.user_id)
+        .execute(&mut *tx)
+        .await?;
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL")
+        .bind(caller.user_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if live >= MAX_WEBHOOKS_PER_USER {
+        return Err(ApiError::Conflict {
+            code: "too_many_webhooks",
+            detail: format!("An account may have at most {MAX_WEBHOOKS_PER_USER} webhooks; delete one first."),
+        });
+    }
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
     )
@@ -255,8 +289,9 @@ pub async fn create_webhook(
     .bind(&url)
     .bind(&events)
     .bind(&secret)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, axum::Json(CreatedWebhook { id, url, events, secret, created_at })))
 }
 

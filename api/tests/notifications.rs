@@ -31,6 +31,67 @@ async fn webhooks_to_private_addresses_are_refused_and_bad_events_named() {
     assert_eq!(n, 0, "refused registrations store nothing");
 }
 
+/// Registration must not tell a user which internal names exist: `localhost` resolves (to
+/// loopback, refused) and a `.invalid` name never resolves (RFC 6761), yet both get one answer.
+#[tokio::test]
+async fn a_name_resolving_privately_and_one_not_resolving_at_all_get_the_same_answer() {
+    let api = Api::start().await;
+    let token = api.user("prober@example.com").await;
+    let mut answers = Vec::new();
+    for url in ["http://localhost/x", "http://nope.invalid/x"] {
+        let resp = api.post("/webhooks", Some(&token), json!({"url": url, "events": ["order.filled"]})).await;
+        let mut body = problem(resp, 422, "validation_failed").await;
+        body.as_object_mut().expect("object").remove("request_id");
+        answers.push(body);
+    }
+    assert_eq!(answers[0]["errors"][0]["field"], "url", "{}", answers[0]);
+    assert_eq!(answers[0], answers[1], "the two answers differ");
+}
+
+/// Every event becomes one delivery per matching webhook: a user has at most ten, counted under
+/// a lock so registrations at once cannot pass the count together; a deleted one frees a place.
+#[tokio::test]
+async fn a_user_registers_at_most_ten_webhooks_and_a_deleted_one_frees_a_place() {
+    let api = Api::start_with(&[("WEBHOOK_ALLOW_PRIVATE", "true"), ("RATE_LIMIT_USER_PER_SEC", "0")]).await;
+    let token = api.user("many@example.com").await;
+    let register = |token: String| {
+        let api = &api;
+        async move {
+            api.post("/webhooks", Some(&token), json!({"url": "http://127.0.0.1:9/h", "events": ["order.filled"]}))
+                .await
+        }
+    };
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        let resp = register(token.clone()).await;
+        assert_eq!(resp.status(), 201);
+        ids.push(resp.json::<Value>().await.expect("json")["id"].as_str().expect("id").to_owned());
+    }
+    // Six at once for the last three places.
+    let racing = futures::future::join_all((0..6).map(|_| register(token.clone()))).await;
+    let mut created = 0;
+    for resp in racing {
+        if resp.status() == 201 {
+            created += 1;
+        } else {
+            let body = problem(resp, 409, "too_many_webhooks").await;
+            assert!(body["detail"].as_str().is_some_and(|d| d.contains("at most 10")), "{body}");
+        }
+    }
+    assert_eq!(created, 3, "exactly the three free places were taken");
+    let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");
+    assert_eq!(list["webhooks"].as_array().expect("list").len(), 10);
+    problem(register(token.clone()).await, 409, "too_many_webhooks").await;
+
+    // Another user's count is their own.
+    let other = api.user("few@example.com").await;
+    assert_eq!(register(other).await.status(), 201);
+    // A deleted webhook no longer counts.
+    assert_eq!(api.call(Method::DELETE, &format!("/webhooks/{}", ids[0]), Some(&token), None).await.status(), 204);
+    assert_eq!(register(token.clone()).await.status(), 201);
+    problem(register(token).await, 409, "too_many_webhooks").await;
+}
+
 #[tokio::test]
 async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it() {
     let api = Api::start_with(&[("WEBHOOK_ALLOW_PRIVATE", "true")]).await;

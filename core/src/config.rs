@@ -240,6 +240,40 @@ fn websocket_url(s: &str) -> Result<String, String> {
     if scheme_ok && host_ok { Ok(s.to_owned()) } else { Err(expected()) }
 }
 
+/// What is wrong with an `SMTP_URL`, or `None` (the caller prefixes the variable's name). Never
+/// quotes the value: it carries the relay's password.
+///
+/// `smtp://` without `tls=` is a connection without any TLS (lettre's `from_url`), and
+/// `tls=opportunistic` falls back to clear text when the relay (or whoever sits between) offers
+/// no STARTTLS: with credentials, both would send `AUTH` — the password — in clear. So an
+/// `smtp://` URL carrying credentials must say `tls=required` (STARTTLS, refused when the relay
+/// does not offer it); `smtps://` (TLS from the first byte) and `smtp://` without credentials
+/// (a local relay that takes mail without authentication) are fine as they are.
+pub fn smtp_url_problem(url: &str) -> Option<String> {
+    let expected = "expected smtp://[user:password@]host[:port] or smtps://…";
+    let rest = match (url.strip_prefix("smtps://"), url.strip_prefix("smtp://")) {
+        (Some(_), _) => return None,
+        (None, Some(rest)) => rest,
+        (None, None) => return Some(expected.to_owned()),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let has_credentials = rest[..authority_end].contains('@');
+    let query = rest[authority_end..].split('#').next().unwrap_or_default();
+    // lettre reads the first `tls` pair.
+    let tls = query.split_once('?').map(|(_, q)| q).unwrap_or_default().split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == "tls").then_some(value)
+    });
+    if has_credentials && tls != Some("required") {
+        return Some(
+            "smtp:// with credentials must add tls=required (STARTTLS), or use smtps://: without it the \
+             password would be sent unencrypted"
+                .to_owned(),
+        );
+    }
+    None
+}
+
 /// `ENGINE_PARTITIONS`: the ORDERS partitions an engine owns, e.g. `0-15` or `3`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionRange {
@@ -471,13 +505,7 @@ impl Settings {
             })
             .unwrap_or(Duration::from_secs(30));
         let webhook_allow_private = r.parsed("WEBHOOK_ALLOW_PRIVATE", "true or false").unwrap_or(false);
-        let smtp_url = r.secret("SMTP_URL", |s| {
-            if s.starts_with("smtp://") || s.starts_with("smtps://") {
-                Ok(())
-            } else {
-                Err("expected smtp://[user:password@]host[:port] or smtps://…".to_owned())
-            }
-        });
+        let smtp_url = r.secret("SMTP_URL", |s| smtp_url_problem(s).map_or(Ok(()), Err));
         let sentry_dsn = r.secret("SENTRY_DSN", |s| {
             // Parsed as Sentry parses it: a DSN Sentry refuses made every process panic at start.
             match s.parse::<sentry::types::Dsn>() {
@@ -831,7 +859,7 @@ mod tests {
             &[
                 ("DATABASE_URL", DB),
                 ("JWT_SECRET", SECRET),
-                ("SMTP_URL", "smtp://mailer:mailpass@127.0.0.1:2525"),
+                ("SMTP_URL", "smtps://mailer:mailpass@127.0.0.1:2525"),
                 ("SENTRY_DSN", "https://sentrykey@sentry.example/1"),
                 ("NATS_URL", "nats://bus:natspass@10.0.0.1:4222, nats://natstoken@10.0.0.2:4222,nats://10.0.0.3:4222"),
             ],
@@ -849,6 +877,34 @@ mod tests {
         for secret in [SECRET, "hunter2", "mailpass", "sentrykey", "natspass", "natstoken"] {
             assert!(!text.contains(secret), "{secret} leaked in {text}");
         }
+    }
+
+    #[test]
+    fn an_smtp_url_with_credentials_must_require_tls_and_the_refusal_never_quotes_it() {
+        for url in [
+            "smtp://mailer:hunter2@mail.example:587",
+            "smtp://mailer:hunter2@mail.example:587?from=ops%40example.com",
+            "smtp://mailer:hunter2@mail.example:587?tls=opportunistic",
+            "smtp://mailer:hunter2@mail.example:587/?from=ops%40example.com&tls=none",
+            "smtp://mailer@mail.example:587",
+        ] {
+            let err = load_env(Role::Notify, &[("DATABASE_URL", DB), ("SMTP_URL", url)]).expect_err(url);
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert!(err.0[0].starts_with("SMTP_URL: smtp:// with credentials must add tls=required"), "{url}: {err}");
+            assert!(!err.to_string().contains("hunter2") && !err.to_string().contains("mailer"), "{err}");
+        }
+        for url in [
+            "smtp://mailer:hunter2@mail.example:587?tls=required",
+            "smtp://mailer:hunter2@mail.example:587/?from=ops%40example.com&tls=required",
+            "smtps://mailer:hunter2@mail.example:465",
+            "smtp://127.0.0.1:25",
+            "smtp://relay.internal?from=ops%40example.com",
+        ] {
+            let s = load_env(Role::Notify, &[("DATABASE_URL", DB), ("SMTP_URL", url)]).expect(url);
+            assert_eq!(s.smtp_url.expect("set").expose(), url);
+        }
+        let err = load_env(Role::Notify, &[("DATABASE_URL", DB), ("SMTP_URL", "mail.example:25")]).expect_err("scheme");
+        assert!(err.0[0].starts_with("SMTP_URL: expected smtp://"), "{err}");
     }
 
     #[test]

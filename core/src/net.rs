@@ -19,6 +19,12 @@ pub fn refusal(ip: IpAddr) -> Option<&'static str> {
                 let [c, d] = s[7].to_be_bytes();
                 return refusal_v4(Ipv4Addr::new(a, b, c, d));
             }
+            // The local-use NAT64 prefix 64:ff9b:1::/48 (RFC 8215): an operator's own translator,
+            // which may embed the IPv4 host anywhere (RFC 6052 lets a /48 carry it split around
+            // the u octet), so nothing behind it is known to be public.
+            if s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001 {
+                return Some("local-use NAT64");
+            }
             // 6to4 (2002:a.b.c.d::/16) embeds an IPv4 host too; Teredo (2001::/32), the
             // documentation prefix (2001:db8::/32) and discard-only (100::/64) are never a
             // public destination (IANA's special-purpose registry).
@@ -75,5 +81,19 @@ fn refusal_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("reserved")
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_use_nat64_prefix_is_refused_and_the_well_known_one_by_its_ipv4_host() {
+        for ip in ["64:ff9b:1::a9fe:a9fe", "64:ff9b:1::808:808", "64:ff9b:1:ffff:ffff:ffff:ffff:ffff"] {
+            assert_eq!(refusal(ip.parse().expect("ip")), Some("local-use NAT64"), "{ip}");
+        }
+        assert_eq!(refusal("64:ff9b::a9fe:a9fe".parse().expect("ip")), Some("link-local"));
+        assert_eq!(refusal("64:ff9b::808:808".parse().expect("ip")), None, "8.8.8.8 through the well-known prefix");
     }
 }

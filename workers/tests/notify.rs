@@ -479,6 +479,166 @@ async fn a_slow_receiver_does_not_delay_another_webhooks_delivery() {
     .await;
 }
 
+/// One user's receivers cannot take every delivery slot: user A has more webhooks than the
+/// delivery loop has slots, all at a receiver that holds every request, and one event for all of
+/// them; user B's delivery, published after, still goes out at once — long before A's requests
+/// could time out — while A holds no more than its share of the slots.
+#[tokio::test]
+async fn one_users_hanging_receivers_do_not_delay_another_users_delivery() {
+    const CONCURRENCY: usize = 6;
+    const A_WEBHOOKS: usize = 8;
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (a, _) = stack.user().await;
+    for _ in 0..A_WEBHOOKS {
+        stack.webhook(a, &format!("{base}/slow"), &["order.filled"]).await;
+    }
+    let (b, _) = stack.user().await;
+    stack.webhook(b, &format!("{base}/fast"), &["order.filled"]).await;
+
+    // The consumer and the delivery loop in this process, with few slots and a request timeout
+    // far beyond the wait below: a delivery queued behind A's would wait for it.
+    let config = DeliveryConfig {
+        concurrency: CONCURRENCY,
+        request_timeout: Duration::from_secs(120),
+        lease: Duration::from_secs(300),
+        poll_interval: Duration::from_millis(10),
+        drain: Duration::from_secs(5),
+        ..DeliveryConfig::new(true)
+    };
+    assert!(A_WEBHOOKS > CONCURRENCY && config.per_user < CONCURRENCY, "the test's premise");
+    let per_user = config.per_user;
+    let (shutdown, wakers) = (CancellationToken::new(), Wakers::default());
+    let deliveries =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, wakers.deliveries.clone(), shutdown.clone()));
+    stack.bus.ensure_consumers(&vault_bus::consumers::notify()).await.expect("the notifier's consumers");
+    let consumers = {
+        let (bus, pool, wakers, shutdown) = (stack.bus.clone(), stack.pool.clone(), wakers.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            vault_workers::notify::consume::run_consumers(&bus, &pool, vault_bus::consumers::notify(), wakers, shutdown)
+                .await
+        })
+    };
+
+    publish(&stack.bus, &engine_event(a, EventKind::OrderFilled, order("filled"))).await;
+    poll_until(Duration::from_secs(20), "A's receiver to be called", || async {
+        (!receiver.hits("slow").is_empty()).then_some(())
+    })
+    .await;
+    publish(&stack.bus, &engine_event(b, EventKind::OrderFilled, order("filled"))).await;
+    poll_until(Duration::from_secs(15), "B's receiver to be called while A's requests hang", || async {
+        (!receiver.hits("fast").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.slow_finished.load(Ordering::SeqCst), 0, "A's requests were all still held");
+    let a_calls = receiver.hits("slow").len();
+    assert!(a_calls <= per_user, "A held {a_calls} slots at once, more than its {per_user}");
+
+    // A's other deliveries wait their turn and all go out once its receiver answers.
+    receiver.slow_released.add_permits(A_WEBHOOKS * 4);
+    poll_until(Duration::from_secs(30), "every delivery of A delivered", || async {
+        let delivered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+              WHERE w.user_id = $1 AND d.status = 'delivered'",
+        )
+        .bind(a)
+        .fetch_one(&stack.pool)
+        .await
+        .ok()?;
+        (delivered == A_WEBHOOKS as i64).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    deliveries.await.expect("joins").expect("the delivery loop stops cleanly");
+    consumers.await.expect("joins").expect("the consumers stop cleanly");
+}
+
+/// A webhook's own backlog takes at most its share of the slots too: with five deliveries of
+/// one webhook held by its receiver, another webhook of the same user still gets its delivery.
+#[tokio::test]
+async fn one_webhooks_backlog_holds_at_most_two_slots() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (user, _) = stack.user().await;
+    let slow = vault_testkit::insert_webhook(&stack.pool, user, &format!("{base}/slow"), SECRET).await;
+    for _ in 0..5 {
+        vault_testkit::insert_due_delivery(&stack.pool, slow).await;
+    }
+    let config = DeliveryConfig {
+        concurrency: 6,
+        request_timeout: Duration::from_secs(120),
+        lease: Duration::from_secs(300),
+        poll_interval: Duration::from_millis(10),
+        drain: Duration::from_secs(5),
+        ..DeliveryConfig::new(true)
+    };
+    let per_webhook = config.per_webhook;
+    let shutdown = CancellationToken::new();
+    let loop_ =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, Wakers::default().deliveries, shutdown.clone()));
+    poll_until(Duration::from_secs(20), "the held webhook to be called", || async {
+        (!receiver.hits("slow").is_empty()).then_some(())
+    })
+    .await;
+    let fast = pending_delivery(&stack.pool, user, &format!("{base}/fast")).await;
+    poll_until(Duration::from_secs(15), "the other webhook to be called", || async {
+        (!receiver.hits("fast").is_empty()).then_some(())
+    })
+    .await;
+    let held = receiver.hits("slow").len();
+    assert!(held <= per_webhook, "one webhook held {held} slots at once, more than its {per_webhook}");
+    receiver.slow_released.add_permits(10);
+    poll_until(Duration::from_secs(30), "every delivery delivered", || async {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries WHERE status <> 'delivered'")
+            .fetch_one(&stack.pool)
+            .await
+            .ok()?;
+        (pending == 0 && stack.delivery(fast).await.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.hits("slow").len(), 5, "each held delivery sent once");
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// An attempt whose row was recorded by another attempt meanwhile (its lease ran out and another
+/// process took it over) changes nothing, and is neither counted nor logged as delivered: here
+/// the row is marked delivered while the worker's request is held.
+#[tokio::test]
+async fn a_webhook_attempt_recorded_elsewhere_meanwhile_is_not_counted_again() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (mut worker, ops) = stack.worker(true).await;
+    let (user, _) = stack.user().await;
+    let hook = pending_delivery(&stack.pool, user, &format!("{base}/slow")).await;
+    poll_until(Duration::from_secs(20), "the request to be held", || async {
+        (!receiver.hits("slow").is_empty()).then_some(())
+    })
+    .await;
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'delivered', attempts = 1, last_status_code = 299, next_attempt_at = NULL
+          WHERE webhook_id = $1",
+    )
+    .bind(hook)
+    .execute(&stack.pool)
+    .await
+    .expect("recorded elsewhere");
+    receiver.slow_released.add_permits(1);
+    let delivered = r#"vault_webhook_deliveries_total{outcome="delivered"}"#;
+    let noticed = "webhook attempt not recorded";
+    poll_until(Duration::from_secs(20), "the worker to record (or skip) its attempt", || async {
+        (metric(&ops, delivered).await > 0.0 || worker.output().contains(noticed)).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&ops, delivered).await, 0.0, "the attempt was counted though it recorded nothing");
+    assert_eq!(
+        stack.delivery(hook).await,
+        Some(("delivered".to_owned(), 1, Some(299), None)),
+        "the other record stands"
+    );
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+}
+
 #[tokio::test]
 async fn a_login_from_a_new_ip_notifies_and_emails_once_and_the_same_ip_again_does_not() {
     let stack = Stack::start().await;
@@ -843,6 +1003,37 @@ async fn with_a_slow_relay_each_email_is_recorded_before_the_next_send() {
     gate.notify_one();
     shutdown.cancel();
     sender.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// An email whose row another sender recorded while this one's send was under way (its lease
+/// ran out): the late record changes nothing and is not counted as sent a second time.
+#[tokio::test]
+async fn an_email_recorded_elsewhere_while_its_send_was_under_way_is_not_counted_again() {
+    let stack = Stack::start().await;
+    let (port, messages, gate) = fake_smtp().await;
+    let mut envs = base_env(&stack.db, &stack.nats);
+    envs.push(("SMTP_URL", format!("smtp://127.0.0.1:{port}")));
+    let (mut worker, ops) = Proc::start_ready(BIN, &["notify"], &envs).await;
+    let (user, _) = stack.user().await;
+    let id = queue_email(&stack.pool, user, "hold@example.com", 0).await;
+    poll_until(Duration::from_secs(20), "the email to be held by the relay", || async {
+        (!messages.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
+    sqlx::query("UPDATE email_outbox SET status = 'sent', attempts = 1, sent_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&stack.pool)
+        .await
+        .expect("recorded elsewhere");
+    gate.notify_one();
+    let sent = r#"vault_emails_total{outcome="sent"}"#;
+    let noticed = "email attempts not recorded";
+    poll_until(Duration::from_secs(20), "the worker to record (or skip) its attempt", || async {
+        (metric(&ops, sent).await > 0.0 || worker.output().contains(noticed)).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&ops, sent).await, 0.0, "the send was counted though its record changed nothing");
+    worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
 /// An email sender running against the fake SMTP server, with one email whose DATA the server

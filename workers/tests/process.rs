@@ -52,7 +52,16 @@ async fn every_worker_role_refuses_bad_configuration_with_exit_code_two() {
     assert_config_error(
         BIN,
         &["notify"],
-        &offline_env("SMTP_URL", "smtp://mailer:secret-pass@127.0.0.1:2525?tls=sometimes"),
+        &offline_env("SMTP_URL", "smtp://127.0.0.1:2525?tls=sometimes&from=secret-sender%40example.com"),
+        "SMTP_URL",
+        &["secret-sender"],
+    )
+    .await;
+    // Credentials over plain smtp:// without tls=required: the password would travel in clear.
+    assert_config_error(
+        BIN,
+        &["notify"],
+        &offline_env("SMTP_URL", "smtp://mailer:secret-pass@127.0.0.1:2525"),
         "SMTP_URL",
         &["secret-pass"],
     )

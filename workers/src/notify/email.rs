@@ -11,13 +11,21 @@
 //! - `SMTP_URL` unset: the email is "sent" by writing one log line — id, the recipient's
 //!   domain only (addresses are personal data), subject — and marked `sent`; the body stays in
 //!   the row. This is the development mode of `API.md`.
-//! - `SMTP_URL=smtp://[user:password@]host[:port][?tls=required|opportunistic][&from=…]` or
-//!   `smtps://…`: SMTP through lettre (rustls). `from` (URL-encoded mailbox, e.g.
+//! - `SMTP_URL=smtp://host[:port][?tls=required|opportunistic][&from=…]` (a relay without
+//!   authentication), `smtp://user:password@host[:port]?tls=required[&from=…]` (STARTTLS) or
+//!   `smtps://[user:password@]host[:port][?from=…]`: SMTP through lettre (rustls). `from` (URL-encoded mailbox, e.g.
 //!   `CryptoVault%20%3Cno-reply%40example.com%3E`) sets the sender, default [`DEFAULT_FROM`].
 //!   A permanent SMTP refusal (5xx) or an unusable address fails the row at once; anything else
 //!   is retried with backoff (base ×3, ±20 % jitter) up to [`EmailConfig::max_attempts`].
 //!
 //! The SMTP URL is a secret: it is never logged, and an error that would quote it is replaced.
+//! `smtp://` with credentials must say `tls=required` (else lettre would send `AUTH` in clear;
+//! refused at config load and again by [`Mailer::new`]).
+//!
+//! Addresses are personal data: an error's text loses every address-like word
+//! ([`scrub_addresses`]: relays quote recipients in their replies) before it is logged or kept in
+//! `last_error`. An attempt is counted in `vault_emails_total` only when its record changed the
+//! row (one another sender recorded since is left alone, and not counted twice).
 //!
 //! A claimed batch is worked through only while its lease lasts: a send starts only if it can end
 //! (each send is bounded by the SMTP timeout as a whole) and be recorded before the lease runs
@@ -107,6 +115,10 @@ impl Mailer {
     pub fn new(smtp_url: Option<&Secret>, timeout: Duration) -> anyhow::Result<Mailer> {
         let Some(secret) = smtp_url else { return Ok(Mailer::Log) };
         let raw = secret.expose();
+        // Checked at config load too; again here for a URL that did not come through it.
+        if let Some(problem) = vault_core::config::smtp_url_problem(raw) {
+            anyhow::bail!("SMTP_URL: {problem}");
+        }
         // Never echo the URL (it carries the password), not even inside a library's message.
         let scrub = |message: String| {
             let parsed = Url::parse(raw).ok();
@@ -144,27 +156,74 @@ impl Mailer {
                 );
                 Ok(())
             }
+            // Scrubbed: the relay's reply text (which lettre's errors quote) names recipients,
+            // and this text goes to the warn log and to `last_error`.
             Mailer::Smtp { transport, from, timeout } => {
-                let to: Mailbox = email
-                    .to_address
-                    .parse()
-                    .map_err(|e| SendError::Permanent(format!("the recipient is not a valid address: {e}")))?;
-                let message = Message::builder()
-                    .from(from.clone())
-                    .to(to)
-                    .subject(email.subject.clone())
-                    .header(ContentType::TEXT_PLAIN)
-                    .body(email.body.clone())
-                    .map_err(|e| SendError::Permanent(format!("the email cannot be built: {e}")))?;
-                match tokio::time::timeout(*timeout, transport.send(message)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) if refuses_the_email(&e) => Err(SendError::Permanent(e.to_string())),
-                    Ok(Err(e)) => Err(SendError::Transient(e.to_string())),
-                    Err(_) => Err(SendError::Transient(format!("no answer within {timeout:?}"))),
-                }
+                send_smtp(transport, from, *timeout, email).await.map_err(|e| match e {
+                    SendError::Permanent(text) => SendError::Permanent(scrub_addresses(&text)),
+                    SendError::Transient(text) => SendError::Transient(scrub_addresses(&text)),
+                })
             }
         }
     }
+}
+
+/// Sends one email through the relay; the error texts may quote addresses.
+async fn send_smtp(
+    transport: &AsyncSmtpTransport<Tokio1Executor>,
+    from: &Mailbox,
+    timeout: Duration,
+    email: &Email,
+) -> Result<(), SendError> {
+    let to: Mailbox = email
+        .to_address
+        .parse()
+        .map_err(|e| SendError::Permanent(format!("the recipient is not a valid address: {e}")))?;
+    let message = Message::builder()
+        .from(from.clone())
+        .to(to)
+        .subject(email.subject.clone())
+        .header(ContentType::TEXT_PLAIN)
+        .body(email.body.clone())
+        .map_err(|e| SendError::Permanent(format!("the email cannot be built: {e}")))?;
+    match tokio::time::timeout(timeout, transport.send(message)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if refuses_the_email(&e) => Err(SendError::Permanent(e.to_string())),
+        Ok(Err(e)) => Err(SendError::Transient(e.to_string())),
+        Err(_) => Err(SendError::Transient(format!("no answer within {timeout:?}"))),
+    }
+}
+
+/// What stands in for an address in error texts.
+const ADDRESS_WITHHELD: &str = "[address]";
+
+/// `text` with every address-like word — a run of characters without spaces, angle or square
+/// brackets, commas, semicolons or parentheses (except inside double quotes, as in a quoted local
+/// part) that holds an `@` — replaced by [`ADDRESS_WITHHELD`]. Relays quote recipients in their
+/// replies (`550 5.1.1 <alice@example.com>: Recipient address rejected`), and addresses are
+/// personal data: the SMTP code and the rest of the reason stay. An unbalanced quote makes the
+/// rest of the text one word: more withheld, never less.
+pub fn scrub_addresses(text: &str) -> String {
+    let separator = |c: char| c.is_whitespace() || "<>,;()[]".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let (mut word, mut quoted) = (String::new(), false);
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(if word.contains('@') { ADDRESS_WITHHELD } else { word.as_str() });
+        word.clear();
+    };
+    for c in text.chars() {
+        if c == '"' {
+            quoted = !quoted;
+            word.push(c);
+        } else if separator(c) && !quoted {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 /// Whether the relay refused *this email* for good: a permanent reply of the mail-system class
@@ -253,7 +312,7 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
     if done.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    let recorded: Vec<String> = sqlx::query_scalar(
         "UPDATE email_outbox e
             SET status = r.status, attempts = r.attempts, last_error = r.error,
                 next_attempt_at = CASE WHEN r.status = 'pending' THEN now() + make_interval(secs => r.wait)
@@ -261,7 +320,8 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
                 sent_at = CASE WHEN r.status = 'sent' THEN now() END
            FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::float8[], $6::int4[])
                 AS r(id, status, attempts, error, wait, before)
-          WHERE e.id = r.id AND e.status = 'pending' AND e.attempts = r.before",
+          WHERE e.id = r.id AND e.status = 'pending' AND e.attempts = r.before
+      RETURNING e.status",
     )
     .bind(done.iter().map(|a| a.email.id).collect::<Vec<_>>())
     .bind(done.iter().map(|a| a.status).collect::<Vec<_>>())
@@ -269,11 +329,22 @@ async fn record(pool: &PgPool, done: &[Attempted<'_>]) -> Result<(), sqlx::Error
     .bind(done.iter().map(|a| a.error.clone()).collect::<Vec<_>>())
     .bind(done.iter().map(|a| a.wait.as_secs_f64()).collect::<Vec<_>>())
     .bind(done.iter().map(|a| a.email.attempts).collect::<Vec<_>>())
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
-    for a in done {
-        let outcome = if a.status == "pending" { "retry" } else { a.status };
+    // Only the rows this record changed are counted: another sender counted its own.
+    for status in &recorded {
+        let outcome = match status.as_str() {
+            "pending" => "retry",
+            "sent" => "sent",
+            _ => "failed",
+        };
         metrics::counter!("vault_emails_total", "outcome" => outcome).increment(1);
+    }
+    if recorded.len() < done.len() {
+        tracing::warn!(
+            emails = done.len() - recorded.len(),
+            "email attempts not recorded: the emails were attempted again and recorded since"
+        );
     }
     Ok(())
 }
@@ -439,7 +510,7 @@ mod tests {
     // The SMTP pool spawns on the runtime it is built in.
     #[tokio::test]
     async fn an_smtp_url_is_accepted_and_never_quoted_in_errors() {
-        let ok = Secret::new("smtp://user:hunter2@127.0.0.1:2525?from=Vault%20%3Cops%40example.com%3E");
+        let ok = Secret::new("smtp://user:hunter2@127.0.0.1:2525?tls=required&from=Vault%20%3Cops%40example.com%3E");
         match Mailer::new(Some(&ok), Duration::from_secs(1)).expect("usable") {
             Mailer::Smtp { from, .. } => assert_eq!(from.email.to_string(), "ops@example.com"),
             Mailer::Log => panic!("SMTP expected"),
@@ -448,5 +519,23 @@ mod tests {
         let err = Mailer::new(Some(&bad), Duration::from_secs(1)).expect_err("refused").to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(matches!(Mailer::new(None, Duration::from_secs(1)), Ok(Mailer::Log)));
+        let clear = Secret::new("smtp://user:hunter2@127.0.0.1:2525");
+        let err = Mailer::new(Some(&clear), Duration::from_secs(1)).expect_err("credentials in clear").to_string();
+        assert!(err.contains("tls=required") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn addresses_in_relay_replies_are_scrubbed_and_the_code_and_reason_kept() {
+        let scrubbed = scrub_addresses(
+            "permanent error (550): 5.1.1 <alice.smith+vault@example.com>: Recipient address rejected: \
+             User unknown in virtual mailbox table (to bob@example.org, \"carol smith\"@example.net; dave@[192.0.2.1])",
+        );
+        for gone in ["alice", "bob", "carol", "dave", "example.com", "example.org", "@"] {
+            assert!(!scrubbed.contains(gone), "{gone} left in {scrubbed}");
+        }
+        for kept in ["permanent error (550): 5.1.1 <[address]>", "Recipient address rejected", "User unknown"] {
+            assert!(scrubbed.contains(kept), "{kept} lost from {scrubbed}");
+        }
+        assert_eq!(scrub_addresses("451 4.3.0 try again later"), "451 4.3.0 try again later");
     }
 }

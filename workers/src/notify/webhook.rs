@@ -10,8 +10,19 @@
 //! **Isolation.** Each claimed row is attempted on its own task holding one permit of a
 //! semaphore ([`DeliveryConfig::concurrency`]); the loop claims only as many rows as there are
 //! free permits. A slow or hanging receiver holds one permit for at most twice the request
-//! timeout (resolving its host, then the request, each bounded by it); every other delivery
-//! goes on.
+//! timeout (resolving its host, then the request, each bounded by it).
+//!
+//! **Fairness.** Permits are shared by every user, so the claim itself is fair: it never gives
+//! one webhook more than [`DeliveryConfig::per_webhook`] of this process's attempts under way,
+//! nor one user more than [`DeliveryConfig::per_user`] (counting what is already under way,
+//! [`InFlight`]), and among the rows it may take it takes each user's first before anyone's
+//! second (window functions over the due rows, in the claim's one statement). A webhook's or a
+//! user's excess stays due, in order, and is claimed as their attempts end. So one user's slow
+//! or hanging receivers — however many webhooks or events they have — hold at most `per_user`
+//! permits and delay only that user's own deliveries; every other user's go on. The bound is per
+//! process (it protects that process's permits); a process that died holds nothing. The price:
+//! the claim ranks every due row, so a large backlog of due rows makes each claim slower, and a
+//! single webhook's deliveries go out at most `per_webhook` at a time.
 //!
 //! **Outcome.** 2xx → `delivered`. A network error, timeout or any other status (redirects are
 //! not followed) → `attempts + 1` and the next attempt after [`backoff`] (base ×3 per attempt,
@@ -36,8 +47,9 @@
 //! Logs name the delivery, webhook and host, never the full URL (users put tokens in query
 //! strings) and never the secret.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -71,6 +83,10 @@ pub struct DeliveryConfig {
     pub max_attempts: i32,
     /// Attempts in flight at once.
     pub concurrency: usize,
+    /// Attempts of one webhook in flight at once (in this process); its other due rows wait.
+    pub per_webhook: usize,
+    /// Attempts of one user's webhooks in flight at once (in this process), all webhooks together.
+    pub per_user: usize,
     /// The whole request, connection included.
     pub request_timeout: Duration,
     /// How far a claim pushes `next_attempt_at`; longer than any attempt can take.
@@ -89,6 +105,8 @@ impl DeliveryConfig {
             backoff_base: Duration::from_secs(30),
             max_attempts: 8,
             concurrency: 32,
+            per_webhook: 2,
+            per_user: 4,
             request_timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
@@ -211,6 +229,7 @@ pub fn client(config: &DeliveryConfig) -> reqwest::Result<reqwest::Client> {
 struct Claimed {
     id: Uuid,
     webhook_id: Uuid,
+    user_id: Uuid,
     payload: Value,
     attempts: i32,
     url: String,
@@ -232,24 +251,124 @@ enum Attempt {
     Refused(String),
 }
 
-/// Claims up to `limit` due deliveries and leases them.
-async fn claim(pool: &PgPool, limit: usize, lease: Duration) -> Result<Vec<Claimed>, sqlx::Error> {
+/// This process's attempts under way, by webhook and by user: what a claim must leave room for
+/// ([`DeliveryConfig::per_webhook`], [`DeliveryConfig::per_user`]). A [`Slot`] is taken for
+/// every claimed row before the next claim and given back when its task ends, however it ends.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// (by webhook, by user); entries at zero are removed.
+    counts: Mutex<(HashMap<Uuid, i64>, HashMap<Uuid, i64>)>,
+    /// Notified when an attempt ends: rows held back by a cap may be claimed now.
+    freed: Notify,
+}
+
+/// One attempt counted in [`InFlight`] until dropped.
+struct Slot {
+    in_flight: Arc<InFlight>,
+    webhook: Uuid,
+    user: Uuid,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<Uuid, i64>, HashMap<Uuid, i64>)> {
+        // A panic while holding it leaves plain counters, still consistent: go on with them.
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(self: &Arc<Self>, row: &Claimed) -> Slot {
+        let mut counts = self.lock();
+        *counts.0.entry(row.webhook_id).or_default() += 1;
+        *counts.1.entry(row.user_id).or_default() += 1;
+        Slot { in_flight: self.clone(), webhook: row.webhook_id, user: row.user_id }
+    }
+
+    /// The counts as the claim's arrays: webhooks, their counts, users, their counts.
+    fn snapshot(&self) -> (Vec<Uuid>, Vec<i64>, Vec<Uuid>, Vec<i64>) {
+        let counts = self.lock();
+        let (hooks, hook_counts) = counts.0.iter().map(|(k, n)| (*k, *n)).unzip();
+        let (users, user_counts) = counts.1.iter().map(|(k, n)| (*k, *n)).unzip();
+        (hooks, hook_counts, users, user_counts)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut counts = self.in_flight.lock();
+            let (by_webhook, by_user) = &mut *counts;
+            for (map, key) in [(by_webhook, self.webhook), (by_user, self.user)] {
+                if let Some(n) = map.get_mut(&key) {
+                    *n -= 1;
+                    if *n <= 0 {
+                        map.remove(&key);
+                    }
+                }
+            }
+        }
+        self.in_flight.freed.notify_one();
+    }
+}
+
+/// Claims up to `limit` due deliveries, fairly (see the module's "Fairness"), and leases them.
+///
+/// `due` ranks each webhook's due rows from its attempts under way on (`hook_slot`), `fair` keeps
+/// those within the webhook cap and ranks them per user the same way (`user_slot`, a webhook's
+/// earlier slots first); the rows within the user cap are taken lowest `user_slot` first, so a
+/// user with nothing under way goes before one who has. Window functions cannot be combined with
+/// `FOR UPDATE`, hence the separate `picked`, which locks, skips rows another process holds, and
+/// checks again that each is still due.
+async fn claim(
+    pool: &PgPool,
+    limit: usize,
+    config: &DeliveryConfig,
+    in_flight: &InFlight,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    let (hooks, hook_counts, users, user_counts) = in_flight.snapshot();
     sqlx::query_as(
-        "WITH due AS (
-             SELECT id FROM webhook_deliveries
-              WHERE status = 'pending' AND next_attempt_at <= now()
-              ORDER BY next_attempt_at
-              LIMIT $1
-              FOR UPDATE SKIP LOCKED
-         )
+        "WITH busy_hook AS (SELECT * FROM unnest($3::uuid[], $4::int8[]) AS b(webhook_id, n)),
+              busy_user AS (SELECT * FROM unnest($5::uuid[], $6::int8[]) AS b(user_id, n)),
+              due AS (
+                  SELECT d.id, d.next_attempt_at, w.user_id,
+                         coalesce(bh.n, 0)
+                           + row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id)
+                           AS hook_slot
+                    FROM webhook_deliveries d
+                    JOIN webhooks w ON w.id = d.webhook_id
+                    LEFT JOIN busy_hook bh ON bh.webhook_id = d.webhook_id
+                   WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+              ),
+              fair AS (
+                  SELECT due.id, due.next_attempt_at,
+                         coalesce(bu.n, 0)
+                           + row_number() OVER (PARTITION BY due.user_id
+                                                ORDER BY due.hook_slot, due.next_attempt_at, due.id)
+                           AS user_slot
+                    FROM due
+                    LEFT JOIN busy_user bu ON bu.user_id = due.user_id
+                   WHERE due.hook_slot <= $7
+              ),
+              picked AS (
+                  SELECT d.id FROM webhook_deliveries d
+                   WHERE d.id IN (SELECT id FROM fair WHERE user_slot <= $8
+                                   ORDER BY user_slot, next_attempt_at, id LIMIT $1)
+                     AND d.status = 'pending' AND d.next_attempt_at <= now()
+                     FOR UPDATE SKIP LOCKED
+              )
          UPDATE webhook_deliveries d
             SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
-           FROM due, webhooks w
-          WHERE d.id = due.id AND w.id = d.webhook_id
-      RETURNING d.id, d.webhook_id, d.payload, d.attempts, w.url, w.secret, w.deleted_at IS NOT NULL AS deleted",
+           FROM picked, webhooks w
+          WHERE d.id = picked.id AND w.id = d.webhook_id
+      RETURNING d.id, d.webhook_id, w.user_id, d.payload, d.attempts, w.url, w.secret,
+                w.deleted_at IS NOT NULL AS deleted",
     )
     .bind(limit as i64)
-    .bind(lease.as_secs_f64())
+    .bind(config.lease.as_secs_f64())
+    .bind(hooks)
+    .bind(hook_counts)
+    .bind(users)
+    .bind(user_counts)
+    .bind(config.per_webhook.max(1) as i64)
+    .bind(config.per_user.max(1) as i64)
     .fetch_all(pool)
     .await
 }
@@ -318,8 +437,10 @@ async fn attempt(client: &reqwest::Client, config: &DeliveryConfig, row: &Claime
 }
 
 /// Records an attempt's outcome, unless another process has recorded one for this attempt
-/// since (its lease ran out and it was claimed again).
-async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: &Attempt) -> Result<(), sqlx::Error> {
+/// since (its lease ran out and it was claimed again): then nothing changes, and the outcome is
+/// neither counted nor logged as this attempt's (the other process counted its own). Whether
+/// the row changed.
+async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: &Attempt) -> Result<bool, sqlx::Error> {
     let (status, attempts, code, error, wait): (&str, i32, Option<u16>, Option<&str>, Option<Duration>) = match outcome
     {
         Attempt::Delivered { status } => ("delivered", row.attempts + 1, Some(*status), None, None),
@@ -336,7 +457,7 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
         Attempt::Refused(reason) => ("failed", row.attempts, None, Some(reason), None),
     };
     let error = error.map(|e| e.chars().take(MAX_ERROR_LEN).collect::<String>());
-    sqlx::query(
+    let changed = sqlx::query(
         "UPDATE webhook_deliveries
             SET status = $2, attempts = $3, last_status_code = $4, last_error = $5,
                 next_attempt_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $6) END,
@@ -351,13 +472,20 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
     .bind(wait.unwrap_or_default().as_secs_f64())
     .bind(row.attempts)
     .execute(pool)
-    .await?;
+    .await?
+    .rows_affected();
+    let host = Url::parse(&row.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    if changed == 0 {
+        // The lease ran out under this attempt (a process stalled past it): what the receiver
+        // answered is not what the row says.
+        tracing::warn!(delivery = %row.id, webhook = %row.webhook_id, host, "webhook attempt not recorded: the delivery was attempted again and recorded since");
+        return Ok(false);
+    }
     let outcome_label = match status {
         "pending" => "retry",
         other => other,
     };
     metrics::counter!("vault_webhook_deliveries_total", "outcome" => outcome_label).increment(1);
-    let host = Url::parse(&row.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
     match outcome {
         Attempt::Delivered { status } => {
             tracing::debug!(delivery = %row.id, webhook = %row.webhook_id, host, status, attempts, "webhook delivered")
@@ -369,7 +497,7 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
             tracing::warn!(delivery = %row.id, webhook = %row.webhook_id, host, reason = %reason, "webhook delivery refused")
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Runs the delivery loop until `shutdown`; `wake` is notified when new rows were written, so
@@ -383,6 +511,7 @@ pub async fn run_deliveries(
     let client = client(&config)?;
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let slots = Arc::new(InFlight::default());
     let mut in_flight = JoinSet::new();
     loop {
         while in_flight.try_join_next().is_some() {}
@@ -395,7 +524,7 @@ pub async fn run_deliveries(
         // Raced with the shutdown: a database that does not answer must not hold the exit (a
         // claim given up this way is brought back by its lease).
         // Bounded too: a claim on a connection that stopped answering would stop deliveries.
-        let claim = db::within(db::STATEMENT_WITHIN, claim(&pool, room, config.lease));
+        let claim = db::within(db::STATEMENT_WITHIN, claim(&pool, room, &config, &slots));
         let Some(claimed) = shutdown.run_until_cancelled(claim).await else { break };
         let rows = match claimed {
             Ok(rows) => rows,
@@ -409,6 +538,8 @@ pub async fn run_deliveries(
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified() => {}
+                // An attempt ended: rows a cap held back may be claimed now.
+                _ = slots.freed.notified() => {}
                 _ = tokio::time::sleep(config.poll_interval) => {}
             }
             continue;
@@ -420,6 +551,8 @@ pub async fn run_deliveries(
                 Some(p) => p,
                 None => permits.clone().acquire_owned().await?,
             };
+            // Counted before the next claim; given back when the task ends, however it ends.
+            let slot = slots.take(&row);
             let (pool, client, config) = (pool.clone(), client.clone(), config.clone());
             in_flight.spawn(async move {
                 let outcome = attempt(&client, &config, &row).await;
@@ -428,6 +561,7 @@ pub async fn run_deliveries(
                     tracing::warn!(delivery = %row.id, error = %e, "cannot record a webhook attempt; its lease will bring it back");
                 }
                 drop(permit);
+                drop(slot);
             });
         }
     }
