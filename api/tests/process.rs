@@ -96,8 +96,58 @@ async fn the_api_serves_health_readiness_and_metrics_and_tags_every_response() {
 
     // The startup log shows the effective configuration, secrets redacted.
     let output = api.output();
-    assert!(output.contains("effective") || output.contains("starting vault-api"), "{output}");
+    let config = effective_configuration(&output);
+    for field in ["APP_ENV", "DATABASE_URL", "NATS_URL", "API_ADDR", "OPS_ADDR", "LOG_FORMAT", "JWT_SECRET"] {
+        assert!(
+            config.get(field).is_some_and(|v| !v.is_empty()),
+            "{field} missing from the logged configuration: {config:?}"
+        );
+    }
+    assert_eq!(config["APP_ENV"], "development");
+    assert_eq!(config["LOG_FORMAT"], "json");
+    assert_eq!(config["JWT_SECRET"], "[redacted]");
+    for secret in ["SMTP_URL", "SENTRY_DSN"] {
+        assert!(
+            config.get(secret).is_none_or(|v| v == "[redacted]" || v == "(unset)"),
+            "{secret} is shown: {config:?}"
+        );
+    }
+    // The database is named, its password is not.
+    let password = db_password(&db.url);
+    let logged_url = &config["DATABASE_URL"];
+    assert!(!logged_url.contains(&format!(":{password}@")), "the database password is logged: {logged_url}");
+    assert!(logged_url.contains("[redacted]@"), "the password's place is marked: {logged_url}");
+    assert!(!output.contains(&format!(":{password}@")), "the database password leaked into the log");
     assert!(!output.contains(TEST_JWT_SECRET), "the JWT secret leaked into the log");
+}
+
+/// The configuration the `starting vault-api` JSON log line carries, as name → value (logged as
+/// a structured value or as the debug text of a map; both read the same).
+fn effective_configuration(output: &str) -> std::collections::BTreeMap<String, String> {
+    let line = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "starting vault-api")
+        .unwrap_or_else(|| panic!("no JSON `starting vault-api` line:\n{output}"));
+    let config = &line["fields"]["config"];
+    let config = match config {
+        serde_json::Value::String(text) => {
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("the logged configuration is not a map ({e}): {text}"))
+        }
+        other => other.clone(),
+    };
+    serde_json::from_value(config.clone())
+        .unwrap_or_else(|e| panic!("the logged configuration is not a map ({e}): {config}"))
+}
+
+/// The password in a `postgres://user:password@host/db` URL.
+fn db_password(url: &str) -> &str {
+    let credentials = url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(c, _)| c);
+    credentials
+        .and_then(|c| c.split_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty())
+        .expect("a test URL with a password")
 }
 
 #[tokio::test]

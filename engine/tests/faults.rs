@@ -1,6 +1,7 @@
 //! Faults against the real engine binary: `kill -9` at several random moments of a flood of
 //! commands that keeps arriving, and a second engine on the same partitions, standing by until
-//! the first is killed.
+//! the first is killed; a second writer without the lease, caught by the version
+//! compare-and-set; and a `kill -9` while committed events wait in the outbox.
 //! After each: every command applied exactly once, nothing pending, the books balanced — and
 //! `vault-engine reconcile` finds the database clean, with each user's commands in stream
 //! order too. Each test prints its counts.
@@ -636,4 +637,224 @@ async fn an_engine_whose_lease_connection_is_dropped_stops_serving_and_stands_by
         "reconcile (with stream order) found violations (exit {code}):\n{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
+}
+
+/// A second writer of one user that holds no lease (a misconfigured second engine: here the
+/// engine's own store, driven from the test) commits a command the running engine then
+/// receives, and then the engine's next command comes. The copy is recognised by its key and
+/// applied nothing; the next command, decided on the state the engine held from before the
+/// other write, is refused by the version compare-and-set, and the engine reloads and applies
+/// it once, on the state as committed: twice — a limit buy only the other writer's deposit can
+/// fund is accepted, not refused for funds the engine did not know of; a deposit adds to the
+/// balance the other writer left instead of overwriting it.
+#[tokio::test]
+async fn a_second_writer_without_the_lease_is_refused_by_the_version_check_and_nothing_applies_twice() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let mut desk = common::Desk::connect(pool.clone(), &nats).await;
+    let (mut engine, ops) = start_engine_at(&db, &nats, &[]).await;
+    desk.tick(dec!(42000)).await;
+    let user = desk.user().await;
+    let first = desk.deposit(user, "USD", dec!(1000)).await;
+    desk.wait_status("deposits", first, "completed", Duration::from_secs(20)).await;
+    // The engine's actor now holds the user's state at version 1.
+    let conflicts = || async { scrape_metric(&ops, "vault_engine_version_conflicts_total", &[]).await };
+    let duplicates = || async { scrape_metric(&ops, "vault_engine_commands_total", &[r#"outcome="duplicate""#]).await };
+    assert_eq!(conflicts().await, 0.0, "no conflict before the second writer");
+
+    // Round 1: the other writer deposits 5000; then a limit buy holding 4004 comes to the engine.
+    let funding = behind_the_engines_back(&desk, user, dec!(5000)).await;
+    desk.wait_status("deposits", funding, "completed", Duration::from_secs(1)).await;
+    poll_until(Duration::from_secs(20), "the engine to take the other writer's command as a copy", || async {
+        (duplicates().await == 1.0).then_some(())
+    })
+    .await;
+    let (buy, _) = desk.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.1), Some(dec!(40000))).await;
+    let status = desk.decided(buy, Duration::from_secs(20)).await;
+    let reason: Option<String> = sqlx::query_scalar("SELECT reject_reason FROM orders WHERE id = $1")
+        .bind(buy)
+        .fetch_one(&pool)
+        .await
+        .expect("n");
+    assert_eq!(status, "open", "decided on the state as committed, not the engine's stale one ({reason:?})");
+    assert_eq!(conflicts().await, 1.0, "the stale commit was refused once, then the state reloaded");
+
+    // Round 2: the other writer deposits 700; then a deposit of 250 comes to the engine.
+    let other = behind_the_engines_back(&desk, user, dec!(700)).await;
+    desk.wait_status("deposits", other, "completed", Duration::from_secs(1)).await;
+    poll_until(Duration::from_secs(20), "the engine to take the second copy", || async {
+        (duplicates().await == 2.0).then_some(())
+    })
+    .await;
+    let last = desk.deposit(user, "USD", dec!(250)).await;
+    desk.wait_status("deposits", last, "completed", Duration::from_secs(20)).await;
+    assert_eq!(conflicts().await, 2.0, "the second stale commit was refused once too");
+    let refused = engine.output().matches("version conflict; reloading and retrying").count();
+    assert_eq!(refused, 2, "each refusal logged");
+
+    // Every command applied exactly once, one version each, in the order they came.
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM applied_commands WHERE user_id = $1 ORDER BY stream_seq")
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .expect("versions");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "five commands, one commit and one version each");
+    let version: i64 = sqlx::query_scalar("SELECT version FROM portfolios WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&pool)
+        .await
+        .expect("version");
+    assert_eq!(version, 5);
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM deposits WHERE user_id = $1 AND status = 'completed'")
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .expect("n");
+    assert_eq!(completed, 4);
+    let entries: Vec<Decimal> = sqlx::query_scalar(
+        "SELECT amount FROM ledger_entries WHERE user_id = $1 AND account = 'user' AND asset = 'USD' ORDER BY amount",
+    )
+    .bind(user)
+    .fetch_all(&pool)
+    .await
+    .expect("entries");
+    assert_eq!(entries, [dec!(250), dec!(700), dec!(1000), dec!(5000)], "one ledger entry per deposit, none twice");
+    let (total, reserved): (Decimal, Decimal) =
+        sqlx::query_as("SELECT total, reserved FROM balances WHERE user_id = $1 AND asset = 'USD'")
+            .bind(user)
+            .fetch_one(&pool)
+            .await
+            .expect("balance");
+    assert_eq!(total, dec!(6950), "1000 + 5000 + 700 + 250, the other writer's deposits included");
+    assert_eq!(reserved, dec!(4004), "the open buy's hold: 0.1 × 40000 and its 0.1 % fee");
+    assert_consistent(&pool, 5).await;
+    engine.stop_cleanly(Duration::from_secs(30)).await;
+    let (code, report) = run_reconcile(BIN, &db, &["--stream-order"]).await;
+    assert_reconciled(code, &report);
+}
+
+/// A deposit of `amount` USD for `user` committed the way a second engine without the lease
+/// would commit it — the engine's own store, from the state it loads now — as ORDERS' next
+/// message; then the command is published, and reaches the running engine as a copy. Returns
+/// the deposit's id.
+async fn behind_the_engines_back(desk: &common::Desk, user: Uuid, amount: Decimal) -> Uuid {
+    let (id, body) = desk.deposit_intake(user, "USD", amount).await;
+    let command = OrderCommand { user_id: user, request_id: None, at: Utc::now(), body };
+    let mut orders = desk.bus.jetstream().get_stream("ORDERS").await.expect("ORDERS");
+    let seq = orders.info().await.expect("info").state.last_sequence + 1;
+    let state = vault_engine::store::load(&desk.pool, user).await.expect("load");
+    let work = vault_engine::store::Work::Command { command: command.clone(), stream_seq: seq };
+    let (outcome, _) = vault_engine::store::commit(&desk.pool, &state, &work, None, Utc::now()).await.expect("commit");
+    assert!(matches!(outcome, vault_engine::store::Outcome::Applied { rejected: None, .. }), "{outcome:?}");
+    let ack = desk.bus.publish(&command, &MessageContext::default()).await.expect("published");
+    assert_eq!(ack.sequence, seq, "the copy has the stream sequence the other writer applied it at");
+    id
+}
+
+/// The `Nats-Msg-Id` of every message on EVENTS (the relay's: the outbox row's id), with the
+/// subject it was stored under.
+async fn events_on_the_stream(bus: &Bus) -> Vec<(String, String)> {
+    let mut stream = bus.jetstream().get_stream("EVENTS").await.expect("EVENTS");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let id = m.headers.get(vault_bus::MSG_ID_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
+            out.push((id, m.subject.to_string()));
+        }
+    }
+    out
+}
+
+/// Invariant 4: events committed while EVENTS refuses them wait in the outbox, and a `kill -9`
+/// then loses none: the next engine publishes each once, under its outbox id, and the outbox
+/// empties. EVENTS refuses them because its subjects are changed so that no stream takes
+/// `events.>` (every publish of the relay is answered "no responders"), as a stream being
+/// restored or a NATS account misconfigured would.
+#[tokio::test]
+async fn events_committed_but_not_published_when_the_engine_is_killed_are_published_once_after_a_restart() {
+    const USERS: usize = 4;
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let desk = common::Desk::connect(pool.clone(), &nats).await;
+    let (mut engine, _) = start_engine_at(&db, &nats, &[]).await;
+    let outbox = || async {
+        sqlx::query_as::<_, (Uuid, String)>("SELECT id, subject FROM outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("outbox")
+    };
+
+    // The relay works: a first deposit's event is published and leaves the outbox.
+    let user = desk.user().await;
+    let deposit = desk.deposit(user, "USD", dec!(100000)).await;
+    desk.wait_status("deposits", deposit, "completed", Duration::from_secs(20)).await;
+    poll_until(Duration::from_secs(20), "the first event to be published", || async {
+        (outbox().await.is_empty() && !events_on_the_stream(&desk.bus).await.is_empty()).then_some(())
+    })
+    .await;
+    let before = events_on_the_stream(&desk.bus).await;
+
+    // EVENTS stops taking the engine's events.
+    let js = desk.bus.jetstream();
+    let config = js.get_stream("EVENTS").await.expect("EVENTS").cached_info().config.clone();
+    js.update_stream(async_nats::jetstream::stream::Config {
+        subjects: vec!["held-events.>".to_owned()],
+        ..config.clone()
+    })
+    .await
+    .expect("EVENTS no longer takes events.>");
+
+    // Deposits, resting buys and a cancel of one of them: events of several kinds committed.
+    let mut deposits = Vec::new();
+    let mut orders = Vec::new();
+    for _ in 0..USERS {
+        let user = desk.user().await;
+        deposits.push(desk.deposit(user, "USD", dec!(10000)).await);
+        orders.push((user, desk.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.01), Some(dec!(40000))).await.0));
+    }
+    let (owner, canceled) = orders[0];
+    desk.send(owner, CommandBody::Cancel { order_id: canceled }).await;
+    for id in &deposits {
+        desk.wait_status("deposits", *id, "completed", Duration::from_secs(20)).await;
+    }
+    for (_, id) in &orders[1..] {
+        desk.wait_status("orders", *id, "open", Duration::from_secs(20)).await;
+    }
+    desk.wait_status("orders", canceled, "canceled", Duration::from_secs(20)).await;
+    let held = poll_until(Duration::from_secs(20), "the relay to be refused every held event", || async {
+        let rows = outbox().await;
+        // Each deposit and order, and the cancel: 2 × USERS + 1 events at least.
+        let refused = engine.output().matches("event not acknowledged; will retry").count();
+        (rows.len() > 2 * USERS && refused >= rows.len()).then_some(rows)
+    })
+    .await;
+    assert_eq!(events_on_the_stream(&desk.bus).await, before, "nothing reached EVENTS meanwhile");
+
+    engine.signal("KILL");
+    engine.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(outbox().await, held, "the outbox kept every unpublished event across the kill");
+    js.update_stream(config).await.expect("EVENTS takes events.> again");
+    let (mut engine, _) = start_engine_at(&db, &nats, &[]).await;
+    poll_until(Duration::from_secs(30), "the restarted engine to empty the outbox", || async {
+        outbox().await.is_empty().then_some(())
+    })
+    .await;
+
+    let published = events_on_the_stream(&desk.bus).await;
+    for (id, subject) in &held {
+        let copies: Vec<&String> = published.iter().filter(|(i, _)| *i == id.to_string()).map(|(_, s)| s).collect();
+        assert_eq!(copies, [subject], "outbox row {id} is on EVENTS exactly once, under its subject");
+    }
+    let mut ids: Vec<&String> = published.iter().map(|(id, _)| id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), published.len(), "no event is on EVENTS twice: {published:?}");
+    assert_eq!(published.len(), before.len() + held.len(), "EVENTS holds the earlier events and the held ones");
+    println!("{} events held in the outbox across a kill -9, each published once after the restart", held.len());
+    engine.stop_cleanly(Duration::from_secs(30)).await;
+    let (code, report) = run_reconcile(BIN, &db, &[]).await;
+    assert_reconciled(code, &report);
 }

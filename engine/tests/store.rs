@@ -8,6 +8,7 @@ use rust_decimal_macros::dec;
 use uuid::Uuid;
 use vault_bus::message::{CommandBody, OrderCommand};
 use vault_core::domain::{Market, MarketStatus, OrderType, Positive, Side, Symbol, TimeInForce};
+use vault_core::metric_names as names;
 use vault_engine::portfolio::{Event, MarketView};
 use vault_engine::store::{self, Outcome, PgStore, Store, StoreError, Work};
 use vault_testkit::TestDb;
@@ -124,6 +125,9 @@ async fn a_trigger_on_a_halted_market_writes_nothing_and_a_later_tick_still_fill
 #[tokio::test(flavor = "current_thread")]
 async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
     const USERS: usize = 20;
+    // This process's metrics registry, installed before the store's first commit resolves its
+    // counters: the group commit's own count of its transactions shows the batch.
+    let metrics = vault_core::telemetry::metrics_handle();
     let db = TestDb::migrated().await;
     let pool = db.pool().await;
     let options: sqlx::postgres::PgConnectOptions = db.url.parse().expect("url");
@@ -189,6 +193,21 @@ async fn a_refused_unit_does_not_fail_the_others_of_its_batch() {
     assert_eq!((completed, keys, outbox), (USERS as i64, USERS as i64, USERS as i64));
     let total: Decimal = sqlx::query_scalar("SELECT sum(total) FROM balances").fetch_one(&pool).await.expect("sum");
     assert_eq!(total, Decimal::from(100 * USERS as i64));
+    // One transaction carried all the units; refused, it was split, and the units that could be
+    // stored then committed one by one (each in its own transaction, not counted as a batch).
+    let text = metrics.render();
+    let count = |name: &str| vault_testkit::sample(&text, &format!("{name} "), &[]).unwrap_or(0.0);
+    let (batches, units, split) = (
+        count(names::ENGINE_COMMIT_BATCHES),
+        count(names::ENGINE_COMMIT_BATCH_UNITS),
+        count(names::ENGINE_COMMIT_BATCHES_SPLIT),
+    );
+    assert_eq!((batches, units, split), (1.0, (USERS + 1) as f64, 1.0), "one batch of every unit, split once:\n{text}");
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM applied_commands")
+        .fetch_one(&pool)
+        .await
+        .expect("n");
+    assert_eq!(transactions, USERS as i64, "after the split, each unit committed alone");
 }
 
 /// Every pool's connections are replaced after `CONNECTION_LIFETIME` while the pool is in

@@ -472,8 +472,21 @@ async fn rejections_carry_their_reason_and_poison_messages_are_parked() {
     .await;
     assert!(reason.contains("cannot be decoded"), "{reason}");
     s.deposit(user, "USD", dec!(5)).await;
-    let metrics = vault_testkit::http_client().get(format!("http://{}/metrics", s.ops)).send().await.expect("metrics");
-    assert!(metrics.text().await.expect("text").contains("vault_parked_messages_total"));
+    // Counted once, on the consumer of the user's partition (every consumer's series exists
+    // from the start, at 0).
+    let consumer = format!(r#"consumer="engine-p{:02}""#, vault_bus::subjects::partition_of(user));
+    let text = vault_testkit::metrics_text(&s.ops).await;
+    assert_eq!(
+        vault_testkit::sample(&text, "vault_parked_messages_total{", &[r#"stream="ORDERS""#, &consumer]),
+        Some(1.0),
+        "the parked message is counted on {consumer}:\n{text}"
+    );
+    let all: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("vault_parked_messages_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(all, 1.0, "one message parked in all");
 }
 
 /// Market orders that queued while no engine served (a restart, a deploy, a takeover) are
@@ -614,6 +627,9 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
     for _ in 0..USERS {
         users.push(s.user().await);
     }
+    // Its one command is refused: with no command of its own before it, it is taken with the
+    // commands waiting around it, into a transaction with others.
+    let refused_user = s.user().await;
     // The engine is stopped while the commands arrive, so they wait together when it starts.
     s.engine.stop_cleanly(Duration::from_secs(30)).await;
     let mut deposits = Vec::new();
@@ -624,7 +640,7 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
         if i == USERS / 2 {
             // Decodes, but its key (user:deposit:client id) cannot be stored.
             s.send(
-                users[0],
+                refused_user,
                 CommandBody::Deposit {
                     deposit_id: Uuid::now_v7(),
                     client_deposit_id: "nul\u{0}id".to_owned(),
@@ -675,9 +691,20 @@ async fn many_users_commands_commit_in_shared_transactions_with_exact_results() 
     println!("{units} units in {batches} transactions ({:.1} per transaction), {split} split", units / batches);
     assert!(units >= (2 * USERS) as f64, "every command went through the group commit: {units}");
     assert!(units > batches, "waiting commands shared transactions: {units} units in {batches}");
-    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages WHERE stream = 'ORDERS'")
-        .fetch_one(&s.pool)
-        .await
-        .expect("count");
-    assert!(parked <= 1, "only the refused command may be parked");
+    // The refused command waited with others: its transaction was refused and split, and the
+    // others of it committed one by one (every deposit completed, above).
+    assert!(split >= 1.0, "the refused command's transaction carried others and was split: {split}");
+    // It is refused on every delivery and parked on its last, alone; nothing else is parked.
+    let parked: Vec<(String, String)> = poll_until(WAIT * 2, "the refused command to be parked", || async {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT subject, reason FROM parked_messages WHERE stream = 'ORDERS'")
+                .fetch_all(&s.pool)
+                .await
+                .ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(parked.len(), 1, "only the refused command is parked: {parked:?}");
+    assert_eq!(parked[0].0, vault_bus::subjects::order_command(refused_user), "{parked:?}");
+    assert!(parked[0].1.contains("failed on delivery"), "parked for its own failure: {parked:?}");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use vault_bus::message::{PriceTick, decode};
-use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until};
+use vault_testkit::{NatsServer, Proc, READY_DEADLINE, TestDb, base_env, http_client, poll_until, scrape_metric};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
 
@@ -167,8 +167,20 @@ async fn a_replayed_file_is_published_at_its_pace_without_the_jump_and_folded_in
     );
     assert!(worker.output().contains("tick refused"), "the refusal is logged");
 
-    // The end of the file leaves the worker idle, not gone.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The end of the file leaves the worker idle, not gone: it says so, goes on reporting the
+    // price's age (its loop still turns after the end), and still answers ready.
+    poll_until(Duration::from_secs(10), "the worker to reach the end of the file", || async {
+        worker.output().contains("the price source is exhausted; idle until shutdown").then_some(())
+    })
+    .await;
+    let age = || async { scrape_metric(&addr, "vault_price_age_seconds", &[r#"symbol="BTC-USD""#]).await };
+    let at_the_end = age().await;
+    poll_until(Duration::from_secs(10), "the price age to be reported again after the end of the file", || async {
+        (age().await > at_the_end).then_some(())
+    })
+    .await;
+    let ready = http_client().get(format!("http://{addr}/readyz")).send().await.map(|r| r.status().as_u16());
+    assert!(matches!(ready, Ok(200)), "not ready after the end of the file ({ready:?}):\n{}", worker.output());
     assert!(worker.is_running(), "the worker exited at the end of the file:\n{}", worker.output());
     worker.stop_cleanly(Duration::from_secs(30)).await;
     pool.close().await;
