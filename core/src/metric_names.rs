@@ -360,9 +360,9 @@ pub const CATALOG: &[Metric] = &[
     m(
         NOTIFY_SKIPPED,
         C,
-        "Events that wrote nothing, by reason",
+        "Events, or their emails, that wrote nothing, by reason",
         NOTIFY,
-        Each("reason", &["unknown_user", "redelivered"]),
+        Each("reason", &["unknown_user", "redelivered", "email_throttled"]),
     ),
     m(NOTIFY_WRITE_FAILURES, C, "Events that could not be written (redelivered or parked)", NOTIFY, Plain),
     m(EMAILS, C, "Email attempts, by outcome", NOTIFY, Each("outcome", &["sent", "retry", "failed"])),

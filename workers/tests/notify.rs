@@ -639,6 +639,40 @@ async fn a_webhook_attempt_recorded_elsewhere_meanwhile_is_not_counted_again() {
     worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
+/// A user's emails are limited (addresses are not verified, deposits are paper money): at most
+/// 20 an hour, and an account-locked email once a day. Every event still gets its in-app
+/// notification.
+#[tokio::test]
+async fn a_users_emails_are_limited_to_twenty_an_hour_and_one_lock_email_a_day() {
+    let stack = Stack::start().await;
+    let (_worker, ops) = stack.worker(true).await;
+    let (trader, _) = stack.user().await;
+    let (locked, _) = stack.user().await;
+    for _ in 0..25 {
+        publish(&stack.bus, &engine_event(trader, EventKind::OrderFilled, order("filled"))).await;
+    }
+    for _ in 0..3 {
+        publish(&stack.bus, &auth_event(locked, AuthEventKind::Locked, "203.0.113.9")).await;
+    }
+    poll_until(Duration::from_secs(30), "every event's notification", || async {
+        let trader_notes = stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", trader).await;
+        let lock_notes = stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", locked).await;
+        (trader_notes == 25 && lock_notes == 3).then_some(())
+    })
+    .await;
+    assert_eq!(stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1", trader).await, 20);
+    assert_eq!(
+        stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1 AND kind = 'auth.locked'", locked).await,
+        1
+    );
+    // Counted once the batch's transaction committed: 5 fills over the limit, 2 lock emails.
+    poll_until(Duration::from_secs(10), "the throttled emails counted", || async {
+        let throttled = metric(&ops, "vault_notify_skipped_total{reason=\"email_throttled\"}").await;
+        (throttled == 7.0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_login_from_a_new_ip_notifies_and_emails_once_and_the_same_ip_again_does_not() {
     let stack = Stack::start().await;
@@ -730,7 +764,8 @@ async fn every_event_has_exactly_one_notification_across_a_kill_9() {
                     EventKind::DepositCompleted => json!({"id": Uuid::now_v7(), "asset": "USD", "amount": "10"}),
                     _ => order("filled"),
                 };
-                let e = engine_event(users[i % users.len()], kind, data);
+                // Every user gets every kind (fills for all three, so each reaches its email limit).
+                let e = engine_event(users[(i / 3) % users.len()], kind, data);
                 publish(bus, &e).await;
                 published.push(e.id);
             }
@@ -767,11 +802,15 @@ async fn every_event_has_exactly_one_notification_across_a_kill_9() {
             .await
             .expect("count");
     assert_eq!(covered, 660, "every event has its notification");
-    let emails: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM email_outbox").fetch_one(&stack.pool).await.expect("count");
-    assert_eq!(emails, 220, "one email per fill");
+    // 220 fills, about 73 a user: each user's first 20 are mailed (the hourly limit), exactly
+    // once, whatever was in flight at the kill.
+    let emails: Vec<i64> = sqlx::query_scalar("SELECT count(*) FROM email_outbox GROUP BY user_id")
+        .fetch_all(&stack.pool)
+        .await
+        .expect("count");
+    assert_eq!(emails, [20, 20, 20], "each user's first 20 fills mailed, none twice");
     println!(
-        "notify kill -9 while consuming: 660 events, {at_kill} notified before the kill, 660 notifications and 220 emails after, 0 lost, 0 doubled"
+        "notify kill -9 while consuming: 660 events, {at_kill} notified before the kill, 660 notifications and 60 emails after (20 a user an hour), 0 lost, 0 doubled"
     );
 
     worker.stop_cleanly(Duration::from_secs(30)).await;

@@ -82,6 +82,8 @@ pub struct Written {
     pub pushes: Vec<NotificationPush>,
     pub deliveries: usize,
     pub emails: usize,
+    /// Emails not written: their user had had their share (see [`MAX_EMAILS_PER_HOUR`]).
+    pub emails_throttled: usize,
     /// Events skipped because they had been handled before.
     pub redelivered: usize,
     pub unknown_users: usize,
@@ -210,12 +212,11 @@ pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::
         }
     }
 
-    let mails: Vec<(&plan::Plan, &plan::EmailDraft, &String)> =
-        plans.iter().filter_map(|(p, to)| Some((p, p.email.as_ref()?, *to))).collect();
+    let mails = within_limits(&mut tx, &plans, &mut written).await?;
     if !mails.is_empty() {
         written.emails += sqlx::query(
-            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+            "INSERT INTO email_outbox (id, user_id, event_id, to_address, subject, body, kind)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[])
              ON CONFLICT (user_id, event_id) DO NOTHING",
         )
         .bind(mails.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
@@ -224,12 +225,68 @@ pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::
         .bind(mails.iter().map(|(_, _, to)| to.as_str()).collect::<Vec<_>>())
         .bind(mails.iter().map(|(_, m, _)| m.subject.as_str()).collect::<Vec<_>>())
         .bind(mails.iter().map(|(_, m, _)| m.body.as_str()).collect::<Vec<_>>())
+        .bind(mails.iter().map(|(_, m, _)| m.kind).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?
         .rows_affected() as usize;
     }
     tx.commit().await?;
     Ok(written)
+}
+
+/// Emails one user gets in an hour at most. Beyond it the event's in-app notification and
+/// webhooks are written as usual and the email is not (`vault_notify_skipped_total{reason=
+/// "email_throttled"}`): addresses are not verified and deposits are paper money, so without a
+/// limit anyone could have every fill of a trading loop mailed to a stranger's address.
+pub const MAX_EMAILS_PER_HOUR: i64 = 20;
+
+/// Kinds of email a user gets at most once a day: someone who keeps an account locked (five
+/// wrong passwords every 15 minutes) would otherwise mail its owner at every lock.
+pub const ONCE_A_DAY: [&str; 1] = ["auth.locked"];
+
+/// The emails of `plans` within the limits ([`MAX_EMAILS_PER_HOUR`], [`ONCE_A_DAY`]), counting
+/// what each user was sent recently and what this batch adds, in order; the others are counted
+/// in `written`. Per transaction: two notify processes writing for one user at the same moment
+/// may each let one more through (a limit on mail volume, not an invariant).
+async fn within_limits<'a>(
+    tx: &mut PgConnection,
+    plans: &'a [(plan::Plan, &'a String)],
+    written: &mut Written,
+) -> Result<Vec<(&'a plan::Plan, &'a plan::EmailDraft, &'a String)>, sqlx::Error> {
+    let users: Vec<Uuid> = plans.iter().filter(|(p, _)| p.email.is_some()).map(|(p, _)| p.user_id).collect();
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut recent: HashMap<Uuid, (i64, HashSet<String>)> = sqlx::query_as::<_, (Uuid, i64, Vec<String>)>(
+        "SELECT user_id, count(*) FILTER (WHERE created_at > now() - interval '1 hour'),
+                coalesce(array_agg(DISTINCT kind) FILTER (WHERE kind = ANY($2)), '{}')
+           FROM email_outbox
+          WHERE user_id = ANY($1) AND created_at > now() - interval '1 day'
+          GROUP BY user_id",
+    )
+    .bind(&users)
+    .bind(ONCE_A_DAY)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|(user, last_hour, daily)| (user, (last_hour, daily.into_iter().collect())))
+    .collect();
+    let mut mails = Vec::new();
+    for (p, to) in plans {
+        let Some(mail) = p.email.as_ref() else { continue };
+        let (last_hour, daily) = recent.entry(p.user_id).or_default();
+        let once_a_day = ONCE_A_DAY.contains(&mail.kind);
+        if *last_hour >= MAX_EMAILS_PER_HOUR || (once_a_day && daily.contains(mail.kind)) {
+            written.emails_throttled += 1;
+            continue;
+        }
+        *last_hour += 1;
+        if once_a_day {
+            daily.insert(mail.kind.to_owned());
+        }
+        mails.push((p, mail, *to));
+    }
+    Ok(mails)
 }
 
 /// Records a login's IP; returns whether it counts as a new IP (see the module docs).
@@ -327,6 +384,10 @@ fn count(written: &Written, wake: &Wakers) {
     if written.redelivered > 0 {
         metrics::counter!("vault_notify_skipped_total", "reason" => "redelivered")
             .increment(written.redelivered as u64);
+    }
+    if written.emails_throttled > 0 {
+        metrics::counter!("vault_notify_skipped_total", "reason" => "email_throttled")
+            .increment(written.emails_throttled as u64);
     }
     // The delivery and email loops share this process: new rows go out without waiting for
     // their next poll. `notify_one` keeps the wake-up if the loop is busy at this moment.

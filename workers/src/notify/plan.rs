@@ -92,6 +92,8 @@ pub struct NotificationDraft {
 /// An email to queue (the address is the user's, looked up by the caller).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmailDraft {
+    /// The notification kind it goes with (`email_outbox.kind`): what the limits count by.
+    pub kind: &'static str,
     pub subject: String,
     pub body: String,
 }
@@ -167,6 +169,7 @@ fn engine(e: &EngineEvent) -> Parts {
                 text(d, "average_fill_price"),
             );
             let email = EmailDraft {
+                kind: "order.filled",
                 subject: format!("Your {} {} order filled", text(d, "symbol"), text(d, "side")),
                 body: format!(
                     "{body}\n\nFee: {}\nOrder id: {}\n\nYou are receiving this email because an order on your \
@@ -228,6 +231,7 @@ fn auth(e: &AuthEvent, new_login_ip: bool) -> Parts {
                 data: json!({"ip": ip}),
             };
             let email = EmailDraft {
+                kind: "auth.login.new_ip",
                 subject: "New sign-in to your CryptoVault account".to_owned(),
                 body: format!(
                     "Your CryptoVault account was signed in to at {at} from {ip_text}, an address we had not seen \
@@ -248,6 +252,7 @@ fn auth(e: &AuthEvent, new_login_ip: bool) -> Parts {
                 data: json!({"ip": ip, "minutes": minutes}),
             };
             let email = EmailDraft {
+                kind: "auth.locked",
                 subject: "Your CryptoVault account is locked".to_owned(),
                 body: format!(
                     "Your CryptoVault account was locked{how_long} at {at} after repeated failed sign-in attempts \
