@@ -639,32 +639,43 @@ async fn a_webhook_attempt_recorded_elsewhere_meanwhile_is_not_counted_again() {
     worker.stop_cleanly(Duration::from_secs(30)).await;
 }
 
-/// A user's emails are limited (addresses are not verified, deposits are paper money): at most
-/// 20 an hour, and an account-locked email once a day. Every event still gets its in-app
+/// A user's emails are limited (addresses are not verified, deposits are paper money), each
+/// kind on its own budget: 20 fill emails an hour, one account-locked email a day, and a busy
+/// trader's fills never use up the security emails. Every event still gets its in-app
 /// notification.
 #[tokio::test]
-async fn a_users_emails_are_limited_to_twenty_an_hour_and_one_lock_email_a_day() {
+async fn a_users_emails_are_limited_per_kind_and_fills_never_use_up_the_security_emails() {
     let stack = Stack::start().await;
     let (_worker, ops) = stack.worker(true).await;
     let (trader, _) = stack.user().await;
-    let (locked, _) = stack.user().await;
     for _ in 0..25 {
         publish(&stack.bus, &engine_event(trader, EventKind::OrderFilled, order("filled"))).await;
     }
+    // The first login is recorded, not new; the second, from another address, is mailed.
+    publish(&stack.bus, &auth_event(trader, AuthEventKind::LoginSucceeded, "198.51.100.1")).await;
+    publish(&stack.bus, &auth_event(trader, AuthEventKind::LoginSucceeded, "203.0.113.7")).await;
     for _ in 0..3 {
-        publish(&stack.bus, &auth_event(locked, AuthEventKind::Locked, "203.0.113.9")).await;
+        publish(&stack.bus, &auth_event(trader, AuthEventKind::Locked, "203.0.113.9")).await;
     }
     poll_until(Duration::from_secs(30), "every event's notification", || async {
-        let trader_notes = stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", trader).await;
-        let lock_notes = stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", locked).await;
-        (trader_notes == 25 && lock_notes == 3).then_some(())
+        // 25 fills, one new-IP login, three locks.
+        (stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", trader).await == 29).then_some(())
     })
     .await;
-    assert_eq!(stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1", trader).await, 20);
-    assert_eq!(
-        stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1 AND kind = 'auth.locked'", locked).await,
-        1
-    );
+    let of_kind = |kind: &'static str| {
+        let stack = &stack;
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM email_outbox WHERE user_id = $1 AND kind = $2")
+                .bind(trader)
+                .bind(kind)
+                .fetch_one(&stack.pool)
+                .await
+                .expect("count")
+        }
+    };
+    assert_eq!(of_kind("order.filled").await, 20, "20 fill emails an hour");
+    assert_eq!(of_kind("auth.login.new_ip").await, 1, "the new sign-in is mailed after 25 fills");
+    assert_eq!(of_kind("auth.locked").await, 1, "one lock email a day");
     // Counted once the batch's transaction committed: 5 fills over the limit, 2 lock emails.
     poll_until(Duration::from_secs(10), "the throttled emails counted", || async {
         let throttled = metric(&ops, "vault_notify_skipped_total{reason=\"email_throttled\"}").await;

