@@ -212,7 +212,7 @@ pub(crate) fn error_field(path: &str, message: &str) -> String {
     match (path, named) {
         (".", Some(name)) => name.to_owned(),
         (".", None) => String::new(),
-        (path, Some(name)) if !path.ends_with(name) => format!("{path}.{name}"),
+        (path, Some(name)) if path.rsplit('.').next() != Some(name) => format!("{path}.{name}"),
         (path, _) => path.to_owned(),
     }
 }
@@ -251,6 +251,7 @@ mod tests {
     struct Body {
         email: String,
         nested: Option<Nested>,
+        account: Option<Nested>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -307,6 +308,11 @@ mod tests {
             status(parse(br#"{"email":"a@b.c","nested":{}}"#)),
             (422, "nested.count".to_owned()),
             "inside the object that lacks it"
+        );
+        assert_eq!(
+            status(parse(br#"{"email":"a@b.c","account":{}}"#)),
+            (422, "account.count".to_owned()),
+            "inside an object whose name ends as the field's does"
         );
         assert_eq!(
             status(parse(br#"{"email":"a@b.c","email":"x@y.z"}"#)),

@@ -922,7 +922,15 @@ async fn idle_upgrades_from_one_address_hold_only_their_share() {
     };
     let _idle = [from("127.0.0.1").await.expect("first idle"), from("127.0.0.1").await.expect("second idle")];
     match from("127.0.0.1").await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 429),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            // This limit's headers, not the IP bucket's (which had requests left).
+            let header = |name: &str| response.headers()[name].to_str().expect("ascii").to_owned();
+            assert_eq!(
+                (header("x-ratelimit-limit"), header("x-ratelimit-remaining")),
+                ("2".to_owned(), "0".to_owned())
+            );
+        }
         other => panic!(
             "a third idle upgrade from one address should be refused with 429, got {:?}",
             other.map(|(_, r)| r.status())

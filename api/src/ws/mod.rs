@@ -109,7 +109,7 @@ pub struct WsConfig {
     /// else out.
     pub max_connections_per_user: usize,
     /// Connections not yet authenticated from one client IP at most; upgrades beyond are
-    /// answered 503. An upgrade carries no credential and may wait [`Self::auth_timeout`] for
+    /// answered 429. An upgrade carries no credential and may wait [`Self::auth_timeout`] for
     /// its `auth` frame: without this a few addresses opening idle sockets could hold every
     /// place of [`Self::max_connections`] (one address ~500 at the per-IP request rate). A
     /// client that authenticates at once holds such a place for a round trip; the default, the
@@ -396,9 +396,19 @@ pub async fn upgrade(
     let Some(pending) = gateway.pending_place(meta.ip) else {
         metrics::counter!("vault_ws_connections_refused_total").increment(1);
         tracing::warn!(ip = ?meta.ip, "WebSocket upgrade refused: too many connections from one address awaiting authentication");
-        // The client's own quota, not the service down: 429, as every per-client limit.
+        // The client's own quota, not the service down: 429, as every per-client limit, with
+        // this limit's headers (the IP bucket's would say requests are left). A place frees when
+        // one of the address's sockets authenticates or reaches its deadline.
         metrics::counter!("vault_rate_limited_total").increment(1);
-        return ApiError::RateLimited { retry_after_secs: 1 }.into_response();
+        let mut refused = ApiError::RateLimited { retry_after_secs: 1 }.into_response();
+        let verdict = crate::rate_limit::Verdict {
+            limit: u32::try_from(config.max_unauthenticated_per_ip).unwrap_or(u32::MAX),
+            remaining: 0,
+            reset_secs: config.auth_timeout.as_secs().max(1),
+            allowed: false,
+        };
+        crate::rate_limit::set_headers(refused.headers_mut(), &verdict);
+        return refused;
     };
     // From the 101 on: see `WsConfig::send_buffer_bytes`.
     if let Some(Extension(send_buffer)) = send_buffer {
