@@ -259,12 +259,11 @@ pub fn smtp_url_problem(url: &str) -> Option<String> {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let has_credentials = rest[..authority_end].contains('@');
     let query = rest[authority_end..].split('#').next().unwrap_or_default();
-    // lettre reads the first `tls` pair.
-    let tls = query.split_once('?').map(|(_, q)| q).unwrap_or_default().split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == "tls").then_some(value)
-    });
-    if has_credentials && tls != Some("required") {
+    // Read as lettre reads it (the URL's query pairs, percent-decoded; the first `tls` wins):
+    // `?t%6Cs=opportunistic&tls=required` is opportunistic to lettre.
+    let query = query.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let tls = form_urlencoded::parse(query.as_bytes()).find(|(key, _)| key == "tls").map(|(_, value)| value);
+    if has_credentials && tls.as_deref() != Some("required") {
         return Some(
             "smtp:// with credentials must add tls=required (STARTTLS), or use smtps://: without it the \
              password would be sent unencrypted"
@@ -887,6 +886,7 @@ mod tests {
             "smtp://mailer:hunter2@mail.example:587?tls=opportunistic",
             "smtp://mailer:hunter2@mail.example:587/?from=ops%40example.com&tls=none",
             "smtp://mailer@mail.example:587",
+            "smtp://mailer:hunter2@mail.example:587?t%6Cs=opportunistic&tls=required",
         ] {
             let err = load_env(Role::Notify, &[("DATABASE_URL", DB), ("SMTP_URL", url)]).expect_err(url);
             assert_eq!(err.0.len(), 1, "{err}");
