@@ -48,9 +48,22 @@ pub fn workspace_binary(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// A free TCP port on loopback (bound and released; the window for a clash is tiny).
+/// A free TCP port on loopback (bound and released; the window for a clash is tiny), never one
+/// this process handed out before: the kernel may give a port just released to the next bind,
+/// and a test starting five processes got the same port twice (one process then answered on
+/// another's address).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port is available").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("an ephemeral port is available")
+            .port();
+        if GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Waits until a statement of `pool`'s database whose text matches the SQL `LIKE` pattern
