@@ -553,6 +553,59 @@ async fn one_users_hanging_receivers_do_not_delay_another_users_delivery() {
     consumers.await.expect("joins").expect("the consumers stop cleanly");
 }
 
+/// A claim skips rows another notify process holds before it counts its limit: with the two
+/// oldest due deliveries locked elsewhere and room for two, the third is claimed. (The limit
+/// came first: both claims picked the same oldest rows, and the one that found them locked
+/// claimed nothing — here, for as long as the lock was held.)
+#[tokio::test]
+async fn a_claim_takes_the_next_rows_when_the_oldest_are_held_by_another_process() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let mut hooks = Vec::new();
+    for name in ["first", "second", "third"] {
+        let (user, _) = stack.user().await;
+        let hook = stack.webhook(user, &format!("{base}/{name}"), &["order.filled"]).await;
+        vault_testkit::insert_due_delivery(&stack.pool, hook).await;
+        hooks.push(hook);
+    }
+    // Due in this order, the first two the oldest.
+    for (age, hook) in [(30, hooks[0]), (20, hooks[1]), (10, hooks[2])] {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET next_attempt_at = now() - make_interval(secs => $2) WHERE webhook_id = $1",
+        )
+        .bind(hook)
+        .bind(f64::from(age))
+        .execute(&stack.pool)
+        .await
+        .expect("aged");
+    }
+    // Another process's claim, under way: the two oldest rows locked.
+    let mut other = stack.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = ANY($1) FOR UPDATE")
+        .bind(&hooks[..2])
+        .execute(&mut *other)
+        .await
+        .expect("locked");
+
+    let config =
+        DeliveryConfig { concurrency: 2, poll_interval: Duration::from_millis(10), ..DeliveryConfig::new(true) };
+    let shutdown = CancellationToken::new();
+    let deliveries =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, Wakers::default().deliveries, shutdown.clone()));
+    poll_until(Duration::from_secs(15), "the third delivery, while the first two are held elsewhere", || async {
+        (!receiver.hits("third").is_empty()).then_some(())
+    })
+    .await;
+    assert!(receiver.hits("first").is_empty() && receiver.hits("second").is_empty(), "held rows are left alone");
+    other.rollback().await.expect("released");
+    poll_until(Duration::from_secs(15), "the first two, once released", || async {
+        (!receiver.hits("first").is_empty() && !receiver.hits("second").is_empty()).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    deliveries.await.expect("joins").expect("the delivery loop stops cleanly");
+}
+
 /// A webhook's own backlog takes at most its share of the slots too: with five deliveries of
 /// one webhook held by its receiver, another webhook of the same user still gets its delivery.
 #[tokio::test]
