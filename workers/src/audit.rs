@@ -172,6 +172,17 @@ pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<Appended, sqlx::
     type Row = (String, i64, DateTime<Utc>, Option<Uuid>, String, Option<String>, Option<String>, Value);
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(CHAIN_LOCK).execute(&mut *tx).await?;
+    // Each entry's data as its row will read back: Postgres keeps JSON numbers as `numeric`, so
+    // a payload's `1e16` reads back as `10000000000000000` and `-0` as `0`. Hashed as sent, such
+    // a row failed `verify` for good (and anything after it went unchecked), and its redelivered
+    // copy was taken for a conflict. The chain hashes the data as `verify` will read it; the row
+    // stores the data as sent.
+    let as_read: Vec<Value> =
+        sqlx::query_scalar("SELECT d FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(d, n) ORDER BY n")
+            .bind(entries.iter().map(|e| &e.data).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+    let hashed: Vec<Entry> = entries.iter().zip(as_read).map(|(e, data)| Entry { data, ..e.clone() }).collect();
     let streams: Vec<&str> = entries.iter().map(|e| e.stream.as_str()).collect();
     let seqs: Vec<i64> = entries.iter().map(|e| e.stream_seq).collect();
     let recorded: Vec<Row> = sqlx::query_as(
@@ -198,9 +209,9 @@ pub async fn append(pool: &PgPool, entries: &[Entry]) -> Result<Appended, sqlx::
     let mut seen = std::collections::HashMap::new();
     let mut rows: Vec<(&Entry, Vec<u8>, Vec<u8>)> = Vec::new();
     let mut conflicts = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
+    for (i, (e, as_hashed)) in entries.iter().zip(&hashed).enumerate() {
         let key = (e.stream.clone(), e.stream_seq);
-        let content = canonical(e);
+        let content = canonical(as_hashed);
         if let Some(earlier) = present.get(&key).or_else(|| seen.get(&key)) {
             if *earlier != content {
                 conflicts.push(i);
@@ -342,7 +353,9 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
         hash: Vec<u8>,
     }
     let mut prev = GENESIS.to_vec();
-    let mut after = 0i64;
+    // From the lowest id there can be: the sequence starts at 1, but an INSERT may choose its
+    // id, and a row placed at 0 or below was never read, so never checked.
+    let mut after = i64::MIN;
     let mut rows = 0u64;
     loop {
         let page: Vec<Row> = sqlx::query_as(
