@@ -353,20 +353,20 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
         hash: Vec<u8>,
     }
     let mut prev = GENESIS.to_vec();
-    // From the lowest id there can be: the sequence starts at 1, but an INSERT may choose its
-    // id, and a row placed at 0 or below was never read, so never checked.
-    let mut after = i64::MIN;
+    // From the lowest id there is: the sequence starts at 1, but an INSERT may choose its id,
+    // and a row placed at 0 or below was never read, so never checked.
+    let mut after: Option<i64> = None;
     let mut rows = 0u64;
     loop {
         let page: Vec<Row> = sqlx::query_as(
             "SELECT id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash
-               FROM audit_log WHERE id > $1 ORDER BY id LIMIT 1000",
+               FROM audit_log WHERE ($1::BIGINT IS NULL OR id > $1) ORDER BY id LIMIT 1000",
         )
         .bind(after)
         .fetch_all(pool)
         .await?;
         let Some(last) = page.last() else { return Ok(Verdict::Intact { rows }) };
-        after = last.id;
+        after = Some(last.id);
         for r in page {
             if r.prev_hash != prev {
                 return Ok(Verdict::Broken {

@@ -362,16 +362,17 @@ async fn a_stream_sequence_recorded_with_other_content_is_a_conflict_not_a_copy(
     assert_eq!(append(&pool, &[entry(4, "logout")]).await.expect("after it"), appended(1, vec![]));
     assert_eq!(verify(&pool).await.expect("verify"), Verdict::Intact { rows: 4 });
 
-    // A row slipped in below the sequence's first id is read and checked like any other.
+    // A row slipped in below the sequence's first id, even at the lowest id there can be, is
+    // read and checked like any other.
     sqlx::query(
         "INSERT INTO audit_log (id, stream, stream_seq, at, action, data, prev_hash, hash)
-         VALUES (0, 'AUTH', 999, now(), 'auth.forged', '{}', '\\x00', '\\x01')",
+         VALUES (-9223372036854775808, 'AUTH', 999, now(), 'auth.forged', '{}', '\\x00', '\\x01')",
     )
     .execute(&pool)
     .await
     .expect("a forged row");
     assert!(
-        matches!(verify(&pool).await.expect("verify"), Verdict::Broken { id: 0, .. }),
+        matches!(verify(&pool).await.expect("verify"), Verdict::Broken { id: i64::MIN, .. }),
         "the forged row is where the chain breaks"
     );
 }
