@@ -168,69 +168,39 @@ pub struct Trader(pub Caller);
 #[derive(Debug, Clone)]
 pub struct SessionCaller(pub Caller);
 
-impl FromRequestParts<AppState> for SessionCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.require_session()?;
-        Ok(SessionCaller(caller))
-    }
-}
-
 /// An administrator whose credential may read (a session, or an API key with `read`): for the
 /// admin reads. Like [`Reader`], refused (403) before the rest of the request is read, so a
 /// non-administrator learns nothing from a malformed id or query.
 #[derive(Debug, Clone)]
 pub struct AdminReader(pub Caller);
 
-impl FromRequestParts<AppState> for AdminReader {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.require_admin_read()?;
-        Ok(AdminReader(caller))
-    }
-}
-
 /// An administrator's logged-in session: for admin actions (see
 /// [`Caller::require_admin_session`]), refused (403) before the rest of the request is read.
 #[derive(Debug, Clone)]
 pub struct AdminSession(pub Caller);
 
-impl FromRequestParts<AppState> for AdminSession {
-    type Rejection = ApiError;
+/// Implements `$name` as an extractor: the [`Caller`], if `$check` passes — before the rest of
+/// the request is read.
+macro_rules! checked_caller {
+    ($name:ident, $check:expr) => {
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let caller = Caller::from_request_parts(parts, state).await?;
-        caller.require_admin_session()?;
-        Ok(AdminSession(caller))
-    }
+            async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+                let caller = Caller::from_request_parts(parts, state).await?;
+                let check: fn(&Caller) -> Result<(), ApiError> = $check;
+                check(&caller)?;
+                Ok($name(caller))
+            }
+        }
+    };
 }
 
-/// The caller, if its credential carries `scope`.
-async fn scoped(parts: &mut Parts, state: &AppState, scope: Scope) -> Result<Caller, ApiError> {
-    let caller = Caller::from_request_parts(parts, state).await?;
-    caller.require_scope(scope)?;
-    Ok(caller)
-}
-
-impl FromRequestParts<AppState> for Reader {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        scoped(parts, state, Scope::Read).await.map(Reader)
-    }
-}
-
-impl FromRequestParts<AppState> for Trader {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        scoped(parts, state, Scope::Trade).await.map(Trader)
-    }
-}
+checked_caller!(Reader, |c| c.require_scope(Scope::Read));
+checked_caller!(Trader, |c| c.require_scope(Scope::Trade));
+checked_caller!(SessionCaller, |c| c.require_session().map(|_| ()));
+checked_caller!(AdminReader, Caller::require_admin_read);
+checked_caller!(AdminSession, Caller::require_admin_session);
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
