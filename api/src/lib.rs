@@ -22,6 +22,7 @@ pub mod openapi;
 pub mod pagination;
 pub mod path;
 pub mod prices;
+pub mod quota;
 pub mod rate_limit;
 pub mod startup;
 pub mod trading;

@@ -8,7 +8,7 @@
 //! secret (256 random bits, hex) is shown once, at registration. Every route acts only on the
 //! caller's own rows: anyone else's id is a 404.
 //!
-//! A user has at most [`MAX_WEBHOOKS_PER_USER`] live webhooks (409 `too_many_webhooks` beyond):
+//! A user has at most 10 live webhooks ([`WEBHOOKS`]) (409 `too_many_webhooks` beyond):
 //! every event becomes one delivery per matching webhook, and the notifier's fair claim bounds
 //! what one user's receivers hold per process, not how many rows they queue.
 
@@ -27,6 +27,7 @@ use crate::error::{ApiError, FieldError, Problem};
 use crate::json::ApiJson;
 use crate::pagination::{ApiQuery, Cursor, Page};
 use crate::path::ResourceId;
+use crate::quota::Quota;
 use crate::startup::AppState;
 
 /// The event types a webhook may subscribe to (`API.md`).
@@ -41,12 +42,14 @@ pub const EVENT_TYPES: [&str; 8] = [
     "auth.locked",
 ];
 
-/// Live (not deleted) webhooks one user may have.
-pub const MAX_WEBHOOKS_PER_USER: i64 = 10;
-
-/// The advisory lock class ("WHKS") that serializes one user's registrations (the object id is
-/// a hash of the user id), so two at once cannot both pass the count.
-const REGISTRATION_LOCK_CLASS: i32 = 0x5748_4B53;
+/// Live (not deleted) webhooks one user may have. Lock class "WHKS".
+pub const WEBHOOKS: Quota = Quota {
+    lock_class: 0x5748_4B53,
+    count_live: "SELECT count(*) FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL",
+    most: 10,
+    code: "too_many_webhooks",
+    detail: "An account may have at most 10 webhooks; delete one first.",
+};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -266,21 +269,7 @@ pub async fn create_webhook(
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let id = Uuid::now_v7();
     let mut tx = state.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
-        .bind(REGISTRATION_LOCK_CLASS)
-        .bind(caller.user_id)
-        .execute(&mut *tx)
-        .await?;
-    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL")
-        .bind(caller.user_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if live >= MAX_WEBHOOKS_PER_USER {
-        return Err(ApiError::Conflict {
-            code: "too_many_webhooks",
-            detail: format!("An account may have at most {MAX_WEBHOOKS_PER_USER} webhooks; delete one first."),
-        });
-    }
+    WEBHOOKS.hold(&mut tx, caller.user_id).await?;
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO webhooks (id, user_id, url, events, secret) VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
     )

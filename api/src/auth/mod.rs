@@ -38,6 +38,7 @@ use crate::error::{ApiError, FieldError, Problem};
 use crate::events::RequestMeta;
 use crate::json::ApiJson;
 use crate::path::ResourceId;
+use crate::quota::Quota;
 use crate::rate_limit;
 use crate::startup::AppState;
 
@@ -925,12 +926,14 @@ pub async fn totp_enable(
 // API keys
 
 /// Live (not revoked) API keys one user may have: keys are listed whole (`GET /api-keys`), and
-/// each is a credential to watch.
-pub const MAX_API_KEYS_PER_USER: i64 = 25;
-
-/// The advisory lock class ("KEYS") that serializes one user's key creations (the object id is
-/// a hash of the user id).
-const API_KEY_LOCK_CLASS: i32 = 0x4B45_5953;
+/// each is a credential to watch. Lock class "KEYS".
+pub const API_KEYS: Quota = Quota {
+    lock_class: 0x4B45_5953,
+    count_live: "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+    most: 25,
+    code: "too_many_api_keys",
+    detail: "An account may have at most 25 API keys; revoke one first.",
+};
 
 /// Create an API key. The key is in this answer only. A user has at most 25 live keys (409
 /// `too_many_api_keys` beyond: revoke one first).
@@ -964,22 +967,7 @@ pub async fn create_api_key(
     let prefix = tokens::api_key_prefix(&key);
     let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
     let mut tx = state.pool.begin().await?;
-    // One user's creations one at a time, so two at once cannot both pass the count.
-    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text))")
-        .bind(API_KEY_LOCK_CLASS)
-        .bind(caller.user_id)
-        .execute(&mut *tx)
-        .await?;
-    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL")
-        .bind(caller.user_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if live >= MAX_API_KEYS_PER_USER {
-        return Err(ApiError::Conflict {
-            code: "too_many_api_keys",
-            detail: format!("An account may have at most {MAX_API_KEYS_PER_USER} API keys; revoke one first."),
-        });
-    }
+    API_KEYS.hold(&mut tx, caller.user_id).await?;
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, scopes) VALUES ($1, $2, $3, $4, $5, $6)
          RETURNING created_at",
