@@ -540,12 +540,7 @@ async fn api_keys_are_shown_once_stored_hashed_scoped_and_revocable() {
 async fn credential_and_admin_routes_refuse_before_reading_the_request() {
     let api = Api::start().await;
     let access = api.user("kim@example.com").await;
-    let created: Value = api
-        .post("/api-keys", Some(&access), json!({"name": "bot", "scopes": ["read"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let created = api.api_key(&access, &["read"]).await;
     let key = created["key"].as_str().expect("key");
     for (method, path, body) in [
         (Method::POST, "/api-keys", Some(json!({}))),
@@ -740,12 +735,7 @@ async fn a_password_change_checks_the_current_one_and_ends_every_other_session()
         .expect("count");
     assert_eq!(failures, 1, "a wrong current password counts as a failed login");
     problem(api.post("/auth/password", Some(&mine), change(PASSWORD, "short")).await, 422, "validation_failed").await;
-    let key: Value = api
-        .post("/api-keys", Some(&mine), json!({"name": "bot", "scopes": ["read", "trade"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let key = api.api_key(&mine, &["read", "trade"]).await;
     let key = key["key"].as_str().expect("key");
     problem(api.post("/auth/password", Some(key), change(PASSWORD, new_password)).await, 403, "session_required").await;
     assert_eq!(api.get("/me", Some(other_access)).await.status(), 200, "nothing ended yet");
@@ -932,24 +922,14 @@ async fn a_revocation_refuses_the_very_next_request_even_while_the_credential_is
     assert_eq!(me_at(&api, &here, access2).await, (401, Some("token_revoked".to_owned())));
 
     // A revoked API key is refused by the very next request.
-    let created: Value = api
-        .post("/api-keys", Some(&other), json!({"name": "bot", "scopes": ["read"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let created = api.api_key(&other, &["read"]).await;
     let (key, key_id) = (created["key"].as_str().expect("key"), created["id"].as_str().expect("id"));
     assert_eq!(me_at(&api, &here, key).await.0, 200, "cached now");
     assert_eq!(api.call(Method::DELETE, &format!("/api-keys/{key_id}"), Some(&other), None).await.status(), 204);
     assert_eq!(me_at(&api, &here, key).await, (401, Some("invalid_api_key".to_owned())));
 
     // An admin lock refuses every cached session and key of the user at once.
-    let created: Value = api
-        .post("/api-keys", Some(&other), json!({"name": "bot2", "scopes": ["read"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let created = api.api_key(&other, &["read"]).await;
     let key = created["key"].as_str().expect("key");
     assert_eq!(me_at(&api, &here, key).await.0, 200, "cached now");
     assert_eq!(me_at(&api, &here, &other).await.0, 200, "cached now");
@@ -977,12 +957,7 @@ async fn a_revocation_in_one_api_process_reaches_another_that_cached_the_credent
     assert_eq!(me_at(&api, &there, &other).await.0, 200, "the other session lives on");
 
     // An admin lock here publishes nothing: the replica's cache entry runs out (TTL).
-    let created: Value = api
-        .post("/api-keys", Some(&other), json!({"name": "bot", "scopes": ["read"]}))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let created = api.api_key(&other, &["read"]).await;
     let key = created["key"].as_str().expect("key").to_owned();
     assert_eq!(me_at(&api, &there, &key).await.0, 200, "cached there");
     let id = user["id"].as_str().expect("id");

@@ -662,13 +662,22 @@ async fn a_second_writer_without_the_lease_is_refused_by_the_version_check_and_n
     let duplicates = || async { scrape_metric(&ops, "vault_engine_commands_total", &[r#"outcome="duplicate""#]).await };
     assert_eq!(conflicts().await, 0.0, "no conflict before the second writer");
 
+    // The other writer deposits `amount`, then the same command reaches the engine, which takes
+    // it as its `copies`-th copy (and keeps its stale state).
+    let other_writer_deposits = |amount, copies: f64| {
+        let (desk, duplicates) = (&desk, &duplicates);
+        async move {
+            let deposit = behind_the_engines_back(desk, user, amount).await;
+            desk.wait_status("deposits", deposit, "completed", Duration::from_secs(1)).await;
+            poll_until(Duration::from_secs(20), "the engine to take the other writer's command as a copy", || async {
+                (duplicates().await == copies).then_some(())
+            })
+            .await;
+        }
+    };
+
     // Round 1: the other writer deposits 5000; then a limit buy holding 4004 comes to the engine.
-    let funding = behind_the_engines_back(&desk, user, dec!(5000)).await;
-    desk.wait_status("deposits", funding, "completed", Duration::from_secs(1)).await;
-    poll_until(Duration::from_secs(20), "the engine to take the other writer's command as a copy", || async {
-        (duplicates().await == 1.0).then_some(())
-    })
-    .await;
+    other_writer_deposits(dec!(5000), 1.0).await;
     let (buy, _) = desk.place(user, Side::Buy, TimeInForce::Gtc, dec!(0.1), Some(dec!(40000))).await;
     let status = desk.decided(buy, Duration::from_secs(20)).await;
     let reason: Option<String> = sqlx::query_scalar("SELECT reject_reason FROM orders WHERE id = $1")
@@ -680,12 +689,7 @@ async fn a_second_writer_without_the_lease_is_refused_by_the_version_check_and_n
     assert_eq!(conflicts().await, 1.0, "the stale commit was refused once, then the state reloaded");
 
     // Round 2: the other writer deposits 700; then a deposit of 250 comes to the engine.
-    let other = behind_the_engines_back(&desk, user, dec!(700)).await;
-    desk.wait_status("deposits", other, "completed", Duration::from_secs(1)).await;
-    poll_until(Duration::from_secs(20), "the engine to take the second copy", || async {
-        (duplicates().await == 2.0).then_some(())
-    })
-    .await;
+    other_writer_deposits(dec!(700), 2.0).await;
     let last = desk.deposit(user, "USD", dec!(250)).await;
     desk.wait_status("deposits", last, "completed", Duration::from_secs(20)).await;
     assert_eq!(conflicts().await, 2.0, "the second stale commit was refused once too");

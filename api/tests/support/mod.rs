@@ -94,6 +94,14 @@ impl Api {
         self.tokens(email).await["access_token"].as_str().expect("access token").to_owned()
     }
 
+    /// Creates an API key with `scopes` for the session `token`; returns the created object
+    /// (`id`, `key`, …).
+    pub async fn api_key(&self, token: &str, scopes: &[&str]) -> Value {
+        let resp = self.post("/api-keys", Some(token), json!({"name": "bot", "scopes": scopes})).await;
+        assert_eq!(resp.status(), 201, "API key created");
+        resp.json().await.expect("key json")
+    }
+
     /// Makes `email` an admin with the CLI (the promote path).
     pub async fn promote(&self, email: &str) {
         let mut run =
