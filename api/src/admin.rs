@@ -119,15 +119,12 @@ pub async fn lock_user(
         return Err(ApiError::NotFound);
     }
     let ended = end_sessions(&mut tx, id, None, "admin_lock").await?;
+    let data = serde_json::json!({"admin": caller.user_id, "sessions_ended": ended});
+    state.events.record(&mut tx, AuthEventKind::AdminUserLocked, Some(id), &meta, data).await?;
     tx.commit().await?;
+    state.events.committed();
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
-    state.events.emit(
-        AuthEventKind::AdminUserLocked,
-        Some(id),
-        &meta,
-        serde_json::json!({"admin": caller.user_id, "sessions_ended": ended}),
-    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -157,15 +154,12 @@ pub async fn reset_totp(
         return Err(ApiError::NotFound);
     }
     let ended = end_sessions(&mut tx, id, None, "totp_reset").await?;
+    let data = serde_json::json!({"admin": caller.user_id, "sessions_ended": ended});
+    state.events.record(&mut tx, AuthEventKind::TotpReset, Some(id), &meta, data).await?;
     tx.commit().await?;
+    state.events.committed();
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "2FA turned off by an administrator");
-    state.events.emit(
-        AuthEventKind::TotpReset,
-        Some(id),
-        &meta,
-        serde_json::json!({"admin": caller.user_id, "sessions_ended": ended}),
-    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -178,17 +172,21 @@ pub async fn unlock_user(
     AdminSession(caller): AdminSession,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
     let found =
         sqlx::query("UPDATE users SET locked_until = NULL, failed_logins = 0, updated_at = now() WHERE id = $1")
             .bind(id)
-            .execute(&state.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
     if found == 0 {
         return Err(ApiError::NotFound);
     }
+    let data = serde_json::json!({"admin": caller.user_id});
+    state.events.record(&mut tx, AuthEventKind::AdminUserUnlocked, Some(id), &meta, data).await?;
+    tx.commit().await?;
+    state.events.committed();
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account unlocked by an administrator");
-    state.events.emit(AuthEventKind::AdminUserUnlocked, Some(id), &meta, serde_json::json!({"admin": caller.user_id}));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -231,18 +229,22 @@ async fn set_market_status(
     // Not a symbol (a NUL in it reached Postgres and came back as a 422 with no field): no such
     // market, as the public market routes answer.
     Symbol::parse(symbol).map_err(|_| ApiError::NotFound)?;
+    let mut tx = state.pool.begin().await?;
     let found = sqlx::query("UPDATE markets SET status = $2, updated_at = now() WHERE symbol = $1")
         .bind(symbol)
         .bind(status)
-        .execute(&state.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
     if found == 0 {
         return Err(ApiError::NotFound);
     }
-    tracing::warn!(admin = %caller.user_id, symbol, status, "market status changed by an administrator");
     let kind = if status == "halted" { AuthEventKind::AdminMarketHalted } else { AuthEventKind::AdminMarketResumed };
-    state.events.emit(kind, Some(caller.user_id), meta, serde_json::json!({"admin": caller.user_id, "symbol": symbol}));
+    let data = serde_json::json!({"admin": caller.user_id, "symbol": symbol});
+    state.events.record(&mut tx, kind, Some(caller.user_id), meta, data).await?;
+    tx.commit().await?;
+    state.events.committed();
+    tracing::warn!(admin = %caller.user_id, symbol, status, "market status changed by an administrator");
     if let Err(e) = state.markets.refresh(&state.pool).await {
         tracing::warn!(error = %e, "market cache not refreshed; the periodic refresh will catch up");
     }

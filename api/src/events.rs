@@ -1,25 +1,28 @@
-//! Publishing auth events to the AUTH stream, and the request facts they carry.
+//! Auth events: written in the transaction of the change they report, published to the AUTH
+//! stream by this process's relay.
 //!
-//! Events are published *after* the decision they report, on a spawned task: a slow or absent
-//! NATS can neither delay an answer nor change it (a refused login stays refused). A publish
-//! that fails is counted (`vault_auth_events_failed_total{kind}`), logged with the event id and
-//! parked in `parked_messages` (stream `AUTH`, consumer `vault-api`, with its `Nats-Msg-Id`), so
-//! the audit trail's gap is on record with what it should have held — never silently dropped.
+//! Each event is a row of `auth_outbox` (migration 0015) committed with what it reports — an
+//! account created, locked or unlocked, a session started or ended, a key created or revoked, a
+//! refused login's count — so an answer is given only after its event is durable, and a process
+//! stopped (or killed) before the publish loses nothing: the relay of this or any other API
+//! process publishes every committed row, with the event's id as the dedupe id, and deletes it
+//! once JetStream acknowledged it ([`vault_bus::outbox`]). NATS being slow or down neither delays
+//! nor changes an answer: the rows wait, and go out when it is back.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use chrono::Utc;
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tower_http::request_id::RequestId;
 use uuid::Uuid;
 use vault_bus::message::{AuthEvent, AuthEventKind};
-use vault_bus::{Bus, MessageContext, streams};
-use vault_core::metric_names as names;
-
-/// How long one publish may take before it counts as failed.
-const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+use vault_bus::outbox::Outbox;
+use vault_bus::{Bus, BusMessage};
 
 /// The request's id and the client's address, for events and logs.
 #[derive(Debug, Clone, Default)]
@@ -43,23 +46,30 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
     }
 }
 
-/// Emits auth events in the background.
+/// Records auth events for the relay; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuthEvents {
-    bus: Bus,
     pool: sqlx::PgPool,
+    /// Notified after a commit that wrote events: the relay publishes them at once.
+    wake: Arc<Notify>,
 }
 
 impl AuthEvents {
-    pub fn new(bus: Bus, pool: sqlx::PgPool) -> Self {
-        // At zero from the start: a series that first appears at 1 shows no increase, and the
-        // first auth event parked in a process's life would not raise VaultMessagesParked.
-        let _ = metrics::counter!(names::PARKED_MESSAGES, "stream" => streams::AUTH.name, "consumer" => PARKED_AS);
-        AuthEvents { bus, pool }
+    pub fn new(pool: sqlx::PgPool) -> Self {
+        AuthEvents { pool, wake: Arc::new(Notify::new()) }
     }
 
-    /// Publishes one event; returns at once. `data` must never hold a password, token or key.
-    pub fn emit(&self, kind: AuthEventKind, user_id: Option<Uuid>, meta: &RequestMeta, data: serde_json::Value) {
+    /// Writes one event on `conn`, in the transaction of the change it reports; after that
+    /// transaction commits, [`AuthEvents::committed`] has it published at once (otherwise the
+    /// relay finds it within a second). `data` must never hold a password, token or key.
+    pub async fn record(
+        &self,
+        conn: &mut PgConnection,
+        kind: AuthEventKind,
+        user_id: Option<Uuid>,
+        meta: &RequestMeta,
+        data: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
         let event = AuthEvent {
             id: Uuid::now_v7(),
             kind,
@@ -69,54 +79,46 @@ impl AuthEvents {
             at: Utc::now(),
             data,
         };
-        let (bus, pool) = (self.bus.clone(), self.pool.clone());
-        let ctx = MessageContext { request_id: meta.request_id.clone() };
-        tokio::spawn(async move {
-            let kind = event.kind.as_str();
-            let failed = match tokio::time::timeout(PUBLISH_TIMEOUT, bus.publish(&event, &ctx)).await {
-                Ok(Ok(_)) => {
-                    metrics::counter!("vault_auth_events_published_total", "kind" => kind).increment(1);
-                    return;
-                }
-                Ok(Err(err)) => err.to_string(),
-                Err(_) => format!("not acknowledged within {PUBLISH_TIMEOUT:?}"),
-            };
-            metrics::counter!("vault_auth_events_failed_total", "kind" => kind).increment(1);
-            tracing::error!(event_id = %event.id, kind, error = failed, "auth event not published");
-            park(&pool, &event, &ctx, &failed).await;
-        });
+        let payload = vault_bus::message::encode(&event).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let payload = String::from_utf8(payload).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        sqlx::query(
+            "INSERT INTO auth_outbox (id, subject, payload, request_id, created_at) VALUES ($1, $2, $3::jsonb, $4, $5)",
+        )
+        .bind(event.id)
+        .bind(event.subject())
+        .bind(payload)
+        .bind(&event.request_id)
+        .bind(event.at)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
-}
 
-/// The consumer name an auth event the API could not publish is parked under.
-const PARKED_AS: &str = "vault-api";
-
-/// Stores an event that could not be published in `parked_messages`, as it would have gone out.
-async fn park(pool: &sqlx::PgPool, event: &AuthEvent, ctx: &MessageContext, failed: &str) {
-    use vault_bus::BusMessage;
-    let payload = match vault_bus::message::encode(event) {
-        Ok(payload) => payload,
-        Err(e) => {
-            tracing::error!(event_id = %event.id, error = %e, "an unpublished auth event cannot be encoded to be parked");
-            return;
-        }
-    };
-    let mut headers = std::collections::BTreeMap::from([("Nats-Msg-Id".to_owned(), event.msg_id())]);
-    if let Some(request_id) = &ctx.request_id {
-        headers.insert("X-Request-Id".to_owned(), request_id.clone());
+    /// An event that reports no change of its own (a login refused without counting it):
+    /// written in a transaction of its own, then published.
+    pub async fn emit(
+        &self,
+        kind: AuthEventKind,
+        user_id: Option<Uuid>,
+        meta: &RequestMeta,
+        data: serde_json::Value,
+    ) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.record(&mut conn, kind, user_id, meta, data).await?;
+        self.committed();
+        Ok(())
     }
-    let reason = format!("not published: {failed}");
-    let parked = vault_bus::park::park_unpublished(
-        pool,
-        streams::AUTH.name,
-        PARKED_AS,
-        &event.subject(),
-        &payload,
-        headers,
-        &reason,
-    )
-    .await;
-    if let Err(e) = parked {
-        tracing::error!(event_id = %event.id, error = %e, "an unpublished auth event could not be parked either");
+
+    /// Call after committing a transaction that [`AuthEvents::record`]ed events: the relay
+    /// publishes them now rather than at its next look.
+    pub fn committed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs this process's relay of `auth_outbox` until shutdown (its last pass within the
+    /// grace period).
+    pub fn spawn_relay(&self, bus: Bus, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let (pool, wake) = (self.pool.clone(), self.wake.clone());
+        tokio::spawn(async move { vault_bus::outbox::relay(&bus, &pool, Outbox::AUTH, &wake, &shutdown).await })
     }
 }

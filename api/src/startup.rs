@@ -101,6 +101,10 @@ pub struct Application {
     readiness: Readiness,
     state: AppState,
     shutdown: CancellationToken,
+    /// The auth events' relay, and what stops it: after the HTTP drain, so the events of the
+    /// requests it finishes go out with its last pass.
+    relay: tokio::task::JoinHandle<()>,
+    relay_stop: CancellationToken,
 }
 
 impl Application {
@@ -163,11 +167,14 @@ impl Application {
         // Also creates the engine's partition consumers no engine has declared yet, from its
         // first reading on (see `trading::backlog`).
         backlog.spawn_monitor(bus.clone(), shutdown.clone());
+        let events = AuthEvents::new(pool.clone());
+        let relay_stop = CancellationToken::new();
+        let relay = events.spawn_relay(bus.clone(), relay_stop.clone());
         let state = AppState(Arc::new(Shared {
             settings: Arc::new(settings),
             intake,
             backlog,
-            events: AuthEvents::new(bus.clone(), pool.clone()),
+            events: events.clone(),
             pool,
             ws: Gateway::new(&bus, tunables.ws, portfolios.clone(), credentials.revocations(), shutdown.clone()),
             bus,
@@ -180,7 +187,7 @@ impl Application {
             portfolios,
         }));
         let router = router(state.clone(), readiness.clone());
-        Ok(Application { listener, router, readiness, state, shutdown })
+        Ok(Application { listener, router, readiness, state, shutdown, relay, relay_stop })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -194,6 +201,10 @@ impl Application {
         // Upgraded connections are no longer the HTTP server's: they close themselves on the
         // same token; wait for their close frames before the process goes.
         self.state.ws.drain(WS_DRAIN).await;
+        self.relay_stop.cancel();
+        if let Err(e) = self.relay.await {
+            tracing::error!(error = %e, "the auth events' relay ended abnormally");
+        }
         self.state.bus.flush_before_exit().await;
         db::close_before_exit(&self.state.pool).await;
         tracing::info!("stopped");

@@ -170,7 +170,7 @@ const AUDIT: &[Role] = &[Role::Audit];
 const NOTIFY: &[Role] = &[Role::Notify];
 const BATCHING: &[Role] = &[Role::Audit, Role::Notify];
 /// Every process that parks messages: the consumers, and the API (auth events NATS did not take).
-const PARKING: &[Role] = &[Role::Engine, Role::Audit, Role::Notify, Role::Api];
+const PARKING: &[Role] = &[Role::Engine, Role::Audit, Role::Notify];
 
 /// `outcome` of [`MESSAGES_PROCESSED`]: see [`Outcome`].
 pub const PROCESSED_OUTCOMES: &[&str] = &["ok", "retry", "parked"];
@@ -216,13 +216,7 @@ pub const CATALOG: &[Metric] = &[
         Dynamic,
     ),
     m(MESSAGE_PROCESSING, H, "From receiving a message to settling it (ack, nak or park)", CONSUMING, Dynamic),
-    m(
-        PARKED_MESSAGES,
-        C,
-        "Messages stored in parked_messages: poison terminated by a consumer, or auth events NATS did not take",
-        PARKING,
-        Dynamic,
-    ),
+    m(PARKED_MESSAGES, C, "Messages stored in parked_messages: poison terminated by a consumer", PARKING, Dynamic),
     m(
         BATCH_WRITES_ABANDONED,
         C,
@@ -230,8 +224,14 @@ pub const CATALOG: &[Metric] = &[
         BATCHING,
         Plain,
     ),
-    m(AUTH_EVENTS_PUBLISHED, C, "Auth events published to AUTH, by kind", API, Dynamic),
-    m(AUTH_EVENTS_FAILED, C, "Auth events that could not be published, by kind", API, Dynamic),
+    m(AUTH_EVENTS_PUBLISHED, C, "Auth events published to AUTH (rows of auth_outbox relayed)", API, Plain),
+    m(
+        AUTH_EVENTS_FAILED,
+        C,
+        "Auth events a relay pass could not publish; they stay in auth_outbox and are retried",
+        API,
+        Plain,
+    ),
     m(RATE_LIMITED, C, "Requests refused by a rate limit", API, Plain),
     m(PASSWORD_HASH_QUEUE_TIMEOUTS, C, "Logins refused because password hashing was saturated", API, Plain),
     m(API_STALE_COMMANDS, C, "Retries refused because a withdrawn attempt holds the client order id", API, Plain),

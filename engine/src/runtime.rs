@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{OrderCommand, PriceTick, decode, decode_tick};
-use vault_bus::{Bus, MessageContext, park, streams, subjects};
+use vault_bus::{Bus, park, streams, subjects};
 use vault_core::config::PartitionRange;
 use vault_core::domain::{Market, MarketStatus, Positive, Side, Symbol};
 use vault_core::metric_names::{self as names, ConsumerMetrics, Outcome as Settled};
@@ -44,8 +44,6 @@ use crate::store::{Outcome, StoreError, Work};
 
 /// Commands of one partition in flight at once (routed, not yet acked).
 const MAX_IN_FLIGHT: usize = 1024;
-/// Outbox rows published per round.
-const RELAY_BATCH: i64 = 256;
 
 /// Routes work to the shard that owns the user, through one queue per shard that the shard
 /// drains in batches (see [`crate::actors`]).
@@ -764,80 +762,10 @@ fn trigger_crossed(
     }
 }
 
-/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it). A row is
-/// deleted in the transaction that saw its event acknowledged: the outbox holds only what is
-/// still to be published (the events themselves stay on EVENTS and in the audit log).
+/// Publishes committed outbox rows to EVENTS until shutdown (and once more after it); see
+/// [`vault_bus::outbox`].
 pub async fn relay_outbox(bus: Bus, pool: PgPool, shared: Arc<Shared>, shutdown: CancellationToken) {
-    loop {
-        let stop = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = shared.outbox.notified() => false,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-        };
-        let drain = async {
-            loop {
-                match vault_core::db::within(RELAY_WITHIN, relay_once(&bus, &pool)).await {
-                    Ok(0) => break,
-                    Ok(n) => metrics::counter!("vault_outbox_published_total").increment(n as u64),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "outbox relay failed; retrying");
-                        break;
-                    }
-                }
-            }
-        };
-        // At the signal, the pass under way (or, between passes, a last one) publishes what the
-        // last commits wrote, within GRACE. Rows it leaves stay for the next engine: an unfinished
-        // pass rolls back, and what it published is published again later, skipped downstream
-        // as a duplicate.
-        if finish_or_give_up(&shutdown, drain).await.is_none() {
-            tracing::warn!(waited = ?GRACE, "outbox relay's last pass unfinished; its rows stay for the next start");
-            return;
-        }
-        if stop {
-            return;
-        }
-    }
-}
-
-/// How long one relay pass may take before it is given up (rolled back when its session ends;
-/// what it published is published again, skipped downstream): a pass waits on Postgres and on
-/// acks the client times out after 5 s, and a connection gone silent would stop the relay for
-/// good.
-const RELAY_WITHIN: Duration = vault_core::db::STATEMENT_WITHIN;
-
-/// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
-/// the engine encoded them (their subject and payload), not decoded and encoded again.
-async fn relay_once(bus: &Bus, pool: &PgPool) -> anyhow::Result<usize> {
-    let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT id, subject, payload::text, request_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(RELAY_BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let mut acks = Vec::with_capacity(rows.len());
-    for (id, subject, payload, request_id) in rows {
-        let ctx = MessageContext { request_id };
-        acks.push((id, bus.start_publish_encoded(subject, &id.to_string(), &ctx, payload.into()).await?));
-    }
-    // Awaited together: an ack's timeout (the client's 5 s) starts when it is awaited, so
-    // awaiting them one by one after NATS went away mid-batch stalled the relay 5 s per event
-    // (a full batch: over twenty minutes).
-    let settled = futures::future::join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) })).await;
-    let mut published = Vec::with_capacity(settled.len());
-    for (id, result) in settled {
-        match result {
-            Ok(_) => published.push(id),
-            Err(e) => tracing::warn!(outbox_id = %id, error = %e, "event not acknowledged; will retry"),
-        }
-    }
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(&published).execute(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(published.len())
+    vault_bus::outbox::relay(&bus, &pool, vault_bus::outbox::Outbox::EVENTS, &shared.outbox, &shutdown).await;
 }
 
 /// Wires everything for [`crate::run`].

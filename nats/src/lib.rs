@@ -15,6 +15,7 @@ pub mod batch;
 pub mod consumers;
 pub mod lag;
 pub mod message;
+pub mod outbox;
 pub mod park;
 pub mod process;
 pub mod streams;

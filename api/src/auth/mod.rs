@@ -252,6 +252,7 @@ pub async fn signup(
     };
 
     let hash = state.hasher.hash(body.password).await?;
+    let mut tx = state.pool.begin().await?;
     let user: User = sqlx::query_as(
         "INSERT INTO users (id, email, name, password_hash) VALUES ($1, $2, $3, $4)
          RETURNING id, email, name, role, totp_enabled, created_at",
@@ -260,7 +261,7 @@ pub async fn signup(
     .bind(&email)
     .bind(&name)
     .bind(&hash)
-    .fetch_one(&state.pool)
+    .fetch_one(&mut *tx)
     .await
     .map_err(|e| {
         if is_unique_violation(&e) {
@@ -269,7 +270,9 @@ pub async fn signup(
             e.into()
         }
     })?;
-    state.events.emit(AuthEventKind::Signup, Some(user.id), &meta, serde_json::json!({}));
+    state.events.record(&mut tx, AuthEventKind::Signup, Some(user.id), &meta, serde_json::json!({})).await?;
+    tx.commit().await?;
+    state.events.committed();
     Ok((StatusCode::CREATED, axum::Json(user)))
 }
 
@@ -347,14 +350,14 @@ pub async fn login(
     };
     let now = Utc::now();
     if let Some(locked_until) = locked_until.filter(|t| *t > now) {
-        return Err(refuse_locked(&state, user.as_ref().map(|u| u.id), &meta, locked_until, now));
+        return Err(refuse_locked(&state, user.as_ref().map(|u| u.id), &meta, locked_until, now).await);
     }
 
     let matches = state.hasher.verify(body.password, user.as_ref().map(|u| u.password_hash.clone())).await?;
     let user = match user {
         Some(user) if admin_locked => {
             if matches {
-                return Err(refuse_locked(&state, Some(user.id), &meta, user.locked_until.unwrap_or(now), now));
+                return Err(refuse_locked(&state, Some(user.id), &meta, user.locked_until.unwrap_or(now), now).await);
             }
             record_unknown_failure(&state, body.email.trim(), Some(user.id), &meta).await?;
             return Err(invalid_credentials());
@@ -436,10 +439,14 @@ pub async fn login(
         .execute(&mut *tx)
         .await?;
     let refresh_token = insert_refresh_token(&mut tx, family, user.id, now).await?;
+    state
+        .events
+        .record(&mut tx, AuthEventKind::LoginSucceeded, Some(user.id), &meta, serde_json::json!({"family": family}))
+        .await?;
     tx.commit().await?;
+    state.events.committed();
 
     let (access_token, _) = state.jwt.issue(user.id, &user.role, family, now);
-    state.events.emit(AuthEventKind::LoginSucceeded, Some(user.id), &meta, serde_json::json!({"family": family}));
     let mut response = axum::Json(token_pair(access_token, refresh_token)).into_response();
     if let Some(v) = verdict {
         rate_limit::set_headers(response.headers_mut(), &v);
@@ -530,14 +537,17 @@ pub(crate) fn is_admin_lock(locked_until: DateTime<Utc>) -> bool {
 }
 
 /// The 423 for an attempt on a locked account (not counted: a lock is never extended).
-fn refuse_locked(
+async fn refuse_locked(
     state: &AppState,
     user: Option<Uuid>,
     meta: &RequestMeta,
     locked_until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> ApiError {
-    state.events.emit(AuthEventKind::LoginFailed, user, meta, serde_json::json!({"reason": "account_locked"}));
+    let data = serde_json::json!({"reason": "account_locked"});
+    if let Err(e) = state.events.emit(AuthEventKind::LoginFailed, user, meta, data).await {
+        return e.into();
+    }
     let secs = (locked_until - now).num_seconds().clamp(1, 86_400) as u64;
     ApiError::Locked { retry_after_secs: secs }
 }
@@ -559,31 +569,35 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
             counted_failure("u")
         )
     });
+    let mut tx = state.pool.begin().await?;
     let counted: Option<(i32, bool)> = sqlx::query_as(COUNT.as_str())
         .bind(user)
         .bind(LOCK_AFTER_FAILURES)
         .bind(LOCK_MINUTES as i32)
         .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
-        .fetch_optional(&state.pool)
+        .fetch_optional(&mut *tx)
         .await?;
     let Some((failures, locked)) = counted else {
+        drop(tx);
         let locked_until: Option<DateTime<Utc>> = sqlx::query_scalar("SELECT locked_until FROM users WHERE id = $1")
             .bind(user)
             .fetch_optional(&state.pool)
             .await?
             .flatten();
         let now = Utc::now();
-        return Err(refuse_locked(state, Some(user), meta, locked_until.unwrap_or(now), now));
+        return Err(refuse_locked(state, Some(user), meta, locked_until.unwrap_or(now), now).await);
     };
-    state.events.emit(
-        AuthEventKind::LoginFailed,
-        Some(user),
-        meta,
-        serde_json::json!({"reason": reason, "consecutive_failures": failures}),
-    );
-    if locked && failures == LOCK_AFTER_FAILURES {
+    let data = serde_json::json!({"reason": reason, "consecutive_failures": failures});
+    state.events.record(&mut tx, AuthEventKind::LoginFailed, Some(user), meta, data).await?;
+    let locks = locked && failures == LOCK_AFTER_FAILURES;
+    if locks {
+        let data = serde_json::json!({"minutes": LOCK_MINUTES});
+        state.events.record(&mut tx, AuthEventKind::Locked, Some(user), meta, data).await?;
+    }
+    tx.commit().await?;
+    state.events.committed();
+    if locks {
         tracing::warn!(user_id = %user, "account locked after {LOCK_AFTER_FAILURES} failed logins");
-        state.events.emit(AuthEventKind::Locked, Some(user), meta, serde_json::json!({"minutes": LOCK_MINUTES}));
     }
     Ok(())
 }
@@ -607,7 +621,7 @@ async fn record_unknown_failure(
     // No account has a NUL in its email, and Postgres text cannot hold one: not counted (the
     // per-email rate limit still holds it back).
     if email.contains('\0') {
-        state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": reason}));
+        state.events.emit(AuthEventKind::LoginFailed, None, meta, serde_json::json!({"reason": reason})).await?;
         return Ok(());
     }
     static COUNT: LazyLock<String> = LazyLock::new(|| {
@@ -620,14 +634,16 @@ async fn record_unknown_failure(
             counted_failure("f")
         )
     });
+    let mut tx = state.pool.begin().await?;
     let counted: Option<(i32, bool)> = sqlx::query_as(COUNT.as_str())
         .bind(email)
         .bind(LOCK_AFTER_FAILURES)
         .bind(LOCK_MINUTES as i32)
         .bind(FAILURES_FORGOTTEN_AFTER_HOURS)
-        .fetch_optional(&state.pool)
+        .fetch_optional(&mut *tx)
         .await?;
     let Some((failures, _)) = counted else {
+        drop(tx);
         // Locked by concurrent attempts since the first check: answered as an account would be.
         let locked_until: Option<DateTime<Utc>> =
             sqlx::query_scalar("SELECT locked_until FROM login_failures WHERE email = lower($1)")
@@ -636,14 +652,12 @@ async fn record_unknown_failure(
                 .await?
                 .flatten();
         let now = Utc::now();
-        return Err(refuse_locked(state, locked_account, meta, locked_until.unwrap_or(now), now));
+        return Err(refuse_locked(state, locked_account, meta, locked_until.unwrap_or(now), now).await);
     };
-    state.events.emit(
-        AuthEventKind::LoginFailed,
-        locked_account,
-        meta,
-        serde_json::json!({"reason": reason, "consecutive_failures": failures}),
-    );
+    let data = serde_json::json!({"reason": reason, "consecutive_failures": failures});
+    state.events.record(&mut tx, AuthEventKind::LoginFailed, locked_account, meta, data).await?;
+    tx.commit().await?;
+    state.events.committed();
     Ok(())
 }
 
@@ -688,15 +702,12 @@ pub async fn refresh(
             .bind(family)
             .execute(&mut *tx)
             .await?;
+            let data = serde_json::json!({"family": family});
+            state.events.record(&mut tx, AuthEventKind::RefreshTokenReused, Some(user), &meta, data).await?;
             tx.commit().await?;
+            state.events.committed();
             state.credentials.forget_family(user, family);
             tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
-            state.events.emit(
-                AuthEventKind::RefreshTokenReused,
-                Some(user),
-                &meta,
-                serde_json::json!({"family": family}),
-            );
         }
         return Err(ApiError::Unauthorized {
             code: "refresh_token_reused",
@@ -737,9 +748,11 @@ pub async fn logout(
     .bind(family)
     .execute(&mut *tx)
     .await?;
+    let data = serde_json::json!({"family": family});
+    state.events.record(&mut tx, AuthEventKind::Logout, Some(caller.user_id), &meta, data).await?;
     tx.commit().await?;
+    state.events.committed();
     state.credentials.forget_family(caller.user_id, family);
-    state.events.emit(AuthEventKind::Logout, Some(caller.user_id), &meta, serde_json::json!({"family": family}));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -772,7 +785,7 @@ pub async fn change_password(
             .ok_or(ApiError::NotFound)?;
     let now = Utc::now();
     if let Some(locked_until) = locked_until.filter(|t| *t > now) {
-        return Err(refuse_locked(&state, Some(caller.user_id), &meta, locked_until, now));
+        return Err(refuse_locked(&state, Some(caller.user_id), &meta, locked_until, now).await);
     }
     if !state.hasher.verify(body.current_password, Some(current.clone())).await? {
         record_failure(&state, caller.user_id, &meta, "invalid_credentials").await?;
@@ -794,14 +807,11 @@ pub async fn change_password(
         return Err(invalid_credentials());
     }
     let ended = end_sessions(&mut tx, caller.user_id, Some(family), "password_changed").await?;
+    let data = serde_json::json!({"sessions_ended": ended});
+    state.events.record(&mut tx, AuthEventKind::PasswordChanged, Some(caller.user_id), &meta, data).await?;
     tx.commit().await?;
+    state.events.committed();
     state.credentials.forget_user(caller.user_id);
-    state.events.emit(
-        AuthEventKind::PasswordChanged,
-        Some(caller.user_id),
-        &meta,
-        serde_json::json!({"sessions_ended": ended}),
-    );
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -887,17 +897,15 @@ pub async fn totp_enable(
     // With 2FA on, a password alone no longer logs in: nor may a session that a password alone
     // began (an intruder's among them) go on. Every other session of the account ends; the
     // caller's, which just proved the code, stays.
-    let ended =
-        if enabled == 1 { end_sessions(&mut tx, caller.user_id, Some(family), "totp_enabled").await? } else { 0 };
+    if enabled == 1 {
+        let ended = end_sessions(&mut tx, caller.user_id, Some(family), "totp_enabled").await?;
+        let data = serde_json::json!({"sessions_ended": ended});
+        state.events.record(&mut tx, AuthEventKind::TotpEnabled, Some(caller.user_id), &meta, data).await?;
+    }
     tx.commit().await?;
     if enabled == 1 {
+        state.events.committed();
         state.credentials.forget_user(caller.user_id);
-        state.events.emit(
-            AuthEventKind::TotpEnabled,
-            Some(caller.user_id),
-            &meta,
-            serde_json::json!({"sessions_ended": ended}),
-        );
     }
     if enabled == 0 {
         // Between the read and the update another `/auth/totp/setup` replaced the secret (2FA is
@@ -980,13 +988,10 @@ pub async fn create_api_key(
     .bind(&scope_names)
     .fetch_one(&mut *tx)
     .await?;
+    let data = serde_json::json!({"api_key_id": id, "scopes": scope_names});
+    state.events.record(&mut tx, AuthEventKind::ApiKeyCreated, Some(caller.user_id), &meta, data).await?;
     tx.commit().await?;
-    state.events.emit(
-        AuthEventKind::ApiKeyCreated,
-        Some(caller.user_id),
-        &meta,
-        serde_json::json!({"api_key_id": id, "scopes": scope_names}),
-    );
+    state.events.committed();
     Ok((StatusCode::CREATED, axum::Json(CreatedApiKey { id, name, scopes, key, prefix, created_at })))
 }
 
@@ -1029,18 +1034,22 @@ pub async fn revoke_api_key(
     SessionCaller(caller): SessionCaller,
     ResourceId(id): ResourceId,
 ) -> Result<StatusCode, ApiError> {
+    let mut tx = state.pool.begin().await?;
     let revoked =
         sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL")
             .bind(id)
             .bind(caller.user_id)
-            .execute(&state.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
     if revoked == 0 {
         return Err(ApiError::NotFound);
     }
+    let data = serde_json::json!({"api_key_id": id});
+    state.events.record(&mut tx, AuthEventKind::ApiKeyRevoked, Some(caller.user_id), &meta, data).await?;
+    tx.commit().await?;
+    state.events.committed();
     state.credentials.forget_api_key(caller.user_id, id);
-    state.events.emit(AuthEventKind::ApiKeyRevoked, Some(caller.user_id), &meta, serde_json::json!({"api_key_id": id}));
     Ok(StatusCode::NO_CONTENT)
 }
 
