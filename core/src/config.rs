@@ -375,7 +375,13 @@ pub struct Settings {
     pub rate_limit_login_per_min: u32,
     /// Connections of the API's Postgres pool (`DATABASE_POOL_SIZE`).
     pub database_pool_size: u32,
+    /// How often the audit worker walks the whole audit chain (`AUDIT_VERIFY_EVERY`); `None`
+    /// turns the walk off.
+    pub audit_verify_every: Option<Duration>,
 }
+
+/// The default of `AUDIT_VERIFY_EVERY`: an hour.
+pub const DEFAULT_AUDIT_VERIFY_EVERY: Duration = Duration::from_secs(3600);
 
 /// The default of `DATABASE_POOL_SIZE`.
 pub const DEFAULT_DATABASE_POOL_SIZE: u32 = 20;
@@ -503,6 +509,18 @@ impl Settings {
                 }
             })
             .unwrap_or(Duration::from_secs(30));
+        let audit_verify_every = r
+            .with("AUDIT_VERIFY_EVERY", |s| {
+                let secs = s.strip_suffix('s').unwrap_or(s);
+                match secs.parse::<u64>() {
+                    Ok(0) => Ok(None),
+                    Ok(n @ 1..=MAX_PRICE_AGE_SECS) => Ok(Some(Duration::from_secs(n))),
+                    _ => Err(format!(
+                        "expected 0 (off) to {MAX_PRICE_AGE_SECS} seconds (a year), e.g. 3600 or 3600s, got {s:?}"
+                    )),
+                }
+            })
+            .unwrap_or(Some(DEFAULT_AUDIT_VERIFY_EVERY));
         let webhook_allow_private = r.parsed("WEBHOOK_ALLOW_PRIVATE", "true or false").unwrap_or(false);
         let smtp_url = r.secret("SMTP_URL", |s| smtp_url_problem(s).map_or(Ok(()), Err));
         let sentry_dsn = r.secret("SENTRY_DSN", |s| {
@@ -573,6 +591,7 @@ impl Settings {
                 rate_limit_ip_per_sec,
                 rate_limit_login_per_min,
                 database_pool_size,
+                audit_verify_every,
             }),
             _ => Err(ConfigErrors(problems)),
         }
@@ -604,6 +623,7 @@ impl Settings {
             ("RATE_LIMIT_IP_PER_SEC", self.rate_limit_ip_per_sec.to_string()),
             ("RATE_LIMIT_LOGIN_PER_MIN", self.rate_limit_login_per_min.to_string()),
             ("DATABASE_POOL_SIZE", self.database_pool_size.to_string()),
+            ("AUDIT_VERIFY_EVERY", format!("{}s", self.audit_verify_every.map_or(0, |d| d.as_secs()))),
         ])
     }
 }

@@ -116,6 +116,10 @@ pub const PRICE_SOURCE_CONNECTED: &str = "vault_price_source_connected";
 // -- Audit worker ------------------------------------------------------------------------------
 pub const AUDIT_ROWS: &str = "vault_audit_rows_total";
 pub const AUDIT_WRITE_FAILURES: &str = "vault_audit_write_failures_total";
+pub const AUDIT_CHAIN_INTACT: &str = "vault_audit_chain_intact";
+pub const AUDIT_CHAIN_ROWS_VERIFIED: &str = "vault_audit_chain_rows_verified";
+pub const AUDIT_CHAIN_VERIFIED_AT: &str = "vault_audit_chain_verified_at_seconds";
+pub const AUDIT_VERIFY_FAILURES: &str = "vault_audit_verify_failures_total";
 
 // -- Notify worker -----------------------------------------------------------------------------
 pub const NOTIFICATIONS: &str = "vault_notifications_total";
@@ -361,6 +365,22 @@ pub const CATALOG: &[Metric] = &[
     m(PRICE_SOURCE_CONNECTED, G, "1 while the source's feed connection is open, by source", PRICES, Dynamic),
     m(AUDIT_ROWS, C, "Rows appended to audit_log", AUDIT, Plain),
     m(AUDIT_WRITE_FAILURES, C, "Audit batches that could not be written (redelivered)", AUDIT, Plain),
+    m(
+        AUDIT_CHAIN_INTACT,
+        G,
+        "1 when the last scheduled walk of the audit chain found it intact, 0 when broken (absent before the first)",
+        AUDIT,
+        Dynamic,
+    ),
+    m(AUDIT_CHAIN_ROWS_VERIFIED, G, "Rows the last scheduled walk of the audit chain checked", AUDIT, Dynamic),
+    m(AUDIT_CHAIN_VERIFIED_AT, G, "Unix time the last scheduled walk of the audit chain ended", AUDIT, Dynamic),
+    m(
+        AUDIT_VERIFY_FAILURES,
+        C,
+        "Scheduled walks of the audit chain that could not finish (database errors)",
+        AUDIT,
+        Plain,
+    ),
     m(NOTIFICATIONS, C, "In-app notifications written, by kind", NOTIFY, Dynamic),
     m(
         NOTIFICATION_PUSHES,

@@ -9,6 +9,9 @@
 //! ([`canonical`]: JSON with keys sorted at every level, times in RFC 3339 with microseconds),
 //! so changing, removing or reordering any row breaks every hash after it. Writers serialize on
 //! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
+//! The worker also walks the whole chain at start and every `AUDIT_VERIFY_EVERY`
+//! ([`verify_periodically`]) and exports the verdict, so tampering is alerted on, not only found
+//! when someone looks.
 //! A message that cannot be decoded is parked and terminated, never half-recorded.
 //!
 //! A message that decodes but that the table refuses (text Postgres cannot store, such as a
@@ -30,6 +33,7 @@ use vault_bus::batch::{self, Delivered};
 use vault_bus::consumers::{ConsumerSpec, MAX_DELIVER};
 use vault_bus::message::{AuthEvent, EngineEvent, OrderCommand, decode};
 use vault_bus::{Bus, REQUEST_ID_HEADER};
+use vault_core::metric_names as names;
 
 /// Messages written per transaction at most.
 pub const BATCH: usize = 256;
@@ -392,6 +396,47 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
             }
             prev = r.hash;
             rows += 1;
+        }
+    }
+}
+
+/// Walks the whole chain at start and then every `every` until shutdown, and reports the verdict
+/// as metrics ([`names::AUDIT_CHAIN_INTACT`], the rows checked, the time) with an error log
+/// naming the first broken row: a tampered trail raises `VaultAuditChainBroken` without anyone
+/// running `vault-worker audit verify`. A walk reads every row once (pages of 1,000 by id); a
+/// walk the database cannot finish is counted ([`names::AUDIT_VERIFY_FAILURES`]) and the last
+/// verdict stands until the next.
+pub async fn verify_periodically(pool: &PgPool, every: Duration, shutdown: &CancellationToken) {
+    loop {
+        let started = std::time::Instant::now();
+        match shutdown.run_until_cancelled(verify(pool)).await {
+            None => return,
+            Some(Ok(verdict)) => {
+                let (intact, rows) = match &verdict {
+                    Verdict::Intact { rows } => (1.0, Some(*rows)),
+                    Verdict::Broken { .. } => (0.0, None),
+                };
+                metrics::gauge!(names::AUDIT_CHAIN_INTACT).set(intact);
+                if let Some(rows) = rows {
+                    metrics::gauge!(names::AUDIT_CHAIN_ROWS_VERIFIED).set(rows as f64);
+                }
+                metrics::gauge!(names::AUDIT_CHAIN_VERIFIED_AT).set(Utc::now().timestamp() as f64);
+                match verdict {
+                    Verdict::Intact { rows } => {
+                        tracing::info!(rows, took = ?started.elapsed(), "audit chain intact");
+                    }
+                    Verdict::Broken { id, reason } => {
+                        tracing::error!(row = id, reason, "audit chain broken");
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
+                tracing::warn!(error = %e, "the audit chain could not be walked; trying again at the next interval");
+            }
+        }
+        if shutdown.run_until_cancelled(tokio::time::sleep(every)).await.is_none() {
+            return;
         }
     }
 }

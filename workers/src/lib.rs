@@ -78,7 +78,21 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
     tracing::info!(role = ?role, ops = %process.ops_addr, "worker ready");
     let result = match role {
         WorkerRole::Prices => prices::run(&process.settings, &process.pool, &process.bus, shutdown.clone()).await,
-        WorkerRole::Audit => audit::run(&process.bus, &process.pool, role.consumers(), shutdown.clone()).await,
+        WorkerRole::Audit => {
+            let walk = async {
+                match process.settings.audit_verify_every {
+                    Some(every) => audit::verify_periodically(&process.pool, every, &shutdown).await,
+                    None => tracing::info!("the audit chain's scheduled walk is off (AUDIT_VERIFY_EVERY=0)"),
+                }
+            };
+            // The walk ends at shutdown (or at once when off); the consumers' end ends the role.
+            let consume = audit::run(&process.bus, &process.pool, role.consumers(), shutdown.clone());
+            tokio::pin!(consume);
+            tokio::select! {
+                result = &mut consume => result,
+                () = walk => consume.await,
+            }
+        }
         WorkerRole::Notify => {
             notify::run(&process.bus, &process.pool, &process.settings, role.consumers(), shutdown.clone()).await
         }

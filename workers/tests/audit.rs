@@ -211,6 +211,59 @@ async fn the_log_refuses_changes_and_verify_names_the_first_tampered_row() {
     assert!(out.contains(&format!("broken at row {}", first + 2)), "{out}");
 }
 
+/// The value of the metric line `name` (no labels) on the worker's ops address, if exported.
+async fn metric(ops: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{ops}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut envs = base_env(&db, &nats);
+    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let (worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    publish_mix(&bus, Uuid::now_v7(), 6).await;
+    poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
+    // A walk after the rows were written checked all six and found the chain intact.
+    poll_until(Duration::from_secs(30), "a walk over the six rows", || async {
+        let intact = metric(&ops, "vault_audit_chain_intact").await?;
+        (metric(&ops, "vault_audit_chain_rows_verified").await? == 6.0 && intact == 1.0).then_some(())
+    })
+    .await;
+    assert!(metric(&ops, "vault_audit_chain_verified_at_seconds").await.is_some_and(|t| t > 1.7e9));
+
+    let mut tx = pool.begin().await.expect("tx");
+    sqlx::query("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
+        .execute(&mut *tx)
+        .await
+        .expect("disable");
+    let id: i64 = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id OFFSET 2 LIMIT 1")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("id");
+    sqlx::query("UPDATE audit_log SET data = '{\"tampered\": true}' WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("tamper");
+    sqlx::query("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
+        .execute(&mut *tx)
+        .await
+        .expect("enable");
+    tx.commit().await.expect("commit");
+    poll_until(Duration::from_secs(30), "the broken chain reported", || async {
+        (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
+    })
+    .await;
+    let log = worker.output();
+    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    assert!(line.contains(&format!("row={id}")) || line.contains(&format!("\"row\":{id}")), "the row is named: {line}");
+}
+
 #[tokio::test]
 async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
