@@ -366,6 +366,13 @@ pub struct AuditEntry {
     pub data: serde_json::Value,
     /// Hex SHA-256 chaining this row to the one before (see `vault-worker audit verify`).
     pub hash: String,
+    /// The previous row's `hash` (64 zeros before the first row): with `hash`, the chain can be
+    /// followed through this API.
+    pub prev_hash: String,
+    /// The stream the row's message came from (`ORDERS`, `EVENTS`, `AUTH`), and its sequence
+    /// there: what the trail is compared with the streams by.
+    pub stream: String,
+    pub stream_seq: i64,
 }
 
 fn as_string<S: serde::Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
@@ -401,7 +408,9 @@ pub async fn audit(
         return Err(ApiError::invalid("action", "must not be empty (leave it out for every action)"));
     }
     let mut entries: Vec<AuditEntry> = sqlx::query_as(
-        "SELECT id, at, actor_id, action, subject, request_id, data, encode(hash, 'hex') AS hash FROM audit_log
+        "SELECT id, at, actor_id, action, subject, request_id, data, encode(hash, 'hex') AS hash,
+                encode(prev_hash, 'hex') AS prev_hash, stream, stream_seq
+           FROM audit_log
           WHERE ($1::UUID IS NULL OR actor_id = $1) AND ($2::TEXT IS NULL OR action = $2)
             AND ($3::TIMESTAMPTZ IS NULL OR at >= $3) AND ($4::TIMESTAMPTZ IS NULL OR at < $4)
             AND ($5::BIGINT IS NULL OR id < $5)

@@ -388,6 +388,20 @@ async fn admins_read_the_audit_trail_with_filters_and_pages_and_users_cannot() {
             < first["entries"][0]["id"].as_str().expect("id").parse::<i64>().expect("number")
     );
 
+    // The chain can be followed through the API: newest first, each row's prev_hash is the
+    // hash of the row after it on the page, and each names its stream and sequence.
+    let chain: Value = s.api.get("/admin/audit?limit=50", Some(&admin)).await.json().await.expect("json");
+    let rows = chain["entries"].as_array().expect("entries");
+    assert!(rows.len() >= 5, "{chain}");
+    for pair in rows.windows(2) {
+        assert_eq!(pair[0]["prev_hash"], pair[1]["hash"], "{} follows {}", pair[0]["id"], pair[1]["id"]);
+    }
+    for row in rows {
+        assert!(["ORDERS", "EVENTS", "AUTH"].contains(&row["stream"].as_str().expect("stream")), "{row}");
+        assert!(row["stream_seq"].as_i64().is_some_and(|n| n >= 1), "{row}");
+        assert_eq!(row["prev_hash"].as_str().expect("prev_hash").len(), 64, "{row}");
+    }
+
     problem(s.api.get("/admin/audit", Some(&user)).await, 403, "forbidden").await;
     problem(
         s.api.get("/admin/audit?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z", Some(&admin)).await,
