@@ -104,7 +104,9 @@ pub struct Application {
     /// The auth events' relay, and what stops it: after the HTTP drain, so the events of the
     /// requests it finishes go out with its last pass.
     relay: tokio::task::JoinHandle<()>,
-    relay_stop: CancellationToken,
+    /// Dropped (which stops the relay) in `run` after the drain, or with an application that
+    /// never runs or whose serving fails.
+    relay_stop: tokio_util::sync::DropGuard,
 }
 
 impl Application {
@@ -187,7 +189,7 @@ impl Application {
             portfolios,
         }));
         let router = router(state.clone(), readiness.clone());
-        Ok(Application { listener, router, readiness, state, shutdown, relay, relay_stop })
+        Ok(Application { listener, router, readiness, state, shutdown, relay, relay_stop: relay_stop.drop_guard() })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -201,7 +203,7 @@ impl Application {
         // Upgraded connections are no longer the HTTP server's: they close themselves on the
         // same token; wait for their close frames before the process goes.
         self.state.ws.drain(WS_DRAIN).await;
-        self.relay_stop.cancel();
+        drop(self.relay_stop);
         if let Err(e) = self.relay.await {
             tracing::error!(error = %e, "the auth events' relay ended abnormally");
         }

@@ -173,7 +173,7 @@ const PRICES: &[Role] = &[Role::Prices];
 const AUDIT: &[Role] = &[Role::Audit];
 const NOTIFY: &[Role] = &[Role::Notify];
 const BATCHING: &[Role] = &[Role::Audit, Role::Notify];
-/// Every process that parks messages: the consumers, and the API (auth events NATS did not take).
+/// Every process that parks messages: the consumers.
 const PARKING: &[Role] = &[Role::Engine, Role::Audit, Role::Notify];
 
 /// `outcome` of [`MESSAGES_PROCESSED`]: see [`Outcome`].
@@ -232,7 +232,7 @@ pub const CATALOG: &[Metric] = &[
     m(
         AUTH_EVENTS_FAILED,
         C,
-        "Auth events a relay pass could not publish; they stay in auth_outbox and are retried",
+        "Auth events JetStream refused (each counted once) and relay passes that failed; the events stay in auth_outbox",
         API,
         Plain,
     ),
@@ -372,7 +372,13 @@ pub const CATALOG: &[Metric] = &[
         AUDIT,
         Dynamic,
     ),
-    m(AUDIT_CHAIN_ROWS_VERIFIED, G, "Rows the last scheduled walk of the audit chain checked", AUDIT, Dynamic),
+    m(
+        AUDIT_CHAIN_ROWS_VERIFIED,
+        G,
+        "Rows the last scheduled walk that found the audit chain intact checked",
+        AUDIT,
+        Dynamic,
+    ),
     m(AUDIT_CHAIN_VERIFIED_AT, G, "Unix time the last scheduled walk of the audit chain ended", AUDIT, Dynamic),
     m(
         AUDIT_VERIFY_FAILURES,

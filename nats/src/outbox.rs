@@ -12,6 +12,7 @@
 //! auth events ([`Outbox::AUTH`], table `auth_outbox`). Each table holds only what is still to
 //! be published; the messages themselves stay on their stream and in the audit log.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -70,18 +71,25 @@ impl Outbox {
 /// Publishes committed rows of `outbox` until shutdown (and once more after it): a pass when
 /// `wake` is notified (after a commit of this process wrote rows) and every second otherwise.
 pub async fn relay(bus: &Bus, pool: &PgPool, outbox: Outbox, wake: &Notify, shutdown: &CancellationToken) {
+    // Rows JetStream refused, each logged (and counted) once rather than at every pass while
+    // NATS is away.
+    let mut reported = HashSet::new();
     loop {
         let stop = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => true,
             _ = wake.notified() => false,
             _ = tokio::time::sleep(POLL) => false,
         };
         let drain = async {
             loop {
-                match vault_core::db::within(PASS_WITHIN, relay_once(bus, pool, outbox)).await {
+                match vault_core::db::within(PASS_WITHIN, relay_once(bus, pool, outbox, &mut reported)).await {
                     Ok(0) => break,
                     Ok(n) => metrics::counter!(outbox.published_metric).increment(n as u64),
                     Err(e) => {
+                        if let Some(metric) = outbox.failed_metric {
+                            metrics::counter!(metric).increment(1);
+                        }
                         tracing::warn!(error = %e, "{} relay failed; retrying", outbox.what);
                         break;
                     }
@@ -89,9 +97,9 @@ pub async fn relay(bus: &Bus, pool: &PgPool, outbox: Outbox, wake: &Notify, shut
             }
         };
         // At the signal, the pass under way (or, between passes, a last one) publishes what the
-        // last commits wrote, within GRACE. Rows it leaves stay for the next relay: an
-        // unfinished pass rolls back, and what it published is published again later, skipped
-        // downstream as a duplicate.
+        // last commits wrote, within GRACE, and the relay ends: one GRACE at most. Rows it
+        // leaves stay for the next relay: an unfinished pass rolls back, and what it published
+        // is published again later, skipped downstream as a duplicate.
         if finish_or_give_up(shutdown, drain).await.is_none() {
             tracing::warn!(
                 waited = ?GRACE,
@@ -100,19 +108,21 @@ pub async fn relay(bus: &Bus, pool: &PgPool, outbox: Outbox, wake: &Notify, shut
             );
             return;
         }
-        if stop {
+        if stop || shutdown.is_cancelled() {
             return;
         }
     }
 }
 
 /// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
-/// they were encoded (their subject and payload), not decoded and encoded again.
-pub async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox) -> anyhow::Result<usize> {
+/// they were encoded (their subject and payload), not decoded and encoded again. A row
+/// JetStream refuses is logged and counted the first time (`reported` remembers it).
+async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox, reported: &mut HashSet<Uuid>) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, String, String, Option<String>)> =
         sqlx::query_as(outbox.select).bind(BATCH).fetch_all(&mut *tx).await?;
     if rows.is_empty() {
+        reported.clear();
         return Ok(0);
     }
     let mut acks = Vec::with_capacity(rows.len());
@@ -125,14 +135,19 @@ pub async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox) -> anyhow::Res
     // (a full batch: over twenty minutes).
     let settled = futures::future::join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) })).await;
     let mut published = Vec::with_capacity(settled.len());
-    let refused = settled.iter().filter(|(_, result)| result.is_err()).count();
-    if let (Some(metric), 1..) = (outbox.failed_metric, refused) {
-        metrics::counter!(metric).increment(refused as u64);
-    }
     for (id, result) in settled {
         match result {
-            Ok(_) => published.push(id),
-            Err(e) => tracing::warn!(outbox = outbox.what, row = %id, error = %e, "event not acknowledged; will retry"),
+            Ok(_) => {
+                reported.remove(&id);
+                published.push(id);
+            }
+            Err(e) if reported.insert(id) => {
+                if let Some(metric) = outbox.failed_metric {
+                    metrics::counter!(metric).increment(1);
+                }
+                tracing::warn!(outbox = outbox.what, row = %id, error = %e, "event not acknowledged; will retry");
+            }
+            Err(_) => {}
         }
     }
     sqlx::query(outbox.delete).bind(&published).execute(&mut *tx).await?;

@@ -2,8 +2,6 @@
 //! last delivery, is stored in `parked_messages` with the reason, counted
 //! (`vault_parked_messages_total{stream,consumer}`) and logged — never silently dropped.
 //! The caller then terminates the message (`AckKind::Term`) so JetStream stops redelivering it.
-//! A publisher parks a message JetStream would not store ([`park_unpublished`]: the API's auth
-//! events, published after the answer with nobody to retry them).
 //!
 //! Parking must work for exactly the messages nothing else can store: the payload is kept as
 //! bytes, and in the text columns (subject, reason, headers) a NUL character, which Postgres
@@ -34,21 +32,6 @@ pub async fn park(pool: &PgPool, stream: &str, consumer: &str, msg: &Message, re
         .map(|(k, v)| (AsRef::<str>::as_ref(k).to_owned(), v.iter().map(|x| x.as_str()).collect::<Vec<_>>().join(",")))
         .collect();
     store(pool, stream, consumer, seq, msg.subject.as_str(), &msg.payload, headers, reason).await
-}
-
-/// Parks a message a publisher could not get stored in `stream` (JetStream did not acknowledge
-/// it), with sequence -1 and the publisher as the consumer: what it would have published,
-/// headers included (`Nats-Msg-Id` dedupes it if an operator publishes it again).
-pub async fn park_unpublished(
-    pool: &PgPool,
-    stream: &str,
-    publisher: &str,
-    subject: &str,
-    payload: &[u8],
-    headers: BTreeMap<String, String>,
-    reason: &str,
-) -> Result<(), sqlx::Error> {
-    store(pool, stream, publisher, -1, subject, payload, headers, reason).await
 }
 
 #[allow(clippy::too_many_arguments)]
