@@ -9,10 +9,10 @@
 //! once JetStream acknowledged it ([`vault_bus::outbox`]). NATS being slow or down neither delays
 //! nor changes an answer: the rows wait, and go out when it is back.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use chrono::Utc;
 use sqlx::PgConnection;
@@ -41,7 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
                 .get::<RequestId>()
                 .and_then(|id| id.header_value().to_str().ok())
                 .map(str::to_owned),
-            ip: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip()),
+            ip: crate::client_ip::client_ip(&parts.extensions),
         })
     }
 }

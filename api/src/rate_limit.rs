@@ -13,11 +13,11 @@
 //! to N times the rate. Keys idle for a while are evicted every minute, so memory stays bounded.
 
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -213,7 +213,7 @@ fn needs_no_login(path: &str) -> bool {
 }
 
 fn client_ip_verdict(limits: &RateLimits, req: &Request) -> Option<Verdict> {
-    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(addr)| addr.ip());
+    let ip = crate::client_ip::client_ip(req.extensions());
     match (ip, &limits.ip) {
         (Some(ip), Some(l)) => Some(l.check(&ip)),
         _ => None,

@@ -220,6 +220,7 @@ impl Application {
 /// timeout, and the 64 KiB body limit.
 pub fn router(state: AppState, readiness: Readiness) -> Router {
     let cors_origins = state.settings.cors_origins.clone();
+    let trusted_proxies = Arc::new(state.settings.trusted_proxies.clone());
     let api = Router::new()
         .merge(auth::router())
         .merge(trading::router())
@@ -243,6 +244,8 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
         }))
+        // Before anything reads the client's address (the rate limits, the handlers).
+        .layer(middleware::from_fn_with_state(trusted_proxies, crate::client_ip::resolve))
         .layer(hardening::cors(&cors_origins))
         .layer(middleware::from_fn_with_state(Arc::new(cors_origins), hardening::refuse_foreign_preflight));
     http::observe(hardening::security_headers(app).layer(middleware::from_fn(scope_request_id)))

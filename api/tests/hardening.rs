@@ -145,6 +145,63 @@ async fn made_up_api_keys_are_charged_to_the_ip() {
     assert_eq!(statuses, [422, 422, 429], "the third signup from one IP is over its burst whatever the key");
 }
 
+/// Behind a reverse proxy named in TRUSTED_PROXIES, each client the proxy forwards has its own
+/// IP bucket and is the IP the audit trail records; an address the client itself put left in the
+/// header buys nothing. Without the setting the header is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_is_limited_and_recorded_as_itself() {
+    // A refused signup (short password, no hashing) from `forwarded` through the "proxy".
+    async fn signup_via(api: &Api, forwarded: &str, n: usize) -> u16 {
+        let resp = api
+            .client
+            .post(api.url("/auth/signup"))
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({"email": format!("spray{n}@example.com"), "password": "short"}))
+            .send()
+            .await
+            .expect("answer");
+        resp.status().as_u16()
+    }
+    let api = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "1"), ("TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let mut statuses = Vec::new();
+    for (n, forwarded) in
+        ["203.0.113.7", "203.0.113.7", "203.0.113.7", "203.0.113.8", "9.9.9.9, 203.0.113.8"].into_iter().enumerate()
+    {
+        statuses.push(signup_via(&api, forwarded, n).await);
+    }
+    // The third from .7 is over its burst of two; .8 has its own bucket, and naming another
+    // address left of it does not buy a third.
+    assert_eq!(statuses, [422, 422, 429, 422, 422], "one bucket per forwarded client");
+    assert_eq!(signup_via(&api, "1.1.1.1, 203.0.113.8", 9).await, 429, "the client's own entry is not believed");
+
+    // The audit trail's address is the forwarded client's.
+    let resp = api
+        .client
+        .post(api.url("/auth/signup"))
+        .header("x-forwarded-for", "203.0.113.50")
+        .json(&json!({"email": "proxied@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(resp.status(), 201);
+    let on_stream = vault_testkit::poll_until(Duration::from_secs(10), "the signup's event", || async {
+        let client = async_nats::connect(api.nats.url()).await.ok()?;
+        let stream = async_nats::jetstream::new(client).get_stream("AUTH").await.ok()?;
+        let msg = stream.get_last_raw_message_by_subject("auth.signup").await.ok()?;
+        serde_json::from_slice::<Value>(&msg.payload).ok()
+    })
+    .await;
+    assert_eq!(on_stream["ip"], "203.0.113.50", "{on_stream}");
+
+    // Without TRUSTED_PROXIES the header is the client's own word: one bucket for the peer.
+    let plain = Api::start_with(&[("RATE_LIMIT_IP_PER_SEC", "1")]).await;
+    let mut statuses = Vec::new();
+    for (n, forwarded) in ["203.0.113.7", "203.0.113.8", "203.0.113.9"].into_iter().enumerate() {
+        statuses.push(signup_via(&plain, forwarded, n).await);
+    }
+    assert_eq!(statuses, [422, 422, 429], "the header is ignored without trusted proxies");
+}
+
 /// The routes that need no login are charged to the IP whatever they carry: a token of the
 /// caller's own account bought a bucket of its own (the user's 20/s, burst 40) for signups and
 /// logins beside the IP's.

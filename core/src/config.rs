@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -337,6 +337,51 @@ impl FromStr for CorsOrigins {
     }
 }
 
+/// `TRUSTED_PROXIES`: the addresses (single IPs or CIDR blocks) of reverse proxies whose
+/// `X-Forwarded-For` the API believes. Empty (the default) believes no one: the client is the
+/// TCP peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// Whether `ip` is one of the proxies (an IPv4 address mapped into IPv6 counts as itself).
+    pub fn contains(&self, ip: &IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        format!("{p:?} is not an IP address or CIDR block; expected e.g. 10.0.0.0/8,192.168.1.7")
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+impl fmt::Display for TrustedProxies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nets: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&nets.join(","))
+    }
+}
+
 /// The typed settings of one process. Fields a role does not use still hold their defaults.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -378,6 +423,8 @@ pub struct Settings {
     /// How often the audit worker walks the whole audit chain (`AUDIT_VERIFY_EVERY`); `None`
     /// turns the walk off.
     pub audit_verify_every: Option<Duration>,
+    /// Reverse proxies whose `X-Forwarded-For` the API believes (`TRUSTED_PROXIES`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The default of `AUDIT_VERIFY_EVERY`: an hour.
@@ -488,6 +535,7 @@ impl Settings {
         let api_addr = r.text::<SocketAddr>("API_ADDR", "expected host:port, e.g. 127.0.0.1:8080");
         let ops_addr = r.text::<SocketAddr>("OPS_ADDR", "expected host:port, e.g. 127.0.0.1:9100");
         let cors_origins = r.with("CORS_ORIGINS", CorsOrigins::from_str).unwrap_or_default();
+        let trusted_proxies = r.with("TRUSTED_PROXIES", TrustedProxies::from_str).unwrap_or_default();
         let log_format = r.parsed("LOG_FORMAT", "json or pretty");
         let log_filter = r
             .with("RUST_LOG", |s| {
@@ -592,6 +640,7 @@ impl Settings {
                 rate_limit_login_per_min,
                 database_pool_size,
                 audit_verify_every,
+                trusted_proxies,
             }),
             _ => Err(ConfigErrors(problems)),
         }
@@ -623,6 +672,7 @@ impl Settings {
             ("RATE_LIMIT_IP_PER_SEC", self.rate_limit_ip_per_sec.to_string()),
             ("RATE_LIMIT_LOGIN_PER_MIN", self.rate_limit_login_per_min.to_string()),
             ("DATABASE_POOL_SIZE", self.database_pool_size.to_string()),
+            ("TRUSTED_PROXIES", self.trusted_proxies.to_string()),
             ("AUDIT_VERIFY_EVERY", format!("{}s", self.audit_verify_every.map_or(0, |d| d.as_secs()))),
         ])
     }
@@ -795,6 +845,9 @@ mod tests {
             ("RATE_LIMIT_USER_PER_SEC", "2000000000", "RATE_LIMIT_USER_PER_SEC: expected a whole number from 0"),
             ("RATE_LIMIT_IP_PER_SEC", "-1", "RATE_LIMIT_IP_PER_SEC: expected a whole number from 0"),
             ("MAX_PRICE_AGE", "9300000000000000", "MAX_PRICE_AGE: expected 1 to 31536000 seconds"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8,proxy.internal", "TRUSTED_PROXIES: \"proxy.internal\" is not an IP"),
+            ("TRUSTED_PROXIES", "10.0.0.0/40", "TRUSTED_PROXIES: \"10.0.0.0/40\" is not an IP"),
+            ("AUDIT_VERIFY_EVERY", "1h", "AUDIT_VERIFY_EVERY: expected 0 (off) to 31536000 seconds"),
         ] {
             let err = load_env(Role::Api, &[("DATABASE_URL", DB), ("JWT_SECRET", SECRET), (name, bad)]).expect_err(bad);
             assert!(err.0[0].starts_with(says), "{name}={bad}: {err}");
