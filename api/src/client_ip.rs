@@ -47,14 +47,15 @@ pub fn client_of(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) ->
     if trusted.is_empty() || !trusted.contains(&client) {
         return client;
     }
-    // Every X-Forwarded-For line, in order, as one list.
-    let mut hops = Vec::new();
+    // Every X-Forwarded-For line, in order, as one list of entries, split as bytes: an entry
+    // that is not text (a client may send any byte, and proxies pass it on) is one entry that
+    // is not an address, where it stands — not a reason to drop the proxies' entries right of it.
+    let mut hops: Vec<&[u8]> = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        let Ok(text) = value.to_str() else { return client };
-        hops.extend(text.split(','));
+        hops.extend(value.as_bytes().split(|b| *b == b','));
     }
     for hop in hops.iter().rev() {
-        let Some(ip) = parse_hop(hop) else { return client };
+        let Some(ip) = std::str::from_utf8(hop).ok().and_then(parse_hop) else { return client };
         client = ip;
         if !trusted.contains(&ip) {
             break;
@@ -118,6 +119,13 @@ mod tests {
         let trusted = proxies("10.0.0.0/8");
         let h = headers(&["203.0.113.7, unknown, 10.0.0.5"]);
         assert_eq!(client_of(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.5"));
+        // Bytes that are not text are an entry that is not an address, where they stand.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"\xff, 198.51.100.23").expect("value"));
+        assert_eq!(client_of(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.23"));
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", axum::http::HeaderValue::from_bytes(b"198.51.100.23, \xff").expect("value"));
+        assert_eq!(client_of(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.2"));
         // No header: the proxy itself.
         assert_eq!(client_of(ip("10.0.0.2"), &HeaderMap::new(), &trusted), ip("10.0.0.2"));
         // Only trusted hops: the leftmost of them.
@@ -131,7 +139,8 @@ mod tests {
         assert!(t.contains(&ip("10.255.0.1")) && t.contains(&ip("192.168.1.7")) && t.contains(&ip("2001:db8::5")));
         assert!(!t.contains(&ip("192.168.1.8")) && !t.contains(&ip("11.0.0.1")));
         assert_eq!(t.to_string(), "10.0.0.0/8,192.168.1.7/32,2001:db8::/32");
-        assert!("10.0.0.0/33".parse::<TrustedProxies>().is_err());
-        assert!("proxy.internal".parse::<TrustedProxies>().is_err());
+        for refused in ["10.0.0.0/33", "proxy.internal", "192.168.1.7/2", "0.0.0.0/0", "::/0", "10.0.0.0/8,,x"] {
+            assert!(refused.parse::<TrustedProxies>().is_err(), "{refused}");
+        }
     }
 }

@@ -819,7 +819,14 @@ async fn the_admin_cli_creates_an_admin_reading_the_password_from_stdin() {
 async fn with_nats_down_logins_are_decided_as_usual_and_their_events_go_out_when_it_is_back() {
     let mut api = Api::start().await;
     api.signup("olga@example.com").await;
+    // The signup's event published and its row deleted (the delete commits after the ack).
     wait_for_event(&api, "signup").await;
+    let pool = api.db.pool().await;
+    poll_until(Duration::from_secs(10), "the signup's row deleted", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM auth_outbox").fetch_one(&pool).await.ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
     api.nats.kill();
 
     problem(api.login("olga@example.com", "wrong password").await, 401, "invalid_credentials").await;
@@ -827,7 +834,6 @@ async fn with_nats_down_logins_are_decided_as_usual_and_their_events_go_out_when
 
     // Each answer came after its event was committed: both wait in the outbox, as they will go
     // out (the subject, the dedupe id the relay will send, the request id).
-    let pool = api.db.pool().await;
     let waiting: Vec<(uuid::Uuid, String, Value)> =
         sqlx::query_as("SELECT id, subject, payload FROM auth_outbox ORDER BY id")
             .fetch_all(&pool)

@@ -363,12 +363,18 @@ impl FromStr for TrustedProxies {
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .map(|p| {
-                p.parse::<ipnet::IpNet>()
-                    .or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map(|net| net.trunc())
-                    .map_err(|_| {
-                        format!("{p:?} is not an IP address or CIDR block; expected e.g. 10.0.0.0/8,192.168.1.7")
-                    })
+                let net = p.parse::<ipnet::IpNet>().or_else(|_| p.parse::<IpAddr>().map(ipnet::IpNet::from)).map_err(
+                    |_| format!("{p:?} is not an IP address or CIDR block; expected e.g. 10.0.0.0/8,192.168.1.7"),
+                )?;
+                // A typo such as 192.168.1.7/2 would trust a quarter of the Internet, and /0
+                // everyone (every client could then name its own address).
+                if net.prefix_len() == 0 {
+                    return Err(format!("{p:?} trusts every address; name the proxies' addresses or blocks"));
+                }
+                if net != net.trunc() {
+                    return Err(format!("{p:?} has host bits set: {} or the address alone?", net.trunc()));
+                }
+                Ok(net)
             })
             .collect::<Result<Vec<_>, _>>()
             .map(TrustedProxies)

@@ -232,7 +232,7 @@ pub const CATALOG: &[Metric] = &[
     m(
         AUTH_EVENTS_FAILED,
         C,
-        "Auth events JetStream refused (each counted once) and relay passes that failed; the events stay in auth_outbox",
+        "Auth event publishes JetStream refused (every attempt) and relay passes that failed; the events stay in auth_outbox",
         API,
         Plain,
     ),

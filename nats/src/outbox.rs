@@ -12,14 +12,14 @@
 //! auth events ([`Outbox::AUTH`], table `auth_outbox`). Each table holds only what is still to
 //! be published; the messages themselves stay on their stream and in the audit log.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vault_core::shutdown::{GRACE, finish_or_give_up};
+use vault_core::shutdown::GRACE;
 
 use crate::{Bus, MessageContext};
 
@@ -71,58 +71,104 @@ impl Outbox {
 /// Publishes committed rows of `outbox` until shutdown (and once more after it): a pass when
 /// `wake` is notified (after a commit of this process wrote rows) and every second otherwise.
 pub async fn relay(bus: &Bus, pool: &PgPool, outbox: Outbox, wake: &Notify, shutdown: &CancellationToken) {
-    // Rows JetStream refused, each logged (and counted) once rather than at every pass while
-    // NATS is away.
-    let mut reported = HashSet::new();
+    let reported = Reported::default();
     loop {
-        let stop = tokio::select! {
+        let stopped = tokio::select! {
             biased;
             _ = shutdown.cancelled() => true,
             _ = wake.notified() => false,
             _ = tokio::time::sleep(POLL) => false,
         };
-        let drain = async {
-            loop {
-                match vault_core::db::within(PASS_WITHIN, relay_once(bus, pool, outbox, &mut reported)).await {
-                    Ok(0) => break,
-                    Ok(n) => metrics::counter!(outbox.published_metric).increment(n as u64),
-                    Err(e) => {
-                        if let Some(metric) = outbox.failed_metric {
-                            metrics::counter!(metric).increment(1);
-                        }
-                        tracing::warn!(error = %e, "{} relay failed; retrying", outbox.what);
-                        break;
-                    }
-                }
+        // At the signal: the pass under way, if any, then one more for what the last commits
+        // wrote, all within one GRACE. Rows left stay for the next relay: an unfinished pass
+        // rolls back, and what it published is published again later, skipped downstream as a
+        // duplicate.
+        let last = if stopped {
+            tokio::time::timeout(GRACE, drain(bus, pool, outbox, &reported)).await
+        } else {
+            let pass = drain(bus, pool, outbox, &reported);
+            tokio::pin!(pass);
+            let interrupted = tokio::select! {
+                () = &mut pass => false,
+                () = shutdown.cancelled() => true,
+            };
+            if !interrupted {
+                continue;
             }
+            tokio::time::timeout(GRACE, async {
+                pass.await;
+                drain(bus, pool, outbox, &reported).await;
+            })
+            .await
         };
-        // At the signal, the pass under way (or, between passes, a last one) publishes what the
-        // last commits wrote, within GRACE, and the relay ends: one GRACE at most. Rows it
-        // leaves stay for the next relay: an unfinished pass rolls back, and what it published
-        // is published again later, skipped downstream as a duplicate.
-        if finish_or_give_up(shutdown, drain).await.is_none() {
+        if last.is_err() {
             tracing::warn!(
                 waited = ?GRACE,
                 "{} relay's last pass unfinished; its rows stay for the next start",
                 outbox.what
             );
-            return;
         }
-        if stop || shutdown.is_cancelled() {
-            return;
+        return;
+    }
+}
+
+/// Rows JetStream refused and when each was last logged: a row is logged again only after
+/// [`REPORT_AGAIN`], not at every pass while NATS is away (nor at every pass of another relay's
+/// replica that holds it meanwhile).
+#[derive(Debug, Default)]
+struct Reported(std::sync::Mutex<HashMap<Uuid, Instant>>);
+
+/// How long a refused row stays quiet in the log.
+const REPORT_AGAIN: Duration = Duration::from_secs(600);
+
+impl Reported {
+    /// Whether to log `id`'s refusal now (and note that it was).
+    fn first_in_a_while(&self, id: Uuid) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        seen.retain(|_, at| now.duration_since(*at) < REPORT_AGAIN);
+        match seen.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(now);
+                true
+            }
+        }
+    }
+
+    fn published(&self, ids: &[Uuid]) {
+        let mut seen = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in ids {
+            seen.remove(id);
+        }
+    }
+}
+
+/// Passes until one publishes nothing (or fails).
+async fn drain(bus: &Bus, pool: &PgPool, outbox: Outbox, reported: &Reported) {
+    loop {
+        match vault_core::db::within(PASS_WITHIN, relay_once(bus, pool, outbox, reported)).await {
+            Ok(0) => break,
+            Ok(n) => metrics::counter!(outbox.published_metric).increment(n as u64),
+            Err(e) => {
+                if let Some(metric) = outbox.failed_metric {
+                    metrics::counter!(metric).increment(1);
+                }
+                tracing::warn!(error = %e, "{} relay failed; retrying", outbox.what);
+                break;
+            }
         }
     }
 }
 
 /// Publishes one batch; returns how many rows it published (and deleted). Rows are published as
-/// they were encoded (their subject and payload), not decoded and encoded again. A row
-/// JetStream refuses is logged and counted the first time (`reported` remembers it).
-async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox, reported: &mut HashSet<Uuid>) -> anyhow::Result<usize> {
+/// they were encoded (their subject and payload), not decoded and encoded again. Every refusal
+/// is counted; a row's is logged once in a while ([`Reported`]).
+async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox, reported: &Reported) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<(Uuid, String, String, Option<String>)> =
         sqlx::query_as(outbox.select).bind(BATCH).fetch_all(&mut *tx).await?;
     if rows.is_empty() {
-        reported.clear();
         return Ok(0);
     }
     let mut acks = Vec::with_capacity(rows.len());
@@ -135,21 +181,22 @@ async fn relay_once(bus: &Bus, pool: &PgPool, outbox: Outbox, reported: &mut Has
     // (a full batch: over twenty minutes).
     let settled = futures::future::join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) })).await;
     let mut published = Vec::with_capacity(settled.len());
+    let mut refused = 0;
     for (id, result) in settled {
         match result {
-            Ok(_) => {
-                reported.remove(&id);
-                published.push(id);
-            }
-            Err(e) if reported.insert(id) => {
-                if let Some(metric) = outbox.failed_metric {
-                    metrics::counter!(metric).increment(1);
+            Ok(_) => published.push(id),
+            Err(e) => {
+                refused += 1;
+                if reported.first_in_a_while(id) {
+                    tracing::warn!(outbox = outbox.what, row = %id, error = %e, "event not acknowledged; will retry");
                 }
-                tracing::warn!(outbox = outbox.what, row = %id, error = %e, "event not acknowledged; will retry");
             }
-            Err(_) => {}
         }
     }
+    if let (Some(metric), 1..) = (outbox.failed_metric, refused) {
+        metrics::counter!(metric).increment(refused);
+    }
+    reported.published(&published);
     sqlx::query(outbox.delete).bind(&published).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(published.len())
