@@ -8,8 +8,9 @@
 //! appended) to the left, skipping trusted proxies: the first address that is not one is the
 //! client. Entries left of it were written by the client itself and are never believed. An entry
 //! that is not an address ends the walk at the last address read (a proxy we trust would not
-//! write one). Middleware ([`resolve`]) stores the result as a [`ClientIp`] extension; handlers
-//! and the rate limiter read it with [`client_ip`].
+//! write one). Middleware ([`resolve`], installed only when `TRUSTED_PROXIES` names a proxy)
+//! stores the result as a [`ClientIp`] extension; handlers and the rate limiter read it with
+//! [`client_ip`], which without it is the peer.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -243,9 +243,15 @@ pub fn router(state: AppState, readiness: Readiness) -> Router {
         .layer(middleware::from_fn(time_limit))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
-        }))
-        // Before anything reads the client's address (the rate limits, the handlers).
-        .layer(middleware::from_fn_with_state(trusted_proxies, crate::client_ip::resolve))
+        }));
+    // Before anything reads the client's address (the rate limits, the handlers); without
+    // trusted proxies the client is the peer, read where it is needed, and no layer is added.
+    let app = if trusted_proxies.is_empty() {
+        app
+    } else {
+        app.layer(middleware::from_fn_with_state(trusted_proxies, crate::client_ip::resolve))
+    };
+    let app = app
         .layer(hardening::cors(&cors_origins))
         .layer(middleware::from_fn_with_state(Arc::new(cors_origins), hardening::refuse_foreign_preflight));
     http::observe(hardening::security_headers(app).layer(middleware::from_fn(scope_request_id)))
