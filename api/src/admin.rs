@@ -121,8 +121,7 @@ pub async fn lock_user(
     let ended = end_sessions(&mut tx, id, None, "admin_lock").await?;
     let data = serde_json::json!({"admin": caller.user_id, "sessions_ended": ended});
     state.events.record(&mut tx, AuthEventKind::AdminUserLocked, Some(id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account locked by an administrator");
     Ok(StatusCode::NO_CONTENT)
@@ -156,8 +155,7 @@ pub async fn reset_totp(
     let ended = end_sessions(&mut tx, id, None, "totp_reset").await?;
     let data = serde_json::json!({"admin": caller.user_id, "sessions_ended": ended});
     state.events.record(&mut tx, AuthEventKind::TotpReset, Some(id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     state.credentials.forget_user(id);
     tracing::warn!(admin = %caller.user_id, user_id = %id, "2FA turned off by an administrator");
     Ok(StatusCode::NO_CONTENT)
@@ -184,8 +182,7 @@ pub async fn unlock_user(
     }
     let data = serde_json::json!({"admin": caller.user_id});
     state.events.record(&mut tx, AuthEventKind::AdminUserUnlocked, Some(id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     tracing::warn!(admin = %caller.user_id, user_id = %id, "account unlocked by an administrator");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -242,8 +239,7 @@ async fn set_market_status(
     let kind = if status == "halted" { AuthEventKind::AdminMarketHalted } else { AuthEventKind::AdminMarketResumed };
     let data = serde_json::json!({"admin": caller.user_id, "symbol": symbol});
     state.events.record(&mut tx, kind, Some(caller.user_id), meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     tracing::warn!(admin = %caller.user_id, symbol, status, "market status changed by an administrator");
     if let Err(e) = state.markets.refresh(&state.pool).await {
         tracing::warn!(error = %e, "market cache not refreshed; the periodic refresh will catch up");

@@ -59,9 +59,9 @@ impl AuthEvents {
         AuthEvents { pool, wake: Arc::new(Notify::new()) }
     }
 
-    /// Writes one event on `conn`, in the transaction of the change it reports; after that
-    /// transaction commits, [`AuthEvents::committed`] has it published at once (otherwise the
-    /// relay finds it within a second). `data` must never hold a password, token or key.
+    /// Writes one event on `conn`, in the transaction of the change it reports; committed with
+    /// [`AuthEvents::commit`], it is published at once (otherwise the relay finds it within a
+    /// second). `data` must never hold a password, token or key.
     pub async fn record(
         &self,
         conn: &mut PgConnection,
@@ -109,9 +109,15 @@ impl AuthEvents {
         Ok(())
     }
 
-    /// Call after committing a transaction that [`AuthEvents::record`]ed events: the relay
-    /// publishes them now rather than at its next look.
-    pub fn committed(&self) {
+    /// Commits a transaction that [`AuthEvents::record`]ed events, and has the relay publish
+    /// them now rather than at its next look.
+    pub async fn commit(&self, tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), sqlx::Error> {
+        tx.commit().await?;
+        self.committed();
+        Ok(())
+    }
+
+    fn committed(&self) {
         self.wake.notify_one();
     }
 

@@ -271,8 +271,7 @@ pub async fn signup(
         }
     })?;
     state.events.record(&mut tx, AuthEventKind::Signup, Some(user.id), &meta, serde_json::json!({})).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     Ok((StatusCode::CREATED, axum::Json(user)))
 }
 
@@ -443,8 +442,7 @@ pub async fn login(
         .events
         .record(&mut tx, AuthEventKind::LoginSucceeded, Some(user.id), &meta, serde_json::json!({"family": family}))
         .await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
 
     let (access_token, _) = state.jwt.issue(user.id, &user.role, family, now);
     let mut response = axum::Json(token_pair(access_token, refresh_token)).into_response();
@@ -594,8 +592,7 @@ async fn record_failure(state: &AppState, user: Uuid, meta: &RequestMeta, reason
         let data = serde_json::json!({"minutes": LOCK_MINUTES});
         state.events.record(&mut tx, AuthEventKind::Locked, Some(user), meta, data).await?;
     }
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     if locks {
         tracing::warn!(user_id = %user, "account locked after {LOCK_AFTER_FAILURES} failed logins");
     }
@@ -656,8 +653,7 @@ async fn record_unknown_failure(
     };
     let data = serde_json::json!({"reason": reason, "consecutive_failures": failures});
     state.events.record(&mut tx, AuthEventKind::LoginFailed, locked_account, meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     Ok(())
 }
 
@@ -704,8 +700,7 @@ pub async fn refresh(
             .await?;
             let data = serde_json::json!({"family": family});
             state.events.record(&mut tx, AuthEventKind::RefreshTokenReused, Some(user), &meta, data).await?;
-            tx.commit().await?;
-            state.events.committed();
+            state.events.commit(tx).await?;
             state.credentials.forget_family(user, family);
             tracing::warn!(user_id = %user, %family, "refresh token reused; login family revoked");
         }
@@ -750,8 +745,7 @@ pub async fn logout(
     .await?;
     let data = serde_json::json!({"family": family});
     state.events.record(&mut tx, AuthEventKind::Logout, Some(caller.user_id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     state.credentials.forget_family(caller.user_id, family);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -809,8 +803,7 @@ pub async fn change_password(
     let ended = end_sessions(&mut tx, caller.user_id, Some(family), "password_changed").await?;
     let data = serde_json::json!({"sessions_ended": ended});
     state.events.record(&mut tx, AuthEventKind::PasswordChanged, Some(caller.user_id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     state.credentials.forget_user(caller.user_id);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -902,9 +895,8 @@ pub async fn totp_enable(
         let data = serde_json::json!({"sessions_ended": ended});
         state.events.record(&mut tx, AuthEventKind::TotpEnabled, Some(caller.user_id), &meta, data).await?;
     }
-    tx.commit().await?;
+    state.events.commit(tx).await?;
     if enabled == 1 {
-        state.events.committed();
         state.credentials.forget_user(caller.user_id);
     }
     if enabled == 0 {
@@ -990,8 +982,7 @@ pub async fn create_api_key(
     .await?;
     let data = serde_json::json!({"api_key_id": id, "scopes": scope_names});
     state.events.record(&mut tx, AuthEventKind::ApiKeyCreated, Some(caller.user_id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     Ok((StatusCode::CREATED, axum::Json(CreatedApiKey { id, name, scopes, key, prefix, created_at })))
 }
 
@@ -1047,8 +1038,7 @@ pub async fn revoke_api_key(
     }
     let data = serde_json::json!({"api_key_id": id});
     state.events.record(&mut tx, AuthEventKind::ApiKeyRevoked, Some(caller.user_id), &meta, data).await?;
-    tx.commit().await?;
-    state.events.committed();
+    state.events.commit(tx).await?;
     state.credentials.forget_api_key(caller.user_id, id);
     Ok(StatusCode::NO_CONTENT)
 }
