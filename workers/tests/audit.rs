@@ -165,12 +165,44 @@ async fn the_log_refuses_changes_and_verify_names_the_first_tampered_row() {
     assert_eq!(verify(&db).0, 0);
 
     // A superuser can switch the guard off — and the chain still tells.
+    let id = tamper_data(&pool, 4).await;
+    let (code, out) = verify(&db);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("broken at row {id}")), "{out}");
+
+    // A removed row breaks the link of the row after it.
     let mut tx = pool.begin().await.expect("tx");
-    sqlx::query("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
+    guard(&mut tx, false).await;
+    sqlx::query("UPDATE audit_log SET data = (SELECT data FROM audit_log WHERE id = $1) WHERE id = $1")
+        .bind(id)
         .execute(&mut *tx)
         .await
-        .expect("disable");
-    let id: i64 = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id OFFSET 4 LIMIT 1")
+        .expect("noop");
+    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM audit_log").fetch_one(&mut *tx).await.expect("min");
+    sqlx::query("DELETE FROM audit_log WHERE id = $1").bind(first + 1).execute(&mut *tx).await.expect("delete");
+    guard(&mut tx, true).await;
+    tx.commit().await.expect("commit");
+    let (code, out) = verify(&db);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("broken at row {}", first + 2)), "{out}");
+}
+
+/// Switches the table's append-only guard off or on, as a superuser could.
+async fn guard(tx: &mut sqlx::PgConnection, on: bool) {
+    let sql = if on {
+        "ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete"
+    } else {
+        "ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete"
+    };
+    sqlx::query(sql).execute(tx).await.expect("the guard switched");
+}
+
+/// Changes the data of the row at `offset` (in id order) behind the guard; its id.
+async fn tamper_data(pool: &PgPool, offset: i64) -> i64 {
+    let mut tx = pool.begin().await.expect("tx");
+    guard(&mut tx, false).await;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id OFFSET $1 LIMIT 1")
+        .bind(offset)
         .fetch_one(&mut *tx)
         .await
         .expect("id");
@@ -179,42 +211,14 @@ async fn the_log_refuses_changes_and_verify_names_the_first_tampered_row() {
         .execute(&mut *tx)
         .await
         .expect("tamper");
-    sqlx::query("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
-        .execute(&mut *tx)
-        .await
-        .expect("enable");
+    guard(&mut tx, true).await;
     tx.commit().await.expect("commit");
-    let (code, out) = verify(&db);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("broken at row {id}")), "{out}");
-
-    // A removed row breaks the link of the row after it.
-    let mut tx = pool.begin().await.expect("tx");
-    sqlx::query("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
-        .execute(&mut *tx)
-        .await
-        .expect("disable");
-    sqlx::query("UPDATE audit_log SET data = (SELECT data FROM audit_log WHERE id = $1) WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .expect("noop");
-    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM audit_log").fetch_one(&mut *tx).await.expect("min");
-    sqlx::query("DELETE FROM audit_log WHERE id = $1").bind(first + 1).execute(&mut *tx).await.expect("delete");
-    sqlx::query("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
-        .execute(&mut *tx)
-        .await
-        .expect("enable");
-    tx.commit().await.expect("commit");
-    let (code, out) = verify(&db);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains(&format!("broken at row {}", first + 2)), "{out}");
+    id
 }
 
-/// The value of the metric line `name` (no labels) on the worker's ops address, if exported.
+/// The value of the metric `name` (no labels) on the worker's ops address, if exported.
 async fn metric(ops: &str, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{ops}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    vault_testkit::sample(&vault_testkit::metrics_text(ops).await, &format!("{name} "), &[])
 }
 
 #[tokio::test]
@@ -236,25 +240,7 @@ async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
     .await;
     assert!(metric(&ops, "vault_audit_chain_verified_at_seconds").await.is_some_and(|t| t > 1.7e9));
 
-    let mut tx = pool.begin().await.expect("tx");
-    sqlx::query("ALTER TABLE audit_log DISABLE TRIGGER audit_log_no_update_delete")
-        .execute(&mut *tx)
-        .await
-        .expect("disable");
-    let id: i64 = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id OFFSET 2 LIMIT 1")
-        .fetch_one(&mut *tx)
-        .await
-        .expect("id");
-    sqlx::query("UPDATE audit_log SET data = '{\"tampered\": true}' WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .expect("tamper");
-    sqlx::query("ALTER TABLE audit_log ENABLE TRIGGER audit_log_no_update_delete")
-        .execute(&mut *tx)
-        .await
-        .expect("enable");
-    tx.commit().await.expect("commit");
+    let id = tamper_data(&pool, 2).await;
     poll_until(Duration::from_secs(30), "the broken chain reported", || async {
         (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
     })
