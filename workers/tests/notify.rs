@@ -22,6 +22,8 @@ use vault_bus::message::{AuthEvent, AuthEventKind, EngineEvent, EventKind, encod
 use vault_bus::{Bus, BusMessage, MessageContext};
 use vault_testkit::{NatsServer, Proc, TestDb, base_env, http_client, poll_until};
 use vault_workers::notify::Wakers;
+use vault_workers::notify::consume;
+use vault_workers::notify::plan::Source;
 use vault_workers::notify::webhook::{DeliveryConfig, run_deliveries};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vault-worker");
@@ -735,6 +737,49 @@ async fn a_users_emails_are_limited_per_kind_and_fills_never_use_up_the_security
         (throttled == 7.0).then_some(())
     })
     .await;
+}
+
+/// Scaled-out notifiers share a user's email budget: two batches of 20 fills each (the hourly
+/// budget) written for one user at the same moment mail 20 between them, not 40. Both are held
+/// until both are under way (a lock on `email_outbox` stops the first at its count); without the
+/// budget's lock each counted only what was committed before it, nothing, and mailed all 20.
+#[tokio::test]
+async fn two_notifiers_writing_for_one_user_at_once_share_the_users_email_budget() {
+    let stack = Stack::start().await;
+    let (trader, _) = stack.user().await;
+    let fills = || -> Vec<Source> {
+        (0..20).map(|_| Source::Engine(engine_event(trader, EventKind::OrderFilled, order("filled")))).collect()
+    };
+    let mut gate = stack.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE email_outbox IN ACCESS EXCLUSIVE MODE").execute(&mut *gate).await.expect("lock");
+    let apply = |sources: Vec<Source>| {
+        let pool = stack.pool.clone();
+        tokio::spawn(async move { consume::apply(&pool, &sources.iter().collect::<Vec<_>>()).await })
+    };
+    let (first, second) = (apply(fills()), apply(fills()));
+    poll_until(Duration::from_secs(10), "both batches waiting on a lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT pid) FROM pg_locks
+              WHERE NOT granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .expect("locks");
+        (waiting == 2).then_some(())
+    })
+    .await;
+    gate.rollback().await.expect("release the table");
+    let first = first.await.expect("joins").expect("the first batch commits");
+    let second = second.await.expect("joins").expect("the second batch commits");
+    assert_eq!(first.notifications.len() + second.notifications.len(), 40, "every fill notified");
+    assert_eq!(
+        (first.emails + second.emails, first.emails_throttled + second.emails_throttled),
+        (20, 20),
+        "20 fill emails an hour across both notifiers (mailed, throttled): {:?} and {:?}",
+        (first.emails, first.emails_throttled),
+        (second.emails, second.emails_throttled)
+    );
+    assert_eq!(stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1", trader).await, 20);
 }
 
 #[tokio::test]

@@ -244,11 +244,20 @@ pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::
 pub const EMAIL_LIMITS: [(&str, i64, bool); 3] =
     [("order.filled", 20, true), ("auth.login.new_ip", 10, false), ("auth.locked", 1, false)];
 
+/// The advisory lock class of a user's email budget ("MAIL"; the object id is a hash of the
+/// user id, as the API's quotas do).
+pub const EMAIL_LOCK_CLASS: i32 = 0x4D41_494C;
+
 /// The emails of `plans` within [`EMAIL_LIMITS`], counting what each user was sent of each kind
-/// recently and what this batch adds, in order; the others are counted in `written`. Counted
-/// per transaction: two notify processes writing for one user at the same moment each see only
-/// what is committed, so each may let through what remains of a budget (scaled-out notifiers
-/// can exceed a limit by that much; it bounds mail volume, it is not an invariant).
+/// recently and what this batch adds, in order; the others are counted in `written`.
+///
+/// The users' budgets are locked first ([`EMAIL_LOCK_CLASS`], held to the end of the
+/// transaction), so scaled-out notifiers writing for one user at the same moment count one
+/// after the other: the second sees the first's committed emails. Without the lock each saw
+/// only what was committed before it and could let through what remained of a budget again.
+/// The locks are taken in one order (sorted by key) and after every other write of the batch but
+/// the emails themselves, whose rows (keyed by event id) no other batch writes: two batches
+/// cannot wait for each other.
 async fn within_limits<'a>(
     tx: &mut PgConnection,
     plans: &'a [(plan::Plan, &'a String)],
@@ -258,6 +267,14 @@ async fn within_limits<'a>(
     if users.is_empty() {
         return Ok(Vec::new());
     }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock($1, k)
+           FROM (SELECT DISTINCT hashtext(u::text) AS k FROM unnest($2::uuid[]) AS u ORDER BY k) AS keys",
+    )
+    .bind(EMAIL_LOCK_CLASS)
+    .bind(&users)
+    .execute(&mut *tx)
+    .await?;
     // (user, kind) → (sent in the last hour, sent in the last day).
     let mut sent: HashMap<(Uuid, String), (i64, i64)> = sqlx::query_as::<_, (Uuid, String, i64, i64)>(
         "SELECT user_id, kind, count(*) FILTER (WHERE created_at > now() - interval '1 hour'), count(*)
