@@ -186,6 +186,12 @@ pub struct Webhook {
     pub events: Vec<String>,
     #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
+    /// Failed attempts in a row since the last delivered one, across the webhook's deliveries.
+    pub consecutive_failures: i32,
+    /// Set while the webhook is paused after failing again and again: its deliveries wait,
+    /// without spending attempts, and are tried again from then on.
+    #[serde(serialize_with = "vault_core::time::micros_opt")]
+    pub paused_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -292,7 +298,8 @@ pub async fn list_webhooks(
     Reader(caller): Reader,
 ) -> Result<axum::Json<WebhookList>, ApiError> {
     let webhooks: Vec<Webhook> = sqlx::query_as(
-        "SELECT id, url, events, created_at FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id DESC",
+        "SELECT id, url, events, created_at, consecutive_failures, paused_until
+           FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id DESC",
     )
     .bind(caller.user_id)
     .fetch_all(&state.pool)

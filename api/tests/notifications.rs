@@ -112,6 +112,12 @@ async fn a_webhook_is_registered_once_with_its_secret_and_only_its_owner_sees_it
     let list: Value = api.get("/webhooks", Some(&token)).await.json().await.expect("json");
     assert_eq!(list["webhooks"].as_array().expect("list").len(), 1);
     assert!(!list.to_string().contains(&secret), "the secret is shown once");
+    let listed = &list["webhooks"][0];
+    assert_eq!(
+        (&listed["id"], &listed["consecutive_failures"], &listed["paused_until"]),
+        (&json!(id), &json!(0), &Value::Null),
+        "a new webhook has failed nothing and is not paused: {listed}"
+    );
 
     let other = api.user("nosy@example.com").await;
     problem(api.get(&format!("/webhooks/{id}/deliveries"), Some(&other)).await, 404, "not_found").await;

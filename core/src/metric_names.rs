@@ -129,6 +129,7 @@ pub const NOTIFY_WRITE_FAILURES: &str = "vault_notify_write_failures_total";
 pub const EMAILS: &str = "vault_emails_total";
 pub const WEBHOOK_DELIVERIES: &str = "vault_webhook_deliveries_total";
 pub const WEBHOOK_DELIVERY: &str = "vault_webhook_delivery_seconds";
+pub const WEBHOOK_PAUSES: &str = "vault_webhook_pauses_total";
 
 /// A Prometheus metric type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +413,7 @@ pub const CATALOG: &[Metric] = &[
         Each("outcome", &["delivered", "retry", "failed"]),
     ),
     m(WEBHOOK_DELIVERY, H, "Duration of one webhook POST", NOTIFY, Plain),
+    m(WEBHOOK_PAUSES, C, "Webhooks paused after failing again and again (one per pause)", NOTIFY, Plain),
 ];
 
 /// The catalog entry of `name`, or of the histogram `name` is a `_bucket`, `_sum` or `_count` of.

@@ -32,7 +32,8 @@ const SECRET: &str = "whsec_0123456789abcdef0123456789abcdef";
 // ---------------------------------------------------------------------------------------------
 // A webhook receiver: POST /<name> records the call; `slow` answers once the test releases it,
 // `sluggish` takes 200 ms,
-// `flaky` answers 500 on its first call, `broken` always 500, anything else 200.
+// `flaky` answers 500 on its first call, `broken` always 500, `down` 500 until the test brings it
+// `up`, anything else 200.
 
 #[derive(Debug, Clone)]
 struct Hit {
@@ -47,6 +48,8 @@ struct Receiver {
     slow_finished: Arc<AtomicUsize>,
     /// No permits until the test releases `slow`; then every call passes.
     slow_released: Arc<tokio::sync::Semaphore>,
+    /// Whether `down` answers 200 yet.
+    up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Receiver {
@@ -55,6 +58,7 @@ impl Default for Receiver {
             hits: Arc::default(),
             slow_finished: Arc::default(),
             slow_released: Arc::new(tokio::sync::Semaphore::new(0)),
+            up: Arc::default(),
         }
     }
 }
@@ -93,6 +97,7 @@ async fn receive(State(r): State<Receiver>, Path(name): Path<String>, headers: H
         }
         "flaky" if calls == 1 => StatusCode::INTERNAL_SERVER_ERROR,
         "broken" => StatusCode::INTERNAL_SERVER_ERROR,
+        "down" if !r.up.load(Ordering::SeqCst) => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::OK,
     }
 }
@@ -415,6 +420,105 @@ async fn a_receiver_that_keeps_failing_ends_failed_after_eight_attempts() {
         Some(("failed".to_owned(), 8, Some(500), Some("HTTP 500 Internal Server Error".to_owned())))
     );
     assert_eq!(receiver.hits("broken").len(), 8);
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// A webhook whose attempts keep failing pauses as a whole: three failures in a row (the test's
+/// threshold) cost three requests, not one per pending event; its seven other deliveries wait
+/// without spending attempts while another user's delivery goes out; and once the pause is over
+/// and the receiver answers, every delivery is delivered once and the webhook's failures clear.
+#[tokio::test]
+async fn a_webhook_that_keeps_failing_pauses_and_its_waiting_deliveries_spend_no_attempts() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (user, _) = stack.user().await;
+    let down = vault_testkit::insert_webhook(&stack.pool, user, &format!("{base}/down"), SECRET).await;
+    for _ in 0..10 {
+        vault_testkit::insert_due_delivery(&stack.pool, down).await;
+    }
+    let (other, _) = stack.user().await;
+    let fine = pending_delivery(&stack.pool, other, &format!("{base}/fine")).await;
+    // Backoffs of ten minutes: nothing that failed comes due again by itself during the test.
+    let config = DeliveryConfig {
+        backoff_base: Duration::from_secs(600),
+        per_webhook: 1,
+        pause_after: 3,
+        poll_interval: Duration::from_millis(10),
+        ..DeliveryConfig::new(true)
+    };
+    let wake = Wakers::default().deliveries;
+    let shutdown = CancellationToken::new();
+    let loop_ = tokio::spawn(run_deliveries(stack.pool.clone(), config, wake.clone(), shutdown.clone()));
+    let state = |hook: Uuid| {
+        let pool = stack.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, Option<chrono::DateTime<Utc>>)>(
+                "SELECT consecutive_failures, paused_until FROM webhooks WHERE id = $1",
+            )
+            .bind(hook)
+            .fetch_one(&pool)
+            .await
+            .expect("webhook")
+        }
+    };
+    let attempts = |hook: Uuid| {
+        let pool = stack.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32, i64)>(
+                "SELECT status, attempts, count(*) FROM webhook_deliveries WHERE webhook_id = $1
+                  GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .bind(hook)
+            .fetch_all(&pool)
+            .await
+            .expect("deliveries")
+        }
+    };
+
+    let (failures, until) = poll_until(Duration::from_secs(20), "the failing webhook to pause", || async {
+        Some(state(down).await).filter(|(_, until)| until.is_some())
+    })
+    .await;
+    assert_eq!(failures, 3);
+    assert!(until.expect("paused") > Utc::now() + chrono::Duration::minutes(7), "paused for 10 min ±20 %");
+    assert_eq!(receiver.hits("down").len(), 3, "three requests, then the pause: not one per pending event");
+    assert_eq!(
+        attempts(down).await,
+        [("pending".to_owned(), 0, 7), ("pending".to_owned(), 1, 3)],
+        "the waiting deliveries spent no attempt"
+    );
+    poll_until(Duration::from_secs(20), "another user's delivery during the pause", || async {
+        matches!(stack.delivery(fine).await, Some((s, ..)) if s == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(receiver.hits("down").len(), 3, "still paused");
+
+    // The receiver is back; the pause, and the three failed deliveries' own waits, run out.
+    receiver.up.store(true, Ordering::SeqCst);
+    sqlx::query("UPDATE webhooks SET paused_until = now() WHERE id = $1")
+        .bind(down)
+        .execute(&stack.pool)
+        .await
+        .expect("the pause runs out");
+    sqlx::query("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE webhook_id = $1 AND attempts = 1")
+        .bind(down)
+        .execute(&stack.pool)
+        .await
+        .expect("the failed deliveries come due");
+    wake.notify_one();
+    poll_until(Duration::from_secs(20), "every delivery of the webhook delivered", || async {
+        let rows = attempts(down).await;
+        rows.iter().all(|(status, ..)| status == "delivered").then_some(())
+    })
+    .await;
+    assert_eq!(
+        attempts(down).await,
+        [("delivered".to_owned(), 1, 7), ("delivered".to_owned(), 2, 3)],
+        "each delivered once: the seven that waited at their first attempt"
+    );
+    assert_eq!(receiver.hits("down").len(), 13);
+    assert_eq!(state(down).await, (0, None), "the success cleared the failures and the pause");
     shutdown.cancel();
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }

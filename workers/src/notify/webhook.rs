@@ -30,6 +30,19 @@
 //! least once: if the outcome cannot be recorded, the lease brings the row back and the receiver
 //! may see the same payload `id` twice (receivers dedupe by it, as with any webhook provider).
 //!
+//! **Pauses.** A webhook whose attempts keep failing pauses as a whole: each failed attempt (a
+//! network error, timeout or non-2xx; not a refusal, which makes no request) counts one more
+//! in `webhooks.consecutive_failures`, a success sets it back to 0 and ends any pause, and from
+//! [`DeliveryConfig::pause_after`] failures in a row on, each one pauses the webhook for
+//! [`backoff`] of the failures past the threshold (30 s, 90 s, … up to 6 h with the production
+//! base), recorded in `webhooks.paused_until` (migration 0016). A paused webhook's deliveries
+//! are not claimed: they wait without spending attempts, and the first claim after the pause
+//! makes its attempts the probes. So an endpoint that is down or hangs costs a few requests per
+//! pause rather than one per pending event — its permits go to everyone else — and a receiver
+//! down for hours gets its events once it is back, where each delivery would otherwise have
+//! spent its eight attempts on the outage and failed. Pauses are logged and counted
+//! (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
+//!
 //! **Destinations.** Before each attempt the URL's host is resolved and, unless
 //! `WEBHOOK_ALLOW_PRIVATE=true`, the row is marked `failed` without any request when any address
 //! is not public ([`refusal`]: private, loopback, link-local, unspecified, unique-local, CGNAT,
@@ -97,6 +110,9 @@ pub struct DeliveryConfig {
     pub allow_private: bool,
     /// How long shutdown waits for attempts in flight.
     pub drain: Duration,
+    /// Failed attempts in a row (of any of its deliveries) from which a webhook pauses: see
+    /// "Pauses" in the module docs.
+    pub pause_after: i32,
 }
 
 impl DeliveryConfig {
@@ -112,6 +128,7 @@ impl DeliveryConfig {
             poll_interval: Duration::from_secs(1),
             allow_private,
             drain: Duration::from_secs(10),
+            pause_after: 5,
         }
     }
 }
@@ -357,6 +374,7 @@ async fn claim(
                           ORDER BY d.next_attempt_at, d.id
                           LIMIT $7
                    ) d
+                   WHERE w.paused_until IS NULL OR w.paused_until <= now()
               ),
               fair AS (
                   SELECT due.id,
@@ -479,6 +497,7 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
         Attempt::Refused(reason) => ("failed", row.attempts, None, Some(reason), None),
     };
     let error = error.map(|e| e.chars().take(MAX_ERROR_LEN).collect::<String>());
+    let mut tx = pool.begin().await?;
     let changed = sqlx::query(
         "UPDATE webhook_deliveries
             SET status = $2, attempts = $3, last_status_code = $4, last_error = $5,
@@ -493,10 +512,16 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
     .bind(error)
     .bind(wait.unwrap_or_default().as_secs_f64())
     .bind(row.attempts)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     let host = Url::parse(&row.url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    let paused = if changed == 0 { None } else { endpoint_outcome(&mut tx, config, row, outcome).await? };
+    tx.commit().await?;
+    if let Some((failures, pause)) = paused {
+        metrics::counter!("vault_webhook_pauses_total").increment(1);
+        tracing::warn!(webhook = %row.webhook_id, host, failures, pause_seconds = pause.as_secs_f64(), "webhook paused: its attempts keep failing");
+    }
     if changed == 0 {
         // The lease ran out under this attempt (a process stalled past it): what the receiver
         // answered is not what the row says.
@@ -520,6 +545,54 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
         }
     }
     Ok(true)
+}
+
+/// Counts an attempt's outcome against its webhook (see "Pauses" in the module docs): a success
+/// clears the failures and any pause, a failure counts one more and, from the threshold on,
+/// pauses the webhook. Returns the failures in a row and the pause when it paused the webhook.
+async fn endpoint_outcome(
+    tx: &mut sqlx::PgConnection,
+    config: &DeliveryConfig,
+    row: &Claimed,
+    outcome: &Attempt,
+) -> Result<Option<(i32, Duration)>, sqlx::Error> {
+    match outcome {
+        Attempt::Delivered { .. } => {
+            sqlx::query(
+                "UPDATE webhooks SET consecutive_failures = 0, paused_until = NULL
+                  WHERE id = $1 AND (consecutive_failures <> 0 OR paused_until IS NOT NULL)",
+            )
+            .bind(row.webhook_id)
+            .execute(&mut *tx)
+            .await?;
+            Ok(None)
+        }
+        Attempt::Retry { .. } => {
+            let failures: i32 = sqlx::query_scalar(
+                "UPDATE webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = $1
+                 RETURNING consecutive_failures",
+            )
+            .bind(row.webhook_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if failures < config.pause_after.max(1) {
+                return Ok(None);
+            }
+            let jitter = rand::rng().random_range(-1.0..=1.0);
+            let pause = backoff(config.backoff_base, (failures - config.pause_after.max(1) + 1) as u32, jitter);
+            // A longer pause set by a concurrent failure stands.
+            sqlx::query(
+                "UPDATE webhooks SET paused_until = greatest(paused_until, now() + make_interval(secs => $2))
+                  WHERE id = $1",
+            )
+            .bind(row.webhook_id)
+            .bind(pause.as_secs_f64())
+            .execute(&mut *tx)
+            .await?;
+            Ok(Some((failures, pause)))
+        }
+        Attempt::Refused(_) => Ok(None),
+    }
 }
 
 /// Runs the delivery loop until `shutdown`; `wake` is notified when new rows were written, so
