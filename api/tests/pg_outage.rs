@@ -644,15 +644,21 @@ async fn every_consumer_stops_on_sigterm_while_parking_a_message_waits_on_a_lock
 /// Postgres's host vanishes mid-statement: the connections open at that moment never answer
 /// again (nor close), new ones work. Consumers and the price loop must not wait on such a write
 /// for ever: the audit worker gives the batch up, its messages come back and are recorded once
-/// (the chain lock the silent session held goes with it), the prices worker drops the candles
-/// in flight and goes on publishing ticks, and the notifier goes on delivering webhooks.
+/// (the chain lock the silent session held goes with it) and its scheduled walks of the chain
+/// go on finishing, the prices worker drops the candles in flight and goes on publishing ticks,
+/// and the notifier goes on delivering webhooks.
 #[tokio::test]
 async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work_goes_on() {
     let (nats, db, proxy, envs) = behind_a_proxy().await;
-    let envs = with(with(envs, "PRICE_SOURCE", "sim"), "WEBHOOK_ALLOW_PRIVATE", "true");
+    let envs =
+        with(with(with(envs, "PRICE_SOURCE", "sim"), "WEBHOOK_ALLOW_PRIVATE", "true"), "AUDIT_VERIFY_EVERY", "1");
     let mut workers = Vec::new();
+    let mut audit_ops = String::new();
     for role in ["audit", "prices", "notify"] {
-        let (worker, _) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        let (worker, ops) = Proc::start_ready(&workspace_binary("vault-worker"), &[role], &envs).await;
+        if role == "audit" {
+            audit_ops = ops;
+        }
         workers.push(worker);
     }
     let direct = db.pool().await;
@@ -737,6 +743,16 @@ async fn writes_on_connections_that_go_silent_for_good_are_given_up_and_the_work
     assert!(candle_before < silenced_at);
     poll_until(Duration::from_secs(60), "the webhooks due after the blackhole delivered", || async {
         (delivered().await == 8).then_some(())
+    })
+    .await;
+    // The chain's walks go on too (each page bounded: one on a silent connection fails the walk
+    // and the next one starts), and find every event recorded, intact.
+    poll_until(Duration::from_secs(60), "a walk of the whole chain after the blackhole", || async {
+        let text = vault_testkit::metrics_text(&audit_ops).await;
+        let at = vault_testkit::sample(&text, "vault_audit_chain_verified_at_seconds ", &[])?;
+        let rows = vault_testkit::sample(&text, "vault_audit_chain_rows_verified ", &[])?;
+        let intact = vault_testkit::sample(&text, "vault_audit_chain_intact ", &[])?;
+        (at > (silenced_at.timestamp() + 5) as f64 && rows >= published as f64 && intact == 1.0).then_some(())
     })
     .await;
     for mut worker in workers {

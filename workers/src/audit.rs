@@ -336,12 +336,51 @@ async fn give_back(pool: &PgPool, d: &Delivered<Entry>, error: &sqlx::Error) {
 /// The result of walking the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Intact { rows: u64 },
-    Broken { id: i64, reason: String },
+    /// Every row verified; `head` is the last one (none when the log is empty).
+    Intact {
+        rows: u64,
+        head: Option<Anchor>,
+    },
+    Broken {
+        id: i64,
+        reason: String,
+    },
 }
 
-/// Walks the chain in id order and recomputes every hash.
-pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
+/// A row of the chain as a walk verified it: its id and hash, written `<id>:<hex hash>`.
+///
+/// The chain alone shows a row changed, removed or reordered, but not rows cut from its end, nor
+/// a chain recomputed from a changed row on (both need the triggers disabled, which the table's
+/// owner can do). A walk given an anchor also checks that the chain still passes through it
+/// with the same hash: so the scheduled walk holds the last head it verified, and an operator
+/// who keeps the head printed by `vault-worker audit verify` (or logged by the worker's walks)
+/// outside the database can check any later chain against it (`--anchor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub id: i64,
+    pub hash: Vec<u8>,
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.id, hex::encode(&self.hash))
+    }
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, hash) = s.split_once(':').ok_or("expected <row id>:<hash in hex>")?;
+        let id = id.parse().map_err(|_| format!("not a row id: {id:?}"))?;
+        let hash = hex::decode(hash).ok().filter(|h| h.len() == 32).ok_or("the hash must be 64 hex digits")?;
+        Ok(Anchor { id, hash })
+    }
+}
+
+/// Walks the chain in id order and recomputes every hash; with an `anchor`, also checks that
+/// the chain still holds that row with that hash (see [`Anchor`]).
+pub async fn verify(pool: &PgPool, anchor: Option<&Anchor>) -> Result<Verdict, sqlx::Error> {
     #[derive(sqlx::FromRow)]
     struct Row {
         id: i64,
@@ -361,17 +400,36 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
     // and a row placed at 0 or below was never read, so never checked.
     let mut after: Option<i64> = None;
     let mut rows = 0u64;
+    let mut anchor_seen = anchor.is_none();
+    let cut = |a: &Anchor| Verdict::Broken {
+        id: a.id,
+        reason: format!("row {a} was verified before and is gone (rows were cut from the chain)"),
+    };
     loop {
-        let page: Vec<Row> = sqlx::query_as(
-            "SELECT id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash
-               FROM audit_log WHERE ($1::BIGINT IS NULL OR id > $1) ORDER BY id LIMIT 1000",
+        // Each page bounded: a connection that stops answering fails the walk (counted, and
+        // alerted on) rather than holding it, and the scheduled walks with it, for good.
+        let page: Vec<Row> = vault_core::db::within(
+            vault_core::db::STATEMENT_WITHIN,
+            sqlx::query_as(
+                "SELECT id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash
+                   FROM audit_log WHERE ($1::BIGINT IS NULL OR id > $1) ORDER BY id LIMIT 1000",
+            )
+            .bind(after)
+            .fetch_all(pool),
         )
-        .bind(after)
-        .fetch_all(pool)
         .await?;
-        let Some(last) = page.last() else { return Ok(Verdict::Intact { rows }) };
+        let Some(last) = page.last() else {
+            if let Some(a) = anchor.filter(|_| !anchor_seen) {
+                return Ok(cut(a));
+            }
+            let head = after.map(|id| Anchor { id, hash: prev });
+            return Ok(Verdict::Intact { rows, head });
+        };
         after = Some(last.id);
         for r in page {
+            if let Some(a) = anchor.filter(|a| !anchor_seen && r.id > a.id) {
+                return Ok(cut(a));
+            }
             if r.prev_hash != prev {
                 return Ok(Verdict::Broken {
                     id: r.id,
@@ -394,6 +452,15 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
                     reason: "content does not match its hash (the row was changed)".into(),
                 });
             }
+            if let Some(a) = anchor.filter(|a| a.id == r.id) {
+                if a.hash != r.hash {
+                    return Ok(Verdict::Broken {
+                        id: r.id,
+                        reason: format!("its hash is not the one verified before ({a}): the chain was recomputed"),
+                    });
+                }
+                anchor_seen = true;
+            }
             prev = r.hash;
             rows += 1;
         }
@@ -406,14 +473,20 @@ pub async fn verify(pool: &PgPool) -> Result<Verdict, sqlx::Error> {
 /// running `vault-worker audit verify`. A walk reads every row once (pages of 1,000 by id); a
 /// walk the database cannot finish is counted ([`names::AUDIT_VERIFY_FAILURES`]) and the last
 /// verdict stands until the next.
+///
+/// Each walk after the first is anchored at the head the last intact walk ended on ([`Anchor`]),
+/// so rows cut from the end of the chain, or a chain recomputed over a changed row, are reported
+/// broken as well while this process runs; each intact walk logs its head, for operators to keep
+/// outside the database.
 pub async fn verify_periodically(pool: &PgPool, every: Duration, shutdown: &CancellationToken) {
+    let mut anchor: Option<Anchor> = None;
     loop {
         let started = std::time::Instant::now();
-        match shutdown.run_until_cancelled(verify(pool)).await {
+        match shutdown.run_until_cancelled(verify(pool, anchor.as_ref())).await {
             None => return,
             Some(Ok(verdict)) => {
                 let (intact, rows) = match &verdict {
-                    Verdict::Intact { rows } => (1.0, Some(*rows)),
+                    Verdict::Intact { rows, .. } => (1.0, Some(*rows)),
                     Verdict::Broken { .. } => (0.0, None),
                 };
                 metrics::gauge!(names::AUDIT_CHAIN_INTACT).set(intact);
@@ -422,8 +495,12 @@ pub async fn verify_periodically(pool: &PgPool, every: Duration, shutdown: &Canc
                 }
                 metrics::gauge!(names::AUDIT_CHAIN_VERIFIED_AT).set(Utc::now().timestamp() as f64);
                 match verdict {
-                    Verdict::Intact { rows } => {
-                        tracing::info!(rows, took = ?started.elapsed(), "audit chain intact");
+                    Verdict::Intact { rows, head } => {
+                        let head_text = head.as_ref().map(Anchor::to_string).unwrap_or_default();
+                        tracing::info!(rows, head = head_text, took = ?started.elapsed(), "audit chain intact");
+                        // An empty log keeps the anchor it had (a non-empty chain that empties was
+                        // reported as cut already).
+                        anchor = head.or(anchor);
                     }
                     Verdict::Broken { id, reason } => {
                         tracing::error!(row = id, reason, "audit chain broken");

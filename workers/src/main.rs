@@ -15,6 +15,11 @@ struct Cli {
     /// and exits non-zero naming the first row that does not verify.
     #[arg(value_enum)]
     task: Option<Task>,
+    /// With `verify`: a head printed by an earlier verify (`<row id>:<hash>`), kept outside the
+    /// database; the chain must still hold that row with that hash, or rows were cut from its
+    /// end or it was recomputed.
+    #[arg(long, requires = "task")]
+    anchor: Option<vault_workers::audit::Anchor>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,7 +35,7 @@ async fn main() -> std::process::ExitCode {
             eprintln!("vault-worker: `verify` is a task of the audit role only");
             return std::process::ExitCode::from(2);
         }
-        return verify_audit().await;
+        return verify_audit(cli.anchor).await;
     }
     let settings = Settings::load_or_exit(cli.role.role());
     if let Err(problem) = vault_workers::check_role_settings(cli.role, &settings) {
@@ -50,19 +55,22 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn verify_audit() -> std::process::ExitCode {
+async fn verify_audit(anchor: Option<vault_workers::audit::Anchor>) -> std::process::ExitCode {
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
     let result = async {
         let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
-        let verdict = vault_workers::audit::verify(&pool).await?;
+        let verdict = vault_workers::audit::verify(&pool, anchor.as_ref()).await?;
         pool.close().await;
         anyhow::Ok(verdict)
     }
     .await;
     match result {
-        Ok(vault_workers::audit::Verdict::Intact { rows }) => {
-            println!("audit chain intact: {rows} rows verified");
+        Ok(vault_workers::audit::Verdict::Intact { rows, head }) => {
+            match head {
+                Some(head) => println!("audit chain intact: {rows} rows verified; head {head}"),
+                None => println!("audit chain intact: {rows} rows verified"),
+            }
             std::process::ExitCode::SUCCESS
         }
         Ok(vault_workers::audit::Verdict::Broken { id, reason }) => {

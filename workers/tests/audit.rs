@@ -81,8 +81,14 @@ async fn publish_mix(bus: &Bus, user: Uuid, n: usize) {
 }
 
 fn verify(db: &TestDb) -> (i32, String) {
+    verify_with(db, &[])
+}
+
+/// `vault-worker audit verify` with more arguments; its exit code and output.
+fn verify_with(db: &TestDb, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(BIN)
         .args(["audit", "verify"])
+        .args(args)
         .env_clear()
         .env("DATABASE_URL", &db.url)
         .output()
@@ -250,6 +256,140 @@ async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
     assert!(line.contains(&format!("row={id}")) || line.contains(&format!("\"row\":{id}")), "the row is named: {line}");
 }
 
+/// The chain alone cannot tell rows cut from its end (what is left is a valid chain), but the
+/// scheduled walk holds the head it verified last: once rows are cut behind the guard, the next
+/// walk reports the chain broken at that head.
+#[tokio::test]
+async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut envs = base_env(&db, &nats);
+    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let (worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    publish_mix(&bus, Uuid::now_v7(), 6).await;
+    poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
+    poll_until(Duration::from_secs(30), "a walk over the six rows", || async {
+        let intact = metric(&ops, "vault_audit_chain_intact").await?;
+        (metric(&ops, "vault_audit_chain_rows_verified").await? == 6.0 && intact == 1.0).then_some(())
+    })
+    .await;
+
+    let last = cut_end(&pool, 2).await;
+    assert_eq!(verify(&db).0, 0, "the four rows left are a valid chain by themselves");
+    poll_until(Duration::from_secs(30), "the cut reported", || async {
+        (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
+    })
+    .await;
+    let log = worker.output();
+    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    assert!(
+        line.contains(&format!("row={last}")) || line.contains(&format!("\"row\":{last}")),
+        "the head is named: {line}"
+    );
+    assert!(line.contains("is gone"), "{line}");
+}
+
+/// Deletes the last `n` rows behind the guard; the id of the last one there was.
+async fn cut_end(pool: &PgPool, n: i64) -> i64 {
+    let mut tx = pool.begin().await.expect("tx");
+    guard(&mut tx, false).await;
+    let last: i64 = sqlx::query_scalar("SELECT max(id) FROM audit_log").fetch_one(&mut *tx).await.expect("max");
+    sqlx::query("DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log ORDER BY id DESC LIMIT $1)")
+        .bind(n)
+        .execute(&mut *tx)
+        .await
+        .expect("cut");
+    guard(&mut tx, true).await;
+    tx.commit().await.expect("commit");
+    last
+}
+
+/// An anchor kept from an earlier verify (`<id>:<hash>`, as it printed it) catches what the
+/// chain alone cannot: a chain recomputed from a changed row on, and rows cut from its end.
+#[tokio::test]
+async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
+    use vault_workers::audit::{Anchor, Entry, Verdict, append, chain_hash, verify};
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let at = "2026-12-07T10:00:00.123456Z".parse().expect("time");
+    let entries: Vec<Entry> = (1..=5)
+        .map(|seq| Entry {
+            stream: "AUTH".into(),
+            stream_seq: seq,
+            at,
+            actor_id: None,
+            action: "auth.login.succeeded".into(),
+            subject: Some("auth.login.succeeded".into()),
+            request_id: None,
+            data: serde_json::json!({"n": seq}),
+        })
+        .collect();
+    append(&pool, &entries).await.expect("append");
+    let Verdict::Intact { rows: 5, head: Some(head) } = verify(&pool, None).await.expect("verify") else {
+        panic!("five rows intact, with a head")
+    };
+    let (code, out) = verify_with(&db, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("5 rows verified; head {head}")), "the head is printed: {out}");
+    assert_eq!(head.to_string().parse::<Anchor>(), Ok(head.clone()), "an anchor reads back as printed");
+    assert_eq!(verify_with(&db, &["--anchor", &head.to_string()]).0, 0, "the chain holds its own head");
+
+    // Row 2 changed and every hash from it on recomputed: a valid chain, but not the one verified.
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id").fetch_all(&pool).await.expect("ids");
+    let mut prev: Vec<u8> =
+        sqlx::query_scalar("SELECT hash FROM audit_log WHERE id = $1").bind(ids[0]).fetch_one(&pool).await.expect("h1");
+    let mut tx = pool.begin().await.expect("tx");
+    guard(&mut tx, false).await;
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let mut e = entries[i].clone();
+        if i == 1 {
+            e.data = serde_json::json!({"n": 2, "rewritten": true});
+        }
+        let hash = chain_hash(&prev, &e);
+        sqlx::query("UPDATE audit_log SET data = $2, prev_hash = $3, hash = $4 WHERE id = $1")
+            .bind(id)
+            .bind(&e.data)
+            .bind(&prev)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await
+            .expect("rewrite");
+        prev = hash;
+    }
+    guard(&mut tx, true).await;
+    tx.commit().await.expect("commit");
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 5, .. }), "valid alone");
+    match verify(&pool, Some(&head)).await.expect("verify") {
+        Verdict::Broken { id, reason } => {
+            assert_eq!(id, head.id);
+            assert!(reason.contains("recomputed"), "{reason}");
+        }
+        other => panic!("the recomputed chain passed its old head: {other:?}"),
+    }
+    let (code, out) = verify_with(&db, &["--anchor", &head.to_string()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("broken at row {}", head.id)), "{out}");
+
+    // Its new head, kept, then the last two rows cut: what is left is valid alone.
+    let Verdict::Intact { head: Some(new_head), .. } = verify(&pool, None).await.expect("verify") else {
+        panic!("intact")
+    };
+    assert_eq!(cut_end(&pool, 2).await, new_head.id);
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 3, .. }), "valid alone");
+    match verify(&pool, Some(&new_head)).await.expect("verify") {
+        Verdict::Broken { id, reason } => {
+            assert_eq!(id, new_head.id);
+            assert!(reason.contains("is gone"), "{reason}");
+        }
+        other => panic!("the cut chain passed its old head: {other:?}"),
+    }
+    // A malformed anchor is refused before anything is read.
+    let (code, out) = verify_with(&db, &["--anchor", "12:nothex"]);
+    assert_eq!(code, 2, "{out}");
+}
+
 #[tokio::test]
 async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
@@ -387,7 +527,7 @@ async fn a_stream_sequence_recorded_with_other_content_is_a_conflict_not_a_copy(
     let mixed = [entry(2, "login"), entry(1, "locked"), entry(2, "login"), entry(2, "logout")];
     assert_eq!(append(&pool, &mixed).await.expect("a mixed batch"), appended(1, vec![1, 3]));
     assert_eq!(rows(&pool).await, 2);
-    assert_eq!(verify(&pool).await.expect("verify"), Verdict::Intact { rows: 2 });
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 2, .. }));
 
     // Numbers Postgres stores in another form than they were sent in (`1e16` reads back as
     // `10000000000000000`, `-0` as `0`, a long fraction exactly): the chain still verifies,
@@ -399,7 +539,7 @@ async fn a_stream_sequence_recorded_with_other_content_is_a_conflict_not_a_copy(
     assert_eq!(append(&pool, &[odd(3)]).await.expect("odd numbers"), appended(1, vec![]));
     assert_eq!(append(&pool, &[odd(3)]).await.expect("its copy"), appended(0, vec![]), "a copy, not a conflict");
     assert_eq!(append(&pool, &[entry(4, "logout")]).await.expect("after it"), appended(1, vec![]));
-    assert_eq!(verify(&pool).await.expect("verify"), Verdict::Intact { rows: 4 });
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 4, .. }));
 
     // A row slipped in below the sequence's first id, even at the lowest id there can be, is
     // read and checked like any other.
@@ -411,7 +551,7 @@ async fn a_stream_sequence_recorded_with_other_content_is_a_conflict_not_a_copy(
     .await
     .expect("a forged row");
     assert!(
-        matches!(verify(&pool).await.expect("verify"), Verdict::Broken { id: i64::MIN, .. }),
+        matches!(verify(&pool, None).await.expect("verify"), Verdict::Broken { id: i64::MIN, .. }),
         "the forged row is where the chain breaks"
     );
 }
