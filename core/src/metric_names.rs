@@ -120,6 +120,7 @@ pub const AUDIT_CHAIN_INTACT: &str = "vault_audit_chain_intact";
 pub const AUDIT_CHAIN_ROWS_VERIFIED: &str = "vault_audit_chain_rows_verified";
 pub const AUDIT_CHAIN_VERIFIED_AT: &str = "vault_audit_chain_verified_at_seconds";
 pub const AUDIT_VERIFY_FAILURES: &str = "vault_audit_verify_failures_total";
+pub const AUDIT_SEQUENCE_GAPS: &str = "vault_audit_sequence_gaps";
 
 // -- Notify worker -----------------------------------------------------------------------------
 pub const NOTIFICATIONS: &str = "vault_notifications_total";
@@ -387,6 +388,13 @@ pub const CATALOG: &[Metric] = &[
         "Scheduled walks of the audit chain that could not finish (database errors)",
         AUDIT,
         Plain,
+    ),
+    m(
+        AUDIT_SEQUENCE_GAPS,
+        G,
+        "Stream messages the audit consumers acknowledged that have no audit row nor parked copy (last check)",
+        AUDIT,
+        Dynamic,
     ),
     m(NOTIFICATIONS, C, "In-app notifications written, by kind", NOTIFY, Dynamic),
     m(

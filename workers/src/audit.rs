@@ -11,7 +11,10 @@
 //! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
 //! The worker also walks the whole chain at start and every `AUDIT_VERIFY_EVERY`
 //! ([`verify_periodically`]) and exports the verdict, so tampering is alerted on, not only found
-//! when someone looks.
+//! when someone looks. With each walk it checks that every message its consumers acknowledged
+//! has a row or was parked ([`sequence_gaps`]): NATS keeps the acknowledged sequences outside
+//! the database, so rows removed and the chain recomputed — even cut from its end while no worker
+//! held an anchor — still show.
 //! A message that cannot be decoded is parked and terminated, never half-recorded.
 //!
 //! A message that decodes but that the table refuses (text Postgres cannot store, such as a
@@ -467,6 +470,98 @@ pub async fn verify(pool: &PgPool, anchor: Option<&Anchor>) -> Result<Verdict, s
     }
 }
 
+/// Sequences of one stream that its audit consumer acknowledged and that have neither a row nor
+/// a parked copy: `first..=last`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Gap {
+    pub stream: String,
+    pub first: i64,
+    pub last: i64,
+}
+
+/// The audit consumers' ack floors (every stream sequence up to it acknowledged), with their
+/// streams: what [`sequence_gaps`] checks against.
+pub async fn ack_floors(bus: &Bus) -> Result<Vec<(String, String, i64)>, vault_bus::BusError> {
+    let mut floors = Vec::new();
+    for spec in vault_bus::consumers::audit() {
+        let err = |e: String| vault_bus::BusError::Stream { stream: spec.stream.to_owned(), reason: e };
+        let stream = bus.jetstream().get_stream(spec.stream).await.map_err(|e| err(e.to_string()))?;
+        let info = stream.consumer_info(&spec.durable).await.map_err(|e| err(e.to_string()))?;
+        floors.push((spec.stream.to_owned(), spec.durable.clone(), info.ack_floor.stream_sequence as i64));
+    }
+    Ok(floors)
+}
+
+/// The sequences each audit consumer acknowledged (`floors`: stream, consumer, ack floor) that
+/// the log lacks: between the lowest sequence recorded and the floor, every one must be a row or
+/// a message that consumer parked. A message is acknowledged only after its row committed (or
+/// it was parked), so a gap is never a batch still being written: it is a row removed (with the
+/// chain recomputed over it, or cut from the end), or messages the stream dropped before the
+/// worker read them (its age limit) — the trail is incomplete either way. Sequences below the
+/// lowest recorded one are not checked (a stream older than its audit consumer).
+pub async fn sequence_gaps(pool: &PgPool, floors: &[(String, String, i64)]) -> Result<Vec<Gap>, sqlx::Error> {
+    let streams: Vec<&str> = floors.iter().map(|(s, _, _)| s.as_str()).collect();
+    let consumers: Vec<&str> = floors.iter().map(|(_, c, _)| c.as_str()).collect();
+    let floors: Vec<i64> = floors.iter().map(|(_, _, f)| *f).collect();
+    sqlx::query_as(
+        "WITH floors AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS f(stream, consumer, floor)),
+              seen AS (
+                  SELECT a.stream, a.stream_seq FROM audit_log a JOIN floors f ON f.stream = a.stream
+                   WHERE a.stream_seq <= f.floor
+                  UNION
+                  SELECT p.stream, p.stream_seq FROM parked_messages p
+                    JOIN floors f ON f.stream = p.stream AND f.consumer = p.consumer
+                   WHERE p.stream_seq BETWEEN 1 AND f.floor
+              ),
+              stepped AS (
+                  SELECT s.stream, s.stream_seq,
+                         coalesce(lead(s.stream_seq) OVER (PARTITION BY s.stream ORDER BY s.stream_seq), f.floor + 1)
+                           AS next
+                    FROM seen s JOIN floors f ON f.stream = s.stream
+              )
+         SELECT stream, stream_seq + 1 AS first, next - 1 AS last
+           FROM stepped WHERE next > stream_seq + 1 ORDER BY stream, first",
+    )
+    .bind(streams)
+    .bind(consumers)
+    .bind(floors)
+    .fetch_all(pool)
+    .await
+}
+
+/// Checks [`sequence_gaps`] against the consumers' floors now, and reports it: the gauge, and an
+/// error log naming the first gaps. A check that cannot be made (NATS or Postgres away) is
+/// logged and leaves the gauge as it was.
+async fn check_sequences(pool: &PgPool, bus: &Bus) {
+    let floors = match ack_floors(bus).await {
+        Ok(floors) => floors,
+        Err(e) => {
+            tracing::warn!(error = %e, "the audit consumers' ack floors could not be read; sequences not checked");
+            return;
+        }
+    };
+    // One query over the whole log: bounded generously, so a silent connection cannot hold it.
+    match vault_core::db::within(SEQUENCE_CHECK_WITHIN, sequence_gaps(pool, &floors)).await {
+        Ok(gaps) => {
+            let missing: i64 = gaps.iter().map(|g| g.last - g.first + 1).sum();
+            metrics::gauge!(names::AUDIT_SEQUENCE_GAPS).set(missing as f64);
+            if !gaps.is_empty() {
+                let shown: Vec<String> =
+                    gaps.iter().take(20).map(|g| format!("{} {}..={}", g.stream, g.first, g.last)).collect();
+                tracing::error!(
+                    missing,
+                    gaps = shown.join(", "),
+                    "audit trail incomplete: acknowledged messages have no audit row"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the audit log's sequences could not be checked"),
+    }
+}
+
+/// How long the sequence check's one query may take.
+const SEQUENCE_CHECK_WITHIN: Duration = Duration::from_secs(300);
+
 /// Walks the whole chain at start and then every `every` until shutdown, and reports the verdict
 /// as metrics ([`names::AUDIT_CHAIN_INTACT`], the rows checked, the time) with an error log
 /// naming the first broken row: a tampered trail raises `VaultAuditChainBroken` without anyone
@@ -477,8 +572,9 @@ pub async fn verify(pool: &PgPool, anchor: Option<&Anchor>) -> Result<Verdict, s
 /// Each walk after the first is anchored at the head the last intact walk ended on ([`Anchor`]),
 /// so rows cut from the end of the chain, or a chain recomputed over a changed row, are reported
 /// broken as well while this process runs; each intact walk logs its head, for operators to keep
-/// outside the database.
-pub async fn verify_periodically(pool: &PgPool, every: Duration, shutdown: &CancellationToken) {
+/// outside the database. Each walk is followed by the check of the consumers' acknowledged
+/// sequences ([`check_sequences`]).
+pub async fn verify_periodically(pool: &PgPool, bus: &Bus, every: Duration, shutdown: &CancellationToken) {
     let mut anchor: Option<Anchor> = None;
     loop {
         let started = std::time::Instant::now();
@@ -511,6 +607,9 @@ pub async fn verify_periodically(pool: &PgPool, every: Duration, shutdown: &Canc
                 metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
                 tracing::warn!(error = %e, "the audit chain could not be walked; trying again at the next interval");
             }
+        }
+        if shutdown.run_until_cancelled(check_sequences(pool, bus)).await.is_none() {
+            return;
         }
         if shutdown.run_until_cancelled(tokio::time::sleep(every)).await.is_none() {
             return;

@@ -81,7 +81,7 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
         WorkerRole::Audit => {
             let walk = async {
                 match process.settings.audit_verify_every {
-                    Some(every) => audit::verify_periodically(&process.pool, every, &shutdown).await,
+                    Some(every) => audit::verify_periodically(&process.pool, &process.bus, every, &shutdown).await,
                     None => tracing::info!("the audit chain's scheduled walk is off (AUDIT_VERIFY_EVERY=0)"),
                 }
             };

@@ -291,6 +291,89 @@ async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
     assert!(line.contains("is gone"), "{line}");
 }
 
+/// NATS keeps what the audit consumers acknowledged: rows cut from the end of the chain while no
+/// worker held an anchor (it was restarted) leave a chain valid by itself, but the sequences they
+/// held are acknowledged and missing, and the restarted worker's check names them.
+#[tokio::test]
+async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_restart() {
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut envs = base_env(&db, &nats);
+    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let (mut worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    publish_mix(&bus, Uuid::now_v7(), 9).await;
+    poll_until(Duration::from_secs(30), "nine rows", || async { (rows(&pool).await == 9).then_some(()) }).await;
+    poll_until(Duration::from_secs(30), "a check after the nine rows, finding nothing missing", || async {
+        let verified = metric(&ops, "vault_audit_chain_rows_verified").await?;
+        (verified == 9.0 && metric(&ops, "vault_audit_sequence_gaps").await? == 0.0).then_some(())
+    })
+    .await;
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+
+    let cut: Vec<(String, i64)> = sqlx::query_as("SELECT stream, stream_seq FROM audit_log ORDER BY id DESC LIMIT 2")
+        .fetch_all(&pool)
+        .await
+        .expect("tail");
+    cut_end(&pool, 2).await;
+    assert_eq!(verify(&db).0, 0, "the seven rows left are a valid chain by themselves");
+    let (worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    poll_until(Duration::from_secs(30), "the two missing sequences reported", || async {
+        (metric(&ops, "vault_audit_sequence_gaps").await? == 2.0).then_some(())
+    })
+    .await;
+    let log = worker.output();
+    let line = log.lines().find(|l| l.contains("audit trail incomplete")).unwrap_or_else(|| panic!("logged: {log}"));
+    for (stream, seq) in &cut {
+        assert!(
+            line.contains(&format!("{stream} {seq}..=")) || line.contains(&format!("..={seq}")),
+            "{stream} {seq}: {line}"
+        );
+    }
+    assert_eq!(rows(&pool).await, 7, "nothing acknowledged is delivered again");
+}
+
+/// The check itself: every sequence from a stream's lowest row up to its consumer's ack floor
+/// must be a row or a message that consumer parked (another consumer's parked copy does not
+/// count); a stream without rows is not checked.
+#[tokio::test]
+async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_nor_parked_by_the_consumer() {
+    use vault_workers::audit::{Entry, Gap, append, sequence_gaps};
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let at = "2026-12-07T10:00:00.123456Z".parse().expect("time");
+    let entry = |seq: i64| Entry {
+        stream: "AUTH".into(),
+        stream_seq: seq,
+        at,
+        actor_id: None,
+        action: "auth.signup".into(),
+        subject: Some("auth.signup".into()),
+        request_id: None,
+        data: serde_json::json!({"n": seq}),
+    };
+    append(&pool, &[entry(2), entry(3), entry(5), entry(8)]).await.expect("append");
+    for (consumer, seq) in [("audit-auth", 6), ("notify-auth", 4)] {
+        sqlx::query(
+            "INSERT INTO parked_messages (stream, consumer, stream_seq, subject, reason, payload)
+             VALUES ('AUTH', $1, $2, 'auth.signup', 'test', '\\x00')",
+        )
+        .bind(consumer)
+        .bind(seq)
+        .execute(&pool)
+        .await
+        .expect("parked");
+    }
+    let floors = |auth: i64| {
+        vec![("AUTH".to_owned(), "audit-auth".to_owned(), auth), ("ORDERS".to_owned(), "audit-orders".to_owned(), 50)]
+    };
+    let gap = |first, last| Gap { stream: "AUTH".into(), first, last };
+    assert_eq!(sequence_gaps(&pool, &floors(10)).await.expect("gaps"), [gap(4, 4), gap(7, 7), gap(9, 10)]);
+    assert_eq!(sequence_gaps(&pool, &floors(5)).await.expect("gaps"), [gap(4, 4)], "nothing above the floor counts");
+    assert_eq!(sequence_gaps(&pool, &floors(3)).await.expect("gaps"), [], "below the lowest row nothing is checked");
+}
+
 /// Deletes the last `n` rows behind the guard; the id of the last one there was.
 async fn cut_end(pool: &PgPool, n: i64) -> i64 {
     let mut tx = pool.begin().await.expect("tx");
