@@ -186,10 +186,11 @@ pub struct Webhook {
     pub events: Vec<String>,
     #[serde(serialize_with = "vault_core::time::micros")]
     pub created_at: DateTime<Utc>,
-    /// Failed attempts in a row since the last delivered one, across the webhook's deliveries.
+    /// Failed attempts in a row since the last delivered one, across the webhook's deliveries (a
+    /// streak whose last failure is a day old starts again at the next failure).
     pub consecutive_failures: i32,
-    /// Set while the webhook is paused after failing again and again: its deliveries wait,
-    /// without spending attempts, and are tried again from then on.
+    /// Set while the webhook is paused after failing again and again (null once the pause is
+    /// over): its deliveries wait, without spending attempts, and are tried again from then on.
     #[serde(serialize_with = "vault_core::time::micros_opt")]
     pub paused_until: Option<DateTime<Utc>>,
 }
@@ -298,7 +299,8 @@ pub async fn list_webhooks(
     Reader(caller): Reader,
 ) -> Result<axum::Json<WebhookList>, ApiError> {
     let webhooks: Vec<Webhook> = sqlx::query_as(
-        "SELECT id, url, events, created_at, consecutive_failures, paused_until
+        "SELECT id, url, events, created_at, consecutive_failures,
+                CASE WHEN paused_until > now() THEN paused_until END AS paused_until
            FROM webhooks WHERE user_id = $1 AND deleted_at IS NULL ORDER BY id DESC",
     )
     .bind(caller.user_id)

@@ -33,7 +33,7 @@ const SECRET: &str = "whsec_0123456789abcdef0123456789abcdef";
 // A webhook receiver: POST /<name> records the call; `slow` answers once the test releases it,
 // `sluggish` takes 200 ms,
 // `flaky` answers 500 on its first call, `broken` always 500, `down` 500 until the test brings it
-// `up`, anything else 200.
+// `up`, `held` 500 once the test releases it (as `slow`), anything else 200.
 
 #[derive(Debug, Clone)]
 struct Hit {
@@ -90,6 +90,10 @@ async fn receive(State(r): State<Receiver>, Path(name): Path<String>, headers: H
             let _released = r.slow_released.acquire().await;
             r.slow_finished.fetch_add(1, Ordering::SeqCst);
             StatusCode::OK
+        }
+        "held" => {
+            let _released = r.slow_released.acquire().await;
+            StatusCode::INTERNAL_SERVER_ERROR
         }
         "sluggish" => {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -426,8 +430,9 @@ async fn a_receiver_that_keeps_failing_ends_failed_after_eight_attempts() {
 
 /// A webhook whose attempts keep failing pauses as a whole: three failures in a row (the test's
 /// threshold) cost three requests, not one per pending event; its seven other deliveries wait
-/// without spending attempts while another user's delivery goes out; and once the pause is over
-/// and the receiver answers, every delivery is delivered once and the webhook's failures clear.
+/// without spending attempts while another user's delivery goes out; a failed probe after the
+/// pause pauses it three times longer; and once a pause is over and the receiver answers, every
+/// delivery is delivered once and the webhook's failures clear.
 #[tokio::test]
 async fn a_webhook_that_keeps_failing_pauses_and_its_waiting_deliveries_spend_no_attempts() {
     let stack = Stack::start().await;
@@ -494,7 +499,22 @@ async fn a_webhook_that_keeps_failing_pauses_and_its_waiting_deliveries_spend_no
     .await;
     assert_eq!(receiver.hits("down").len(), 3, "still paused");
 
-    // The receiver is back; the pause, and the three failed deliveries' own waits, run out.
+    // The pause runs out with the receiver still down: one probe fails, and the second pause is
+    // three times the first (it counts pauses, not the failures that came with them).
+    sqlx::query("UPDATE webhooks SET paused_until = now() WHERE id = $1")
+        .bind(down)
+        .execute(&stack.pool)
+        .await
+        .expect("the pause runs out");
+    wake.notify_one();
+    let (_, until) = poll_until(Duration::from_secs(20), "the second pause", || async {
+        Some(state(down).await).filter(|(failures, until)| *failures == 4 && until.is_some_and(|u| u > Utc::now()))
+    })
+    .await;
+    assert!(until.expect("paused") > Utc::now() + chrono::Duration::minutes(23), "paused for 30 min ±20 %");
+    assert_eq!(receiver.hits("down").len(), 4, "one probe, then the second pause");
+
+    // The receiver is back; the pause, and the four failed deliveries' own waits, run out.
     receiver.up.store(true, Ordering::SeqCst);
     sqlx::query("UPDATE webhooks SET paused_until = now() WHERE id = $1")
         .bind(down)
@@ -514,11 +534,101 @@ async fn a_webhook_that_keeps_failing_pauses_and_its_waiting_deliveries_spend_no
     .await;
     assert_eq!(
         attempts(down).await,
-        [("delivered".to_owned(), 1, 7), ("delivered".to_owned(), 2, 3)],
-        "each delivered once: the seven that waited at their first attempt"
+        [("delivered".to_owned(), 1, 6), ("delivered".to_owned(), 2, 4)],
+        "each delivered once: the six that waited at their first attempt"
     );
-    assert_eq!(receiver.hits("down").len(), 13);
+    assert_eq!(receiver.hits("down").len(), 14);
     assert_eq!(state(down).await, (0, None), "the success cleared the failures and the pause");
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// Attempts that fail together start one pause: two attempts of a webhook under way at once both
+/// fail with a threshold of one; the first pauses the webhook, the second finds it paused and
+/// neither counts another pause nor lengthens it.
+#[tokio::test]
+async fn attempts_failing_together_start_one_pause_not_a_longer_one() {
+    let stack = Stack::start().await;
+    let (base, receiver) = Receiver::start().await;
+    let (user, _) = stack.user().await;
+    let hook = vault_testkit::insert_webhook(&stack.pool, user, &format!("{base}/held"), SECRET).await;
+    for _ in 0..2 {
+        vault_testkit::insert_due_delivery(&stack.pool, hook).await;
+    }
+    let config = DeliveryConfig {
+        backoff_base: Duration::from_secs(600),
+        per_webhook: 2,
+        pause_after: 1,
+        poll_interval: Duration::from_millis(10),
+        ..DeliveryConfig::new(true)
+    };
+    let shutdown = CancellationToken::new();
+    let loop_ =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, Wakers::default().deliveries, shutdown.clone()));
+    poll_until(Duration::from_secs(20), "both attempts under way", || async {
+        (receiver.hits("held").len() == 2).then_some(())
+    })
+    .await;
+    receiver.slow_released.add_permits(2);
+    let (pauses, until) = poll_until(Duration::from_secs(20), "both failures recorded", || async {
+        let (failures, pauses, until): (i32, i32, Option<chrono::DateTime<Utc>>) =
+            sqlx::query_as("SELECT consecutive_failures, pauses, paused_until FROM webhooks WHERE id = $1")
+                .bind(hook)
+                .fetch_one(&stack.pool)
+                .await
+                .expect("webhook");
+        (failures == 2).then_some((pauses, until))
+    })
+    .await;
+    assert_eq!(pauses, 1, "one pause");
+    let until = until.expect("paused");
+    assert!(until < Utc::now() + chrono::Duration::minutes(13), "the first pause's length (10 min ±20 %): {until}");
+    assert!(until > Utc::now() + chrono::Duration::minutes(7), "paused: {until}");
+    shutdown.cancel();
+    loop_.await.expect("joins").expect("the loop stops cleanly");
+}
+
+/// Deliveries do not wait for ever: one still pending three days after it was written fails as
+/// expired although its webhook is paused; a paused webhook that is deleted has its deliveries
+/// failed at once, not after the pause; a recent delivery of a paused webhook waits untouched.
+#[tokio::test]
+async fn a_paused_webhooks_deliveries_expire_after_three_days_and_fail_at_once_when_it_is_deleted() {
+    let stack = Stack::start().await;
+    let (user, _) = stack.user().await;
+    let old = pending_delivery(&stack.pool, user, "http://127.0.0.1:9/old").await;
+    let gone = pending_delivery(&stack.pool, user, "http://127.0.0.1:9/gone").await;
+    let fresh = pending_delivery(&stack.pool, user, "http://127.0.0.1:9/fresh").await;
+    for sql in [
+        "UPDATE webhooks SET consecutive_failures = 5, pauses = 1, paused_until = now() + interval '1 hour'
+          WHERE user_id = $1",
+        "UPDATE webhook_deliveries SET created_at = now() - interval '73 hours'
+          WHERE webhook_id = (SELECT id FROM webhooks WHERE user_id = $1 AND url LIKE '%/old')",
+        "UPDATE webhooks SET deleted_at = now() WHERE user_id = $1 AND url LIKE '%/gone'",
+    ] {
+        sqlx::query(sql).bind(user).execute(&stack.pool).await.expect(sql);
+    }
+    let config = DeliveryConfig {
+        poll_interval: Duration::from_millis(10),
+        expire_every: Duration::from_millis(50),
+        ..DeliveryConfig::new(true)
+    };
+    let shutdown = CancellationToken::new();
+    let loop_ =
+        tokio::spawn(run_deliveries(stack.pool.clone(), config, Wakers::default().deliveries, shutdown.clone()));
+    poll_until(Duration::from_secs(20), "the old and the deleted webhook's deliveries to end", || async {
+        let ended = |d: Option<(String, i32, Option<i32>, Option<String>)>| d.is_some_and(|d| d.0 != "pending");
+        (ended(stack.delivery(old).await) && ended(stack.delivery(gone).await)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stack.delivery(old).await,
+        Some(("failed".to_owned(), 0, None, Some("expired: not delivered within 72 hours".to_owned())))
+    );
+    assert_eq!(
+        stack.delivery(gone).await,
+        Some(("failed".to_owned(), 0, None, Some("the webhook was deleted".to_owned())))
+    );
+    assert_eq!(stack.delivery(fresh).await, Some(("pending".to_owned(), 0, None, None)), "it waits for the pause");
     shutdown.cancel();
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }

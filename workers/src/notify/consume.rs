@@ -255,7 +255,8 @@ pub const EMAIL_LOCK_CLASS: i32 = 0x4D41_494C;
 /// transaction), so scaled-out notifiers writing for one user at the same moment count one
 /// after the other: the second sees the first's committed emails. Without the lock each saw
 /// only what was committed before it and could let through what remained of a budget again.
-/// The locks are taken in one order (sorted by key) and after every other write of the batch but
+/// The locks are taken in one order (sorted by key: Postgres evaluates a volatile function of the
+/// select list after the sort) and after every other write of the batch but
 /// the emails themselves, whose rows (keyed by event id) no other batch writes: two batches
 /// cannot wait for each other.
 async fn within_limits<'a>(
@@ -269,7 +270,7 @@ async fn within_limits<'a>(
     }
     sqlx::query(
         "SELECT pg_advisory_xact_lock($1, k)
-           FROM (SELECT DISTINCT hashtext(u::text) AS k FROM unnest($2::uuid[]) AS u ORDER BY k) AS keys",
+           FROM (SELECT DISTINCT hashtext(u::text) AS k FROM unnest($2::uuid[]) AS u) AS keys ORDER BY k",
     )
     .bind(EMAIL_LOCK_CLASS)
     .bind(&users)

@@ -32,16 +32,23 @@
 //!
 //! **Pauses.** A webhook whose attempts keep failing pauses as a whole: each failed attempt (a
 //! network error, timeout or non-2xx; not a refusal, which makes no request) counts one more
-//! in `webhooks.consecutive_failures`, a success sets it back to 0 and ends any pause, and from
-//! [`DeliveryConfig::pause_after`] failures in a row on, each one pauses the webhook for
-//! [`backoff`] of the failures past the threshold (30 s, 90 s, … up to 6 h with the production
-//! base), recorded in `webhooks.paused_until` (migration 0016). A paused webhook's deliveries
-//! are not claimed: they wait without spending attempts, and the first claim after the pause
-//! makes its attempts the probes. So an endpoint that is down or hangs costs a few requests per
-//! pause rather than one per pending event — its permits go to everyone else — and a receiver
-//! down for hours gets its events once it is back, where each delivery would otherwise have
-//! spent its eight attempts on the outage and failed. Pauses are logged and counted
-//! (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
+//! in `webhooks.consecutive_failures` (a streak whose last failure is [`STREAK_FORGOTTEN`] old
+//! starts again), a success ends the streak and any pause, and a failure that finds the webhook
+//! not paused with [`DeliveryConfig::pause_after`] failures in a row pauses it, for [`backoff`]
+//! of the streak's pauses so far (30 s, 90 s, … up to 6 h with the production base; migration
+//! 0016). Attempts that were under way when the pause began, or probes failing together, do not
+//! lengthen it. A paused webhook's deliveries are not claimed: they wait without spending
+//! attempts, and the first claims after the pause (up to [`DeliveryConfig::per_webhook`] per
+//! process) are the probes. So an endpoint that is down or hangs costs a few requests per pause
+//! rather than one per pending event — its permits go to everyone else — and a receiver that is
+//! down for hours gets its events once it is back and the pause under way ends, where each
+//! delivery would otherwise have spent its eight attempts on the outage and failed. Pauses are
+//! logged and counted (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
+//!
+//! **Expiry.** A delivery still pending [`DeliveryConfig::max_age`] after it was written (three
+//! days: a webhook paused all that time, or a backlog) is failed (`expired`) once due, so an
+//! endpoint that never comes back does not keep its events for ever nor get weeks of them late;
+//! a deleted webhook's deliveries are claimed even while it is paused, and fail at once.
 //!
 //! **Destinations.** Before each attempt the URL's host is resolved and, unless
 //! `WEBHOOK_ALLOW_PRIVATE=true`, the row is marked `failed` without any request when any address
@@ -84,6 +91,8 @@ pub const SIGNATURE_HEADER: &str = "Vault-Signature";
 pub const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// Jitter: each wait is drawn uniformly within ±this fraction of the nominal delay.
 pub const JITTER: f64 = 0.2;
+/// A streak of failures whose last one is this old is forgotten: the next failure starts anew.
+pub const STREAK_FORGOTTEN: Duration = Duration::from_secs(24 * 3600);
 /// `last_error` is cut to this many characters.
 const MAX_ERROR_LEN: usize = 500;
 
@@ -113,6 +122,10 @@ pub struct DeliveryConfig {
     /// Failed attempts in a row (of any of its deliveries) from which a webhook pauses: see
     /// "Pauses" in the module docs.
     pub pause_after: i32,
+    /// How long after it was written a pending delivery expires (see "Expiry").
+    pub max_age: Duration,
+    /// How often expired deliveries are looked for.
+    pub expire_every: Duration,
 }
 
 impl DeliveryConfig {
@@ -129,6 +142,8 @@ impl DeliveryConfig {
             allow_private,
             drain: Duration::from_secs(10),
             pause_after: 5,
+            max_age: Duration::from_secs(3 * 24 * 3600),
+            expire_every: Duration::from_secs(60),
         }
     }
 }
@@ -374,7 +389,7 @@ async fn claim(
                           ORDER BY d.next_attempt_at, d.id
                           LIMIT $7
                    ) d
-                   WHERE w.paused_until IS NULL OR w.paused_until <= now()
+                   WHERE w.paused_until IS NULL OR w.paused_until <= now() OR w.deleted_at IS NOT NULL
               ),
               fair AS (
                   SELECT due.id,
@@ -548,8 +563,10 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
 }
 
 /// Counts an attempt's outcome against its webhook (see "Pauses" in the module docs): a success
-/// clears the failures and any pause, a failure counts one more and, from the threshold on,
-/// pauses the webhook. Returns the failures in a row and the pause when it paused the webhook.
+/// ends the streak and any pause; a failure counts one more and, at the threshold, pauses the
+/// webhook unless it is paused already. Returns the failures in a row and the pause when it
+/// paused the webhook. The first statement locks the webhook's row to the end of the
+/// transaction, so two failures recorded at once cannot both start a pause.
 async fn endpoint_outcome(
     tx: &mut sqlx::PgConnection,
     config: &DeliveryConfig,
@@ -559,8 +576,8 @@ async fn endpoint_outcome(
     match outcome {
         Attempt::Delivered { .. } => {
             sqlx::query(
-                "UPDATE webhooks SET consecutive_failures = 0, paused_until = NULL
-                  WHERE id = $1 AND (consecutive_failures <> 0 OR paused_until IS NOT NULL)",
+                "UPDATE webhooks SET consecutive_failures = 0, pauses = 0, paused_until = NULL
+                  WHERE id = $1 AND (consecutive_failures <> 0 OR pauses <> 0 OR paused_until IS NOT NULL)",
             )
             .bind(row.webhook_id)
             .execute(&mut *tx)
@@ -568,21 +585,26 @@ async fn endpoint_outcome(
             Ok(None)
         }
         Attempt::Retry { .. } => {
-            let failures: i32 = sqlx::query_scalar(
-                "UPDATE webhooks SET consecutive_failures = consecutive_failures + 1 WHERE id = $1
-                 RETURNING consecutive_failures",
+            let (failures, pauses, paused): (i32, i32, bool) = sqlx::query_as(
+                "UPDATE webhooks
+                    SET consecutive_failures = CASE WHEN last_failed_at < now() - make_interval(secs => $2)
+                                                    THEN 1 ELSE consecutive_failures + 1 END,
+                        pauses = CASE WHEN last_failed_at < now() - make_interval(secs => $2) THEN 0 ELSE pauses END,
+                        last_failed_at = now()
+                  WHERE id = $1
+              RETURNING consecutive_failures, pauses, coalesce(paused_until > now(), false)",
             )
             .bind(row.webhook_id)
+            .bind(STREAK_FORGOTTEN.as_secs_f64())
             .fetch_one(&mut *tx)
             .await?;
-            if failures < config.pause_after.max(1) {
+            if failures < config.pause_after.max(1) || paused {
                 return Ok(None);
             }
             let jitter = rand::rng().random_range(-1.0..=1.0);
-            let pause = backoff(config.backoff_base, (failures - config.pause_after.max(1) + 1) as u32, jitter);
-            // A longer pause set by a concurrent failure stands.
+            let pause = backoff(config.backoff_base, (pauses + 1) as u32, jitter);
             sqlx::query(
-                "UPDATE webhooks SET paused_until = greatest(paused_until, now() + make_interval(secs => $2))
+                "UPDATE webhooks SET pauses = pauses + 1, paused_until = now() + make_interval(secs => $2)
                   WHERE id = $1",
             )
             .bind(row.webhook_id)
@@ -593,6 +615,31 @@ async fn endpoint_outcome(
         }
         Attempt::Refused(_) => Ok(None),
     }
+}
+
+/// Fails the deliveries pending for longer than [`DeliveryConfig::max_age`] that are due (not
+/// leased to an attempt under way), oldest first, up to 1,000 a call; how many.
+async fn expire(pool: &PgPool, config: &DeliveryConfig) -> Result<u64, sqlx::Error> {
+    let error = format!("expired: not delivered within {} hours", config.max_age.as_secs() / 3600);
+    let expired = sqlx::query(
+        "UPDATE webhook_deliveries d
+            SET status = 'failed', last_error = $2, next_attempt_at = NULL, updated_at = now()
+          WHERE d.id IN (SELECT id FROM webhook_deliveries
+                          WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
+                            AND next_attempt_at <= now()
+                          ORDER BY created_at LIMIT 1000
+                            FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(config.max_age.as_secs_f64())
+    .bind(error)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if expired > 0 {
+        metrics::counter!("vault_webhook_deliveries_total", "outcome" => "failed").increment(expired);
+        tracing::warn!(expired, max_age = ?config.max_age, "webhook deliveries expired undelivered");
+    }
+    Ok(expired)
 }
 
 /// Runs the delivery loop until `shutdown`; `wake` is notified when new rows were written, so
@@ -608,8 +655,18 @@ pub async fn run_deliveries(
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let slots = Arc::new(InFlight::default());
     let mut in_flight = JoinSet::new();
+    let mut expired_at: Option<Instant> = None;
     loop {
         while in_flight.try_join_next().is_some() {}
+        if expired_at.is_none_or(|at| at.elapsed() >= config.expire_every) {
+            expired_at = Some(Instant::now());
+            let sweep = db::within(db::STATEMENT_WITHIN, expire(&pool, &config));
+            match shutdown.run_until_cancelled(sweep).await {
+                None => break,
+                Some(Err(e)) => tracing::warn!(error = %e, "cannot expire old webhook deliveries; retrying"),
+                Some(Ok(_)) => {}
+            }
+        }
         // Wait for room before claiming, so nothing claimed waits for a permit.
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
