@@ -406,7 +406,7 @@ pub async fn verify(pool: &PgPool, anchor: Option<&Anchor>) -> Result<Verdict, s
     let mut anchor_seen = anchor.is_none();
     let cut = |a: &Anchor| Verdict::Broken {
         id: a.id,
-        reason: format!("row {a} was verified before and is gone (rows were cut from the chain)"),
+        reason: format!("row {a} was verified before and is gone (rows were removed)"),
     };
     loop {
         // Each page bounded: a connection that stops answering fails the walk (counted, and
