@@ -385,7 +385,7 @@ pub const CATALOG: &[Metric] = &[
     m(
         AUDIT_VERIFY_FAILURES,
         C,
-        "Scheduled walks of the audit chain that could not finish (database errors)",
+        "Scheduled walks of the audit chain, or checks of its sequences, that could not finish",
         AUDIT,
         Plain,
     ),

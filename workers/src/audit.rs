@@ -471,76 +471,199 @@ pub async fn verify(pool: &PgPool, anchor: Option<&Anchor>) -> Result<Verdict, s
 }
 
 /// Sequences of one stream that its audit consumer acknowledged and that have neither a row nor
-/// a parked copy: `first..=last`.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// a parked copy, nor were accepted as lost: `first..=last`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     pub stream: String,
     pub first: i64,
     pub last: i64,
 }
 
-/// The audit consumers' ack floors (every stream sequence up to it acknowledged), with their
-/// streams: what [`sequence_gaps`] checks against.
-pub async fn ack_floors(bus: &Bus) -> Result<Vec<(String, String, i64)>, vault_bus::BusError> {
+/// One audited stream as NATS holds it: its audit consumer's ack floor (every sequence up to it
+/// acknowledged) and the stream's first sequence still stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Floor {
+    pub stream: String,
+    pub consumer: String,
+    pub first_seq: i64,
+    pub floor: i64,
+}
+
+/// The audit consumers' floors, read from NATS: what [`sequence_gaps`] checks against.
+pub async fn ack_floors(bus: &Bus) -> Result<Vec<Floor>, vault_bus::BusError> {
     let mut floors = Vec::new();
     for spec in vault_bus::consumers::audit() {
         let err = |e: String| vault_bus::BusError::Stream { stream: spec.stream.to_owned(), reason: e };
-        let stream = bus.jetstream().get_stream(spec.stream).await.map_err(|e| err(e.to_string()))?;
+        let mut stream = bus.jetstream().get_stream(spec.stream).await.map_err(|e| err(e.to_string()))?;
+        let first_seq = stream.info().await.map_err(|e| err(e.to_string()))?.state.first_sequence as i64;
         let info = stream.consumer_info(&spec.durable).await.map_err(|e| err(e.to_string()))?;
-        floors.push((spec.stream.to_owned(), spec.durable.clone(), info.ack_floor.stream_sequence as i64));
+        floors.push(Floor {
+            stream: spec.stream.to_owned(),
+            consumer: spec.durable.clone(),
+            first_seq,
+            floor: info.ack_floor.stream_sequence as i64,
+        });
     }
     Ok(floors)
 }
 
-/// The sequences each audit consumer acknowledged (`floors`: stream, consumer, ack floor) that
-/// the log lacks: between the lowest sequence recorded and the floor, every one must be a row or
-/// a message that consumer parked. A message is acknowledged only after its row committed (or
-/// it was parked), so a gap is never a batch still being written: it is a row removed (with the
-/// chain recomputed over it, or cut from the end), or messages the stream dropped before the
-/// worker read them (its age limit) — the trail is incomplete either way. Sequences below the
-/// lowest recorded one are not checked (a stream older than its audit consumer).
-pub async fn sequence_gaps(pool: &PgPool, floors: &[(String, String, i64)]) -> Result<Vec<Gap>, sqlx::Error> {
-    let streams: Vec<&str> = floors.iter().map(|(s, _, _)| s.as_str()).collect();
-    let consumers: Vec<&str> = floors.iter().map(|(_, c, _)| c.as_str()).collect();
-    let floors: Vec<i64> = floors.iter().map(|(_, _, f)| *f).collect();
-    sqlx::query_as(
-        "WITH floors AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS f(stream, consumer, floor)),
-              seen AS (
-                  SELECT a.stream, a.stream_seq FROM audit_log a JOIN floors f ON f.stream = a.stream
-                   WHERE a.stream_seq <= f.floor
-                  UNION
-                  SELECT p.stream, p.stream_seq FROM parked_messages p
-                    JOIN floors f ON f.stream = p.stream AND f.consumer = p.consumer
-                   WHERE p.stream_seq BETWEEN 1 AND f.floor
-              ),
-              stepped AS (
-                  SELECT s.stream, s.stream_seq,
-                         coalesce(lead(s.stream_seq) OVER (PARTITION BY s.stream ORDER BY s.stream_seq), f.floor + 1)
-                           AS next
-                    FROM seen s JOIN floors f ON f.stream = s.stream
-              )
-         SELECT stream, stream_seq + 1 AS first, next - 1 AS last
-           FROM stepped WHERE next > stream_seq + 1 ORDER BY stream, first",
-    )
-    .bind(streams)
-    .bind(consumers)
-    .bind(floors)
-    .fetch_all(pool)
-    .await
+/// The action of an operator's row accepting a gap as lost for good ([`accept_gap`]).
+pub const GAP_ACCEPTED: &str = "audit.gap_accepted";
+/// The `stream` of rows an operator appended (no NATS stream has that name).
+pub const OPERATOR_STREAM: &str = "OPERATOR";
+
+/// The sequences each audit consumer acknowledged that the log lacks: from the lower of the
+/// stream's first stored sequence and the lowest row, up to the consumer's floor, every sequence
+/// must be a row, a message that consumer parked, or in a gap an operator accepted. A message is
+/// acknowledged only after its row committed (or it was parked), so a gap is never a batch still
+/// being written: it is rows removed (the chain recomputed over them, or cut from its end), or
+/// messages the stream dropped (its age or size limit, a purge) before the worker read them —
+/// the trail is incomplete either way.
+///
+/// Per stream, the rows are read along their `(stream, stream_seq)` index (no sort of the table):
+/// the holes between them, the lowest and the highest; parked and accepted sequences are taken
+/// out of those here.
+pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, sqlx::Error> {
+    let mut gaps = Vec::new();
+    for f in floors.iter().filter(|f| f.floor >= 1) {
+        let mut missing: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT s + 1, n - 1 FROM (
+                 SELECT stream_seq AS s, lead(stream_seq) OVER (ORDER BY stream_seq) AS n
+                   FROM audit_log WHERE stream = $1 AND stream_seq BETWEEN 1 AND $2
+             ) AS steps WHERE n > s + 1",
+        )
+        .bind(&f.stream)
+        .bind(f.floor)
+        .fetch_all(pool)
+        .await?;
+        let (low, high): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT min(stream_seq), max(stream_seq) FROM audit_log WHERE stream = $1 AND stream_seq BETWEEN 1 AND $2",
+        )
+        .bind(&f.stream)
+        .bind(f.floor)
+        .fetch_one(pool)
+        .await?;
+        let first = f.first_seq.max(1);
+        match (low, high) {
+            (Some(low), Some(high)) => {
+                if first < low {
+                    missing.push((first, low - 1));
+                }
+                if high < f.floor {
+                    missing.push((high + 1, f.floor));
+                }
+            }
+            _ if first <= f.floor => missing.push((first, f.floor)),
+            _ => {}
+        }
+        if missing.is_empty() {
+            continue;
+        }
+        let parked: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT stream_seq FROM parked_messages
+              WHERE stream = $1 AND consumer = $2 AND stream_seq BETWEEN 1 AND $3",
+        )
+        .bind(&f.stream)
+        .bind(&f.consumer)
+        .bind(f.floor)
+        .fetch_all(pool)
+        .await?;
+        let mut covered: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT (data->>'first')::int8, (data->>'last')::int8 FROM audit_log
+              WHERE stream = $1 AND action = $2 AND subject = $3",
+        )
+        .bind(OPERATOR_STREAM)
+        .bind(GAP_ACCEPTED)
+        .bind(&f.stream)
+        .fetch_all(pool)
+        .await?;
+        covered.extend(parked.into_iter().map(|seq| (seq, seq)));
+        gaps.extend(subtract(missing, covered).into_iter().map(|(first, last)| Gap {
+            stream: f.stream.clone(),
+            first,
+            last,
+        }));
+    }
+    Ok(gaps)
+}
+
+/// The parts of the ranges `from` (inclusive) not in any of `covered`, in order.
+pub fn subtract(mut from: Vec<(i64, i64)>, mut covered: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    from.sort_unstable();
+    covered.sort_unstable();
+    let mut out = Vec::new();
+    for (mut first, last) in from {
+        for &(c_first, c_last) in &covered {
+            if c_last < first || c_first > last {
+                continue;
+            }
+            if c_first > first {
+                out.push((first, c_first - 1));
+            }
+            first = first.max(c_last.saturating_add(1));
+            if first > last {
+                break;
+            }
+        }
+        if first <= last {
+            out.push((first, last));
+        }
+    }
+    out
+}
+
+/// Appends an operator's row to the chain accepting `first..=last` of `stream` as lost for good
+/// (messages the stream dropped before the worker read them, say), with the reason: the sequence
+/// check no longer reports them, and the acceptance is itself in the tamper-evident trail.
+/// Returns the row's id.
+pub async fn accept_gap(pool: &PgPool, stream: &str, first: i64, last: i64, reason: &str) -> anyhow::Result<i64> {
+    anyhow::ensure!(1 <= first && first <= last, "a gap is first..=last with 1 <= first <= last");
+    anyhow::ensure!(
+        vault_bus::consumers::audit().iter().any(|c| c.stream == stream),
+        "{stream} is not a stream the audit worker reads"
+    );
+    anyhow::ensure!(!reason.trim().is_empty(), "say why the gap is accepted (--reason)");
+    let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(stream_seq), 0) + 1 FROM audit_log WHERE stream = $1")
+        .bind(OPERATOR_STREAM)
+        .fetch_one(pool)
+        .await?;
+    let entry = Entry {
+        stream: OPERATOR_STREAM.to_owned(),
+        stream_seq: seq,
+        at: Utc::now(),
+        actor_id: None,
+        action: GAP_ACCEPTED.to_owned(),
+        subject: Some(stream.to_owned()),
+        request_id: None,
+        data: serde_json::json!({"stream": stream, "first": first, "last": last, "reason": reason}),
+    };
+    let appended = append(pool, std::slice::from_ref(&entry)).await?;
+    anyhow::ensure!(
+        appended.written == 1,
+        "another operator's row took sequence {seq} at the same moment: run it again"
+    );
+    let id = sqlx::query_scalar("SELECT id FROM audit_log WHERE stream = $1 AND stream_seq = $2")
+        .bind(OPERATOR_STREAM)
+        .bind(seq)
+        .fetch_one(pool)
+        .await?;
+    Ok(id)
 }
 
 /// Checks [`sequence_gaps`] against the consumers' floors now, and reports it: the gauge, and an
 /// error log naming the first gaps. A check that cannot be made (NATS or Postgres away) is
-/// logged and leaves the gauge as it was.
+/// counted with the walks that could not finish ([`names::AUDIT_VERIFY_FAILURES`], so
+/// `VaultAuditChainUnverified` covers it) and leaves the gauge as it was.
 async fn check_sequences(pool: &PgPool, bus: &Bus) {
     let floors = match ack_floors(bus).await {
         Ok(floors) => floors,
         Err(e) => {
+            metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
             tracing::warn!(error = %e, "the audit consumers' ack floors could not be read; sequences not checked");
             return;
         }
     };
-    // One query over the whole log: bounded generously, so a silent connection cannot hold it.
+    // A few index scans per stream: bounded generously, so a silent connection cannot hold it.
     match vault_core::db::within(SEQUENCE_CHECK_WITHIN, sequence_gaps(pool, &floors)).await {
         Ok(gaps) => {
             let missing: i64 = gaps.iter().map(|g| g.last - g.first + 1).sum();
@@ -555,11 +678,14 @@ async fn check_sequences(pool: &PgPool, bus: &Bus) {
                 );
             }
         }
-        Err(e) => tracing::warn!(error = %e, "the audit log's sequences could not be checked"),
+        Err(e) => {
+            metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
+            tracing::warn!(error = %e, "the audit log's sequences could not be checked");
+        }
     }
 }
 
-/// How long the sequence check's one query may take.
+/// How long the sequence check may take.
 const SEQUENCE_CHECK_WITHIN: Duration = Duration::from_secs(300);
 
 /// Walks the whole chain at start and then every `every` until shutdown, and reports the verdict
@@ -632,6 +758,15 @@ mod tests {
             request_id: Some("r1".into()),
             data: serde_json::json!({"z": 1, "a": {"y": [1, {"d": 2, "c": 3}], "b": "x"}}),
         }
+    }
+
+    #[test]
+    fn subtract_leaves_the_parts_of_each_range_no_cover_reaches() {
+        assert_eq!(subtract(vec![(1, 10)], vec![(3, 3), (5, 6), (9, 12)]), [(1, 2), (4, 4), (7, 8)]);
+        assert_eq!(subtract(vec![(1, 10)], vec![(4, 7), (2, 5)]), [(1, 1), (8, 10)], "overlapping covers");
+        assert_eq!(subtract(vec![(20, 22), (1, 3)], vec![(5, 9)]), [(1, 3), (20, 22)], "covers elsewhere");
+        assert_eq!(subtract(vec![(1, 3)], vec![(0, 9)]), [], "covered whole");
+        assert_eq!(subtract(vec![(1, 3)], vec![]), [(1, 3)]);
     }
 
     #[test]

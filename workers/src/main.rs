@@ -11,8 +11,9 @@ struct Cli {
     /// The role this process plays.
     #[arg(value_enum)]
     role: WorkerRole,
-    /// A one-shot task instead of the role's loop: `verify` (audit only) walks the audit chain
-    /// and exits non-zero naming the first row that does not verify.
+    /// A one-shot task instead of the role's loop (audit only): `verify` walks the audit chain
+    /// and exits non-zero naming the first row that does not verify; `accept-gap` records in the
+    /// chain that stream sequences acknowledged without a row are lost for good.
     #[arg(value_enum)]
     task: Option<Task>,
     /// With `verify`: a head printed by an earlier verify (`<row id>:<hash>`), kept outside the
@@ -20,22 +21,38 @@ struct Cli {
     /// end or it was recomputed.
     #[arg(long, requires = "task")]
     anchor: Option<vault_workers::audit::Anchor>,
+    /// With `accept-gap`: the stream (ORDERS, EVENTS or AUTH).
+    #[arg(long, requires = "task")]
+    stream: Option<String>,
+    /// With `accept-gap`: the first sequence of the gap.
+    #[arg(long, requires = "task")]
+    first: Option<i64>,
+    /// With `accept-gap`: the last sequence of the gap.
+    #[arg(long, requires = "task")]
+    last: Option<i64>,
+    /// With `accept-gap`: why the gap is accepted (kept in the chain).
+    #[arg(long, requires = "task")]
+    reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Task {
     Verify,
+    AcceptGap,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(Task::Verify) = cli.task {
+    if let Some(task) = cli.task {
         if cli.role != WorkerRole::Audit {
-            eprintln!("vault-worker: `verify` is a task of the audit role only");
+            eprintln!("vault-worker: tasks belong to the audit role only");
             return std::process::ExitCode::from(2);
         }
-        return verify_audit(cli.anchor).await;
+        return match task {
+            Task::Verify => verify_audit(cli.anchor).await,
+            Task::AcceptGap => accept_gap(cli.stream, cli.first, cli.last, cli.reason).await,
+        };
     }
     let settings = Settings::load_or_exit(cli.role.role());
     if let Err(problem) = vault_workers::check_role_settings(cli.role, &settings) {
@@ -50,6 +67,37 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = format!("{err:#}"), "vault-worker failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn accept_gap(
+    stream: Option<String>,
+    first: Option<i64>,
+    last: Option<i64>,
+    reason: Option<String>,
+) -> std::process::ExitCode {
+    let (Some(stream), Some(first), Some(last), Some(reason)) = (stream, first, last, reason) else {
+        eprintln!("vault-worker: accept-gap needs --stream, --first, --last and --reason");
+        return std::process::ExitCode::from(2);
+    };
+    let settings = Settings::load_or_exit(vault_core::Role::Tool);
+    let _telemetry = telemetry::init(&settings);
+    let result = async {
+        let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
+        let id = vault_workers::audit::accept_gap(&pool, &stream, first, last, &reason).await;
+        pool.close().await;
+        id
+    }
+    .await;
+    match result {
+        Ok(id) => {
+            println!("gap {stream} {first}..={last} accepted: audit row {id}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vault-worker: gap not accepted: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

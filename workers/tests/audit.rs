@@ -86,8 +86,13 @@ fn verify(db: &TestDb) -> (i32, String) {
 
 /// `vault-worker audit verify` with more arguments; its exit code and output.
 fn verify_with(db: &TestDb, args: &[&str]) -> (i32, String) {
+    verify_with_task(db, "verify", args)
+}
+
+/// `vault-worker audit <task>` with arguments; its exit code and output.
+fn verify_with_task(db: &TestDb, task: &str, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(BIN)
-        .args(["audit", "verify"])
+        .args(["audit", task])
         .args(args)
         .env_clear()
         .env("DATABASE_URL", &db.url)
@@ -325,21 +330,35 @@ async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_rest
     .await;
     let log = worker.output();
     let line = log.lines().find(|l| l.contains("audit trail incomplete")).unwrap_or_else(|| panic!("logged: {log}"));
-    for (stream, seq) in &cut {
-        assert!(
-            line.contains(&format!("{stream} {seq}..=")) || line.contains(&format!("..={seq}")),
-            "{stream} {seq}: {line}"
-        );
+    // The ranges, merged where the two cut rows were neighbours in one stream.
+    let mut expected: Vec<String> = Vec::new();
+    let mut cut = cut;
+    cut.sort();
+    let mut i = 0;
+    while i < cut.len() {
+        let (stream, first) = &cut[i];
+        let mut last = *first;
+        while i + 1 < cut.len() && cut[i + 1].0 == *stream && cut[i + 1].1 == last + 1 {
+            i += 1;
+            last += 1;
+        }
+        expected.push(format!("{stream} {first}..={last}"));
+        i += 1;
+    }
+    for range in &expected {
+        assert!(line.contains(range.as_str()), "{range}: {line}");
     }
     assert_eq!(rows(&pool).await, 7, "nothing acknowledged is delivered again");
 }
 
-/// The check itself: every sequence from a stream's lowest row up to its consumer's ack floor
-/// must be a row or a message that consumer parked (another consumer's parked copy does not
-/// count); a stream without rows is not checked.
+/// The check itself: every sequence from the lower of a stream's first stored sequence and its
+/// lowest row up to its consumer's ack floor must be a row, a message that consumer parked
+/// (another consumer's parked copy does not count) or in a gap an operator accepted (a chained
+/// row); nothing above the floor counts, and a stream with no rows is checked from its first
+/// stored sequence.
 #[tokio::test]
-async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_nor_parked_by_the_consumer() {
-    use vault_workers::audit::{Entry, Gap, append, sequence_gaps};
+async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_parked_nor_accepted() {
+    use vault_workers::audit::{Entry, Floor, Gap, Verdict, accept_gap, append, sequence_gaps, verify};
     let db = TestDb::migrated().await;
     let pool = db.pool().await;
     let at = "2026-12-07T10:00:00.123456Z".parse().expect("time");
@@ -353,8 +372,8 @@ async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_nor_parke
         request_id: None,
         data: serde_json::json!({"n": seq}),
     };
-    append(&pool, &[entry(2), entry(3), entry(5), entry(8)]).await.expect("append");
-    for (consumer, seq) in [("audit-auth", 6), ("notify-auth", 4)] {
+    append(&pool, &[entry(3), entry(4), entry(6), entry(9)]).await.expect("append");
+    for (consumer, seq) in [("audit-auth", 7), ("notify-auth", 5)] {
         sqlx::query(
             "INSERT INTO parked_messages (stream, consumer, stream_seq, subject, reason, payload)
              VALUES ('AUTH', $1, $2, 'auth.signup', 'test', '\\x00')",
@@ -365,13 +384,63 @@ async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_nor_parke
         .await
         .expect("parked");
     }
-    let floors = |auth: i64| {
-        vec![("AUTH".to_owned(), "audit-auth".to_owned(), auth), ("ORDERS".to_owned(), "audit-orders".to_owned(), 50)]
+    let floor = |stream: &str, first_seq, floor| Floor {
+        consumer: format!("audit-{}", stream.to_lowercase()),
+        stream: stream.into(),
+        first_seq,
+        floor,
     };
-    let gap = |first, last| Gap { stream: "AUTH".into(), first, last };
-    assert_eq!(sequence_gaps(&pool, &floors(10)).await.expect("gaps"), [gap(4, 4), gap(7, 7), gap(9, 10)]);
-    assert_eq!(sequence_gaps(&pool, &floors(5)).await.expect("gaps"), [gap(4, 4)], "nothing above the floor counts");
-    assert_eq!(sequence_gaps(&pool, &floors(3)).await.expect("gaps"), [], "below the lowest row nothing is checked");
+    let gap = |stream: &str, first, last| Gap { stream: stream.into(), first, last };
+    let gaps = |floors: Vec<Floor>| {
+        let pool = pool.clone();
+        async move { sequence_gaps(&pool, &floors).await.expect("gaps") }
+    };
+    assert_eq!(
+        gaps(vec![floor("AUTH", 3, 11)]).await,
+        [gap("AUTH", 5, 5), gap("AUTH", 8, 8), gap("AUTH", 10, 11)],
+        "between the rows and up to the floor"
+    );
+    assert_eq!(gaps(vec![floor("AUTH", 3, 6)]).await, [gap("AUTH", 5, 5)], "nothing above the floor counts");
+    assert_eq!(
+        gaps(vec![floor("AUTH", 1, 4)]).await,
+        [gap("AUTH", 1, 2)],
+        "sequences the stream still holds below the lowest row count"
+    );
+    assert_eq!(
+        gaps(vec![floor("AUTH", 5, 4)]).await,
+        [],
+        "below the lowest row, what the stream no longer holds does not"
+    );
+    assert_eq!(
+        gaps(vec![floor("EVENTS", 1, 3), floor("ORDERS", 51, 50), floor("PRICES", 1, 0)]).await,
+        [gap("EVENTS", 1, 3)],
+        "a stream without rows: what it holds up to the floor; an emptied stream or a floor of 0: nothing"
+    );
+
+    // An operator accepts 10..=11 as lost: a chained row, and the check no longer reports it.
+    let id = accept_gap(&pool, "AUTH", 10, 11, "expired before the worker read them").await.expect("accepted");
+    assert_eq!(gaps(vec![floor("AUTH", 3, 11)]).await, [gap("AUTH", 5, 5), gap("AUTH", 8, 8)]);
+    let (stream, action): (String, String) = sqlx::query_as("SELECT stream, action FROM audit_log WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!((stream.as_str(), action.as_str()), ("OPERATOR", "audit.gap_accepted"));
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 5, .. }), "in the chain");
+    for (stream, first, last, reason) in
+        [("AUTH", 0, 2, "x"), ("AUTH", 5, 4, "x"), ("NOPE", 1, 2, "x"), ("AUTH", 1, 2, " ")]
+    {
+        assert!(accept_gap(&pool, stream, first, last, reason).await.is_err(), "{stream} {first}..={last} {reason:?}");
+    }
+    // Through the CLI as an operator runs it.
+    let (code, out) = verify_with_task(
+        &db,
+        "accept-gap",
+        &["--stream", "AUTH", "--first", "5", "--last", "5", "--reason", "parked by hand, then lost"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("gap AUTH 5..=5 accepted"), "{out}");
+    assert_eq!(gaps(vec![floor("AUTH", 3, 11)]).await, [gap("AUTH", 8, 8)]);
 }
 
 /// Deletes the last `n` rows behind the guard; the id of the last one there was.
@@ -479,13 +548,24 @@ async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
     let pool = db.pool().await;
     let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
     bus.ensure_streams().await.expect("streams");
-    let _worker = start(&db, &nats).await;
+    let mut envs = base_env(&db, &nats);
+    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let (_worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     bus.jetstream().publish("auth.signup", "{broken".into()).await.expect("send").await.expect("ack");
     publish_mix(&bus, Uuid::now_v7(), 3).await;
     poll_until(Duration::from_secs(30), "the good messages", || async { (rows(&pool).await == 3).then_some(()) }).await;
     let parked: (String, String) =
         sqlx::query_as("SELECT stream, consumer FROM parked_messages").fetch_one(&pool).await.expect("parked");
     assert_eq!(parked, ("AUTH".to_owned(), "audit-auth".to_owned()));
+    // The parked message's sequence (AUTH 1, below the lowest row) is accounted for: no gap.
+    // Walks and checks alternate every second; a walk that ended 3 s after this point follows a
+    // check made after it.
+    let now = Utc::now().timestamp() as f64;
+    poll_until(Duration::from_secs(30), "a walk and check after the park", || async {
+        (metric(&ops, "vault_audit_chain_verified_at_seconds").await? >= now + 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(&ops, "vault_audit_sequence_gaps").await, Some(0.0), "{}", _worker.output());
 }
 
 /// An operator deletes one of the worker's consumers (to replay it, say): the server ends that

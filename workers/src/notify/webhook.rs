@@ -45,10 +45,10 @@
 //! delivery would otherwise have spent its eight attempts on the outage and failed. Pauses are
 //! logged and counted (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
 //!
-//! **Expiry.** A delivery still pending [`DeliveryConfig::max_age`] after it was written (three
-//! days: a webhook paused all that time, or a backlog) is failed (`expired`) once due, so an
-//! endpoint that never comes back does not keep its events for ever nor get weeks of them late;
-//! a deleted webhook's deliveries are claimed even while it is paused, and fail at once.
+//! **Expiry.** A delivery still pending [`DeliveryConfig::max_age`] after its row was written
+//! (three days: a webhook paused all that time, or a backlog) is failed (`expired`) once due, so
+//! an endpoint that never comes back does not keep its events for ever nor get weeks of them
+//! late; a deleted webhook's due deliveries are claimed even while it is paused, and fail then.
 //!
 //! **Destinations.** Before each attempt the URL's host is resolved and, unless
 //! `WEBHOOK_ALLOW_PRIVATE=true`, the row is marked `failed` without any request when any address
@@ -91,6 +91,8 @@ pub const SIGNATURE_HEADER: &str = "Vault-Signature";
 pub const MAX_BACKOFF: Duration = Duration::from_secs(6 * 3600);
 /// Jitter: each wait is drawn uniformly within ±this fraction of the nominal delay.
 pub const JITTER: f64 = 0.2;
+/// Deliveries one expiry statement fails at most.
+const EXPIRE_BATCH: u64 = 1000;
 /// A streak of failures whose last one is this old is forgotten: the next failure starts anew.
 pub const STREAK_FORGOTTEN: Duration = Duration::from_secs(24 * 3600);
 /// `last_error` is cut to this many characters.
@@ -540,7 +542,7 @@ async fn record(pool: &PgPool, config: &DeliveryConfig, row: &Claimed, outcome: 
     if changed == 0 {
         // The lease ran out under this attempt (a process stalled past it): what the receiver
         // answered is not what the row says.
-        tracing::warn!(delivery = %row.id, webhook = %row.webhook_id, host, "webhook attempt not recorded: the delivery was attempted again and recorded since");
+        tracing::warn!(delivery = %row.id, webhook = %row.webhook_id, host, "webhook attempt not recorded: the delivery was attempted again and recorded since, or expired");
         return Ok(false);
     }
     let outcome_label = match status {
@@ -618,7 +620,7 @@ async fn endpoint_outcome(
 }
 
 /// Fails the deliveries pending for longer than [`DeliveryConfig::max_age`] that are due (not
-/// leased to an attempt under way), oldest first, up to 1,000 a call; how many.
+/// leased to an attempt under way), oldest first, up to [`EXPIRE_BATCH`] a call; how many.
 async fn expire(pool: &PgPool, config: &DeliveryConfig) -> Result<u64, sqlx::Error> {
     let error = format!("expired: not delivered within {} hours", config.max_age.as_secs() / 3600);
     let expired = sqlx::query(
@@ -627,11 +629,12 @@ async fn expire(pool: &PgPool, config: &DeliveryConfig) -> Result<u64, sqlx::Err
           WHERE d.id IN (SELECT id FROM webhook_deliveries
                           WHERE status = 'pending' AND created_at < now() - make_interval(secs => $1)
                             AND next_attempt_at <= now()
-                          ORDER BY created_at LIMIT 1000
+                          ORDER BY created_at LIMIT $3
                             FOR UPDATE SKIP LOCKED)",
     )
     .bind(config.max_age.as_secs_f64())
     .bind(error)
+    .bind(EXPIRE_BATCH as i64)
     .execute(pool)
     .await?
     .rows_affected();
@@ -660,11 +663,19 @@ pub async fn run_deliveries(
         while in_flight.try_join_next().is_some() {}
         if expired_at.is_none_or(|at| at.elapsed() >= config.expire_every) {
             expired_at = Some(Instant::now());
-            let sweep = db::within(db::STATEMENT_WITHIN, expire(&pool, &config));
+            // Up to ten batches of 1,000 a sweep: a backlog drains in minutes, not hours.
+            let sweep = async {
+                for _ in 0..10 {
+                    if db::within(db::STATEMENT_WITHIN, expire(&pool, &config)).await? < EXPIRE_BATCH {
+                        break;
+                    }
+                }
+                Ok::<_, sqlx::Error>(())
+            };
             match shutdown.run_until_cancelled(sweep).await {
                 None => break,
                 Some(Err(e)) => tracing::warn!(error = %e, "cannot expire old webhook deliveries; retrying"),
-                Some(Ok(_)) => {}
+                Some(Ok(())) => {}
             }
         }
         // Wait for room before claiming, so nothing claimed waits for a permit.
