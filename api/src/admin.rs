@@ -366,7 +366,8 @@ pub struct AuditEntry {
     /// followed through this API.
     pub prev_hash: String,
     /// The stream the row's message came from (`ORDERS`, `EVENTS`, `AUTH`), and its sequence
-    /// there: what the trail is compared with the streams by.
+    /// there: what the trail is compared with the streams by. `OPERATOR` for rows an operator
+    /// appended (`audit.gap_accepted`), numbered on their own.
     pub stream: String,
     pub stream_seq: i64,
 }

@@ -479,13 +479,12 @@ pub struct Gap {
     pub last: i64,
 }
 
-/// One audited stream as NATS holds it: its audit consumer's ack floor (every sequence up to it
-/// acknowledged) and the stream's first sequence still stored.
+/// One audited stream's audit consumer and its ack floor (every sequence up to it acknowledged),
+/// as NATS holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Floor {
     pub stream: String,
     pub consumer: String,
-    pub first_seq: i64,
     pub floor: i64,
 }
 
@@ -494,13 +493,11 @@ pub async fn ack_floors(bus: &Bus) -> Result<Vec<Floor>, vault_bus::BusError> {
     let mut floors = Vec::new();
     for spec in vault_bus::consumers::audit() {
         let err = |e: String| vault_bus::BusError::Stream { stream: spec.stream.to_owned(), reason: e };
-        let mut stream = bus.jetstream().get_stream(spec.stream).await.map_err(|e| err(e.to_string()))?;
-        let first_seq = stream.info().await.map_err(|e| err(e.to_string()))?.state.first_sequence as i64;
+        let stream = bus.jetstream().get_stream(spec.stream).await.map_err(|e| err(e.to_string()))?;
         let info = stream.consumer_info(&spec.durable).await.map_err(|e| err(e.to_string()))?;
         floors.push(Floor {
             stream: spec.stream.to_owned(),
             consumer: spec.durable.clone(),
-            first_seq,
             floor: info.ack_floor.stream_sequence as i64,
         });
     }
@@ -512,13 +509,13 @@ pub const GAP_ACCEPTED: &str = "audit.gap_accepted";
 /// The `stream` of rows an operator appended (no NATS stream has that name).
 pub const OPERATOR_STREAM: &str = "OPERATOR";
 
-/// The sequences each audit consumer acknowledged that the log lacks: from the lower of the
-/// stream's first stored sequence and the lowest row, up to the consumer's floor, every sequence
-/// must be a row, a message that consumer parked, or in a gap an operator accepted. A message is
-/// acknowledged only after its row committed (or it was parked), so a gap is never a batch still
-/// being written: it is rows removed (the chain recomputed over them, or cut from its end), or
-/// messages the stream dropped (its age or size limit, a purge) before the worker read them —
-/// the trail is incomplete either way.
+/// The sequences each audit consumer acknowledged that the log lacks: from 1 up to the
+/// consumer's floor, every sequence must be a row, a message that consumer parked, or in a gap
+/// an operator accepted. A message is acknowledged only after its row committed (or it was
+/// parked), so a gap is never a batch still being written: it is rows removed (the chain
+/// recomputed over them, or cut from either end), or messages the stream dropped (its age or
+/// size limit, a purge) before the worker read them — the trail is incomplete either way. (A
+/// stream older than its audit worker shows its early history as one gap, to accept once.)
 ///
 /// Per stream, the rows are read along their `(stream, stream_seq)` index (no sort of the table):
 /// the holes between them, the lowest and the highest; parked and accepted sequences are taken
@@ -543,18 +540,16 @@ pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, 
         .bind(f.floor)
         .fetch_one(pool)
         .await?;
-        let first = f.first_seq.max(1);
         match (low, high) {
             (Some(low), Some(high)) => {
-                if first < low {
-                    missing.push((first, low - 1));
+                if 1 < low {
+                    missing.push((1, low - 1));
                 }
                 if high < f.floor {
                     missing.push((high + 1, f.floor));
                 }
             }
-            _ if first <= f.floor => missing.push((first, f.floor)),
-            _ => {}
+            _ => missing.push((1, f.floor)),
         }
         if missing.is_empty() {
             continue;
@@ -587,23 +582,34 @@ pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, 
     Ok(gaps)
 }
 
-/// The parts of the ranges `from` (inclusive) not in any of `covered`, in order.
+/// The parts of the ranges `from` (inclusive) not in any of `covered`, in order. Both are sorted
+/// and `covered` merged first, then walked once with `from`: linear in their lengths after the
+/// sort (a quadratic walk stalled the worker with many parked messages among the rows).
 pub fn subtract(mut from: Vec<(i64, i64)>, mut covered: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     from.sort_unstable();
     covered.sort_unstable();
+    let mut merged: Vec<(i64, i64)> = Vec::with_capacity(covered.len());
+    for (first, last) in covered {
+        match merged.last_mut() {
+            Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+            _ => merged.push((first, last)),
+        }
+    }
     let mut out = Vec::new();
+    let mut next = 0;
     for (mut first, last) in from {
-        for &(c_first, c_last) in &covered {
-            if c_last < first || c_first > last {
-                continue;
-            }
+        // Covers that end before this range cannot reach any later one either (`from` is sorted).
+        while next < merged.len() && merged[next].1 < first {
+            next += 1;
+        }
+        let mut k = next;
+        while first <= last && k < merged.len() && merged[k].0 <= last {
+            let (c_first, c_last) = merged[k];
             if c_first > first {
                 out.push((first, c_first - 1));
             }
             first = first.max(c_last.saturating_add(1));
-            if first > last {
-                break;
-            }
+            k += 1;
         }
         if first <= last {
             out.push((first, last));
@@ -613,16 +619,31 @@ pub fn subtract(mut from: Vec<(i64, i64)>, mut covered: Vec<(i64, i64)>) -> Vec<
 }
 
 /// Appends an operator's row to the chain accepting `first..=last` of `stream` as lost for good
-/// (messages the stream dropped before the worker read them, say), with the reason: the sequence
-/// check no longer reports them, and the acceptance is itself in the tamper-evident trail.
-/// Returns the row's id.
-pub async fn accept_gap(pool: &PgPool, stream: &str, first: i64, last: i64, reason: &str) -> anyhow::Result<i64> {
-    anyhow::ensure!(1 <= first && first <= last, "a gap is first..=last with 1 <= first <= last");
-    anyhow::ensure!(
-        vault_bus::consumers::audit().iter().any(|c| c.stream == stream),
-        "{stream} is not a stream the audit worker reads"
-    );
+/// (messages the stream dropped before the worker read them, say), with the reason and who ran
+/// it (`by`): the sequence check no longer reports them, and the acceptance is itself in the
+/// tamper-evident trail. Only what the check reports now can be accepted (`floors` from NATS):
+/// a range reaching a row, a parked message or beyond the floor — a typo — is refused. Returns
+/// the row's id.
+pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str, by: &str) -> anyhow::Result<i64> {
+    anyhow::ensure!(1 <= gap.first && gap.first <= gap.last, "a gap is first..=last with 1 <= first <= last");
     anyhow::ensure!(!reason.trim().is_empty(), "say why the gap is accepted (--reason)");
+    let floor = floors
+        .iter()
+        .find(|f| f.stream == gap.stream)
+        .ok_or_else(|| anyhow::anyhow!("{} is not a stream the audit worker reads", gap.stream))?;
+    let reported = sequence_gaps(pool, std::slice::from_ref(floor)).await?;
+    anyhow::ensure!(
+        reported.iter().any(|g| g.first <= gap.first && gap.last <= g.last),
+        "{} {}..={} is not missing as a whole (the check reports: {})",
+        gap.stream,
+        gap.first,
+        gap.last,
+        if reported.is_empty() {
+            "nothing".to_owned()
+        } else {
+            reported.iter().map(|g| format!("{}..={}", g.first, g.last)).collect::<Vec<_>>().join(", ")
+        }
+    );
     let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(stream_seq), 0) + 1 FROM audit_log WHERE stream = $1")
         .bind(OPERATOR_STREAM)
         .fetch_one(pool)
@@ -633,9 +654,11 @@ pub async fn accept_gap(pool: &PgPool, stream: &str, first: i64, last: i64, reas
         at: Utc::now(),
         actor_id: None,
         action: GAP_ACCEPTED.to_owned(),
-        subject: Some(stream.to_owned()),
+        subject: Some(gap.stream.clone()),
         request_id: None,
-        data: serde_json::json!({"stream": stream, "first": first, "last": last, "reason": reason}),
+        data: serde_json::json!({
+            "stream": gap.stream, "first": gap.first, "last": gap.last, "reason": reason, "by": by,
+        }),
     };
     let appended = append(pool, std::slice::from_ref(&entry)).await?;
     anyhow::ensure!(
@@ -761,12 +784,22 @@ mod tests {
     }
 
     #[test]
+    fn subtract_is_linear_in_many_covers_among_many_ranges() {
+        // 200,000 parked sequences, each alone between two rows: a hole of one, covered.
+        let from: Vec<(i64, i64)> = (0..200_000).map(|i| (2 * i + 1, 2 * i + 1)).collect();
+        let covered = from.clone();
+        assert_eq!(subtract(from, covered), []);
+    }
+
+    #[test]
     fn subtract_leaves_the_parts_of_each_range_no_cover_reaches() {
         assert_eq!(subtract(vec![(1, 10)], vec![(3, 3), (5, 6), (9, 12)]), [(1, 2), (4, 4), (7, 8)]);
         assert_eq!(subtract(vec![(1, 10)], vec![(4, 7), (2, 5)]), [(1, 1), (8, 10)], "overlapping covers");
         assert_eq!(subtract(vec![(20, 22), (1, 3)], vec![(5, 9)]), [(1, 3), (20, 22)], "covers elsewhere");
         assert_eq!(subtract(vec![(1, 3)], vec![(0, 9)]), [], "covered whole");
         assert_eq!(subtract(vec![(1, 3)], vec![]), [(1, 3)]);
+        assert_eq!(subtract(vec![(1, 5), (7, 9)], vec![(5, 7)]), [(1, 4), (8, 9)], "a cover across two ranges");
+        assert_eq!(subtract(vec![(1, 9)], vec![(2, 3), (4, 5)]), [(1, 1), (6, 9)], "adjacent covers");
     }
 
     #[test]

@@ -49,7 +49,16 @@ async fn main() -> std::process::ExitCode {
             eprintln!("vault-worker: tasks belong to the audit role only");
             return std::process::ExitCode::from(2);
         }
+        let gap_args = cli.stream.is_some() || cli.first.is_some() || cli.last.is_some() || cli.reason.is_some();
         return match task {
+            Task::Verify if gap_args => {
+                eprintln!("vault-worker: --stream, --first, --last and --reason belong to accept-gap");
+                std::process::ExitCode::from(2)
+            }
+            Task::AcceptGap if cli.anchor.is_some() => {
+                eprintln!("vault-worker: --anchor belongs to verify");
+                std::process::ExitCode::from(2)
+            }
             Task::Verify => verify_audit(cli.anchor).await,
             Task::AcceptGap => accept_gap(cli.stream, cli.first, cli.last, cli.reason).await,
         };
@@ -84,9 +93,18 @@ async fn accept_gap(
     };
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
+    // Who ran it, as the machine knows them: kept in the chained row.
+    let by = format!(
+        "{}@{}",
+        std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into())
+    );
+    let gap = vault_workers::audit::Gap { stream: stream.clone(), first, last };
     let result = async {
+        let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-accept-gap").await?;
+        let floors = vault_workers::audit::ack_floors(&bus).await?;
         let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
-        let id = vault_workers::audit::accept_gap(&pool, &stream, first, last, &reason).await;
+        let id = vault_workers::audit::accept_gap(&pool, &floors, &gap, &reason, &by).await;
         pool.close().await;
         id
     }

@@ -349,13 +349,38 @@ async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_rest
         assert!(line.contains(range.as_str()), "{range}: {line}");
     }
     assert_eq!(rows(&pool).await, 7, "nothing acknowledged is delivered again");
+
+    // Accepting the first reported range through the CLI, with the floors NATS holds: a typo
+    // (a range beyond what is missing) is refused; the range itself is accepted and the next
+    // check reports one sequence fewer.
+    let (stream, first) = cut.iter().min().expect("a cut row").clone();
+    let accept = |last: i64| {
+        let out = std::process::Command::new(BIN)
+            .args(["audit", "accept-gap", "--stream", &stream, "--first", &first.to_string()])
+            .args(["--last", &last.to_string(), "--reason", "cut in a test"])
+            .env_clear()
+            .env("DATABASE_URL", &db.url)
+            .env("NATS_URL", nats.url())
+            .output()
+            .expect("accept-gap runs");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = accept(first + 100);
+    assert_eq!(code, Some(1), "a range beyond the gap is refused: {out}");
+    assert!(out.contains("is not missing as a whole"), "{out}");
+    let (code, out) = accept(first);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("gap {stream} {first}..={first} accepted")), "{out}");
+    poll_until(Duration::from_secs(30), "one sequence left missing", || async {
+        (metric(&ops, "vault_audit_sequence_gaps").await? == 1.0).then_some(())
+    })
+    .await;
 }
 
-/// The check itself: every sequence from the lower of a stream's first stored sequence and its
-/// lowest row up to its consumer's ack floor must be a row, a message that consumer parked
-/// (another consumer's parked copy does not count) or in a gap an operator accepted (a chained
-/// row); nothing above the floor counts, and a stream with no rows is checked from its first
-/// stored sequence.
+/// The check itself: every sequence from 1 up to a stream's consumer's ack floor must be a row,
+/// a message that consumer parked (another consumer's parked copy does not count) or in a gap an
+/// operator accepted (a chained row, for a range the check reports, nothing more); nothing above
+/// the floor counts.
 #[tokio::test]
 async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_parked_nor_accepted() {
     use vault_workers::audit::{Entry, Floor, Gap, Verdict, accept_gap, append, sequence_gaps, verify};
@@ -384,10 +409,9 @@ async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_parked_no
         .await
         .expect("parked");
     }
-    let floor = |stream: &str, first_seq, floor| Floor {
+    let floor = |stream: &str, floor| Floor {
         consumer: format!("audit-{}", stream.to_lowercase()),
         stream: stream.into(),
-        first_seq,
         floor,
     };
     let gap = |stream: &str, first, last| Gap { stream: stream.into(), first, last };
@@ -396,51 +420,45 @@ async fn sequence_gaps_are_the_acknowledged_sequences_neither_recorded_parked_no
         async move { sequence_gaps(&pool, &floors).await.expect("gaps") }
     };
     assert_eq!(
-        gaps(vec![floor("AUTH", 3, 11)]).await,
-        [gap("AUTH", 5, 5), gap("AUTH", 8, 8), gap("AUTH", 10, 11)],
-        "between the rows and up to the floor"
+        gaps(vec![floor("AUTH", 11)]).await,
+        [gap("AUTH", 1, 2), gap("AUTH", 5, 5), gap("AUTH", 8, 8), gap("AUTH", 10, 11)],
+        "below, between the rows and up to the floor"
     );
-    assert_eq!(gaps(vec![floor("AUTH", 3, 6)]).await, [gap("AUTH", 5, 5)], "nothing above the floor counts");
+    assert_eq!(gaps(vec![floor("AUTH", 6)]).await, [gap("AUTH", 1, 2), gap("AUTH", 5, 5)], "nothing above the floor");
     assert_eq!(
-        gaps(vec![floor("AUTH", 1, 4)]).await,
-        [gap("AUTH", 1, 2)],
-        "sequences the stream still holds below the lowest row count"
-    );
-    assert_eq!(
-        gaps(vec![floor("AUTH", 5, 4)]).await,
-        [],
-        "below the lowest row, what the stream no longer holds does not"
-    );
-    assert_eq!(
-        gaps(vec![floor("EVENTS", 1, 3), floor("ORDERS", 51, 50), floor("PRICES", 1, 0)]).await,
+        gaps(vec![floor("EVENTS", 3), floor("ORDERS", 0)]).await,
         [gap("EVENTS", 1, 3)],
-        "a stream without rows: what it holds up to the floor; an emptied stream or a floor of 0: nothing"
+        "a stream without rows: everything up to its floor; a floor of 0: nothing"
     );
 
-    // An operator accepts 10..=11 as lost: a chained row, and the check no longer reports it.
-    let id = accept_gap(&pool, "AUTH", 10, 11, "expired before the worker read them").await.expect("accepted");
-    assert_eq!(gaps(vec![floor("AUTH", 3, 11)]).await, [gap("AUTH", 5, 5), gap("AUTH", 8, 8)]);
-    let (stream, action): (String, String) = sqlx::query_as("SELECT stream, action FROM audit_log WHERE id = $1")
-        .bind(id)
-        .fetch_one(&pool)
+    // An operator accepts 10..=11 as lost: a chained row naming them, and the check leaves it out.
+    let floors = [floor("AUTH", 11)];
+    let id = accept_gap(&pool, &floors, &gap("AUTH", 10, 11), "expired before the worker read them", "ops@host")
         .await
-        .expect("row");
-    assert_eq!((stream.as_str(), action.as_str()), ("OPERATOR", "audit.gap_accepted"));
+        .expect("accepted");
+    assert_eq!(gaps(vec![floor("AUTH", 11)]).await, [gap("AUTH", 1, 2), gap("AUTH", 5, 5), gap("AUTH", 8, 8)]);
+    let (stream, action, by): (String, String, String) =
+        sqlx::query_as("SELECT stream, action, data->>'by' FROM audit_log WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!((stream.as_str(), action.as_str(), by.as_str()), ("OPERATOR", "audit.gap_accepted", "ops@host"));
     assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 5, .. }), "in the chain");
-    for (stream, first, last, reason) in
-        [("AUTH", 0, 2, "x"), ("AUTH", 5, 4, "x"), ("NOPE", 1, 2, "x"), ("AUTH", 1, 2, " ")]
-    {
-        assert!(accept_gap(&pool, stream, first, last, reason).await.is_err(), "{stream} {first}..={last} {reason:?}");
+    // Only what the check reports: not a range reaching a row (9), a parked message (7), beyond
+    // the floor (12), already accepted (10), nor an unknown stream or a blank reason.
+    for (g, reason) in [
+        (gap("AUTH", 8, 9), "x"),
+        (gap("AUTH", 7, 8), "x"),
+        (gap("AUTH", 12, 12), "x"),
+        (gap("AUTH", 10, 10), "x"),
+        (gap("AUTH", 0, 2), "x"),
+        (gap("NOPE", 1, 2), "x"),
+        (gap("AUTH", 1, 2), " "),
+    ] {
+        assert!(accept_gap(&pool, &floors, &g, reason, "ops@host").await.is_err(), "{g:?} {reason:?}");
     }
-    // Through the CLI as an operator runs it.
-    let (code, out) = verify_with_task(
-        &db,
-        "accept-gap",
-        &["--stream", "AUTH", "--first", "5", "--last", "5", "--reason", "parked by hand, then lost"],
-    );
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("gap AUTH 5..=5 accepted"), "{out}");
-    assert_eq!(gaps(vec![floor("AUTH", 3, 11)]).await, [gap("AUTH", 8, 8)]);
+    assert_eq!(gaps(vec![floor("AUTH", 11)]).await.len(), 3, "nothing refused was recorded");
 }
 
 /// Deletes the last `n` rows behind the guard; the id of the last one there was.
