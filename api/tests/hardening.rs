@@ -392,3 +392,29 @@ async fn sigterm_during_a_slow_request_lets_it_finish_then_exits_zero() {
     let status = api.proc.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{}", api.proc.output());
 }
+
+/// The whole request is bounded (30 s, SECURITY.md's limits): a handler stuck on a database lock
+/// is answered 503 when the time is up rather than held for as long as the lock, and the route
+/// serves again once the lock is gone.
+#[tokio::test]
+async fn a_request_stuck_past_thirty_seconds_is_answered_503_and_the_route_serves_again() {
+    let api = Api::start().await;
+    let token = api.user("stuck@example.com").await;
+    let pool = api.db.pool().await;
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    // A client that waits longer than the server's limit (the test kit's gives up after 10 s).
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(90)).build().expect("client");
+    let started = std::time::Instant::now();
+    let resp = client.get(api.url("/me")).bearer_auth(&token).send().await.expect("answered");
+    let took = started.elapsed();
+    let status = resp.status();
+    let body: Value = resp.json().await.expect("a problem document");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "service_unavailable", "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("request timed out")), "{body}");
+    assert!(took >= Duration::from_secs(29), "answered at the limit, not by anything sooner: {took:?}");
+    lock.rollback().await.expect("unlock");
+    let resp = api.get("/me", Some(&token)).await;
+    assert_eq!(resp.status(), 200, "the route serves again");
+}
