@@ -8,8 +8,10 @@
 -- failure pauses the whole webhook (`paused_until`) unless it is paused already; the pause grows
 -- with the streak's `pauses`, and the webhook's deliveries wait without spending attempts. When
 -- the pause ends the next claim's attempts are the probes, and a success resumes everything.
--- Deliveries still pending three days after their event are failed (expired), whatever their
--- webhook's state: the index serves that sweep.
+-- Deliveries still pending three days after their row was written are failed (expired),
+-- whatever their webhook's state: the index serves that sweep. Built in the migration's
+-- transaction, like 0014's (see there): on a large webhook_deliveries, build it by hand first
+-- with CREATE INDEX CONCURRENTLY and this name.
 ALTER TABLE webhooks
     ADD COLUMN consecutive_failures integer NOT NULL DEFAULT 0 CHECK (consecutive_failures >= 0),
     ADD COLUMN pauses integer NOT NULL DEFAULT 0 CHECK (pauses >= 0),

@@ -29,7 +29,8 @@ use sqlx::postgres::PgConnectOptions;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Api,
-    /// `vault-api migrate` and other one-shot tools: only the database is needed.
+    /// `vault-api migrate` and other one-shot tools: only the database is needed (the audit
+    /// worker's `accept-gap` also reads NATS, from an explicit `NATS_URL`).
     Tool,
     Engine,
     Prices,
@@ -426,8 +427,8 @@ pub struct Settings {
     pub rate_limit_login_per_min: u32,
     /// Connections of the API's Postgres pool (`DATABASE_POOL_SIZE`).
     pub database_pool_size: u32,
-    /// How often the audit worker walks the whole audit chain (`AUDIT_VERIFY_EVERY`); `None`
-    /// turns the walk off.
+    /// How often the audit worker walks the whole audit chain and checks its sequences against
+    /// NATS (`AUDIT_VERIFY_EVERY`); `None` turns both off.
     pub audit_verify_every: Option<Duration>,
     /// Reverse proxies whose `X-Forwarded-For` the API believes (`TRUSTED_PROXIES`).
     pub trusted_proxies: TrustedProxies,

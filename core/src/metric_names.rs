@@ -121,6 +121,7 @@ pub const AUDIT_CHAIN_ROWS_VERIFIED: &str = "vault_audit_chain_rows_verified";
 pub const AUDIT_CHAIN_VERIFIED_AT: &str = "vault_audit_chain_verified_at_seconds";
 pub const AUDIT_VERIFY_FAILURES: &str = "vault_audit_verify_failures_total";
 pub const AUDIT_SEQUENCE_GAPS: &str = "vault_audit_sequence_gaps";
+pub const AUDIT_SEQUENCE_CHECK_FAILURES: &str = "vault_audit_sequence_check_failures_total";
 
 // -- Notify worker -----------------------------------------------------------------------------
 pub const NOTIFICATIONS: &str = "vault_notifications_total";
@@ -385,16 +386,23 @@ pub const CATALOG: &[Metric] = &[
     m(
         AUDIT_VERIFY_FAILURES,
         C,
-        "Scheduled walks of the audit chain, or checks of its sequences, that could not finish",
+        "Scheduled walks of the audit chain that could not finish (database errors)",
         AUDIT,
         Plain,
     ),
     m(
         AUDIT_SEQUENCE_GAPS,
         G,
-        "Stream messages the audit consumers acknowledged that have no audit row nor parked copy (last check)",
+        "Stream messages the audit consumers acknowledged that have no audit row, parked copy or accepted gap (last check)",
         AUDIT,
         Dynamic,
+    ),
+    m(
+        AUDIT_SEQUENCE_CHECK_FAILURES,
+        C,
+        "Checks of the audit trail's sequences that could not be made (NATS or Postgres errors)",
+        AUDIT,
+        Plain,
     ),
     m(NOTIFICATIONS, C, "In-app notifications written, by kind", NOTIFY, Dynamic),
     m(

@@ -11,10 +11,11 @@
 //! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
 //! The worker also walks the whole chain at start and every `AUDIT_VERIFY_EVERY`
 //! ([`verify_periodically`]) and exports the verdict, so tampering is alerted on, not only found
-//! when someone looks. With each walk it checks that every message its consumers acknowledged
-//! has a row or was parked ([`sequence_gaps`]): NATS keeps the acknowledged sequences outside
-//! the database, so rows removed and the chain recomputed — even cut from its end while no worker
-//! held an anchor — still show.
+//! when someone looks. Each walk after the first must pass through the head the last one
+//! verified ([`Anchor`]), and is followed by a check that every message the consumers
+//! acknowledged has a row, was parked or lies in a gap an operator accepted ([`sequence_gaps`]):
+//! NATS keeps the acknowledged sequences outside the database, so rows removed — the chain
+//! recomputed over them or not, across restarts — still show.
 //! A message that cannot be decoded is parked and terminated, never half-recorded.
 //!
 //! A message that decodes but that the table refuses (text Postgres cannot store, such as a
@@ -504,6 +505,18 @@ pub async fn ack_floors(bus: &Bus) -> Result<Vec<Floor>, vault_bus::BusError> {
     Ok(floors)
 }
 
+/// Why [`accept_gap`] refused a range (the range, not the check, is at fault).
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// The action of an operator's row accepting a gap as lost for good ([`accept_gap`]).
 pub const GAP_ACCEPTED: &str = "audit.gap_accepted";
 /// The `stream` of rows an operator appended (no NATS stream has that name).
@@ -520,7 +533,14 @@ pub const OPERATOR_STREAM: &str = "OPERATOR";
 /// Per stream, the rows are read along their `(stream, stream_seq)` index (no sort of the table):
 /// the holes between them, the lowest and the highest; parked and accepted sequences are taken
 /// out of those here.
+///
+/// Everything runs on one connection that first answered a ping within
+/// [`vault_core::db::STATEMENT_WITHIN`]: a pooled connection gone silent is found at once, not
+/// after the caller's bound on the whole check.
 pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    vault_core::db::within(vault_core::db::STATEMENT_WITHIN, sqlx::query("SELECT 1").execute(&mut *conn)).await?;
+    let conn = &mut *conn;
     let mut gaps = Vec::new();
     for f in floors.iter().filter(|f| f.floor >= 1) {
         let mut missing: Vec<(i64, i64)> = sqlx::query_as(
@@ -531,14 +551,14 @@ pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, 
         )
         .bind(&f.stream)
         .bind(f.floor)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         let (low, high): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT min(stream_seq), max(stream_seq) FROM audit_log WHERE stream = $1 AND stream_seq BETWEEN 1 AND $2",
         )
         .bind(&f.stream)
         .bind(f.floor)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
         match (low, high) {
             (Some(low), Some(high)) => {
@@ -561,7 +581,7 @@ pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, 
         .bind(&f.stream)
         .bind(&f.consumer)
         .bind(f.floor)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         let mut covered: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT (data->>'first')::int8, (data->>'last')::int8 FROM audit_log
@@ -570,7 +590,7 @@ pub async fn sequence_gaps(pool: &PgPool, floors: &[Floor]) -> Result<Vec<Gap>, 
         .bind(OPERATOR_STREAM)
         .bind(GAP_ACCEPTED)
         .bind(&f.stream)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await?;
         covered.extend(parked.into_iter().map(|seq| (seq, seq)));
         gaps.extend(subtract(missing, covered).into_iter().map(|(first, last)| Gap {
@@ -622,28 +642,31 @@ pub fn subtract(mut from: Vec<(i64, i64)>, mut covered: Vec<(i64, i64)>) -> Vec<
 /// (messages the stream dropped before the worker read them, say), with the reason and who ran
 /// it (`by`): the sequence check no longer reports them, and the acceptance is itself in the
 /// tamper-evident trail. Only what the check reports now can be accepted (`floors` from NATS):
-/// a range reaching a row, a parked message or beyond the floor — a typo — is refused. Returns
-/// the row's id.
+/// a range reaching a row, a parked message or beyond the floor — a typo — is refused
+/// ([`Refused`]; any other error means the check could not be made). Returns the row's id.
 pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str, by: &str) -> anyhow::Result<i64> {
-    anyhow::ensure!(1 <= gap.first && gap.first <= gap.last, "a gap is first..=last with 1 <= first <= last");
-    anyhow::ensure!(!reason.trim().is_empty(), "say why the gap is accepted (--reason)");
-    let floor = floors
-        .iter()
-        .find(|f| f.stream == gap.stream)
-        .ok_or_else(|| anyhow::anyhow!("{} is not a stream the audit worker reads", gap.stream))?;
+    let refuse = |why: String| Err(Refused(why).into());
+    if !(1 <= gap.first && gap.first <= gap.last) {
+        return refuse("a gap is first..=last with 1 <= first <= last".into());
+    }
+    if reason.trim().is_empty() {
+        return refuse("say why the gap is accepted (--reason)".into());
+    }
+    let Some(floor) = floors.iter().find(|f| f.stream == gap.stream) else {
+        return refuse(format!("{} is not a stream the audit worker reads", gap.stream));
+    };
     let reported = sequence_gaps(pool, std::slice::from_ref(floor)).await?;
-    anyhow::ensure!(
-        reported.iter().any(|g| g.first <= gap.first && gap.last <= g.last),
-        "{} {}..={} is not missing as a whole (the check reports: {})",
-        gap.stream,
-        gap.first,
-        gap.last,
-        if reported.is_empty() {
-            "nothing".to_owned()
-        } else {
-            reported.iter().map(|g| format!("{}..={}", g.first, g.last)).collect::<Vec<_>>().join(", ")
-        }
-    );
+    if !reported.iter().any(|g| g.first <= gap.first && gap.last <= g.last) {
+        let shown: Vec<String> = reported.iter().map(|g| format!("{}..={}", g.first, g.last)).collect();
+        return refuse(format!(
+            "{} {}..={} is not missing as a whole (the check reports, up to the floor {}: {})",
+            gap.stream,
+            gap.first,
+            gap.last,
+            floor.floor,
+            if shown.is_empty() { "nothing".to_owned() } else { shown.join(", ") }
+        ));
+    }
     let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(stream_seq), 0) + 1 FROM audit_log WHERE stream = $1")
         .bind(OPERATOR_STREAM)
         .fetch_one(pool)
@@ -661,10 +684,9 @@ pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str
         }),
     };
     let appended = append(pool, std::slice::from_ref(&entry)).await?;
-    anyhow::ensure!(
-        appended.written == 1,
-        "another operator's row took sequence {seq} at the same moment: run it again"
-    );
+    if appended.written != 1 {
+        return refuse(format!("another operator's row took sequence {seq} at the same moment: run it again"));
+    }
     let id = sqlx::query_scalar("SELECT id FROM audit_log WHERE stream = $1 AND stream_seq = $2")
         .bind(OPERATOR_STREAM)
         .bind(seq)
@@ -675,13 +697,13 @@ pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str
 
 /// Checks [`sequence_gaps`] against the consumers' floors now, and reports it: the gauge, and an
 /// error log naming the first gaps. A check that cannot be made (NATS or Postgres away) is
-/// counted with the walks that could not finish ([`names::AUDIT_VERIFY_FAILURES`], so
-/// `VaultAuditChainUnverified` covers it) and leaves the gauge as it was.
+/// counted ([`names::AUDIT_SEQUENCE_CHECK_FAILURES`], which `VaultAuditChainUnverified` watches
+/// too) and leaves the gauge as it was.
 async fn check_sequences(pool: &PgPool, bus: &Bus) {
     let floors = match ack_floors(bus).await {
         Ok(floors) => floors,
         Err(e) => {
-            metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
+            metrics::counter!(names::AUDIT_SEQUENCE_CHECK_FAILURES).increment(1);
             tracing::warn!(error = %e, "the audit consumers' ack floors could not be read; sequences not checked");
             return;
         }
@@ -702,7 +724,7 @@ async fn check_sequences(pool: &PgPool, bus: &Bus) {
             }
         }
         Err(e) => {
-            metrics::counter!(names::AUDIT_VERIFY_FAILURES).increment(1);
+            metrics::counter!(names::AUDIT_SEQUENCE_CHECK_FAILURES).increment(1);
             tracing::warn!(error = %e, "the audit log's sequences could not be checked");
         }
     }

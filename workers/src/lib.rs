@@ -82,7 +82,9 @@ pub async fn run(role: WorkerRole, settings: Settings, shutdown: CancellationTok
             let walk = async {
                 match process.settings.audit_verify_every {
                     Some(every) => audit::verify_periodically(&process.pool, &process.bus, every, &shutdown).await,
-                    None => tracing::info!("the audit chain's scheduled walk is off (AUDIT_VERIFY_EVERY=0)"),
+                    None => tracing::info!(
+                        "the audit chain's scheduled walk and sequence check are off (AUDIT_VERIFY_EVERY=0)"
+                    ),
                 }
             };
             // The walk ends at shutdown (or at once when off); the consumers' end ends the role.

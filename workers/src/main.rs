@@ -33,6 +33,10 @@ struct Cli {
     /// With `accept-gap`: why the gap is accepted (kept in the chain).
     #[arg(long, requires = "task")]
     reason: Option<String>,
+    /// With `accept-gap`: who accepts it, as recorded in the chain (default: the login name and
+    /// the host).
+    #[arg(long, requires = "task")]
+    by: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,10 +53,14 @@ async fn main() -> std::process::ExitCode {
             eprintln!("vault-worker: tasks belong to the audit role only");
             return std::process::ExitCode::from(2);
         }
-        let gap_args = cli.stream.is_some() || cli.first.is_some() || cli.last.is_some() || cli.reason.is_some();
+        let gap_args = cli.stream.is_some()
+            || cli.first.is_some()
+            || cli.last.is_some()
+            || cli.reason.is_some()
+            || cli.by.is_some();
         return match task {
             Task::Verify if gap_args => {
-                eprintln!("vault-worker: --stream, --first, --last and --reason belong to accept-gap");
+                eprintln!("vault-worker: --stream, --first, --last, --reason and --by belong to accept-gap");
                 std::process::ExitCode::from(2)
             }
             Task::AcceptGap if cli.anchor.is_some() => {
@@ -60,7 +68,7 @@ async fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(2)
             }
             Task::Verify => verify_audit(cli.anchor).await,
-            Task::AcceptGap => accept_gap(cli.stream, cli.first, cli.last, cli.reason).await,
+            Task::AcceptGap => accept_gap(cli.stream, cli.first, cli.last, cli.reason, cli.by).await,
         };
     }
     let settings = Settings::load_or_exit(cli.role.role());
@@ -81,24 +89,37 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// `audit accept-gap`: exit 0 accepted, 1 refused (the range is not missing as a whole, or a
+/// bad argument), 2 no verdict (arguments missing, NATS_URL not set, NATS or Postgres away).
 async fn accept_gap(
     stream: Option<String>,
     first: Option<i64>,
     last: Option<i64>,
     reason: Option<String>,
+    by: Option<String>,
 ) -> std::process::ExitCode {
     let (Some(stream), Some(first), Some(last), Some(reason)) = (stream, first, last, reason) else {
         eprintln!("vault-worker: accept-gap needs --stream, --first, --last and --reason");
         return std::process::ExitCode::from(2);
     };
+    // The floors decide what may be accepted: read from the NATS the operator names, never from
+    // the default address (a local or development server would vouch for the wrong streams).
+    if std::env::var_os("NATS_URL").is_none() {
+        eprintln!("vault-worker: accept-gap reads the audit consumers' floors from NATS: set NATS_URL");
+        return std::process::ExitCode::from(2);
+    }
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
-    // Who ran it, as the machine knows them: kept in the chained row.
-    let by = format!(
-        "{}@{}",
-        std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into()),
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into())
-    );
+    // Who ran it, as they say or as this machine knows them: recorded in the chained row (not
+    // an authenticated identity).
+    let by = by.unwrap_or_else(|| {
+        let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        format!("{user}@{host}")
+    });
     let gap = vault_workers::audit::Gap { stream: stream.clone(), first, last };
     let result = async {
         let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-accept-gap").await?;
@@ -111,12 +132,19 @@ async fn accept_gap(
     .await;
     match result {
         Ok(id) => {
-            println!("gap {stream} {first}..={last} accepted: audit row {id}");
+            println!(
+                "gap {stream} {first}..={last} accepted by {by}: audit row {id} (floors from {})",
+                settings.nats_url.redacted()
+            );
             std::process::ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(e) if e.downcast_ref::<vault_workers::audit::Refused>().is_some() => {
             eprintln!("vault-worker: gap not accepted: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vault-worker: cannot accept the gap (no verdict): {e:#}");
+            std::process::ExitCode::from(2)
         }
     }
 }

@@ -629,6 +629,15 @@ async fn a_paused_webhooks_deliveries_expire_after_three_days_and_fail_at_once_w
         Some(("failed".to_owned(), 0, None, Some("the webhook was deleted".to_owned())))
     );
     assert_eq!(stack.delivery(fresh).await, Some(("pending".to_owned(), 0, None, None)), "it waits for the pause");
+    // Nor was it claimed: a claim leases a row (its next attempt pushed a minute on) in the
+    // statement that takes it, so the claim that took the deleted webhook's would show here.
+    let leased: bool =
+        sqlx::query_scalar("SELECT next_attempt_at > now() FROM webhook_deliveries WHERE webhook_id = $1")
+            .bind(fresh)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("lease");
+    assert!(!leased, "the paused webhook's delivery was not claimed");
     shutdown.cancel();
     loop_.await.expect("joins").expect("the loop stops cleanly");
 }

@@ -46,7 +46,7 @@
 //! logged and counted (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
 //!
 //! **Expiry.** A delivery still pending [`DeliveryConfig::max_age`] after its row was written
-//! (three days: a webhook paused all that time, or a backlog) is failed (`expired`) once due, so
+//! (three days: a webhook paused all that time, or a backlog) is failed (`last_error` "expired: …") once due, so
 //! an endpoint that never comes back does not keep its events for ever nor get weeks of them
 //! late; a deleted webhook's due deliveries are claimed even while it is paused, and fail then.
 //!
