@@ -46,9 +46,10 @@
 //! logged and counted (`vault_webhook_pauses_total`); `GET /webhooks` shows them to their owner.
 //!
 //! **Expiry.** A delivery still pending [`DeliveryConfig::max_age`] after its row was written
-//! (three days: a webhook paused all that time, or a backlog) is failed (`last_error` "expired: …") once due, so
-//! an endpoint that never comes back does not keep its events for ever nor get weeks of them
-//! late; a deleted webhook's due deliveries are claimed even while it is paused, and fail then.
+//! (three days: a webhook paused all that time, or a backlog) is failed once due, with
+//! `last_error` "expired: …", so an endpoint that never comes back does not keep its events for
+//! ever nor get weeks of them late; a deleted webhook's due deliveries are claimed even while it
+//! is paused, and fail then.
 //!
 //! **Destinations.** Before each attempt the URL's host is resolved and, unless
 //! `WEBHOOK_ALLOW_PRIVATE=true`, the row is marked `failed` without any request when any address
