@@ -117,6 +117,11 @@ impl Bus {
         self
     }
 
+    /// The copies each stream (or key-value bucket) this bus declares gets.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }

@@ -11,8 +11,8 @@
 //! an advisory lock, so several audit workers still build one chain. [`verify`] walks the chain.
 //! The worker also walks the whole chain at start and every `AUDIT_VERIFY_EVERY`
 //! ([`verify_periodically`]) and exports the verdict, so tampering is alerted on, not only found
-//! when someone looks. Each walk after the first must pass through the head the last one
-//! verified ([`Anchor`]), and is followed by a check that every message the consumers
+//! when someone looks. Each walk must pass through the head the last one verified ([`Anchor`],
+//! kept in NATS), and is followed by a check that every message the consumers
 //! acknowledged has a row, was parked or lies in a gap an operator accepted ([`sequence_gaps`]):
 //! NATS keeps the acknowledged sequences outside the database, so rows removed — the chain
 //! recomputed over them or not, across restarts — still show.
@@ -356,9 +356,10 @@ pub enum Verdict {
 /// The chain alone shows a row changed, removed or reordered, but not rows cut from its end, nor
 /// a chain recomputed from a changed row on (both need the triggers disabled, which the table's
 /// owner can do). A walk given an anchor also checks that the chain still passes through it
-/// with the same hash: so the scheduled walk holds the last head it verified, and an operator
-/// who keeps the head printed by `vault-worker audit verify` (or logged by the worker's walks)
-/// outside the database can check any later chain against it (`--anchor`).
+/// with the same hash: so the scheduled walks keep the last head they verified in NATS
+/// ([`ANCHOR_BUCKET`]), and an operator who keeps the head printed by `vault-worker audit
+/// verify` (or logged by the worker's walks) outside the database can check any later chain
+/// against it (`--anchor`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anchor {
     pub id: i64,
@@ -667,6 +668,15 @@ pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str
             if shown.is_empty() { "nothing".to_owned() } else { shown.join(", ") }
         ));
     }
+    let data = serde_json::json!({
+        "stream": gap.stream, "first": gap.first, "last": gap.last, "reason": reason, "by": by,
+    });
+    operator_row(pool, GAP_ACCEPTED, &gap.stream, data).await
+}
+
+/// Appends an operator's row (stream [`OPERATOR_STREAM`], numbered on its own) to the chain;
+/// its id. Two operators at the same moment: one of them is [`Refused`], to run it again.
+async fn operator_row(pool: &PgPool, action: &str, subject: &str, data: Value) -> anyhow::Result<i64> {
     let seq: i64 = sqlx::query_scalar("SELECT coalesce(max(stream_seq), 0) + 1 FROM audit_log WHERE stream = $1")
         .bind(OPERATOR_STREAM)
         .fetch_one(pool)
@@ -676,22 +686,76 @@ pub async fn accept_gap(pool: &PgPool, floors: &[Floor], gap: &Gap, reason: &str
         stream_seq: seq,
         at: Utc::now(),
         actor_id: None,
-        action: GAP_ACCEPTED.to_owned(),
-        subject: Some(gap.stream.clone()),
+        action: action.to_owned(),
+        subject: Some(subject.to_owned()),
         request_id: None,
-        data: serde_json::json!({
-            "stream": gap.stream, "first": gap.first, "last": gap.last, "reason": reason, "by": by,
-        }),
+        data,
     };
     let appended = append(pool, std::slice::from_ref(&entry)).await?;
     if appended.written != 1 {
-        return refuse(format!("another operator's row took sequence {seq} at the same moment: run it again"));
+        let why = format!("another operator's row took sequence {seq} at the same moment: run it again");
+        return Err(Refused(why).into());
     }
     let id = sqlx::query_scalar("SELECT id FROM audit_log WHERE stream = $1 AND stream_seq = $2")
         .bind(OPERATOR_STREAM)
         .bind(seq)
         .fetch_one(pool)
         .await?;
+    Ok(id)
+}
+
+/// The NATS key-value bucket where the audit workers keep the last head a walk verified, outside
+/// the database: a worker that starts takes it as its anchor, so a chain recomputed while no
+/// worker ran (a changed row, none removed: the sequence check sees nothing) still breaks the
+/// first walk.
+pub const ANCHOR_BUCKET: &str = "AUDIT_ANCHOR";
+/// The bucket's one key.
+const ANCHOR_KEY: &str = "head";
+/// The action of an operator's row resetting the kept head ([`reset_anchor`]).
+pub const ANCHOR_RESET: &str = "audit.anchor_reset";
+
+/// The bucket of [`ANCHOR_BUCKET`], declared if missing (idempotent; replicated like the streams).
+pub async fn anchor_store(bus: &Bus) -> Result<async_nats::jetstream::kv::Store, vault_bus::BusError> {
+    let config = async_nats::jetstream::kv::Config {
+        bucket: ANCHOR_BUCKET.to_owned(),
+        description: "The audit chain's last verified head (vault-worker audit)".to_owned(),
+        history: 1,
+        max_bytes: 1024 * 1024,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: bus.replicas(),
+        ..Default::default()
+    };
+    bus.jetstream()
+        .create_or_update_key_value(config)
+        .await
+        .map_err(|e| vault_bus::BusError::Stream { stream: ANCHOR_BUCKET.to_owned(), reason: e.to_string() })
+}
+
+/// The head kept in the bucket, if any.
+pub async fn kept_anchor(store: &async_nats::jetstream::kv::Store) -> anyhow::Result<Option<Anchor>> {
+    let Some(value) = store.get(ANCHOR_KEY).await? else { return Ok(None) };
+    let text = std::str::from_utf8(&value)?;
+    Ok(Some(text.parse().map_err(|e: String| anyhow::anyhow!("the kept head {text:?}: {e}"))?))
+}
+
+/// Forgets the kept head — after a database restore or a failover that lost rows a walk had
+/// verified, once that is known to be the cause — and records it in the chain (reason, who,
+/// the head forgotten). Running workers still hold the head in memory: restart them. Returns
+/// the row's id.
+pub async fn reset_anchor(pool: &PgPool, bus: &Bus, reason: &str, by: &str) -> anyhow::Result<i64> {
+    if reason.trim().is_empty() {
+        return Err(Refused("say why the head is reset (--reason)".into()).into());
+    }
+    let store = anchor_store(bus).await?;
+    let forgotten = kept_anchor(&store).await?.map(|a| a.to_string());
+    let id = operator_row(
+        pool,
+        ANCHOR_RESET,
+        ANCHOR_BUCKET,
+        serde_json::json!({"reason": reason, "by": by, "forgotten": forgotten}),
+    )
+    .await?;
+    store.purge(ANCHOR_KEY).await?;
     Ok(id)
 }
 
@@ -740,14 +804,30 @@ const SEQUENCE_CHECK_WITHIN: Duration = Duration::from_secs(300);
 /// walk the database cannot finish is counted ([`names::AUDIT_VERIFY_FAILURES`]) and the last
 /// verdict stands until the next.
 ///
-/// Each walk after the first is anchored at the head the last intact walk ended on ([`Anchor`]),
-/// so rows cut from the end of the chain, or a chain recomputed over a changed row, are reported
-/// broken as well while this process runs; each intact walk logs its head, for operators to keep
-/// outside the database. Each walk is followed by the check of the consumers' acknowledged
+/// Each walk is anchored at the head the last intact walk ended on ([`Anchor`]), kept in NATS
+/// ([`ANCHOR_BUCKET`]) and read at start, so rows cut from the end of the chain, or a chain
+/// recomputed over a changed row, are reported broken also across restarts; each intact walk
+/// logs its head, for operators to keep outside the database too. NATS away, the head is held
+/// in memory until the bucket can be reached. Each walk is followed by the check of the consumers' acknowledged
 /// sequences ([`check_sequences`]).
 pub async fn verify_periodically(pool: &PgPool, bus: &Bus, every: Duration, shutdown: &CancellationToken) {
     let mut anchor: Option<Anchor> = None;
+    let mut store = None;
     loop {
+        // The kept head, once (again) until the bucket is reachable: the anchor of this
+        // process's first walk, unless it already holds a later one.
+        if store.is_none() {
+            match anchor_store(bus).await {
+                Ok(s) => {
+                    match kept_anchor(&s).await {
+                        Ok(kept) => anchor = anchor.or(kept),
+                        Err(e) => tracing::warn!(error = %e, "the kept head of the audit chain could not be read"),
+                    }
+                    store = Some(s);
+                }
+                Err(e) => tracing::warn!(error = %e, "the audit chain's head cannot be kept in NATS for now"),
+            }
+        }
         let started = std::time::Instant::now();
         match shutdown.run_until_cancelled(verify(pool, anchor.as_ref())).await {
             None => return,
@@ -767,6 +847,11 @@ pub async fn verify_periodically(pool: &PgPool, bus: &Bus, every: Duration, shut
                         // the log is empty).
                         let head_text = head.as_ref().map(Anchor::to_string);
                         tracing::info!(rows, head = head_text, took = ?started.elapsed(), "audit chain intact");
+                        if let (Some(store), Some(head)) = (&store, &head)
+                            && let Err(e) = store.put(ANCHOR_KEY, head.to_string().into()).await
+                        {
+                            tracing::warn!(error = %e, "the audit chain's head could not be kept in NATS");
+                        }
                         // An empty log keeps the anchor it had (a non-empty chain that empties was
                         // reported as cut already).
                         anchor = head.or(anchor);

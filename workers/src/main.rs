@@ -13,7 +13,8 @@ struct Cli {
     role: WorkerRole,
     /// A one-shot task instead of the role's loop (audit only): `verify` walks the audit chain
     /// and exits non-zero naming the first row that does not verify; `accept-gap` records in the
-    /// chain that stream sequences acknowledged without a row are lost for good.
+    /// chain that stream sequences acknowledged without a row are lost for good; `reset-anchor`
+    /// forgets the head kept in NATS (after a restore), recorded in the chain.
     #[arg(value_enum)]
     task: Option<Task>,
     /// With `verify`: a head printed by an earlier verify (`<row id>:<hash>`), kept outside the
@@ -30,11 +31,11 @@ struct Cli {
     /// With `accept-gap`: the last sequence of the gap.
     #[arg(long, requires = "task")]
     last: Option<i64>,
-    /// With `accept-gap`: why the gap is accepted (kept in the chain).
+    /// With `accept-gap` and `reset-anchor`: why (kept in the chain).
     #[arg(long, requires = "task")]
     reason: Option<String>,
-    /// With `accept-gap`: who accepts it, as recorded in the chain (default: the login name and
-    /// the host).
+    /// With `accept-gap` and `reset-anchor`: who runs it, as recorded in the chain (default: the
+    /// login name and the host).
     #[arg(long, requires = "task")]
     by: Option<String>,
 }
@@ -43,6 +44,7 @@ struct Cli {
 enum Task {
     Verify,
     AcceptGap,
+    ResetAnchor,
 }
 
 #[tokio::main]
@@ -67,8 +69,15 @@ async fn main() -> std::process::ExitCode {
                 eprintln!("vault-worker: --anchor belongs to verify");
                 std::process::ExitCode::from(2)
             }
+            Task::ResetAnchor
+                if cli.anchor.is_some() || cli.stream.is_some() || cli.first.is_some() || cli.last.is_some() =>
+            {
+                eprintln!("vault-worker: reset-anchor takes --reason and --by only");
+                std::process::ExitCode::from(2)
+            }
             Task::Verify => verify_audit(cli.anchor).await,
             Task::AcceptGap => accept_gap(cli.stream, cli.first, cli.last, cli.reason, cli.by).await,
+            Task::ResetAnchor => reset_anchor(cli.reason, cli.by).await,
         };
     }
     let settings = Settings::load_or_exit(cli.role.role());
@@ -104,22 +113,12 @@ async fn accept_gap(
     };
     // The floors decide what may be accepted: read from the NATS the operator names, never from
     // the default address (a local or development server would vouch for the wrong streams).
-    if std::env::var_os("NATS_URL").is_none() {
-        eprintln!("vault-worker: accept-gap reads the audit consumers' floors from NATS: set NATS_URL");
+    if !nats_url_set("accept-gap reads the audit consumers' floors") {
         return std::process::ExitCode::from(2);
     }
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
-    // Who ran it, as they say or as this machine knows them: recorded in the chained row (not
-    // an authenticated identity).
-    let by = by.unwrap_or_else(|| {
-        let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into());
-        format!("{user}@{host}")
-    });
+    let by = by.unwrap_or_else(operator);
     let gap = vault_workers::audit::Gap { stream: stream.clone(), first, last };
     let result = async {
         let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-accept-gap").await?;
@@ -147,6 +146,67 @@ async fn accept_gap(
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// `audit reset-anchor`: exit 0 reset, 1 refused (no reason), 2 no verdict (NATS_URL not set,
+/// NATS or Postgres away).
+async fn reset_anchor(reason: Option<String>, by: Option<String>) -> std::process::ExitCode {
+    let Some(reason) = reason else {
+        eprintln!("vault-worker: reset-anchor needs --reason");
+        return std::process::ExitCode::from(2);
+    };
+    if !nats_url_set("reset-anchor forgets the head kept") {
+        return std::process::ExitCode::from(2);
+    }
+    let settings = Settings::load_or_exit(vault_core::Role::Tool);
+    let _telemetry = telemetry::init(&settings);
+    let by = by.unwrap_or_else(operator);
+    let result = async {
+        let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-reset-anchor").await?;
+        let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
+        let id = vault_workers::audit::reset_anchor(&pool, &bus, &reason, &by).await;
+        pool.close().await;
+        id
+    }
+    .await;
+    match result {
+        Ok(id) => {
+            println!(
+                "the audit chain's kept head is reset by {by}: audit row {id} (in {}); restart the audit workers",
+                settings.nats_url.redacted()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) if e.downcast_ref::<vault_workers::audit::Refused>().is_some() => {
+            eprintln!("vault-worker: not reset: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("vault-worker: cannot reset the kept head (no verdict): {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Whether `NATS_URL` is set explicitly; says why it must be otherwise. A task that reads or
+/// writes what NATS keeps of the audit trail must never fall back to the default address.
+fn nats_url_set(what: &str) -> bool {
+    let set = std::env::var_os("NATS_URL").is_some();
+    if !set {
+        eprintln!("vault-worker: {what} in NATS: set NATS_URL");
+    }
+    set
+}
+
+/// Who runs an operator's task, as this machine knows them: recorded in the chained row with
+/// `--by` unset (stated, not an authenticated identity).
+fn operator() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{host}")
 }
 
 async fn verify_audit(anchor: Option<vault_workers::audit::Anchor>) -> std::process::ExitCode {

@@ -477,6 +477,125 @@ async fn checked_after_now(ops: &str) {
     .await;
 }
 
+/// The head a walk verified is kept in NATS, outside the database: a row changed and the chain
+/// recomputed from it while the worker was stopped — nothing removed, so every sequence is still
+/// there — breaks the restarted worker's first walk; `reset-anchor` (after a restore, say) is
+/// recorded in the chain, and the next worker takes the chain as it is.
+#[tokio::test]
+async fn a_chain_recomputed_while_the_worker_was_stopped_breaks_at_the_head_kept_in_nats() {
+    use vault_workers::audit::{Verdict, anchor_store, kept_anchor, verify};
+    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+    let pool = db.pool().await;
+    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+    bus.ensure_streams().await.expect("streams");
+    let mut envs = base_env(&db, &nats);
+    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let (mut worker, _) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    publish_mix(&bus, Uuid::now_v7(), 6).await;
+    poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
+    let Verdict::Intact { head: Some(head), .. } = verify(&pool, None).await.expect("verify") else {
+        panic!("six rows intact")
+    };
+    let store = anchor_store(&bus).await.expect("the bucket");
+    poll_until(Duration::from_secs(30), "the head kept in NATS", || async {
+        (kept_anchor(&store).await.ok()?? == head).then_some(())
+    })
+    .await;
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+
+    rewrite_and_recompute(&pool, 2).await;
+    assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 6, .. }), "valid by itself");
+    let (mut worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    poll_until(Duration::from_secs(30), "the recomputed chain reported", || async {
+        (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
+    })
+    .await;
+    let log = worker.output();
+    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    assert!(line.contains("recomputed") && line.contains(&head.to_string()), "the kept head is named: {line}");
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+
+    // After a restore, once that is known to be the cause: the kept head is forgotten, in the chain.
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "reset-anchor", "--reason", "restored from a backup", "--by", "ops@test"])
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", nats.url())
+        .output()
+        .expect("reset-anchor runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("reset by ops@test"), "{text}");
+    assert_eq!(kept_anchor(&store).await.expect("read"), None);
+    let forgotten: Option<String> =
+        sqlx::query_scalar("SELECT data->>'forgotten' FROM audit_log WHERE action = 'audit.anchor_reset'")
+            .fetch_one(&pool)
+            .await
+            .expect("the reset row");
+    assert_eq!(forgotten, Some(head.to_string()));
+    let (_worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    poll_until(Duration::from_secs(30), "the chain as it is, with the reset row", || async {
+        let intact = metric(&ops, "vault_audit_chain_intact").await?;
+        (intact == 1.0 && metric(&ops, "vault_audit_chain_rows_verified").await? == 7.0).then_some(())
+    })
+    .await;
+}
+
+/// Changes the data of the row at `offset` (in id order) and recomputes every hash from it on,
+/// behind the guard, as the table's owner could: the chain verifies by itself afterwards.
+async fn rewrite_and_recompute(pool: &PgPool, offset: i64) {
+    use vault_workers::audit::{Entry, chain_hash};
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        id: i64,
+        stream: String,
+        stream_seq: i64,
+        at: chrono::DateTime<Utc>,
+        actor_id: Option<Uuid>,
+        action: String,
+        subject: Option<String>,
+        request_id: Option<String>,
+        data: serde_json::Value,
+        prev_hash: Vec<u8>,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash
+           FROM audit_log ORDER BY id OFFSET $1",
+    )
+    .bind(offset)
+    .fetch_all(pool)
+    .await
+    .expect("rows");
+    let mut tx = pool.begin().await.expect("tx");
+    guard(&mut tx, false).await;
+    let mut prev = rows[0].prev_hash.clone();
+    for (i, r) in rows.into_iter().enumerate() {
+        let data = if i == 0 { serde_json::json!({"rewritten": true}) } else { r.data };
+        let entry = Entry {
+            stream: r.stream,
+            stream_seq: r.stream_seq,
+            at: r.at,
+            actor_id: r.actor_id,
+            action: r.action,
+            subject: r.subject,
+            request_id: r.request_id,
+            data,
+        };
+        let hash = chain_hash(&prev, &entry);
+        sqlx::query("UPDATE audit_log SET data = $2, prev_hash = $3, hash = $4 WHERE id = $1")
+            .bind(r.id)
+            .bind(&entry.data)
+            .bind(&prev)
+            .bind(&hash)
+            .execute(&mut *tx)
+            .await
+            .expect("rewrite");
+        prev = hash;
+    }
+    guard(&mut tx, true).await;
+    tx.commit().await.expect("commit");
+}
+
 /// Deletes the last `n` rows behind the guard; the id of the last one there was.
 async fn cut_end(pool: &PgPool, n: i64) -> i64 {
     let mut tx = pool.begin().await.expect("tx");
@@ -572,15 +691,19 @@ async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
         other => panic!("the cut chain passed its old head: {other:?}"),
     }
     // A malformed anchor is refused before anything is read; so are arguments of another task,
-    // a task of another role, accept-gap without its arguments or without an explicit NATS_URL.
+    // a task of another role, accept-gap and reset-anchor without their arguments or without an
+    // explicit NATS_URL.
     let head_text = head.to_string();
-    let cases: [(&[&str], &[&str]); 6] = [
+    let cases: [(&[&str], &[&str]); 9] = [
         (&["audit", "verify"], &["--anchor", "12:nothex"]),
         (&["audit", "verify"], &["--stream", "AUTH"]),
         (&["audit", "accept-gap"], &["--anchor", head_text.as_str()]),
         (&["prices", "verify"], &[]),
         (&["audit", "accept-gap"], &["--stream", "AUTH", "--first", "1"]),
         (&["audit", "accept-gap"], &["--stream", "AUTH", "--first", "1", "--last", "2", "--reason", "x"]),
+        (&["audit", "reset-anchor"], &[]),
+        (&["audit", "reset-anchor"], &["--reason", "restored"]),
+        (&["audit", "reset-anchor"], &["--reason", "restored", "--stream", "AUTH"]),
     ];
     for (command, args) in cases {
         let (code, out) = run_cli(&db, command, args);
