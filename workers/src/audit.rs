@@ -746,8 +746,11 @@ pub async fn reset_anchor(pool: &PgPool, bus: &Bus, reason: &str, by: &str) -> a
     if reason.trim().is_empty() {
         return Err(Refused("say why the head is reset (--reason)".into()).into());
     }
-    let store = anchor_store(bus).await?;
-    let forgotten = kept_anchor(&store).await?.map(|a| a.to_string());
+    // The bucket as the workers declared it (declaring it here, with this tool's replica count,
+    // would rescale it); its value as text, whatever it holds (one that does not read as a head
+    // must be forgettable too).
+    let store = bus.jetstream().get_key_value(ANCHOR_BUCKET).await?;
+    let forgotten = store.get(ANCHOR_KEY).await?.map(|v| String::from_utf8_lossy(&v).into_owned());
     let id = operator_row(
         pool,
         ANCHOR_RESET,
@@ -814,17 +817,19 @@ pub async fn verify_periodically(pool: &PgPool, bus: &Bus, every: Duration, shut
     let mut anchor: Option<Anchor> = None;
     let mut store = None;
     loop {
-        // The kept head, once (again) until the bucket is reachable: the anchor of this
-        // process's first walk, unless it already holds a later one.
+        // The kept head, read until it can be (again after a put failed): it is the anchor of
+        // the next walk, even over a head this process verified meanwhile, and nothing is put
+        // before a walk has passed through it — a head that cannot be read is never overwritten
+        // unchecked.
         if store.is_none() {
             match anchor_store(bus).await {
-                Ok(s) => {
-                    match kept_anchor(&s).await {
-                        Ok(kept) => anchor = anchor.or(kept),
-                        Err(e) => tracing::warn!(error = %e, "the kept head of the audit chain could not be read"),
+                Ok(s) => match kept_anchor(&s).await {
+                    Ok(kept) => {
+                        anchor = kept.or(anchor);
+                        store = Some(s);
                     }
-                    store = Some(s);
-                }
+                    Err(e) => tracing::warn!(error = %e, "the kept head of the audit chain could not be read"),
+                },
                 Err(e) => tracing::warn!(error = %e, "the audit chain's head cannot be kept in NATS for now"),
             }
         }
@@ -847,10 +852,13 @@ pub async fn verify_periodically(pool: &PgPool, bus: &Bus, every: Duration, shut
                         // the log is empty).
                         let head_text = head.as_ref().map(Anchor::to_string);
                         tracing::info!(rows, head = head_text, took = ?started.elapsed(), "audit chain intact");
-                        if let (Some(store), Some(head)) = (&store, &head)
-                            && let Err(e) = store.put(ANCHOR_KEY, head.to_string().into()).await
+                        if let (Some(kept), Some(head)) = (&store, &head)
+                            && let Err(e) = kept.put(ANCHOR_KEY, head.to_string().into()).await
                         {
                             tracing::warn!(error = %e, "the audit chain's head could not be kept in NATS");
+                            // Declared and read again before the next put (JetStream may have
+                            // lost its store).
+                            store = None;
                         }
                         // An empty log keeps the anchor it had (a non-empty chain that empties was
                         // reported as cut already).

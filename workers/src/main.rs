@@ -62,7 +62,9 @@ async fn main() -> std::process::ExitCode {
             || cli.by.is_some();
         return match task {
             Task::Verify if gap_args => {
-                eprintln!("vault-worker: --stream, --first, --last, --reason and --by belong to accept-gap");
+                eprintln!(
+                    "vault-worker: --stream, --first, --last, --reason and --by belong to accept-gap and reset-anchor"
+                );
                 std::process::ExitCode::from(2)
             }
             Task::AcceptGap if cli.anchor.is_some() => {
@@ -148,8 +150,8 @@ async fn accept_gap(
     }
 }
 
-/// `audit reset-anchor`: exit 0 reset, 1 refused (no reason), 2 no verdict (NATS_URL not set,
-/// NATS or Postgres away).
+/// `audit reset-anchor`: exit 0 reset, 1 refused (a blank reason, another operator's row at the
+/// same moment), 2 no verdict (--reason missing, NATS_URL not set, NATS or Postgres away).
 async fn reset_anchor(reason: Option<String>, by: Option<String>) -> std::process::ExitCode {
     let Some(reason) = reason else {
         eprintln!("vault-worker: reset-anchor needs --reason");

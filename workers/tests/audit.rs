@@ -296,9 +296,10 @@ async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
     assert!(line.contains("is gone"), "{line}");
 }
 
-/// NATS keeps what the audit consumers acknowledged: rows cut from the end of the chain while no
-/// worker held an anchor (it was restarted) leave a chain valid by itself, but the sequences they
-/// held are acknowledged and missing, and the restarted worker's check names them.
+/// NATS keeps what the audit consumers acknowledged: rows cut from the end of the chain while the
+/// worker was stopped leave a chain valid by itself, but the sequences they held are
+/// acknowledged and missing, and the restarted worker's check names them (its walk, anchored at
+/// the kept head, reports the cut too).
 #[tokio::test]
 async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_restart() {
     let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
@@ -533,12 +534,29 @@ async fn a_chain_recomputed_while_the_worker_was_stopped_breaks_at_the_head_kept
             .await
             .expect("the reset row");
     assert_eq!(forgotten, Some(head.to_string()));
-    let (_worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    let (mut worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     poll_until(Duration::from_secs(30), "the chain as it is, with the reset row", || async {
         let intact = metric(&ops, "vault_audit_chain_intact").await?;
         (intact == 1.0 && metric(&ops, "vault_audit_chain_rows_verified").await? == 7.0).then_some(())
     })
     .await;
+    worker.stop_cleanly(Duration::from_secs(30)).await;
+
+    // A kept value that is not a head is never overwritten unchecked: walks go on, nothing is
+    // put over it, and reset-anchor forgets it as it is.
+    store.put("head", "not a head".into()).await.expect("put");
+    let (_worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
+    checked_after_now(&ops).await;
+    assert_eq!(store.get("head").await.expect("get").as_deref(), Some(&b"not a head"[..]), "left as it was");
+    let out = std::process::Command::new(BIN)
+        .args(["audit", "reset-anchor", "--reason", "a bad value", "--by", "ops@test"])
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", nats.url())
+        .output()
+        .expect("reset-anchor runs");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(kept_anchor(&store).await.expect("read"), None);
 }
 
 /// Changes the data of the row at `offset` (in id order) and recomputes every hash from it on,
@@ -694,20 +712,25 @@ async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
     // a task of another role, accept-gap and reset-anchor without their arguments or without an
     // explicit NATS_URL.
     let head_text = head.to_string();
-    let cases: [(&[&str], &[&str]); 9] = [
-        (&["audit", "verify"], &["--anchor", "12:nothex"]),
-        (&["audit", "verify"], &["--stream", "AUTH"]),
-        (&["audit", "accept-gap"], &["--anchor", head_text.as_str()]),
-        (&["prices", "verify"], &[]),
-        (&["audit", "accept-gap"], &["--stream", "AUTH", "--first", "1"]),
-        (&["audit", "accept-gap"], &["--stream", "AUTH", "--first", "1", "--last", "2", "--reason", "x"]),
-        (&["audit", "reset-anchor"], &[]),
-        (&["audit", "reset-anchor"], &["--reason", "restored"]),
-        (&["audit", "reset-anchor"], &["--reason", "restored", "--stream", "AUTH"]),
+    let cases: [(&[&str], &[&str], &str); 9] = [
+        (&["audit", "verify"], &["--anchor", "12:nothex"], "the hash must be 64 hex digits"),
+        (&["audit", "verify"], &["--stream", "AUTH"], "belong to accept-gap and reset-anchor"),
+        (&["audit", "accept-gap"], &["--anchor", head_text.as_str()], "--anchor belongs to verify"),
+        (&["prices", "verify"], &[], "tasks belong to the audit role only"),
+        (&["audit", "accept-gap"], &["--stream", "AUTH", "--first", "1"], "accept-gap needs"),
+        (
+            &["audit", "accept-gap"],
+            &["--stream", "AUTH", "--first", "1", "--last", "2", "--reason", "x"],
+            "set NATS_URL",
+        ),
+        (&["audit", "reset-anchor"], &[], "reset-anchor needs --reason"),
+        (&["audit", "reset-anchor"], &["--reason", "restored"], "set NATS_URL"),
+        (&["audit", "reset-anchor"], &["--reason", "restored", "--stream", "AUTH"], "takes --reason and --by only"),
     ];
-    for (command, args) in cases {
+    for (command, args, says) in cases {
         let (code, out) = run_cli(&db, command, args);
         assert_eq!(code, 2, "{command:?} {args:?}: {out}");
+        assert!(out.contains(says), "{command:?} {args:?} says {says:?}: {out}");
     }
 }
 
