@@ -419,6 +419,15 @@ cmd_up() {
     start_cluster
     STACK_NATS_URL=nats://127.0.0.1:4341,nats://127.0.0.1:4342,nats://127.0.0.1:4343
   else
+    # A new database starts with a new JetStream store: streams kept from an earlier database
+    # hold what that one acknowledged (the audit worker would report all of it missing from the
+    # new trail) and nothing the new one needs. The old store is moved aside, not deleted.
+    if [ -d "$NATS_DATA" ] &&
+      [ "$(psql "$PG_ADMIN_URL" -tAc "select 1 from pg_database where datname = '$DB_NAME'")" != 1 ]; then
+      say "database $DB_NAME is new: moving the JetStream store of the old one to $NATS_DATA.old"
+      rm -rf "$NATS_DATA.old"
+      mv "$NATS_DATA" "$NATS_DATA.old"
+    fi
     # NATS with JetStream (deploy/nats/dev.conf) on our own ports. Its store_dir,
     # .local/nats-data ($NATS_DATA), is relative to the project root, where this script runs.
     start_proc nats "$NATS_BIN" -c "$NATS_DEV_CONF" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT"
