@@ -113,41 +113,24 @@ async fn accept_gap(
         eprintln!("vault-worker: accept-gap needs --stream, --first, --last and --reason");
         return std::process::ExitCode::from(2);
     };
-    // The floors decide what may be accepted: read from the NATS the operator names, never from
-    // the default address (a local or development server would vouch for the wrong streams).
-    if !nats_url_set("accept-gap reads the audit consumers' floors") {
-        return std::process::ExitCode::from(2);
-    }
-    let settings = Settings::load_or_exit(vault_core::Role::Tool);
-    let _telemetry = telemetry::init(&settings);
     let by = by.unwrap_or_else(operator);
     let gap = vault_workers::audit::Gap { stream: stream.clone(), first, last };
-    let result = async {
-        let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-accept-gap").await?;
-        let floors = vault_workers::audit::ack_floors(&bus).await?;
-        let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
-        let id = vault_workers::audit::accept_gap(&pool, &floors, &gap, &reason, &by).await;
-        pool.close().await;
-        id
-    }
-    .await;
-    match result {
-        Ok(id) => {
-            println!(
-                "gap {stream} {first}..={last} accepted by {by}: audit row {id} (floors from {})",
-                settings.nats_url.redacted()
-            );
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) if e.downcast_ref::<vault_workers::audit::Refused>().is_some() => {
-            eprintln!("vault-worker: gap not accepted: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vault-worker: cannot accept the gap (no verdict): {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    // The floors decide what may be accepted: read from the NATS the operator names, never from
+    // the default address (a local or development server would vouch for the wrong streams).
+    let words = TaskWords {
+        needs_nats: "accept-gap reads the audit consumers' floors",
+        refused: "gap not accepted",
+        no_verdict: "cannot accept the gap",
+    };
+    operator_task(words, async |settings, bus, pool| {
+        let floors = vault_workers::audit::ack_floors(bus).await?;
+        let id = vault_workers::audit::accept_gap(pool, &floors, &gap, &reason, &by).await?;
+        Ok(format!(
+            "gap {stream} {first}..={last} accepted by {by}: audit row {id} (floors from {})",
+            settings.nats_url.redacted()
+        ))
+    })
+    .await
 }
 
 /// `audit reset-anchor`: exit 0 reset, 1 refused (a blank reason, another operator's row at the
@@ -157,34 +140,61 @@ async fn reset_anchor(reason: Option<String>, by: Option<String>) -> std::proces
         eprintln!("vault-worker: reset-anchor needs --reason");
         return std::process::ExitCode::from(2);
     };
-    if !nats_url_set("reset-anchor forgets the head kept") {
+    let by = by.unwrap_or_else(operator);
+    let words = TaskWords {
+        needs_nats: "reset-anchor forgets the head kept",
+        refused: "not reset",
+        no_verdict: "cannot reset the kept head",
+    };
+    operator_task(words, async |settings, bus, pool| {
+        let id = vault_workers::audit::reset_anchor(pool, bus, &reason, &by).await?;
+        Ok(format!(
+            "the audit chain's kept head is reset by {by}: audit row {id} (in {}); restart the audit workers",
+            settings.nats_url.redacted()
+        ))
+    })
+    .await
+}
+
+/// What an operator's task says when it cannot start, is refused, or has no verdict.
+struct TaskWords {
+    needs_nats: &'static str,
+    refused: &'static str,
+    no_verdict: &'static str,
+}
+
+/// Runs an operator's task on the audit trail with NATS (from an explicit `NATS_URL`) and
+/// Postgres: exit 0 printing the line it returns, 1 when it refused
+/// ([`vault_workers::audit::Refused`]), 2 when there is no verdict (NATS_URL unset, NATS or
+/// Postgres away, any other error).
+async fn operator_task(
+    words: TaskWords,
+    task: impl AsyncFnOnce(&Settings, &vault_bus::Bus, &sqlx::PgPool) -> anyhow::Result<String>,
+) -> std::process::ExitCode {
+    if !nats_url_set(words.needs_nats) {
         return std::process::ExitCode::from(2);
     }
     let settings = Settings::load_or_exit(vault_core::Role::Tool);
     let _telemetry = telemetry::init(&settings);
-    let by = by.unwrap_or_else(operator);
     let result = async {
-        let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-reset-anchor").await?;
+        let bus = vault_bus::Bus::connect(&settings.nats_url, "vault-worker-audit-task").await?;
         let pool = vault_core::db::connect(&settings.database_url, 2, vault_core::db::Plans::Custom).await?;
-        let id = vault_workers::audit::reset_anchor(&pool, &bus, &reason, &by).await;
+        let done = task(&settings, &bus, &pool).await;
         pool.close().await;
-        id
+        done
     }
     .await;
     match result {
-        Ok(id) => {
-            println!(
-                "the audit chain's kept head is reset by {by}: audit row {id} (in {}); restart the audit workers",
-                settings.nats_url.redacted()
-            );
+        Ok(line) => {
+            println!("{line}");
             std::process::ExitCode::SUCCESS
         }
         Err(e) if e.downcast_ref::<vault_workers::audit::Refused>().is_some() => {
-            eprintln!("vault-worker: not reset: {e:#}");
+            eprintln!("vault-worker: {}: {e:#}", words.refused);
             std::process::ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("vault-worker: cannot reset the kept head (no verdict): {e:#}");
+            eprintln!("vault-worker: {} (no verdict): {e:#}", words.no_verdict);
             std::process::ExitCode::from(2)
         }
     }
