@@ -227,6 +227,43 @@ async fn tamper_data(pool: &PgPool, offset: i64) -> i64 {
     id
 }
 
+/// A NATS server with the streams, a migrated database, and the environment of an audit worker
+/// that walks the chain and checks its sequences every second.
+struct Walked {
+    nats: NatsServer,
+    db: TestDb,
+    pool: PgPool,
+    bus: Bus,
+    envs: Vec<(&'static str, String)>,
+}
+
+impl Walked {
+    async fn start() -> Walked {
+        let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
+        let pool = db.pool().await;
+        let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
+        bus.ensure_streams().await.expect("streams");
+        let mut envs = base_env(&db, &nats);
+        envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+        Walked { nats, db, pool, bus, envs }
+    }
+}
+
+/// Waits for a walk that found the chain intact with `rows` rows.
+async fn walked_intact(ops: &str, rows: u32) {
+    poll_until(Duration::from_secs(30), &format!("a walk over the {rows} rows"), || async {
+        let intact = metric(ops, "vault_audit_chain_intact").await?;
+        (metric(ops, "vault_audit_chain_rows_verified").await? == f64::from(rows) && intact == 1.0).then_some(())
+    })
+    .await;
+}
+
+/// The worker's first log line containing `what`.
+fn logged_line(worker: &Proc, what: &str) -> String {
+    let log = worker.output();
+    log.lines().find(|l| l.contains(what)).unwrap_or_else(|| panic!("{what:?} logged: {log}")).to_owned()
+}
+
 /// The value of the metric `name` (no labels) on the worker's ops address, if exported.
 async fn metric(ops: &str, name: &str) -> Option<f64> {
     vault_testkit::sample(&vault_testkit::metrics_text(ops).await, &format!("{name} "), &[])
@@ -234,21 +271,12 @@ async fn metric(ops: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let pool = db.pool().await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    bus.ensure_streams().await.expect("streams");
-    let mut envs = base_env(&db, &nats);
-    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let Walked { nats: _nats, db: _db, pool, bus, envs } = Walked::start().await;
     let (worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     publish_mix(&bus, Uuid::now_v7(), 6).await;
     poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
     // A walk after the rows were written checked all six and found the chain intact.
-    poll_until(Duration::from_secs(30), "a walk over the six rows", || async {
-        let intact = metric(&ops, "vault_audit_chain_intact").await?;
-        (metric(&ops, "vault_audit_chain_rows_verified").await? == 6.0 && intact == 1.0).then_some(())
-    })
-    .await;
+    walked_intact(&ops, 6).await;
     assert!(metric(&ops, "vault_audit_chain_verified_at_seconds").await.is_some_and(|t| t > 1.7e9));
 
     let id = tamper_data(&pool, 2).await;
@@ -256,8 +284,7 @@ async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
         (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
     })
     .await;
-    let log = worker.output();
-    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    let line = logged_line(&worker, "audit chain broken");
     assert!(line.contains(&format!("row={id}")) || line.contains(&format!("\"row\":{id}")), "the row is named: {line}");
 }
 
@@ -266,20 +293,11 @@ async fn the_worker_walks_the_chain_on_a_schedule_and_reports_tampering() {
 /// walk reports the chain broken at that head.
 #[tokio::test]
 async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let pool = db.pool().await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    bus.ensure_streams().await.expect("streams");
-    let mut envs = base_env(&db, &nats);
-    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let Walked { nats: _nats, db, pool, bus, envs } = Walked::start().await;
     let (worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     publish_mix(&bus, Uuid::now_v7(), 6).await;
     poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
-    poll_until(Duration::from_secs(30), "a walk over the six rows", || async {
-        let intact = metric(&ops, "vault_audit_chain_intact").await?;
-        (metric(&ops, "vault_audit_chain_rows_verified").await? == 6.0 && intact == 1.0).then_some(())
-    })
-    .await;
+    walked_intact(&ops, 6).await;
 
     let last = cut_end(&pool, 2).await;
     assert_eq!(verify(&db).0, 0, "the four rows left are a valid chain by themselves");
@@ -287,8 +305,7 @@ async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
         (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
     })
     .await;
-    let log = worker.output();
-    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    let line = logged_line(&worker, "audit chain broken");
     assert!(
         line.contains(&format!("row={last}")) || line.contains(&format!("\"row\":{last}")),
         "the head is named: {line}"
@@ -302,12 +319,7 @@ async fn the_scheduled_walk_reports_rows_cut_from_the_end_of_the_chain() {
 /// the kept head, reports the cut too).
 #[tokio::test]
 async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_restart() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let pool = db.pool().await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    bus.ensure_streams().await.expect("streams");
-    let mut envs = base_env(&db, &nats);
-    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let Walked { nats, db, pool, bus, envs } = Walked::start().await;
     let (mut worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     publish_mix(&bus, Uuid::now_v7(), 9).await;
     poll_until(Duration::from_secs(30), "nine rows", || async { (rows(&pool).await == 9).then_some(()) }).await;
@@ -326,8 +338,7 @@ async fn acknowledged_messages_missing_from_the_trail_are_reported_across_a_rest
         (metric(&ops, "vault_audit_sequence_gaps").await? == 2.0).then_some(())
     })
     .await;
-    let log = worker.output();
-    let line = log.lines().find(|l| l.contains("audit trail incomplete")).unwrap_or_else(|| panic!("logged: {log}"));
+    let line = logged_line(&worker, "audit trail incomplete");
     // The ranges, merged where the two cut rows were neighbours in one stream.
     let mut expected: Vec<String> = Vec::new();
     let mut cut = cut;
@@ -485,12 +496,7 @@ async fn checked_after_now(ops: &str) {
 #[tokio::test]
 async fn a_chain_recomputed_while_the_worker_was_stopped_breaks_at_the_head_kept_in_nats() {
     use vault_workers::audit::{Verdict, anchor_store, kept_anchor, verify};
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let pool = db.pool().await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    bus.ensure_streams().await.expect("streams");
-    let mut envs = base_env(&db, &nats);
-    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let Walked { nats, db, pool, bus, envs } = Walked::start().await;
     let (mut worker, _) = Proc::start_ready(BIN, &["audit"], &envs).await;
     publish_mix(&bus, Uuid::now_v7(), 6).await;
     poll_until(Duration::from_secs(30), "six rows", || async { (rows(&pool).await == 6).then_some(()) }).await;
@@ -511,8 +517,7 @@ async fn a_chain_recomputed_while_the_worker_was_stopped_breaks_at_the_head_kept
         (metric(&ops, "vault_audit_chain_intact").await? == 0.0).then_some(())
     })
     .await;
-    let log = worker.output();
-    let line = log.lines().find(|l| l.contains("audit chain broken")).unwrap_or_else(|| panic!("logged: {log}"));
+    let line = logged_line(&worker, "audit chain broken");
     assert!(line.contains("recomputed") && line.contains(&head.to_string()), "the kept head is named: {line}");
     worker.stop_cleanly(Duration::from_secs(30)).await;
 
@@ -736,12 +741,7 @@ async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
 
 #[tokio::test]
 async fn a_poisoned_message_is_parked_and_the_trail_goes_on() {
-    let (nats, db) = (NatsServer::start().await, TestDb::migrated().await);
-    let pool = db.pool().await;
-    let bus = Bus::connect(&nats.url(), "test").await.expect("connects");
-    bus.ensure_streams().await.expect("streams");
-    let mut envs = base_env(&db, &nats);
-    envs.push(("AUDIT_VERIFY_EVERY", "1".to_owned()));
+    let Walked { nats: _nats, db: _db, pool, bus, envs } = Walked::start().await;
     let (_worker, ops) = Proc::start_ready(BIN, &["audit"], &envs).await;
     bus.jetstream().publish("auth.signup", "{broken".into()).await.expect("send").await.expect("ack");
     publish_mix(&bus, Uuid::now_v7(), 3).await;
