@@ -57,6 +57,30 @@ impl Tracker {
         self.at = self.at.max(snapshot.at);
     }
 
+    /// Ticks `p` (seen as `pid`) used since the first snapshot. A pid the first snapshot saw with
+    /// another start time was reused: all its time is new.
+    fn since_first(&self, pid: u32, p: &Proc) -> u64 {
+        let before = match self.first.procs.get(&pid) {
+            Some(first) if first.start == p.start => first.used,
+            _ => 0,
+        };
+        p.used.saturating_sub(before)
+    }
+
+    /// CPU seconds used since the first snapshot by the processes `select` picks (by pid and
+    /// name), and by every process.
+    pub fn used(&self, select: impl Fn(u32, &str) -> bool) -> (f64, f64) {
+        let (mut picked, mut all) = (0, 0);
+        for (pid, p) in &self.seen {
+            let used = self.since_first(*pid, p);
+            all += used;
+            if select(*pid, &p.name) {
+                picked += used;
+            }
+        }
+        (picked as f64 / USER_HZ, all as f64 / USER_HZ)
+    }
+
     /// One line per process name that used at least 1 % of a core, busiest first, then the
     /// total, over the time from the first snapshot to the latest.
     pub fn report(&self, orders: u64) -> Vec<String> {
@@ -66,12 +90,7 @@ impl Tracker {
         }
         let mut by_name: HashMap<&str, u64> = HashMap::new();
         for (pid, p) in &self.seen {
-            // A pid the first snapshot saw with another start time was reused: all its time is new.
-            let before = match self.first.procs.get(pid) {
-                Some(first) if first.start == p.start => first.used,
-                _ => 0,
-            };
-            *by_name.entry(p.name.as_str()).or_default() += p.used.saturating_sub(before);
+            *by_name.entry(p.name.as_str()).or_default() += self.since_first(*pid, p);
         }
         let mut used: Vec<(f64, &str)> = by_name
             .into_iter()
@@ -193,6 +212,22 @@ mod tests {
         tracker.observe(snap(at + Duration::from_secs(2), &[(11, "postgres[vault-engine]", 50, 7)]));
         let lines = tracker.report(0);
         assert!(lines[0].contains("postgres[vault-engine]") && lines[0].contains("0.75 cores"), "{lines:?}");
+    }
+
+    #[test]
+    fn the_picked_processes_time_is_counted_by_pid_or_name_beside_the_machines() {
+        let at = Instant::now();
+        let mut tracker = Tracker::new(snap(at, &[(1, "nats-server", 100, 1), (2, "vault-loadgen", 40, 1)]));
+        // The nats-server gets 1.5 s; a second nats-server (another pid) is born with 0.2 s;
+        // the generator 0.6 s; a reused pid 2 would count from birth (it is not reused here).
+        tracker.observe(snap(
+            at + Duration::from_secs(2),
+            &[(1, "nats-server", 250, 1), (2, "vault-loadgen", 100, 1), (3, "nats-server", 20, 9)],
+        ));
+        let (picked, all) = tracker.used(|_, name| name == "nats-server");
+        assert_eq!((picked, all), (1.7, 2.3));
+        let (picked, _) = tracker.used(|pid, _| pid == 2);
+        assert_eq!(picked, 0.6);
     }
 
     #[test]

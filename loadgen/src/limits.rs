@@ -9,14 +9,24 @@
 //!   writes them: the API's intake rows, then one transaction per batch of orders (of as many
 //!   users) with multi-row statements — command keys, version compare-and-set and intake-row
 //!   locks in one; order updates with their fills in one; ledger postings (three two-row
-//!   postings per order), balances (two per order) and outbox rows in one. Measured with one
+//!   postings per order), balances (two per order) and outbox rows in one; then the audit
+//!   worker's rows for the order's messages (as many per order as the run published) in a
+//!   transaction of their own. Measured with one
 //!   order per transaction too (what each order cost alone), into scratch tables created `LIKE`
 //!   the real ones (same columns, constraints and indexes; foreign keys are not copied, so this
 //!   limit is slightly optimistic). Its rate is in orders per second.
 //!
-//! Each limit is measured closed-loop, flat out, with `concurrency` workers for `duration`.
+//! Each limit is measured closed-loop, flat out, with `concurrency` workers for `duration`, and
+//! with the CPU it cost ([`crate::cpu`]): the time of the processes that serve it (the trivial
+//! server; nats-server; the limit's Postgres backends and Postgres's own processes) per
+//! operation, and the whole machine's (the generator's client side included). The served part is
+//! what the real path cannot do with less: the API answers HTTP at least as the trivial handler
+//! does, NATS stores each message the stack publishes at least as a bare publish costs, Postgres
+//! writes at least these rows. Their sum per order ([`Floor`]) bounds the orders per second the
+//! machine's cores could carry before any of the stack's own code runs.
 
 use std::process::Stdio;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,13 +38,107 @@ use axum::routing::{get, post};
 use tokio::io::AsyncBufReadExt;
 use uuid::Uuid;
 
+use crate::cpu;
 use crate::report::{Latencies, summary};
 
-/// A measured limit: operations per second, with the latency summary line.
+/// A measured limit: operations per second, with the latency summary line, and the CPU it cost.
 #[derive(Debug, Clone)]
 pub struct Limit {
     pub rate: f64,
     pub line: String,
+    /// Operations done (orders, for the storage limit).
+    pub done: f64,
+    /// CPU seconds of the processes that serve the limit, and of the whole machine.
+    pub served_cpu: f64,
+    pub machine_cpu: f64,
+}
+
+impl Limit {
+    /// CPU of the serving processes per operation, in microseconds.
+    pub fn served_us(&self) -> f64 {
+        if self.done > 0.0 { self.served_cpu * 1e6 / self.done } else { f64::NAN }
+    }
+
+    /// Appends the CPU per `unit` to the line: `served` names the serving processes.
+    fn with_cost(mut self, unit: &str, served: &str) -> Limit {
+        let machine = if self.done > 0.0 { self.machine_cpu * 1e6 / self.done } else { f64::NAN };
+        self.line.push_str(&format!(
+            "; CPU per {unit}: {:.1} µs in {served}, {machine:.1} µs on the whole machine",
+            self.served_us()
+        ));
+        self
+    }
+}
+
+/// The processes that serve a limit: their CPU is its cost.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// One process (the trivial server).
+    Pid(u32),
+    /// Every process of this name (nats-server).
+    Name(&'static str),
+    /// Postgres: the backends named [`LIMIT_APPLICATION`] and Postgres's own processes (the WAL
+    /// writer, the checkpointer…), not the stack's backends. The pool names the backends.
+    Postgres(sqlx::PgPool),
+}
+
+/// The `application_name` of the storage limit's connections.
+const LIMIT_APPLICATION: &str = "vault-loadgen-limit";
+
+impl Served {
+    fn pool(&self) -> Option<&sqlx::PgPool> {
+        match self {
+            Served::Postgres(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    fn picks(&self, pid: u32, name: &str) -> bool {
+        match self {
+            Served::Pid(p) => *p == pid,
+            Served::Name(n) => name == *n,
+            // Auxiliary processes are in `pg_stat_activity` without an application name; the
+            // postmaster and the logger are not in it at all.
+            Served::Postgres(_) => {
+                name == "postgres" || name == "postgres[unnamed]" || name == format!("postgres[{LIMIT_APPLICATION}]")
+            }
+        }
+    }
+}
+
+/// The CPU per order of what the real path cannot do with less, from the limits of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    /// The trivial handler's server, per request.
+    pub http_us: f64,
+    /// nats-server per publish, and the messages the stack published per order.
+    pub publish_us: f64,
+    pub messages_per_order: f64,
+    /// Postgres per order of the raw writes (batches of 64).
+    pub storage_us: f64,
+}
+
+impl Floor {
+    pub fn per_order_us(&self) -> f64 {
+        self.http_us + self.publish_us * self.messages_per_order + self.storage_us
+    }
+
+    /// The lines that state the floor and the rate the machine's `cores` could carry at most.
+    pub fn lines(&self, cores: f64, target: f64) -> Vec<String> {
+        let per_order = self.per_order_us();
+        let most = cores * 1e6 / per_order;
+        vec![
+            format!(
+                "floor per order (the serving processes' CPU of the limits above): HTTP {:.1} µs + JetStream {:.1} µs × {:.2} messages + Postgres {:.1} µs = {per_order:.1} µs",
+                self.http_us, self.publish_us, self.messages_per_order, self.storage_us
+            ),
+            format!(
+                "  → at most {most:.0} orders/s on {cores} cores before any of the stack's own code runs (no handler, actor, worker, consumer delivery or ack, and no generator); {target:.0}/s needs {:.1} µs per order in all, the floor is {:.0} % of it",
+                cores * 1e6 / target,
+                per_order * 100.0 * target / (cores * 1e6)
+            ),
+        ]
+    }
 }
 
 /// What the trivial server answers to `POST /orders`: an order object of realistic size.
@@ -63,6 +167,7 @@ pub async fn trivial_server(addr: &str) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct TrivialServer {
     pub url: String,
+    pid: u32,
     _child: tokio::process::Child,
 }
 
@@ -74,6 +179,7 @@ impl TrivialServer {
             .kill_on_drop(true)
             .spawn()
             .context("spawning the trivial server")?;
+        let pid = child.id().context("the trivial server's pid")?;
         let stdout = child.stdout.take().context("trivial server stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
@@ -81,12 +187,13 @@ impl TrivialServer {
             .context("the trivial server did not start within 10 s")??
             .context("the trivial server exited")?;
         let addr = line.strip_prefix("listening on ").context("unexpected first line from the trivial server")?;
-        Ok(TrivialServer { url: format!("http://{addr}"), _child: child })
+        Ok(TrivialServer { url: format!("http://{addr}"), pid, _child: child })
     }
 }
 
-/// Runs `op` closed-loop from `concurrency` workers for `duration`; returns its rate and line.
-async fn flat_out<F, Fut>(name: &str, concurrency: usize, duration: Duration, op: F) -> Limit
+/// Runs `op` closed-loop from `concurrency` workers for `duration`; returns its rate and line,
+/// and the CPU `served` and the whole machine used meanwhile.
+async fn flat_out<F, Fut>(name: &str, concurrency: usize, duration: Duration, served: &Served, op: F) -> Limit
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send,
@@ -95,6 +202,7 @@ where
     let errors = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let latencies = Latencies::default();
+    let mut cpu = cpu::Tracker::new(cpu::snapshot(served.pool()).await);
     let started = Instant::now();
     let mut workers = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
@@ -121,12 +229,14 @@ where
     stop.store(true, Ordering::Relaxed);
     futures::future::join_all(workers).await;
     let elapsed = started.elapsed();
+    cpu.observe(cpu::snapshot(served.pool()).await);
+    let (served_cpu, machine_cpu) = cpu.used(|pid, name| served.picks(pid, name));
     let h = latencies.snapshot();
     let mut line = summary(name, &h, errors.load(Ordering::Relaxed), elapsed);
     if let Some(e) = first_error.lock().ok().and_then(|s| s.clone()) {
         line.push_str(&format!(" (first error: {e})"));
     }
-    Limit { rate: h.len() as f64 / elapsed.as_secs_f64(), line }
+    Limit { rate: h.len() as f64 / elapsed.as_secs_f64(), line, done: h.len() as f64, served_cpu, machine_cpu }
 }
 
 /// The HTTP floor for `POST /orders` with `body`.
@@ -139,7 +249,8 @@ pub async fn http_post_floor(
 ) -> Limit {
     let url = format!("{}/api/v1/orders", server.url);
     let (http, body) = (http.clone(), Arc::new(body));
-    flat_out("limit: trivial POST handler", concurrency, duration, move |_| {
+    let served = Served::Pid(server.pid);
+    flat_out("limit: trivial POST handler", concurrency, duration, &served, move |_| {
         let (http, url, body) = (http.clone(), url.clone(), body.clone());
         async move {
             let r = http.post(&url).bearer_auth("x").json(&*body).send().await?;
@@ -149,6 +260,7 @@ pub async fn http_post_floor(
         }
     })
     .await
+    .with_cost("request", "the trivial server")
 }
 
 /// The HTTP floor for `GET /portfolio`.
@@ -160,7 +272,8 @@ pub async fn http_get_floor(
 ) -> Limit {
     let url = format!("{}/api/v1/portfolio", server.url);
     let http = http.clone();
-    flat_out("limit: trivial GET handler", concurrency, duration, move |_| {
+    let served = Served::Pid(server.pid);
+    flat_out("limit: trivial GET handler", concurrency, duration, &served, move |_| {
         let (http, url) = (http.clone(), url.clone());
         async move {
             let r = http.get(&url).bearer_auth("x").send().await?;
@@ -170,6 +283,7 @@ pub async fn http_get_floor(
         }
     })
     .await
+    .with_cost("request", "the trivial server")
 }
 
 /// The backbone limit: publish-with-ack of `payload` into a scratch stream, then delete it.
@@ -195,7 +309,7 @@ pub async fn jetstream_publish(
     let payload = bytes::Bytes::from(payload);
     let limit = {
         let (js, prefix, payload) = (js.clone(), prefix.clone(), payload.clone());
-        flat_out("limit: JetStream publish+ack", concurrency, duration, move |i| {
+        flat_out("limit: JetStream publish+ack", concurrency, duration, &Served::Name("nats-server"), move |i| {
             let (js, payload) = (js.clone(), payload.clone());
             let subject = format!("{prefix}.{}", i % 16);
             async move {
@@ -206,29 +320,35 @@ pub async fn jetstream_publish(
             }
         })
         .await
+        .with_cost("publish", "nats-server")
     };
     js.delete_stream(&name).await?;
     Ok(limit)
 }
 
-const SCRATCH_TABLES: [&str; 7] =
-    ["portfolios", "applied_commands", "balances", "orders", "fills", "ledger_entries", "outbox"];
+const SCRATCH_TABLES: [&str; 8] =
+    ["portfolios", "applied_commands", "balances", "orders", "fills", "ledger_entries", "outbox", "audit_log"];
 
 /// Connections the storage limit leaves to others (the running stack may open a few more).
 const FREE_CONNECTIONS_KEPT: i64 = 8;
 
 /// The storage limit: market buys' intake rows and engine commits, raw, `batch` orders (of as
-/// many users) per transaction, per worker on its own users; scratch schema dropped afterwards.
-/// The rate is in orders per second.
+/// many users) per transaction, per worker on its own users, then `audit_rows` audit rows per
+/// order in a transaction of their own (as the audit worker writes the stack's messages);
+/// scratch schema dropped afterwards. The rate is in orders per second.
 pub async fn postgres_commit(
     database_url: &str,
     concurrency: usize,
     duration: Duration,
     batch: usize,
+    audit_rows: usize,
 ) -> anyhow::Result<Limit> {
+    let options = sqlx::postgres::PgConnectOptions::from_str(database_url)
+        .context("DATABASE_URL")?
+        .application_name(LIMIT_APPLICATION);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(concurrency as u32 + 1)
-        .connect(database_url)
+        .connect_with(options)
         .await
         .context("connecting to DATABASE_URL")?;
     // Beside a running stack Postgres may not have a connection per worker left: workers
@@ -260,22 +380,27 @@ pub async fn postgres_commit(
         .await?;
         let versions = Arc::new(users.iter().map(|_| AtomicU64::new(1)).collect::<Vec<_>>());
         let (pool2, schema2, users) = (pool.clone(), schema.clone(), Arc::new(users));
-        let mut name =
-            format!("limit: Postgres commits ({batch} {} per transaction)", if batch == 1 { "buy" } else { "buys" });
+        let mut name = format!(
+            "limit: Postgres commits ({batch} {} per transaction, {audit_rows} audit rows each)",
+            if batch == 1 { "buy" } else { "buys" }
+        );
         if workers < concurrency {
             name.push_str(&format!(" [{workers} workers: Postgres had {free} connections free]"));
         }
-        let mut limit = flat_out(&name, workers, duration, move |i| {
+        let served = Served::Postgres(pool.clone());
+        let mut limit = flat_out(&name, workers, duration, &served, move |i| {
             let (pool, schema, users, versions) = (pool2.clone(), schema2.clone(), users.clone(), versions.clone());
             async move {
                 let w = (i >> 40) as usize;
-                commit_batch(&pool, &schema, &users[w], &versions[w], i).await
+                commit_batch(&pool, &schema, &users[w], &versions[w], i).await?;
+                audit_batch(&pool, &schema, &users[w], audit_rows, i).await
             }
         })
         .await;
         limit.rate *= batch as f64;
+        limit.done *= batch as f64;
         limit.line.push_str(&format!(" = {:.0} orders/s", limit.rate));
-        anyhow::Ok(limit)
+        anyhow::Ok(limit.with_cost("order", "Postgres"))
     }
     .await;
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&pool).await?;
@@ -399,4 +524,65 @@ async fn commit_batch(pool: &sqlx::PgPool, s: &str, users: &[Uuid], version: &At
     tx.commit().await?;
     version.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// `rows` audit rows for each user of `users` (one order each), in one transaction, as the audit
+/// worker writes a batch of the stack's messages: a row per message, chained by hashes (random
+/// here: the hashing is the worker's CPU, not Postgres's), ids and sequences unique per `i`.
+async fn audit_batch(pool: &sqlx::PgPool, s: &str, users: &[Uuid], rows: usize, i: u64) -> anyhow::Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let n = users.len() * rows;
+    let first = i64::try_from(i)? * n as i64;
+    let ids: Vec<i64> = (first..first + n as i64).collect();
+    let actors: Vec<Uuid> = users.iter().flat_map(|u| std::iter::repeat_n(*u, rows)).collect();
+    let subjects: Vec<String> = actors.iter().map(|u| format!("events.order.filled.{u}")).collect();
+    let hash = || -> Vec<u8> { [Uuid::new_v4().into_bytes(), Uuid::new_v4().into_bytes()].concat() };
+    let hashes: Vec<Vec<u8>> = (0..=n).map(|_| hash()).collect();
+    let payload = serde_json::json!({"v": 1, "order": ORDER_BODY}).to_string();
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "INSERT INTO {s}.audit_log (id, stream, stream_seq, at, actor_id, action, subject, request_id, data, prev_hash, hash)
+         SELECT id, 'LOADGEN', id, now(), actor, 'order.filled', subject, 'lg', $4::jsonb, prev, hash
+           FROM UNNEST($1::int8[], $2::uuid[], $3::text[], $5::bytea[], $6::bytea[]) AS r(id, actor, subject, prev, hash)"
+    ))
+    .bind(&ids)
+    .bind(&actors)
+    .bind(&subjects)
+    .bind(&payload)
+    .bind(&hashes[..n])
+    .bind(&hashes[1..])
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_adds_the_served_costs_per_order_and_bounds_the_rate_by_the_cores() {
+        let floor = Floor { http_us: 10.0, publish_us: 15.0, messages_per_order: 2.0, storage_us: 260.0 };
+        assert_eq!(floor.per_order_us(), 300.0);
+        let lines = floor.lines(2.0, 5_000.0);
+        assert!(lines[0].ends_with("= 300.0 µs"), "{lines:?}");
+        assert!(lines[1].contains("at most 6667 orders/s on 2 cores"), "{lines:?}");
+        assert!(lines[1].contains("needs 400.0 µs per order") && lines[1].contains("75 % of it"), "{lines:?}");
+    }
+
+    #[tokio::test]
+    async fn postgres_is_its_own_processes_and_the_limits_backends_not_the_stacks() {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/x").expect("a lazy pool");
+        let served = Served::Postgres(pool);
+        for name in ["postgres", "postgres[unnamed]", "postgres[vault-loadgen-limit]"] {
+            assert!(served.picks(1, name), "{name}");
+        }
+        for name in ["postgres[vault-engine]", "postgres[vault-api]", "vault-loadgen"] {
+            assert!(!served.picks(1, name), "{name}");
+        }
+        assert!(Served::Pid(7).picks(7, "vault-loadgen") && !Served::Pid(7).picks(8, "vault-loadgen"));
+    }
 }

@@ -385,6 +385,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(pool) => decided(pool, &user_ids).await?,
         None => (0, 0),
     };
+    let js = match &args.nats_url {
+        Some(url) => Some(async_nats::jetstream::new(
+            async_nats::ConnectOptions::new()
+                .name("vault-loadgen")
+                .connect(url)
+                .await
+                .context("connecting to NATS_URL")?,
+        )),
+        None => None,
+    };
+    let published_before = match &js {
+        Some(js) => Some(published(js).await?),
+        None => None,
+    };
 
     let ctx = Arc::new(Ctx {
         http: http.clone(),
@@ -503,6 +517,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     progress.abort();
+    // Messages per committed order: what the stack's processes published into the streams an
+    // order's path writes (commands and the engine's events; nothing else writes them here).
+    let messages_per_order = match (&js, published_before) {
+        (Some(js), Some(before)) if committed_orders > 0 => {
+            let after = published(js).await?;
+            let (orders, events) = (after.0 - before.0, after.1 - before.1);
+            println!(
+                "JetStream: {orders} commands and {events} events published = {:.2} messages per committed order",
+                (orders + events) as f64 / committed_orders as f64
+            );
+            Some((orders + events) as f64 / committed_orders as f64)
+        }
+        _ => None,
+    };
     let last = cpu::snapshot(pool.as_ref()).await;
     let cpu_lines = {
         let mut cpu = cpu.lock().expect("the CPU tracker");
@@ -569,20 +597,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", floor.line);
         println!("{}", ratio("API accepted orders", accepted_rate, "the trivial POST handler", floor.rate));
         let mut storage_and_backbone: Vec<(String, Limit)> = Vec::new();
+        let mut publish_us = None;
         if let Some(url) = &args.nats_url {
             let backbone =
                 limits::jetstream_publish(url, sample_command()?, args.limit_concurrency, args.limit_duration).await?;
             println!("{}", backbone.line);
             println!("{}", ratio("API accepted orders", accepted_rate, "JetStream publish+ack", backbone.rate));
+            publish_us = Some(backbone.served_us());
             storage_and_backbone.push(("JetStream publish+ack".into(), backbone));
         }
+        let mut storage_us = None;
         if let Some(url) = &args.database_url {
             // What each order cost alone, then as the engine writes them: 64 orders per
-            // transaction from 2 workers (its 2 shards × 1 transaction under way).
-            let alone = limits::postgres_commit(url, args.limit_concurrency, args.limit_duration, 1).await?;
+            // transaction from 2 workers (its 2 shards × 1 transaction under way); with an audit
+            // row per message the run published per order (none when that is not known).
+            let audit_rows = messages_per_order.map_or(0, |m| m.round() as usize);
+            let alone =
+                limits::postgres_commit(url, args.limit_concurrency, args.limit_duration, 1, audit_rows).await?;
             println!("{}", alone.line);
-            let storage = limits::postgres_commit(url, 2, args.limit_duration, 64).await?;
+            let storage = limits::postgres_commit(url, 2, args.limit_duration, 64, audit_rows).await?;
             println!("{}", storage.line);
+            if audit_rows > 0 {
+                storage_us = Some(storage.served_us());
+            }
             storage_and_backbone.push(("the raw Postgres writes in batches of 64".into(), storage));
         }
         if let (Some(committed), Some((name, l))) =
@@ -590,8 +627,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         {
             println!("{}", ratio("engine committed orders", committed, name, l.rate));
         }
+        if let (Some(publish_us), Some(messages_per_order), Some(storage_us)) =
+            (publish_us, messages_per_order, storage_us)
+        {
+            let bound = limits::Floor { http_us: floor.served_us(), publish_us, messages_per_order, storage_us };
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            for line in bound.lines(cores, FLOOR_TARGET) {
+                println!("{line}");
+            }
+        }
     }
     Ok(())
+}
+
+/// The end-to-end rate the floor line compares with (the performance target).
+const FLOOR_TARGET: f64 = 5_000.0;
+
+/// The last sequences of the ORDERS and EVENTS streams: the messages ever published into them.
+async fn published(js: &async_nats::jetstream::Context) -> anyhow::Result<(u64, u64)> {
+    let mut last = [0; 2];
+    for (slot, spec) in last.iter_mut().zip([vault_bus::streams::ORDERS, vault_bus::streams::EVENTS]) {
+        *slot = js
+            .get_stream(spec.name)
+            .await
+            .with_context(|| format!("the {} stream", spec.name))?
+            .cached_info()
+            .state
+            .last_sequence;
+    }
+    Ok((last[0], last[1]))
 }
 
 /// The bytes the API publishes for a market buy, for the backbone limit.
