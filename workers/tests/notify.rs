@@ -1005,6 +1005,76 @@ async fn two_notifiers_writing_for_one_user_at_once_share_the_users_email_budget
     assert_eq!(stack.count("SELECT count(*) FROM email_outbox WHERE user_id = $1", trader).await, 20);
 }
 
+/// A change to an account's security (password, 2FA on or off, a new API key, a refresh token
+/// presented twice) notifies its owner and mails the account's address, each kind within its
+/// own daily budget; a logout or a revoked key concerns nobody.
+#[tokio::test]
+async fn each_security_change_is_notified_and_mailed_to_its_owner_within_a_budget_of_its_own() {
+    let stack = Stack::start().await;
+    let (_worker, _) = stack.worker(true).await;
+    let (user, address) = stack.user().await;
+    let change = |kind: AuthEventKind, data: Value| AuthEvent { data, ..auth_event(user, kind, "198.51.100.23") };
+    publish(&stack.bus, &change(AuthEventKind::PasswordChanged, json!({"sessions_ended": 2}))).await;
+    publish(&stack.bus, &change(AuthEventKind::ApiKeyCreated, json!({"api_key_id": Uuid::nil(), "scopes": ["read"]})))
+        .await;
+    publish(&stack.bus, &change(AuthEventKind::RefreshTokenReused, json!({"family": Uuid::nil()}))).await;
+    publish(&stack.bus, &change(AuthEventKind::TotpReset, json!({"admin": Uuid::nil(), "sessions_ended": 1}))).await;
+    publish(&stack.bus, &change(AuthEventKind::Logout, json!({}))).await;
+    publish(&stack.bus, &change(AuthEventKind::ApiKeyRevoked, json!({"api_key_id": Uuid::nil()}))).await;
+    // Turned on four times in a day (off again by an administrator between): three emails.
+    for _ in 0..4 {
+        publish(&stack.bus, &change(AuthEventKind::TotpEnabled, json!({"sessions_ended": 0}))).await;
+    }
+    poll_until(Duration::from_secs(30), "every security change's notification", || async {
+        (stack.count("SELECT count(*) FROM notifications WHERE user_id = $1", user).await == 8).then_some(())
+    })
+    .await;
+    let kinds: Vec<(String, i64)> =
+        sqlx::query_as("SELECT kind, count(*) FROM notifications WHERE user_id = $1 GROUP BY kind ORDER BY kind")
+            .bind(user)
+            .fetch_all(&stack.pool)
+            .await
+            .expect("kinds");
+    let kinds: Vec<(&str, i64)> = kinds.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("auth.api_key.created", 1),
+            ("auth.password.changed", 1),
+            ("auth.refresh_token_reused", 1),
+            ("auth.totp.enabled", 4),
+            ("auth.totp.reset", 1)
+        ]
+    );
+    let emails: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT kind, to_address, subject FROM email_outbox WHERE user_id = $1 ORDER BY kind, id")
+            .bind(user)
+            .fetch_all(&stack.pool)
+            .await
+            .expect("emails");
+    let totp = "Two-factor authentication was turned on for your CryptoVault account";
+    let expected = [
+        ("auth.api_key.created", "A new API key was created for your CryptoVault account"),
+        ("auth.password.changed", "Your CryptoVault password was changed"),
+        ("auth.refresh_token_reused", "A session of your CryptoVault account was ended"),
+        ("auth.totp.enabled", totp),
+        ("auth.totp.enabled", totp),
+        ("auth.totp.enabled", totp),
+        ("auth.totp.reset", "Two-factor authentication was turned off for your CryptoVault account"),
+    ];
+    assert_eq!(emails.len(), expected.len(), "{emails:?}");
+    for ((kind, to, subject), (want_kind, want_subject)) in emails.iter().zip(expected) {
+        assert_eq!((kind.as_str(), to.as_str(), subject.as_str()), (want_kind, address.as_str(), want_subject));
+    }
+    let password: String =
+        sqlx::query_scalar("SELECT body FROM email_outbox WHERE user_id = $1 AND kind = 'auth.password.changed'")
+            .bind(user)
+            .fetch_one(&stack.pool)
+            .await
+            .expect("the password email");
+    assert!(password.contains("from 198.51.100.23. 2 other sessions were signed out."), "{password}");
+}
+
 #[tokio::test]
 async fn a_login_from_a_new_ip_notifies_and_emails_once_and_the_same_ip_again_does_not() {
     let stack = Stack::start().await;

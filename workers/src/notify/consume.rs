@@ -240,9 +240,19 @@ pub async fn apply(pool: &PgPool, sources: &[&Source]) -> Result<Written, sqlx::
 /// addresses are not verified and deposits are paper money, so without limits anyone could have
 /// every fill of a trading loop mailed to a stranger's address, or keep an account locked (five
 /// wrong passwords every 15 minutes) and mail its owner at every lock. Each kind has its own
-/// budget: a busy trader's fills never use up the security emails.
-pub const EMAIL_LIMITS: [(&str, i64, bool); 3] =
-    [("order.filled", 20, true), ("auth.login.new_ip", 10, false), ("auth.locked", 1, false)];
+/// budget: a busy trader's fills never use up the security emails, nor one security change
+/// another's. An owner changes these a few times a year; the budgets bound what an account
+/// signed up with a stranger's address can send them a day.
+pub const EMAIL_LIMITS: [(&str, i64, bool); 8] = [
+    ("order.filled", 20, true),
+    ("auth.login.new_ip", 10, false),
+    ("auth.locked", 1, false),
+    ("auth.password.changed", 5, false),
+    ("auth.totp.enabled", 3, false),
+    ("auth.totp.reset", 3, false),
+    ("auth.api_key.created", 5, false),
+    ("auth.refresh_token_reused", 3, false),
+];
 
 /// The advisory lock class of a user's email budget ("MAIL"; the object id is a hash of the
 /// user id, as the API's quotas do).

@@ -11,7 +11,14 @@
 //! | `deposit.completed` | `deposit.completed` | — | `deposit.completed` |
 //! | `auth.login.succeeded` | `auth.login.new_ip`, only from a new IP | only from a new IP | `auth.login` (every login) |
 //! | `auth.locked` | `auth.locked` | yes | `auth.locked` |
+//! | `auth.password.changed`, `auth.totp.enabled`, `auth.totp.reset`, `auth.api_key.created`, `auth.refresh_token_reused` | same | yes | — |
 //! | other auth events | — | — | — |
+//!
+//! The security changes in the last rows each tell the owner what changed, when and from where,
+//! and what to do if it was not them. They matter most when it was not: a session or access
+//! token taken from its owner is enough to turn 2FA on (locking the owner out), change the
+//! password or create an API key — the email to the account's address is how the owner hears
+//! of it. API.md fixes the webhook event types; these have none.
 
 use std::net::IpAddr;
 
@@ -43,7 +50,13 @@ impl Source {
         match self {
             Source::Engine(e) => Some(e.user_id),
             Source::Auth(e) => match e.kind {
-                AuthEventKind::LoginSucceeded | AuthEventKind::Locked => e.user_id,
+                AuthEventKind::LoginSucceeded
+                | AuthEventKind::Locked
+                | AuthEventKind::PasswordChanged
+                | AuthEventKind::TotpEnabled
+                | AuthEventKind::TotpReset
+                | AuthEventKind::ApiKeyCreated
+                | AuthEventKind::RefreshTokenReused => e.user_id,
                 _ => None,
             },
         }
@@ -262,8 +275,102 @@ fn auth(e: &AuthEvent, new_login_ip: bool) -> Parts {
             };
             (Some(n), Some(email), data)
         }
+        AuthEventKind::PasswordChanged
+        | AuthEventKind::TotpEnabled
+        | AuthEventKind::TotpReset
+        | AuthEventKind::ApiKeyCreated
+        | AuthEventKind::RefreshTokenReused => security_change(e, ip, &ip_text, &at.to_string()),
         _ => (None, None, Value::Null),
     }
+}
+
+/// The notification and email of a change to the account's security (see the module docs).
+fn security_change(e: &AuthEvent, ip: Option<IpAddr>, ip_text: &str, at: &str) -> Parts {
+    let ended = e.data.get("sessions_ended").and_then(Value::as_u64);
+    let others_ended = match ended {
+        Some(1) => " One other session was signed out.".to_owned(),
+        Some(n) if n > 1 => format!(" {n} other sessions were signed out."),
+        _ => String::new(),
+    };
+    let not_you = "If this was not you, someone holds one of your sessions or your password: change your \
+                   password now, and contact support if you cannot sign in.";
+    let (kind, title, subject, what, advice, data) = match e.kind {
+        AuthEventKind::PasswordChanged => (
+            "auth.password.changed",
+            "Password changed",
+            "Your CryptoVault password was changed",
+            format!("The password of your account was changed from {ip_text}.{others_ended}"),
+            "If this was not you, someone has your account: contact support at once, an administrator can lock \
+             it while you prove it is yours."
+                .to_owned(),
+            json!({"ip": ip, "sessions_ended": ended}),
+        ),
+        AuthEventKind::TotpEnabled => (
+            "auth.totp.enabled",
+            "Two-factor authentication turned on",
+            "Two-factor authentication was turned on for your CryptoVault account",
+            format!("Two-factor authentication was turned on for your account from {ip_text}.{others_ended}"),
+            "If this was not you, whoever did it holds the authenticator and you cannot sign in without it: \
+             contact support, an administrator can turn it off once you prove the account is yours."
+                .to_owned(),
+            json!({"ip": ip, "sessions_ended": ended}),
+        ),
+        AuthEventKind::TotpReset => (
+            "auth.totp.reset",
+            "Two-factor authentication turned off",
+            "Two-factor authentication was turned off for your CryptoVault account",
+            "An administrator turned off two-factor authentication for your account, and every session was \
+             signed out."
+                .to_owned(),
+            "Sign in with your password and turn it on again with a new authenticator. If you did not ask for \
+             this, contact support."
+                .to_owned(),
+            json!({"sessions_ended": ended}),
+        ),
+        AuthEventKind::ApiKeyCreated => {
+            let scopes: Vec<&str> = e
+                .data
+                .get("scopes")
+                .and_then(Value::as_array)
+                .map(|s| s.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let key = e.data.get("api_key_id").and_then(Value::as_str).unwrap_or("?");
+            let with =
+                if scopes.is_empty() { String::new() } else { format!(" with the scopes {}", scopes.join(", ")) };
+            (
+                "auth.api_key.created",
+                "API key created",
+                "A new API key was created for your CryptoVault account",
+                format!("An API key{with} (id {key}) was created for your account from {ip_text}."),
+                format!(
+                    "If this was not you, revoke the key (DELETE /api/v1/api-keys/{key}), change your password now, \
+                     and contact support if you cannot sign in."
+                ),
+                json!({"ip": ip, "api_key_id": e.data.get("api_key_id"), "scopes": scopes}),
+            )
+        }
+        _ => (
+            "auth.refresh_token_reused",
+            "A session was ended",
+            "A session of your CryptoVault account was ended",
+            format!(
+                "One of your sessions was signed out: its refresh token was presented a second time (from \
+                 {ip_text}), which happens when a token has been copied."
+            ),
+            format!("Sign in again. {not_you}"),
+            json!({"ip": ip}),
+        ),
+    };
+    let n = NotificationDraft { kind, title: title.to_owned(), body: format!("{what} {advice}"), data: data.clone() };
+    let email = EmailDraft {
+        kind,
+        subject: subject.to_owned(),
+        body: format!(
+            "{what}\n\nWhen: {at}\n\n{advice}\n\nYou are receiving this email because the security settings \
+             of your CryptoVault account changed.\n"
+        ),
+    };
+    (Some(n), Some(email), data)
 }
 
 /// A field of an order or deposit object as text (decimals travel as strings; anything else
@@ -366,8 +473,85 @@ mod tests {
         );
         assert!(locked.email.expect("email").body.contains("2001:db8::1"));
         assert_eq!(locked.webhook.expect("webhook").event_type, "auth.locked");
-        for kind in [AuthEventKind::Signup, AuthEventKind::LoginFailed, AuthEventKind::Logout] {
+        for kind in
+            [AuthEventKind::Signup, AuthEventKind::LoginFailed, AuthEventKind::Logout, AuthEventKind::ApiKeyRevoked]
+        {
             assert_eq!(plan(&login(None, kind), false), None, "{kind:?}");
+        }
+    }
+
+    fn security(kind: AuthEventKind, data: Value) -> Source {
+        Source::Auth(AuthEvent {
+            id: Uuid::now_v7(),
+            kind,
+            user_id: Some(Uuid::now_v7()),
+            request_id: None,
+            ip: Some("198.51.100.23".to_owned()),
+            at: DateTime::from_timestamp(1_790_000_000, 0).expect("valid"),
+            data,
+        })
+    }
+
+    #[test]
+    fn each_security_change_notifies_and_emails_its_owner_what_when_and_from_where_without_a_webhook() {
+        let key = Uuid::nil();
+        let cases = [
+            (
+                AuthEventKind::PasswordChanged,
+                json!({"sessions_ended": 2}),
+                "auth.password.changed",
+                "Your CryptoVault password was changed",
+                "changed from 198.51.100.23. 2 other sessions were signed out.",
+            ),
+            (
+                AuthEventKind::TotpEnabled,
+                json!({"sessions_ended": 1}),
+                "auth.totp.enabled",
+                "Two-factor authentication was turned on for your CryptoVault account",
+                "from 198.51.100.23. One other session was signed out.",
+            ),
+            (
+                AuthEventKind::TotpReset,
+                json!({"admin": key, "sessions_ended": 3}),
+                "auth.totp.reset",
+                "Two-factor authentication was turned off for your CryptoVault account",
+                "An administrator turned off two-factor authentication",
+            ),
+            (
+                AuthEventKind::ApiKeyCreated,
+                json!({"api_key_id": key, "scopes": ["read", "trade"]}),
+                "auth.api_key.created",
+                "A new API key was created for your CryptoVault account",
+                "An API key with the scopes read, trade (id 00000000-0000-0000-0000-000000000000) was created for your account from 198.51.100.23.",
+            ),
+            (
+                AuthEventKind::RefreshTokenReused,
+                json!({"family": key}),
+                "auth.refresh_token_reused",
+                "A session of your CryptoVault account was ended",
+                "presented a second time (from 198.51.100.23)",
+            ),
+        ];
+        for (event, data, kind, subject, says) in cases {
+            let plan = plan(&security(event, data), false).unwrap_or_else(|| panic!("{event:?} concerns its user"));
+            let n = plan.notification.expect("a notification");
+            let email = plan.email.expect("an email");
+            assert_eq!((n.kind, email.kind, email.subject.as_str()), (kind, kind, subject), "{event:?}");
+            assert!(n.body.contains(says) && email.body.contains(says), "{event:?}: {} / {}", n.body, email.body);
+            assert!(email.body.contains("When: 2026-09-21 14:13 UTC"), "{}", email.body);
+            assert!(email.body.contains("If this was not you") || email.body.contains("If you did not ask"));
+            assert_eq!(plan.webhook, None, "API.md has no webhook type for {event:?}");
+            assert!(super::super::consume::EMAIL_LIMITS.iter().any(|(k, ..)| *k == kind), "{kind} has an email budget");
+        }
+        // The administrator's address is not the user's business.
+        let reset = plan(&security(AuthEventKind::TotpReset, json!({})), false).expect("plan");
+        assert!(!reset.email.expect("email").body.contains("198.51.100.23"));
+    }
+
+    #[test]
+    fn every_email_the_planner_writes_has_a_budget() {
+        for kind in ["order.filled", "auth.login.new_ip", "auth.locked"] {
+            assert!(super::super::consume::EMAIL_LIMITS.iter().any(|(k, ..)| *k == kind), "{kind}");
         }
     }
 
