@@ -5,10 +5,10 @@
 //! - a body that has not fully arrived [`BODY_TIMEOUT`] after its headers → 408
 //!   `request_timeout`, and the connection is closed (a client trickling its body a byte at a
 //!   time holds a connection and a task for at most that long);
-//! - not JSON at all (syntax, invalid UTF-8, empty, nested deeper than 128) → 400
-//!   `malformed_request`;
+//! - not JSON at all (syntax, invalid UTF-8, empty) → 400 `malformed_request`;
 //! - JSON of the wrong shape (not an object, unknown field, missing or repeated field, wrong
-//!   type) → 422 with the path of the offending field in `errors[].field`;
+//!   type, nested deeper than serde_json's 128 levels) → 422 with the path of the offending
+//!   field in `errors[].field`;
 //! - a JSON number that cannot be read exactly (more than [`EXACT_DIGITS`] significant digits
 //!   with a fraction or an exponent, or an integer of more than 18 digits) → 422: serde_json
 //!   reads such a number through an `f64`, which would round it (`50000.010000000000000001`

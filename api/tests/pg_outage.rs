@@ -993,3 +993,57 @@ async fn the_engine_gives_up_commits_on_silent_connections_while_its_lease_holds
     assert!(!engine.output().contains("lost the partition lease"), "the lease was lost:\n{}", engine.output());
     engine.stop_cleanly(Duration::from_secs(30)).await;
 }
+
+/// A `Prefer: wait` order whose verdict cannot be read is answered 202 pending, not 503: its
+/// command was published and acknowledged, so it is placed, and a 503 ("nothing was placed")
+/// would have a client without a client id place it again. A stand-in engine cuts the API's
+/// Postgres when the command arrives, then publishes the verdict, so the API's read of it fails.
+#[tokio::test]
+async fn a_waited_order_whose_verdict_cannot_be_read_is_answered_pending_not_refused() {
+    use futures::StreamExt;
+    use vault_bus::message::{EngineEvent, EventKind, decode};
+    let (nats, db, proxy, envs) = behind_a_proxy().await;
+    let api = serve_api(&envs, db, nats).await;
+    let email = format!("waiter-{}@example.com", Uuid::now_v7().simple());
+    let user: Uuid = api.signup(&email).await["id"].as_str().expect("user id").parse().expect("uuid");
+    let token = api.tokens(&email).await["access_token"].as_str().expect("token").to_owned();
+    let bus = Bus::connect(&api.nats.url(), "stand-in-engine").await.expect("connects");
+    let mut commands = bus.client().subscribe(subjects::order_command(user)).await.expect("subscribe");
+    bus.client().flush().await.expect("flush");
+    let proxy = Arc::new(proxy);
+    let engine = {
+        let (bus, proxy) = (bus.clone(), proxy.clone());
+        tokio::spawn(async move {
+            let msg = commands.next().await.expect("the command");
+            let command: OrderCommand = decode(msg.subject.as_str(), &msg.payload).expect("a command");
+            let CommandBody::Place { order_id, .. } = command.body else { panic!("a place command") };
+            proxy.cut();
+            let event = EngineEvent {
+                id: Uuid::now_v7(),
+                kind: EventKind::OrderAccepted,
+                user_id: user,
+                request_id: None,
+                at: Utc::now(),
+                data: json!({"id": order_id, "status": "open"}),
+            };
+            bus.publish(&event, &MessageContext::default()).await.expect("the verdict published");
+            order_id
+        })
+    };
+    let body = json!({"symbol": "BTC-USD", "side": "buy", "type": "limit", "quantity": "0.01", "limit_price": "100"});
+    let answer = api
+        .client
+        .post(api.url("/orders"))
+        .bearer_auth(&token)
+        .header("prefer", "wait=10")
+        .json(&body)
+        .send()
+        .await
+        .expect("an answer");
+    let status = answer.status().as_u16();
+    let order: Value = answer.json().await.expect("a body");
+    let placed = tokio::time::timeout(WAIT, engine).await.expect("the stand-in engine ran").expect("it did not panic");
+    proxy.restore();
+    assert_eq!(status, 202, "the order was placed: {order}");
+    assert_eq!((order["id"].as_str(), order["status"].as_str()), (Some(placed.to_string().as_str()), Some("pending")));
+}

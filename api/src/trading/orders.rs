@@ -296,7 +296,15 @@ pub async fn place_order(
     let (Some(secs), Some(events)) = (wait, events) else {
         return Ok(answer(status, view, None));
     };
-    let current = await_verdict(&state.pool, events, user, order_id, Duration::from_secs(secs)).await?.unwrap_or(view);
+    // Published and acknowledged: the order is placed, whatever its verdict's read says. An error
+    // here answered 503 ("nothing was placed"), and a client without a client id placed it again.
+    let current = match await_verdict(&state.pool, events, user, order_id, Duration::from_secs(secs)).await {
+        Ok(found) => found.unwrap_or(view),
+        Err(e) => {
+            tracing::warn!(error = %e, %order_id, "the placed order's verdict could not be read; answered as it was placed");
+            view
+        }
+    };
     // The verdict may come from an event the portfolio cache's own feed has not handled yet: a
     // client that was told the order filled must not then read its portfolio from before.
     state.portfolios.forget(user);
