@@ -525,37 +525,30 @@ async fn apply<S: Store>(env: Rc<Env<S>>, state: Option<UserState>, routed: Rout
 /// Keeps the price book in step with the committed state; returns whether the commit wrote
 /// outbox rows (the relay is to be woken).
 fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserState, work: &Work) -> bool {
-    // A copy of a command already committed: a redelivery, or a commit given up that went
-    // through anyway (`group_commit`), whose events this engine never saw. The book follows the
-    // committed state, which the actor reloaded: the order rests if it is open, else it is out.
+    // A copy of a command already committed: a redelivery, a commit given up that went through
+    // anyway (`group_commit`), or another engine's commit after its lease ended — whose events
+    // this engine never saw. The book follows the committed state, which the actor reloaded:
+    // the order rests if it is open, else it is out; and every other open order of the user
+    // rests too (the other engine may have accepted some this book never heard of; one the book
+    // knew keeps its place in time).
     if matches!(outcome, Outcome::Duplicate)
         && let Work::Command { command, .. } = work
-        && let CommandBody::Place { order_id, .. } | CommandBody::Cancel { order_id } = &command.body
     {
-        let resting = {
+        {
             let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
-            match next.portfolio.open_orders.get(order_id) {
-                Some(o) => {
-                    book.insert(
-                        &o.symbol,
-                        Resting {
-                            order_id: o.id,
-                            user_id,
-                            side: o.side,
-                            limit: o.limit_price.get(),
-                            since: Utc::now(),
-                        },
-                    );
-                    Some(o)
-                }
-                None => {
-                    book.remove(*order_id);
-                    None
-                }
+            if let CommandBody::Place { order_id, .. } | CommandBody::Cancel { order_id } = &command.body
+                && !next.portfolio.open_orders.contains_key(order_id)
+            {
+                book.remove(*order_id);
             }
-        };
-        // Into the book only now, as a newly accepted order: the same check (see below).
-        if let Some(o) = resting {
+            for o in next.portfolio.open_orders.values() {
+                let resting =
+                    Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() };
+                book.insert(&o.symbol, resting);
+            }
+        }
+        // Into the book only now, as newly accepted orders: the same check (see below).
+        for o in next.portfolio.open_orders.values() {
             recross_if_crossed(shared, &o.symbol, o.side, o.limit_price.get());
         }
         return false;
@@ -670,10 +663,11 @@ async fn apply_with_retries<S: Store>(
         }
         .await;
         match result {
-            // A duplicate after a failed attempt: that attempt may have committed after the
-            // state for this one was loaded (a commit given up that landed late), so this state
-            // can predate it. Read it again: the book and the next command follow it.
-            Ok((Outcome::Duplicate, _)) if failed => return Ok((Outcome::Duplicate, store.load(user).await?)),
+            // A duplicate: the command was committed after the state for this attempt was loaded
+            // — by a failed attempt of ours that landed late, or by another engine finishing its
+            // work after its lease ended (a takeover), whose commits this actor's state and this
+            // engine's book never saw. Read it again: the book and the next command follow it.
+            Ok((Outcome::Duplicate, _)) => return Ok((Outcome::Duplicate, store.load(user).await?)),
             Ok(done) => return Ok(done),
             Err(StoreError::VersionConflict(_)) if conflicts < CONFLICT_RETRIES => {
                 failed = true;
@@ -718,6 +712,8 @@ mod tests {
         /// What `load` answers, in turn (the last one from then on).
         loads: Arc<StdMutex<VecDeque<UserState>>>,
         commits: Arc<StdMutex<usize>>,
+        /// Whether the first commit fails (else every commit finds its command applied).
+        first_fails: bool,
     }
 
     impl Store for LandedLate {
@@ -737,7 +733,7 @@ mod tests {
             let mut commits = self.commits.lock().expect("lock");
             *commits += 1;
             match *commits {
-                1 => Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
+                1 if self.first_fails => Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
                 _ => Ok((Outcome::Duplicate, state.clone())),
             }
         }
@@ -758,8 +754,84 @@ mod tests {
             // The retry reads the state before the given-up attempt lands, then the reload after it.
             loads: Arc::new(StdMutex::new(VecDeque::from([before.clone(), committed.clone()]))),
             commits: Arc::new(StdMutex::new(0)),
+            first_fails: true,
         };
-        let shared = Shared {
+        let (outcome, state) = apply_with_retries(user, &shared(), &store, Some(before), &deposit(user))
+            .await
+            .expect("the retry succeeds");
+
+        assert!(matches!(outcome, Outcome::Duplicate), "{outcome:?}");
+        assert_eq!(*store.commits.lock().expect("lock"), 2);
+        assert_eq!(state.version, committed.version, "the actor goes on from the state as committed");
+        assert_eq!(state.portfolio, committed.portfolio);
+    }
+
+    /// Another engine, its lease just ended, committed the command after this actor loaded its
+    /// state: the first attempt finds it applied, and the actor goes on from the state as that
+    /// engine committed it (it answered the state it had, which predates that commit).
+    #[tokio::test]
+    async fn a_duplicate_on_the_first_attempt_answers_the_state_as_committed_too() {
+        let user = Uuid::now_v7();
+        let (before, committed) = (funded(user, 4, 100), funded(user, 5, 150));
+        let store = LandedLate {
+            loads: Arc::new(StdMutex::new(VecDeque::from([committed.clone()]))),
+            commits: Arc::new(StdMutex::new(0)),
+            first_fails: false,
+        };
+        let (outcome, state) =
+            apply_with_retries(user, &shared(), &store, Some(before), &deposit(user)).await.expect("it succeeds");
+        assert!(matches!(outcome, Outcome::Duplicate), "{outcome:?}");
+        assert_eq!(*store.commits.lock().expect("lock"), 1);
+        assert_eq!((state.version, state.portfolio), (committed.version, committed.portfolio));
+    }
+
+    /// A duplicate's reloaded state holds orders another engine accepted: all of them rest in
+    /// the book (else they would never fill), and the duplicate's own order too.
+    #[test]
+    fn after_a_duplicate_every_open_order_of_the_committed_state_rests() {
+        use crate::portfolio::OpenOrder;
+        use vault_core::domain::{OrderType, Side, Symbol, TimeInForce};
+        let user = Uuid::now_v7();
+        let symbol = Symbol::parse("BTC-USD").expect("symbol");
+        let mut next = funded(user, 9, 100);
+        let (mine, theirs) = (Uuid::now_v7(), Uuid::now_v7());
+        for id in [mine, theirs] {
+            let price = Positive::new(Decimal::from(10)).expect("positive");
+            let order = OpenOrder {
+                id,
+                symbol: symbol.clone(),
+                side: Side::Buy,
+                quantity: Positive::new(Decimal::ONE).expect("positive"),
+                limit_price: price,
+                hold_asset: Asset::usd(),
+                hold: Decimal::from(10),
+            };
+            next.portfolio.open_orders.insert(id, order);
+        }
+        let body = CommandBody::Place {
+            order_id: mine,
+            client_order_id: "c".into(),
+            symbol: symbol.clone(),
+            side: Side::Buy,
+            order_type: OrderType::Limit,
+            time_in_force: TimeInForce::Gtc,
+            quantity: Positive::new(Decimal::ONE).expect("positive"),
+            limit_price: Some(Positive::new(Decimal::from(10)).expect("positive")),
+        };
+        let work = Work::Command {
+            command: OrderCommand { user_id: user, request_id: None, at: Utc::now(), body },
+            stream_seq: 3,
+        };
+        let shared = shared();
+        after_commit(&shared, user, &Outcome::Duplicate, &next, &work);
+        let mut book = shared.book.lock().expect("book");
+        assert_eq!(book.len(), 2, "both open orders rest");
+        let crossed: Vec<Uuid> = book.crossed(&symbol, Decimal::from(9)).into_iter().map(|r| r.order_id).collect();
+        assert!(crossed.contains(&mine) && crossed.contains(&theirs), "{crossed:?}");
+    }
+
+    fn shared() -> Shared {
+        Shared {
             markets: RwLock::new(Markets::default()),
             book: Mutex::new(PriceBook::default()),
             outbox: Notify::new(),
@@ -768,24 +840,17 @@ mod tests {
             recross: Recross::default(),
             start_backlog: StartBacklog::default(),
             triggers: Default::default(),
-        };
+        }
+    }
+
+    /// A deposit of 50 USD for `user`.
+    fn deposit(user: Uuid) -> Work {
         let body = CommandBody::Deposit {
             deposit_id: Uuid::now_v7(),
             client_deposit_id: String::new(),
             asset: Asset::usd(),
             amount: Positive::new(Decimal::from(50)).expect("positive"),
         };
-        let work = Work::Command {
-            command: OrderCommand { user_id: user, request_id: None, at: Utc::now(), body },
-            stream_seq: 7,
-        };
-
-        let (outcome, state) =
-            apply_with_retries(user, &shared, &store, Some(before), &work).await.expect("the retry succeeds");
-
-        assert!(matches!(outcome, Outcome::Duplicate), "{outcome:?}");
-        assert_eq!(*store.commits.lock().expect("lock"), 2);
-        assert_eq!(state.version, committed.version, "the actor goes on from the state as committed");
-        assert_eq!(state.portfolio, committed.portfolio);
+        Work::Command { command: OrderCommand { user_id: user, request_id: None, at: Utc::now(), body }, stream_seq: 7 }
     }
 }

@@ -423,7 +423,8 @@ async fn settle(
 
 /// Whether a command that failed on its `delivered`-th delivery is parked: on its last one, for
 /// a failure of its own ([`StoreError::is_transient`] is not). A transient failure is returned
-/// only when the engine stops serving (shutdown, a lost lease) while a commit is being retried:
+/// when the engine stops serving (shutdown, a lost lease) while a commit is being retried, or
+/// when another writer kept winning the user's version through every retry (a takeover):
 /// the command was never refused, so it goes back to the next engine whatever its count. (It was
 /// parked and terminated, a command answered 202 and never applied, after a long outage had
 /// raised its count.)
@@ -802,7 +803,8 @@ mod tests {
         assert!(!parks(MAX_DELIVER, &lost_connection()), "a retry stopped by shutdown goes to the next engine");
         assert!(!parks(MAX_DELIVER * 3, &lost_connection()), "however many deliveries it shows");
         assert!(parks(MAX_DELIVER, &corrupt()));
-        assert!(parks(MAX_DELIVER, &StoreError::VersionConflict(Uuid::nil())));
+        let conflict = StoreError::VersionConflict(Uuid::nil());
+        assert!(!parks(MAX_DELIVER, &conflict), "another writer's commits say nothing of the command");
         assert!(!parks(MAX_DELIVER - 1, &corrupt()), "not before its last delivery");
     }
 }

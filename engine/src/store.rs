@@ -39,12 +39,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A database failure that says nothing about the work itself (a connection lost, a pool
-    /// exhausted, a timeout): the same work can pass later. Such a failure reaches the consumer
-    /// only when retrying stopped at shutdown or on a lost lease, and must then never park the
-    /// command, however many deliveries it shows.
+    /// A failure that says nothing about the work itself: a database failure (a connection
+    /// lost, a pool exhausted, a timeout), or a version conflict (another writer committed the
+    /// user first: an engine whose lease just ended still finishing its work). The same work can
+    /// pass later, so it must never park the command, however many deliveries it shows — a
+    /// command answered 202 would otherwise never be applied (its count may already be high
+    /// from redeliveries during an outage when a takeover's conflicts use up its retries).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Database(e) if !vault_core::db::refuses_content(e))
+        match self {
+            StoreError::Database(e) => !vault_core::db::refuses_content(e),
+            StoreError::VersionConflict(_) => true,
+            StoreError::Corrupt { .. } => false,
+        }
     }
 }
 
