@@ -635,7 +635,6 @@ async fn apply_with_retries<S: Store>(
 ) -> Result<(Outcome, UserState), StoreError> {
     let mut conflicts = 0;
     let mut delay = Duration::from_millis(50);
-    let mut failed = false;
     loop {
         let result = async {
             let current = match state.take() {
@@ -670,7 +669,6 @@ async fn apply_with_retries<S: Store>(
             Ok((Outcome::Duplicate, _)) => return Ok((Outcome::Duplicate, store.load(user).await?)),
             Ok(done) => return Ok(done),
             Err(StoreError::VersionConflict(_)) if conflicts < CONFLICT_RETRIES => {
-                failed = true;
                 conflicts += 1;
                 metrics::counter!("vault_engine_version_conflicts_total").increment(1);
                 tracing::warn!(user_id = %user, "version conflict; reloading and retrying");
@@ -680,7 +678,6 @@ async fn apply_with_retries<S: Store>(
                 return Err(StoreError::Database(e));
             }
             Err(StoreError::Database(e)) if !shared.shutdown.is_cancelled() => {
-                failed = true;
                 metrics::counter!("vault_engine_commit_retries_total").increment(1);
                 tracing::warn!(user_id = %user, error = %e, retry_in = ?delay, "commit failed; retrying");
                 tokio::select! {
