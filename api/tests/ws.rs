@@ -867,6 +867,25 @@ async fn a_socket_ends_when_its_access_token_expires_unless_a_fresh_token_renews
     assert_eq!(renewed.next_control().await, json!({"op": "pong"}));
 }
 
+/// Renewals are checked at most three times in ten seconds per socket (each check may read the
+/// database): a fourth `auth` frame is answered `rate_limited` without a check, and the socket
+/// goes on with the credential it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_renews_its_credential_at_most_three_times_in_ten_seconds() {
+    let api = InProcess::start(WsConfig::default()).await;
+    let token = api.user("renewer@example.com").await;
+    let mut client = Client::authed(&api.addr, &token).await;
+    for _ in 0..3 {
+        client.send(json!({"op": "auth", "token": token})).await;
+        assert_eq!(client.next_control().await["op"], "authenticated");
+    }
+    client.send(json!({"op": "auth", "token": token})).await;
+    let refused = client.next_control().await;
+    assert_eq!((refused["op"].as_str(), refused["code"].as_str()), (Some("error"), Some("rate_limited")), "{refused}");
+    client.send(json!({"op": "ping"})).await;
+    assert_eq!(client.next_control().await, json!({"op": "pong"}));
+}
+
 #[tokio::test]
 async fn sigterm_closes_open_sockets_with_going_away_and_the_api_exits_zero() {
     let mut api = Api::start().await;

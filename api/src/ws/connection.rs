@@ -208,6 +208,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String
         seq: 0,
         last_heard: Instant::now(),
         inbound: (Instant::now(), 0),
+        renewals: (Instant::now(), 0),
         sent: SentCounters::new(),
     };
     async move {
@@ -243,8 +244,17 @@ struct Connection {
     last_heard: Instant,
     /// Frames received in the current one-second window, and when it began.
     inbound: (Instant, u32),
+    /// Further `auth` frames in the current [`RENEWAL_WINDOW`], and when it began.
+    renewals: (Instant, u32),
     sent: SentCounters,
 }
+
+/// Further `auth` frames a connection may send in a [`RENEWAL_WINDOW`]: each costs a credential
+/// check (an API key one a hash and a database read, refused or not), and renewing a token that
+/// lives 15 minutes needs one now and then. Beyond it the frame is answered `rate_limited` and
+/// not checked (the frame limit alone let one socket ask for 20 database reads a second).
+const RENEWALS_PER_WINDOW: u32 = 3;
+const RENEWAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// When a credential stops being valid by itself: an access token at its `exp`, never for an
 /// API key (revocation is what ends those, found by the re-check).
@@ -412,6 +422,11 @@ impl Connection {
                         Ok(Some(text)) => match self.on_text(text.as_str()).await {
                             Ok(Some(expires)) => {
                                 expiry.as_mut().reset(expires);
+                                // A check under way is of the credential just replaced: its
+                                // verdict (revoked, say) is not this one's. Check the new one.
+                                if checking.is_some() {
+                                    checking = self.start_recheck();
+                                }
                                 Ok(())
                             }
                             Ok(None) => Ok(()),
@@ -498,6 +513,19 @@ impl Connection {
     /// user: answered `authenticated` again. Anything else is an `error` frame, and the
     /// connection goes on with the credential it had (which ends it when it expires).
     async fn reauthenticate(&mut self, token: &str) -> Result<Option<Instant>, End> {
+        let (since, count) = &mut self.renewals;
+        if since.elapsed() >= RENEWAL_WINDOW {
+            (*since, *count) = (Instant::now(), 0);
+        }
+        *count += 1;
+        if *count > RENEWALS_PER_WINDOW {
+            metrics::counter!("vault_rate_limited_total").increment(1);
+            let detail = format!(
+                "At most {RENEWALS_PER_WINDOW} auth frames in {} s; this one was not checked.",
+                RENEWAL_WINDOW.as_secs()
+            );
+            return self.send_error("rate_limited", &detail, None).await.map(|()| None);
+        }
         let checked = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
             checked = timeout(RECHECK_TIMEOUT, caller::authenticate(&self.state, token)) => checked,
@@ -608,6 +636,10 @@ impl Connection {
         let mut written = false;
         while let Some(item) = next {
             taken += 1;
+            // A frame was dropped for want of room: numbering a later one would hide the hole.
+            if self.member.slow().is_cancelled() {
+                return Err(End::SlowConsumer);
+            }
             match item {
                 // Frames of a channel unsubscribed since they were queued are dropped unnumbered.
                 Outbound::Data(frame) if self.channels.contains_key(&frame.channel) => {

@@ -25,11 +25,12 @@
 //! disconnected, or before a topic's subscription exists, is not seen (the durable state is in
 //! Postgres; clients resync over REST after reconnecting). A connection is told when that
 //! happened under it: once the process's NATS connection is back after a loss, every member of
-//! every topic gets [`Outbound::Interrupted`] for the topic's channel, after the frames from
-//! before the loss and before those after it (each topic compares the connection count on every
-//! message, and a watcher tells the quiet ones) — the connection sends the client a
-//! `feed_interrupted` error frame for the channel, and the client reads the current state over
-//! REST. (Before, the socket stayed open and its `seq` went on without a gap: a fill published
+//! every topic gets [`Outbound::Interrupted`] for the topic's channel, before the frames from
+//! after it (each topic compares the connection count on every message, and a watcher tells the
+//! quiet ones) — the connection sends the client a `feed_interrupted` error frame for the
+//! channel, and the client reads the current state over REST. Frames from before the loss that
+//! were still on their way may follow the notice: a client keeps, per order, the state with the
+//! latest `updated_at` (a REST read or a frame), never simply the last one it received. (Before, the socket stayed open and its `seq` went on without a gap: a fill published
 //! while the API was reconnecting was never shown, and the client had no way to know.)
 //!
 //! Order events and notifications also drop the user's cached balances
