@@ -17,9 +17,12 @@
 //!   shard's thread; a store that answers at once (`MemoryStore`) finishes it there, one that
 //!   waits for I/O (Postgres) parks it with the shard's other running units until it finishes.
 //! - A failed commit is retried in place (backoff) rather than skipped, so order is never
-//!   broken; a version conflict reloads the state first. The exception is work Postgres refuses
-//!   for its content (a NUL in a client id): it would fail forever, so it is given back, to be
-//!   parked on its last delivery, and the user's next commands go on.
+//!   broken; a version conflict reloads the state first. When retrying ends unapplied (serving
+//!   stopped, or another writer won every retry), the unit is given back and so is every unit
+//!   of the user waiting behind it, unapplied ([`StoreError::Behind`]): they come back in stream
+//!   order. The exception is work Postgres refuses for its content (a NUL in a client id): it
+//!   would fail forever, so it is given back, to be parked on its last delivery, and the user's
+//!   next commands go on.
 //! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
 //!   connections stay on the thread and runtime that uses them). Shards are generic over the
 //!   [`Store`], so the actor layer can be benchmarked without I/O.
@@ -385,6 +388,17 @@ impl<S: Store> Shard<S> {
             }
             Err(e) => {
                 actor.state = None;
+                // Given back to be applied later (a retry stopped by the end of serving, or
+                // another writer winning every retry): the user's units waiting behind it must
+                // not be applied before it, so they are given back too, unapplied, and come back
+                // in stream order. (Work refused for its content goes on to be parked, and the
+                // user's next commands go on, as documented above.)
+                if e.is_transient() {
+                    for behind in actor.waiting.drain(..) {
+                        self.depth -= 1;
+                        self.replies.push((behind.reply, Err(StoreError::Behind(routed.user_id))));
+                    }
+                }
                 Err(e)
             }
         };

@@ -36,6 +36,10 @@ pub enum StoreError {
     VersionConflict(Uuid),
     #[error("corrupt state for user {user}: {reason}")]
     Corrupt { user: Uuid, reason: String },
+    /// Not applied: an earlier unit of the user was given back unapplied, and this one must not
+    /// be applied before it.
+    #[error("not applied: an earlier command of user {0} was given back first")]
+    Behind(Uuid),
 }
 
 impl StoreError {
@@ -48,7 +52,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Database(e) => !vault_core::db::refuses_content(e),
-            StoreError::VersionConflict(_) => true,
+            StoreError::VersionConflict(_) | StoreError::Behind(_) => true,
             StoreError::Corrupt { .. } => false,
         }
     }

@@ -199,3 +199,64 @@ async fn a_resting_order_committed_unseen_goes_into_the_book_on_its_duplicate() 
     assert_eq!(crossing.recross.take(), std::slice::from_ref(&symbol));
     third.stop();
 }
+
+/// A store whose first commit waits for `release` and then fails as a lost connection does;
+/// every later commit finds nothing to do. It counts the commits it was asked for.
+#[derive(Clone, Default)]
+struct Stalling {
+    release: std::sync::Arc<tokio::sync::Notify>,
+    commits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl vault_engine::store::Store for Stalling {
+    async fn load(&self, user_id: Uuid) -> Result<vault_engine::store::UserState, vault_engine::store::StoreError> {
+        Ok(vault_engine::store::UserState { user_id, version: 0, portfolio: Default::default() })
+    }
+
+    async fn commit(
+        &self,
+        state: &vault_engine::store::UserState,
+        _work: &Work,
+        _market: Option<&vault_engine::portfolio::MarketView<'_>>,
+        _now: chrono::DateTime<Utc>,
+    ) -> Result<(Outcome, vault_engine::store::UserState), vault_engine::store::StoreError> {
+        if self.commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            self.release.notified().await;
+            return Err(vault_engine::store::StoreError::Database(sqlx::Error::PoolTimedOut));
+        }
+        Ok((Outcome::Void, state.clone()))
+    }
+}
+
+/// A unit given back unapplied — its retries stopped because the engine stopped serving — takes
+/// the user's units waiting behind it back with it, unapplied: they come back after it, in
+/// stream order, rather than being applied first (a buy rejected for funds whose deposit was
+/// given back before it).
+#[actix::test]
+async fn work_waiting_behind_a_unit_given_back_is_given_back_too_and_never_applied_before_it() {
+    use std::sync::atomic::Ordering;
+    use vault_engine::store::StoreError;
+    let db = TestDb::migrated().await;
+    let settings = settings(&db);
+    let serving = CancellationToken::new();
+    let shared = runtime::shared(&settings, Vec::new(), PriceBook::default(), serving.clone());
+    let arbiter = Arbiter::new();
+    let store = Stalling::default();
+    let made = store.clone();
+    let shard = Shard::start_on(&arbiter.handle(), shared, move || made, Duration::from_secs(600));
+    let router = Router::new(vec![shard.recipient()]);
+    let (user, work) = user_with_deposits(&db, 2).await;
+    let first = router.route(user, work[0].clone());
+    let second = router.route(user, work[1].clone());
+    poll_until(Duration::from_secs(10), "the first commit to be under way", || async {
+        (store.commits.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    serving.cancel();
+    store.release.notify_one();
+    let (first, second) = (first.await, second.await);
+    assert!(matches!(first, Err(StoreError::Database(sqlx::Error::PoolTimedOut))), "{first:?}");
+    assert!(matches!(second, Err(StoreError::Behind(u)) if u == user), "{second:?}");
+    assert_eq!(store.commits.load(Ordering::SeqCst), 1, "the second unit was never committed");
+    arbiter.stop();
+}

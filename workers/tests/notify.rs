@@ -1587,6 +1587,20 @@ async fn webhook_requests_in_flight_at_a_kill_9_are_neither_lost_nor_sent_twice_
     worker.signal("KILL");
     worker.wait_exit(Duration::from_secs(10)).await;
     let hits_at_kill = receiver.hits("sluggish").len();
+    // A claim the worker sent just before it died still runs, and commits, in its Postgres
+    // backend: its rows are leased only then. Read the leases once the dead worker's backends
+    // are gone (read before, such rows were neither counted as leased nor free for 60 s, and the
+    // wait below timed out on a busy machine).
+    poll_until(Duration::from_secs(30), "the dead worker's Postgres backends to end", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'vault-worker-notify'",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
     // Claimed and not recorded: their lease (60 s) is still running. These are the requests under
     // way at the kill (the receiver's clock cannot say which: it may read a request the dead
     // worker wrote before it died only after the kill, when its runtime gets to it).
