@@ -19,8 +19,9 @@
 //! - A failed commit is retried in place (backoff) rather than skipped, so order is never
 //!   broken; a version conflict reloads the state first. When retrying ends unapplied (serving
 //!   stopped, or another writer won every retry), the unit is given back and so is every unit
-//!   of the user waiting behind it, unapplied ([`StoreError::Behind`]): they come back in stream
-//!   order. The exception is work Postgres refuses for its content (a NUL in a client id): it
+//!   of the user waiting behind it, unapplied ([`StoreError::Behind`]), after it. (A unit of the
+//!   user pulled while they wait for redelivery can still run before them: the consumer goes on
+//!   pulling; rewinding it as on a gap would close that.) The exception is work Postgres refuses for its content (a NUL in a client id): it
 //!   would fail forever, so it is given back, to be parked on its last delivery, and the user's
 //!   next commands go on.
 //! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
@@ -375,7 +376,7 @@ impl<S: Store> Shard<S> {
         self.depth -= 1;
         let actor = self.actors.get_mut(&routed.user_id).expect("an actor with a unit running is never passivated");
         actor.busy = false;
-        let answer = match result {
+        let answer: Applied = match result {
             Ok((outcome, next)) => {
                 if let Work::Command { command, .. } = &routed.work {
                     // From the API's publish to the engine's commit.
@@ -388,21 +389,22 @@ impl<S: Store> Shard<S> {
             }
             Err(e) => {
                 actor.state = None;
-                // Given back to be applied later (a retry stopped by the end of serving, or
-                // another writer winning every retry): the user's units waiting behind it must
-                // not be applied before it, so they are given back too, unapplied, and come back
-                // in stream order. (Work refused for its content goes on to be parked, and the
-                // user's next commands go on, as documented above.)
-                if e.is_transient() {
-                    for behind in actor.waiting.drain(..) {
-                        self.depth -= 1;
-                        self.replies.push((behind.reply, Err(StoreError::Behind(routed.user_id))));
-                    }
-                }
                 Err(e)
             }
         };
+        // Given back to be applied later (a retry stopped by the end of serving, or another
+        // writer winning every retry): the user's units waiting behind it must not be applied
+        // before it, so they are given back too, unapplied, answered after it (their consumers
+        // give them back in that order, and later: `runtime::settle`). Work refused for its
+        // content goes on to be parked, and the user's next units go on, as documented above.
+        let give_back = matches!(&answer, Err(e) if e.is_transient());
         self.replies.push((routed.reply, answer));
+        if give_back {
+            for behind in actor.waiting.drain(..) {
+                self.depth -= 1;
+                self.replies.push((behind.reply, Err(StoreError::Behind(routed.user_id))));
+            }
+        }
         actor.waiting.pop_front()
     }
 
@@ -548,21 +550,31 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
     if matches!(outcome, Outcome::Duplicate)
         && let Work::Command { command, .. } = work
     {
-        {
+        let added: Vec<&crate::portfolio::OpenOrder> = {
             let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
             if let CommandBody::Place { order_id, .. } | CommandBody::Cancel { order_id } = &command.body
                 && !next.portfolio.open_orders.contains_key(order_id)
             {
                 book.remove(*order_id);
             }
-            for o in next.portfolio.open_orders.values() {
-                let resting =
-                    Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() };
-                book.insert(&o.symbol, resting);
-            }
-        }
-        // Into the book only now, as newly accepted orders: the same check (see below).
-        for o in next.portfolio.open_orders.values() {
+            next.portfolio
+                .open_orders
+                .values()
+                .filter(|o| {
+                    let resting = Resting {
+                        order_id: o.id,
+                        user_id,
+                        side: o.side,
+                        limit: o.limit_price.get(),
+                        since: Utc::now(),
+                    };
+                    book.insert(&o.symbol, resting)
+                })
+                .collect()
+        };
+        // Into the book only now, as newly accepted orders: the same check (see below). Orders
+        // the book held already are not asked about again.
+        for o in added {
             recross_if_crossed(shared, &o.symbol, o.side, o.limit_price.get());
         }
         return false;
@@ -582,10 +594,16 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         let mut book = shared.book.lock().expect("book lock is never poisoned: no code panics holding it");
         for event in events {
             match event {
-                Event::OrderAccepted(o) => book.insert(
-                    &o.symbol,
-                    Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() },
-                ),
+                Event::OrderAccepted(o) => {
+                    let resting = Resting {
+                        order_id: o.id,
+                        user_id,
+                        side: o.side,
+                        limit: o.limit_price.get(),
+                        since: Utc::now(),
+                    };
+                    book.insert(&o.symbol, resting);
+                }
                 Event::OrderFilled(f) if f.released.is_some() => book.remove(f.order_id),
                 Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
                 _ => {}
@@ -669,18 +687,22 @@ async fn apply_with_retries<S: Store>(
             let started = Instant::now();
             let outcome = store.commit(&current, work, view.as_ref(), now).await;
             METRICS.commit.record(started.elapsed().as_secs_f64());
-            if outcome.is_err() {
-                state = None;
+            match outcome {
+                // A duplicate: the command was committed after the state for this attempt was
+                // loaded — by a failed attempt of ours that landed late, or by another engine
+                // finishing its work after its lease ended (a takeover), whose commits this
+                // actor's state and this engine's book never saw. Read it again (a read that
+                // fails is retried as a failed commit is): the book and the next command follow it.
+                Ok((Outcome::Duplicate, _)) => Ok((Outcome::Duplicate, store.load(user).await?)),
+                Err(e) => {
+                    state = None;
+                    Err(e)
+                }
+                done => done,
             }
-            outcome
         }
         .await;
         match result {
-            // A duplicate: the command was committed after the state for this attempt was loaded
-            // — by a failed attempt of ours that landed late, or by another engine finishing its
-            // work after its lease ended (a takeover), whose commits this actor's state and this
-            // engine's book never saw. Read it again: the book and the next command follow it.
-            Ok((Outcome::Duplicate, _)) => return Ok((Outcome::Duplicate, store.load(user).await?)),
             Ok(done) => return Ok(done),
             Err(StoreError::VersionConflict(_)) if conflicts < CONFLICT_RETRIES => {
                 conflicts += 1;

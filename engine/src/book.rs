@@ -61,8 +61,10 @@ impl PriceBook {
     }
 
     /// Adds (or re-adds) a resting order; one the book knew keeps the time it started resting.
-    pub fn insert(&mut self, symbol: &Symbol, order: Resting) {
+    /// Returns whether the book did not know it.
+    pub fn insert(&mut self, symbol: &Symbol, order: Resting) -> bool {
         self.take_out(order.order_id);
+        let new = !self.since.contains_key(&order.order_id);
         let since = *self.since.entry(order.order_id).or_insert(order.since);
         let book = self.books.entry(symbol.clone()).or_default();
         match order.side {
@@ -70,6 +72,7 @@ impl PriceBook {
             Side::Sell => book.sells.insert((order.limit, order.order_id), (order.user_id, since)),
         };
         self.index.insert(order.order_id, (symbol.clone(), order.side, order.limit));
+        new
     }
 
     /// Removes an order (filled or canceled); unknown ids are ignored.

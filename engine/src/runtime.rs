@@ -414,7 +414,9 @@ async fn settle(
                 park_and_term(pool, durable, &msg, &format!("failed on delivery {delivered}: {e}")).await
             } else {
                 tracing::warn!(consumer = durable, delivered, error = %e, "command failed; will be redelivered");
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                // A unit given back behind its user's failed one comes back after that one.
+                let delay = if matches!(e, StoreError::Behind(_)) { 2 } else { 1 };
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(delay)))).await;
                 Settled::Retry
             }
         }
@@ -758,6 +760,12 @@ fn trigger_crossed(
                     .lock()
                     .expect("book lock is never poisoned: no code panics holding it")
                     .insert(&symbol, resting);
+                // Given back behind a command of its user that failed: not a failure of its own,
+                // so it is tried again now rather than at the next tick (a quiet market's may be
+                // far off).
+                if matches!(e, StoreError::Behind(_)) {
+                    task_shared.recross.ask(symbol);
+                }
             }
         });
     }

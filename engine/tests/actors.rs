@@ -246,17 +246,19 @@ async fn work_waiting_behind_a_unit_given_back_is_given_back_too_and_never_appli
     let shard = Shard::start_on(&arbiter.handle(), shared, move || made, Duration::from_secs(600));
     let router = Router::new(vec![shard.recipient()]);
     let (user, work) = user_with_deposits(&db, 2).await;
+    let (other, probe) = user_with_deposits(&db, 1).await;
     let first = router.route(user, work[0].clone());
     let second = router.route(user, work[1].clone());
-    poll_until(Duration::from_secs(10), "the first commit to be under way", || async {
-        (store.commits.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    // Another user's unit, routed after them on the same queue: once it has committed, the
+    // shard has taken the second unit too, which waits behind the first's stalled commit.
+    let probed = router.route(other, probe[0].clone());
+    assert_eq!(probed.await.expect("the other user's unit is applied"), Outcome::Void);
+    assert_eq!(store.commits.load(Ordering::SeqCst), 2, "the first unit's commit and the probe's");
     serving.cancel();
     store.release.notify_one();
     let (first, second) = (first.await, second.await);
     assert!(matches!(first, Err(StoreError::Database(sqlx::Error::PoolTimedOut))), "{first:?}");
     assert!(matches!(second, Err(StoreError::Behind(u)) if u == user), "{second:?}");
-    assert_eq!(store.commits.load(Ordering::SeqCst), 1, "the second unit was never committed");
+    assert_eq!(store.commits.load(Ordering::SeqCst), 2, "the second unit was never committed");
     arbiter.stop();
 }

@@ -665,7 +665,7 @@ async fn a_second_writer_without_the_lease_applies_nothing_twice_and_a_stale_com
     assert_eq!(conflicts().await, 0.0, "no conflict before the second writer");
 
     // The other writer deposits `amount`, then the same command reaches the engine, which takes
-    // it as its `copies`-th copy (and keeps its stale state).
+    // it as its `copies`-th copy (and reloads the state as committed).
     let other_writer_deposits = |amount, copies: f64| {
         let (desk, duplicates) = (&desk, &duplicates);
         async move {

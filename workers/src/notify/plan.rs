@@ -550,9 +550,43 @@ mod tests {
 
     #[test]
     fn every_email_the_planner_writes_has_a_budget() {
-        for kind in ["order.filled", "auth.login.new_ip", "auth.locked"] {
-            assert!(super::super::consume::EMAIL_LIMITS.iter().any(|(k, ..)| *k == kind), "{kind}");
+        use AuthEventKind as A;
+        use EventKind as E;
+        let auth = [
+            A::Signup,
+            A::LoginSucceeded,
+            A::LoginFailed,
+            A::Locked,
+            A::Logout,
+            A::RefreshTokenReused,
+            A::ApiKeyCreated,
+            A::TotpEnabled,
+            A::PasswordChanged,
+            A::TotpReset,
+            A::ApiKeyRevoked,
+            A::AdminUserLocked,
+            A::AdminUserUnlocked,
+            A::AdminMarketHalted,
+            A::AdminMarketResumed,
+        ];
+        let engine = [
+            E::OrderAccepted,
+            E::OrderFilled,
+            E::OrderCanceled,
+            E::OrderRejected,
+            E::OrderExpired,
+            E::DepositCompleted,
+        ];
+        let sources =
+            auth.into_iter().map(|k| login(Some("203.0.113.7"), k)).chain(engine.map(|k| order_event(k, filled())));
+        let mut mailed = 0;
+        for source in sources {
+            if let Some(email) = plan(&source, true).and_then(|p| p.email) {
+                mailed += 1;
+                assert!(super::super::consume::EMAIL_LIMITS.iter().any(|(k, ..)| *k == email.kind), "{}", email.kind);
+            }
         }
+        assert_eq!(mailed, 8, "a fill, a new sign-in, a lock and five security changes are mailed");
     }
 
     #[test]
