@@ -11,8 +11,12 @@
 //! write one). Middleware ([`resolve`], installed only when `TRUSTED_PROXIES` names a proxy)
 //! stores the result as a [`ClientIp`] extension; handlers and the rate limiter read it with
 //! [`client_ip`], which without it is the peer.
+//!
+//! Per-client limits count by [`limit_key`]: an IPv6 client by its /64, the block a subscriber
+//! or a host is given, in which it picks addresses at will (counted per address, one /64 could
+//! hold every place of the WebSocket cap and a bucket per address).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -32,6 +36,18 @@ pub async fn resolve(State(trusted): State<Arc<TrustedProxies>>, mut req: Reques
         req.extensions_mut().insert(ClientIp(ip));
     }
     next.run(req).await
+}
+
+/// What per-client limits count `ip` under: an IPv6 address by its /64 network, an IPv4 one (or
+/// one IPv4-mapped in IPv6) by itself.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        },
+    }
 }
 
 /// The request's client address: its [`ClientIp`], else its TCP peer's.
@@ -74,6 +90,16 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_count_an_ipv6_client_by_its_slash_64_and_an_ipv4_one_by_its_address() {
+        let key = |s: &str| limit_key(s.parse().expect("an address"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1").to_string(), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"), "another /64 is another client");
+        assert_eq!(key("::ffff:203.0.113.7").to_string(), "203.0.113.7");
+        assert_ne!(key("203.0.113.7"), key("203.0.113.8"));
+    }
 
     fn headers(lines: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -215,7 +215,7 @@ fn needs_no_login(path: &str) -> bool {
 fn client_ip_verdict(limits: &RateLimits, req: &Request) -> Option<Verdict> {
     let ip = crate::client_ip::client_ip(req.extensions());
     match (ip, &limits.ip) {
-        (Some(ip), Some(l)) => Some(l.check(&ip)),
+        (Some(ip), Some(l)) => Some(l.check(&crate::client_ip::limit_key(ip))),
         _ => None,
     }
 }

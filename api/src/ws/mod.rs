@@ -156,8 +156,8 @@ pub struct Gateway {
     shutdown: CancellationToken,
 }
 
-/// The connections not yet authenticated, per client IP (a connection whose IP is unknown is
-/// not counted).
+/// The connections not yet authenticated, per client IP — an IPv6 client by its /64
+/// ([`crate::client_ip::limit_key`]) — (a connection whose IP is unknown is not counted).
 #[derive(Debug, Default)]
 struct Pending {
     by_ip: HashMap<IpAddr, usize>,
@@ -166,7 +166,7 @@ struct Pending {
 impl Pending {
     /// Counts one more for `ip` unless that would pass `max_per_ip` for it.
     fn take(&mut self, ip: Option<IpAddr>, max_per_ip: usize) -> bool {
-        let Some(ip) = ip else { return true };
+        let Some(ip) = ip.map(crate::client_ip::limit_key) else { return true };
         let of_ip = self.by_ip.entry(ip).or_insert(0);
         if *of_ip >= max_per_ip {
             if *of_ip == 0 {
@@ -179,7 +179,7 @@ impl Pending {
     }
 
     fn give_back(&mut self, ip: Option<IpAddr>) {
-        if let Some(ip) = ip
+        if let Some(ip) = ip.map(crate::client_ip::limit_key)
             && let Some(n) = self.by_ip.get_mut(&ip)
         {
             *n -= 1;
@@ -433,6 +433,18 @@ pub async fn upgrade(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_ipv6_slash_64_is_one_address_for_the_cap() {
+        let ip = |s: &str| -> Option<IpAddr> { Some(s.parse().expect("ip")) };
+        let mut pending = Pending::default();
+        assert!(pending.take(ip("2001:db8:0:1::1"), 2));
+        assert!(pending.take(ip("2001:db8:0:1::2"), 2));
+        assert!(!pending.take(ip("2001:db8:0:1:ffff::9"), 2), "the /64's two are taken, whatever the address");
+        assert!(pending.take(ip("2001:db8:0:2::1"), 2), "another /64 still gets in");
+        pending.give_back(ip("2001:db8:0:1::77"));
+        assert!(pending.take(ip("2001:db8:0:1::3"), 2), "a place given back by the /64 is taken again");
+    }
 
     #[test]
     fn connections_awaiting_authentication_are_capped_per_address() {
