@@ -21,9 +21,9 @@
 //!   stopped, or another writer won every retry), the unit is given back and so is every unit
 //!   of the user waiting behind it, unapplied ([`StoreError::Behind`]), after it. (A unit of the
 //!   user pulled while they wait for redelivery can still run before them: the consumer goes on
-//!   pulling; rewinding it as on a gap would close that.) The exception is work Postgres refuses for its content (a NUL in a client id): it
-//!   would fail forever, so it is given back, to be parked on its last delivery, and the user's
-//!   next commands go on.
+//!   pulling; rewinding it as on a gap would close that.) The exception is work Postgres refuses
+//!   for its content (a NUL in a client id): it would fail forever, so it is given back, to be
+//!   parked on its last delivery, and the user's next commands go on.
 //! - Each shard has its own store (for Postgres: its own pool, created lazily on its arbiter, so
 //!   connections stay on the thread and runtime that uses them). Shards are generic over the
 //!   [`Store`], so the actor layer can be benchmarked without I/O.
