@@ -557,20 +557,7 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
             {
                 book.remove(*order_id);
             }
-            next.portfolio
-                .open_orders
-                .values()
-                .filter(|o| {
-                    let resting = Resting {
-                        order_id: o.id,
-                        user_id,
-                        side: o.side,
-                        limit: o.limit_price.get(),
-                        since: Utc::now(),
-                    };
-                    book.insert(&o.symbol, resting)
-                })
-                .collect()
+            next.portfolio.open_orders.values().filter(|o| rest(&mut book, user_id, o)).collect()
         };
         // Into the book only now, as newly accepted orders: the same check (see below). Orders
         // the book held already are not asked about again.
@@ -595,14 +582,7 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         for event in events {
             match event {
                 Event::OrderAccepted(o) => {
-                    let resting = Resting {
-                        order_id: o.id,
-                        user_id,
-                        side: o.side,
-                        limit: o.limit_price.get(),
-                        since: Utc::now(),
-                    };
-                    book.insert(&o.symbol, resting);
+                    rest(&mut book, user_id, o);
                 }
                 Event::OrderFilled(f) if f.released.is_some() => book.remove(f.order_id),
                 Event::OrderCanceled { order_id, .. } => book.remove(*order_id),
@@ -630,6 +610,13 @@ fn after_commit(shared: &Shared, user_id: Uuid, outcome: &Outcome, next: &UserSt
         }
     }
     matches!(outcome, Outcome::Applied { .. })
+}
+
+/// Puts `user_id`'s open order `o` in the book, resting from now (or from when the book first
+/// had it); whether the book did not have it.
+fn rest(book: &mut PriceBook, user_id: Uuid, o: &crate::portfolio::OpenOrder) -> bool {
+    let resting = Resting { order_id: o.id, user_id, side: o.side, limit: o.limit_price.get(), since: Utc::now() };
+    book.insert(&o.symbol, resting)
 }
 
 /// Asks the price feed to trigger `symbol` again ([`Recross`]) if its latest price is fresh and
