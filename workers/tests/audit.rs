@@ -638,7 +638,7 @@ async fn cut_end(pool: &PgPool, n: i64) -> i64 {
 /// chain alone cannot: a chain recomputed from a changed row on, and rows cut from its end.
 #[tokio::test]
 async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
-    use vault_workers::audit::{Anchor, Entry, Verdict, append, chain_hash, verify};
+    use vault_workers::audit::{Anchor, Entry, Verdict, append, verify};
     let db = TestDb::migrated().await;
     let pool = db.pool().await;
     let at = "2026-12-07T10:00:00.123456Z".parse().expect("time");
@@ -665,29 +665,7 @@ async fn verify_against_a_kept_head_catches_a_recomputed_chain_and_a_cut_end() {
     assert_eq!(verify_with(&db, &["--anchor", &head.to_string()]).0, 0, "the chain holds its own head");
 
     // Row 2 changed and every hash from it on recomputed: a valid chain, but not the one verified.
-    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM audit_log ORDER BY id").fetch_all(&pool).await.expect("ids");
-    let mut prev: Vec<u8> =
-        sqlx::query_scalar("SELECT hash FROM audit_log WHERE id = $1").bind(ids[0]).fetch_one(&pool).await.expect("h1");
-    let mut tx = pool.begin().await.expect("tx");
-    guard(&mut tx, false).await;
-    for (i, id) in ids.iter().enumerate().skip(1) {
-        let mut e = entries[i].clone();
-        if i == 1 {
-            e.data = serde_json::json!({"n": 2, "rewritten": true});
-        }
-        let hash = chain_hash(&prev, &e);
-        sqlx::query("UPDATE audit_log SET data = $2, prev_hash = $3, hash = $4 WHERE id = $1")
-            .bind(id)
-            .bind(&e.data)
-            .bind(&prev)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await
-            .expect("rewrite");
-        prev = hash;
-    }
-    guard(&mut tx, true).await;
-    tx.commit().await.expect("commit");
+    rewrite_and_recompute(&pool, 1).await;
     assert!(matches!(verify(&pool, None).await.expect("verify"), Verdict::Intact { rows: 5, .. }), "valid alone");
     match verify(&pool, Some(&head)).await.expect("verify") {
         Verdict::Broken { id, reason } => {
