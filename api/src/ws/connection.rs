@@ -207,8 +207,8 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, request_id: String
         channels: HashMap::new(),
         seq: 0,
         last_heard: Instant::now(),
-        inbound: (Instant::now(), 0),
-        renewals: (Instant::now(), 0),
+        inbound: Window::new(),
+        renewals: Window::new(),
         sent: SentCounters::new(),
     };
     async move {
@@ -242,10 +242,10 @@ struct Connection {
     seq: u64,
     /// When the client last sent anything.
     last_heard: Instant,
-    /// Frames received in the current one-second window, and when it began.
-    inbound: (Instant, u32),
-    /// Further `auth` frames in the current [`RENEWAL_WINDOW`], and when it began.
-    renewals: (Instant, u32),
+    /// Frames received, in one-second windows.
+    inbound: Window,
+    /// Further `auth` frames, in windows of [`RENEWAL_WINDOW`].
+    renewals: Window,
     sent: SentCounters,
 }
 
@@ -255,6 +255,28 @@ struct Connection {
 /// not checked (the frame limit alone let one socket ask for 20 database reads a second).
 const RENEWALS_PER_WINDOW: u32 = 3;
 const RENEWAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// Events counted in fixed windows of time.
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    count: u32,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window { start: Instant::now(), count: 0 }
+    }
+
+    /// Counts one more at `now`, in windows of `length`: the count so far in `now`'s window.
+    fn count(&mut self, now: Instant, length: Duration) -> u32 {
+        if now.duration_since(self.start) >= length {
+            (self.start, self.count) = (now, 0);
+        }
+        self.count += 1;
+        self.count
+    }
+}
 
 /// When a credential stops being valid by itself: an access token at its `exp`, never for an
 /// API key (revocation is what ends those, found by the re-check).
@@ -462,13 +484,7 @@ impl Connection {
 
     /// Counts one client frame against [`WsConfig::max_client_frames_per_sec`].
     fn count_inbound(&mut self) -> Result<(), End> {
-        let (since, count) = &mut self.inbound;
-        if self.last_heard.duration_since(*since) >= Duration::from_secs(1) {
-            *since = self.last_heard;
-            *count = 0;
-        }
-        *count += 1;
-        if *count > self.config.max_client_frames_per_sec {
+        if self.inbound.count(self.last_heard, Duration::from_secs(1)) > self.config.max_client_frames_per_sec {
             let limit = self.config.max_client_frames_per_sec;
             return Err(End::Refused {
                 code: "rate_limited",
@@ -513,12 +529,7 @@ impl Connection {
     /// user: answered `authenticated` again. Anything else is an `error` frame, and the
     /// connection goes on with the credential it had (which ends it when it expires).
     async fn reauthenticate(&mut self, token: &str) -> Result<Option<Instant>, End> {
-        let (since, count) = &mut self.renewals;
-        if since.elapsed() >= RENEWAL_WINDOW {
-            (*since, *count) = (Instant::now(), 0);
-        }
-        *count += 1;
-        if *count > RENEWALS_PER_WINDOW {
+        if self.renewals.count(Instant::now(), RENEWAL_WINDOW) > RENEWALS_PER_WINDOW {
             metrics::counter!("vault_rate_limited_total").increment(1);
             let detail = format!(
                 "At most {RENEWALS_PER_WINDOW} auth frames in {} s; this one was not checked.",
